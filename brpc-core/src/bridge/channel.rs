@@ -1,0 +1,353 @@
+//! [`Channel`]: a `tonic::client::GrpcService` that turns each tonic call into one
+//! ttrpc call on its own QUIC stream to the peer.
+//!
+//! The call shape is read off the request body: a body that holds exactly one
+//! message and has ended is sent inside the Request (unary and server-streaming
+//! calls always are); anything else opens a stream (Request with remote-open,
+//! then Data frames). Responses are read whatever their shape.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http_body::Frame as BodyFrame;
+use http_body_util::StreamBody;
+use prost::Message;
+use quinn::{SendStream, VarInt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::body::Body;
+
+use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
+use crate::conn::{FrameReader, Peer, Side, codes, write_frame};
+use crate::metadata;
+use crate::wire::{self, CallState, Flags, FrameType, Inbound, Request};
+
+/// Calls the services of one peer. Hand it to any tonic-generated client:
+/// `GreeterClient::new(peer.channel())`. Cheap to clone; every call opens its
+/// own QUIC stream on the shared connection.
+///
+/// Errors reach the caller as `tonic::Status`: `UNAVAILABLE` when the
+/// connection is gone, `DEADLINE_EXCEEDED` at the call's timeout,
+/// `RESOURCE_EXHAUSTED` for a message over the maximum size, and whatever the
+/// remote handler returned.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    peer: Peer,
+}
+
+impl Channel {
+    pub(crate) fn new(peer: Peer) -> Self {
+        Channel { peer }
+    }
+
+    /// The peer this channel calls.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+}
+
+impl tower_service::Service<http::Request<Body>> for Channel {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let peer = self.peer.clone();
+        Box::pin(async move {
+            Ok(match start_call(peer, request).await {
+                Ok(response) => response,
+                Err(status) => status.into_http(),
+            })
+        })
+    }
+}
+
+/// How the request travels, decided from what the body has ready.
+enum Shape {
+    /// One message, inside the Request.
+    Single(Bytes),
+    /// Request with remote-open; these messages first, then the rest of the body.
+    Stream { ready: Vec<Bytes>, ended: bool },
+}
+
+fn shape_of(body: &mut MessageReader<Body>) -> Result<Shape, Status> {
+    let first = match body.next_now() {
+        None => return Ok(Shape::Stream { ready: vec![], ended: false }),
+        Some(event) => event?,
+    };
+    let first = match first {
+        BodyEvent::Message(m) => m,
+        BodyEvent::Trailers(_) | BodyEvent::End => {
+            return Ok(Shape::Stream { ready: vec![], ended: true });
+        }
+    };
+    match body.next_now() {
+        None => Ok(Shape::Stream { ready: vec![first], ended: false }),
+        Some(event) => match event? {
+            BodyEvent::Trailers(_) | BodyEvent::End => Ok(Shape::Single(first)),
+            BodyEvent::Message(second) => Ok(Shape::Stream { ready: vec![first, second], ended: false }),
+        },
+    }
+}
+
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+}
+
+async fn start_call(peer: Peer, request: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+    let (parts, body) = request.into_parts();
+    let Some((service, method)) = split_path(parts.uri.path()) else {
+        return Err(Status::unimplemented(format!(
+            "{:?} is not a gRPC method path (/package.Service/Method)",
+            parts.uri.path()
+        )));
+    };
+    let timeout = parts.headers.get("grpc-timeout").and_then(metadata::parse_grpc_timeout);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let max = peer.max_message_size();
+    let mut envelope = Request {
+        service: service.to_owned(),
+        method: method.to_owned(),
+        payload: Bytes::new(),
+        timeout_nano: metadata::to_timeout_nano(timeout),
+        metadata: metadata::to_key_values(&parts.headers),
+    };
+
+    let mut body = MessageReader::new(body, max);
+    let shape = shape_of(&mut body)?;
+
+    let open = async {
+        let (send, recv) = peer.quic_connection().open_bi().await.map_err(|e| {
+            Status::unavailable(format!("cannot open a call to the peer: connection lost: {e}"))
+        })?;
+        let opened_by_dialer = peer.side() == Side::Dialer;
+        let stream_id = wire::stream_id(send.id().index(), opened_by_dialer);
+        Ok::<_, Status>((send, recv, stream_id))
+    };
+    let (mut send, recv, stream_id) = with_deadline(deadline, open).await?;
+
+    let pump = match shape {
+        Shape::Single(message) => {
+            envelope.payload = message;
+            let frame = envelope.encode_to_vec();
+            check_size(frame.len(), max)?;
+            let write = write_frame(&mut send, stream_id, FrameType::Request, Flags::EMPTY, frame.into());
+            with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
+            let _ = send.finish();
+            None
+        }
+        Shape::Stream { ready, ended } => {
+            let frame = envelope.encode_to_vec();
+            check_size(frame.len(), max)?;
+            let write =
+                write_frame(&mut send, stream_id, FrameType::Request, Flags::REMOTE_OPEN, frame.into());
+            with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
+            let (cancel, cancelled) = oneshot::channel();
+            let body = (!ended).then_some(body);
+            tokio::spawn(pump_requests(send, stream_id, max, ready, body, cancelled));
+            Some(cancel)
+        }
+    };
+
+    let state = ResponseState {
+        reader: FrameReader::new(recv, max),
+        call: CallState::caller(stream_id),
+        deadline,
+        pending: None,
+        done: false,
+        _pump: pump,
+    };
+    let body = StreamBody::new(stream::unfold(state, ResponseState::next_frame));
+    let mut response = http::Response::new(Body::new(body));
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    Ok(response)
+}
+
+fn check_size(len: usize, max: usize) -> Result<(), Status> {
+    if len > max {
+        return Err(Status::resource_exhausted(format!(
+            "message length {len} exceed maximum message size of {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn write_status(e: quinn::WriteError) -> Status {
+    match e {
+        quinn::WriteError::Stopped(code) => {
+            Status::cancelled(format!("peer stopped reading the call (code {code})"))
+        }
+        quinn::WriteError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
+        other => Status::unavailable(format!("cannot send the call: {other}")),
+    }
+}
+
+async fn with_deadline<T>(
+    deadline: Option<Instant>,
+    work: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match deadline {
+        None => work.await,
+        Some(at) => tokio::time::timeout_at(at, work)
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded before the call was sent"))),
+    }
+}
+
+/// Sends the rest of a streaming request as Data frames, then the close frame.
+/// Stops (resetting the stream) when the response side is dropped.
+async fn pump_requests(
+    mut send: SendStream,
+    stream_id: u32,
+    max: usize,
+    ready: Vec<Bytes>,
+    body: Option<MessageReader<Body>>,
+    cancelled: oneshot::Receiver<()>,
+) {
+    let work = async {
+        for message in ready {
+            check_size(message.len(), max)?;
+            write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message)
+                .await
+                .map_err(write_status)?;
+        }
+        if let Some(mut body) = body {
+            while let BodyEvent::Message(message) = body.next().await? {
+                check_size(message.len(), max)?;
+                write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message)
+                    .await
+                    .map_err(write_status)?;
+            }
+        }
+        write_frame(
+            &mut send,
+            stream_id,
+            FrameType::Data,
+            Flags::REMOTE_CLOSED | Flags::NO_DATA,
+            Bytes::new(),
+        )
+        .await
+        .map_err(write_status)?;
+        let _ = send.finish();
+        Ok::<(), Status>(())
+    };
+    let finished = tokio::select! {
+        result = work => result.is_ok(),
+        _ = cancelled => false,
+    };
+    if !finished {
+        let _ = send.reset(VarInt::from_u32(codes::STREAM_CANCELLED));
+    }
+}
+
+/// The caller's view of the response: frames in, http body frames out. Dropping
+/// it before the call ended cancels the call (STOP_SENDING, and a reset of the
+/// request stream through the pump).
+struct ResponseState {
+    reader: FrameReader,
+    call: CallState,
+    deadline: Option<Instant>,
+    pending: Option<http::HeaderMap>,
+    done: bool,
+    // Dropping the sender tells the pump to reset the request stream.
+    _pump: Option<oneshot::Sender<()>>,
+}
+
+type BodyItem = Result<BodyFrame<Bytes>, Status>;
+
+impl ResponseState {
+    async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
+        if let Some(trailers) = self.pending.take() {
+            self.done = true;
+            return Some((Ok(BodyFrame::trailers(trailers)), self));
+        }
+        if self.done {
+            return None;
+        }
+        let event = match self.deadline {
+            None => self.read_event().await,
+            Some(at) => match tokio::time::timeout_at(at, self.read_event()).await {
+                Ok(event) => event,
+                Err(_) => Err(Status::deadline_exceeded("deadline exceeded while waiting for the peer")),
+            },
+        };
+        let item = match event {
+            Ok(ResponseEvent::Message(m)) => BodyFrame::data(frame_message(&m)),
+            Ok(ResponseEvent::End(status, last)) => {
+                let trailers = trailers_for(&status);
+                match last {
+                    Some(m) => {
+                        self.pending = Some(trailers);
+                        BodyFrame::data(frame_message(&m))
+                    }
+                    None => {
+                        self.done = true;
+                        BodyFrame::trailers(trailers)
+                    }
+                }
+            }
+            Err(status) => {
+                self.cancel(&status);
+                self.done = true;
+                BodyFrame::trailers(trailers_for(&status))
+            }
+        };
+        Some((Ok(item), self))
+    }
+
+    async fn read_event(&mut self) -> Result<ResponseEvent, Status> {
+        loop {
+            let frame = match self.reader.next().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    return Err(Status::internal("peer ended the call's stream without a status"));
+                }
+                Err(e) => return Err(e.to_status()),
+            };
+            match self.call.recv(frame)? {
+                Inbound::Message(m) => return Ok(ResponseEvent::Message(m)),
+                Inbound::Closed => return Ok(ResponseEvent::End(Status::ok(""), None)),
+                Inbound::Finished { status, message } => {
+                    return Ok(ResponseEvent::End(status, message));
+                }
+                Inbound::Ignored | Inbound::Open { .. } => continue,
+            }
+        }
+    }
+
+    fn cancel(&mut self, status: &Status) {
+        let code = match status.code() {
+            tonic::Code::ResourceExhausted => codes::STREAM_TOO_LARGE,
+            tonic::Code::Internal => codes::STREAM_PROTOCOL_ERROR,
+            _ => codes::STREAM_CANCELLED,
+        };
+        self.reader.stop(code);
+        self._pump.take();
+    }
+}
+
+impl Drop for ResponseState {
+    fn drop(&mut self) {
+        if !self.done && !self.call.is_done() {
+            self.reader.stop(codes::STREAM_CANCELLED);
+        }
+    }
+}
+
+enum ResponseEvent {
+    Message(Bytes),
+    /// The call ended with this status, after this last message (OK Response).
+    End(Status, Option<Bytes>),
+}

@@ -1,0 +1,211 @@
+//! gRPC message framing inside http bodies (the 5-byte prefix tonic reads and
+//! writes), and a reader that turns a body into messages and trailers.
+//!
+//! This is the seam between tonic's http view of a call and ttrpc's message view.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::Body;
+use tonic::Status;
+
+/// Length of the gRPC message prefix: compressed flag and u32 length.
+const PREFIX_LEN: usize = 5;
+
+/// One gRPC length-prefixed message, as tonic expects in an http body.
+pub(crate) fn frame_message(message: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(PREFIX_LEN + message.len());
+    buf.put_u8(0);
+    buf.put_u32(message.len() as u32);
+    buf.put_slice(message);
+    buf.freeze()
+}
+
+/// What a body of gRPC messages yields next.
+#[derive(Debug)]
+pub(crate) enum BodyEvent {
+    /// One whole message (prefix removed).
+    Message(Bytes),
+    /// The trailers that end the body.
+    Trailers(HeaderMap),
+    /// The body ended without trailers.
+    End,
+}
+
+/// Reads whole gRPC messages out of an http body, whatever its chunking.
+pub(crate) struct MessageReader<B> {
+    body: B,
+    buf: BytesMut,
+    max: usize,
+    ended: bool,
+}
+
+impl<B> MessageReader<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    pub(crate) fn new(body: B, max_message_size: usize) -> Self {
+        MessageReader {
+            body,
+            buf: BytesMut::new(),
+            max: max_message_size,
+            ended: false,
+        }
+    }
+
+    fn take_message(&mut self) -> Result<Option<Bytes>, Status> {
+        if self.buf.len() < PREFIX_LEN {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Status::unimplemented(
+                "compressed gRPC messages are not supported by brpc; do not enable compression on this client or server",
+            ));
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > self.max {
+            return Err(Status::resource_exhausted(format!(
+                "message length {len} exceed maximum message size of {}",
+                self.max
+            )));
+        }
+        if self.buf.len() < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        self.buf.advance(PREFIX_LEN);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    pub(crate) fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<BodyEvent, Status>> {
+        loop {
+            if let Some(message) = self.take_message()? {
+                return Poll::Ready(Ok(BodyEvent::Message(message)));
+            }
+            if self.ended {
+                return Poll::Ready(Ok(BodyEvent::End));
+            }
+            match std::task::ready!(Pin::new(&mut self.body).poll_frame(cx)) {
+                None => {
+                    self.ended = true;
+                    if !self.buf.is_empty() {
+                        return Poll::Ready(Err(Status::internal(
+                            "body ended inside a gRPC message",
+                        )));
+                    }
+                }
+                Some(Err(e)) => {
+                    self.ended = true;
+                    return Poll::Ready(Err(Status::from_error(e.into())));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.buf.extend_from_slice(&data),
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.ended = true;
+                            return Poll::Ready(Ok(BodyEvent::Trailers(trailers)));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// The next event, waiting for it.
+    pub(crate) async fn next(&mut self) -> Result<BodyEvent, Status> {
+        poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// The next event if it is ready now, without waiting. Used to tell a
+    /// single-message body (unary) from a stream without knowing the method.
+    pub(crate) fn next_now(&mut self) -> Option<Result<BodyEvent, Status>> {
+        match self.poll_event(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(event) => Some(event),
+            Poll::Pending => None,
+        }
+    }
+}
+
+/// The status an http response's trailers (or trailers-only headers) carry.
+pub(crate) fn status_from_trailers(trailers: &HeaderMap) -> Status {
+    Status::from_header_map(trailers)
+        .unwrap_or_else(|| Status::internal("handler response ended without a grpc-status"))
+}
+
+/// Trailers carrying `status`.
+pub(crate) fn trailers_for(status: &Status) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    if status.add_header(&mut map).is_err() {
+        let fallback = Status::new(status.code(), "status message could not be encoded");
+        let _ = fallback.add_header(&mut map);
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+
+    fn body_of(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> tonic::body::Body {
+        let mut frames: Vec<Result<http_body::Frame<Bytes>, Status>> =
+            chunks.into_iter().map(|c| Ok(http_body::Frame::data(c))).collect();
+        if let Some(t) = trailers {
+            frames.push(Ok(http_body::Frame::trailers(t)));
+        }
+        tonic::body::Body::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
+    }
+
+    #[tokio::test]
+    async fn messages_across_any_chunking() {
+        let mut wire = BytesMut::new();
+        wire.extend_from_slice(&frame_message(b"one"));
+        wire.extend_from_slice(&frame_message(b""));
+        wire.extend_from_slice(&frame_message(b"three"));
+        let wire = wire.freeze();
+        let chunks: Vec<Bytes> = (0..wire.len()).map(|i| wire.slice(i..i + 1)).collect();
+        let mut r = MessageReader::new(body_of(chunks, Some(trailers_for(&Status::ok("")))), 64);
+        let mut got = Vec::new();
+        loop {
+            match r.next().await.unwrap() {
+                BodyEvent::Message(m) => got.push(m),
+                BodyEvent::Trailers(t) => {
+                    assert_eq!(status_from_trailers(&t).code(), tonic::Code::Ok);
+                    break;
+                }
+                BodyEvent::End => panic!("no trailers"),
+            }
+        }
+        assert_eq!(got, vec![&b"one"[..], &b""[..], &b"three"[..]]);
+    }
+
+    #[tokio::test]
+    async fn oversize_and_compressed_are_errors() {
+        let mut r = MessageReader::new(body_of(vec![frame_message(&[0u8; 9])], None), 8);
+        assert_eq!(r.next().await.unwrap_err().code(), tonic::Code::ResourceExhausted);
+        let mut compressed = BytesMut::from(&frame_message(b"x")[..]);
+        compressed[0] = 1;
+        let mut r = MessageReader::new(body_of(vec![compressed.freeze()], None), 8);
+        assert_eq!(r.next().await.unwrap_err().code(), tonic::Code::Unimplemented);
+        let mut r = MessageReader::new(body_of(vec![Bytes::from_static(&[0, 0, 0])], None), 8);
+        assert_eq!(r.next().await.unwrap_err().code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn next_now_sees_a_ready_single_message_body() {
+        let mut r = MessageReader::new(body_of(vec![frame_message(b"m")], None), 8);
+        assert!(matches!(r.next_now(), Some(Ok(BodyEvent::Message(_)))));
+        assert!(matches!(r.next_now(), Some(Ok(BodyEvent::End))));
+    }
+
+    #[test]
+    fn non_ascii_status_survives_trailers() {
+        let s = Status::not_found("ключ не найден: ✗ 100%");
+        let back = status_from_trailers(&trailers_for(&s));
+        assert_eq!(back.code(), tonic::Code::NotFound);
+        assert_eq!(back.message(), s.message());
+    }
+}

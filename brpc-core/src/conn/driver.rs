@@ -1,0 +1,377 @@
+//! Serving side of the engine: accept the peer's calls (one QUIC stream each) and
+//! run every one through the [`Router`] in its own task.
+//!
+//! A call task ends when its response is sent, when the caller cancels
+//! (STOP_SENDING or a reset), at its deadline, or when the connection closes:
+//! the tasks live in a `JoinSet` owned by [`serve`], so none outlives the
+//! connection.
+
+use bytes::Bytes;
+use futures_util::stream;
+use http_body::Frame as BodyFrame;
+use http_body_util::StreamBody;
+use prost::Message;
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::body::Body;
+
+use super::io::{FrameReader, ReadError, write_frame};
+use super::{Peer, codes};
+use crate::bridge::Router;
+use crate::bridge::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
+use crate::metadata;
+use crate::wire::{self, CallState, Flags, FrameType, Inbound, Request, Response};
+
+/// Serves the peer's calls on its connection with `router` until the connection
+/// closes. Every handler still running then is dropped.
+pub async fn serve(peer: Peer, router: Router) {
+    let connection = peer.quic_connection().clone();
+    let mut calls = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    calls.spawn(serve_call(peer.clone(), router.clone(), send, recv));
+                }
+                Err(_) => break,
+            },
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_call(peer: Peer, router: Router, send: SendStream, recv: RecvStream) {
+    let id = recv.id();
+    let stream_id = wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
+    let stopped = send.stopped();
+    let mut out = Responder {
+        send,
+        stream_id,
+        max: peer.max_message_size(),
+        writing: false,
+    };
+    let answered = tokio::select! {
+        biased;
+        () = answer(&peer, &router, &mut out, recv) => true,
+        // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
+        _ = stopped => false,
+    };
+    if !answered {
+        out.reset(codes::STREAM_CANCELLED);
+    }
+}
+
+/// Reads the Request, runs the handler under the call's deadline, answers.
+async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStream) {
+    let mut reader = FrameReader::new(recv, out.max);
+    let mut call = CallState::callee(out.stream_id);
+    let (request, first_message, streaming) = loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return,
+            Err(ReadError::TooLarge(e)) => {
+                reader.stop(codes::STREAM_TOO_LARGE);
+                out.status(Status::resource_exhausted(e.to_string())).await;
+                return;
+            }
+            Err(ReadError::Truncated) => {
+                out.status(Status::invalid_argument("stream ended in the middle of a frame"))
+                    .await;
+                return;
+            }
+            Err(_) => return,
+        };
+        match call.recv(frame) {
+            Ok(Inbound::Open {
+                request,
+                first_message,
+                streaming,
+            }) => break (request, first_message, streaming),
+            Ok(_) => continue,
+            Err(status) => {
+                reader.stop(codes::STREAM_PROTOCOL_ERROR);
+                out.status(status).await;
+                return;
+            }
+        }
+    };
+    let timeout = metadata::from_timeout_nano(request.timeout_nano);
+    let input = if streaming {
+        Input::Stream(StreamInput {
+            reader,
+            call,
+            first: first_message,
+            failed: false,
+        })
+    } else {
+        Input::Single(first_message.unwrap_or_default())
+    };
+    let handled = handle(peer, router, out, request, input);
+    match timeout {
+        None => handled.await,
+        Some(t) => {
+            if tokio::time::timeout_at(Instant::now() + t, handled).await.is_err() {
+                let status = Status::deadline_exceeded(format!(
+                    "deadline exceeded: the call's {} ms ran out in the handler",
+                    t.as_millis()
+                ));
+                out.status(status).await;
+            }
+        }
+    }
+}
+
+enum Input {
+    Single(Bytes),
+    Stream(StreamInput),
+}
+
+/// Request messages still arriving as Data frames.
+struct StreamInput {
+    reader: FrameReader,
+    call: CallState,
+    first: Option<Bytes>,
+    failed: bool,
+}
+
+type BodyItem = Result<BodyFrame<Bytes>, Status>;
+
+impl StreamInput {
+    async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
+        if let Some(m) = self.first.take() {
+            return Some((Ok(BodyFrame::data(frame_message(&m))), self));
+        }
+        if self.call.is_done() || self.failed {
+            return None;
+        }
+        loop {
+            let frame = match self.reader.next().await {
+                Ok(Some(frame)) => frame,
+                // A QUIC FIN without the close frame still ends the input.
+                Ok(None) => return None,
+                Err(e) => {
+                    if let ReadError::TooLarge(_) = e {
+                        self.reader.stop(codes::STREAM_TOO_LARGE);
+                    }
+                    self.failed = true;
+                    return Some((Err(e.to_status()), self));
+                }
+            };
+            match self.call.recv(frame) {
+                Ok(Inbound::Message(m)) => {
+                    return Some((Ok(BodyFrame::data(frame_message(&m))), self));
+                }
+                Ok(Inbound::Closed) => return None,
+                Ok(_) => continue,
+                Err(status) => {
+                    self.reader.stop(codes::STREAM_PROTOCOL_ERROR);
+                    return Some((Err(status), self));
+                }
+            }
+        }
+    }
+}
+
+async fn handle(peer: &Peer, router: &Router, out: &mut Responder, request: Request, input: Input) {
+    let Request {
+        service,
+        method,
+        timeout_nano,
+        metadata: entries,
+        ..
+    } = request;
+    let uri = match http::Uri::try_from(format!("/{service}/{method}")) {
+        Ok(uri) => uri,
+        Err(_) => {
+            out.status(Status::invalid_argument(format!(
+                "service {service:?} / method {method:?} is not a valid name"
+            )))
+            .await;
+            return;
+        }
+    };
+    let body = match input {
+        Input::Single(message) => Body::new(http_body_util::Full::new(frame_message(&message))),
+        Input::Stream(input) => Body::new(StreamBody::new(stream::unfold(input, StreamInput::next_frame))),
+    };
+    let mut http_request = http::Request::new(body);
+    *http_request.method_mut() = http::Method::POST;
+    *http_request.uri_mut() = uri;
+    let headers = http_request.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    if let Some(timeout) = metadata::from_timeout_nano(timeout_nano) {
+        headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
+    }
+    if let Err(status) = metadata::append_key_values(headers, entries) {
+        out.status(status).await;
+        return;
+    }
+    http_request.extensions_mut().insert(peer.clone());
+
+    let response = router.call(http_request).await;
+    respond(out, response).await;
+}
+
+/// Sends the handler's http response as ttrpc frames. One message followed at
+/// once by OK trailers is a unary-style Response; anything else streams as
+/// Data frames, closed by Data remote-closed (OK) or a Response (error).
+async fn respond(out: &mut Responder, response: http::Response<Body>) {
+    if let Some(status) = Status::from_header_map(response.headers())
+        && status.code() != tonic::Code::Ok
+    {
+        out.status(status).await;
+        return;
+    }
+    let mut body = MessageReader::new(response.into_body(), out.max);
+    let mut streaming = false;
+    loop {
+        let event = match body.next().await {
+            Ok(event) => event,
+            Err(status) => {
+                out.status(status).await;
+                return;
+            }
+        };
+        let message = match event {
+            BodyEvent::Message(m) => m,
+            BodyEvent::Trailers(trailers) => {
+                let status = status_from_trailers(&trailers);
+                if status.code() == tonic::Code::Ok {
+                    out.close_stream().await;
+                } else {
+                    out.status(status).await;
+                }
+                return;
+            }
+            BodyEvent::End => {
+                out.close_stream().await;
+                return;
+            }
+        };
+        if streaming {
+            if out.message(message).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // The first message: is the handler done already (unary, client-streaming)?
+        match body.next_now() {
+            Some(Ok(BodyEvent::Trailers(trailers))) => {
+                let status = status_from_trailers(&trailers);
+                if status.code() == tonic::Code::Ok {
+                    out.response(Status::ok(""), message).await;
+                } else if out.message(message).await.is_ok() {
+                    out.status(status).await;
+                }
+                return;
+            }
+            Some(Ok(BodyEvent::End)) => {
+                out.response(Status::ok(""), message).await;
+                return;
+            }
+            Some(Ok(BodyEvent::Message(second))) => {
+                streaming = true;
+                if out.message(message).await.is_err() || out.message(second).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(status)) => {
+                if out.message(message).await.is_ok() {
+                    out.status(status).await;
+                }
+                return;
+            }
+            None => {
+                streaming = true;
+                if out.message(message).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The callee's half of the stream.
+struct Responder {
+    send: SendStream,
+    stream_id: u32,
+    max: usize,
+    /// A frame write was started and not finished: if the write is abandoned
+    /// (deadline), the stream holds a partial frame and can only be reset.
+    writing: bool,
+}
+
+impl Responder {
+    async fn frame(&mut self, kind: FrameType, flags: Flags, payload: Bytes) -> Result<(), ()> {
+        self.writing = true;
+        let result = write_frame(&mut self.send, self.stream_id, kind, flags, payload).await;
+        self.writing = false;
+        result.map_err(|_| ())
+    }
+
+    /// One streamed message; an oversized one ends the call with RESOURCE_EXHAUSTED.
+    async fn message(&mut self, message: Bytes) -> Result<(), ()> {
+        if message.len() > self.max {
+            let status = Status::resource_exhausted(format!(
+                "response message length {} exceed maximum message size of {}",
+                message.len(),
+                self.max
+            ));
+            self.status(status).await;
+            return Err(());
+        }
+        self.frame(FrameType::Data, Flags::EMPTY, message).await
+    }
+
+    /// Ends an OK stream: Data remote-closed, no data.
+    async fn close_stream(&mut self) {
+        let flags = Flags::REMOTE_CLOSED | Flags::NO_DATA;
+        if self.frame(FrameType::Data, flags, Bytes::new()).await.is_ok() {
+            let _ = self.send.finish();
+        }
+    }
+
+    /// Ends the call with a non-OK status.
+    async fn status(&mut self, status: Status) {
+        self.response(status, Bytes::new()).await;
+    }
+
+    /// Ends the call with a Response frame.
+    async fn response(&mut self, status: Status, payload: Bytes) {
+        if self.writing {
+            self.reset(codes::STREAM_CANCELLED);
+            return;
+        }
+        let mut encoded = Response {
+            status: Some(crate::status::to_wire(&status)),
+            payload,
+        }
+        .encode_to_vec();
+        if encoded.len() > self.max {
+            let too_large = Status::resource_exhausted(format!(
+                "response length {} exceed maximum message size of {}",
+                encoded.len(),
+                self.max
+            ));
+            encoded = Response {
+                status: Some(crate::status::to_wire(&too_large)),
+                payload: Bytes::new(),
+            }
+            .encode_to_vec();
+        }
+        if self
+            .frame(FrameType::Response, Flags::EMPTY, encoded.into())
+            .await
+            .is_ok()
+        {
+            let _ = self.send.finish();
+        }
+    }
+
+    fn reset(&mut self, code: u32) {
+        let _ = self.send.reset(VarInt::from_u32(code));
+    }
+}

@@ -1,0 +1,125 @@
+//! Frames over one QUIC stream: a reader that buffers at most one frame and a
+//! writer that sends header and data without copying the data.
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream, VarInt};
+use tonic::Status;
+
+use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType};
+
+/// Why no frame could be read.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// A header announced more than the maximum message size.
+    TooLarge(FrameError),
+    /// The stream ended in the middle of a frame.
+    Truncated,
+    /// The peer reset the stream with this code.
+    Reset(VarInt),
+    /// The connection is gone.
+    ConnectionLost(quinn::ConnectionError),
+    /// This side already stopped the stream.
+    Closed,
+}
+
+impl ReadError {
+    /// The status a local caller or handler sees for this error.
+    pub(crate) fn to_status(&self) -> Status {
+        match self {
+            ReadError::TooLarge(e) => Status::resource_exhausted(e.to_string()),
+            ReadError::Truncated => Status::internal("peer ended the stream in the middle of a frame"),
+            ReadError::Reset(code) => {
+                Status::cancelled(format!("peer cancelled the call (stream reset, code {code})"))
+            }
+            ReadError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
+            ReadError::Closed => Status::cancelled("call was cancelled locally"),
+        }
+    }
+}
+
+impl From<quinn::ReadError> for ReadError {
+    fn from(e: quinn::ReadError) -> Self {
+        match e {
+            quinn::ReadError::Reset(code) => ReadError::Reset(code),
+            quinn::ReadError::ConnectionLost(c) => ReadError::ConnectionLost(c),
+            quinn::ReadError::ClosedStream => ReadError::Closed,
+            // brpc never reads 0-RTT streams and keeps ordered reads.
+            quinn::ReadError::IllegalOrderedRead | quinn::ReadError::ZeroRttRejected => {
+                ReadError::Closed
+            }
+        }
+    }
+}
+
+/// Reads whole frames from a QUIC receive stream.
+pub(crate) struct FrameReader {
+    recv: RecvStream,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+    finished: bool,
+}
+
+impl FrameReader {
+    pub(crate) fn new(recv: RecvStream, max_message_size: usize) -> Self {
+        FrameReader {
+            recv,
+            buf: BytesMut::new(),
+            decoder: FrameDecoder::new(max_message_size),
+            finished: false,
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the peer finished the stream cleanly.
+    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        loop {
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(e) => return Err(ReadError::TooLarge(e)),
+            }
+            if self.finished {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Truncated)
+                };
+            }
+            // Never read past the frame in progress, so an unread stream keeps
+            // its bytes in QUIC's flow-controlled buffers, not ours.
+            let wanted = self.decoder.wanted(&self.buf);
+            match self.recv.read_chunk(wanted, true).await? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                None => self.finished = true,
+            }
+        }
+    }
+
+    /// Tells the peer to stop sending (STOP_SENDING with `code`).
+    pub(crate) fn stop(&mut self, code: u32) {
+        if !self.finished {
+            let _ = self.recv.stop(VarInt::from_u32(code));
+        }
+    }
+}
+
+/// Writes one frame; the data is sent without being copied.
+pub(crate) async fn write_frame(
+    send: &mut SendStream,
+    stream_id: u32,
+    kind: FrameType,
+    flags: Flags,
+    payload: Bytes,
+) -> Result<(), quinn::WriteError> {
+    let header = FrameHeader {
+        length: payload.len() as u32,
+        stream_id,
+        kind,
+        flags,
+    };
+    if payload.is_empty() {
+        send.write_all(&header.to_bytes()).await
+    } else {
+        let mut chunks = [Bytes::copy_from_slice(&header.to_bytes()), payload];
+        send.write_all_chunks(&mut chunks).await
+    }
+}

@@ -1,0 +1,50 @@
+//! The QUIC connection engine both roles share: a [`Peer`] opens calls to the
+//! other side (through [`Channel`](crate::Channel)) and [`serve`] answers calls
+//! from it. The only role difference is [`Side`]: who dialed, and so the parity
+//! of ttrpc stream ids.
+
+mod driver;
+mod io;
+mod peer;
+mod transport;
+
+pub use driver::serve;
+pub use peer::{ConnectionId, Labels, Peer, PeerInfo};
+pub use transport::{TransportOptions, transport_config};
+
+pub(crate) use io::{FrameReader, write_frame};
+
+/// Which end of the QUIC connection this side is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// Dialed the connection (the brpc client); opens odd ttrpc stream ids and
+    /// sends Hello.
+    Dialer,
+    /// Accepted the connection (the brpc server); opens even stream ids and
+    /// assigns the connection id.
+    Acceptor,
+}
+
+/// QUIC application error codes brpc uses. Stream codes go in RESET_STREAM and
+/// STOP_SENDING; connection codes in CONNECTION_CLOSE. See PROTOCOL.md.
+pub mod codes {
+    /// Stream: the call was cancelled (caller dropped it, or its handler was dropped).
+    pub const STREAM_CANCELLED: u32 = 0x01;
+    /// Stream: the peer broke the frame protocol on this stream.
+    pub const STREAM_PROTOCOL_ERROR: u32 = 0x02;
+    /// Stream: a frame exceeded the maximum message size.
+    pub const STREAM_TOO_LARGE: u32 = 0x03;
+
+    /// Connection: closed normally by the application.
+    pub const CONN_NORMAL: u32 = 0x00;
+    /// Connection: the server is shutting down; reconnect elsewhere or later.
+    pub const CONN_GOING_AWAY: u32 = 0x01;
+    /// Connection: the Hello exchange failed (bad first call, bad version, too large).
+    pub const CONN_HELLO_FAILED: u32 = 0x02;
+    /// Connection: no Hello arrived within the server's time limit.
+    pub const CONN_HELLO_TIMEOUT: u32 = 0x03;
+    /// Connection: the server's authorization refused this client.
+    pub const CONN_UNAUTHORIZED: u32 = 0x04;
+    /// Connection: the server is at its connection limit.
+    pub const CONN_TOO_MANY: u32 = 0x05;
+}
