@@ -1,1 +1,14 @@
+//! brpc: bidirectional RPC over QUIC.
+//!
+//! A client dials a server once; that one QUIC connection carries every call in
+//! both directions, each on its own stream, framed as ttrpc. Both peers host
+//! ordinary `tonic-prost-build` services, and a server handler calls back the
+//! very client that is calling it through [`Peer::from_request`].
+//!
+//! This crate re-exports the three workspace crates:
+//! [`brpc_core`] (wire, engine, tonic bridge, TLS), [`brpc_server`] and
+//! [`brpc_client`].
 
+pub use brpc_client::{self as client, Client, ConnectError};
+pub use brpc_core::{self as core, Channel, ConnectionId, Labels, Peer, Router, tls};
+pub use brpc_server::{self as server, Registry, Server};

@@ -1,1 +1,25 @@
-//! placeholder
+//! brpc-server: bind a QUIC endpoint, accept agents, run the Hello handshake,
+//! assign connection ids and keep the [`Registry`] of who is connected.
+//!
+//! Every call in either direction is handled by `brpc-core`'s engine; this crate
+//! adds no protocol logic, only the accepting role's policy (ids, time limits,
+//! bookkeeping).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use brpc_server::Server;
+//! let server = Server::builder()
+//!     // .add_service(GreeterServer::new(MyGreeter))
+//!     .bind("127.0.0.1:4433")?;
+//! for peer in server.peers().list() {
+//!     println!("{} {} {:?}", peer.connection_id(), peer.name(), peer.labels());
+//! }
+//! # Ok(()) }
+//! ```
+
+mod registry;
+mod server;
+
+pub use brpc_core::{ConnectionId, Peer, Router};
+pub use registry::Registry;
+pub use server::{BindError, Builder, Server};

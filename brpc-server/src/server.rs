@@ -1,0 +1,388 @@
+//! The server: builder, bind, the accept loop and each connection's life
+//! (TLS handshake, Hello within a time limit, registry entry, serving, removal).
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use brpc_core::conn::codes;
+use brpc_core::session::{self, HelloCall};
+use brpc_core::tls::{self, DevCertificate, TlsError};
+use brpc_core::{ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions};
+use quinn::{Endpoint, Incoming, VarInt};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::task::JoinSet;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tower_service::Service;
+
+use crate::Registry;
+
+/// Why [`Builder::bind`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The address did not resolve to any socket address.
+    #[error("cannot resolve bind address: {0}")]
+    Address(std::io::Error),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP socket on {addr}: {source}")]
+    Socket {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS configuration was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// `bind` was called outside a tokio runtime.
+    #[error("Server::bind must be called from within a tokio runtime")]
+    NoRuntime,
+}
+
+enum Certificate {
+    Dev(Option<DevCertificate>),
+    Chain(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+}
+
+/// Configures and binds a [`Server`].
+pub struct Builder {
+    router: Router,
+    certificate: Certificate,
+    hello_timeout: Duration,
+    max_hello_size: usize,
+    max_message_size: usize,
+    transport: TransportOptions,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            router: Router::new(),
+            certificate: Certificate::Dev(None),
+            hello_timeout: Duration::from_secs(10),
+            max_hello_size: session::DEFAULT_MAX_HELLO_SIZE,
+            max_message_size: brpc_core::DEFAULT_MAX_MESSAGE_SIZE,
+            transport: TransportOptions::default(),
+        }
+    }
+}
+
+impl Builder {
+    /// Hosts a tonic-generated service (`FooServer::new(impl)`) for clients to call.
+    pub fn add_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.router = self.router.add_service(service);
+        self
+    }
+
+    /// Serves this self-signed certificate. Without any certificate option the
+    /// server generates a fresh one at bind ([`Server::certificate`] gives it
+    /// to clients, which pin it).
+    pub fn dev_certificate(mut self, certificate: DevCertificate) -> Self {
+        self.certificate = Certificate::Dev(Some(certificate));
+        self
+    }
+
+    /// Serves a certificate chain (leaf first) and its private key.
+    pub fn certificate(
+        mut self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Self {
+        self.certificate = Certificate::Chain(chain, key);
+        self
+    }
+
+    /// Serves the chain and key from PEM files.
+    ///
+    /// # Errors
+    /// [`TlsError::Pem`] if a file cannot be read or parsed.
+    pub fn certificate_pem_files(
+        self,
+        chain: impl AsRef<std::path::Path>,
+        key: impl AsRef<std::path::Path>,
+    ) -> Result<Self, TlsError> {
+        let chain = tls::load_certificates_pem(chain)?;
+        let key = tls::load_private_key_pem(key)?;
+        Ok(self.certificate(chain, key))
+    }
+
+    /// Time a new connection has for its TLS handshake and Hello (default 10 s);
+    /// then it is closed with `CONN_HELLO_TIMEOUT`.
+    pub fn hello_timeout(mut self, timeout: Duration) -> Self {
+        self.hello_timeout = timeout;
+        self
+    }
+
+    /// Largest Hello frame accepted (default 64 KiB).
+    pub fn max_hello_size(mut self, bytes: usize) -> Self {
+        self.max_hello_size = bytes;
+        self
+    }
+
+    /// Largest message sent or received on any call (default 4 MiB).
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Most calls each client may have open to the server at once (default 1024).
+    pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
+        self.transport.max_concurrent_calls = calls;
+        self
+    }
+
+    /// Close connections idle for this long (default 30 s).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.transport.idle_timeout = timeout;
+        self
+    }
+
+    /// Binds the UDP socket and starts accepting. Must run inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`BindError`] if the address, socket or TLS configuration is unusable.
+    pub fn bind(self, addr: impl ToSocketAddrs) -> Result<Server, BindError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BindError::NoRuntime)?;
+        let addr = addr
+            .to_socket_addrs()
+            .map_err(BindError::Address)?
+            .next()
+            .ok_or_else(|| {
+                BindError::Address(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "address resolved to nothing",
+                ))
+            })?;
+        let (chain, key) = match self.certificate {
+            Certificate::Dev(dev) => {
+                let dev = match dev {
+                    Some(dev) => dev,
+                    None => DevCertificate::generate()?,
+                };
+                (vec![dev.certificate().clone()], dev.private_key())
+            }
+            Certificate::Chain(chain, key) => (chain, key),
+        };
+        let certificate = chain.first().cloned().ok_or_else(|| {
+            TlsError::Rustls(rustls::Error::General("empty certificate chain".into()))
+        })?;
+        let mut config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
+        config.transport_config(brpc_core::conn::transport_config(&self.transport));
+        let endpoint = {
+            let _guard = runtime.enter();
+            Endpoint::server(config, addr).map_err(|source| BindError::Socket { addr, source })?
+        };
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| BindError::Socket { addr, source })?;
+        let shared = Arc::new(Shared {
+            endpoint: endpoint.clone(),
+            registry: Registry::default(),
+            router: self.router,
+            hello_timeout: self.hello_timeout,
+            max_hello_size: self.max_hello_size,
+            max_message_size: self.max_message_size,
+            next_id: AtomicU64::new(1),
+        });
+        let accept = runtime.spawn(accept_loop(shared.clone()));
+        tracing::info!(%local_addr, "brpc server listening");
+        Ok(Server {
+            shared,
+            local_addr,
+            certificate,
+            accept,
+        })
+    }
+}
+
+struct Shared {
+    endpoint: Endpoint,
+    registry: Registry,
+    router: Router,
+    hello_timeout: Duration,
+    max_hello_size: usize,
+    max_message_size: usize,
+    next_id: AtomicU64,
+}
+
+/// A running brpc server. Dropping it closes the endpoint and every connection.
+pub struct Server {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    certificate: CertificateDer<'static>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("peers", &self.shared.registry.len())
+            .finish()
+    }
+}
+
+impl Server {
+    /// A builder with defaults: dev TLS, 4 MiB messages, 10 s Hello limit.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The bound UDP address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The leaf certificate the server presents. In dev mode clients pin it.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.certificate
+    }
+
+    /// The connected peers.
+    pub fn peers(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// The services this server hosts.
+    pub fn router(&self) -> &Router {
+        &self.shared.router
+    }
+
+    /// Stops accepting and closes every connection now; calls in flight fail.
+    pub fn close(&self) {
+        self.accept.abort();
+        self.shared
+            .endpoint
+            .close(VarInt::from_u32(codes::CONN_NORMAL), b"server closed");
+    }
+
+    /// Waits until every connection has closed (after [`Server::close`]).
+    pub async fn wait_idle(&self) {
+        self.shared.endpoint.wait_idle().await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    // Owning the connection tasks here means aborting this loop (Server::close
+    // or drop) drops every connection task and, through it, every handler.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = shared.endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    connections.spawn(run_connection(shared.clone(), incoming));
+                }
+                None => break,
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Removes a peer from the registry however its task ends (even if aborted).
+struct Listed<'a> {
+    registry: &'a Registry,
+    id: ConnectionId,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        self.registry.remove(self.id);
+    }
+}
+
+async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
+    let remote = incoming.remote_address();
+    let deadline = tokio::time::Instant::now() + shared.hello_timeout;
+    let connection = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "TLS handshake did not finish within the Hello limit");
+            return;
+        }
+    };
+    let hello = match tokio::time::timeout_at(
+        deadline,
+        session::receive_hello(&connection, shared.max_hello_size),
+    )
+    .await
+    {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(status)) => {
+            tracing::debug!(%remote, %status, "session refused");
+            connection.close(VarInt::from_u32(codes::CONN_HELLO_FAILED), status.message().as_bytes());
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "no Hello within {:?}", shared.hello_timeout);
+            connection.close(VarInt::from_u32(codes::CONN_HELLO_TIMEOUT), b"no Hello within the time limit");
+            return;
+        }
+    };
+    let version = hello.request.protocol_version;
+    if version != session::PROTOCOL_VERSION {
+        hello
+            .reject(Status::failed_precondition(format!(
+                "unsupported brpc protocol version {version}; this server speaks {}",
+                session::PROTOCOL_VERSION
+            )))
+            .await;
+        connection.close(VarInt::from_u32(codes::CONN_HELLO_FAILED), b"unsupported protocol version");
+        return;
+    }
+    let peer = new_peer(&shared, &connection, &hello);
+    // Listed before the answer goes out: once the client knows its id, the
+    // registry already has it. The guard unlists it however this task ends.
+    shared.registry.insert(peer.clone());
+    let _listed = Listed {
+        registry: &shared.registry,
+        id: peer.connection_id(),
+    };
+    if hello.accept(peer.connection_id()).await.is_err() {
+        return;
+    }
+    tracing::debug!(id = %peer.connection_id(), name = peer.name(), %remote, "peer connected");
+    brpc_core::serve(peer.clone(), shared.router.clone()).await;
+    tracing::debug!(id = %peer.connection_id(), "peer disconnected");
+}
+
+fn new_peer(shared: &Shared, connection: &quinn::Connection, hello: &HelloCall) -> Peer {
+    let id = ConnectionId(shared.next_id.fetch_add(1, Ordering::Relaxed));
+    let labels: Labels = hello
+        .request
+        .labels
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect();
+    let info = PeerInfo {
+        connection_id: id,
+        name: hello.request.name.clone(),
+        labels,
+        connected_at: SystemTime::now(),
+    };
+    Peer::new(connection.clone(), Side::Acceptor, info, shared.max_message_size)
+}
