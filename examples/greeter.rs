@@ -65,7 +65,10 @@ struct MyNamer {
 #[tonic::async_trait]
 impl Namer for MyNamer {
     async fn name(&self, _request: Request<NameRequest>) -> Result<Response<NameReply>, Status> {
-        println!("[client] server asked for my name; answering {:?}", self.name);
+        println!(
+            "[client] server asked for my name; answering {:?}",
+            self.name
+        );
         Ok(Response::new(NameReply {
             name: self.name.clone(),
         }))
@@ -97,7 +100,11 @@ fn parse_args() -> Result<Args, String> {
             }
             "--cert" => args.cert = it.next().ok_or("--cert needs a value")?.into(),
             "--name" => args.name = it.next().ok_or("--name needs a value")?,
-            other => return Err(format!("unknown argument {other:?}; see the header of examples/greeter.rs")),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; see the header of examples/greeter.rs"
+                ));
+            }
         }
     }
     if args.mode != "both" && !addr_given {
@@ -119,14 +126,23 @@ async fn run_server(addr: &str, cert: &PathBuf) -> Result<Server, Box<dyn std::e
     Ok(server)
 }
 
-async fn run_client(addr: &str, cert: &PathBuf, name: &str) -> Result<String, Box<dyn std::error::Error>> {
+async fn run_client(
+    addr: &str,
+    cert: &PathBuf,
+    name: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
     let client = Client::builder()
         .name(name)
-        .add_service(NamerServer::new(MyNamer { name: name.to_owned() }))
+        .add_service(NamerServer::new(MyNamer {
+            name: name.to_owned(),
+        }))
         .pin_certificate_file(cert)?
         .connect(addr)
         .await?;
-    println!("[client] connected to {addr}; server assigned {}", client.connection_id());
+    println!(
+        "[client] connected to {addr}; server assigned {}",
+        client.connection_id()
+    );
     let mut greeter = GreeterClient::new(client.channel());
     println!("[client] calling Greet");
     let reply = greeter

@@ -75,7 +75,9 @@ struct FixedNamer(&'static str);
 #[tonic::async_trait]
 impl Namer for FixedNamer {
     async fn name(&self, _: Request<NameRequest>) -> Result<Response<NameReply>, Status> {
-        Ok(Response::new(NameReply { name: self.0.into() }))
+        Ok(Response::new(NameReply {
+            name: self.0.into(),
+        }))
     }
 }
 
@@ -103,7 +105,10 @@ async fn server_calls_back_the_calling_client_from_a_handler() {
             .await
             .expect("greet")
             .into_inner();
-        assert_eq!(reply.message, format!("Hello, {name} ({})", client.connection_id()));
+        assert_eq!(
+            reply.message,
+            format!("Hello, {name} ({})", client.connection_id())
+        );
     }
 }
 
@@ -111,7 +116,10 @@ async fn server_calls_back_the_calling_client_from_a_handler() {
 async fn server_calls_client_through_the_registry() {
     let server = common::server();
     let client = common::client(&server, "agent-7").await;
-    let peer = server.peers().get(client.connection_id()).expect("registered");
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
     assert_eq!(peer.name(), "agent-7");
     assert_eq!(peer.label("role"), Some("test"));
     let reply = peer
@@ -128,18 +136,27 @@ async fn server_calls_client_through_the_registry() {
 async fn hundred_concurrent_calls_each_way_are_matched() {
     let server = common::server();
     let client = common::client(&server, "agent-c").await;
-    let peer = server.peers().get(client.connection_id()).expect("registered");
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
 
     let mut tasks = Vec::new();
     for i in 0..100u64 {
         let mut to_server = EchoClient::new(client.channel());
         tasks.push(tokio::spawn(async move {
-            let r = to_server.unary(echo(&format!("up-{i}"), i)).await?.into_inner();
+            let r = to_server
+                .unary(echo(&format!("up-{i}"), i))
+                .await?
+                .into_inner();
             Ok::<_, Status>((r, format!("up-{i}"), i, "server"))
         }));
         let mut to_client = peer.client(EchoClient::new);
         tasks.push(tokio::spawn(async move {
-            let r = to_client.unary(echo(&format!("down-{i}"), i)).await?.into_inner();
+            let r = to_client
+                .unary(echo(&format!("down-{i}"), i))
+                .await?
+                .into_inner();
             Ok::<_, Status>((r, format!("down-{i}"), i, "agent-c"))
         }));
     }
@@ -170,9 +187,16 @@ async fn unknown_service_and_method_are_unimplemented_both_ways() {
         .await
         .expect_err("server has no Echo");
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("test.echo.v1.Echo"), "{}", err.message());
+    assert!(
+        err.message().contains("test.echo.v1.Echo"),
+        "{}",
+        err.message()
+    );
 
-    let peer = server.peers().get(client.connection_id()).expect("registered");
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
     let err = peer
         .client(NamerClient::new)
         .name(NameRequest {})
@@ -199,9 +223,17 @@ async fn unknown_service_and_method_are_unimplemented_both_ways() {
 async fn handler_status_arrives_intact_both_ways() {
     let server = common::server();
     let client = common::client(&server, "agent-s").await;
-    let peer = server.peers().get(client.connection_id()).expect("registered");
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
     let message = "ключ не найден — clé introuvable ✗ 100% \"quoted\"\nnext line";
-    for code in [Code::NotFound, Code::PermissionDenied, Code::Internal, Code::Unavailable] {
+    for code in [
+        Code::NotFound,
+        Code::PermissionDenied,
+        Code::Internal,
+        Code::Unavailable,
+    ] {
         let req = FailRequest {
             code: code as i32,
             message: message.into(),
@@ -210,7 +242,11 @@ async fn handler_status_arrives_intact_both_ways() {
             .fail(req.clone())
             .await
             .expect_err("fails");
-        let down = peer.client(EchoClient::new).fail(req).await.expect_err("fails");
+        let down = peer
+            .client(EchoClient::new)
+            .fail(req)
+            .await
+            .expect_err("fails");
         for err in [up, down] {
             assert_eq!(err.code(), code);
             assert_eq!(err.message(), message);
@@ -222,11 +258,17 @@ async fn handler_status_arrives_intact_both_ways() {
 async fn calls_after_the_peer_left_fail_with_unavailable() {
     let server = common::server();
     let client = common::client(&server, "agent-gone").await;
-    let peer = server.peers().get(client.connection_id()).expect("registered");
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
     client.shutdown().await;
-    let err = tokio::time::timeout(Duration::from_secs(10), peer.client(EchoClient::new).unary(EchoRequest::default()))
-        .await
-        .expect("no hang")
-        .expect_err("peer is gone");
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        peer.client(EchoClient::new).unary(EchoRequest::default()),
+    )
+    .await
+    .expect("no hang")
+    .expect_err("peer is gone");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }

@@ -209,9 +209,13 @@ impl Builder {
         let mut config = quinn::ClientConfig::new(tls::client_crypto(roots)?);
         config.transport_config(brpc_core::conn::transport_config(&self.transport));
         let local: SocketAddr = if remote.is_ipv6() {
-            "[::]:0".parse().map_err(|_| ConnectError::Endpoint(std::io::ErrorKind::InvalidInput.into()))?
+            "[::]:0"
+                .parse()
+                .map_err(|_| ConnectError::Endpoint(std::io::ErrorKind::InvalidInput.into()))?
         } else {
-            "0.0.0.0:0".parse().map_err(|_| ConnectError::Endpoint(std::io::ErrorKind::InvalidInput.into()))?
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| ConnectError::Endpoint(std::io::ErrorKind::InvalidInput.into()))?
         };
         let mut endpoint = Endpoint::client(local).map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);
@@ -333,6 +337,7 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.close();
-        self.endpoint.close(VarInt::from_u32(codes::CONN_NORMAL), b"client dropped");
+        self.endpoint
+            .close(VarInt::from_u32(codes::CONN_NORMAL), b"client dropped");
     }
 }

@@ -185,7 +185,10 @@ mod tests {
             Some(Duration::from_millis(100))
         );
         assert_eq!(parse_grpc_timeout(&HeaderValue::from_static("100x")), None);
-        assert_eq!(parse_grpc_timeout(&HeaderValue::from_static("123456789S")), None);
+        assert_eq!(
+            parse_grpc_timeout(&HeaderValue::from_static("123456789S")),
+            None
+        );
         assert_eq!(to_timeout_nano(Some(Duration::from_secs(5))), 5_000_000_000);
         assert_eq!(from_timeout_nano(0), None);
         assert_eq!(from_timeout_nano(-3), None);

@@ -32,7 +32,9 @@ pub async fn send_hello(
     hello: HelloRequest,
     max_message_size: usize,
 ) -> Result<HelloResponse, Status> {
-    let lost = |e: &dyn std::fmt::Display| Status::unavailable(format!("connection lost during Hello: {e}"));
+    let lost = |e: &dyn std::fmt::Display| {
+        Status::unavailable(format!("connection lost during Hello: {e}"))
+    };
     let (mut send, recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
     let stream_id = wire::stream_id(send.id().index(), true);
     let request = Request {
@@ -88,7 +90,10 @@ pub struct HelloCall {
 /// # Errors
 /// The status the dialer was answered with (already sent when possible): any
 /// other first call, an undecodable or oversized Hello, or a lost connection.
-pub async fn receive_hello(connection: &Connection, max_hello_size: usize) -> Result<HelloCall, Status> {
+pub async fn receive_hello(
+    connection: &Connection,
+    max_hello_size: usize,
+) -> Result<HelloCall, Status> {
     let (mut send, recv) = connection
         .accept_bi()
         .await
@@ -130,7 +135,10 @@ pub async fn receive_hello(connection: &Connection, max_hello_size: usize) -> Re
         }),
         Err(status) => {
             reader.stop(crate::conn::codes::STREAM_PROTOCOL_ERROR);
-            if respond(&mut send, stream_id, &status, Bytes::new()).await.is_ok() {
+            if respond(&mut send, stream_id, &status, Bytes::new())
+                .await
+                .is_ok()
+            {
                 delivered(&send).await;
             }
             Err(status)
@@ -138,12 +146,24 @@ pub async fn receive_hello(connection: &Connection, max_hello_size: usize) -> Re
     }
 }
 
-async fn respond(send: &mut SendStream, stream_id: u32, status: &Status, payload: Bytes) -> Result<(), quinn::WriteError> {
+async fn respond(
+    send: &mut SendStream,
+    stream_id: u32,
+    status: &Status,
+    payload: Bytes,
+) -> Result<(), quinn::WriteError> {
     let response = Response {
         status: Some(crate::status::to_wire(status)),
         payload,
     };
-    write_frame(send, stream_id, FrameType::Response, Flags::EMPTY, response.encode_to_vec().into()).await?;
+    write_frame(
+        send,
+        stream_id,
+        FrameType::Response,
+        Flags::EMPTY,
+        response.encode_to_vec().into(),
+    )
+    .await?;
     let _ = send.finish();
     Ok(())
 }
@@ -163,16 +183,24 @@ impl HelloCall {
             connection_id: id.0,
             protocol_version: PROTOCOL_VERSION,
         };
-        respond(&mut self.send, self.stream_id, &Status::ok(""), answer.encode_to_vec().into())
-            .await
-            .map_err(|e| Status::unavailable(format!("cannot answer Hello: {e}")))
+        respond(
+            &mut self.send,
+            self.stream_id,
+            &Status::ok(""),
+            answer.encode_to_vec().into(),
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot answer Hello: {e}")))
     }
 
     /// Refuses the session with `status`.
     /// Refuses the session with `status`, waiting (briefly) until the dialer
     /// has the answer so that closing the connection next does not discard it.
     pub async fn reject(mut self, status: Status) {
-        if respond(&mut self.send, self.stream_id, &status, Bytes::new()).await.is_ok() {
+        if respond(&mut self.send, self.stream_id, &status, Bytes::new())
+            .await
+            .is_ok()
+        {
             delivered(&self.send).await;
         }
     }

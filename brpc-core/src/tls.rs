@@ -100,7 +100,9 @@ impl DevCertificate {
 ///
 /// # Errors
 /// [`TlsError::Pem`] if the file cannot be read or holds no certificate.
-pub fn load_certificates_pem(path: impl AsRef<Path>) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certificates_pem(
+    path: impl AsRef<Path>,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let path = path.as_ref();
     let err = |message: String| TlsError::Pem {
         what: "certificates",

@@ -39,7 +39,12 @@ impl Registry {
 
     /// Peers for which `filter` holds, ordered by connection id.
     pub fn select(&self, mut filter: impl FnMut(&Peer) -> bool) -> Vec<Peer> {
-        let mut peers: Vec<Peer> = self.read().values().filter(|p| filter(p)).cloned().collect();
+        let mut peers: Vec<Peer> = self
+            .read()
+            .values()
+            .filter(|p| filter(p))
+            .cloned()
+            .collect();
         peers.sort_by_key(Peer::connection_id);
         peers
     }

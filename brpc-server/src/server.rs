@@ -334,12 +334,18 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
         Ok(Ok(hello)) => hello,
         Ok(Err(status)) => {
             tracing::debug!(%remote, %status, "session refused");
-            connection.close(VarInt::from_u32(codes::CONN_HELLO_FAILED), status.message().as_bytes());
+            connection.close(
+                VarInt::from_u32(codes::CONN_HELLO_FAILED),
+                status.message().as_bytes(),
+            );
             return;
         }
         Err(_) => {
             tracing::debug!(%remote, "no Hello within {:?}", shared.hello_timeout);
-            connection.close(VarInt::from_u32(codes::CONN_HELLO_TIMEOUT), b"no Hello within the time limit");
+            connection.close(
+                VarInt::from_u32(codes::CONN_HELLO_TIMEOUT),
+                b"no Hello within the time limit",
+            );
             return;
         }
     };
@@ -351,7 +357,10 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
                 session::PROTOCOL_VERSION
             )))
             .await;
-        connection.close(VarInt::from_u32(codes::CONN_HELLO_FAILED), b"unsupported protocol version");
+        connection.close(
+            VarInt::from_u32(codes::CONN_HELLO_FAILED),
+            b"unsupported protocol version",
+        );
         return;
     }
     let peer = new_peer(&shared, &connection, &hello);
@@ -384,5 +393,10 @@ fn new_peer(shared: &Shared, connection: &quinn::Connection, hello: &HelloCall) 
         labels,
         connected_at: SystemTime::now(),
     };
-    Peer::new(connection.clone(), Side::Acceptor, info, shared.max_message_size)
+    Peer::new(
+        connection.clone(),
+        Side::Acceptor,
+        info,
+        shared.max_message_size,
+    )
 }

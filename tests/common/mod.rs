@@ -85,7 +85,10 @@ impl Echo for EchoService {
 
     type BidiStream = ReplyStream;
 
-    async fn bidi(&self, request: Request<Streaming<EchoRequest>>) -> Result<Response<ReplyStream>, Status> {
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<ReplyStream>, Status> {
         let this = self.clone();
         let stream = request.into_inner().map(move |r| r.map(|r| this.reply(r)));
         Ok(Response::new(Box::pin(stream)))
@@ -95,7 +98,9 @@ impl Echo for EchoService {
 /// A server on 127.0.0.1:0 hosting Echo (answering as "server").
 pub fn server() -> Server {
     Server::builder()
-        .add_service(EchoServer::new(EchoService { who: "server".into() }))
+        .add_service(EchoServer::new(EchoService {
+            who: "server".into(),
+        }))
         .bind("127.0.0.1:0")
         .expect("bind")
 }

@@ -81,30 +81,48 @@ enum Shape {
 
 fn shape_of(body: &mut MessageReader<Body>) -> Result<Shape, Status> {
     let first = match body.next_now() {
-        None => return Ok(Shape::Stream { ready: vec![], ended: false }),
+        None => {
+            return Ok(Shape::Stream {
+                ready: vec![],
+                ended: false,
+            });
+        }
         Some(event) => event?,
     };
     let first = match first {
         BodyEvent::Message(m) => m,
         BodyEvent::Trailers(_) | BodyEvent::End => {
-            return Ok(Shape::Stream { ready: vec![], ended: true });
+            return Ok(Shape::Stream {
+                ready: vec![],
+                ended: true,
+            });
         }
     };
     match body.next_now() {
-        None => Ok(Shape::Stream { ready: vec![first], ended: false }),
+        None => Ok(Shape::Stream {
+            ready: vec![first],
+            ended: false,
+        }),
         Some(event) => match event? {
             BodyEvent::Trailers(_) | BodyEvent::End => Ok(Shape::Single(first)),
-            BodyEvent::Message(second) => Ok(Shape::Stream { ready: vec![first, second], ended: false }),
+            BodyEvent::Message(second) => Ok(Shape::Stream {
+                ready: vec![first, second],
+                ended: false,
+            }),
         },
     }
 }
 
 fn split_path(path: &str) -> Option<(&str, &str)> {
     let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
 }
 
-async fn start_call(peer: Peer, request: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+async fn start_call(
+    peer: Peer,
+    request: http::Request<Body>,
+) -> Result<http::Response<Body>, Status> {
     let (parts, body) = request.into_parts();
     let Some((service, method)) = split_path(parts.uri.path()) else {
         return Err(Status::unimplemented(format!(
@@ -112,7 +130,10 @@ async fn start_call(peer: Peer, request: http::Request<Body>) -> Result<http::Re
             parts.uri.path()
         )));
     };
-    let timeout = parts.headers.get("grpc-timeout").and_then(metadata::parse_grpc_timeout);
+    let timeout = parts
+        .headers
+        .get("grpc-timeout")
+        .and_then(metadata::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
     let max = peer.max_message_size();
     let mut envelope = Request {
@@ -128,7 +149,9 @@ async fn start_call(peer: Peer, request: http::Request<Body>) -> Result<http::Re
 
     let open = async {
         let (send, recv) = peer.quic_connection().open_bi().await.map_err(|e| {
-            Status::unavailable(format!("cannot open a call to the peer: connection lost: {e}"))
+            Status::unavailable(format!(
+                "cannot open a call to the peer: connection lost: {e}"
+            ))
         })?;
         let opened_by_dialer = peer.side() == Side::Dialer;
         let stream_id = wire::stream_id(send.id().index(), opened_by_dialer);
@@ -141,7 +164,13 @@ async fn start_call(peer: Peer, request: http::Request<Body>) -> Result<http::Re
             envelope.payload = message;
             let frame = envelope.encode_to_vec();
             check_size(frame.len(), max)?;
-            let write = write_frame(&mut send, stream_id, FrameType::Request, Flags::EMPTY, frame.into());
+            let write = write_frame(
+                &mut send,
+                stream_id,
+                FrameType::Request,
+                Flags::EMPTY,
+                frame.into(),
+            );
             with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
             let _ = send.finish();
             None
@@ -149,8 +178,13 @@ async fn start_call(peer: Peer, request: http::Request<Body>) -> Result<http::Re
         Shape::Stream { ready, ended } => {
             let frame = envelope.encode_to_vec();
             check_size(frame.len(), max)?;
-            let write =
-                write_frame(&mut send, stream_id, FrameType::Request, Flags::REMOTE_OPEN, frame.into());
+            let write = write_frame(
+                &mut send,
+                stream_id,
+                FrameType::Request,
+                Flags::REMOTE_OPEN,
+                frame.into(),
+            );
             with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
             let (cancel, cancelled) = oneshot::channel();
             let body = (!ended).then_some(body);
@@ -169,9 +203,10 @@ async fn start_call(peer: Peer, request: http::Request<Body>) -> Result<http::Re
     };
     let body = StreamBody::new(stream::unfold(state, ResponseState::next_frame));
     let mut response = http::Response::new(Body::new(body));
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
     Ok(response)
 }
 
@@ -189,7 +224,9 @@ fn write_status(e: quinn::WriteError) -> Status {
         quinn::WriteError::Stopped(code) => {
             Status::cancelled(format!("peer stopped reading the call (code {code})"))
         }
-        quinn::WriteError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
+        quinn::WriteError::ConnectionLost(e) => {
+            Status::unavailable(format!("connection lost: {e}"))
+        }
         other => Status::unavailable(format!("cannot send the call: {other}")),
     }
 }
@@ -200,9 +237,11 @@ async fn with_deadline<T>(
 ) -> Result<T, Status> {
     match deadline {
         None => work.await,
-        Some(at) => tokio::time::timeout_at(at, work)
-            .await
-            .unwrap_or_else(|_| Err(Status::deadline_exceeded("deadline exceeded before the call was sent"))),
+        Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "deadline exceeded before the call was sent",
+            ))
+        }),
     }
 }
 
@@ -280,7 +319,9 @@ impl ResponseState {
             None => self.read_event().await,
             Some(at) => match tokio::time::timeout_at(at, self.read_event()).await {
                 Ok(event) => event,
-                Err(_) => Err(Status::deadline_exceeded("deadline exceeded while waiting for the peer")),
+                Err(_) => Err(Status::deadline_exceeded(
+                    "deadline exceeded while waiting for the peer",
+                )),
             },
         };
         let item = match event {
@@ -312,7 +353,9 @@ impl ResponseState {
             let frame = match self.reader.next().await {
                 Ok(Some(frame)) => frame,
                 Ok(None) => {
-                    return Err(Status::internal("peer ended the call's stream without a status"));
+                    return Err(Status::internal(
+                        "peer ended the call's stream without a status",
+                    ));
                 }
                 Err(e) => return Err(e.to_status()),
             };

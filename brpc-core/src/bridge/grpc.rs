@@ -151,8 +151,10 @@ mod tests {
     use http_body_util::{BodyExt, StreamBody};
 
     fn body_of(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> tonic::body::Body {
-        let mut frames: Vec<Result<http_body::Frame<Bytes>, Status>> =
-            chunks.into_iter().map(|c| Ok(http_body::Frame::data(c))).collect();
+        let mut frames: Vec<Result<http_body::Frame<Bytes>, Status>> = chunks
+            .into_iter()
+            .map(|c| Ok(http_body::Frame::data(c)))
+            .collect();
         if let Some(t) = trailers {
             frames.push(Ok(http_body::Frame::trailers(t)));
         }
@@ -185,11 +187,17 @@ mod tests {
     #[tokio::test]
     async fn oversize_and_compressed_are_errors() {
         let mut r = MessageReader::new(body_of(vec![frame_message(&[0u8; 9])], None), 8);
-        assert_eq!(r.next().await.unwrap_err().code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            r.next().await.unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
         let mut compressed = BytesMut::from(&frame_message(b"x")[..]);
         compressed[0] = 1;
         let mut r = MessageReader::new(body_of(vec![compressed.freeze()], None), 8);
-        assert_eq!(r.next().await.unwrap_err().code(), tonic::Code::Unimplemented);
+        assert_eq!(
+            r.next().await.unwrap_err().code(),
+            tonic::Code::Unimplemented
+        );
         let mut r = MessageReader::new(body_of(vec![Bytes::from_static(&[0, 0, 0])], None), 8);
         assert_eq!(r.next().await.unwrap_err().code(), tonic::Code::Internal);
     }

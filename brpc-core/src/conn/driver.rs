@@ -77,8 +77,10 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStr
                 return;
             }
             Err(ReadError::Truncated) => {
-                out.status(Status::invalid_argument("stream ended in the middle of a frame"))
-                    .await;
+                out.status(Status::invalid_argument(
+                    "stream ended in the middle of a frame",
+                ))
+                .await;
                 return;
             }
             Err(_) => return,
@@ -112,7 +114,10 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStr
     match timeout {
         None => handled.await,
         Some(t) => {
-            if tokio::time::timeout_at(Instant::now() + t, handled).await.is_err() {
+            if tokio::time::timeout_at(Instant::now() + t, handled)
+                .await
+                .is_err()
+            {
                 let status = Status::deadline_exceeded(format!(
                     "deadline exceeded: the call's {} ms ran out in the handler",
                     t.as_millis()
@@ -194,13 +199,19 @@ async fn handle(peer: &Peer, router: &Router, out: &mut Responder, request: Requ
     };
     let body = match input {
         Input::Single(message) => Body::new(http_body_util::Full::new(frame_message(&message))),
-        Input::Stream(input) => Body::new(StreamBody::new(stream::unfold(input, StreamInput::next_frame))),
+        Input::Stream(input) => Body::new(StreamBody::new(stream::unfold(
+            input,
+            StreamInput::next_frame,
+        ))),
     };
     let mut http_request = http::Request::new(body);
     *http_request.method_mut() = http::Method::POST;
     *http_request.uri_mut() = uri;
     let headers = http_request.headers_mut();
-    headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
     headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     if let Some(timeout) = metadata::from_timeout_nano(timeout_nano) {
         headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
@@ -329,7 +340,11 @@ impl Responder {
     /// Ends an OK stream: Data remote-closed, no data.
     async fn close_stream(&mut self) {
         let flags = Flags::REMOTE_CLOSED | Flags::NO_DATA;
-        if self.frame(FrameType::Data, flags, Bytes::new()).await.is_ok() {
+        if self
+            .frame(FrameType::Data, flags, Bytes::new())
+            .await
+            .is_ok()
+        {
             let _ = self.send.finish();
         }
     }

@@ -27,10 +27,12 @@ impl ReadError {
     pub(crate) fn to_status(&self) -> Status {
         match self {
             ReadError::TooLarge(e) => Status::resource_exhausted(e.to_string()),
-            ReadError::Truncated => Status::internal("peer ended the stream in the middle of a frame"),
-            ReadError::Reset(code) => {
-                Status::cancelled(format!("peer cancelled the call (stream reset, code {code})"))
+            ReadError::Truncated => {
+                Status::internal("peer ended the stream in the middle of a frame")
             }
+            ReadError::Reset(code) => Status::cancelled(format!(
+                "peer cancelled the call (stream reset, code {code})"
+            )),
             ReadError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
             ReadError::Closed => Status::cancelled("call was cancelled locally"),
         }

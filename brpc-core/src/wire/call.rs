@@ -53,14 +53,28 @@ impl PartialEq for Inbound {
         use Inbound::*;
         match (self, other) {
             (
-                Open { request: a, first_message: b, streaming: c },
-                Open { request: x, first_message: y, streaming: z },
+                Open {
+                    request: a,
+                    first_message: b,
+                    streaming: c,
+                },
+                Open {
+                    request: x,
+                    first_message: y,
+                    streaming: z,
+                },
             ) => a == x && b == y && c == z,
             (Message(a), Message(b)) => a == b,
             (Closed, Closed) | (Ignored, Ignored) => true,
             (
-                Finished { status: a, message: b },
-                Finished { status: x, message: y },
+                Finished {
+                    status: a,
+                    message: b,
+                },
+                Finished {
+                    status: x,
+                    message: y,
+                },
             ) => a.code() == x.code() && a.message() == x.message() && b == y,
             _ => false,
         }
@@ -152,9 +166,9 @@ impl CallState {
             )));
         }
         match (self.role, self.phase, frame.kind) {
-            (_, Phase::Done, kind) => Err(self.violation(format!(
-                "{kind:?} frame after the sender closed the stream"
-            ))),
+            (_, Phase::Done, kind) => {
+                Err(self.violation(format!("{kind:?} frame after the sender closed the stream")))
+            }
             (CallRole::Callee, Phase::AwaitRequest, FrameType::Request) => self.open(frame),
             (CallRole::Callee, Phase::AwaitRequest, kind) => Err(self.violation(format!(
                 "expected a Request frame to open the call, got {kind:?}"
@@ -204,13 +218,9 @@ impl CallState {
         // A streaming Request only carries a first message when it has bytes:
         // ttrpc clients send an empty payload (Go: 0x02, ttrpc-rust: 0x06) and
         // must not see a message invented for them.
-        let first_message = if !streaming {
-            Some(payload)
-        } else if !payload.is_empty() && !flags.contains(Flags::NO_DATA) {
-            Some(payload)
-        } else {
-            None
-        };
+        let carries_message =
+            !streaming || (!payload.is_empty() && !flags.contains(Flags::NO_DATA));
+        let first_message = carries_message.then_some(payload);
         self.phase = if streaming { Phase::Open } else { Phase::Done };
         Ok(Inbound::Open {
             request,
@@ -322,7 +332,12 @@ mod tests {
         let cases: Vec<(Vec<Frame>, &str)> = vec![
             (vec![data(Flags::EMPTY, b"x")], "expected a Request"),
             (
-                vec![Frame::new(1, FrameType::Response, Flags::EMPTY, Bytes::new())],
+                vec![Frame::new(
+                    1,
+                    FrameType::Response,
+                    Flags::EMPTY,
+                    Bytes::new(),
+                )],
                 "expected a Request",
             ),
             (
@@ -428,7 +443,12 @@ mod tests {
         };
         let mut c = CallState::caller(1);
         match c
-            .recv(Frame::new(1, FrameType::Response, Flags::EMPTY, ok.encode_to_vec().into()))
+            .recv(Frame::new(
+                1,
+                FrameType::Response,
+                Flags::EMPTY,
+                ok.encode_to_vec().into(),
+            ))
             .unwrap()
         {
             Inbound::Finished { status, message } => {
@@ -447,7 +467,12 @@ mod tests {
         };
         let mut c = CallState::caller(1);
         match c
-            .recv(Frame::new(1, FrameType::Response, Flags::EMPTY, err.encode_to_vec().into()))
+            .recv(Frame::new(
+                1,
+                FrameType::Response,
+                Flags::EMPTY,
+                err.encode_to_vec().into(),
+            ))
             .unwrap()
         {
             Inbound::Finished { status, message } => {

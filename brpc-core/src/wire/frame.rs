@@ -260,7 +260,9 @@ impl FrameDecoder {
         }
         match FrameHeader::parse(buf) {
             None => HEADER_LEN - buf.len(),
-            Some(h) => (HEADER_LEN + h.length as usize).saturating_sub(buf.len()).max(1),
+            Some(h) => (HEADER_LEN + h.length as usize)
+                .saturating_sub(buf.len())
+                .max(1),
         }
     }
 
@@ -346,12 +348,7 @@ mod tests {
 
     #[test]
     fn partial_frames_byte_by_byte() {
-        let a = Frame::new(
-            1,
-            FrameType::Data,
-            Flags::EMPTY,
-            Bytes::from_static(b"abc"),
-        );
+        let a = Frame::new(1, FrameType::Data, Flags::EMPTY, Bytes::from_static(b"abc"));
         let b = Frame::new(
             1,
             FrameType::Data,
@@ -386,8 +383,18 @@ mod tests {
     #[test]
     fn oversize_is_rejected_from_the_header_and_skipped() {
         let mut dec = FrameDecoder::new(4);
-        let big = Frame::new(3, FrameType::Request, Flags::EMPTY, Bytes::from(vec![7u8; 9]));
-        let small = Frame::new(5, FrameType::Request, Flags::EMPTY, Bytes::from_static(b"ok"));
+        let big = Frame::new(
+            3,
+            FrameType::Request,
+            Flags::EMPTY,
+            Bytes::from(vec![7u8; 9]),
+        );
+        let small = Frame::new(
+            5,
+            FrameType::Request,
+            Flags::EMPTY,
+            Bytes::from_static(b"ok"),
+        );
         let wire = {
             let mut w = encode(&big);
             w.extend_from_slice(&encode(&small));

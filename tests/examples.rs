@@ -1,0 +1,118 @@
+//! The greeter example as a user runs it: in one process, and as a server
+//! process plus a client process that pins the certificate the server wrote.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/examples/greeter`, which `cargo test` builds.
+fn greeter_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let path = dir
+        .join("examples")
+        .join(format!("greeter{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} not built; run through cargo test",
+        path.display()
+    );
+    path
+}
+
+fn free_udp_port() -> u16 {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr").port()
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn output_within(mut child: Child, limit: Duration) -> (bool, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let out = child.wait_with_output().expect("output");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            return (status.success(), text);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "timed out; output so far:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn greeter_in_one_process_prints_the_greeting_via_the_call_back() {
+    let cert = std::env::temp_dir().join(format!("brpc-test-one-{}.der", std::process::id()));
+    let child = Command::new(greeter_binary())
+        .args(["--cert", cert.to_str().expect("utf8")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (ok, out) = output_within(child, Duration::from_secs(60));
+    assert!(ok, "greeter failed:\n{out}");
+    assert!(out.contains("server asked for my name"), "{out}");
+    assert!(out.contains("reply: Hello, Ada"), "{out}");
+}
+
+#[test]
+fn greeter_as_two_processes() {
+    let cert = std::env::temp_dir().join(format!("brpc-test-two-{}.der", std::process::id()));
+    let _ = std::fs::remove_file(&cert);
+    let addr = format!("127.0.0.1:{}", free_udp_port());
+    let mut server = Command::new(greeter_binary())
+        .args([
+            "server",
+            "--addr",
+            &addr,
+            "--cert",
+            cert.to_str().expect("utf8"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn server");
+    let stdout = server.stdout.take().expect("stdout");
+    let server = KillOnDrop(server);
+    // Wait for the server to say it is listening (it writes the cert first).
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().expect("server output").expect("line");
+    assert!(first.contains("listening on"), "{first}");
+    assert!(cert.exists());
+
+    let client = Command::new(greeter_binary())
+        .args([
+            "client",
+            "--addr",
+            &addr,
+            "--cert",
+            cert.to_str().expect("utf8"),
+            "--name",
+            "Linus",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    let (ok, out) = output_within(client, Duration::from_secs(60));
+    assert!(ok, "client failed:\n{out}");
+    assert!(out.contains("reply: Hello, Linus"), "{out}");
+    drop(server);
+    let _ = std::fs::remove_file(&cert);
+}

@@ -1,0 +1,229 @@
+//! Sessions: connection ids, the registry's life cycle, certificate pinning, and
+//! the Hello gate (nothing is served before Hello; no Hello means closed).
+
+mod common;
+
+use std::time::Duration;
+
+use brpc::core::conn::codes;
+use brpc::core::session;
+use brpc::core::tls::{self, DevCertificate};
+use brpc::core::wire::{Flags, Frame, FrameDecoder, FrameType, HelloRequest, Request, Response};
+use brpc::{Client, ConnectError};
+use bytes::BytesMut;
+use prost::Message;
+use tonic::Code;
+
+#[tokio::test]
+async fn two_clients_get_different_ids_that_both_sides_agree_on() {
+    let server = common::server();
+    let a = common::client(&server, "a").await;
+    let b = common::client(&server, "b").await;
+    assert_ne!(a.connection_id(), b.connection_id());
+    let listed: Vec<_> = server
+        .peers()
+        .list()
+        .iter()
+        .map(|p| (p.connection_id(), p.name().to_owned()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (a.connection_id(), "a".to_owned()),
+            (b.connection_id(), "b".to_owned())
+        ]
+    );
+    assert_eq!(
+        server.peers().get(a.connection_id()).expect("a").name(),
+        "a"
+    );
+    assert_eq!(a.peer().connection_id(), a.connection_id());
+    assert_eq!(server.peers().select_label("role", "test").len(), 2);
+    assert_eq!(server.peers().select_label("role", "other").len(), 0);
+}
+
+#[tokio::test]
+async fn registry_drops_a_client_that_disconnects() {
+    let server = common::server();
+    let a = common::client(&server, "a").await;
+    let b = common::client(&server, "b").await;
+    let (a_id, b_id) = (a.connection_id(), b.connection_id());
+    a.shutdown().await;
+    drop(a);
+    common::eventually(Duration::from_secs(10), "a unlisted", || {
+        server.peers().get(a_id).is_none()
+    })
+    .await;
+    assert!(server.peers().get(b_id).is_some(), "b stays");
+    drop(b);
+    common::eventually(Duration::from_secs(10), "registry empty", || {
+        server.peers().is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_wrong_pinned_certificate_fails_to_connect_clearly() {
+    let server = common::server();
+    let other = DevCertificate::generate().expect("cert");
+    let err = Client::builder()
+        .pin_certificate(other.certificate().clone())
+        .connect(server.local_addr())
+        .await
+        .expect_err("must not trust the server");
+    assert!(err.is_certificate_error(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("certificate"), "{text}");
+    assert!(server.peers().is_empty());
+
+    let err = Client::builder()
+        .connect(server.local_addr())
+        .await
+        .expect_err("no trust");
+    assert!(matches!(err, ConnectError::NoTrust), "{err}");
+}
+
+/// A raw QUIC connection to the server that speaks the wire by hand.
+async fn raw_connection(server: &brpc::Server) -> quinn::Connection {
+    let crypto = tls::client_crypto(tls::pinned_roots(server.certificate()).expect("roots"))
+        .expect("crypto");
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+    endpoint
+        .connect(server.local_addr(), "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake")
+}
+
+async fn raw_call(conn: &quinn::Connection, request: Request) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let stream_id = brpc::core::wire::stream_id(send.id().index(), true);
+    let mut buf = BytesMut::new();
+    Frame::new(
+        stream_id,
+        FrameType::Request,
+        Flags::EMPTY,
+        request.encode_to_vec().into(),
+    )
+    .encode(&mut buf)
+    .expect("encode");
+    send.write_all(&buf).await.expect("write");
+    send.finish().expect("finish");
+    let bytes = recv.read_to_end(1 << 20).await.expect("read");
+    let frame = FrameDecoder::new(1 << 20)
+        .decode(&mut BytesMut::from(&bytes[..]))
+        .expect("frame")
+        .expect("whole frame");
+    assert_eq!(frame.kind, FrameType::Response);
+    assert_eq!(frame.stream_id, stream_id);
+    Response::decode(frame.payload).expect("response")
+}
+
+#[tokio::test]
+async fn a_call_before_hello_is_refused_and_the_connection_closed() {
+    let server = common::server();
+    let conn = raw_connection(&server).await;
+    let response = raw_call(
+        &conn,
+        Request {
+            service: "test.echo.v1.Echo".into(),
+            method: "Unary".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let status = response.status.expect("status");
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    assert!(
+        status.message.contains("brpc.v1.Session/Hello"),
+        "{}",
+        status.message
+    );
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed")
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from_u32(codes::CONN_HELLO_FAILED)
+            );
+        }
+        other => panic!("unexpected close {other:?}"),
+    }
+    assert!(server.peers().is_empty());
+}
+
+#[tokio::test]
+async fn a_raw_hello_gets_an_id_and_the_peer_is_listed() {
+    let server = common::server();
+    let conn = raw_connection(&server).await;
+    let hello = HelloRequest {
+        protocol_version: session::PROTOCOL_VERSION,
+        name: "raw".into(),
+        labels: vec![],
+    };
+    let response = raw_call(
+        &conn,
+        Request {
+            service: session::SERVICE.into(),
+            method: session::METHOD.into(),
+            payload: hello.encode_to_vec().into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(response.status.expect("status").code, 0);
+    let answer = brpc::core::wire::HelloResponse::decode(response.payload).expect("answer");
+    assert_eq!(answer.protocol_version, session::PROTOCOL_VERSION);
+    let id = brpc::ConnectionId(answer.connection_id);
+    assert_eq!(server.peers().get(id).expect("listed").name(), "raw");
+}
+
+#[tokio::test]
+async fn a_wrong_protocol_version_is_refused() {
+    let server = common::server();
+    let conn = raw_connection(&server).await;
+    let hello = HelloRequest {
+        protocol_version: 99,
+        name: "future".into(),
+        labels: vec![],
+    };
+    let response = raw_call(
+        &conn,
+        Request {
+            service: session::SERVICE.into(),
+            method: session::METHOD.into(),
+            payload: hello.encode_to_vec().into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let status = response.status.expect("status");
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    assert!(status.message.contains("version 99"), "{}", status.message);
+    assert!(server.peers().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_never_says_hello_is_closed_after_the_limit() {
+    let server = brpc::Server::builder()
+        .hello_timeout(Duration::from_millis(300))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let conn = raw_connection(&server).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed in time");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from_u32(codes::CONN_HELLO_TIMEOUT)
+            );
+        }
+        other => panic!("unexpected close {other:?}"),
+    }
+}

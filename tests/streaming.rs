@@ -1,0 +1,144 @@
+//! Every call shape in both directions: server-streaming range, client-streaming
+//! sum, bidi echo of 1000 messages in order, empty streams, empty messages.
+
+mod common;
+
+use brpc::Peer;
+use common::echo::echo_client::EchoClient;
+use common::echo::{EchoRequest, Number, RangeRequest};
+use tokio_stream::StreamExt;
+
+/// Runs `check` against the server (client→server) and against the client
+/// (server→client through the registry).
+async fn both_directions<F, Fut>(check: F)
+where
+    F: Fn(EchoClient<brpc::Channel>, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let server = common::server();
+    let client = common::client(&server, "agent-s").await;
+    let peer: Peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    check(EchoClient::new(client.channel()), "server".into()).await;
+    check(peer.client(EchoClient::new), "agent-s".into()).await;
+}
+
+#[tokio::test]
+async fn server_streaming_range() {
+    both_directions(|mut echo, who| async move {
+        let mut stream = echo
+            .range(RangeRequest { from: 5, to: 105 })
+            .await
+            .expect("call")
+            .into_inner();
+        let mut seqs = Vec::new();
+        while let Some(reply) = stream.next().await {
+            let reply = reply.expect("item");
+            assert_eq!(reply.answered_by, who);
+            seqs.push(reply.seq);
+        }
+        assert_eq!(seqs, (5..105).collect::<Vec<_>>());
+        // Empty and single-item streams.
+        let empty: Vec<_> = echo
+            .range(RangeRequest { from: 3, to: 3 })
+            .await
+            .expect("call")
+            .into_inner()
+            .collect::<Result<Vec<_>, _>>()
+            .await
+            .expect("ok");
+        assert!(empty.is_empty());
+        let one: Vec<_> = echo
+            .range(RangeRequest { from: 7, to: 8 })
+            .await
+            .expect("call")
+            .into_inner()
+            .collect::<Result<Vec<_>, _>>()
+            .await
+            .expect("ok");
+        assert_eq!(one.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_streaming_sum() {
+    both_directions(|mut echo, _| async move {
+        let numbers = tokio_stream::iter((1..=100).map(|value| Number { value }));
+        assert_eq!(
+            echo.sum(numbers).await.expect("sum").into_inner().value,
+            5050
+        );
+        let empty = tokio_stream::iter(Vec::<Number>::new());
+        assert_eq!(echo.sum(empty).await.expect("sum").into_inner().value, 0);
+        let single = tokio_stream::iter(vec![Number { value: 42 }]);
+        assert_eq!(echo.sum(single).await.expect("sum").into_inner().value, 42);
+        // Empty messages count too: three zero-valued (zero-length) messages.
+        let zeros = tokio_stream::iter(vec![Number { value: 0 }; 3]);
+        assert_eq!(echo.sum(zeros).await.expect("sum").into_inner().value, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bidi_echo_of_a_thousand_messages_in_order() {
+    both_directions(|mut echo, who| async move {
+        let requests = tokio_stream::iter((0..1000u64).map(|seq| EchoRequest {
+            text: format!("m{seq}"),
+            blob: vec![],
+            seq,
+        }));
+        let mut replies = echo.bidi(requests).await.expect("call").into_inner();
+        let mut next = 0u64;
+        while let Some(reply) = replies.next().await {
+            let reply = reply.expect("item");
+            assert_eq!(reply.seq, next);
+            assert_eq!(reply.text, format!("m{next}"));
+            assert_eq!(reply.answered_by, who);
+            next += 1;
+        }
+        assert_eq!(next, 1000);
+
+        // An empty bidi stream ends cleanly.
+        let none = tokio_stream::iter(Vec::<EchoRequest>::new());
+        let replies: Vec<_> = echo
+            .bidi(none)
+            .await
+            .expect("call")
+            .into_inner()
+            .collect::<Result<Vec<_>, _>>()
+            .await
+            .expect("ok");
+        assert!(replies.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bidi_interleaved_request_then_reply() {
+    // The caller waits for each reply before sending the next request: the
+    // call must open before the first message exists.
+    both_directions(|mut echo, _| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let mut replies = echo
+            .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("call")
+            .into_inner();
+        for seq in 0..20u64 {
+            tx.send(EchoRequest {
+                seq,
+                ..Default::default()
+            })
+            .await
+            .expect("send");
+            let reply = replies.next().await.expect("reply").expect("ok");
+            assert_eq!(reply.seq, seq);
+        }
+        drop(tx);
+        assert!(replies.next().await.is_none());
+    })
+    .await;
+}
