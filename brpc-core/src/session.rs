@@ -205,3 +205,89 @@ impl HelloCall {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Frame, KeyValue};
+    use bytes::BytesMut;
+
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    fn encode(frame: Frame) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf).unwrap();
+        buf.to_vec()
+    }
+
+    /// The byte examples of PROTOCOL.md §6.
+    #[test]
+    fn protocol_md_hello_bytes() {
+        let hello = HelloRequest {
+            protocol_version: PROTOCOL_VERSION,
+            name: "agent-1".into(),
+            labels: vec![KeyValue::new("region", "eu")],
+        };
+        let request = Request {
+            service: SERVICE.into(),
+            method: METHOD.into(),
+            payload: hello.encode_to_vec().into(),
+            ..Default::default()
+        };
+        let frame = Frame::new(
+            1,
+            FrameType::Request,
+            Flags::EMPTY,
+            request.encode_to_vec().into(),
+        );
+        assert_eq!(
+            encode(frame),
+            hex(
+                "00 00 00 33 00 00 00 01 01 00 0a 0f 62 72 70 63 2e 76 31 2e 53 65 73 73 69 6f 6e \
+                 12 05 48 65 6c 6c 6f 1a 19 08 01 12 07 61 67 65 6e 74 2d 31 1a 0c 0a 06 72 65 67 \
+                 69 6f 6e 12 02 65 75"
+            )
+        );
+        let answer = Response {
+            status: Some(crate::wire::Status::default()),
+            payload: HelloResponse {
+                connection_id: 7,
+                protocol_version: PROTOCOL_VERSION,
+            }
+            .encode_to_vec()
+            .into(),
+        };
+        let frame = Frame::new(
+            1,
+            FrameType::Response,
+            Flags::EMPTY,
+            answer.encode_to_vec().into(),
+        );
+        assert_eq!(
+            encode(frame),
+            hex("00 00 00 08 00 00 00 01 02 00 0a 00 12 04 08 07 10 01")
+        );
+    }
+
+    #[test]
+    fn protocol_md_error_response_bytes() {
+        let response = Response {
+            status: Some(crate::status::to_wire(&Status::not_found("no such key"))),
+            payload: Bytes::new(),
+        };
+        let frame = Frame::new(
+            3,
+            FrameType::Response,
+            Flags::EMPTY,
+            response.encode_to_vec().into(),
+        );
+        assert_eq!(
+            encode(frame),
+            hex("00 00 00 11 00 00 00 03 02 00 0a 0f 08 05 12 0b 6e 6f 20 73 75 63 68 20 6b 65 79")
+        );
+    }
+}
