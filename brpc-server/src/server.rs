@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use brpc_core::bridge::BoxedService;
 use brpc_core::conn::codes;
 use brpc_core::session::{self, HelloCall};
 use brpc_core::tls::{self, DevCertificate, TlsError};
@@ -84,6 +85,24 @@ impl Builder {
         S::Future: Send + 'static,
     {
         self.router = self.router.add_service(service);
+        self
+    }
+
+    /// Passes every call this side serves through a tower `layer` (e.g.
+    /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer). The first layer
+    /// added is the outermost; the stack is shared by all connections.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: tower::Layer<BoxedService> + Send + Sync + 'static,
+        L::Service: Service<http::Request<Body>, Response = http::Response<Body>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as Service<http::Request<Body>>>::Error: Into<tower::BoxError> + Send,
+        <L::Service as Service<http::Request<Body>>>::Future: Send + 'static,
+    {
+        self.router = self.router.layer(layer);
         self
     }
 

@@ -1,12 +1,16 @@
 //! Shared fixtures for the end-to-end tests: an Echo service that both sides
-//! host, and helpers to start a server and connect clients over loopback QUIC.
+//! host (with a probe recording what its handlers saw), and helpers to start a
+//! server and connect clients over loopback QUIC.
 #![allow(dead_code, missing_docs)]
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brpc::{Client, Server};
 use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 pub mod echo {
@@ -21,15 +25,38 @@ pub mod greeter {
 use echo::echo_server::{Echo, EchoServer};
 use echo::{EchoReply, EchoRequest, FailRequest, Number, RangeRequest, SleepRequest};
 
+/// What the handlers of one side observed.
+#[derive(Default)]
+pub struct Probe {
+    /// Handlers currently running (Sleep only).
+    pub in_flight: AtomicUsize,
+    /// Most Sleep handlers seen running at once.
+    pub max_in_flight: AtomicUsize,
+    /// Sleep handlers dropped before finishing.
+    pub dropped: AtomicUsize,
+    /// The `grpc-timeout` the last Sleep handler saw.
+    pub observed_timeout: Mutex<Option<String>>,
+    /// Errors the Bidi handler's input reader saw.
+    pub input_errors: Mutex<Vec<Code>>,
+    /// Bytes the Sink handler has read.
+    pub sunk: AtomicUsize,
+}
+
 /// Echo, answering as `who` ("server" or the client's name).
 #[derive(Clone)]
 pub struct EchoService {
     pub who: String,
+    pub probe: Arc<Probe>,
 }
 
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
-
 impl EchoService {
+    pub fn new(who: &str) -> Self {
+        EchoService {
+            who: who.into(),
+            probe: Arc::default(),
+        }
+    }
+
     fn reply(&self, r: EchoRequest) -> EchoReply {
         EchoReply {
             text: r.text,
@@ -40,19 +67,69 @@ impl EchoService {
     }
 }
 
+/// The request's `x-` metadata, to send back.
+fn x_metadata(from: &MetadataMap) -> MetadataMap {
+    let mut out = MetadataMap::new().into_headers();
+    for (name, value) in from.clone().into_headers().iter() {
+        if name.as_str().starts_with("x-") {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    MetadataMap::from_headers(out)
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+struct InFlight(Arc<Probe>, bool);
+
+impl InFlight {
+    fn enter(probe: &Arc<Probe>) -> Self {
+        let now = probe.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        probe.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(probe.clone(), false)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.1 {
+            self.0.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Echo for EchoService {
+    /// Echoes the message; the request's `x-` metadata comes back as headers.
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
-        Ok(Response::new(self.reply(request.into_inner())))
+        let headers = x_metadata(request.metadata());
+        let mut response = Response::new(self.reply(request.into_inner()));
+        *response.metadata_mut() = headers;
+        Ok(response)
     }
 
+    /// Fails as asked; the request's `x-` metadata comes back as trailers.
     async fn fail(&self, request: Request<FailRequest>) -> Result<Response<EchoReply>, Status> {
+        let trailers = x_metadata(request.metadata());
         let r = request.into_inner();
-        Err(Status::new(Code::from_i32(r.code), r.message))
+        Err(Status::with_metadata(
+            Code::from_i32(r.code),
+            r.message,
+            trailers,
+        ))
     }
 
     async fn sleep(&self, request: Request<SleepRequest>) -> Result<Response<EchoReply>, Status> {
+        let timeout = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        *self.probe.observed_timeout.lock().expect("lock") = timeout;
+        let mut guard = InFlight::enter(&self.probe);
         tokio::time::sleep(Duration::from_millis(request.into_inner().millis)).await;
+        guard.1 = true;
         Ok(Response::new(EchoReply {
             answered_by: self.who.clone(),
             ..Default::default()
@@ -61,7 +138,9 @@ impl Echo for EchoService {
 
     type RangeStream = ReplyStream;
 
+    /// Streams `from..to`; the request's `x-` metadata comes back as headers.
     async fn range(&self, request: Request<RangeRequest>) -> Result<Response<ReplyStream>, Status> {
+        let headers = x_metadata(request.metadata());
         let RangeRequest { from, to } = request.into_inner();
         let who = self.who.clone();
         let stream = tokio_stream::iter(from..to).map(move |seq| {
@@ -71,7 +150,9 @@ impl Echo for EchoService {
                 ..Default::default()
             })
         });
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = Response::new(Box::pin(stream) as ReplyStream);
+        *response.metadata_mut() = headers;
+        Ok(response)
     }
 
     async fn sum(&self, request: Request<Streaming<Number>>) -> Result<Response<Number>, Status> {
@@ -85,33 +166,92 @@ impl Echo for EchoService {
 
     type BidiStream = ReplyStream;
 
+    /// Echoes each message; a task reads the input and records any error.
     async fn bidi(
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
+        let mut input = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = self.clone();
-        let stream = request.into_inner().map(move |r| r.map(|r| this.reply(r)));
-        Ok(Response::new(Box::pin(stream)))
+        tokio::spawn(async move {
+            while let Some(item) = input.next().await {
+                match item {
+                    Ok(r) => {
+                        if tx.send(Ok(this.reply(r))).await.is_err() {
+                            // Output dropped; keep reading to see how the input ends.
+                        }
+                    }
+                    Err(status) => {
+                        this.probe
+                            .input_errors
+                            .lock()
+                            .expect("lock")
+                            .push(status.code());
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn sink(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Number>, Status> {
+        let mut input = request.into_inner();
+        let mut slow = 0usize;
+        let mut count = 0usize;
+        while let Some(item) = input.next().await {
+            let r = item?;
+            if count == 0 {
+                if r.text == "stall" {
+                    std::future::pending::<()>().await;
+                }
+                if let Some(n) = r.text.strip_prefix("slow:") {
+                    slow = n.parse().unwrap_or(0);
+                }
+            }
+            if count < slow {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            count += 1;
+            self.probe.sunk.fetch_add(r.blob.len(), Ordering::Relaxed);
+        }
+        Ok(Response::new(Number {
+            value: self.probe.sunk.load(Ordering::Relaxed) as i64,
+        }))
     }
 }
 
 /// A server on 127.0.0.1:0 hosting Echo (answering as "server").
 pub fn server() -> Server {
+    server_with(EchoService::new("server"))
+}
+
+/// A server hosting this Echo.
+pub fn server_with(echo: EchoService) -> Server {
     Server::builder()
-        .add_service(EchoServer::new(EchoService {
-            who: "server".into(),
-        }))
+        .add_service(EchoServer::new(echo))
         .bind("127.0.0.1:0")
         .expect("bind")
 }
 
-/// A client of `server` named `name`, hosting Echo (answering as `name`).
-pub async fn client(server: &Server, name: &str) -> Client {
+/// A client builder for `server`, named `name`, hosting Echo (answering as `name`).
+pub fn client_builder(server: &Server, name: &str, echo: EchoService) -> brpc::client::Builder {
     Client::builder()
         .name(name)
         .label("role", "test")
-        .add_service(EchoServer::new(EchoService { who: name.into() }))
+        .add_service(EchoServer::new(echo))
         .pin_certificate(server.certificate().clone())
+}
+
+/// A client of `server` named `name`, hosting Echo (answering as `name`).
+pub async fn client(server: &Server, name: &str) -> Client {
+    client_builder(server, name, EchoService::new(name))
         .connect(server.local_addr())
         .await
         .expect("connect")

@@ -6,6 +6,7 @@
 //! calls always are); anything else opens a stream (Request with remote-open,
 //! then Data frames). Responses are read whatever their shape.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -25,7 +26,7 @@ use tonic::body::Body;
 use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
 use crate::conn::{FrameReader, Peer, Side, codes, write_frame};
 use crate::metadata;
-use crate::wire::{self, CallState, Flags, FrameType, Inbound, Request};
+use crate::wire::{self, CallState, Flags, FrameType, Inbound, KeyValue, Request};
 
 /// Calls the services of one peer. Hand it to any tonic-generated client:
 /// `GreeterClient::new(peer.channel())`. Cheap to clone; every call opens its
@@ -171,8 +172,14 @@ async fn start_call(
                 Flags::EMPTY,
                 frame.into(),
             );
-            with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
-            let _ = send.finish();
+            match with_deadline(deadline, async { write.await.map_err(SendFailure::from) }).await {
+                Ok(()) => {
+                    let _ = send.finish();
+                }
+                // The callee refused the request (e.g. too large): its Response says why.
+                Err(SendFailure::PeerStopped) => {}
+                Err(SendFailure::Local(status)) => return Err(status),
+            }
             None
         }
         Shape::Stream { ready, ended } => {
@@ -187,22 +194,50 @@ async fn start_call(
             );
             with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
             let (cancel, cancelled) = oneshot::channel();
+            let (failed, failure) = oneshot::channel();
             let body = (!ended).then_some(body);
-            tokio::spawn(pump_requests(send, stream_id, max, ready, body, cancelled));
-            Some(cancel)
+            tokio::spawn(pump_requests(
+                send, stream_id, max, ready, body, cancelled, failed,
+            ));
+            Some(Pump {
+                _cancel: cancel,
+                failure: Some(failure),
+            })
         }
     };
 
-    let state = ResponseState {
+    let mut state = ResponseState {
         reader: FrameReader::new(recv, max),
         call: CallState::caller(stream_id),
         deadline,
-        pending: None,
+        trailers: Vec::new(),
+        pending: VecDeque::new(),
         done: false,
-        _pump: pump,
+        pump,
     };
+    // Wait for the callee's first answer, as an HTTP/2 client waits for the
+    // response headers: a Headers frame, a first message, or the end.
+    let mut headers = http::HeaderMap::new();
+    match state.next_event().await {
+        ResponseEvent::Headers(entries) => metadata::append_key_values(&mut headers, entries)?,
+        ResponseEvent::Message(m) => state.pending.push_back(BodyFrame::data(frame_message(&m))),
+        ResponseEvent::End(status, None) if status.code() != tonic::Code::Ok => {
+            // Trailers-only: tonic returns this status from the call itself.
+            return Err(state.finish(status));
+        }
+        ResponseEvent::End(status, last) => {
+            if let Some(m) = last {
+                state.pending.push_back(BodyFrame::data(frame_message(&m)));
+            }
+            let status = state.finish(status);
+            state
+                .pending
+                .push_back(BodyFrame::trailers(trailers_for(&status)));
+        }
+    }
     let body = StreamBody::new(stream::unfold(state, ResponseState::next_frame));
     let mut response = http::Response::new(Body::new(body));
+    *response.headers_mut() = headers;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
@@ -231,22 +266,22 @@ fn write_status(e: quinn::WriteError) -> Status {
     }
 }
 
-async fn with_deadline<T>(
+async fn with_deadline<T, E: From<Status>>(
     deadline: Option<Instant>,
-    work: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     match deadline {
         None => work.await,
         Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(
-                "deadline exceeded before the call was sent",
-            ))
+            Err(Status::deadline_exceeded("deadline exceeded before the call was sent").into())
         }),
     }
 }
 
 /// Sends the rest of a streaming request as Data frames, then the close frame.
-/// Stops (resetting the stream) when the response side is dropped.
+/// Stops (resetting the stream) when the response side is dropped; a local
+/// failure (an oversized message, an error from the caller's stream) resets
+/// the stream and is reported to the response side through `failed`.
 async fn pump_requests(
     mut send: SendStream,
     stream_id: u32,
@@ -254,41 +289,69 @@ async fn pump_requests(
     ready: Vec<Bytes>,
     body: Option<MessageReader<Body>>,
     cancelled: oneshot::Receiver<()>,
+    failed: oneshot::Sender<Status>,
 ) {
     let work = async {
         for message in ready {
             check_size(message.len(), max)?;
-            write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message)
-                .await
-                .map_err(write_status)?;
+            write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message).await?;
         }
         if let Some(mut body) = body {
             while let BodyEvent::Message(message) = body.next().await? {
                 check_size(message.len(), max)?;
-                write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message)
-                    .await
-                    .map_err(write_status)?;
+                write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message).await?;
             }
         }
-        write_frame(
-            &mut send,
-            stream_id,
-            FrameType::Data,
-            Flags::REMOTE_CLOSED | Flags::NO_DATA,
-            Bytes::new(),
-        )
-        .await
-        .map_err(write_status)?;
+        let close = Flags::REMOTE_CLOSED | Flags::NO_DATA;
+        write_frame(&mut send, stream_id, FrameType::Data, close, Bytes::new()).await?;
         let _ = send.finish();
-        Ok::<(), Status>(())
+        Ok::<(), SendFailure>(())
     };
-    let finished = tokio::select! {
-        result = work => result.is_ok(),
-        _ = cancelled => false,
+    let outcome = tokio::select! {
+        result = work => result,
+        _ = cancelled => Err(SendFailure::Local(Status::cancelled("call dropped"))),
     };
-    if !finished {
-        let _ = send.reset(VarInt::from_u32(codes::STREAM_CANCELLED));
+    match outcome {
+        Ok(()) => {}
+        // The callee stopped reading: the call is over and its answer (read
+        // by the response side) says why.
+        Err(SendFailure::PeerStopped) => {}
+        Err(SendFailure::Local(status)) => {
+            let _ = send.reset(VarInt::from_u32(codes::STREAM_CANCELLED));
+            let _ = failed.send(status);
+        }
     }
+}
+
+/// Why sending (part of) a request stopped.
+enum SendFailure {
+    /// The callee sent STOP_SENDING; its Response or reset tells the caller why.
+    PeerStopped,
+    /// A local reason, reported to the caller as this status.
+    Local(Status),
+}
+
+impl From<quinn::WriteError> for SendFailure {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::Stopped(_) => SendFailure::PeerStopped,
+            other => SendFailure::Local(write_status(other)),
+        }
+    }
+}
+
+impl From<Status> for SendFailure {
+    fn from(status: Status) -> Self {
+        SendFailure::Local(status)
+    }
+}
+
+/// The response side's link to the request pump.
+struct Pump {
+    /// Dropped with the response: tells the pump to reset the request stream.
+    _cancel: oneshot::Sender<()>,
+    /// A local failure of the request side, which ends the call.
+    failure: Option<oneshot::Receiver<Status>>,
 }
 
 /// The caller's view of the response: frames in, http body frames out. Dropping
@@ -298,23 +361,55 @@ struct ResponseState {
     reader: FrameReader,
     call: CallState,
     deadline: Option<Instant>,
-    pending: Option<http::HeaderMap>,
+    trailers: Vec<KeyValue>,
+    pending: VecDeque<BodyFrame<Bytes>>,
     done: bool,
-    // Dropping the sender tells the pump to reset the request stream.
-    _pump: Option<oneshot::Sender<()>>,
+    pump: Option<Pump>,
 }
 
 type BodyItem = Result<BodyFrame<Bytes>, Status>;
 
+enum ResponseEvent {
+    Headers(Vec<KeyValue>),
+    Message(Bytes),
+    /// The call ended with this status, after this last message (OK Response).
+    End(Status, Option<Bytes>),
+}
+
+enum Next {
+    Frame(Result<Option<crate::wire::Frame>, crate::conn::ReadError>),
+    PumpFailed(Option<Status>),
+}
+
 impl ResponseState {
     async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
-        if let Some(trailers) = self.pending.take() {
-            self.done = true;
-            return Some((Ok(BodyFrame::trailers(trailers)), self));
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Some((Ok(frame), self));
+            }
+            if self.done {
+                return None;
+            }
+            match self.next_event().await {
+                ResponseEvent::Headers(_) => continue,
+                ResponseEvent::Message(m) => {
+                    return Some((Ok(BodyFrame::data(frame_message(&m))), self));
+                }
+                ResponseEvent::End(status, last) => {
+                    if let Some(m) = last {
+                        self.pending.push_back(BodyFrame::data(frame_message(&m)));
+                    }
+                    let status = self.finish(status);
+                    self.pending
+                        .push_back(BodyFrame::trailers(trailers_for(&status)));
+                }
+            }
         }
-        if self.done {
-            return None;
-        }
+    }
+
+    /// The next event; an error (deadline, protocol, lost connection) is an
+    /// `End` after which the call is cancelled.
+    async fn next_event(&mut self) -> ResponseEvent {
         let event = match self.deadline {
             None => self.read_event().await,
             Some(at) => match tokio::time::timeout_at(at, self.read_event()).await {
@@ -324,42 +419,43 @@ impl ResponseState {
                 )),
             },
         };
-        let item = match event {
-            Ok(ResponseEvent::Message(m)) => BodyFrame::data(frame_message(&m)),
-            Ok(ResponseEvent::End(status, last)) => {
-                let trailers = trailers_for(&status);
-                match last {
-                    Some(m) => {
-                        self.pending = Some(trailers);
-                        BodyFrame::data(frame_message(&m))
-                    }
-                    None => {
-                        self.done = true;
-                        BodyFrame::trailers(trailers)
-                    }
-                }
-            }
-            Err(status) => {
-                self.cancel(&status);
-                self.done = true;
-                BodyFrame::trailers(trailers_for(&status))
-            }
-        };
-        Some((Ok(item), self))
+        event.unwrap_or_else(|status| {
+            self.cancel(&status);
+            ResponseEvent::End(status, None)
+        })
     }
 
     async fn read_event(&mut self) -> Result<ResponseEvent, Status> {
         loop {
-            let frame = match self.reader.next().await {
-                Ok(Some(frame)) => frame,
-                Ok(None) => {
+            let next = match self.pump.as_mut().and_then(|p| p.failure.as_mut()) {
+                None => Next::Frame(self.reader.next().await),
+                Some(failure) => tokio::select! {
+                    biased;
+                    frame = self.reader.next() => Next::Frame(frame),
+                    failed = failure => Next::PumpFailed(failed.ok()),
+                },
+            };
+            let frame = match next {
+                Next::Frame(Ok(Some(frame))) => frame,
+                Next::Frame(Ok(None)) => {
                     return Err(Status::internal(
                         "peer ended the call's stream without a status",
                     ));
                 }
-                Err(e) => return Err(e.to_status()),
+                Next::Frame(Err(e)) => return Err(e.to_status()),
+                Next::PumpFailed(failure) => {
+                    if let Some(pump) = self.pump.as_mut() {
+                        pump.failure = None;
+                    }
+                    match failure {
+                        Some(status) => return Err(status),
+                        None => continue,
+                    }
+                }
             };
             match self.call.recv(frame)? {
+                Inbound::Headers(entries) => return Ok(ResponseEvent::Headers(entries)),
+                Inbound::Trailers(entries) => self.trailers = entries,
                 Inbound::Message(m) => return Ok(ResponseEvent::Message(m)),
                 Inbound::Closed => return Ok(ResponseEvent::End(Status::ok(""), None)),
                 Inbound::Finished { status, message } => {
@@ -370,6 +466,22 @@ impl ResponseState {
         }
     }
 
+    /// Marks the call over and gives its final status, carrying the trailers.
+    fn finish(&mut self, status: Status) -> Status {
+        self.done = true;
+        let trailers = std::mem::take(&mut self.trailers);
+        if trailers.is_empty() {
+            return status;
+        }
+        let mut map = tonic::metadata::MetadataMap::new().into_headers();
+        if metadata::append_key_values(&mut map, trailers).is_err() {
+            return status;
+        }
+        let mut status = status;
+        *status.metadata_mut() = tonic::metadata::MetadataMap::from_headers(map);
+        status
+    }
+
     fn cancel(&mut self, status: &Status) {
         let code = match status.code() {
             tonic::Code::ResourceExhausted => codes::STREAM_TOO_LARGE,
@@ -377,7 +489,7 @@ impl ResponseState {
             _ => codes::STREAM_CANCELLED,
         };
         self.reader.stop(code);
-        self._pump.take();
+        self.pump.take();
     }
 }
 
@@ -387,10 +499,4 @@ impl Drop for ResponseState {
             self.reader.stop(codes::STREAM_CANCELLED);
         }
     }
-}
-
-enum ResponseEvent {
-    Message(Bytes),
-    /// The call ended with this status, after this last message (OK Response).
-    End(Status, Option<Bytes>),
 }

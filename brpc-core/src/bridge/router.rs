@@ -5,29 +5,40 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+use std::sync::OnceLock;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
-use tower::ServiceExt;
+
 use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Layer, ServiceExt};
 use tower_service::Service;
 
-type BoxedService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
+/// A type-erased service over tonic's http types that never fails: errors are
+/// already `tonic::Status` responses.
+pub type BoxedService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
 
-/// The services one side hosts, by fully qualified proto name.
+type LayerFn = Arc<dyn Fn(BoxedService) -> BoxedService + Send + Sync>;
+
+/// The services one side hosts, by fully qualified proto name, and the tower
+/// layers every call to them passes through.
 ///
 /// Add any server `tonic-prost-build` generates (`FooServer::new(impl)`),
-/// unchanged. Cheap to clone.
+/// unchanged. Cheap to clone; clones share the layered stack (so a
+/// `ConcurrencyLimit` layer bounds all calls the side serves together).
 #[derive(Clone, Default)]
 pub struct Router {
     services: Arc<HashMap<&'static str, BoxedService>>,
+    layers: Vec<LayerFn>,
+    stack: Arc<OnceLock<BoxedService>>,
 }
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut names: Vec<_> = self.services.keys().collect();
-        names.sort();
-        f.debug_struct("Router").field("services", &names).finish()
+        f.debug_struct("Router")
+            .field("services", &self.service_names())
+            .field("layers", &self.layers.len())
+            .finish()
     }
 }
 
@@ -50,6 +61,39 @@ impl Router {
         S::Future: Send + 'static,
     {
         Arc::make_mut(&mut self.services).insert(S::NAME, BoxCloneSyncService::new(service));
+        self.stack = Arc::default();
+        self
+    }
+
+    /// Passes every served call through a tower `layer` (tower's
+    /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer, …). The first
+    /// layer added is the outermost. A layer's error becomes the call's status:
+    /// a `tonic::Status` as is, tower's timeout `DEADLINE_EXCEEDED`, load
+    /// shedding `UNAVAILABLE`, anything else `UNKNOWN`.
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<BoxedService> + Send + Sync + 'static,
+        L::Service: Service<http::Request<Body>, Response = http::Response<Body>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <L::Service as Service<http::Request<Body>>>::Error: Into<BoxError> + Send,
+        <L::Service as Service<http::Request<Body>>>::Future: Send + 'static,
+    {
+        self.layers.push(Arc::new(move |inner: BoxedService| {
+            let layered = layer.layer(inner);
+            BoxCloneSyncService::new(tower::service_fn(move |request| {
+                let service = layered.clone();
+                async move {
+                    Ok::<_, Infallible>(match service.oneshot(request).await {
+                        Ok(response) => response,
+                        Err(error) => layer_error_status(error.into()).into_http(),
+                    })
+                }
+            }))
+        }));
+        self.stack = Arc::default();
         self
     }
 
@@ -65,29 +109,64 @@ impl Router {
         names
     }
 
-    /// Dispatches one request (path `/service/method`). Unknown services and
-    /// methods get `UNIMPLEMENTED` naming what was missing.
+    /// Dispatches one request (path `/service/method`) through the layers.
     pub(crate) async fn call(&self, request: http::Request<Body>) -> http::Response<Body> {
-        let path = request.uri().path();
-        let (service, method) = path
-            .strip_prefix('/')
-            .and_then(|p| p.split_once('/'))
-            .unwrap_or((path, ""));
-        let Some(svc) = self.services.get(service) else {
-            return Status::unimplemented(format!("service {service}")).into_http();
-        };
-        let method = method.to_owned();
-        let response = match svc.clone().oneshot(request).await {
+        let stack = self.stack.get_or_init(|| {
+            let services = self.services.clone();
+            let dispatch = BoxCloneSyncService::new(tower::service_fn(move |request| {
+                let services = services.clone();
+                async move { Ok::<_, Infallible>(dispatch(&services, request).await) }
+            }));
+            self.layers
+                .iter()
+                .rev()
+                .fold(dispatch, |inner, layer| layer(inner))
+        });
+        match stack.clone().oneshot(request).await {
             Ok(response) => response,
             Err(never) => match never {},
-        };
-        // tonic's generated servers answer an unknown method with a bare
-        // UNIMPLEMENTED; say which method, as ttrpc does.
-        match Status::from_header_map(response.headers()) {
-            Some(s) if s.code() == tonic::Code::Unimplemented && s.message().is_empty() => {
-                Status::unimplemented(format!("method {method}")).into_http()
-            }
-            _ => response,
         }
+    }
+}
+
+/// Routes by service name. Unknown services and methods get `UNIMPLEMENTED`
+/// naming what was missing.
+async fn dispatch(
+    services: &HashMap<&'static str, BoxedService>,
+    request: http::Request<Body>,
+) -> http::Response<Body> {
+    let path = request.uri().path();
+    let (service, method) = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .unwrap_or((path, ""));
+    let Some(svc) = services.get(service) else {
+        return Status::unimplemented(format!("service {service}")).into_http();
+    };
+    let method = method.to_owned();
+    let response = match svc.clone().oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    // tonic's generated servers answer an unknown method with a bare
+    // UNIMPLEMENTED; say which method, as ttrpc does.
+    match Status::from_header_map(response.headers()) {
+        Some(s) if s.code() == tonic::Code::Unimplemented && s.message().is_empty() => {
+            Status::unimplemented(format!("method {method}")).into_http()
+        }
+        _ => response,
+    }
+}
+
+fn layer_error_status(error: BoxError) -> Status {
+    if error.is::<tower::timeout::error::Elapsed>() {
+        return Status::deadline_exceeded(format!("timed out in a server layer: {error}"));
+    }
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        return Status::unavailable(format!("overloaded: {error}"));
+    }
+    match error.downcast::<Status>() {
+        Ok(status) => *status,
+        Err(other) => Status::from_error(other),
     }
 }

@@ -22,7 +22,9 @@ use super::{Peer, codes};
 use crate::bridge::Router;
 use crate::bridge::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
 use crate::metadata;
-use crate::wire::{self, CallState, Flags, FrameType, Inbound, Request, Response};
+use crate::wire::{
+    self, CallState, Flags, FrameType, Inbound, KeyValue, Metadata, Request, Response,
+};
 
 /// Serves the peer's calls on its connection with `router` until the connection
 /// closes. Every handler still running then is dropped.
@@ -229,36 +231,47 @@ async fn handle(peer: &Peer, router: &Router, out: &mut Responder, request: Requ
 /// Sends the handler's http response as ttrpc frames. One message followed at
 /// once by OK trailers is a unary-style Response; anything else streams as
 /// Data frames, closed by Data remote-closed (OK) or a Response (error).
+/// Response headers go first in a Headers frame, trailers in a Trailers frame
+/// just before the end (both brpc extensions, sent only when needed).
 async fn respond(out: &mut Responder, response: http::Response<Body>) {
-    if let Some(status) = Status::from_header_map(response.headers())
+    let (parts, body) = response.into_parts();
+    if let Some(status) = Status::from_header_map(&parts.headers)
         && status.code() != tonic::Code::Ok
     {
-        out.status(status).await;
+        // Trailers-only: the headers are the status and its metadata.
+        if out.trailers(&parts.headers).await.is_ok() {
+            out.status(status).await;
+        }
         return;
     }
-    let mut body = MessageReader::new(response.into_body(), out.max);
+    let mut body = MessageReader::new(body, out.max);
+    let mut ready = body.next_now();
+    let headers = metadata::to_key_values(&parts.headers);
+    // A Headers frame also tells a waiting caller that the handler has
+    // answered, as HTTP/2 response headers do, when nothing else is ready.
+    if (!headers.is_empty() || ready.is_none())
+        && out.metadata(FrameType::Headers, headers).await.is_err()
+    {
+        return;
+    }
     let mut streaming = false;
     loop {
-        let event = match body.next().await {
-            Ok(event) => event,
-            Err(status) => {
-                out.status(status).await;
-                return;
-            }
+        let event = match ready.take() {
+            Some(event) => event,
+            None => body.next().await,
         };
         let message = match event {
-            BodyEvent::Message(m) => m,
-            BodyEvent::Trailers(trailers) => {
-                let status = status_from_trailers(&trailers);
-                if status.code() == tonic::Code::Ok {
-                    out.close_stream().await;
-                } else {
-                    out.status(status).await;
-                }
+            Ok(BodyEvent::Message(m)) => m,
+            Ok(BodyEvent::Trailers(trailers)) => {
+                out.end(status_from_trailers(&trailers), &trailers).await;
                 return;
             }
-            BodyEvent::End => {
-                out.close_stream().await;
+            Ok(BodyEvent::End) => {
+                out.end(Status::ok(""), &http::HeaderMap::new()).await;
+                return;
+            }
+            Err(status) => {
+                out.status(status).await;
                 return;
             }
         };
@@ -273,9 +286,11 @@ async fn respond(out: &mut Responder, response: http::Response<Body>) {
             Some(Ok(BodyEvent::Trailers(trailers))) => {
                 let status = status_from_trailers(&trailers);
                 if status.code() == tonic::Code::Ok {
-                    out.response(Status::ok(""), message).await;
+                    if out.trailers(&trailers).await.is_ok() {
+                        out.response(status, message).await;
+                    }
                 } else if out.message(message).await.is_ok() {
-                    out.status(status).await;
+                    out.end(status, &trailers).await;
                 }
                 return;
             }
@@ -335,6 +350,33 @@ impl Responder {
             return Err(());
         }
         self.frame(FrameType::Data, Flags::EMPTY, message).await
+    }
+
+    /// A Headers or Trailers frame with `entries`.
+    async fn metadata(&mut self, kind: FrameType, entries: Vec<KeyValue>) -> Result<(), ()> {
+        let data = Metadata { entries }.encode_to_vec();
+        self.frame(kind, Flags::EMPTY, data.into()).await
+    }
+
+    /// The application entries of `trailers`, in a Trailers frame if any.
+    async fn trailers(&mut self, trailers: &http::HeaderMap) -> Result<(), ()> {
+        let entries = metadata::to_key_values(trailers);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.metadata(FrameType::Trailers, entries).await
+    }
+
+    /// Ends the call after its messages: trailers, then the close or the error.
+    async fn end(&mut self, status: Status, trailers: &http::HeaderMap) {
+        if self.trailers(trailers).await.is_err() {
+            return;
+        }
+        if status.code() == tonic::Code::Ok {
+            self.close_stream().await;
+        } else {
+            self.status(status).await;
+        }
     }
 
     /// Ends an OK stream: Data remote-closed, no data.

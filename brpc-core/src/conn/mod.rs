@@ -12,7 +12,7 @@ pub use driver::serve;
 pub use peer::{ConnectionId, Labels, Peer, PeerInfo};
 pub use transport::{TransportOptions, transport_config};
 
-pub(crate) use io::{FrameReader, write_frame};
+pub(crate) use io::{FrameReader, ReadError, write_frame};
 
 /// Which end of the QUIC connection this side is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use prost::Message;
 use tonic::{Code, Status};
 
-use super::envelope::{Request, Response};
+use super::envelope::{KeyValue, Metadata, Request, Response};
 use super::frame::{Flags, Frame, FrameType};
 
 /// Which end of the call this machine sits on.
@@ -44,6 +44,11 @@ pub enum Inbound {
         /// The reply message carried by an OK Response.
         message: Option<Bytes>,
     },
+    /// Caller: the callee's response headers (brpc extension).
+    Headers(Vec<KeyValue>),
+    /// Caller: the callee's response trailers (brpc extension), which come
+    /// just before the end of the call.
+    Trailers(Vec<KeyValue>),
     /// A frame of an unknown type: ignored, as ttrpc does.
     Ignored,
 }
@@ -65,6 +70,7 @@ impl PartialEq for Inbound {
                 },
             ) => a == x && b == y && c == z,
             (Message(a), Message(b)) => a == b,
+            (Headers(a), Headers(b)) | (Trailers(a), Trailers(b)) => a == b,
             (Closed, Closed) | (Ignored, Ignored) => true,
             (
                 Finished {
@@ -97,6 +103,10 @@ pub struct CallState {
     role: CallRole,
     stream_id: u32,
     phase: Phase,
+    /// Caller: no Data, Headers or Response has arrived yet.
+    before_reply: bool,
+    /// Caller: Trailers arrived, so only the end of the call may follow.
+    trailers_seen: bool,
 }
 
 impl CallState {
@@ -106,6 +116,8 @@ impl CallState {
             role: CallRole::Caller,
             stream_id,
             phase: Phase::Open,
+            before_reply: true,
+            trailers_seen: false,
         }
     }
 
@@ -115,6 +127,8 @@ impl CallState {
             role: CallRole::Callee,
             stream_id,
             phase: Phase::AwaitRequest,
+            before_reply: true,
+            trailers_seen: false,
         }
     }
 
@@ -177,10 +191,31 @@ impl CallState {
             (CallRole::Callee, Phase::Open, FrameType::Request) => {
                 Err(self.violation("a second Request frame on one stream"))
             }
-            (CallRole::Callee, Phase::Open, _) => {
-                Err(self.violation("a Response frame from the caller"))
+            (CallRole::Callee, Phase::Open, kind) => {
+                Err(self.violation(format!("a {kind:?} frame from the caller")))
             }
-            (CallRole::Caller, _, FrameType::Data) => self.data(frame),
+            (CallRole::Caller, _, FrameType::Headers) => {
+                if !self.before_reply {
+                    return Err(self.violation("Headers frame after the reply started"));
+                }
+                self.before_reply = false;
+                Ok(Inbound::Headers(self.metadata(frame.payload)?))
+            }
+            (CallRole::Caller, _, FrameType::Trailers) => {
+                if self.trailers_seen {
+                    return Err(self.violation("a second Trailers frame"));
+                }
+                self.trailers_seen = true;
+                self.before_reply = false;
+                Ok(Inbound::Trailers(self.metadata(frame.payload)?))
+            }
+            (CallRole::Caller, _, FrameType::Data) => {
+                self.before_reply = false;
+                if self.trailers_seen && !frame.flags.contains(Flags::REMOTE_CLOSED) {
+                    return Err(self.violation("a message after the Trailers frame"));
+                }
+                self.data(frame)
+            }
             (CallRole::Caller, _, FrameType::Response) => {
                 self.phase = Phase::Done;
                 let response = Response::decode(frame.payload).map_err(|e| {
@@ -192,6 +227,12 @@ impl CallState {
             }
             (CallRole::Caller, _, _) => Err(self.violation("a Request frame from the callee")),
         }
+    }
+
+    fn metadata(&self, payload: Bytes) -> Result<Vec<KeyValue>, Status> {
+        Metadata::decode(payload)
+            .map(|m| m.entries)
+            .map_err(|e| self.violation(format!("undecodable metadata frame: {e}")))
     }
 
     fn open(&mut self, frame: Frame) -> Result<Inbound, Status> {

@@ -71,6 +71,14 @@ impl KeyValue {
     }
 }
 
+/// `brpc.v1.Metadata`: the data of a Headers or Trailers frame (brpc extension).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Metadata {
+    /// One entry per value, keys lower-case, as in `Request.metadata`.
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<KeyValue>,
+}
+
 /// `brpc.v1.HelloRequest`: the dialer's first call, `brpc.v1.Session/Hello`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct HelloRequest {

@@ -21,6 +21,13 @@ pub enum FrameType {
     Response,
     /// `0x03`: one streamed message, or a close marker.
     Data,
+    /// `0x04` (brpc extension): the callee's response headers, an encoded
+    /// [`Metadata`](super::Metadata), before any Data or Response. ttrpc peers
+    /// ignore it as an unknown type; brpc sends it only to brpc peers.
+    Headers,
+    /// `0x05` (brpc extension): the callee's response trailers, an encoded
+    /// [`Metadata`](super::Metadata), just before the final Data or Response.
+    Trailers,
     /// Any other value. ttrpc ignores these for forward compatibility.
     Unknown(u8),
 }
@@ -32,6 +39,8 @@ impl FrameType {
             FrameType::Request => 0x01,
             FrameType::Response => 0x02,
             FrameType::Data => 0x03,
+            FrameType::Headers => 0x04,
+            FrameType::Trailers => 0x05,
             FrameType::Unknown(b) => b,
         }
     }
@@ -42,6 +51,8 @@ impl FrameType {
             0x01 => FrameType::Request,
             0x02 => FrameType::Response,
             0x03 => FrameType::Data,
+            0x04 => FrameType::Headers,
+            0x05 => FrameType::Trailers,
             other => FrameType::Unknown(other),
         }
     }
@@ -325,6 +336,8 @@ mod tests {
             FrameType::Request,
             FrameType::Response,
             FrameType::Data,
+            FrameType::Headers,
+            FrameType::Trailers,
             FrameType::Unknown(0x09),
         ];
         for kind in kinds {

@@ -6,7 +6,7 @@ mod envelope;
 mod frame;
 
 pub use call::{CallRole, CallState, Inbound};
-pub use envelope::{HelloRequest, HelloResponse, KeyValue, Request, Response, Status};
+pub use envelope::{HelloRequest, HelloResponse, KeyValue, Metadata, Request, Response, Status};
 pub use frame::{
     DEFAULT_MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType,
     HEADER_LEN,
