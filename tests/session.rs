@@ -7,10 +7,9 @@ use std::time::Duration;
 
 use brpc::core::conn::codes;
 use brpc::core::session;
-use brpc::core::tls::{self, DevCertificate};
-use brpc::core::wire::{Flags, Frame, FrameDecoder, FrameType, HelloRequest, Request, Response};
+use brpc::core::tls::DevCertificate;
+use brpc::core::wire::Request;
 use brpc::{Client, ConnectError};
-use bytes::BytesMut;
 use prost::Message;
 use tonic::Code;
 
@@ -83,49 +82,11 @@ async fn a_wrong_pinned_certificate_fails_to_connect_clearly() {
     assert!(matches!(err, ConnectError::NoTrust), "{err}");
 }
 
-/// A raw QUIC connection to the server that speaks the wire by hand.
-async fn raw_connection(server: &brpc::Server) -> quinn::Connection {
-    let crypto = tls::client_crypto(tls::pinned_roots(server.certificate()).expect("roots"))
-        .expect("crypto");
-    let mut endpoint =
-        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
-    endpoint
-        .connect(server.local_addr(), "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake")
-}
-
-async fn raw_call(conn: &quinn::Connection, request: Request) -> Response {
-    let (mut send, mut recv) = conn.open_bi().await.expect("open");
-    let stream_id = brpc::core::wire::stream_id(send.id().index(), true);
-    let mut buf = BytesMut::new();
-    Frame::new(
-        stream_id,
-        FrameType::Request,
-        Flags::EMPTY,
-        request.encode_to_vec().into(),
-    )
-    .encode(&mut buf)
-    .expect("encode");
-    send.write_all(&buf).await.expect("write");
-    send.finish().expect("finish");
-    let bytes = recv.read_to_end(1 << 20).await.expect("read");
-    let frame = FrameDecoder::new(1 << 20)
-        .decode(&mut BytesMut::from(&bytes[..]))
-        .expect("frame")
-        .expect("whole frame");
-    assert_eq!(frame.kind, FrameType::Response);
-    assert_eq!(frame.stream_id, stream_id);
-    Response::decode(frame.payload).expect("response")
-}
-
 #[tokio::test]
 async fn a_call_before_hello_is_refused_and_the_connection_closed() {
     let server = common::server();
-    let conn = raw_connection(&server).await;
-    let response = raw_call(
+    let conn = common::raw_connection(&server).await;
+    let response = common::raw_call(
         &conn,
         Request {
             service: "test.echo.v1.Echo".into(),
@@ -159,20 +120,10 @@ async fn a_call_before_hello_is_refused_and_the_connection_closed() {
 #[tokio::test]
 async fn a_raw_hello_gets_an_id_and_the_peer_is_listed() {
     let server = common::server();
-    let conn = raw_connection(&server).await;
-    let hello = HelloRequest {
-        protocol_version: session::PROTOCOL_VERSION,
-        name: "raw".into(),
-        labels: vec![],
-    };
-    let response = raw_call(
+    let conn = common::raw_connection(&server).await;
+    let response = common::raw_call(
         &conn,
-        Request {
-            service: session::SERVICE.into(),
-            method: session::METHOD.into(),
-            payload: hello.encode_to_vec().into(),
-            ..Default::default()
-        },
+        common::hello_request(session::PROTOCOL_VERSION, "raw"),
     )
     .await;
     assert_eq!(response.status.expect("status").code, 0);
@@ -185,22 +136,8 @@ async fn a_raw_hello_gets_an_id_and_the_peer_is_listed() {
 #[tokio::test]
 async fn a_wrong_protocol_version_is_refused() {
     let server = common::server();
-    let conn = raw_connection(&server).await;
-    let hello = HelloRequest {
-        protocol_version: 99,
-        name: "future".into(),
-        labels: vec![],
-    };
-    let response = raw_call(
-        &conn,
-        Request {
-            service: session::SERVICE.into(),
-            method: session::METHOD.into(),
-            payload: hello.encode_to_vec().into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let conn = common::raw_connection(&server).await;
+    let response = common::raw_call(&conn, common::hello_request(99, "future")).await;
     let status = response.status.expect("status");
     assert_eq!(status.code, Code::FailedPrecondition as i32);
     assert!(status.message.contains("version 99"), "{}", status.message);
@@ -213,7 +150,7 @@ async fn a_client_that_never_says_hello_is_closed_after_the_limit() {
         .hello_timeout(Duration::from_millis(300))
         .bind("127.0.0.1:0")
         .expect("bind");
-    let conn = raw_connection(&server).await;
+    let conn = common::raw_connection(&server).await;
     let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
         .await
         .expect("closed in time");

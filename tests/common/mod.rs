@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use brpc::core::wire;
 use brpc::{Client, Server};
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
@@ -38,6 +39,11 @@ pub struct Probe {
     pub observed_timeout: Mutex<Option<String>>,
     /// Errors the Bidi handler's input reader saw.
     pub input_errors: Mutex<Vec<Code>>,
+    /// Bidi inputs that ended without an error (tonic reports a cancelled
+    /// input stream this way, as it does over HTTP/2).
+    pub inputs_ended: AtomicUsize,
+    /// Bidi outputs found closed by the handler (the caller went away).
+    pub outputs_closed: AtomicUsize,
     /// Bytes the Sink handler has read.
     pub sunk: AtomicUsize,
 }
@@ -175,20 +181,28 @@ impl Echo for EchoService {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some(item) = input.next().await {
-                match item {
-                    Ok(r) => {
-                        if tx.send(Ok(this.reply(r))).await.is_err() {
-                            // Output dropped; keep reading to see how the input ends.
+            let mut output_open = true;
+            loop {
+                tokio::select! {
+                    item = input.next() => match item {
+                        Some(Ok(r)) => {
+                            if output_open && tx.send(Ok(this.reply(r))).await.is_err() {
+                                output_open = false;
+                                this.probe.outputs_closed.fetch_add(1, Ordering::SeqCst);
+                            }
                         }
-                    }
-                    Err(status) => {
-                        this.probe
-                            .input_errors
-                            .lock()
-                            .expect("lock")
-                            .push(status.code());
-                        break;
+                        Some(Err(status)) => {
+                            this.probe.input_errors.lock().expect("lock").push(status.code());
+                            break;
+                        }
+                        None => {
+                            this.probe.inputs_ended.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                    },
+                    () = tx.closed(), if output_open => {
+                        output_open = false;
+                        this.probe.outputs_closed.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             }
@@ -264,4 +278,71 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut()
         assert!(start.elapsed() < limit, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A raw QUIC connection to `server` (TLS pinned), speaking no brpc yet.
+pub async fn raw_connection(server: &Server) -> quinn::Connection {
+    let roots = brpc::tls::pinned_roots(server.certificate()).expect("roots");
+    let crypto = brpc::tls::client_crypto(roots).expect("crypto");
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+    endpoint
+        .connect(server.local_addr(), "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake")
+}
+
+/// Sends one unary wire Request on a new stream and reads the whole answer.
+pub async fn raw_call(conn: &quinn::Connection, request: wire::Request) -> wire::Response {
+    use prost::Message;
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let stream_id = wire::stream_id(send.id().index(), true);
+    let mut buf = bytes::BytesMut::new();
+    wire::Frame::new(
+        stream_id,
+        wire::FrameType::Request,
+        wire::Flags::EMPTY,
+        request.encode_to_vec().into(),
+    )
+    .encode(&mut buf)
+    .expect("encode");
+    send.write_all(&buf).await.expect("write");
+    send.finish().expect("finish");
+    let bytes = recv.read_to_end(1 << 20).await.expect("read");
+    let frame = wire::FrameDecoder::new(1 << 20)
+        .decode(&mut bytes::BytesMut::from(&bytes[..]))
+        .expect("frame")
+        .expect("whole frame");
+    assert_eq!(frame.kind, wire::FrameType::Response);
+    assert_eq!(frame.stream_id, stream_id);
+    wire::Response::decode(frame.payload).expect("response")
+}
+
+/// A Hello request as the wire carries it.
+pub fn hello_request(version: u32, name: &str) -> wire::Request {
+    use prost::Message;
+    wire::Request {
+        service: brpc::core::session::SERVICE.into(),
+        method: brpc::core::session::METHOD.into(),
+        payload: wire::HelloRequest {
+            protocol_version: version,
+            name: name.into(),
+            labels: vec![],
+        }
+        .encode_to_vec()
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// A hand-driven client: raw connection plus a completed Hello.
+pub async fn raw_client(server: &Server, name: &str) -> (quinn::Connection, brpc::ConnectionId) {
+    use prost::Message;
+    let conn = raw_connection(server).await;
+    let response = raw_call(&conn, hello_request(1, name)).await;
+    assert_eq!(response.status.expect("status").code, 0);
+    let answer = wire::HelloResponse::decode(response.payload).expect("hello answer");
+    (conn, brpc::ConnectionId(answer.connection_id))
 }

@@ -1,0 +1,112 @@
+//! Deadlines both ways: a tonic timeout travels as `timeout_nano`, the handler
+//! sees it, the callee ends the call with DEADLINE_EXCEEDED and drops the
+//! handler; the caller gives up on its own even when the peer says nothing.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use brpc::core::metadata::parse_grpc_timeout;
+use common::echo::SleepRequest;
+use common::echo::echo_client::EchoClient;
+use common::{EchoService, eventually};
+use tonic::{Code, Request};
+
+fn sleep_request(millis: u64, timeout: Duration) -> Request<SleepRequest> {
+    let mut request = Request::new(SleepRequest { millis });
+    request.set_timeout(timeout);
+    request
+}
+
+async fn check_deadline(mut echo: EchoClient<brpc::Channel>, probe: &common::Probe) {
+    let started = tokio::time::Instant::now();
+    let err = echo
+        .sleep(sleep_request(30_000, Duration::from_millis(200)))
+        .await
+        .expect_err("handler sleeps past the deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "gave up far too late"
+    );
+
+    // The handler saw its own deadline, as tonic handlers do: grpc-timeout.
+    let seen = probe
+        .observed_timeout
+        .lock()
+        .expect("lock")
+        .clone()
+        .expect("handler saw grpc-timeout");
+    let seen =
+        parse_grpc_timeout(&http::HeaderValue::from_str(&seen).expect("value")).expect("parses");
+    assert!(
+        seen <= Duration::from_millis(200) && seen > Duration::ZERO,
+        "{seen:?}"
+    );
+    // And the callee dropped the handler when the deadline ran out.
+    eventually(Duration::from_secs(5), "handler dropped", || {
+        probe.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    // A call that fits its deadline succeeds on the same connection.
+    echo.sleep(sleep_request(1, Duration::from_secs(30)))
+        .await
+        .expect("within deadline");
+}
+
+#[tokio::test]
+async fn client_to_server_deadline() {
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = common::server_with(echo);
+    let client = common::client(&server, "agent").await;
+    check_deadline(EchoClient::new(client.channel()), &probe).await;
+}
+
+#[tokio::test]
+async fn server_to_client_deadline() {
+    let server = common::server();
+    let echo = EchoService::new("agent");
+    let probe = echo.probe.clone();
+    let client = common::client_builder(&server, "agent", echo)
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    check_deadline(peer.client(EchoClient::new), &probe).await;
+}
+
+/// A hand-written client that says Hello and then never answers anything.
+async fn silent_client(server: &brpc::Server) -> (quinn::Connection, brpc::ConnectionId) {
+    let (conn, id) = common::raw_client(server, "silent").await;
+    // Accept the server's calls and hold them open without a word.
+    let held = conn.clone();
+    tokio::spawn(async move {
+        let mut streams = Vec::new();
+        while let Ok(stream) = held.accept_bi().await {
+            streams.push(stream);
+        }
+    });
+    (conn, id)
+}
+
+#[tokio::test]
+async fn the_caller_gives_up_at_its_deadline_when_the_peer_is_silent() {
+    let server = common::server();
+    let (_conn, id) = silent_client(&server).await;
+    let peer = server.peers().get(id).expect("registered");
+    let started = tokio::time::Instant::now();
+    let err = peer
+        .client(EchoClient::new)
+        .sleep(sleep_request(0, Duration::from_millis(200)))
+        .await
+        .expect_err("silent peer");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(190));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
