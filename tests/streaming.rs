@@ -142,3 +142,68 @@ async fn bidi_interleaved_request_then_reply() {
     })
     .await;
 }
+
+/// A call whose receiver never reads fills only its own stream's window: 100
+/// unary calls made meanwhile on the same connection all complete, in each
+/// direction.
+#[tokio::test]
+async fn a_stalled_stream_does_not_block_other_calls() {
+    both_directions(|echo, _| async move {
+        let (tx, rx) = tokio::sync::mpsc::channel::<EchoRequest>(1);
+        let mut stalled = echo.clone();
+        let stalled_call = tokio::spawn(async move {
+            stalled
+                .sink(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        tx.send(EchoRequest {
+            text: "stall".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+        // Keep writing 64 KiB messages until flow control holds the writer
+        // back (sends stop completing), i.e. the stream is stuck.
+        let filler = tokio::spawn(async move {
+            let mut sent = 0usize;
+            loop {
+                let message = EchoRequest {
+                    blob: vec![1; 64 * 1024],
+                    ..Default::default()
+                };
+                match tokio::time::timeout(std::time::Duration::from_millis(500), tx.send(message))
+                    .await
+                {
+                    Ok(Ok(())) => sent += 1,
+                    Ok(Err(_)) => panic!("stalled call ended"),
+                    Err(_) => return (sent, tx),
+                }
+            }
+        });
+        let (sent, _tx) = filler.await.expect("filler");
+        assert!(sent > 0);
+
+        let calls: Vec<_> = (0..100u64)
+            .map(|seq| {
+                let mut echo = echo.clone();
+                tokio::spawn(async move {
+                    echo.unary(EchoRequest {
+                        seq,
+                        ..Default::default()
+                    })
+                    .await
+                })
+            })
+            .collect();
+        for (seq, call) in calls.into_iter().enumerate() {
+            let reply = tokio::time::timeout(std::time::Duration::from_secs(30), call)
+                .await
+                .expect("not blocked by the stalled stream")
+                .expect("join")
+                .expect("call");
+            assert_eq!(reply.into_inner().seq, seq as u64);
+        }
+        stalled_call.abort();
+    })
+    .await;
+}

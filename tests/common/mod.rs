@@ -108,9 +108,14 @@ impl Drop for InFlight {
 #[tonic::async_trait]
 impl Echo for EchoService {
     /// Echoes the message; the request's `x-` metadata comes back as headers.
+    /// A text of "grow:N" answers with an N-byte blob instead.
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         let headers = x_metadata(request.metadata());
-        let mut response = Response::new(self.reply(request.into_inner()));
+        let mut reply = self.reply(request.into_inner());
+        if let Some(n) = reply.text.strip_prefix("grow:") {
+            reply.blob = vec![7; n.parse().map_err(|_| Status::invalid_argument("grow:N"))?];
+        }
+        let mut response = Response::new(reply);
         *response.metadata_mut() = headers;
         Ok(response)
     }

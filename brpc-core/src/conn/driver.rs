@@ -12,6 +12,7 @@ use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
 use prost::Message;
 use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::Status;
@@ -102,31 +103,44 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStr
         }
     };
     let timeout = metadata::from_timeout_nano(request.timeout_nano);
+    // A bad request message (oversized, out of sequence) ends the call with
+    // its status whatever the handler makes of the error it sees.
+    let (fail, failed) = oneshot::channel();
     let input = if streaming {
         Input::Stream(StreamInput {
             reader,
             call,
             first: first_message,
             failed: false,
+            fail: Some(fail),
         })
     } else {
         Input::Single(first_message.unwrap_or_default())
     };
-    let handled = handle(peer, router, out, request, input);
-    match timeout {
-        None => handled.await,
-        Some(t) => {
-            if tokio::time::timeout_at(Instant::now() + t, handled)
-                .await
-                .is_err()
-            {
-                let status = Status::deadline_exceeded(format!(
-                    "deadline exceeded: the call's {} ms ran out in the handler",
-                    t.as_millis()
-                ));
-                out.status(status).await;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let outcome = {
+        let handled = handle(peer, router, out, request, input);
+        let guarded = async {
+            tokio::select! {
+                biased;
+                Ok(status) = failed => Some(status),
+                () = handled => None,
             }
+        };
+        match deadline {
+            None => guarded.await,
+            Some(at) => tokio::time::timeout_at(at, guarded)
+                .await
+                .unwrap_or_else(|_| {
+                    Some(Status::deadline_exceeded(format!(
+                        "deadline exceeded: the call's {} ms ran out in the handler",
+                        timeout.unwrap_or_default().as_millis()
+                    )))
+                }),
         }
+    };
+    if let Some(status) = outcome {
+        out.status(status).await;
     }
 }
 
@@ -141,11 +155,18 @@ struct StreamInput {
     call: CallState,
     first: Option<Bytes>,
     failed: bool,
+    fail: Option<oneshot::Sender<Status>>,
 }
 
 type BodyItem = Result<BodyFrame<Bytes>, Status>;
 
 impl StreamInput {
+    fn end_call(&mut self, status: &Status) {
+        if let Some(fail) = self.fail.take() {
+            let _ = fail.send(status.clone());
+        }
+    }
+
     async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
         if let Some(m) = self.first.take() {
             return Some((Ok(BodyFrame::data(frame_message(&m))), self));
@@ -159,11 +180,13 @@ impl StreamInput {
                 // A QUIC FIN without the close frame still ends the input.
                 Ok(None) => return None,
                 Err(e) => {
+                    self.failed = true;
+                    let status = e.to_status();
                     if let ReadError::TooLarge(_) = e {
                         self.reader.stop(codes::STREAM_TOO_LARGE);
+                        self.end_call(&status);
                     }
-                    self.failed = true;
-                    return Some((Err(e.to_status()), self));
+                    return Some((Err(status), self));
                 }
             };
             match self.call.recv(frame) {
@@ -174,6 +197,7 @@ impl StreamInput {
                 Ok(_) => continue,
                 Err(status) => {
                     self.reader.stop(codes::STREAM_PROTOCOL_ERROR);
+                    self.end_call(&status);
                     return Some((Err(status), self));
                 }
             }

@@ -1,0 +1,158 @@
+//! Middleware: tower layers on the calls each side serves (a custom auth layer,
+//! tower's ConcurrencyLimit) and tonic interceptors on outgoing clients.
+
+mod common;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use common::EchoService;
+use common::echo::echo_client::EchoClient;
+use common::echo::{EchoRequest, SleepRequest};
+use tonic::body::Body;
+use tonic::service::Interceptor;
+use tonic::{Code, Request, Status};
+use tower::limit::ConcurrencyLimitLayer;
+use tower::{Layer, Service};
+
+const TOKEN: &str = "Bearer let-me-in";
+
+/// Rejects calls whose `authorization` metadata is not [`TOKEN`].
+#[derive(Clone)]
+struct AuthLayer;
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth(inner)
+    }
+}
+
+#[derive(Clone)]
+struct Auth<S>(S);
+
+impl<S> Service<http::Request<Body>> for Auth<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some(TOKEN)
+        {
+            let clone = self.0.clone();
+            let mut inner = std::mem::replace(&mut self.0, clone);
+            Box::pin(async move { inner.call(request).await })
+        } else {
+            Box::pin(async { Ok(Status::unauthenticated("missing or wrong token").into_http()) })
+        }
+    }
+}
+
+fn with_token(mut request: Request<()>) -> Result<Request<()>, Status> {
+    request.metadata_mut().insert(
+        "authorization",
+        TOKEN.parse().map_err(|_| Status::internal("token"))?,
+    );
+    Ok(request)
+}
+
+async fn check_auth<F: Interceptor>(channel: brpc::Channel, interceptor: F) {
+    let err = EchoClient::new(channel.clone())
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(err.message(), "missing or wrong token");
+    let reply = EchoClient::with_interceptor(channel, interceptor)
+        .unary(EchoRequest {
+            seq: 5,
+            ..Default::default()
+        })
+        .await
+        .expect("token accepted");
+    assert_eq!(reply.into_inner().seq, 5);
+}
+
+#[tokio::test]
+async fn an_auth_layer_guards_each_side() {
+    let server = brpc::Server::builder()
+        .layer(AuthLayer)
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+        .layer(AuthLayer)
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    check_auth(client.channel(), with_token).await;
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    check_auth(peer.channel(), with_token).await;
+}
+
+async fn check_concurrency_limit(channel: brpc::Channel, probe: &common::Probe) {
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let mut echo = EchoClient::new(channel.clone());
+            tokio::spawn(async move { echo.sleep(SleepRequest { millis: 300 }).await })
+        })
+        .collect();
+    for call in calls {
+        call.await
+            .expect("join")
+            .expect("call succeeds, just later");
+    }
+    assert_eq!(
+        probe.max_in_flight.load(Ordering::SeqCst),
+        2,
+        "at most 2 handlers ran at once"
+    );
+    assert_eq!(probe.dropped.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_concurrency_limit_bounds_handlers_on_each_side() {
+    let server_echo = EchoService::new("server");
+    let server_probe = server_echo.probe.clone();
+    let server = brpc::Server::builder()
+        .layer(ConcurrencyLimitLayer::new(2))
+        .add_service(common::echo::echo_server::EchoServer::new(server_echo))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client_echo = EchoService::new("agent");
+    let client_probe = client_echo.probe.clone();
+    let client = common::client_builder(&server, "agent", client_echo)
+        .layer(ConcurrencyLimitLayer::new(2))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    check_concurrency_limit(client.channel(), &server_probe).await;
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    check_concurrency_limit(peer.channel(), &client_probe).await;
+}

@@ -1,0 +1,137 @@
+//! Oversized messages: whichever side refuses (the sender before sending, or
+//! the receiver from the frame header), the call ends with RESOURCE_EXHAUSTED
+//! and the connection and its other calls live on.
+
+mod common;
+
+use common::EchoService;
+use common::echo::EchoRequest;
+use common::echo::echo_client::EchoClient;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const MIB: usize = 1 << 20;
+
+fn blob(len: usize) -> EchoRequest {
+    EchoRequest {
+        text: "big".into(),
+        blob: vec![0xab; len],
+        seq: 1,
+    }
+}
+
+fn unlimited(client: EchoClient<brpc::Channel>) -> EchoClient<brpc::Channel> {
+    // Take tonic's own 4 MiB decode limit out of the way: brpc's is under test.
+    client
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+async fn still_works(echo: &mut EchoClient<brpc::Channel>) {
+    let reply = echo
+        .unary(EchoRequest {
+            seq: 9,
+            ..Default::default()
+        })
+        .await
+        .expect("normal call");
+    assert_eq!(reply.into_inner().seq, 9);
+}
+
+async fn expect_exhausted<T: std::fmt::Debug>(result: Result<T, tonic::Status>) {
+    let err = result.expect_err("oversized");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("maximum message size"),
+        "{}",
+        err.message()
+    );
+}
+
+/// A server and a client with these brpc limits; tonic's own limits are lifted.
+async fn setup(server_max: usize, client_max: usize) -> (brpc::Server, brpc::Client) {
+    let server = brpc::Server::builder()
+        .max_message_size(server_max)
+        .add_service(
+            common::echo::echo_server::EchoServer::new(EchoService::new("server"))
+                .max_decoding_message_size(usize::MAX),
+        )
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+        .max_message_size(client_max)
+        .add_service(
+            common::echo::echo_server::EchoServer::new(EchoService::new("agent"))
+                .max_decoding_message_size(usize::MAX),
+        )
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    (server, client)
+}
+
+#[tokio::test]
+async fn the_sender_refuses_to_send_an_oversized_request() {
+    let (server, client) = setup(4 * MIB, 4 * MIB).await;
+    let mut echo = unlimited(EchoClient::new(client.channel()));
+    expect_exhausted(echo.unary(blob(5 * MIB)).await).await;
+    still_works(&mut echo).await;
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    let mut back = unlimited(peer.client(EchoClient::new));
+    expect_exhausted(back.unary(blob(5 * MIB)).await).await;
+    still_works(&mut back).await;
+}
+
+#[tokio::test]
+async fn the_server_refuses_an_oversized_request_from_the_header() {
+    let (_server, client) = setup(4 * MIB, 8 * MIB).await;
+    let mut echo = unlimited(EchoClient::new(client.channel()));
+    expect_exhausted(echo.unary(blob(5 * MIB)).await).await;
+    still_works(&mut echo).await;
+    // A streamed oversized message ends only its own call.
+    let messages = tokio_stream::iter(vec![blob(10), blob(5 * MIB), blob(10)]);
+    let result = async {
+        let mut replies = echo.bidi(messages).await?.into_inner();
+        while let Some(reply) = replies.next().await {
+            reply?;
+        }
+        Ok::<(), tonic::Status>(())
+    }
+    .await;
+    expect_exhausted(result).await;
+    still_works(&mut echo).await;
+}
+
+#[tokio::test]
+async fn the_client_refuses_an_oversized_request_from_the_server() {
+    let (server, client) = setup(8 * MIB, 4 * MIB).await;
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    let mut back = unlimited(peer.client(EchoClient::new));
+    expect_exhausted(back.unary(blob(5 * MIB)).await).await;
+    still_works(&mut back).await;
+}
+
+#[tokio::test]
+async fn oversized_responses_end_the_call_on_either_end() {
+    // The receiving caller refuses: server may send 8 MiB, client takes 4.
+    let (_server, client) = setup(8 * MIB, 4 * MIB).await;
+    let mut echo = unlimited(EchoClient::new(client.channel()));
+    let grow = EchoRequest {
+        text: format!("grow:{}", 5 * MIB),
+        ..Default::default()
+    };
+    expect_exhausted(echo.unary(grow.clone()).await).await;
+    still_works(&mut echo).await;
+
+    // The sending callee refuses: server may send only 4 MiB.
+    let (_server, client) = setup(4 * MIB, 8 * MIB).await;
+    let mut echo = unlimited(EchoClient::new(client.channel()));
+    expect_exhausted(echo.unary(grow).await).await;
+    still_works(&mut echo).await;
+}
