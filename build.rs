@@ -2,7 +2,11 @@
 //! tonic-prost-build's `compile_fds`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/greeter.proto", "proto/echo.proto"];
+    let protos = [
+        "proto/greeter.proto",
+        "proto/echo.proto",
+        "proto/control.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -6,19 +6,23 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `target/<profile>/examples/greeter`, which `cargo test` builds.
-fn greeter_binary() -> PathBuf {
+/// `target/<profile>/examples/<name>`, which `cargo test` builds.
+fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
     let path = dir
         .join("examples")
-        .join(format!("greeter{}", std::env::consts::EXE_SUFFIX));
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         path.exists(),
         "{} not built; run through cargo test",
         path.display()
     );
     path
+}
+
+fn greeter_binary() -> PathBuf {
+    example_binary("greeter")
 }
 
 fn free_udp_port() -> u16 {
@@ -115,4 +119,21 @@ fn greeter_as_two_processes() {
     assert!(out.contains("reply: Hello, Linus"), "{out}");
     drop(server);
     let _ = std::fs::remove_file(&cert);
+}
+
+#[test]
+fn streaming_example_streams_both_ways() {
+    let child = Command::new(example_binary("streaming"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (ok, out) = output_within(child, Duration::from_secs(60));
+    assert!(ok, "streaming example failed:\n{out}");
+    assert!(out.contains("[agent] command #2: report-load"), "{out}");
+    assert!(out.contains("log: agent log line 3"), "{out}");
+    assert!(
+        out.contains("server summary: 4 samples, mean cpu 0.62"),
+        "{out}"
+    );
 }
