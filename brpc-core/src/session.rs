@@ -9,7 +9,7 @@ use prost::Message;
 use quinn::{Connection, SendStream};
 use tonic::Status;
 
-use crate::conn::{ConnectionId, FrameReader, write_frame};
+use crate::conn::{ConnectionId, FrameReader, Peer, Side, write_frame};
 use crate::wire::{
     self, CallState, Flags, FrameType, HelloRequest, HelloResponse, Inbound, Request, Response,
 };
@@ -18,6 +18,8 @@ use crate::wire::{
 pub const SERVICE: &str = "brpc.v1.Session";
 /// Method name of the handshake call.
 pub const METHOD: &str = "Hello";
+/// Method name of the going-away notice either side may send.
+pub const METHOD_GOAWAY: &str = "GoAway";
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Default largest Hello frame a server accepts.
@@ -74,6 +76,78 @@ pub async fn send_hello(
             _ => return Err(Status::internal("server answered Hello with a stream")),
         }
     }
+}
+
+/// Tells the peer this side is going away: it should open no new calls on
+/// this connection (they would fail with `UNAVAILABLE`) and, if it is a
+/// client, reconnect after its backoff. Calls in flight continue.
+///
+/// # Errors
+/// `UNAVAILABLE` if the connection is gone, or the peer's answer.
+pub async fn send_goaway(peer: &Peer, reason: &str) -> Result<(), Status> {
+    let lost = |e: &dyn std::fmt::Display| Status::unavailable(format!("cannot send GoAway: {e}"));
+    let connection = peer.quic_connection();
+    let (mut send, recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+    let stream_id = wire::stream_id(send.id().index(), peer.side() == Side::Dialer);
+    let request = Request {
+        service: SERVICE.into(),
+        method: METHOD_GOAWAY.into(),
+        payload: GoAway {
+            reason: reason.into(),
+        }
+        .encode_to_vec()
+        .into(),
+        ..Default::default()
+    };
+    write_frame(
+        &mut send,
+        stream_id,
+        FrameType::Request,
+        Flags::EMPTY,
+        request.encode_to_vec().into(),
+    )
+    .await
+    .map_err(|e| lost(&e))?;
+    let _ = send.finish();
+    let mut reader = FrameReader::new(recv, peer.max_message_size());
+    let mut call = CallState::caller(stream_id);
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(Status::internal("peer ended GoAway without an answer")),
+            Err(e) => return Err(e.to_status()),
+        };
+        match call.recv(frame)? {
+            Inbound::Finished { status, .. } if status.code() == tonic::Code::Ok => return Ok(()),
+            Inbound::Finished { status, .. } => return Err(status),
+            _ => continue,
+        }
+    }
+}
+
+/// The answer to a call on the built-in session service after Hello: GoAway
+/// marks the peer as going away; anything else is `UNIMPLEMENTED`.
+pub(crate) fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> Status {
+    match method {
+        METHOD_GOAWAY => {
+            let reason = GoAway::decode(payload)
+                .map(|g| g.reason)
+                .unwrap_or_default();
+            tracing::debug!(peer = %peer.connection_id(), %reason, "peer is going away");
+            peer.mark_going_away();
+            Status::ok("")
+        }
+        METHOD => Status::failed_precondition("Hello was already exchanged on this connection"),
+        other => Status::unimplemented(format!("method {other}")),
+    }
+}
+
+/// `brpc.v1.GoAway`: the payload of `brpc.v1.Session/GoAway`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GoAway {
+    /// Why the sender is going away, for logs.
+    #[prost(string, tag = "1")]
+    pub reason: String,
 }
 
 /// Acceptor: a received Hello waiting for its answer.

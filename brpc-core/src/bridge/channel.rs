@@ -18,13 +18,14 @@ use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
 use prost::Message;
 use quinn::{SendStream, VarInt};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
+use tracing::Instrument;
 
 use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
-use crate::conn::{FrameReader, Peer, Side, codes, write_frame};
+use crate::conn::{CallRecord, FrameReader, Peer, Side, codes, write_frame};
 use crate::metadata;
 use crate::wire::{self, CallState, Flags, FrameType, Inbound, KeyValue, Request};
 
@@ -38,17 +39,82 @@ use crate::wire::{self, CallState, Flags, FrameType, Inbound, KeyValue, Request}
 /// remote handler returned.
 #[derive(Clone, Debug)]
 pub struct Channel {
-    peer: Peer,
+    target: Target,
+    wait_for_ready: bool,
+}
+
+#[derive(Clone, Debug)]
+enum Target {
+    /// Always this connection.
+    Peer(Peer),
+    /// Whatever connection is current (a reconnecting client's).
+    Current(watch::Receiver<Option<Peer>>),
 }
 
 impl Channel {
     pub(crate) fn new(peer: Peer) -> Self {
-        Channel { peer }
+        Channel {
+            target: Target::Peer(peer),
+            wait_for_ready: false,
+        }
     }
 
-    /// The peer this channel calls.
-    pub fn peer(&self) -> &Peer {
-        &self.peer
+    /// A channel that calls whichever peer `current` holds at the time of
+    /// each call (`None` while disconnected). brpc-client uses it so one
+    /// channel survives reconnects.
+    pub fn follow(current: watch::Receiver<Option<Peer>>) -> Self {
+        Channel {
+            target: Target::Current(current),
+            wait_for_ready: false,
+        }
+    }
+
+    /// With `true`, a call made while there is no usable connection waits for
+    /// one (up to the call's deadline, if it has one) instead of failing at
+    /// once with `UNAVAILABLE`, like gRPC's wait-for-ready.
+    pub fn wait_for_ready(mut self, wait: bool) -> Self {
+        self.wait_for_ready = wait;
+        self
+    }
+
+    /// The peer a call made now would go to, if any.
+    pub fn peer(&self) -> Option<Peer> {
+        match &self.target {
+            Target::Peer(peer) => Some(peer.clone()),
+            Target::Current(current) => current.borrow().clone(),
+        }
+    }
+
+    /// The peer to call, waiting for one if asked to.
+    async fn resolve(&self, deadline: Option<Instant>) -> Result<Peer, Status> {
+        let mut current = match &self.target {
+            Target::Peer(peer) if peer.is_going_away() => {
+                return Err(Status::unavailable(
+                    "the peer is going away (it sent GoAway); reconnect and retry",
+                ));
+            }
+            Target::Peer(peer) => return Ok(peer.clone()),
+            Target::Current(current) => current.clone(),
+        };
+        loop {
+            if let Some(peer) = current.borrow_and_update().clone()
+                && peer.is_usable()
+            {
+                return Ok(peer);
+            }
+            if !self.wait_for_ready {
+                return Err(Status::unavailable(
+                    "not connected to the server (reconnecting); retry, or use wait_for_ready",
+                ));
+            }
+            let changed = async {
+                current
+                    .changed()
+                    .await
+                    .map_err(|_| Status::unavailable("the client was closed"))
+            };
+            with_deadline(deadline, changed).await?;
+        }
     }
 }
 
@@ -62,9 +128,9 @@ impl tower_service::Service<http::Request<Body>> for Channel {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let peer = self.peer.clone();
+        let channel = self.clone();
         Box::pin(async move {
-            Ok(match start_call(peer, request).await {
+            Ok(match start_call(channel, request).await {
                 Ok(response) => response,
                 Err(status) => status.into_http(),
             })
@@ -121,7 +187,7 @@ fn split_path(path: &str) -> Option<(&str, &str)> {
 }
 
 async fn start_call(
-    peer: Peer,
+    channel: Channel,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, Status> {
     let (parts, body) = request.into_parts();
@@ -136,6 +202,35 @@ async fn start_call(
         .get("grpc-timeout")
         .and_then(metadata::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
+    let peer = channel.resolve(deadline).await?;
+    let record = CallRecord::new(&peer, false);
+    record.named(service, method);
+    let span = record.span().clone();
+    let mut record = Some(record);
+    let result = open_call(peer, &parts, body, service, method, deadline, &mut record)
+        .instrument(span)
+        .await;
+    match result {
+        Ok(response) => Ok(response),
+        Err(status) => {
+            if let Some(record) = record.as_mut() {
+                record.finish(status.code());
+            }
+            Err(status)
+        }
+    }
+}
+
+async fn open_call(
+    peer: Peer,
+    parts: &http::request::Parts,
+    body: Body,
+    service: &str,
+    method: &str,
+    deadline: Option<Instant>,
+    record: &mut Option<CallRecord>,
+) -> Result<http::Response<Body>, Status> {
+    let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
     let max = peer.max_message_size();
     let mut envelope = Request {
         service: service.to_owned(),
@@ -207,6 +302,7 @@ async fn start_call(
     };
 
     let mut state = ResponseState {
+        record: record.take(),
         reader: FrameReader::new(recv, max),
         call: CallState::caller(stream_id),
         deadline,
@@ -358,6 +454,9 @@ struct Pump {
 /// it before the call ended cancels the call (STOP_SENDING, and a reset of the
 /// request stream through the pump).
 struct ResponseState {
+    /// Outcome and in-flight count of the call (always set; an Option only so
+    /// the call can give it back on early errors).
+    record: Option<CallRecord>,
     reader: FrameReader,
     call: CallState,
     deadline: Option<Instant>,
@@ -469,6 +568,9 @@ impl ResponseState {
     /// Marks the call over and gives its final status, carrying the trailers.
     fn finish(&mut self, status: Status) -> Status {
         self.done = true;
+        if let Some(record) = self.record.as_mut() {
+            record.finish(status.code());
+        }
         let trailers = std::mem::take(&mut self.trailers);
         if trailers.is_empty() {
             return status;

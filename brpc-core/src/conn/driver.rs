@@ -17,12 +17,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
+use tracing::Instrument;
 
 use super::io::{FrameReader, ReadError, write_frame};
-use super::{Peer, codes};
+use super::{CallRecord, Peer, codes};
 use crate::bridge::Router;
 use crate::bridge::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
 use crate::metadata;
+use crate::session;
 use crate::wire::{
     self, CallState, Flags, FrameType, Inbound, KeyValue, Metadata, Request, Response,
 };
@@ -49,15 +51,18 @@ async fn serve_call(peer: Peer, router: Router, send: SendStream, recv: RecvStre
     let id = recv.id();
     let stream_id = wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
     let stopped = send.stopped();
+    let record = CallRecord::new(&peer, true);
+    let span = record.span().clone();
     let mut out = Responder {
         send,
         stream_id,
         max: peer.max_message_size(),
         writing: false,
+        record,
     };
     let answered = tokio::select! {
         biased;
-        () = answer(&peer, &router, &mut out, recv) => true,
+        () = answer(&peer, &router, &mut out, recv).instrument(span) => true,
         // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
         _ = stopped => false,
     };
@@ -102,6 +107,21 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStr
             }
         }
     };
+    out.record.named(&request.service, &request.method);
+    if request.service == session::SERVICE {
+        let status =
+            session::handle_session_call(peer, &request.method, first_message.unwrap_or_default());
+        out.response(status, Bytes::new()).await;
+        return;
+    }
+    if peer.is_draining() {
+        reader.stop(codes::STREAM_CANCELLED);
+        out.status(Status::unavailable(
+            "this side is shutting down and takes no new calls; reconnect and retry",
+        ))
+        .await;
+        return;
+    }
     let timeout = metadata::from_timeout_nano(request.timeout_nano);
     // A bad request message (oversized, out of sequence) ends the call with
     // its status whatever the handler makes of the error it sees.
@@ -352,6 +372,7 @@ struct Responder {
     /// A frame write was started and not finished: if the write is abandoned
     /// (deadline), the stream holds a partial frame and can only be reset.
     writing: bool,
+    record: CallRecord,
 }
 
 impl Responder {
@@ -405,6 +426,7 @@ impl Responder {
 
     /// Ends an OK stream: Data remote-closed, no data.
     async fn close_stream(&mut self) {
+        self.record.finish(tonic::Code::Ok);
         let flags = Flags::REMOTE_CLOSED | Flags::NO_DATA;
         if self
             .frame(FrameType::Data, flags, Bytes::new())
@@ -422,6 +444,7 @@ impl Responder {
 
     /// Ends the call with a Response frame.
     async fn response(&mut self, status: Status, payload: Bytes) {
+        self.record.finish(status.code());
         if self.writing {
             self.reset(codes::STREAM_CANCELLED);
             return;
@@ -453,6 +476,7 @@ impl Responder {
     }
 
     fn reset(&mut self, code: u32) {
+        self.record.finish(tonic::Code::Cancelled);
         let _ = self.send.reset(VarInt::from_u32(code));
     }
 }

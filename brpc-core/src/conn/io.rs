@@ -90,7 +90,10 @@ impl FrameReader {
             // its bytes in QUIC's flow-controlled buffers, not ours.
             let wanted = self.decoder.wanted(&self.buf);
             match self.recv.read_chunk(wanted, true).await? {
-                Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                Some(chunk) => {
+                    super::observe::bytes_received(chunk.bytes.len());
+                    self.buf.extend_from_slice(&chunk.bytes);
+                }
                 None => self.finished = true,
             }
         }
@@ -112,6 +115,7 @@ pub(crate) async fn write_frame(
     flags: Flags,
     payload: Bytes,
 ) -> Result<(), quinn::WriteError> {
+    super::observe::bytes_sent(super::super::wire::HEADER_LEN + payload.len());
     let header = FrameHeader {
         length: payload.len() as u32,
         stream_id,

@@ -5,10 +5,13 @@
 
 mod driver;
 mod io;
+mod observe;
 mod peer;
 mod transport;
 
 pub use driver::serve;
+pub(crate) use observe::CallRecord;
+pub use observe::code_name;
 pub use peer::{ConnectionId, Labels, Peer, PeerInfo};
 pub use transport::{TransportOptions, transport_config};
 

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
+use tokio::sync::watch;
 use tonic::Status;
 
 use super::Side;
@@ -46,6 +48,37 @@ struct Shared {
     side: Side,
     info: PeerInfo,
     max_message_size: usize,
+    /// Calls this side is serving for the peer right now.
+    served: AtomicUsize,
+    /// Calls this side has open to the peer right now.
+    outgoing: AtomicUsize,
+    /// This side is shutting down: new calls from the peer are refused.
+    draining: watch::Sender<bool>,
+    /// The peer said GoAway: open no new calls to it.
+    going_away: watch::Sender<bool>,
+}
+
+/// Counts one call in flight for as long as it lives.
+pub(crate) struct InFlight {
+    peer: Peer,
+    served: bool,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let counter = if self.served {
+            &self.peer.shared.served
+        } else {
+            &self.peer.shared.outgoing
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("brpc_calls_in_flight", "direction" => direction(self.served))
+            .decrement(1.0);
+    }
+}
+
+pub(crate) fn direction(served: bool) -> &'static str {
+    if served { "inbound" } else { "outbound" }
 }
 
 /// The other end of one brpc connection. Cheap to clone.
@@ -83,6 +116,10 @@ impl Peer {
                 side,
                 info,
                 max_message_size,
+                served: AtomicUsize::new(0),
+                outgoing: AtomicUsize::new(0),
+                draining: watch::Sender::new(false),
+                going_away: watch::Sender::new(false),
             }),
         }
     }
@@ -167,6 +204,62 @@ impl Peer {
     /// Waits until the connection closes and says why.
     pub async fn closed(&self) -> quinn::ConnectionError {
         self.shared.connection.closed().await
+    }
+
+    /// Calls in flight on this connection, both directions.
+    pub fn calls_in_flight(&self) -> usize {
+        self.served_calls_in_flight() + self.shared.outgoing.load(Ordering::Relaxed)
+    }
+
+    /// Calls this side is serving for the peer right now.
+    pub fn served_calls_in_flight(&self) -> usize {
+        self.shared.served.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn enter_call(&self, served: bool) -> InFlight {
+        let counter = if served {
+            &self.shared.served
+        } else {
+            &self.shared.outgoing
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("brpc_calls_in_flight", "direction" => direction(served)).increment(1.0);
+        InFlight {
+            peer: self.clone(),
+            served,
+        }
+    }
+
+    /// Stops serving new calls from the peer: they get `UNAVAILABLE`. Calls
+    /// already running continue. Used by graceful shutdown.
+    pub fn start_draining(&self) {
+        self.shared.draining.send_replace(true);
+    }
+
+    /// Whether this side refuses new calls from the peer.
+    pub fn is_draining(&self) -> bool {
+        *self.shared.draining.borrow()
+    }
+
+    /// Whether the peer announced it is going away (GoAway): new calls to it
+    /// fail with `UNAVAILABLE`; calls in flight continue.
+    pub fn is_going_away(&self) -> bool {
+        *self.shared.going_away.borrow()
+    }
+
+    /// Waits until the peer announces it is going away.
+    pub async fn going_away(&self) {
+        let mut rx = self.shared.going_away.subscribe();
+        let _ = rx.wait_for(|gone| *gone).await;
+    }
+
+    pub(crate) fn mark_going_away(&self) {
+        self.shared.going_away.send_replace(true);
+    }
+
+    /// Whether new calls can be opened to the peer.
+    pub fn is_usable(&self) -> bool {
+        !self.is_closed() && !self.is_going_away()
     }
 
     /// Closes the connection now with an application `code` and `reason`
