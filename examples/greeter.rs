@@ -152,7 +152,7 @@ async fn run_client(
         .await?
         .into_inner();
     println!("[client] reply: {}", reply.message);
-    client.shutdown().await;
+    client.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(reply.message)
 }
 

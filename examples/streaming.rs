@@ -134,6 +134,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if summary.count != 4 {
         return Err("server did not receive every sample".into());
     }
-    agent.shutdown().await;
+    agent.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(())
 }

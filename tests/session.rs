@@ -36,7 +36,10 @@ async fn two_clients_get_different_ids_that_both_sides_agree_on() {
         server.peers().get(a.connection_id()).expect("a").name(),
         "a"
     );
-    assert_eq!(a.peer().connection_id(), a.connection_id());
+    assert_eq!(
+        a.peer().expect("connected").connection_id(),
+        a.connection_id()
+    );
     assert_eq!(server.peers().select_label("role", "test").len(), 2);
     assert_eq!(server.peers().select_label("role", "other").len(), 0);
 }
@@ -47,7 +50,7 @@ async fn registry_drops_a_client_that_disconnects() {
     let a = common::client(&server, "a").await;
     let b = common::client(&server, "b").await;
     let (a_id, b_id) = (a.connection_id(), b.connection_id());
-    a.shutdown().await;
+    a.shutdown(Duration::from_secs(5)).await;
     drop(a);
     common::eventually(Duration::from_secs(10), "a unlisted", || {
         server.peers().get(a_id).is_none()

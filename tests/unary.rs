@@ -262,7 +262,7 @@ async fn calls_after_the_peer_left_fail_with_unavailable() {
         .peers()
         .get(client.connection_id())
         .expect("registered");
-    client.shutdown().await;
+    client.shutdown(std::time::Duration::from_secs(5)).await;
     let err = tokio::time::timeout(
         Duration::from_secs(10),
         peer.client(EchoClient::new).unary(EchoRequest::default()),

@@ -2,8 +2,12 @@
 //! services on the connection it dialed.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
 
 use brpc_core::bridge::BoxedService;
 use brpc_core::conn::codes;
@@ -14,10 +18,12 @@ use brpc_core::{Channel, ConnectionId, Labels, Peer, PeerInfo, Router, Side, Tra
 use quinn::{Endpoint, VarInt};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
+use tokio::sync::watch;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tower_service::Service;
+use tracing::Instrument;
 
 /// Why [`Builder::connect`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +73,31 @@ impl ConnectError {
     }
 }
 
+/// Where a client's connection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientState {
+    /// Connected; Hello done.
+    Connected {
+        /// The id the server assigned to this connection.
+        connection_id: ConnectionId,
+    },
+    /// The connection dropped (or the server is going away); reconnecting with
+    /// backoff. Calls fail with `UNAVAILABLE` meanwhile (or wait, with
+    /// `Channel::wait_for_ready`).
+    Reconnecting {
+        /// Connection attempts made since the drop.
+        attempt: u32,
+        /// Why the connection ended, or why the last attempt failed.
+        last_error: String,
+    },
+    /// Closed for good: by [`Client::close`], by the server refusing this
+    /// client, or with reconnect disabled.
+    Closed {
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Configures and dials a [`Client`].
 pub struct Builder {
     router: Router,
@@ -77,6 +108,9 @@ pub struct Builder {
     connect_timeout: Duration,
     max_message_size: usize,
     transport: TransportOptions,
+    reconnect: bool,
+    backoff_min: Duration,
+    backoff_max: Duration,
 }
 
 impl Default for Builder {
@@ -93,6 +127,9 @@ impl Default for Builder {
                 keep_alive_interval: Some(Duration::from_secs(10)),
                 ..TransportOptions::default()
             },
+            reconnect: true,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
         }
     }
 }
@@ -146,10 +183,9 @@ impl Builder {
     /// Trusts exactly this certificate (a server's dev certificate).
     pub fn pin_certificate(mut self, certificate: CertificateDer<'static>) -> Self {
         let mut roots = self.roots.take().unwrap_or_else(RootCertStore::empty);
-        if roots.add(certificate).is_err() {
-            // An unparsable certificate trusts nothing; connect then fails the
-            // handshake with a certificate error rather than here.
-        }
+        // An unparsable certificate trusts nothing: connect then fails the
+        // handshake with a certificate error rather than here.
+        let _ = roots.add(certificate);
         self.roots = Some(roots);
         self
     }
@@ -193,18 +229,36 @@ impl Builder {
     }
 
     /// QUIC keep-alive interval while idle (default 10 s; `None` disables).
+    /// Keep it below the idle timeout of both sides.
     pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
         self.transport.keep_alive_interval = interval;
         self
     }
 
-    /// Close the connection after this long without traffic (default 30 s).
+    /// Close the connection after this long without traffic (default 30 s;
+    /// the shorter of the two sides' values applies).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.transport.idle_timeout = timeout;
         self
     }
 
-    /// Dials `addr`, completes TLS and Hello, and starts serving this side's services.
+    /// Whether to reconnect when the connection drops (default true).
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// Reconnect delays: exponential from `min` to `max`, each with up to 100%
+    /// random jitter added (defaults 100 ms and 5 s), so a fleet that lost its
+    /// server does not return all at once.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff_min = min;
+        self.backoff_max = max.max(min);
+        self
+    }
+
+    /// Dials `addr`, completes TLS and Hello, and starts serving this side's
+    /// services. The first connection must succeed; later drops reconnect.
     ///
     /// # Errors
     /// [`ConnectError`] saying which step failed.
@@ -227,136 +281,343 @@ impl Builder {
             })?;
         let mut config = quinn::ClientConfig::new(tls::client_crypto(roots)?);
         config.transport_config(brpc_core::conn::transport_config(&self.transport));
-        let local: SocketAddr = if remote.is_ipv6() {
-            "[::]:0"
-                .parse()
-                .map_err(|_| ConnectError::Endpoint(std::io::ErrorKind::InvalidInput.into()))?
-        } else {
-            "0.0.0.0:0"
-                .parse()
-                .map_err(|_| ConnectError::Endpoint(std::io::ErrorKind::InvalidInput.into()))?
-        };
+        let local = SocketAddr::new(
+            if remote.is_ipv6() {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            },
+            0,
+        );
         let mut endpoint = Endpoint::client(local).map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);
-
-        let timeout = self.connect_timeout;
-        let session = async {
-            let connection = endpoint
-                .connect(remote, &self.server_name)?
-                .await
-                .map_err(ConnectError::Handshake)?;
-            let hello = HelloRequest {
-                protocol_version: session::PROTOCOL_VERSION,
-                name: self.name.clone(),
-                labels: self
-                    .labels
-                    .iter()
-                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-                    .collect(),
-            };
-            let answer = session::send_hello(&connection, hello, self.max_message_size)
-                .await
-                .map_err(ConnectError::Hello)?;
-            Ok::<_, ConnectError>((connection, answer))
-        };
-        let (connection, answer) = tokio::time::timeout(timeout, session)
-            .await
-            .map_err(|_| ConnectError::Timeout(timeout))??;
-        let info = PeerInfo {
-            connection_id: ConnectionId(answer.connection_id),
-            name: String::new(),
-            labels: Labels::new(),
-            connected_at: SystemTime::now(),
-        };
-        let peer = Peer::new(connection, Side::Dialer, info, self.max_message_size);
-        let serving = tokio::spawn(brpc_core::serve(peer.clone(), self.router));
-        Ok(Client {
-            peer,
+        let shared = Arc::new(Shared {
             endpoint,
+            remote,
+            server_name: self.server_name,
             name: self.name,
             labels: self.labels,
-            serving,
-        })
+            router: self.router,
+            connect_timeout: self.connect_timeout,
+            max_message_size: self.max_message_size,
+            reconnect: self.reconnect,
+            backoff: ExponentialBuilder::default()
+                .with_min_delay(self.backoff_min)
+                .with_max_delay(self.backoff_max)
+                .with_jitter()
+                .without_max_times(),
+            current: watch::Sender::new(None),
+            state: watch::Sender::new(ClientState::Closed {
+                reason: "not connected yet".into(),
+            }),
+            closing: watch::Sender::new(false),
+            last_id: AtomicU64::new(0),
+        });
+        let peer = connect_once(&shared).await?;
+        shared.connected(&peer);
+        let supervisor = tokio::spawn(supervise(shared.clone(), peer));
+        Ok(Client { shared, supervisor })
     }
 }
 
-/// A connected brpc client. Dropping it closes the connection.
-pub struct Client {
-    peer: Peer,
+struct Shared {
     endpoint: Endpoint,
+    remote: SocketAddr,
+    server_name: String,
     name: String,
     labels: Labels,
-    serving: tokio::task::JoinHandle<()>,
+    router: Router,
+    connect_timeout: Duration,
+    max_message_size: usize,
+    reconnect: bool,
+    backoff: ExponentialBuilder,
+    current: watch::Sender<Option<Peer>>,
+    state: watch::Sender<ClientState>,
+    closing: watch::Sender<bool>,
+    last_id: AtomicU64,
+}
+
+impl Shared {
+    fn connected(&self, peer: &Peer) {
+        self.last_id
+            .store(peer.connection_id().0, Ordering::Relaxed);
+        self.current.send_replace(Some(peer.clone()));
+        self.state.send_replace(ClientState::Connected {
+            connection_id: peer.connection_id(),
+        });
+    }
+
+    fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    async fn closing(&self) {
+        let _ = self.closing.subscribe().wait_for(|c| *c).await;
+    }
+}
+
+/// One connection attempt: QUIC + TLS handshake and Hello, within the limit.
+async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
+    let timeout = shared.connect_timeout;
+    let session = async {
+        let connection = shared
+            .endpoint
+            .connect(shared.remote, &shared.server_name)?
+            .await
+            .map_err(ConnectError::Handshake)?;
+        let hello = HelloRequest {
+            protocol_version: session::PROTOCOL_VERSION,
+            name: shared.name.clone(),
+            labels: shared
+                .labels
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+                .collect(),
+        };
+        let answer = session::send_hello(&connection, hello, shared.max_message_size)
+            .await
+            .map_err(ConnectError::Hello)?;
+        Ok::<_, ConnectError>((connection, answer))
+    };
+    let (connection, answer) = tokio::time::timeout(timeout, session)
+        .await
+        .map_err(|_| ConnectError::Timeout(timeout))??;
+    let info = PeerInfo {
+        connection_id: ConnectionId(answer.connection_id),
+        name: String::new(),
+        labels: Labels::new(),
+        connected_at: SystemTime::now(),
+    };
+    Ok(Peer::new(
+        connection,
+        Side::Dialer,
+        info,
+        shared.max_message_size,
+    ))
+}
+
+/// How one connection's life ended.
+enum Ended {
+    /// The client is closing.
+    Closing,
+    /// Dropped or going away: reconnect.
+    Lost(String),
+    /// The server refused this client: do not come back.
+    Refused(String),
+}
+
+/// Serves one connection until it ends. On GoAway, the old connection keeps
+/// serving its calls in flight in the background while the client reconnects.
+async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
+    let span =
+        tracing::info_span!("brpc.connection", id = %peer.connection_id(), server = %shared.remote);
+    let mut serving =
+        Box::pin(brpc_core::serve(peer.clone(), shared.router.clone()).instrument(span));
+    tokio::select! {
+        () = &mut serving => {}
+        () = peer.going_away() => {
+            tokio::spawn(serving);
+            let reason = peer.going_away_reason().unwrap_or_default();
+            return Ended::Lost(format!("server is going away (GoAway): {reason}"));
+        }
+        () = shared.closing() => return Ended::Closing,
+    }
+    match peer.quic_connection().close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == VarInt::from_u32(codes::CONN_UNAUTHORIZED) =>
+        {
+            Ended::Refused(close_reason(&close))
+        }
+        Some(quinn::ConnectionError::ApplicationClosed(close)) => Ended::Lost(close_reason(&close)),
+        Some(quinn::ConnectionError::LocallyClosed) => Ended::Closing,
+        Some(other) => Ended::Lost(other.to_string()),
+        None => Ended::Lost("connection ended".into()),
+    }
+}
+
+fn close_reason(close: &quinn::ApplicationClose) -> String {
+    let code = close.error_code.into_inner();
+    let meaning = match u32::try_from(code).unwrap_or(u32::MAX) {
+        codes::CONN_NORMAL => "closed",
+        codes::CONN_GOING_AWAY => "going away",
+        codes::CONN_HELLO_FAILED => "Hello failed",
+        codes::CONN_HELLO_TIMEOUT => "Hello timed out",
+        codes::CONN_UNAUTHORIZED => "unauthorized",
+        codes::CONN_TOO_MANY => "too many connections",
+        _ => "unknown code",
+    };
+    format!(
+        "server {meaning} (code {code:#x}): {}",
+        String::from_utf8_lossy(&close.reason)
+    )
+}
+
+async fn supervise(shared: Arc<Shared>, mut peer: Peer) {
+    loop {
+        let reason = match run_connection(&shared, &peer).await {
+            Ended::Closing => return,
+            Ended::Refused(reason) => {
+                shared.current.send_replace(None);
+                shared.state.send_replace(ClientState::Closed { reason });
+                return;
+            }
+            Ended::Lost(reason) => reason,
+        };
+        shared.current.send_replace(None);
+        tracing::info!(%reason, "brpc connection lost");
+        if !shared.reconnect || shared.is_closing() {
+            shared.state.send_replace(ClientState::Closed { reason });
+            return;
+        }
+        shared.state.send_replace(ClientState::Reconnecting {
+            attempt: 0,
+            last_error: reason,
+        });
+        let mut delays = shared.backoff.build();
+        let mut attempt = 0u32;
+        peer = loop {
+            let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shared.closing() => return,
+            }
+            attempt += 1;
+            let result = tokio::select! {
+                result = connect_once(&shared) => result,
+                () = shared.closing() => return,
+            };
+            match result {
+                Ok(peer) => break peer,
+                Err(e) => {
+                    tracing::debug!(attempt, error = %e, "reconnect failed");
+                    shared.state.send_replace(ClientState::Reconnecting {
+                        attempt,
+                        last_error: e.to_string(),
+                    });
+                }
+            }
+        };
+        tracing::info!(id = %peer.connection_id(), attempt, "brpc reconnected");
+        shared.connected(&peer);
+    }
+}
+
+/// A brpc client: one connection to the server at a time, re-established when
+/// it drops. Dropping the client closes it.
+pub struct Client {
+    shared: Arc<Shared>,
+    supervisor: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("connection_id", &self.peer.connection_id())
-            .field("name", &self.name)
-            .field("server", &self.peer.remote_address())
+            .field("name", &self.shared.name)
+            .field("server", &self.shared.remote)
+            .field("state", &*self.shared.state.borrow())
             .finish()
     }
 }
 
 impl Client {
-    /// A builder with defaults: no trust configured, 10 s connect limit, keep-alive 10 s.
+    /// A builder with defaults: no trust configured, 10 s connect limit,
+    /// keep-alive 10 s, reconnect with 100 ms–5 s backoff.
     pub fn builder() -> Builder {
         Builder::default()
     }
 
     /// A channel to call the server's services: `GreeterClient::new(client.channel())`.
+    /// It follows reconnects; while disconnected its calls fail with
+    /// `UNAVAILABLE`, or wait with [`Channel::wait_for_ready`].
     pub fn channel(&self) -> Channel {
-        self.peer.channel()
+        Channel::follow(self.shared.current.subscribe())
     }
 
-    /// The handle of the server end of the connection.
-    pub fn peer(&self) -> &Peer {
-        &self.peer
+    /// The handle of the current connection's server end, if connected.
+    pub fn peer(&self) -> Option<Peer> {
+        self.shared.current.borrow().clone()
     }
 
-    /// The connection id the server assigned in Hello.
+    /// The connection id the server assigned to the current connection (or to
+    /// the last one, while reconnecting; see [`Client::state`]).
     pub fn connection_id(&self) -> ConnectionId {
-        self.peer.connection_id()
+        ConnectionId(self.shared.last_id.load(Ordering::Relaxed))
     }
 
-    /// The name this client announced.
+    /// Where the connection stands now.
+    pub fn state(&self) -> ClientState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// A watch of [`ClientState`] changes.
+    pub fn watch_state(&self) -> watch::Receiver<ClientState> {
+        self.shared.state.subscribe()
+    }
+
+    /// The name this client announces.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.shared.name
     }
 
-    /// The labels this client announced.
+    /// The labels this client announces.
     pub fn labels(&self) -> &Labels {
-        &self.labels
+        &self.shared.labels
     }
 
     /// The local UDP address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.endpoint.local_addr()
+        self.shared.endpoint.local_addr()
     }
 
-    /// Closes the connection now; calls in flight fail.
+    /// Moves the client to a new UDP socket (a new local address). The QUIC
+    /// connection migrates: it keeps its id and its calls in flight, and the
+    /// server sees the new address.
+    ///
+    /// # Errors
+    /// The OS error if the socket cannot be used.
+    pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
+        self.shared.endpoint.rebind(socket)
+    }
+
+    /// Closes the connection now and stops reconnecting; calls in flight fail.
     pub fn close(&self) {
-        self.peer.close(codes::CONN_NORMAL, "client closed");
-        self.serving.abort();
+        self.shared.closing.send_replace(true);
+        if let Some(peer) = self.shared.current.send_replace(None) {
+            peer.close(codes::CONN_NORMAL, "client closed");
+        }
+        self.shared.state.send_replace(ClientState::Closed {
+            reason: "closed by the client".into(),
+        });
+        self.supervisor.abort();
     }
 
-    /// Waits until the connection closes and says why.
-    pub async fn closed(&self) -> quinn::ConnectionError {
-        self.peer.closed().await
-    }
-
-    /// Closes the connection and waits until the server has been told.
-    pub async fn shutdown(&self) {
+    /// Graceful close: tell the server this client is going away (it stops
+    /// calling it), refuse new calls from the server, let the calls it is
+    /// serving finish for up to `grace`, then close.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.closing.send_replace(true);
+        if let Some(peer) = self.peer() {
+            peer.start_draining();
+            let notice = session::send_goaway(&peer, "client shutting down");
+            let _ = tokio::time::timeout(grace, notice).await;
+            let drained = async {
+                while peer.served_calls_in_flight() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let _ = tokio::time::timeout(grace, drained).await;
+        }
         self.close();
-        self.endpoint.wait_idle().await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         self.close();
-        self.endpoint
+        self.shared
+            .endpoint
             .close(VarInt::from_u32(codes::CONN_NORMAL), b"client dropped");
     }
 }

@@ -22,4 +22,4 @@
 mod client;
 
 pub use brpc_core::{Channel, ConnectionId, Peer, Router};
-pub use client::{Builder, Client, ConnectError};
+pub use client::{Builder, Client, ClientState, ConnectError};

@@ -134,7 +134,12 @@ pub(crate) fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> 
                 .map(|g| g.reason)
                 .unwrap_or_default();
             tracing::debug!(peer = %peer.connection_id(), %reason, "peer is going away");
-            peer.mark_going_away();
+            let reason = if reason.is_empty() {
+                "no reason given".to_owned()
+            } else {
+                reason
+            };
+            peer.mark_going_away(reason);
             Status::ok("")
         }
         METHOD => Status::failed_precondition("Hello was already exchanged on this connection"),

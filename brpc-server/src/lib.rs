@@ -1,5 +1,6 @@
 //! brpc-server: bind a QUIC endpoint, accept agents, run the Hello handshake,
-//! assign connection ids and keep the [`Registry`] of who is connected.
+//! assign connection ids and keep the [`Registry`] of who is connected, with
+//! connect/disconnect events, fan-out [`broadcast`] and graceful shutdown.
 //!
 //! Every call in either direction is handled by `brpc-core`'s engine; this crate
 //! adds no protocol logic, only the accepting role's policy (ids, time limits,
@@ -17,9 +18,11 @@
 //! # Ok(()) }
 //! ```
 
+mod broadcast;
 mod registry;
 mod server;
 
+pub use broadcast::{BroadcastOptions, BroadcastResult, broadcast};
 pub use brpc_core::{ConnectionId, Peer, Router};
-pub use registry::Registry;
+pub use registry::{PeerEvent, Registry};
 pub use server::{BindError, Builder, Server};

@@ -1,20 +1,55 @@
-//! The registry of connected peers, keyed by connection id.
+//! The registry of connected peers, keyed by connection id, and the stream of
+//! connect/disconnect events.
 //!
-//! A peer is listed from the moment its Hello is answered until its connection
+//! A peer is listed from the moment its Hello is accepted until its connection
 //! closes. Reads are cheap and never wait on network I/O.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use brpc_core::{ConnectionId, Peer};
+use tokio::sync::broadcast;
+
+/// A change in who is connected.
+#[derive(Debug, Clone)]
+pub enum PeerEvent {
+    /// A peer completed Hello and is listed.
+    Connected(Peer),
+    /// A listed peer's connection closed; it is no longer listed.
+    Disconnected {
+        /// The handle it had (its calls now fail with `UNAVAILABLE`).
+        peer: Peer,
+        /// Why the connection closed.
+        reason: String,
+    },
+}
+
+impl PeerEvent {
+    /// The peer the event is about.
+    pub fn peer(&self) -> &Peer {
+        match self {
+            PeerEvent::Connected(peer) | PeerEvent::Disconnected { peer, .. } => peer,
+        }
+    }
+}
 
 /// The server's connected peers. Cheap to clone; all clones see the same set.
-#[derive(Clone, Default, Debug)]
+#[derive(Clone, Debug)]
 pub struct Registry {
     peers: Arc<RwLock<HashMap<ConnectionId, Peer>>>,
+    events: broadcast::Sender<PeerEvent>,
 }
 
 impl Registry {
+    /// An empty registry whose event subscribers may fall `capacity` events
+    /// behind before they miss some.
+    pub(crate) fn new(capacity: usize) -> Self {
+        Registry {
+            peers: Arc::default(),
+            events: broadcast::Sender::new(capacity.max(1)),
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ConnectionId, Peer>> {
         // A panic while holding the lock cannot leave the map half-updated
         // (insert/remove are single operations), so a poisoned lock is still usable.
@@ -27,9 +62,7 @@ impl Registry {
 
     /// Every connected peer, ordered by connection id.
     pub fn list(&self) -> Vec<Peer> {
-        let mut peers: Vec<Peer> = self.read().values().cloned().collect();
-        peers.sort_by_key(Peer::connection_id);
-        peers
+        self.select(|_| true)
     }
 
     /// The peer with this connection id, if still connected.
@@ -64,11 +97,24 @@ impl Registry {
         self.read().is_empty()
     }
 
-    pub(crate) fn insert(&self, peer: Peer) {
-        self.write().insert(peer.connection_id(), peer);
+    /// Connect and disconnect events from now on, each exactly once. A
+    /// subscriber that falls more than the server's `event_capacity` behind
+    /// gets `RecvError::Lagged` and misses the oldest.
+    pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
+        self.events.subscribe()
     }
 
-    pub(crate) fn remove(&self, id: ConnectionId) {
-        self.write().remove(&id);
+    pub(crate) fn insert(&self, peer: Peer) {
+        self.write().insert(peer.connection_id(), peer.clone());
+        metrics::gauge!("brpc_connected_peers").increment(1.0);
+        let _ = self.events.send(PeerEvent::Connected(peer));
+    }
+
+    pub(crate) fn remove(&self, id: ConnectionId, reason: String) {
+        let removed = self.write().remove(&id);
+        if let Some(peer) = removed {
+            metrics::gauge!("brpc_connected_peers").decrement(1.0);
+            let _ = self.events.send(PeerEvent::Disconnected { peer, reason });
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use brpc_core::bridge::BoxedService;
@@ -19,6 +19,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::Registry;
 
@@ -57,6 +58,7 @@ pub struct Builder {
     max_hello_size: usize,
     max_message_size: usize,
     transport: TransportOptions,
+    event_capacity: usize,
 }
 
 impl Default for Builder {
@@ -68,6 +70,7 @@ impl Default for Builder {
             max_hello_size: session::DEFAULT_MAX_HELLO_SIZE,
             max_message_size: brpc_core::DEFAULT_MAX_MESSAGE_SIZE,
             transport: TransportOptions::default(),
+            event_capacity: 4096,
         }
     }
 }
@@ -169,6 +172,13 @@ impl Builder {
         self
     }
 
+    /// How far a [`Registry::subscribe`] subscriber may fall behind before it
+    /// misses events (default 4096).
+    pub fn event_capacity(mut self, events: usize) -> Self {
+        self.event_capacity = events;
+        self
+    }
+
     /// Binds the UDP socket and starts accepting. Must run inside a tokio runtime.
     ///
     /// # Errors
@@ -209,7 +219,8 @@ impl Builder {
             .map_err(|source| BindError::Socket { addr, source })?;
         let shared = Arc::new(Shared {
             endpoint: endpoint.clone(),
-            registry: Registry::default(),
+            registry: Registry::new(self.event_capacity),
+            shutting_down: AtomicBool::new(false),
             router: self.router,
             hello_timeout: self.hello_timeout,
             max_hello_size: self.max_hello_size,
@@ -230,6 +241,7 @@ impl Builder {
 struct Shared {
     endpoint: Endpoint,
     registry: Registry,
+    shutting_down: AtomicBool,
     router: Router,
     hello_timeout: Duration,
     max_hello_size: usize,
@@ -281,11 +293,58 @@ impl Server {
     }
 
     /// Stops accepting and closes every connection now; calls in flight fail.
+    /// Clients see close code `CONN_NORMAL` and reconnect with backoff.
     pub fn close(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.accept.abort();
         self.shared
             .endpoint
             .close(VarInt::from_u32(codes::CONN_NORMAL), b"server closed");
+    }
+
+    /// Graceful shutdown, like ttrpc's `Shutdown`: stop accepting (new
+    /// connections are refused), tell every client it is going away (a
+    /// `brpc.v1.Session/GoAway` call; clients stop opening calls here and
+    /// reconnect after their backoff), refuse new calls with `UNAVAILABLE`,
+    /// let calls in flight finish for up to `grace`, then close every
+    /// connection with `CONN_GOING_AWAY`.
+    pub async fn shutdown(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        let peers = self.shared.registry.list();
+        tracing::info!(peers = peers.len(), ?grace, "brpc server shutting down");
+        let mut notices = JoinSet::new();
+        for peer in &peers {
+            peer.start_draining();
+            let peer = peer.clone();
+            notices.spawn(async move {
+                let notice = session::send_goaway(&peer, "server shutting down");
+                let _ = tokio::time::timeout(Duration::from_secs(1), notice).await;
+            });
+        }
+        let drained = async {
+            while self
+                .shared
+                .registry
+                .list()
+                .iter()
+                .any(|p| p.calls_in_flight() > 0)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, drained).await;
+        let _ = tokio::time::timeout_at(deadline, async {
+            while notices.join_next().await.is_some() {}
+        })
+        .await;
+        self.accept.abort();
+        self.shared.endpoint.close(
+            VarInt::from_u32(codes::CONN_GOING_AWAY),
+            b"server shutting down",
+        );
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 
     /// Waits until every connection has closed (after [`Server::close`]).
@@ -307,6 +366,7 @@ async fn accept_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             incoming = shared.endpoint.accept() => match incoming {
+                Some(incoming) if shared.shutting_down.load(Ordering::SeqCst) => incoming.refuse(),
                 Some(incoming) => {
                     connections.spawn(run_connection(shared.clone(), incoming));
                 }
@@ -321,12 +381,16 @@ async fn accept_loop(shared: Arc<Shared>) {
 /// Removes a peer from the registry however its task ends (even if aborted).
 struct Listed<'a> {
     registry: &'a Registry,
-    id: ConnectionId,
+    peer: Peer,
 }
 
 impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        self.registry.remove(self.id);
+        let reason = match self.peer.quic_connection().close_reason() {
+            Some(reason) => reason.to_string(),
+            None => "server task ended".to_owned(),
+        };
+        self.registry.remove(self.peer.connection_id(), reason);
     }
 }
 
@@ -368,6 +432,18 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
             return;
         }
     };
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        hello
+            .reject(Status::unavailable(
+                "server is shutting down; reconnect later",
+            ))
+            .await;
+        connection.close(
+            VarInt::from_u32(codes::CONN_GOING_AWAY),
+            b"server shutting down",
+        );
+        return;
+    }
     let version = hello.request.protocol_version;
     if version != session::PROTOCOL_VERSION {
         hello
@@ -388,14 +464,19 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
     shared.registry.insert(peer.clone());
     let _listed = Listed {
         registry: &shared.registry,
-        id: peer.connection_id(),
+        peer: peer.clone(),
     };
     if hello.accept(peer.connection_id()).await.is_err() {
         return;
     }
-    tracing::debug!(id = %peer.connection_id(), name = peer.name(), %remote, "peer connected");
-    brpc_core::serve(peer.clone(), shared.router.clone()).await;
-    tracing::debug!(id = %peer.connection_id(), "peer disconnected");
+    let span = tracing::info_span!("brpc.connection", id = %peer.connection_id(), name = peer.name(), %remote);
+    async {
+        tracing::debug!("peer connected");
+        brpc_core::serve(peer.clone(), shared.router.clone()).await;
+        tracing::debug!(reason = ?peer.quic_connection().close_reason(), "peer disconnected");
+    }
+    .instrument(span)
+    .await;
 }
 
 fn new_peer(shared: &Shared, connection: &quinn::Connection, hello: &HelloCall) -> Peer {

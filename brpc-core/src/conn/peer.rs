@@ -54,8 +54,8 @@ struct Shared {
     outgoing: AtomicUsize,
     /// This side is shutting down: new calls from the peer are refused.
     draining: watch::Sender<bool>,
-    /// The peer said GoAway: open no new calls to it.
-    going_away: watch::Sender<bool>,
+    /// The peer said GoAway (with this reason): open no new calls to it.
+    going_away: watch::Sender<Option<String>>,
 }
 
 /// Counts one call in flight for as long as it lives.
@@ -119,7 +119,7 @@ impl Peer {
                 served: AtomicUsize::new(0),
                 outgoing: AtomicUsize::new(0),
                 draining: watch::Sender::new(false),
-                going_away: watch::Sender::new(false),
+                going_away: watch::Sender::new(None),
             }),
         }
     }
@@ -244,17 +244,22 @@ impl Peer {
     /// Whether the peer announced it is going away (GoAway): new calls to it
     /// fail with `UNAVAILABLE`; calls in flight continue.
     pub fn is_going_away(&self) -> bool {
-        *self.shared.going_away.borrow()
+        self.shared.going_away.borrow().is_some()
+    }
+
+    /// The reason the peer gave when it said GoAway.
+    pub fn going_away_reason(&self) -> Option<String> {
+        self.shared.going_away.borrow().clone()
     }
 
     /// Waits until the peer announces it is going away.
     pub async fn going_away(&self) {
         let mut rx = self.shared.going_away.subscribe();
-        let _ = rx.wait_for(|gone| *gone).await;
+        let _ = rx.wait_for(Option::is_some).await;
     }
 
-    pub(crate) fn mark_going_away(&self) {
-        self.shared.going_away.send_replace(true);
+    pub(crate) fn mark_going_away(&self, reason: String) {
+        self.shared.going_away.send_replace(Some(reason));
     }
 
     /// Whether new calls can be opened to the peer.
