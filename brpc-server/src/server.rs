@@ -225,7 +225,7 @@ impl Builder {
             hello_timeout: self.hello_timeout,
             max_hello_size: self.max_hello_size,
             max_message_size: self.max_message_size,
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(first_connection_id()),
         });
         let accept = runtime.spawn(accept_loop(shared.clone()));
         tracing::info!(%local_addr, "brpc server listening");
@@ -236,6 +236,16 @@ impl Builder {
             accept,
         })
     }
+}
+
+/// Connection ids count up from a random base, so that a restarted server
+/// does not hand out the ids of its previous run again.
+fn first_connection_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    ((random & 0xffff_ffff) << 24).max(1)
 }
 
 struct Shared {

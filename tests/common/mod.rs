@@ -46,6 +46,8 @@ pub struct Probe {
     pub outputs_closed: AtomicUsize,
     /// Bytes the Sink handler has read.
     pub sunk: AtomicUsize,
+    /// Make Unary hang forever (an agent that stopped answering).
+    pub hang: std::sync::atomic::AtomicBool,
 }
 
 /// Echo, answering as `who` ("server" or the client's name).
@@ -110,6 +112,9 @@ impl Echo for EchoService {
     /// Echoes the message; the request's `x-` metadata comes back as headers.
     /// A text of "grow:N" answers with an N-byte blob instead.
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        if self.probe.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         let headers = x_metadata(request.metadata());
         let mut reply = self.reply(request.into_inner());
         if let Some(n) = reply.text.strip_prefix("grow:") {

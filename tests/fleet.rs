@@ -1,0 +1,368 @@
+//! A fleet of agents on one server: registry and label selection, broadcast
+//! with a hung agent, connect/disconnect events, restart and reconnect,
+//! keep-alive, connection migration and graceful shutdown.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use brpc::{BroadcastOptions, Client, ClientState, PeerEvent, broadcast};
+use common::echo::echo_client::EchoClient;
+use common::echo::{EchoRequest, SleepRequest};
+use common::{EchoService, eventually};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+fn agent_builder(server: &brpc::Server, i: usize, hang: bool) -> brpc::client::Builder {
+    let echo = EchoService::new(&format!("agent-{i}"));
+    echo.probe.hang.store(hang, Ordering::SeqCst);
+    common::client_builder(server, &format!("agent-{i}"), echo)
+        .label("region", if i % 4 == 0 { "eu" } else { "us" })
+        .label("index", i.to_string())
+}
+
+async fn connect_all(
+    builders: Vec<brpc::client::Builder>,
+    addr: std::net::SocketAddr,
+) -> Vec<Client> {
+    let connects: Vec<_> = builders
+        .into_iter()
+        .map(|b| tokio::spawn(async move { b.connect(addr).await }))
+        .collect();
+    let mut clients = Vec::new();
+    for c in connects {
+        clients.push(c.await.expect("join").expect("connect"));
+    }
+    clients
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_agents_registry_selection_and_broadcast() {
+    const N: usize = 200;
+    const HUNG: usize = 17;
+    let server = common::server();
+    let builders = (0..N)
+        .map(|i| agent_builder(&server, i, i == HUNG))
+        .collect();
+    let agents = connect_all(builders, server.local_addr()).await;
+
+    let listed = server.peers().list();
+    assert_eq!(listed.len(), N);
+    for peer in &listed {
+        let i: usize = peer
+            .label("index")
+            .expect("index label")
+            .parse()
+            .expect("number");
+        assert_eq!(peer.name(), format!("agent-{i}"));
+        assert_eq!(
+            peer.label("region"),
+            Some(if i % 4 == 0 { "eu" } else { "us" })
+        );
+        assert_eq!(agents[i].connection_id(), peer.connection_id());
+    }
+    let eu = server.peers().select_label("region", "eu");
+    assert_eq!(eu.len(), N / 4);
+    assert!(eu.iter().all(|p| {
+        p.label("index")
+            .expect("index")
+            .parse::<usize>()
+            .expect("n")
+            % 4
+            == 0
+    }));
+
+    let options = BroadcastOptions {
+        concurrency: 64,
+        timeout: Duration::from_secs(2),
+    };
+    let results: Vec<_> = broadcast(server.peers().list(), options, |peer| async move {
+        let reply = peer
+            .client(EchoClient::new)
+            .unary(EchoRequest {
+                text: "ping".into(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(reply.into_inner().answered_by)
+    })
+    .collect()
+    .await;
+    assert_eq!(results.len(), N);
+    let ids: HashSet<_> = results.iter().map(|r| r.id).collect();
+    assert_eq!(ids.len(), N, "one result per agent");
+    // The hung agent's result comes last: it did not hold up anyone else.
+    let (last, rest) = results.split_last().expect("results");
+    assert_eq!(last.peer.name(), format!("agent-{HUNG}"));
+    let err = last.result.as_ref().expect_err("hung agent");
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    for r in rest {
+        assert_eq!(r.result.as_deref().expect("answered"), r.peer.name());
+        assert!(r.elapsed < options.timeout);
+    }
+}
+
+#[tokio::test]
+async fn connect_and_disconnect_events_arrive_once_each() {
+    const N: usize = 20;
+    let server = common::server();
+    let mut events = server.peers().subscribe();
+    let builders = (0..N).map(|i| agent_builder(&server, i, false)).collect();
+    let agents = connect_all(builders, server.local_addr()).await;
+    let ids: HashSet<_> = agents.iter().map(|a| a.connection_id()).collect();
+    for agent in &agents {
+        agent.close();
+    }
+    drop(agents);
+
+    let mut connected = Vec::new();
+    let mut disconnected = Vec::new();
+    while disconnected.len() < N {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("event in time")
+        {
+            Ok(PeerEvent::Connected(peer)) => connected.push(peer.connection_id()),
+            Ok(PeerEvent::Disconnected { peer, reason }) => {
+                assert!(!reason.is_empty());
+                assert!(
+                    connected.contains(&peer.connection_id()),
+                    "connected before disconnected"
+                );
+                disconnected.push(peer.connection_id());
+            }
+            Err(e) => panic!("missed events: {e}"),
+        }
+    }
+    assert_eq!(connected.len(), N);
+    assert_eq!(connected.iter().copied().collect::<HashSet<_>>(), ids);
+    assert_eq!(disconnected.iter().copied().collect::<HashSet<_>>(), ids);
+    // Nothing more: exactly once each.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), events.recv())
+            .await
+            .is_err()
+    );
+    assert!(server.peers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_reconnect_to_a_restarted_server() {
+    const N: usize = 20;
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let first = brpc::Server::builder()
+        .certificate(chain.clone(), key.clone_key())
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("first"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let addr = first.local_addr();
+    let builders = (0..N)
+        .map(|i| {
+            agent_builder(&first, i, false)
+                .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        })
+        .collect();
+    let agents = connect_all(builders, addr).await;
+    let old_ids: Vec<_> = agents.iter().map(|a| a.connection_id()).collect();
+
+    first.close();
+    first.wait_idle().await;
+    drop(first);
+    for agent in &agents {
+        let mut state = agent.watch_state();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| matches!(s, ClientState::Reconnecting { .. })),
+        )
+        .await
+        .expect("noticed the drop")
+        .expect("watch");
+    }
+    // Calls while disconnected fail fast.
+    let err = EchoClient::new(agents[0].channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("disconnected");
+    assert_eq!(err.code(), Code::Unavailable);
+
+    // The old socket closes once quinn's endpoint driver has wound down.
+    let mut tries = 0;
+    let second = loop {
+        let bound = brpc::Server::builder()
+            .certificate(chain.clone(), key.clone_key())
+            .add_service(common::echo::echo_server::EchoServer::new(
+                EchoService::new("second"),
+            ))
+            .bind(addr);
+        match bound {
+            Ok(server) => break server,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("cannot bind {addr} again: {e}"),
+        }
+    };
+    let restarted = tokio::time::Instant::now();
+    // Backoff is at most 500 ms plus 100% jitter per attempt: every agent is
+    // back well within a few attempts.
+    eventually(Duration::from_secs(10), "all agents back", || {
+        server_has(&second, N)
+    })
+    .await;
+    println!("all {N} agents reconnected in {:?}", restarted.elapsed());
+    for (agent, old) in agents.iter().zip(&old_ids) {
+        let ClientState::Connected { connection_id } = agent.state() else {
+            panic!("agent not connected: {:?}", agent.state());
+        };
+        assert_ne!(connection_id, *old, "a new connection id");
+        let peer = second
+            .peers()
+            .get(connection_id)
+            .expect("listed by the new server");
+        let reply = peer
+            .client(EchoClient::new)
+            .unary(EchoRequest::default())
+            .await
+            .expect("agent serves again");
+        assert_eq!(reply.into_inner().answered_by, agent.name());
+        let up = EchoClient::new(agent.channel())
+            .unary(EchoRequest::default())
+            .await
+            .expect("channel follows");
+        assert_eq!(up.into_inner().answered_by, "second");
+    }
+}
+
+fn server_has(server: &brpc::Server, n: usize) -> bool {
+    server.peers().len() == n
+}
+
+#[tokio::test]
+async fn keep_alive_keeps_an_idle_agent_connected() {
+    let server = brpc::Server::builder()
+        .idle_timeout(Duration::from_secs(2))
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let kept = common::client_builder(&server, "kept", EchoService::new("kept"))
+        .idle_timeout(Duration::from_secs(2))
+        .keep_alive_interval(Some(Duration::from_millis(500)))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let dropped = common::client_builder(&server, "dropped", EchoService::new("dropped"))
+        .idle_timeout(Duration::from_secs(2))
+        .keep_alive_interval(None)
+        .reconnect(false)
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let (kept_id, dropped_id) = (kept.connection_id(), dropped.connection_id());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        server.peers().get(kept_id).is_some(),
+        "kept alive for 3x the idle timeout"
+    );
+    assert_eq!(
+        kept.state(),
+        ClientState::Connected {
+            connection_id: kept_id
+        }
+    );
+    assert!(
+        server.peers().get(dropped_id).is_none(),
+        "idle agent without keep-alive dropped"
+    );
+    assert!(
+        matches!(dropped.state(), ClientState::Closed { .. }),
+        "{:?}",
+        dropped.state()
+    );
+}
+
+#[tokio::test]
+async fn an_agent_migrates_to_a_new_local_address_mid_call() {
+    let server = common::server();
+    let client = common::client(&server, "mover").await;
+    let id = client.connection_id();
+    let before = server.peers().get(id).expect("listed").remote_address();
+    assert_eq!(before.port(), client.local_addr().expect("addr").port());
+
+    let mut echo = EchoClient::new(client.channel());
+    let call = tokio::spawn(async move { echo.sleep(SleepRequest { millis: 1500 }).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("new socket");
+    let new_port = socket.local_addr().expect("addr").port();
+    client.rebind(socket).expect("rebind");
+
+    call.await
+        .expect("join")
+        .expect("the call in flight completes");
+    assert_eq!(client.connection_id(), id);
+    assert_eq!(client.state(), ClientState::Connected { connection_id: id });
+    let peer = server.peers().get(id).expect("same registry entry");
+    eventually(
+        Duration::from_secs(5),
+        "registry shows the new address",
+        || peer.remote_address().port() == new_port,
+    )
+    .await;
+    EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("still works");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
+    let server = common::server();
+    let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+        .reconnect_backoff(Duration::from_secs(30), Duration::from_secs(30))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let mut echo = EchoClient::new(client.channel());
+    let in_flight = tokio::spawn(async move { echo.sleep(SleepRequest { millis: 1000 }).await });
+    eventually(Duration::from_secs(5), "call in flight", || {
+        server
+            .peers()
+            .list()
+            .iter()
+            .any(|p| p.served_calls_in_flight() == 1)
+    })
+    .await;
+
+    let shutdown = async {
+        server.shutdown(Duration::from_secs(10)).await;
+    };
+    let after = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        EchoClient::new(client.channel())
+            .unary(EchoRequest::default())
+            .await
+    };
+    let ((), refused) = tokio::join!(shutdown, after);
+    assert_eq!(
+        refused.expect_err("new call during shutdown").code(),
+        Code::Unavailable
+    );
+    in_flight
+        .await
+        .expect("join")
+        .expect("the call in flight finished successfully");
+    match client.state() {
+        ClientState::Reconnecting { last_error, .. } => {
+            assert!(last_error.contains("going away"), "{last_error}");
+        }
+        other => panic!("expected reconnecting, got {other:?}"),
+    }
+}
