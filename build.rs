@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/greeter.proto",
         "proto/echo.proto",
         "proto/control.proto",
+        "proto/agent.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

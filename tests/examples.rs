@@ -137,3 +137,24 @@ fn streaming_example_streams_both_ways() {
         "{out}"
     );
 }
+
+#[test]
+fn fleet_example_with_200_agents_restarts_and_exits_0() {
+    let child = Command::new(example_binary("fleet"))
+        .args(["--agents", "200"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (ok, out) = output_within(child, Duration::from_secs(240));
+    assert!(ok, "fleet example failed:\n{out}");
+    assert!(out.contains("registry: 200 agents"), "{out}");
+    assert!(
+        out.contains("200/200 agents reconnected with a new connection id"),
+        "{out}"
+    );
+    assert!(
+        out.contains("all 200 agents answered before and after the restart"),
+        "{out}"
+    );
+}

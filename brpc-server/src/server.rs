@@ -245,7 +245,7 @@ fn first_connection_id() -> u64 {
     let random = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
-    ((random & 0xffff_ffff) << 24).max(1)
+    (random & 0xffff_ffff).max(1)
 }
 
 struct Shared {
