@@ -95,7 +95,10 @@ async fn restart_server(
 
 fn progress(label: &str, done: usize, total: usize) {
     const WIDTH: usize = 40;
-    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
+    let filled = (done * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH)
+        .min(WIDTH);
     print!(
         "\r{label:<12} [{}{}] {done:>6}/{total}",
         "#".repeat(filled),
