@@ -12,12 +12,14 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use brpc_core::bridge::BoxedService;
 use brpc_core::conn::codes;
 use brpc_core::session;
-use brpc_core::tls::{self, TlsError};
+use brpc_core::tls::{self, PeerIdentity, TlsError};
 use brpc_core::wire::{HelloRequest, KeyValue};
-use brpc_core::{Channel, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions};
+use brpc_core::{
+    CallLimits, Channel, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions,
+};
 use quinn::{Endpoint, VarInt};
 use rustls::RootCertStore;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tonic::Status;
 use tonic::body::Body;
@@ -60,6 +62,10 @@ pub enum ConnectError {
     /// The handshake and Hello did not finish in time.
     #[error("no session within {0:?}")]
     Timeout(Duration),
+    /// The server closed the connection while admitting it, and said why
+    /// (e.g. at its connection limit, or not authorized).
+    #[error("server refused the connection: {0}")]
+    Refused(String),
 }
 
 impl ConnectError {
@@ -104,9 +110,10 @@ pub struct Builder {
     name: String,
     labels: Labels,
     roots: Option<RootCertStore>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     server_name: String,
     connect_timeout: Duration,
-    max_message_size: usize,
+    limits: CallLimits,
     transport: TransportOptions,
     reconnect: bool,
     backoff_min: Duration,
@@ -120,9 +127,10 @@ impl Default for Builder {
             name: String::new(),
             labels: Labels::new(),
             roots: None,
+            identity: None,
             server_name: "localhost".into(),
             connect_timeout: Duration::from_secs(10),
-            max_message_size: brpc_core::DEFAULT_MAX_MESSAGE_SIZE,
+            limits: CallLimits::default(),
             transport: TransportOptions {
                 keep_alive_interval: Some(Duration::from_secs(10)),
                 ..TransportOptions::default()
@@ -204,6 +212,51 @@ impl Builder {
         self
     }
 
+    /// Trusts the CA certificates in a PEM bundle.
+    ///
+    /// # Errors
+    /// [`TlsError`] if the file cannot be read or holds no usable certificate.
+    pub fn trust_pem_file(self, path: impl AsRef<std::path::Path>) -> Result<Self, TlsError> {
+        Ok(self.trust_roots(tls::roots_from_pem_file(path)?))
+    }
+
+    /// Trusts the public web's root CAs (Mozilla's list, built in), for a
+    /// server with a publicly trusted certificate.
+    pub fn trust_webpki_roots(self) -> Self {
+        self.trust_roots(tls::webpki_roots())
+    }
+
+    /// Presents this certificate chain (leaf first) and key to servers that
+    /// require mutual TLS.
+    pub fn identity(
+        mut self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Self {
+        self.identity = Some((chain, key));
+        self
+    }
+
+    /// [`Builder::identity`] from PEM files.
+    ///
+    /// # Errors
+    /// [`TlsError::Pem`] if a file cannot be read or parsed.
+    pub fn identity_pem_files(
+        self,
+        chain: impl AsRef<std::path::Path>,
+        key: impl AsRef<std::path::Path>,
+    ) -> Result<Self, TlsError> {
+        let chain = tls::load_certificates_pem(chain)?;
+        let key = tls::load_private_key_pem(key)?;
+        Ok(self.identity(chain, key))
+    }
+
+    /// How long a call may stall mid-frame before it is reset (default 30 s).
+    pub fn call_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.limits.idle_timeout = timeout;
+        self
+    }
+
     /// The name the server's certificate must carry (default `localhost`).
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
         self.server_name = name.into();
@@ -218,7 +271,7 @@ impl Builder {
 
     /// Largest message sent or received on any call (default 4 MiB).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.max_message_size = bytes;
+        self.limits.max_message_size = bytes;
         self
     }
 
@@ -279,7 +332,8 @@ impl Builder {
                 addr: shown.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
             })?;
-        let mut config = quinn::ClientConfig::new(tls::client_crypto(roots)?);
+        let crypto = tls::client_crypto_with_identity(roots, self.identity)?;
+        let mut config = quinn::ClientConfig::new(crypto);
         config.transport_config(brpc_core::conn::transport_config(&self.transport));
         let local = SocketAddr::new(
             if remote.is_ipv6() {
@@ -299,7 +353,7 @@ impl Builder {
             labels: self.labels,
             router: self.router,
             connect_timeout: self.connect_timeout,
-            max_message_size: self.max_message_size,
+            limits: self.limits,
             reconnect: self.reconnect,
             backoff: ExponentialBuilder::default()
                 .with_min_delay(self.backoff_min)
@@ -328,7 +382,7 @@ struct Shared {
     labels: Labels,
     router: Router,
     connect_timeout: Duration,
-    max_message_size: usize,
+    limits: CallLimits,
     reconnect: bool,
     backoff: ExponentialBuilder,
     current: watch::Sender<Option<Peer>>,
@@ -374,9 +428,21 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
                 .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
                 .collect(),
         };
-        let answer = session::send_hello(&connection, hello, shared.max_message_size)
-            .await
-            .map_err(ConnectError::Hello)?;
+        let answer =
+            match session::send_hello(&connection, hello, shared.limits.max_message_size).await {
+                Ok(answer) => answer,
+                Err(status) => {
+                    // A server that closed with a reason says more than the status.
+                    if let Some(quinn::ConnectionError::ApplicationClosed(close)) =
+                        connection.close_reason()
+                        && status.code() != tonic::Code::PermissionDenied
+                        && status.code() != tonic::Code::Unauthenticated
+                    {
+                        return Err(ConnectError::Refused(close_reason(&close)));
+                    }
+                    return Err(ConnectError::Hello(status));
+                }
+            };
         Ok::<_, ConnectError>((connection, answer))
     };
     let (connection, answer) = tokio::time::timeout(timeout, session)
@@ -387,13 +453,9 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
         name: String::new(),
         labels: Labels::new(),
         connected_at: SystemTime::now(),
+        identity: PeerIdentity::of_connection(&connection),
     };
-    Ok(Peer::new(
-        connection,
-        Side::Dialer,
-        info,
-        shared.max_message_size,
-    ))
+    Ok(Peer::new(connection, Side::Dialer, info, shared.limits))
 }
 
 /// How one connection's life ended.

@@ -21,7 +21,7 @@ pub mod tls;
 pub mod wire;
 
 pub use bridge::{Channel, Router};
-pub use conn::{ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions, serve};
+pub use conn::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions, serve};
 pub use wire::DEFAULT_MAX_MESSAGE_SIZE;
 
 /// Re-exported so users name one version of each.

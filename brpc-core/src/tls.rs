@@ -172,19 +172,150 @@ pub fn server_crypto(
     Ok(Arc::new(quic))
 }
 
+/// quinn server crypto for mutual TLS: like [`server_crypto`], and every client
+/// must present a certificate chain that verifies against `client_roots`
+/// (validity dates included); others are refused during the handshake.
+///
+/// # Errors
+/// [`TlsError`] if rustls refuses the chain, key or roots.
+pub fn server_crypto_mtls(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: RootCertStore,
+) -> Result<Arc<QuicServerConfig>, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(client_roots),
+        crypto_provider(),
+    )
+    .build()
+    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.max_early_data_size = 0;
+    let quic = QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
 /// quinn client crypto trusting `roots`: TLS 1.3, ALPN `brpc/1`, full webpki
 /// verification (chain, validity dates, server name).
 ///
 /// # Errors
 /// [`TlsError`] if rustls refuses the settings.
 pub fn client_crypto(roots: RootCertStore) -> Result<Arc<QuicClientConfig>, TlsError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+    client_crypto_with_identity(roots, None)
+}
+
+/// Like [`client_crypto`], presenting `identity` (chain and key) to servers
+/// that ask for a client certificate (mutual TLS).
+///
+/// # Errors
+/// [`TlsError`] if rustls refuses the settings or the identity.
+pub fn client_crypto_with_identity(
+    roots: RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(Arc::new(quic))
+}
+
+/// The public web's root CAs (Mozilla's list, from `webpki-roots`), for
+/// clients of servers with publicly trusted certificates.
+pub fn webpki_roots() -> RootCertStore {
+    RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    }
+}
+
+/// A root store of every certificate in a PEM bundle.
+///
+/// # Errors
+/// [`TlsError::Pem`] if the file cannot be read, or [`TlsError::Rustls`] if a
+/// certificate is not a usable trust anchor.
+pub fn roots_from_pem_file(path: impl AsRef<Path>) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for certificate in load_certificates_pem(path)? {
+        roots.add(certificate)?;
+    }
+    Ok(roots)
+}
+
+/// Who a peer proved to be with its TLS client certificate (mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The verified leaf certificate (DER).
+    pub certificate: CertificateDer<'static>,
+    /// The subject distinguished name, e.g. `CN=agent-7, O=fleet`.
+    pub subject: String,
+    /// The subject's common name, if any.
+    pub common_name: Option<String>,
+    /// DNS names in the subject alternative name extension.
+    pub dns_names: Vec<String>,
+    /// URIs in the subject alternative name extension (e.g. SPIFFE ids).
+    pub uris: Vec<String>,
+}
+
+impl PeerIdentity {
+    /// The identity a verified certificate carries.
+    ///
+    /// # Errors
+    /// [`TlsError::Pem`] if the certificate cannot be parsed (rustls already
+    /// verified it, so this means a bug or an exotic encoding).
+    pub fn from_certificate(certificate: CertificateDer<'static>) -> Result<Self, TlsError> {
+        use x509_parser::extensions::GeneralName;
+        let parsed = x509_parser::parse_x509_certificate(&certificate)
+            .map_err(|e| TlsError::Pem {
+                what: "peer certificate",
+                path: "<handshake>".into(),
+                message: e.to_string(),
+            })?
+            .1;
+        let subject = parsed.subject().to_string();
+        let common_name = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        let mut dns_names = Vec::new();
+        let mut uris = Vec::new();
+        if let Ok(Some(san)) = parsed.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
+                    GeneralName::URI(u) => uris.push((*u).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(PeerIdentity {
+            certificate,
+            subject,
+            common_name,
+            dns_names,
+            uris,
+        })
+    }
+
+    /// The identity the peer of `connection` proved, if it sent a certificate.
+    pub fn of_connection(connection: &quinn::Connection) -> Option<Self> {
+        let chain = connection
+            .peer_identity()?
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .ok()?;
+        let leaf = chain.first()?.clone();
+        Self::from_certificate(leaf).ok()
+    }
 }
 
 /// A root store holding exactly `certificate`: the client accepts only a server

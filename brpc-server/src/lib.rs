@@ -25,4 +25,4 @@ mod server;
 pub use broadcast::{BroadcastOptions, BroadcastResult, broadcast};
 pub use brpc_core::{ConnectionId, Peer, Router};
 pub use registry::{PeerEvent, Registry};
-pub use server::{BindError, Builder, Server};
+pub use server::{Admission, BindError, Builder, Server};

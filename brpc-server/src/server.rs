@@ -4,15 +4,16 @@
 use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use brpc_core::bridge::BoxedService;
 use brpc_core::conn::codes;
 use brpc_core::session::{self, HelloCall};
-use brpc_core::tls::{self, DevCertificate, TlsError};
-use brpc_core::{ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions};
+use brpc_core::tls::{self, DevCertificate, PeerIdentity, TlsError};
+use brpc_core::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions};
 use quinn::{Endpoint, Incoming, VarInt};
+use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::task::JoinSet;
 use tonic::Status;
@@ -56,10 +57,28 @@ pub struct Builder {
     certificate: Certificate,
     hello_timeout: Duration,
     max_hello_size: usize,
-    max_message_size: usize,
+    limits: CallLimits,
     transport: TransportOptions,
     event_capacity: usize,
+    client_roots: Option<RootCertStore>,
+    authorize: Option<Authorize>,
+    max_connections: usize,
 }
+
+/// What the server knows of a client when deciding whether to admit it.
+#[derive(Debug)]
+pub struct Admission<'a> {
+    /// The name the client sent in Hello.
+    pub name: &'a str,
+    /// The labels the client sent in Hello.
+    pub labels: &'a Labels,
+    /// The client's verified certificate identity (mutual TLS only).
+    pub identity: Option<&'a PeerIdentity>,
+    /// The client's UDP address.
+    pub remote_address: SocketAddr,
+}
+
+type Authorize = Arc<dyn Fn(&Admission<'_>) -> Result<(), Status> + Send + Sync>;
 
 impl Default for Builder {
     fn default() -> Self {
@@ -68,9 +87,12 @@ impl Default for Builder {
             certificate: Certificate::Dev(None),
             hello_timeout: Duration::from_secs(10),
             max_hello_size: session::DEFAULT_MAX_HELLO_SIZE,
-            max_message_size: brpc_core::DEFAULT_MAX_MESSAGE_SIZE,
+            limits: CallLimits::default(),
             transport: TransportOptions::default(),
             event_capacity: 4096,
+            client_roots: None,
+            authorize: None,
+            max_connections: 100_000,
         }
     }
 }
@@ -156,7 +178,7 @@ impl Builder {
 
     /// Largest message sent or received on any call (default 4 MiB).
     pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.max_message_size = bytes;
+        self.limits.max_message_size = bytes;
         self
     }
 
@@ -169,6 +191,49 @@ impl Builder {
     /// Close connections idle for this long (default 30 s).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.transport.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a call may stall mid-frame (or before its Request) before it
+    /// is reset with stream code `0x04` (default 30 s; `None` disables).
+    pub fn call_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.limits.idle_timeout = timeout;
+        self
+    }
+
+    /// Requires mutual TLS: every client must present a certificate chain
+    /// issued by one of `roots` (and valid now); others fail the handshake.
+    /// The verified identity is on the client's [`Peer::identity`].
+    pub fn client_ca(mut self, roots: RootCertStore) -> Self {
+        self.client_roots = Some(roots);
+        self
+    }
+
+    /// [`Builder::client_ca`] from a PEM bundle of CA certificates.
+    ///
+    /// # Errors
+    /// [`TlsError`] if the file cannot be read or holds no usable certificate.
+    pub fn client_ca_pem_file(self, path: impl AsRef<std::path::Path>) -> Result<Self, TlsError> {
+        Ok(self.client_ca(tls::roots_from_pem_file(path)?))
+    }
+
+    /// Decides, after Hello and before anything is served, whether a client
+    /// may stay. A refusal answers its Hello with the returned status and
+    /// closes the connection with `CONN_UNAUTHORIZED` (`0x04`); clients do not
+    /// reconnect after that.
+    pub fn authorize<F>(mut self, authorize: F) -> Self
+    where
+        F: Fn(&Admission<'_>) -> Result<(), Status> + Send + Sync + 'static,
+    {
+        self.authorize = Some(Arc::new(authorize));
+        self
+    }
+
+    /// Most connections at once (default 100 000). Further clients complete
+    /// the QUIC handshake and are closed at once with `CONN_TOO_MANY`
+    /// (`0x05`) and the reason "server at its connection limit".
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections;
         self
     }
 
@@ -208,7 +273,11 @@ impl Builder {
         let certificate = chain.first().cloned().ok_or_else(|| {
             TlsError::Rustls(rustls::Error::General("empty certificate chain".into()))
         })?;
-        let mut config = quinn::ServerConfig::with_crypto(tls::server_crypto(chain, key)?);
+        let crypto = match self.client_roots {
+            Some(roots) => tls::server_crypto_mtls(chain, key, roots)?,
+            None => tls::server_crypto(chain, key)?,
+        };
+        let mut config = quinn::ServerConfig::with_crypto(crypto);
         config.transport_config(brpc_core::conn::transport_config(&self.transport));
         let endpoint = {
             let _guard = runtime.enter();
@@ -224,8 +293,11 @@ impl Builder {
             router: self.router,
             hello_timeout: self.hello_timeout,
             max_hello_size: self.max_hello_size,
-            max_message_size: self.max_message_size,
+            limits: self.limits,
             next_id: AtomicU64::new(first_connection_id()),
+            authorize: self.authorize,
+            max_connections: self.max_connections,
+            connections: Arc::new(AtomicUsize::new(0)),
         });
         let accept = runtime.spawn(accept_loop(shared.clone()));
         tracing::info!(%local_addr, "brpc server listening");
@@ -255,8 +327,12 @@ struct Shared {
     router: Router,
     hello_timeout: Duration,
     max_hello_size: usize,
-    max_message_size: usize,
+    limits: CallLimits,
     next_id: AtomicU64,
+    authorize: Option<Authorize>,
+    max_connections: usize,
+    /// Connections past the accept step and not yet ended.
+    connections: Arc<AtomicUsize>,
 }
 
 /// A running brpc server. Dropping it closes the endpoint and every connection.
@@ -378,7 +454,13 @@ async fn accept_loop(shared: Arc<Shared>) {
             incoming = shared.endpoint.accept() => match incoming {
                 Some(incoming) if shared.shutting_down.load(Ordering::SeqCst) => incoming.refuse(),
                 Some(incoming) => {
-                    connections.spawn(run_connection(shared.clone(), incoming));
+                    let admitted = shared.connections.fetch_add(1, Ordering::SeqCst) < shared.max_connections;
+                    let counted = Counted(shared.connections.clone());
+                    if admitted {
+                        connections.spawn(run_connection(shared.clone(), incoming, counted));
+                    } else {
+                        connections.spawn(turn_away(incoming, shared.max_connections, counted));
+                    }
                 }
                 None => break,
             },
@@ -404,7 +486,28 @@ impl Drop for Listed<'_> {
     }
 }
 
-async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
+/// Holds one place in the connection count for as long as it lives.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A client over the connection limit: finish the handshake so it can be told
+/// why, then close with `CONN_TOO_MANY`.
+async fn turn_away(incoming: Incoming, limit: usize, _counted: Counted) {
+    let remote = incoming.remote_address();
+    if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), incoming).await {
+        tracing::info!(%remote, limit, "connection refused: at the connection limit");
+        let reason = format!("server at its connection limit ({limit}); retry later or elsewhere");
+        connection.close(VarInt::from_u32(codes::CONN_TOO_MANY), reason.as_bytes());
+        let _ = tokio::time::timeout(Duration::from_secs(1), connection.closed()).await;
+    }
+}
+
+async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Counted) {
     let remote = incoming.remote_address();
     let deadline = tokio::time::Instant::now() + shared.hello_timeout;
     let connection = match tokio::time::timeout_at(deadline, incoming).await {
@@ -468,7 +571,32 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
         );
         return;
     }
-    let peer = new_peer(&shared, &connection, &hello);
+    let identity = PeerIdentity::of_connection(&connection);
+    if let Some(authorize) = &shared.authorize {
+        let labels: Labels = hello
+            .request
+            .labels
+            .iter()
+            .map(|kv| (kv.key.clone(), kv.value.clone()))
+            .collect();
+        let admission = Admission {
+            name: &hello.request.name,
+            labels: &labels,
+            identity: identity.as_ref(),
+            remote_address: connection.remote_address(),
+        };
+        if let Err(status) = authorize(&admission) {
+            tracing::info!(%remote, name = %hello.request.name, %status, "client not authorized");
+            let reason = format!("not authorized: {}", status.message());
+            hello.reject(status).await;
+            connection.close(
+                VarInt::from_u32(codes::CONN_UNAUTHORIZED),
+                reason.as_bytes(),
+            );
+            return;
+        }
+    }
+    let peer = new_peer(&shared, &connection, &hello, identity);
     // Listed before the answer goes out: once the client knows its id, the
     // registry already has it. The guard unlists it however this task ends.
     shared.registry.insert(peer.clone());
@@ -489,7 +617,12 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming) {
     .await;
 }
 
-fn new_peer(shared: &Shared, connection: &quinn::Connection, hello: &HelloCall) -> Peer {
+fn new_peer(
+    shared: &Shared,
+    connection: &quinn::Connection,
+    hello: &HelloCall,
+    identity: Option<PeerIdentity>,
+) -> Peer {
     let id = ConnectionId(shared.next_id.fetch_add(1, Ordering::Relaxed));
     let labels: Labels = hello
         .request
@@ -502,11 +635,7 @@ fn new_peer(shared: &Shared, connection: &quinn::Connection, hello: &HelloCall) 
         name: hello.request.name.clone(),
         labels,
         connected_at: SystemTime::now(),
+        identity,
     };
-    Peer::new(
-        connection.clone(),
-        Side::Acceptor,
-        info,
-        shared.max_message_size,
-    )
+    Peer::new(connection.clone(), Side::Acceptor, info, shared.limits)
 }

@@ -303,7 +303,7 @@ async fn open_call(
 
     let mut state = ResponseState {
         record: record.take(),
-        reader: FrameReader::new(recv, max),
+        reader: FrameReader::new(recv, max).with_idle_limit(peer.limits().idle_timeout, false),
         call: CallState::caller(stream_id),
         deadline,
         trailers: Vec::new(),

@@ -73,15 +73,28 @@ async fn serve_call(peer: Peer, router: Router, send: SendStream, recv: RecvStre
 
 /// Reads the Request, runs the handler under the call's deadline, answers.
 async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStream) {
-    let mut reader = FrameReader::new(recv, out.max);
+    let mut reader =
+        FrameReader::new(recv, out.max).with_idle_limit(peer.limits().idle_timeout, true);
     let mut call = CallState::callee(out.stream_id);
     let (request, first_message, streaming) = loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
-            Ok(None) => return,
+            Ok(None) => {
+                out.status(Status::invalid_argument(
+                    "stream ended before a Request frame",
+                ))
+                .await;
+                return;
+            }
             Err(ReadError::TooLarge(e)) => {
                 reader.stop(codes::STREAM_TOO_LARGE);
                 out.status(Status::resource_exhausted(e.to_string())).await;
+                return;
+            }
+            Err(ReadError::Idle(limit)) => {
+                tracing::debug!(?limit, "call stalled before its Request; reset");
+                reader.stop(codes::STREAM_IDLE);
+                out.reset(codes::STREAM_IDLE);
                 return;
             }
             Err(ReadError::Truncated) => {
@@ -202,9 +215,16 @@ impl StreamInput {
                 Err(e) => {
                     self.failed = true;
                     let status = e.to_status();
-                    if let ReadError::TooLarge(_) = e {
-                        self.reader.stop(codes::STREAM_TOO_LARGE);
-                        self.end_call(&status);
+                    match e {
+                        ReadError::TooLarge(_) => {
+                            self.reader.stop(codes::STREAM_TOO_LARGE);
+                            self.end_call(&status);
+                        }
+                        ReadError::Idle(_) => {
+                            self.reader.stop(codes::STREAM_IDLE);
+                            self.end_call(&status);
+                        }
+                        _ => {}
                     }
                     return Some((Err(status), self));
                 }

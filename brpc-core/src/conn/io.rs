@@ -20,6 +20,8 @@ pub(crate) enum ReadError {
     ConnectionLost(quinn::ConnectionError),
     /// This side already stopped the stream.
     Closed,
+    /// No byte arrived within the idle limit while a frame was incomplete.
+    Idle(std::time::Duration),
 }
 
 impl ReadError {
@@ -35,6 +37,9 @@ impl ReadError {
             )),
             ReadError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
             ReadError::Closed => Status::cancelled("call was cancelled locally"),
+            ReadError::Idle(limit) => Status::deadline_exceeded(format!(
+                "the call stalled for {limit:?} in the middle of a frame; reset"
+            )),
         }
     }
 }
@@ -59,6 +64,10 @@ pub(crate) struct FrameReader {
     buf: BytesMut,
     decoder: FrameDecoder,
     finished: bool,
+    idle: Option<std::time::Duration>,
+    /// Apply the idle limit before the first frame too (a callee waiting for
+    /// the Request of a stream the peer opened).
+    awaiting_first: bool,
 }
 
 impl FrameReader {
@@ -68,14 +77,32 @@ impl FrameReader {
             buf: BytesMut::new(),
             decoder: FrameDecoder::new(max_message_size),
             finished: false,
+            idle: None,
+            awaiting_first: false,
         }
+    }
+
+    /// Resets the call (reads fail with [`ReadError::Idle`]) when it stalls
+    /// mid-frame for `idle`; with `first_frame`, also while no frame at all
+    /// has arrived.
+    pub(crate) fn with_idle_limit(
+        mut self,
+        idle: Option<std::time::Duration>,
+        first_frame: bool,
+    ) -> Self {
+        self.idle = idle;
+        self.awaiting_first = first_frame;
+        self
     }
 
     /// The next frame; `Ok(None)` when the peer finished the stream cleanly.
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
             match self.decoder.decode(&mut self.buf) {
-                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(Some(frame)) => {
+                    self.awaiting_first = false;
+                    return Ok(Some(frame));
+                }
                 Ok(None) => {}
                 Err(e) => return Err(ReadError::TooLarge(e)),
             }
@@ -89,7 +116,16 @@ impl FrameReader {
             // Never read past the frame in progress, so an unread stream keeps
             // its bytes in QUIC's flow-controlled buffers, not ours.
             let wanted = self.decoder.wanted(&self.buf);
-            match self.recv.read_chunk(wanted, true).await? {
+            let stalled_mid_frame =
+                !self.buf.is_empty() || self.decoder.skipping() > 0 || self.awaiting_first;
+            let read = self.recv.read_chunk(wanted, true);
+            let chunk = match self.idle {
+                Some(limit) if stalled_mid_frame => tokio::time::timeout(limit, read)
+                    .await
+                    .map_err(|_| ReadError::Idle(limit))??,
+                _ => read.await?,
+            };
+            match chunk {
                 Some(chunk) => {
                     super::observe::bytes_received(chunk.bytes.len());
                     self.buf.extend_from_slice(&chunk.bytes);

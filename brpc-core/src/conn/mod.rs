@@ -12,7 +12,7 @@ mod transport;
 pub use driver::serve;
 pub(crate) use observe::CallRecord;
 pub use observe::code_name;
-pub use peer::{ConnectionId, Labels, Peer, PeerInfo};
+pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo};
 pub use transport::{TransportOptions, transport_config};
 
 pub(crate) use io::{FrameReader, ReadError, write_frame};
@@ -37,6 +37,9 @@ pub mod codes {
     pub const STREAM_PROTOCOL_ERROR: u32 = 0x02;
     /// Stream: a frame exceeded the maximum message size.
     pub const STREAM_TOO_LARGE: u32 = 0x03;
+    /// Stream: the call stalled mid-frame (or before its Request) for longer
+    /// than the idle limit.
+    pub const STREAM_IDLE: u32 = 0x04;
 
     /// Connection: closed normally by the application.
     pub const CONN_NORMAL: u32 = 0x00;

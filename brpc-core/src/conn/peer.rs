@@ -15,6 +15,7 @@ use tonic::Status;
 
 use super::Side;
 use crate::bridge::Channel;
+use crate::tls::PeerIdentity;
 
 /// The id the server assigns to each connection during Hello. Unique for the
 /// life of one server; a reconnecting client gets a new one.
@@ -41,13 +42,36 @@ pub struct PeerInfo {
     pub labels: Labels,
     /// When the Hello completed.
     pub connected_at: SystemTime,
+    /// What the peer's TLS certificate proves, when it sent one: a client's
+    /// under mutual TLS, always the server's for a client.
+    pub identity: Option<PeerIdentity>,
+}
+
+/// Per-call limits a side enforces on one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct CallLimits {
+    /// Largest frame sent or accepted.
+    pub max_message_size: usize,
+    /// How long a call may sit in the middle of a frame (or, for a call the
+    /// peer opened, before its Request) without a byte arriving; then it is
+    /// reset (stream code `0x04`). `None`: no limit.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits {
+            max_message_size: crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
+            idle_timeout: Some(std::time::Duration::from_secs(30)),
+        }
+    }
 }
 
 struct Shared {
     connection: quinn::Connection,
     side: Side,
     info: PeerInfo,
-    max_message_size: usize,
+    limits: CallLimits,
     /// Calls this side is serving for the peer right now.
     served: AtomicUsize,
     /// Calls this side has open to the peer right now.
@@ -108,14 +132,14 @@ impl Peer {
         connection: quinn::Connection,
         side: Side,
         info: PeerInfo,
-        max_message_size: usize,
+        limits: CallLimits,
     ) -> Self {
         Peer {
             shared: Arc::new(Shared {
                 connection,
                 side,
                 info,
-                max_message_size,
+                limits,
                 served: AtomicUsize::new(0),
                 outgoing: AtomicUsize::new(0),
                 draining: watch::Sender::new(false),
@@ -188,7 +212,17 @@ impl Peer {
 
     /// Largest message this side sends or accepts on the connection.
     pub fn max_message_size(&self) -> usize {
-        self.shared.max_message_size
+        self.shared.limits.max_message_size
+    }
+
+    /// The per-call limits this side enforces on the connection.
+    pub fn limits(&self) -> CallLimits {
+        self.shared.limits
+    }
+
+    /// What the peer's certificate proves (see [`PeerInfo::identity`]).
+    pub fn identity(&self) -> Option<&PeerIdentity> {
+        self.shared.info.identity.as_ref()
     }
 
     /// The underlying QUIC connection.
