@@ -46,6 +46,8 @@ pub struct Probe {
     pub outputs_closed: AtomicUsize,
     /// Bytes the Sink handler has read.
     pub sunk: AtomicUsize,
+    /// Unary calls that reached the handler.
+    pub unary_calls: AtomicUsize,
     /// Make Unary hang forever (an agent that stopped answering).
     pub hang: std::sync::atomic::AtomicBool,
 }
@@ -112,6 +114,7 @@ impl Echo for EchoService {
     /// Echoes the message; the request's `x-` metadata comes back as headers.
     /// A text of "grow:N" answers with an N-byte blob instead.
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        self.probe.unary_calls.fetch_add(1, Ordering::SeqCst);
         if self.probe.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }

@@ -1,0 +1,438 @@
+//! The bad-input matrix, with raw quinn streams as the hostile peer: every
+//! malformed call ends with a clear status (or a documented stream reset), no
+//! panic, and a normal call on the same connection succeeds afterwards.
+
+mod common;
+
+use std::time::Duration;
+
+use brpc::core::conn::codes;
+use brpc::core::wire::{self, Flags, Frame, FrameDecoder, FrameType, Request, Response};
+use bytes::{BufMut, BytesMut};
+use common::EchoService;
+use common::echo::{EchoReply, EchoRequest};
+use prost::Message;
+use tonic::Code;
+
+fn frame(
+    stream_id: u32,
+    kind: FrameType,
+    flags: Flags,
+    payload: impl Into<bytes::Bytes>,
+) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    Frame::new(stream_id, kind, flags, payload.into())
+        .encode(&mut buf)
+        .expect("encode");
+    buf.to_vec()
+}
+
+fn echo_request(payload: Vec<u8>) -> Vec<u8> {
+    Request {
+        service: "test.echo.v1.Echo".into(),
+        method: "Unary".into(),
+        payload: payload.into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// What came back on a stream.
+#[derive(Debug)]
+enum Outcome {
+    Status(Code, String),
+    Reset(#[allow(dead_code)] u64),
+}
+
+/// Opens a stream, sends `bytes` (built for the stream's id), finishes, and
+/// reads the answer.
+async fn exchange(conn: &quinn::Connection, build: impl FnOnce(u32) -> Vec<u8>) -> Outcome {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let stream_id = wire::stream_id(send.id().index(), true);
+    send.write_all(&build(stream_id)).await.expect("write");
+    let _ = send.finish();
+    let read = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .expect("answered in time");
+    let bytes = match read {
+        Ok(bytes) => bytes,
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+            return Outcome::Reset(code.into_inner());
+        }
+        Err(e) => panic!("unexpected read error {e}"),
+    };
+    let mut buf = BytesMut::from(&bytes[..]);
+    let mut decoder = FrameDecoder::new(1 << 20);
+    while let Some(f) = decoder.decode(&mut buf).expect("frames") {
+        if f.kind == FrameType::Response {
+            let status = Response::decode(f.payload)
+                .expect("response")
+                .status
+                .expect("status");
+            return Outcome::Status(Code::from_i32(status.code), status.message);
+        }
+    }
+    panic!("no Response frame in {bytes:02x?}");
+}
+
+async fn normal_call_works(conn: &quinn::Connection) {
+    let payload = EchoRequest {
+        seq: 7,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let response = common::raw_call(
+        conn,
+        wire::Request::decode(&echo_request(payload)[..]).expect("req"),
+    )
+    .await;
+    assert_eq!(response.status.expect("status").code, 0);
+    assert_eq!(EchoReply::decode(response.payload).expect("reply").seq, 7);
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_a_clear_answer_and_the_connection_lives() {
+    let server = common::server();
+    let (conn, _id) = common::raw_client(&server, "hostile").await;
+    let valid = || {
+        echo_request(
+            EchoRequest {
+                seq: 1,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+
+    type Case = (
+        &'static str,
+        Box<dyn FnOnce(u32) -> Vec<u8>>,
+        Code,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "garbage bytes",
+            Box::new(|_| b"this is not a ttrpc frame at all".to_vec()),
+            Code::ResourceExhausted,
+            "exceed maximum message size",
+        ),
+        (
+            "truncated header",
+            Box::new(|_| vec![0, 0, 0, 4, 0]),
+            Code::InvalidArgument,
+            "middle of a frame",
+        ),
+        (
+            "length over the max",
+            Box::new(|id| {
+                let mut b = BytesMut::new();
+                b.put_u32(5 << 20);
+                b.put_u32(id);
+                b.put_u8(1);
+                b.put_u8(0);
+                b.to_vec()
+            }),
+            Code::ResourceExhausted,
+            "message length 5242880 exceed maximum message size of 4194304",
+        ),
+        (
+            "unknown frame type only",
+            Box::new(|id| frame(id, FrameType::Unknown(0x09), Flags::EMPTY, vec![1, 2, 3])),
+            Code::InvalidArgument,
+            "ended before a Request",
+        ),
+        (
+            "Data before Request",
+            Box::new(|id| frame(id, FrameType::Data, Flags::EMPTY, vec![8, 1])),
+            Code::InvalidArgument,
+            "expected a Request",
+        ),
+        (
+            "a second Request",
+            Box::new(move |id| {
+                let mut b = frame(
+                    id,
+                    FrameType::Request,
+                    Flags::REMOTE_OPEN,
+                    echo_request(vec![]),
+                );
+                b.extend(frame(
+                    id,
+                    FrameType::Request,
+                    Flags::EMPTY,
+                    echo_request(vec![]),
+                ));
+                b
+            }),
+            Code::InvalidArgument,
+            "second Request",
+        ),
+        (
+            "Response sent by the caller",
+            Box::new(move |id| {
+                let mut b = frame(
+                    id,
+                    FrameType::Request,
+                    Flags::REMOTE_OPEN,
+                    echo_request(vec![]),
+                );
+                b.extend(frame(
+                    id,
+                    FrameType::Response,
+                    Flags::EMPTY,
+                    Response::default().encode_to_vec(),
+                ));
+                b
+            }),
+            Code::InvalidArgument,
+            "Response frame from the caller",
+        ),
+        (
+            "wrong stream id parity",
+            Box::new(move |id| frame(id + 1, FrameType::Request, Flags::EMPTY, valid())),
+            Code::InvalidArgument,
+            "stream id",
+        ),
+        (
+            "Request flags open and closed",
+            Box::new(move |id| {
+                frame(
+                    id,
+                    FrameType::Request,
+                    Flags::REMOTE_OPEN | Flags::REMOTE_CLOSED,
+                    echo_request(vec![]),
+                )
+            }),
+            Code::InvalidArgument,
+            "both open and close",
+        ),
+        (
+            "close frame with data",
+            Box::new(move |id| {
+                let mut b = frame(
+                    id,
+                    FrameType::Request,
+                    Flags::REMOTE_OPEN,
+                    echo_request(vec![]),
+                );
+                b.extend(frame(id, FrameType::Data, Flags::REMOTE_CLOSED, vec![8, 1]));
+                b
+            }),
+            Code::InvalidArgument,
+            "cannot include data",
+        ),
+        (
+            "Request envelope not protobuf",
+            Box::new(|id| frame(id, FrameType::Request, Flags::EMPTY, vec![0xff, 0xff, 0xff])),
+            Code::InvalidArgument,
+            "undecodable Request",
+        ),
+        (
+            "message not protobuf",
+            Box::new(|id| {
+                frame(
+                    id,
+                    FrameType::Request,
+                    Flags::EMPTY,
+                    echo_request(vec![0xff, 0xff, 0xff]),
+                )
+            }),
+            Code::Internal,
+            "decode",
+        ),
+        (
+            "empty service name",
+            Box::new(|id| {
+                let r = Request {
+                    method: "Unary".into(),
+                    ..Default::default()
+                };
+                frame(id, FrameType::Request, Flags::EMPTY, r.encode_to_vec())
+            }),
+            Code::InvalidArgument,
+            "names no service",
+        ),
+        (
+            "unknown service",
+            Box::new(|id| {
+                let r = Request {
+                    service: "nope.Nope".into(),
+                    method: "X".into(),
+                    ..Default::default()
+                };
+                frame(id, FrameType::Request, Flags::EMPTY, r.encode_to_vec())
+            }),
+            Code::Unimplemented,
+            "service nope.Nope",
+        ),
+        (
+            "a second Hello",
+            Box::new(|id| {
+                frame(
+                    id,
+                    FrameType::Request,
+                    Flags::EMPTY,
+                    common::hello_request(1, "again").encode_to_vec(),
+                )
+            }),
+            Code::FailedPrecondition,
+            "already exchanged",
+        ),
+    ];
+    for (name, build, code, text) in cases {
+        match exchange(&conn, build).await {
+            Outcome::Status(got, message) => {
+                assert_eq!(got, code, "{name}: {message}");
+                assert!(message.contains(text), "{name}: {message:?} lacks {text:?}");
+            }
+            other => panic!("{name}: expected a status, got {other:?}"),
+        }
+        normal_call_works(&conn).await;
+    }
+
+    // An unknown frame type before a valid Request is skipped.
+    match exchange(&conn, |id| {
+        let mut b = frame(id, FrameType::Unknown(0x7f), Flags::EMPTY, vec![]);
+        b.extend(frame(id, FrameType::Request, Flags::EMPTY, valid()));
+        b
+    })
+    .await
+    {
+        Outcome::Status(Code::Ok, _) => {}
+        other => panic!("unknown type then Request: {other:?}"),
+    }
+    assert!(
+        server.peers().len() == 1,
+        "the hostile client is still connected"
+    );
+}
+
+#[tokio::test]
+async fn a_hostile_callee_cannot_break_the_caller() {
+    let server = common::server();
+    let (conn, id) = common::raw_client(&server, "hostile-callee").await;
+    let answers: Vec<Vec<u8>> = vec![
+        b"garbage garbage garbage garbage".to_vec(),
+        frame(2, FrameType::Request, Flags::EMPTY, echo_request(vec![])),
+        frame(2, FrameType::Response, Flags::EMPTY, vec![0xff, 0xff]),
+        frame(4, FrameType::Data, Flags::EMPTY, vec![8, 1]),
+    ];
+    let responder = conn.clone();
+    tokio::spawn(async move {
+        for answer in answers {
+            let Ok((mut send, _recv)) = responder.accept_bi().await else {
+                return;
+            };
+            let _ = send.write_all(&answer).await;
+            let _ = send.finish();
+        }
+    });
+    let peer = server.peers().get(id).expect("listed");
+    for expected in [
+        Code::ResourceExhausted,
+        Code::Internal,
+        Code::Internal,
+        Code::Internal,
+    ] {
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            peer.client(common::echo::echo_client::EchoClient::new)
+                .unary(EchoRequest::default()),
+        )
+        .await
+        .expect("no hang");
+        assert_eq!(result.expect_err("bad answer").code(), expected);
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_hello_is_refused() {
+    let server = common::server();
+    let conn = common::raw_connection(&server).await;
+    let response = common::raw_call(&conn, common::hello_request(1, &"x".repeat(100 * 1024))).await;
+    let status = response.status.expect("status");
+    assert_eq!(
+        status.code,
+        Code::ResourceExhausted as i32,
+        "{}",
+        status.message
+    );
+    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed")
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                quinn::VarInt::from_u32(codes::CONN_HELLO_FAILED)
+            );
+        }
+        other => panic!("unexpected close {other:?}"),
+    }
+    assert!(server.peers().is_empty());
+}
+
+#[tokio::test]
+async fn a_call_that_stalls_mid_frame_is_reset_after_the_idle_limit() {
+    let echo = EchoService::new("server");
+    let server = brpc::Server::builder()
+        .call_idle_timeout(Some(Duration::from_millis(300)))
+        .add_service(common::echo::echo_server::EchoServer::new(echo))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let (conn, _id) = common::raw_client(&server, "staller").await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let stream_id = wire::stream_id(send.id().index(), true);
+    // A header announcing 1000 bytes, then only 10 of them, and silence.
+    let mut partial = BytesMut::new();
+    partial.put_u32(1000);
+    partial.put_u32(stream_id);
+    partial.put_u8(1);
+    partial.put_u8(0);
+    partial.put_slice(&[0u8; 10]);
+    send.write_all(&partial).await.expect("write");
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(10), recv.read(&mut buf))
+        .await
+        .expect("reset in time")
+    {
+        Err(quinn::ReadError::Reset(code)) => {
+            assert_eq!(code, quinn::VarInt::from_u32(codes::STREAM_IDLE))
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    normal_call_works(&conn).await;
+}
+
+#[tokio::test]
+async fn the_server_refuses_clients_over_its_connection_limit() {
+    let server = brpc::Server::builder()
+        .max_connections(2)
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let a = common::client(&server, "a").await;
+    let b = common::client(&server, "b").await;
+    let err = common::client_builder(&server, "c", EchoService::new("c"))
+        .connect(server.local_addr())
+        .await
+        .expect_err("over the limit");
+    assert!(matches!(err, brpc::ConnectError::Refused(_)), "{err}");
+    assert!(err.to_string().contains("connection limit (2)"), "{err}");
+    for client in [&a, &b] {
+        let reply = common::echo::echo_client::EchoClient::new(client.channel())
+            .unary(EchoRequest {
+                seq: 3,
+                ..Default::default()
+            })
+            .await
+            .expect("existing clients keep working");
+        assert_eq!(reply.into_inner().seq, 3);
+    }
+    assert_eq!(server.peers().len(), 2);
+}
