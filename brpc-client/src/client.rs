@@ -69,13 +69,18 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// Whether the server's certificate failed verification.
+    /// Whether a certificate failed verification: the server's (by this
+    /// client) or this client's (by a server requiring mutual TLS).
     pub fn is_certificate_error(&self) -> bool {
-        matches!(
-            self,
-            ConnectError::Handshake(quinn::ConnectionError::TransportError(e))
-                if e.to_string().contains("certificate")
-        )
+        match self {
+            ConnectError::Handshake(quinn::ConnectionError::TransportError(e)) => {
+                e.to_string().contains("certificate")
+            }
+            ConnectError::Handshake(quinn::ConnectionError::ConnectionClosed(c)) => {
+                c.to_string().contains("certificate")
+            }
+            _ => false,
+        }
     }
 }
 
@@ -432,15 +437,22 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
             match session::send_hello(&connection, hello, shared.limits.max_message_size).await {
                 Ok(answer) => answer,
                 Err(status) => {
-                    // A server that closed with a reason says more than the status.
-                    if let Some(quinn::ConnectionError::ApplicationClosed(close)) =
-                        connection.close_reason()
-                        && status.code() != tonic::Code::PermissionDenied
-                        && status.code() != tonic::Code::Unauthenticated
-                    {
-                        return Err(ConnectError::Refused(close_reason(&close)));
-                    }
-                    return Err(ConnectError::Hello(status));
+                    // A connection that closed says more than the lost Hello: under
+                    // TLS 1.3 a server refusing our certificate does so only now.
+                    let refused = matches!(
+                        status.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    );
+                    return Err(match connection.close_reason() {
+                        Some(quinn::ConnectionError::ApplicationClosed(close)) if !refused => {
+                            ConnectError::Refused(close_reason(&close))
+                        }
+                        Some(
+                            e @ (quinn::ConnectionError::TransportError(_)
+                            | quinn::ConnectionError::ConnectionClosed(_)),
+                        ) => ConnectError::Handshake(e),
+                        _ => ConnectError::Hello(status),
+                    });
                 }
             };
         Ok::<_, ConnectError>((connection, answer))
