@@ -496,7 +496,10 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
         }
         () = shared.closing() => return Ended::Closing,
     }
-    match peer.quic_connection().close_reason() {
+    match peer
+        .quic_connection()
+        .and_then(quinn::Connection::close_reason)
+    {
         Some(quinn::ConnectionError::ApplicationClosed(close))
             if close.error_code == VarInt::from_u32(codes::CONN_UNAUTHORIZED) =>
         {

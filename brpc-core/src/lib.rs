@@ -13,6 +13,7 @@
 //! `brpc-client`, which add no protocol logic of their own.
 
 pub mod bridge;
+pub mod bytestream;
 pub mod conn;
 pub mod metadata;
 pub mod session;

@@ -78,6 +78,46 @@ pub async fn send_hello(
     }
 }
 
+/// One unary call to the peer's built-in session service.
+async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes, Status> {
+    let (mut send, mut reader, stream_id) = peer.open_call().await?;
+    let request = Request {
+        service: SERVICE.into(),
+        method: method.into(),
+        payload,
+        ..Default::default()
+    };
+    send.write(
+        stream_id,
+        FrameType::Request,
+        Flags::EMPTY,
+        request.encode_to_vec().into(),
+    )
+    .await
+    .map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
+    send.finish();
+    let mut call = CallState::caller(stream_id);
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                return Err(Status::internal(format!(
+                    "peer ended {method} without an answer"
+                )));
+            }
+            Err(e) => return Err(e.to_status()),
+        };
+        match call.recv(frame)? {
+            Inbound::Finished {
+                message: Some(payload),
+                ..
+            } => return Ok(payload),
+            Inbound::Finished { status, .. } => return Err(status),
+            _ => continue,
+        }
+    }
+}
+
 /// Tells the peer this side is going away: it should open no new calls on
 /// this connection (they would fail with `UNAVAILABLE`) and, if it is a
 /// client, reconnect after its backoff. Calls in flight continue.
@@ -85,49 +125,37 @@ pub async fn send_hello(
 /// # Errors
 /// `UNAVAILABLE` if the connection is gone, or the peer's answer.
 pub async fn send_goaway(peer: &Peer, reason: &str) -> Result<(), Status> {
-    let lost = |e: &dyn std::fmt::Display| Status::unavailable(format!("cannot send GoAway: {e}"));
-    let connection = peer.quic_connection();
-    let (mut send, recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
-    let stream_id = wire::stream_id(send.id().index(), peer.side() == Side::Dialer);
-    let request = Request {
-        service: SERVICE.into(),
-        method: METHOD_GOAWAY.into(),
-        payload: GoAway {
-            reason: reason.into(),
-        }
-        .encode_to_vec()
-        .into(),
-        ..Default::default()
-    };
-    write_frame(
-        &mut send,
-        stream_id,
-        FrameType::Request,
-        Flags::EMPTY,
-        request.encode_to_vec().into(),
-    )
-    .await
-    .map_err(|e| lost(&e))?;
-    let _ = send.finish();
-    let mut reader = FrameReader::new(recv, peer.max_message_size());
-    let mut call = CallState::caller(stream_id);
-    loop {
-        let frame = match reader.next().await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Err(Status::internal("peer ended GoAway without an answer")),
-            Err(e) => return Err(e.to_status()),
-        };
-        match call.recv(frame)? {
-            Inbound::Finished { status, .. } if status.code() == tonic::Code::Ok => return Ok(()),
-            Inbound::Finished { status, .. } => return Err(status),
-            _ => continue,
-        }
+    let payload = GoAway {
+        reason: reason.into(),
     }
+    .encode_to_vec();
+    session_call(peer, METHOD_GOAWAY, payload.into())
+        .await
+        .map(|_| ())
 }
 
-/// The answer to a call on the built-in session service after Hello: GoAway
-/// marks the peer as going away; anything else is `UNIMPLEMENTED`.
-pub(crate) fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> Status {
+/// Dialer over a byte stream: says Hello to find out whether the acceptor is
+/// brpc. A plain ttrpc acceptor answers with an error.
+pub(crate) async fn hello_bytestream(peer: &Peer) -> Result<HelloResponse, Status> {
+    let hello = HelloRequest {
+        protocol_version: PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        session_call(peer, METHOD, hello.encode_to_vec().into()),
+    )
+    .await
+    .map_err(|_| Status::deadline_exceeded("no answer to Hello"))??;
+    HelloResponse::decode(answer)
+        .map_err(|e| Status::internal(format!("undecodable Hello answer: {e}")))
+}
+
+/// The answer to a call on the built-in session service after the session
+/// started: GoAway marks the peer as going away; Hello is answered once on a
+/// byte stream (where it is how brpc peers recognise each other) and refused
+/// otherwise; anything else is `UNIMPLEMENTED`.
+pub(crate) fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> (Status, Bytes) {
     match method {
         METHOD_GOAWAY => {
             let reason = GoAway::decode(payload)
@@ -140,10 +168,26 @@ pub(crate) fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> 
                 reason
             };
             peer.mark_going_away(reason);
-            Status::ok("")
+            (Status::ok(""), Bytes::new())
         }
-        METHOD => Status::failed_precondition("Hello was already exchanged on this connection"),
-        other => Status::unimplemented(format!("method {other}")),
+        METHOD => match peer.link() {
+            Some(link) if peer.side() == Side::Acceptor && !link.remote_is_brpc() => {
+                link.set_remote_is_brpc();
+                let answer = HelloResponse {
+                    connection_id: peer.connection_id().0,
+                    protocol_version: PROTOCOL_VERSION,
+                };
+                (Status::ok(""), answer.encode_to_vec().into())
+            }
+            _ => (
+                Status::failed_precondition("Hello was already exchanged on this connection"),
+                Bytes::new(),
+            ),
+        },
+        other => (
+            Status::unimplemented(format!("method {other}")),
+            Bytes::new(),
+        ),
     }
 }
 

@@ -478,7 +478,11 @@ struct Listed<'a> {
 
 impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        let reason = match self.peer.quic_connection().close_reason() {
+        let reason = match self
+            .peer
+            .quic_connection()
+            .and_then(quinn::Connection::close_reason)
+        {
             Some(reason) => reason.to_string(),
             None => "server task ended".to_owned(),
         };
@@ -611,7 +615,7 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Count
     async {
         tracing::debug!("peer connected");
         brpc_core::serve(peer.clone(), shared.router.clone()).await;
-        tracing::debug!(reason = ?peer.quic_connection().close_reason(), "peer disconnected");
+        tracing::debug!(reason = ?peer.quic_connection().and_then(quinn::Connection::close_reason), "peer disconnected");
     }
     .instrument(span)
     .await;

@@ -17,7 +17,6 @@ use futures_util::stream;
 use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
 use prost::Message;
-use quinn::{SendStream, VarInt};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tonic::Status;
@@ -25,9 +24,10 @@ use tonic::body::Body;
 use tracing::Instrument;
 
 use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
-use crate::conn::{CallRecord, FrameReader, Peer, Side, codes, write_frame};
+use crate::conn::call_io::{CallReader, CallWriter, SendError};
+use crate::conn::{CallRecord, Peer, codes};
 use crate::metadata;
-use crate::wire::{self, CallState, Flags, FrameType, Inbound, KeyValue, Request};
+use crate::wire::{CallState, Flags, FrameType, Inbound, KeyValue, Request};
 
 /// Calls the services of one peer. Hand it to any tonic-generated client:
 /// `GreeterClient::new(peer.channel())`. Cheap to clone; every call opens its
@@ -243,34 +243,16 @@ async fn open_call(
     let mut body = MessageReader::new(body, max);
     let shape = shape_of(&mut body)?;
 
-    let open = async {
-        let (send, recv) = peer.quic_connection().open_bi().await.map_err(|e| {
-            Status::unavailable(format!(
-                "cannot open a call to the peer: connection lost: {e}"
-            ))
-        })?;
-        let opened_by_dialer = peer.side() == Side::Dialer;
-        let stream_id = wire::stream_id(send.id().index(), opened_by_dialer);
-        Ok::<_, Status>((send, recv, stream_id))
-    };
-    let (mut send, recv, stream_id) = with_deadline(deadline, open).await?;
+    let (mut send, reader, stream_id) = with_deadline(deadline, peer.open_call()).await?;
 
     let pump = match shape {
         Shape::Single(message) => {
             envelope.payload = message;
             let frame = envelope.encode_to_vec();
             check_size(frame.len(), max)?;
-            let write = write_frame(
-                &mut send,
-                stream_id,
-                FrameType::Request,
-                Flags::EMPTY,
-                frame.into(),
-            );
+            let write = send.write(stream_id, FrameType::Request, Flags::EMPTY, frame.into());
             match with_deadline(deadline, async { write.await.map_err(SendFailure::from) }).await {
-                Ok(()) => {
-                    let _ = send.finish();
-                }
+                Ok(()) => send.finish(),
                 // The callee refused the request (e.g. too large): its Response says why.
                 Err(SendFailure::PeerStopped) => {}
                 Err(SendFailure::Local(status)) => return Err(status),
@@ -280,8 +262,7 @@ async fn open_call(
         Shape::Stream { ready, ended } => {
             let frame = envelope.encode_to_vec();
             check_size(frame.len(), max)?;
-            let write = write_frame(
-                &mut send,
+            let write = send.write(
                 stream_id,
                 FrameType::Request,
                 Flags::REMOTE_OPEN,
@@ -303,7 +284,8 @@ async fn open_call(
 
     let mut state = ResponseState {
         record: record.take(),
-        reader: FrameReader::new(recv, max).with_idle_limit(peer.limits().idle_timeout, false),
+        reader,
+        wait_for_headers: peer.remote_is_brpc(),
         call: CallState::caller(stream_id),
         deadline,
         trailers: Vec::new(),
@@ -312,9 +294,15 @@ async fn open_call(
         pump,
     };
     // Wait for the callee's first answer, as an HTTP/2 client waits for the
-    // response headers: a Headers frame, a first message, or the end.
+    // response headers: a Headers frame, a first message, or the end. A plain
+    // ttrpc callee sends no Headers, so its calls start at once.
     let mut headers = http::HeaderMap::new();
-    match state.next_event().await {
+    let first = if state.wait_for_headers {
+        state.next_event().await
+    } else {
+        ResponseEvent::Headers(Vec::new())
+    };
+    match first {
         ResponseEvent::Headers(entries) => metadata::append_key_values(&mut headers, entries)?,
         ResponseEvent::Message(m) => state.pending.push_back(BodyFrame::data(frame_message(&m))),
         ResponseEvent::End(status, None) if status.code() != tonic::Code::Ok => {
@@ -350,15 +338,10 @@ fn check_size(len: usize, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
-fn write_status(e: quinn::WriteError) -> Status {
+fn write_status(e: SendError) -> Status {
     match e {
-        quinn::WriteError::Stopped(code) => {
-            Status::cancelled(format!("peer stopped reading the call (code {code})"))
-        }
-        quinn::WriteError::ConnectionLost(e) => {
-            Status::unavailable(format!("connection lost: {e}"))
-        }
-        other => Status::unavailable(format!("cannot send the call: {other}")),
+        SendError::Stopped => Status::cancelled("peer stopped reading the call"),
+        SendError::Lost(reason) => Status::unavailable(format!("connection lost: {reason}")),
     }
 }
 
@@ -379,7 +362,7 @@ async fn with_deadline<T, E: From<Status>>(
 /// failure (an oversized message, an error from the caller's stream) resets
 /// the stream and is reported to the response side through `failed`.
 async fn pump_requests(
-    mut send: SendStream,
+    mut send: CallWriter,
     stream_id: u32,
     max: usize,
     ready: Vec<Bytes>,
@@ -390,17 +373,20 @@ async fn pump_requests(
     let work = async {
         for message in ready {
             check_size(message.len(), max)?;
-            write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message).await?;
+            send.write(stream_id, FrameType::Data, Flags::EMPTY, message)
+                .await?;
         }
         if let Some(mut body) = body {
             while let BodyEvent::Message(message) = body.next().await? {
                 check_size(message.len(), max)?;
-                write_frame(&mut send, stream_id, FrameType::Data, Flags::EMPTY, message).await?;
+                send.write(stream_id, FrameType::Data, Flags::EMPTY, message)
+                    .await?;
             }
         }
         let close = Flags::REMOTE_CLOSED | Flags::NO_DATA;
-        write_frame(&mut send, stream_id, FrameType::Data, close, Bytes::new()).await?;
-        let _ = send.finish();
+        send.write(stream_id, FrameType::Data, close, Bytes::new())
+            .await?;
+        send.finish();
         Ok::<(), SendFailure>(())
     };
     let outcome = tokio::select! {
@@ -413,7 +399,7 @@ async fn pump_requests(
         // by the response side) says why.
         Err(SendFailure::PeerStopped) => {}
         Err(SendFailure::Local(status)) => {
-            let _ = send.reset(VarInt::from_u32(codes::STREAM_CANCELLED));
+            send.reset(codes::STREAM_CANCELLED);
             let _ = failed.send(status);
         }
     }
@@ -427,10 +413,10 @@ enum SendFailure {
     Local(Status),
 }
 
-impl From<quinn::WriteError> for SendFailure {
-    fn from(e: quinn::WriteError) -> Self {
+impl From<SendError> for SendFailure {
+    fn from(e: SendError) -> Self {
         match e {
-            quinn::WriteError::Stopped(_) => SendFailure::PeerStopped,
+            SendError::Stopped => SendFailure::PeerStopped,
             other => SendFailure::Local(write_status(other)),
         }
     }
@@ -454,10 +440,13 @@ struct Pump {
 /// it before the call ended cancels the call (STOP_SENDING, and a reset of the
 /// request stream through the pump).
 struct ResponseState {
+    /// Whether the callee sends Headers (a brpc peer): then the call waits for
+    /// its first frame before it starts.
+    wait_for_headers: bool,
     /// Outcome and in-flight count of the call (always set; an Option only so
     /// the call can give it back on early errors).
     record: Option<CallRecord>,
-    reader: FrameReader,
+    reader: CallReader,
     call: CallState,
     deadline: Option<Instant>,
     trailers: Vec<KeyValue>,

@@ -11,7 +11,6 @@ use futures_util::stream;
 use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
 use prost::Message;
-use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -19,37 +18,39 @@ use tonic::Status;
 use tonic::body::Body;
 use tracing::Instrument;
 
-use super::io::{FrameReader, ReadError, write_frame};
+use super::call_io::{CallReader, CallWriter};
+use super::io::ReadError;
 use super::{CallRecord, Peer, codes};
 use crate::bridge::Router;
 use crate::bridge::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
 use crate::metadata;
 use crate::session;
-use crate::wire::{
-    self, CallState, Flags, FrameType, Inbound, KeyValue, Metadata, Request, Response,
-};
+use crate::wire::{CallState, Flags, FrameType, Inbound, KeyValue, Metadata, Request, Response};
 
 /// Serves the peer's calls on its connection with `router` until the connection
 /// closes. Every handler still running then is dropped.
 pub async fn serve(peer: Peer, router: Router) {
-    let connection = peer.quic_connection().clone();
     let mut calls = JoinSet::new();
     loop {
         tokio::select! {
-            accepted = connection.accept_bi() => match accepted {
-                Ok((send, recv)) => {
-                    calls.spawn(serve_call(peer.clone(), router.clone(), send, recv));
+            accepted = peer.accept_call() => match accepted {
+                Some((send, recv, stream_id)) => {
+                    calls.spawn(serve_call(peer.clone(), router.clone(), send, recv, stream_id));
                 }
-                Err(_) => break,
+                None => break,
             },
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
         }
     }
 }
 
-async fn serve_call(peer: Peer, router: Router, send: SendStream, recv: RecvStream) {
-    let id = recv.id();
-    let stream_id = wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
+async fn serve_call(
+    peer: Peer,
+    router: Router,
+    send: CallWriter,
+    recv: CallReader,
+    stream_id: u32,
+) {
     let stopped = send.stopped();
     let record = CallRecord::new(&peer, true);
     let span = record.span().clone();
@@ -59,12 +60,13 @@ async fn serve_call(peer: Peer, router: Router, send: SendStream, recv: RecvStre
         max: peer.max_message_size(),
         writing: false,
         record,
+        metadata_frames: peer.remote_is_brpc(),
     };
     let answered = tokio::select! {
         biased;
         () = answer(&peer, &router, &mut out, recv).instrument(span) => true,
         // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
-        _ = stopped => false,
+        () = stopped => false,
     };
     if !answered {
         out.reset(codes::STREAM_CANCELLED);
@@ -72,9 +74,7 @@ async fn serve_call(peer: Peer, router: Router, send: SendStream, recv: RecvStre
 }
 
 /// Reads the Request, runs the handler under the call's deadline, answers.
-async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStream) {
-    let mut reader =
-        FrameReader::new(recv, out.max).with_idle_limit(peer.limits().idle_timeout, true);
+async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: CallReader) {
     let mut call = CallState::callee(out.stream_id);
     let (request, first_message, streaming) = loop {
         let frame = match reader.next().await {
@@ -122,9 +122,9 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, recv: RecvStr
     };
     out.record.named(&request.service, &request.method);
     if request.service == session::SERVICE {
-        let status =
+        let (status, payload) =
             session::handle_session_call(peer, &request.method, first_message.unwrap_or_default());
-        out.response(status, Bytes::new()).await;
+        out.response(status, payload).await;
         return;
     }
     if peer.is_draining() {
@@ -184,7 +184,7 @@ enum Input {
 
 /// Request messages still arriving as Data frames.
 struct StreamInput {
-    reader: FrameReader,
+    reader: CallReader,
     call: CallState,
     first: Option<Bytes>,
     failed: bool,
@@ -386,19 +386,21 @@ async fn respond(out: &mut Responder, response: http::Response<Body>) {
 
 /// The callee's half of the stream.
 struct Responder {
-    send: SendStream,
+    send: CallWriter,
     stream_id: u32,
     max: usize,
     /// A frame write was started and not finished: if the write is abandoned
     /// (deadline), the stream holds a partial frame and can only be reset.
     writing: bool,
     record: CallRecord,
+    /// Whether the caller understands Headers/Trailers frames (a brpc peer).
+    metadata_frames: bool,
 }
 
 impl Responder {
     async fn frame(&mut self, kind: FrameType, flags: Flags, payload: Bytes) -> Result<(), ()> {
         self.writing = true;
-        let result = write_frame(&mut self.send, self.stream_id, kind, flags, payload).await;
+        let result = self.send.write(self.stream_id, kind, flags, payload).await;
         self.writing = false;
         result.map_err(|_| ())
     }
@@ -419,6 +421,9 @@ impl Responder {
 
     /// A Headers or Trailers frame with `entries`.
     async fn metadata(&mut self, kind: FrameType, entries: Vec<KeyValue>) -> Result<(), ()> {
+        if !self.metadata_frames {
+            return Ok(());
+        }
         let data = Metadata { entries }.encode_to_vec();
         self.frame(kind, Flags::EMPTY, data.into()).await
     }
@@ -453,7 +458,7 @@ impl Responder {
             .await
             .is_ok()
         {
-            let _ = self.send.finish();
+            self.send.finish();
         }
     }
 
@@ -491,12 +496,12 @@ impl Responder {
             .await
             .is_ok()
         {
-            let _ = self.send.finish();
+            self.send.finish();
         }
     }
 
     fn reset(&mut self, code: u32) {
         self.record.finish(tonic::Code::Cancelled);
-        let _ = self.send.reset(VarInt::from_u32(code));
+        self.send.reset(code);
     }
 }

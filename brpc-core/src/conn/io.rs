@@ -22,6 +22,8 @@ pub(crate) enum ReadError {
     Closed,
     /// No byte arrived within the idle limit while a frame was incomplete.
     Idle(std::time::Duration),
+    /// The byte-stream connection carrying the call is gone.
+    LinkLost(String),
 }
 
 impl ReadError {
@@ -37,6 +39,9 @@ impl ReadError {
             )),
             ReadError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
             ReadError::Closed => Status::cancelled("call was cancelled locally"),
+            ReadError::LinkLost(reason) => {
+                Status::unavailable(format!("connection lost: {reason}"))
+            }
             ReadError::Idle(limit) => Status::deadline_exceeded(format!(
                 "the call stalled for {limit:?} in the middle of a frame; reset"
             )),

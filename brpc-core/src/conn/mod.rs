@@ -3,6 +3,7 @@
 //! from it. The only role difference is [`Side`]: who dialed, and so the parity
 //! of ttrpc stream ids.
 
+pub(crate) mod call_io;
 mod driver;
 mod io;
 mod observe;
@@ -16,6 +17,9 @@ pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo};
 pub use transport::{TransportOptions, transport_config};
 
 pub(crate) use io::{FrameReader, ReadError, write_frame};
+pub(crate) use observe::{
+    bytes_received as observe_bytes_received, bytes_sent as observe_bytes_sent,
+};
 
 /// Which end of the QUIC connection this side is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,7 +15,11 @@ use tonic::Status;
 
 use super::Side;
 use crate::bridge::Channel;
+use crate::bytestream::{Link, UnixCredentials};
 use crate::tls::PeerIdentity;
+
+use super::call_io::{CallReader, CallWriter};
+use super::io::FrameReader;
 
 /// The id the server assigns to each connection during Hello. Unique for the
 /// life of one server; a reconnecting client gets a new one.
@@ -67,8 +71,15 @@ impl Default for CallLimits {
     }
 }
 
+/// What carries the connection.
+enum Transport {
+    Quic(quinn::Connection),
+    Bytes(Link),
+}
+
 struct Shared {
-    connection: quinn::Connection,
+    transport: Transport,
+    credentials: Option<UnixCredentials>,
     side: Side,
     info: PeerInfo,
     limits: CallLimits,
@@ -134,9 +145,30 @@ impl Peer {
         info: PeerInfo,
         limits: CallLimits,
     ) -> Self {
+        Self::with_transport(Transport::Quic(connection), side, info, limits, None)
+    }
+
+    pub(crate) fn new_bytestream(
+        link: Link,
+        side: Side,
+        info: PeerInfo,
+        limits: CallLimits,
+        credentials: Option<UnixCredentials>,
+    ) -> Self {
+        Self::with_transport(Transport::Bytes(link), side, info, limits, credentials)
+    }
+
+    fn with_transport(
+        transport: Transport,
+        side: Side,
+        info: PeerInfo,
+        limits: CallLimits,
+        credentials: Option<UnixCredentials>,
+    ) -> Self {
         Peer {
             shared: Arc::new(Shared {
-                connection,
+                transport,
+                credentials,
                 side,
                 info,
                 limits,
@@ -201,8 +233,83 @@ impl Peer {
     }
 
     /// The peer's current UDP address (it changes if the peer migrates).
+    /// Over a Unix socket, the unspecified address `0.0.0.0:0`.
     pub fn remote_address(&self) -> SocketAddr {
-        self.shared.connection.remote_address()
+        match &self.shared.transport {
+            Transport::Quic(connection) => connection.remote_address(),
+            Transport::Bytes(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+
+    /// The Unix peer's credentials (`SO_PEERCRED`), on the accepting side of
+    /// a Unix socket.
+    pub fn credentials(&self) -> Option<UnixCredentials> {
+        self.shared.credentials
+    }
+
+    /// Whether the other side speaks brpc (always over QUIC; over a byte
+    /// stream, once the Hello succeeded). Only then are response metadata
+    /// frames sent and may the accepting side call the dialer.
+    pub fn remote_is_brpc(&self) -> bool {
+        match &self.shared.transport {
+            Transport::Quic(_) => true,
+            Transport::Bytes(link) => link.remote_is_brpc(),
+        }
+    }
+
+    pub(crate) fn link(&self) -> Option<&Link> {
+        match &self.shared.transport {
+            Transport::Bytes(link) => Some(link),
+            Transport::Quic(_) => None,
+        }
+    }
+
+    /// Opens a new call to the peer.
+    pub(crate) async fn open_call(&self) -> Result<(CallWriter, CallReader, u32), Status> {
+        let limits = self.shared.limits;
+        match &self.shared.transport {
+            Transport::Quic(connection) => {
+                let (send, recv) = connection.open_bi().await.map_err(|e| {
+                    Status::unavailable(format!(
+                        "cannot open a call to the peer: connection lost: {e}"
+                    ))
+                })?;
+                let stream_id =
+                    crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
+                let reader = FrameReader::new(recv, limits.max_message_size)
+                    .with_idle_limit(limits.idle_timeout, false);
+                Ok((CallWriter::Quic(send), CallReader::Quic(reader), stream_id))
+            }
+            Transport::Bytes(link) => {
+                if self.shared.side == Side::Acceptor && !link.remote_is_brpc() {
+                    return Err(Status::unimplemented(
+                        "the dialer speaks plain ttrpc and serves no calls (it did not say brpc Hello)",
+                    ));
+                }
+                let (out, inbound, id) = link.open()?;
+                Ok((CallWriter::Bytes(out), CallReader::Bytes(inbound), id))
+            }
+        }
+    }
+
+    /// Waits for the next call the peer opens; `None` when the connection is gone.
+    pub(crate) async fn accept_call(&self) -> Option<(CallWriter, CallReader, u32)> {
+        let limits = self.shared.limits;
+        match &self.shared.transport {
+            Transport::Quic(connection) => {
+                let (send, recv) = connection.accept_bi().await.ok()?;
+                let id = recv.id();
+                let stream_id =
+                    crate::wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
+                let reader = FrameReader::new(recv, limits.max_message_size)
+                    .with_idle_limit(limits.idle_timeout, true);
+                Some((CallWriter::Quic(send), CallReader::Quic(reader), stream_id))
+            }
+            Transport::Bytes(link) => {
+                let (out, inbound, id) = link.accept().await?;
+                Some((CallWriter::Bytes(out), CallReader::Bytes(inbound), id))
+            }
+        }
     }
 
     /// Which end of the connection this side is.
@@ -225,19 +332,28 @@ impl Peer {
         self.shared.info.identity.as_ref()
     }
 
-    /// The underlying QUIC connection.
-    pub fn quic_connection(&self) -> &quinn::Connection {
-        &self.shared.connection
+    /// The underlying QUIC connection (`None` over a byte stream).
+    pub fn quic_connection(&self) -> Option<&quinn::Connection> {
+        match &self.shared.transport {
+            Transport::Quic(connection) => Some(connection),
+            Transport::Bytes(_) => None,
+        }
     }
 
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
-        self.shared.connection.close_reason().is_some()
+        match &self.shared.transport {
+            Transport::Quic(connection) => connection.close_reason().is_some(),
+            Transport::Bytes(link) => link.close_reason().is_some(),
+        }
     }
 
     /// Waits until the connection closes and says why.
-    pub async fn closed(&self) -> quinn::ConnectionError {
-        self.shared.connection.closed().await
+    pub async fn closed_reason(&self) -> String {
+        match &self.shared.transport {
+            Transport::Quic(connection) => connection.closed().await.to_string(),
+            Transport::Bytes(link) => link.closed().await,
+        }
     }
 
     /// Calls in flight on this connection, both directions.
@@ -304,8 +420,11 @@ impl Peer {
     /// Closes the connection now with an application `code` and `reason`
     /// (see [`codes`](super::codes)). Calls in flight fail.
     pub fn close(&self, code: u32, reason: &str) {
-        self.shared
-            .connection
-            .close(quinn::VarInt::from_u32(code), reason.as_bytes());
+        match &self.shared.transport {
+            Transport::Quic(connection) => {
+                connection.close(quinn::VarInt::from_u32(code), reason.as_bytes())
+            }
+            Transport::Bytes(link) => link.close(reason),
+        }
     }
 }

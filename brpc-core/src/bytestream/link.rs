@@ -1,0 +1,402 @@
+//! A ttrpc connection over one byte stream: a reader task that routes frames
+//! to calls by stream id, and a writer task that serialises every call's
+//! frames onto the socket.
+//!
+//! Routing follows containerd/ttrpc: the dialer opens odd ids, the acceptor
+//! even ids (brpc's extension; plain ttrpc servers never do), remote ids must
+//! increase, an oversized frame is skipped unread and answered
+//! `RESOURCE_EXHAUSTED` on its stream only, Data for a stream that is gone is
+//! answered `INVALID_ARGUMENT`, unknown frame types are ignored.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use crate::conn::call_io::SendError;
+use crate::conn::{ReadError, Side};
+use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameType, HEADER_LEN, Response};
+
+/// Frames a call may have queued unread before the connection stops reading
+/// for it (as Go's ttrpc, which buffers 64 and gives up after a second).
+const STREAM_BUFFER: usize = 64;
+const STREAM_FULL_WAIT: Duration = Duration::from_secs(1);
+
+type Inbound = Result<Frame, ReadError>;
+
+/// One byte-stream connection. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Link {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    side: Side,
+    out: mpsc::Sender<Frame>,
+    streams: Mutex<HashMap<u32, mpsc::Sender<Inbound>>>,
+    next_id: AtomicU32,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
+    closed: watch::Sender<Option<String>>,
+    remote_is_brpc: AtomicBool,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("side", &self.inner.side)
+            .finish()
+    }
+}
+
+impl Link {
+    /// Starts the reader and writer tasks on `io`.
+    pub(crate) fn spawn<S>(io: S, side: Side, max_message_size: usize) -> Link
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read_half, write_half) = tokio::io::split(io);
+        let (out, out_rx) = mpsc::channel(256);
+        let (incoming_tx, incoming_rx) = mpsc::channel(256);
+        let link = Link {
+            inner: Arc::new(Inner {
+                side,
+                out,
+                streams: Mutex::new(HashMap::new()),
+                next_id: AtomicU32::new(if side == Side::Dialer { 1 } else { 2 }),
+                incoming: tokio::sync::Mutex::new(incoming_rx),
+                closed: watch::Sender::new(None),
+                remote_is_brpc: AtomicBool::new(false),
+            }),
+        };
+        tokio::spawn(write_loop(write_half, out_rx, link.clone()));
+        tokio::spawn(read_loop(
+            read_half,
+            link.clone(),
+            incoming_tx,
+            max_message_size,
+        ));
+        link
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::Sender<Inbound>>> {
+        self.inner.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, id: u32) -> StreamInbound {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        self.streams().insert(id, tx);
+        StreamInbound {
+            link: self.clone(),
+            id,
+            rx,
+            stopped: false,
+        }
+    }
+
+    /// Opens a call: the next id of this side's parity.
+    pub(crate) fn open(&self) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
+        if let Some(reason) = self.close_reason() {
+            return Err(Status::unavailable(format!("connection closed: {reason}")));
+        }
+        let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
+        let inbound = self.register(id);
+        let outbound = StreamOutbound {
+            link: self.clone(),
+            id,
+        };
+        Ok((outbound, inbound, id))
+    }
+
+    /// The next call the peer opened, or `None` once the connection is gone.
+    pub(crate) async fn accept(&self) -> Option<(StreamOutbound, StreamInbound, u32)> {
+        let (id, inbound) = self.inner.incoming.lock().await.recv().await?;
+        let outbound = StreamOutbound {
+            link: self.clone(),
+            id,
+        };
+        Some((outbound, inbound, id))
+    }
+
+    pub(crate) fn close_reason(&self) -> Option<String> {
+        self.inner.closed.borrow().clone()
+    }
+
+    pub(crate) async fn closed(&self) -> String {
+        let mut rx = self.inner.closed.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "connection dropped".into(),
+        }
+    }
+
+    /// Ends the connection: the socket is shut down and every call fails.
+    pub(crate) fn close(&self, reason: &str) {
+        self.inner.closed.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason.to_owned());
+                true
+            } else {
+                false
+            }
+        });
+        self.streams().clear();
+    }
+
+    pub(crate) fn remote_is_brpc(&self) -> bool {
+        self.inner.remote_is_brpc.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_remote_is_brpc(&self) {
+        self.inner.remote_is_brpc.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether `id` is of the parity the peer opens.
+    fn opened_by_peer(&self, id: u32) -> bool {
+        let odd = id % 2 == 1;
+        match self.inner.side {
+            Side::Acceptor => odd,
+            Side::Dialer => !odd,
+        }
+    }
+
+    /// Answers a stream the peer cannot use with a Response carrying `status`.
+    async fn refuse(&self, id: u32, status: Status) {
+        let response = Response {
+            status: Some(crate::status::to_wire(&status)),
+            payload: Bytes::new(),
+        };
+        let frame = Frame::new(
+            id,
+            FrameType::Response,
+            Flags::EMPTY,
+            response.encode_to_vec().into(),
+        );
+        let _ = self.inner.out.send(frame).await;
+    }
+}
+
+/// Frames for one call, routed by the reader task.
+pub(crate) struct StreamInbound {
+    link: Link,
+    id: u32,
+    rx: mpsc::Receiver<Inbound>,
+    stopped: bool,
+}
+
+impl StreamInbound {
+    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+        if self.stopped {
+            return Err(ReadError::Closed);
+        }
+        match self.rx.recv().await {
+            Some(Ok(frame)) => Ok(Some(frame)),
+            Some(Err(e)) => Err(e),
+            None => Err(ReadError::LinkLost(
+                self.link
+                    .close_reason()
+                    .unwrap_or_else(|| "stream dropped by the connection".into()),
+            )),
+        }
+    }
+
+    pub(crate) fn stop(&mut self) {
+        self.stopped = true;
+        self.link.streams().remove(&self.id);
+    }
+}
+
+impl Drop for StreamInbound {
+    fn drop(&mut self) {
+        self.link.streams().remove(&self.id);
+    }
+}
+
+/// The sending half of one call.
+pub(crate) struct StreamOutbound {
+    link: Link,
+    id: u32,
+}
+
+impl StreamOutbound {
+    pub(crate) async fn write(
+        &mut self,
+        kind: FrameType,
+        flags: Flags,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
+        super::super::conn::observe_bytes_sent(HEADER_LEN + payload.len());
+        self.link
+            .inner
+            .out
+            .send(Frame::new(self.id, kind, flags, payload))
+            .await
+            .map_err(|_| {
+                SendError::Lost(
+                    self.link
+                        .close_reason()
+                        .unwrap_or_else(|| "connection closed".into()),
+                )
+            })
+    }
+
+    pub(crate) fn link_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let link = self.link.clone();
+        async move {
+            link.closed().await;
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut io: W,
+    mut frames: mpsc::Receiver<Frame>,
+    link: Link,
+) {
+    let mut closed = link.inner.closed.subscribe();
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = tokio::select! {
+            frame = frames.recv() => frame,
+            _ = closed.wait_for(Option::is_some) => None,
+        };
+        let Some(frame) = frame else { break };
+        buf.clear();
+        if frame.encode(&mut buf).is_err() {
+            continue;
+        }
+        // Write everything already queued in one go.
+        while let Ok(more) = frames.try_recv() {
+            let _ = more.encode(&mut buf);
+            if buf.len() > 256 * 1024 {
+                break;
+            }
+        }
+        if let Err(e) = io.write_all(&buf).await {
+            link.close(&format!("write failed: {e}"));
+            break;
+        }
+    }
+    let _ = io.shutdown().await;
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut io: R,
+    link: Link,
+    incoming: mpsc::Sender<(u32, StreamInbound)>,
+    max_message_size: usize,
+) {
+    let mut decoder = FrameDecoder::new(max_message_size);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut last_remote_id = 0u32;
+    let mut closed = link.inner.closed.subscribe();
+    let reason = loop {
+        match decoder.decode(&mut buf) {
+            Ok(Some(frame)) => {
+                route(&link, frame, &mut last_remote_id, &incoming).await;
+                continue;
+            }
+            Ok(None) => {}
+            Err(FrameError::TooLarge { header, max }) => {
+                let status = Status::resource_exhausted(format!(
+                    "message length {} exceed maximum message size of {max}",
+                    header.length
+                ));
+                let existing = link.streams().get(&header.stream_id).cloned();
+                match existing {
+                    Some(tx) => {
+                        let e = FrameError::TooLarge { header, max };
+                        let _ = tx.send(Err(ReadError::TooLarge(e))).await;
+                    }
+                    None if header.kind == FrameType::Request
+                        && link.opened_by_peer(header.stream_id) =>
+                    {
+                        last_remote_id = last_remote_id.max(header.stream_id);
+                        link.refuse(header.stream_id, status).await;
+                    }
+                    None => {}
+                }
+                continue;
+            }
+        }
+        let wanted = decoder.wanted(&buf).min(1 << 20);
+        buf.reserve(wanted);
+        let read = tokio::select! {
+            read = io.read_buf(&mut buf) => read,
+            _ = closed.wait_for(Option::is_some) => break "closed locally".to_owned(),
+        };
+        match read {
+            Ok(0) => break "peer closed the connection".to_owned(),
+            Ok(n) => super::super::conn::observe_bytes_received(n),
+            Err(e) => break format!("read failed: {e}"),
+        }
+    };
+    link.close(&reason);
+}
+
+async fn route(
+    link: &Link,
+    frame: Frame,
+    last_remote_id: &mut u32,
+    incoming: &mpsc::Sender<(u32, StreamInbound)>,
+) {
+    let id = frame.stream_id;
+    let existing = link.streams().get(&id).cloned();
+    if let Some(tx) = existing {
+        match tokio::time::timeout(STREAM_FULL_WAIT, tx.send(Ok(frame))).await {
+            Ok(_) => {}
+            Err(_) => {
+                // The call stopped reading: drop it rather than stall the
+                // connection (Go's ttrpc gives up the same way).
+                tracing::debug!(id, "stream buffer full; dropping the call");
+                link.streams().remove(&id);
+            }
+        }
+        return;
+    }
+    if !link.opened_by_peer(id) {
+        if frame.kind == FrameType::Request {
+            // A dialer must use odd ids; an acceptor even ones.
+            link.refuse(
+                id,
+                Status::invalid_argument(match link.inner.side {
+                    Side::Acceptor => "StreamID must be odd for calls from the dialing side",
+                    Side::Dialer => "StreamID must be even for calls from the accepting side",
+                }),
+            )
+            .await;
+        }
+        // Frames for a call of ours that has ended are dropped.
+        return;
+    }
+    match frame.kind {
+        FrameType::Request => {
+            if id <= *last_remote_id {
+                link.refuse(
+                    id,
+                    Status::invalid_argument("StreamID cannot be re-used and must increment"),
+                )
+                .await;
+                return;
+            }
+            *last_remote_id = id;
+            let inbound = link.register(id);
+            if let Some(tx) = link.streams().get(&id).cloned() {
+                let _ = tx.try_send(Ok(frame));
+            }
+            if incoming.send((id, inbound)).await.is_err() {
+                link.streams().remove(&id);
+            }
+        }
+        FrameType::Data => {
+            link.refuse(id, Status::invalid_argument("StreamID is no longer active"))
+                .await;
+        }
+        _ => {}
+    }
+}
