@@ -1,5 +1,9 @@
 //! Compiles the example and test protos with protox (no protoc needed) and
-//! tonic-prost-build's `compile_fds`.
+//! tonic-prost-build's `compile_fds`; also generates containerd/ttrpc-rust code
+//! for the echo proto (ttrpc-codegen, pure Rust), the independent peer of the
+//! interop tests.
+
+use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -15,5 +19,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_transport(false)
         .compile_fds(fds)?;
+
+    // ttrpc-rust's generated files start with inner attributes, so they cannot
+    // be include!d; a wrapper names them as #[path] modules instead.
+    let out = PathBuf::from(std::env::var("OUT_DIR")?).join("ttrpc");
+    std::fs::create_dir_all(&out)?;
+    ttrpc_codegen::Codegen::new()
+        .out_dir(&out)
+        .inputs(["proto/echo.proto"])
+        .include("proto")
+        .rust_protobuf()
+        .customize(ttrpc_codegen::Customize {
+            async_all: true,
+            ..Default::default()
+        })
+        .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false))
+        .run()?;
+    let mut wrapper = String::new();
+    for module in ["echo", "echo_ttrpc"] {
+        wrapper += &format!(
+            "#[path = {:?}]\npub mod {module};\n",
+            out.join(format!("{module}.rs")).display().to_string()
+        );
+    }
+    std::fs::write(out.join("protos.rs"), wrapper)?;
     Ok(())
 }

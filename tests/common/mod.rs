@@ -88,6 +88,18 @@ fn x_metadata(from: &MetadataMap) -> MetadataMap {
     MetadataMap::from_headers(out)
 }
 
+/// `x-` metadata as "k=v;k=v", sorted (for peers that cannot send response metadata).
+fn describe(md: &MetadataMap) -> String {
+    let mut pairs: Vec<String> = md
+        .clone()
+        .into_headers()
+        .iter()
+        .map(|(k, v)| format!("{}={}", k, v.to_str().unwrap_or("?")))
+        .collect();
+    pairs.sort();
+    pairs.join(";")
+}
+
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
 
 struct InFlight(Arc<Probe>, bool);
@@ -112,14 +124,19 @@ impl Drop for InFlight {
 #[tonic::async_trait]
 impl Echo for EchoService {
     /// Echoes the message; the request's `x-` metadata comes back as headers.
-    /// A text of "grow:N" answers with an N-byte blob instead.
+    /// A text of "grow:N" answers with an N-byte blob instead; "metadata?"
+    /// answers with the `x-` metadata it received as text.
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.probe.unary_calls.fetch_add(1, Ordering::SeqCst);
         if self.probe.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
         let headers = x_metadata(request.metadata());
+        let described = describe(&headers);
         let mut reply = self.reply(request.into_inner());
+        if reply.text == "metadata?" {
+            reply.text = described;
+        }
         if let Some(n) = reply.text.strip_prefix("grow:") {
             reply.blob = vec![7; n.parse().map_err(|_| Status::invalid_argument("grow:N"))?];
         }

@@ -262,12 +262,10 @@ async fn open_call(
         Shape::Stream { ready, ended } => {
             let frame = envelope.encode_to_vec();
             check_size(frame.len(), max)?;
-            let write = send.write(
-                stream_id,
-                FrameType::Request,
-                Flags::REMOTE_OPEN,
-                frame.into(),
-            );
+            // remote-open|no-data (0x06), as ttrpc-rust sends it: more messages
+            // follow as Data frames and this frame carries none.
+            let open = Flags::REMOTE_OPEN | Flags::NO_DATA;
+            let write = send.write(stream_id, FrameType::Request, open, frame.into());
             with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
             let (cancel, cancelled) = oneshot::channel();
             let (failed, failure) = oneshot::channel();
