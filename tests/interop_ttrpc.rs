@@ -445,8 +445,10 @@ async fn brpc_to_brpc_over_one_unix_socket_both_ways() {
     let me = back.credentials().expect("SO_PEERCRED");
     assert_eq!(Some(me), bytestream_self());
 
+    // Many calls opened at once from each side: ids must still reach the
+    // socket in increasing order (the acceptor refuses a reused or smaller id).
     let mut calls = Vec::new();
-    for i in 0..100u64 {
+    for i in 0..400u64 {
         let mut up = EchoClient::new(dialer.channel());
         calls.push(tokio::spawn(async move {
             let r = up

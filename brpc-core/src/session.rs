@@ -80,21 +80,15 @@ pub async fn send_hello(
 
 /// One unary call to the peer's built-in session service.
 async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes, Status> {
-    let (mut send, mut reader, stream_id) = peer.open_call().await?;
     let request = Request {
         service: SERVICE.into(),
         method: method.into(),
         payload,
         ..Default::default()
     };
-    send.write(
-        stream_id,
-        FrameType::Request,
-        Flags::EMPTY,
-        request.encode_to_vec().into(),
-    )
-    .await
-    .map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
+    let (mut send, mut reader, stream_id, sent) =
+        peer.open_call(Flags::EMPTY, request.encode_to_vec().into()).await?;
+    sent.map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
     send.finish();
     let mut call = CallState::caller(stream_id);
     loop {

@@ -243,15 +243,22 @@ async fn open_call(
     let mut body = MessageReader::new(body, max);
     let shape = shape_of(&mut body)?;
 
-    let (mut send, reader, stream_id) = with_deadline(deadline, peer.open_call()).await?;
-
-    let pump = match shape {
+    // The Request: the single message inside it, or remote-open|no-data
+    // (0x06, as ttrpc-rust sends it) with the messages following as Data.
+    let (flags, rest) = match shape {
         Shape::Single(message) => {
             envelope.payload = message;
-            let frame = envelope.encode_to_vec();
-            check_size(frame.len(), max)?;
-            let write = send.write(stream_id, FrameType::Request, Flags::EMPTY, frame.into());
-            match with_deadline(deadline, async { write.await.map_err(SendFailure::from) }).await {
+            (Flags::EMPTY, None)
+        }
+        Shape::Stream { ready, ended } => (Flags::REMOTE_OPEN | Flags::NO_DATA, Some((ready, ended))),
+    };
+    let request = envelope.encode_to_vec();
+    check_size(request.len(), max)?;
+    let (mut send, reader, stream_id, sent) =
+        with_deadline(deadline, peer.open_call(flags, request.into())).await?;
+    let pump = match rest {
+        None => {
+            match sent.map_err(SendFailure::from) {
                 Ok(()) => send.finish(),
                 // The callee refused the request (e.g. too large): its Response says why.
                 Err(SendFailure::PeerStopped) => {}
@@ -259,20 +266,12 @@ async fn open_call(
             }
             None
         }
-        Shape::Stream { ready, ended } => {
-            let frame = envelope.encode_to_vec();
-            check_size(frame.len(), max)?;
-            // remote-open|no-data (0x06), as ttrpc-rust sends it: more messages
-            // follow as Data frames and this frame carries none.
-            let open = Flags::REMOTE_OPEN | Flags::NO_DATA;
-            let write = send.write(stream_id, FrameType::Request, open, frame.into());
-            with_deadline(deadline, async { write.await.map_err(write_status) }).await?;
+        Some((ready, ended)) => {
+            sent.map_err(write_status)?;
             let (cancel, cancelled) = oneshot::channel();
             let (failed, failure) = oneshot::channel();
             let body = (!ended).then_some(body);
-            tokio::spawn(pump_requests(
-                send, stream_id, max, ready, body, cancelled, failed,
-            ));
+            tokio::spawn(pump_requests(send, stream_id, max, ready, body, cancelled, failed));
             Some(Pump {
                 _cancel: cancel,
                 failure: Some(failure),

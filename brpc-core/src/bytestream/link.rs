@@ -42,6 +42,8 @@ struct Inner {
     streams: Mutex<HashMap<u32, mpsc::Sender<Inbound>>>,
     next_id: AtomicU32,
     incoming: tokio::sync::Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
+    /// Taken while a new id is chosen and its Request queued.
+    opening: Mutex<()>,
     closed: watch::Sender<Option<String>>,
     remote_is_brpc: AtomicBool,
 }
@@ -70,6 +72,7 @@ impl Link {
                 streams: Mutex::new(HashMap::new()),
                 next_id: AtomicU32::new(if side == Side::Dialer { 1 } else { 2 }),
                 incoming: tokio::sync::Mutex::new(incoming_rx),
+                opening: Mutex::new(()),
                 closed: watch::Sender::new(None),
                 remote_is_brpc: AtomicBool::new(false),
             }),
@@ -99,13 +102,24 @@ impl Link {
         }
     }
 
-    /// Opens a call: the next id of this side's parity.
-    pub(crate) fn open(&self) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
-        if let Some(reason) = self.close_reason() {
-            return Err(Status::unavailable(format!("connection closed: {reason}")));
+    /// Opens a call and queues its Request: the next id of this side's
+    /// parity. Taking the id and queueing the frame happen under one lock, so
+    /// ids reach the socket in increasing order however many calls open at
+    /// once (ttrpc servers refuse an id that does not increase).
+    pub(crate) async fn open(&self, flags: Flags, request: Bytes) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
+        let closed = || Status::unavailable(format!("connection closed: {}", self.close_reason().unwrap_or_default()));
+        // Wait for room in the queue first, outside the lock.
+        let permit = self.inner.out.reserve().await.map_err(|_| closed())?;
+        if self.close_reason().is_some() {
+            return Err(closed());
         }
-        let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
-        let inbound = self.register(id);
+        let (id, inbound) = {
+            let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
+            let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
+            let inbound = self.register(id);
+            permit.send(Frame::new(id, FrameType::Request, flags, request));
+            (id, inbound)
+        };
         let outbound = StreamOutbound {
             link: self.clone(),
             id,

@@ -18,7 +18,9 @@ use crate::bridge::Channel;
 use crate::bytestream::{Link, UnixCredentials};
 use crate::tls::PeerIdentity;
 
-use super::call_io::{CallReader, CallWriter};
+use super::call_io::{CallReader, CallWriter, SendError};
+use crate::wire::{Flags, FrameType};
+use bytes::Bytes;
 use super::io::FrameReader;
 
 /// The id the server assigns to each connection during Hello. Unique for the
@@ -264,21 +266,25 @@ impl Peer {
         }
     }
 
-    /// Opens a new call to the peer.
-    pub(crate) async fn open_call(&self) -> Result<(CallWriter, CallReader, u32), Status> {
+    /// Opens a new call to the peer and sends its Request frame (`flags`,
+    /// encoded `request`). The last element says whether the Request went out;
+    /// a callee that stopped the stream at once still answers on the reader.
+    pub(crate) async fn open_call(
+        &self,
+        flags: Flags,
+        request: Bytes,
+    ) -> Result<(CallWriter, CallReader, u32, Result<(), SendError>), Status> {
         let limits = self.shared.limits;
         match &self.shared.transport {
             Transport::Quic(connection) => {
                 let (send, recv) = connection.open_bi().await.map_err(|e| {
-                    Status::unavailable(format!(
-                        "cannot open a call to the peer: connection lost: {e}"
-                    ))
+                    Status::unavailable(format!("cannot open a call to the peer: connection lost: {e}"))
                 })?;
-                let stream_id =
-                    crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
-                let reader = FrameReader::new(recv, limits.max_message_size)
-                    .with_idle_limit(limits.idle_timeout, false);
-                Ok((CallWriter::Quic(send), CallReader::Quic(reader), stream_id))
+                let stream_id = crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
+                let reader = FrameReader::new(recv, limits.max_message_size).with_idle_limit(limits.idle_timeout, false);
+                let mut writer = CallWriter::Quic(send);
+                let sent = writer.write(stream_id, FrameType::Request, flags, request).await;
+                Ok((writer, CallReader::Quic(reader), stream_id, sent))
             }
             Transport::Bytes(link) => {
                 if self.shared.side == Side::Acceptor && !link.remote_is_brpc() {
@@ -286,8 +292,8 @@ impl Peer {
                         "the dialer speaks plain ttrpc and serves no calls (it did not say brpc Hello)",
                     ));
                 }
-                let (out, inbound, id) = link.open()?;
-                Ok((CallWriter::Bytes(out), CallReader::Bytes(inbound), id))
+                let (out, inbound, id) = link.open(flags, request).await?;
+                Ok((CallWriter::Bytes(out), CallReader::Bytes(inbound), id, Ok(())))
             }
         }
     }

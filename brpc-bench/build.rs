@@ -1,0 +1,31 @@
+//! Echo for every stack: tonic code (with its HTTP/2 transport) and ttrpc-rust code.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=../proto/echo.proto");
+    let fds = protox::compile(["../proto/echo.proto"], ["../proto"])?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?).join("ttrpc");
+    std::fs::create_dir_all(&out)?;
+    ttrpc_codegen::Codegen::new()
+        .out_dir(&out)
+        .inputs(["../proto/echo.proto"])
+        .include("../proto")
+        .rust_protobuf()
+        .customize(ttrpc_codegen::Customize {
+            async_all: true,
+            ..Default::default()
+        })
+        .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false))
+        .run()?;
+    let mut wrapper = String::new();
+    for module in ["echo", "echo_ttrpc"] {
+        wrapper += &format!(
+            "#[path = {:?}]\npub mod {module};\n",
+            out.join(format!("{module}.rs")).display().to_string()
+        );
+    }
+    std::fs::write(out.join("protos.rs"), wrapper)?;
+    Ok(())
+}
