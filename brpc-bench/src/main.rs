@@ -399,8 +399,133 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux")
 }
 
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// Child process: holds `n` idle clients of `stack` connected to `addr` until
+/// its stdin closes.
+async fn hold_clients(stack: &str, addr: SocketAddr, n: usize, cert: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let der = rustls_der(cert)?;
+    let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    match stack {
+        "brpc" => {
+            for _ in 0..n {
+                let client = Client::builder().pin_certificate(der.clone()).connect(addr).await?;
+                held.push(Box::new(client));
+            }
+        }
+        "quinn" => {
+            let crypto = brpc::tls::client_crypto(brpc::tls::pinned_roots(&der)?)?;
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+            for _ in 0..n {
+                held.push(Box::new(endpoint.connect(addr, "localhost")?.await?));
+            }
+            held.push(Box::new(endpoint));
+        }
+        "tonic" => {
+            for _ in 0..n {
+                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+                held.push(Box::new(channel));
+            }
+        }
+        other => return Err(format!("unknown stack {other}").into()),
+    }
+    println!("ready");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    Ok(())
+}
+
+fn rustls_der(path: &std::path::Path) -> Result<brpc::core::rustls::pki_types::CertificateDer<'static>, Box<dyn std::error::Error>> {
+    Ok(std::fs::read(path)?.into())
+}
+
+/// Server RSS growth per idle connected client, clients in a separate process.
+async fn memory_per_client(stack: &str, n: usize, dir: &std::path::Path) -> Result<f64, Box<dyn std::error::Error>> {
+    use std::io::BufRead;
+    let cert_path = dir.join(format!("{stack}.der"));
+    let mut guards: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let addr: SocketAddr = match stack {
+        "brpc" => {
+            let server = Server::builder().add_service(EchoServer::new(EchoService)).bind("127.0.0.1:0")?;
+            std::fs::write(&cert_path, server.certificate())?;
+            let addr = server.local_addr();
+            guards.push(Box::new(server));
+            addr
+        }
+        "quinn" => {
+            let dev = brpc::tls::DevCertificate::generate()?;
+            std::fs::write(&cert_path, dev.certificate())?;
+            let crypto = brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
+            let endpoint = quinn::Endpoint::server(quinn::ServerConfig::with_crypto(crypto), "127.0.0.1:0".parse()?)?;
+            let addr = endpoint.local_addr()?;
+            let accept = endpoint.clone();
+            guards.push(Box::new(AbortOnDrop(tokio::spawn(async move {
+                while let Some(incoming) = accept.accept().await {
+                    tokio::spawn(async move {
+                        if let Ok(conn) = incoming.await {
+                            quinn_serve(conn).await;
+                        }
+                    });
+                }
+            }))));
+            guards.push(Box::new(endpoint));
+            addr
+        }
+        _ => {
+            std::fs::write(&cert_path, b"unused")?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            guards.push(Box::new(AbortOnDrop(tokio::spawn(
+                tonic::transport::Server::builder().add_service(EchoServer::new(EchoService)).serve_with_incoming(incoming),
+            ))));
+            addr
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["clients", stack, &addr.to_string(), &n.to_string(), &cert_path.display().to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        line
+    })
+    .await?;
+    if !ready.contains("ready") {
+        let _ = child.kill();
+        return Err(format!("{stack} clients did not connect").into());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_bytes();
+    drop(child.stdin.take());
+    let _ = child.wait();
+    drop(guards);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("clients") && args.len() == 6 {
+        return hold_clients(&args[2], args[3].parse()?, args[4].parse()?, std::path::Path::new(&args[5])).await;
+    }
+    if args.get(1).map(String::as_str) == Some("memory") && args.len() == 5 {
+        // A fresh server process per stack, so no earlier run's freed heap
+        // hides what the connections cost.
+        let bytes = memory_per_client(&args[2], args[3].parse()?, std::path::Path::new(&args[4])).await?;
+        println!("{bytes}");
+        return Ok(());
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let (phase, repeats) = if quick { (Duration::from_millis(400), 3) } else { (Duration::from_secs(2), 3) };
     let dir = std::env::temp_dir().join(format!("brpc-bench-{}", std::process::id()));
@@ -412,7 +537,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let figures = bench_stack(stack, &dir, phase, repeats).await?;
         results.push((stack, figures));
     }
+    let memory_n = if quick { 300 } else { 2000 };
+    let mut memory = Vec::new();
+    for stack in ["brpc", "quinn", "tonic"] {
+        eprintln!("memory: {memory_n} idle {stack} clients ...");
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(["memory", stack, &memory_n.to_string(), &dir.display().to_string()])
+            .output()?;
+        match String::from_utf8_lossy(&out.stdout).trim().parse::<f64>() {
+            Ok(bytes) => memory.push((stack, bytes)),
+            Err(_) => eprintln!("  {stack}: {}", String::from_utf8_lossy(&out.stderr)),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    let mut memory_table = format!("| stack | server RSS per idle client (N = {memory_n}) |\n|---|---:|\n");
+    for (stack, bytes) in &memory {
+        memory_table += &format!("| {stack} | {:.1} KB |\n", bytes / 1000.0);
+    }
+    println!("{memory_table}");
 
     let mut table = String::from(
         "| stack | 16 B c=1 calls/s | c=1 p50 µs | c=1 p99 µs | 16 B c=64 calls/s | 1 MiB c=4 MB/s | CPU µs/call (c=64) | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -452,9 +594,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          so CPU time per call covers both ends. Each figure is the median of three measured runs after a warm-up.\n\
          tonic uses its own HTTP/2 transport over TCP loopback; raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
          and default quinn settings; brpc-reverse is the server calling the client through the peer handle; the Unix stacks use a socket in the temp dir.\n\n\
-         {table}\n## Targets\n\n{target_table}\n\
-         Not measured by this program yet: idle memory per connected agent (N = 2000) and fleet scale (10 000 agents), the chart, and the\n\
-         binary-size target; see the issue notes.\n",
+         {table}\n## Idle memory\n\nServer RSS growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N. Target: brpc ≤ 30 KB.\n\n{memory_table}\n## Targets\n\n{target_table}\n\
+         Not measured by this program: fleet scale (see below), the chart and the binary-size target.\n",
         machine = machine()
     );
     std::fs::write("BENCHMARKS.md", doc)?;

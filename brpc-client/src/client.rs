@@ -280,7 +280,7 @@ impl Builder {
         self
     }
 
-    /// Most calls the server may have open to this client at once (default 1024).
+    /// Most calls the server may have open to this client at once (default 100; quinn keeps state per allowed stream, about 0.8 KB each).
     pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
         self.transport.max_concurrent_calls = calls;
         self

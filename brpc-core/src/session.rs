@@ -86,8 +86,9 @@ async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes
         payload,
         ..Default::default()
     };
-    let (mut send, mut reader, stream_id, sent) =
-        peer.open_call(Flags::EMPTY, request.encode_to_vec().into()).await?;
+    let (mut send, mut reader, stream_id, sent) = peer
+        .open_call(Flags::EMPTY, request.encode_to_vec().into())
+        .await?;
     sent.map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
     send.finish();
     let mut call = CallState::caller(stream_id);

@@ -182,7 +182,7 @@ impl Builder {
         self
     }
 
-    /// Most calls each client may have open to the server at once (default 1024).
+    /// Most calls each client may have open to the server at once (default 100; quinn keeps state per allowed stream, about 0.8 KB each).
     pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
         self.transport.max_concurrent_calls = calls;
         self

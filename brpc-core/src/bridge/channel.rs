@@ -250,7 +250,9 @@ async fn open_call(
             envelope.payload = message;
             (Flags::EMPTY, None)
         }
-        Shape::Stream { ready, ended } => (Flags::REMOTE_OPEN | Flags::NO_DATA, Some((ready, ended))),
+        Shape::Stream { ready, ended } => {
+            (Flags::REMOTE_OPEN | Flags::NO_DATA, Some((ready, ended)))
+        }
     };
     let request = envelope.encode_to_vec();
     check_size(request.len(), max)?;
@@ -271,7 +273,9 @@ async fn open_call(
             let (cancel, cancelled) = oneshot::channel();
             let (failed, failure) = oneshot::channel();
             let body = (!ended).then_some(body);
-            tokio::spawn(pump_requests(send, stream_id, max, ready, body, cancelled, failed));
+            tokio::spawn(pump_requests(
+                send, stream_id, max, ready, body, cancelled, failed,
+            ));
             Some(Pump {
                 _cancel: cancel,
                 failure: Some(failure),

@@ -106,8 +106,17 @@ impl Link {
     /// parity. Taking the id and queueing the frame happen under one lock, so
     /// ids reach the socket in increasing order however many calls open at
     /// once (ttrpc servers refuse an id that does not increase).
-    pub(crate) async fn open(&self, flags: Flags, request: Bytes) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
-        let closed = || Status::unavailable(format!("connection closed: {}", self.close_reason().unwrap_or_default()));
+    pub(crate) async fn open(
+        &self,
+        flags: Flags,
+        request: Bytes,
+    ) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
+        let closed = || {
+            Status::unavailable(format!(
+                "connection closed: {}",
+                self.close_reason().unwrap_or_default()
+            ))
+        };
         // Wait for room in the queue first, outside the lock.
         let permit = self.inner.out.reserve().await.map_err(|_| closed())?;
         if self.close_reason().is_some() {

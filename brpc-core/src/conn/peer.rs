@@ -19,9 +19,9 @@ use crate::bytestream::{Link, UnixCredentials};
 use crate::tls::PeerIdentity;
 
 use super::call_io::{CallReader, CallWriter, SendError};
+use super::io::FrameReader;
 use crate::wire::{Flags, FrameType};
 use bytes::Bytes;
-use super::io::FrameReader;
 
 /// The id the server assigns to each connection during Hello. Unique for the
 /// life of one server; a reconnecting client gets a new one.
@@ -278,12 +278,18 @@ impl Peer {
         match &self.shared.transport {
             Transport::Quic(connection) => {
                 let (send, recv) = connection.open_bi().await.map_err(|e| {
-                    Status::unavailable(format!("cannot open a call to the peer: connection lost: {e}"))
+                    Status::unavailable(format!(
+                        "cannot open a call to the peer: connection lost: {e}"
+                    ))
                 })?;
-                let stream_id = crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
-                let reader = FrameReader::new(recv, limits.max_message_size).with_idle_limit(limits.idle_timeout, false);
+                let stream_id =
+                    crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
+                let reader = FrameReader::new(recv, limits.max_message_size)
+                    .with_idle_limit(limits.idle_timeout, false);
                 let mut writer = CallWriter::Quic(send);
-                let sent = writer.write(stream_id, FrameType::Request, flags, request).await;
+                let sent = writer
+                    .write(stream_id, FrameType::Request, flags, request)
+                    .await;
                 Ok((writer, CallReader::Quic(reader), stream_id, sent))
             }
             Transport::Bytes(link) => {
@@ -293,7 +299,12 @@ impl Peer {
                     ));
                 }
                 let (out, inbound, id) = link.open(flags, request).await?;
-                Ok((CallWriter::Bytes(out), CallReader::Bytes(inbound), id, Ok(())))
+                Ok((
+                    CallWriter::Bytes(out),
+                    CallReader::Bytes(inbound),
+                    id,
+                    Ok(()),
+                ))
             }
         }
     }

@@ -18,7 +18,7 @@ pub struct TransportOptions {
 impl Default for TransportOptions {
     fn default() -> Self {
         TransportOptions {
-            max_concurrent_calls: 1024,
+            max_concurrent_calls: 100,
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: None,
         }
