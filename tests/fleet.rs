@@ -366,3 +366,97 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
         other => panic!("expected reconnecting, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn wait_for_ready_calls_ride_out_a_restart() {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let first = brpc::Server::builder()
+        .certificate(chain.clone(), key.clone_key())
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("first"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let addr = first.local_addr();
+    let client = common::client_builder(&first, "patient", EchoService::new("patient"))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .connect(addr)
+        .await
+        .expect("connect");
+    first.close();
+    first.wait_idle().await;
+    drop(first);
+    let mut state = client.watch_state();
+    state
+        .wait_for(|s| matches!(s, ClientState::Reconnecting { .. }))
+        .await
+        .expect("watch");
+
+    // Made while disconnected: fails fast by default, waits when asked to.
+    let err = EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("fast");
+    assert_eq!(err.code(), Code::Unavailable);
+    let mut patient = EchoClient::new(client.channel().wait_for_ready(true));
+    let waiting = tokio::spawn(async move {
+        let mut request = tonic::Request::new(EchoRequest {
+            seq: 5,
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_secs(20));
+        patient.unary(request).await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "waits for a connection");
+    let second = loop {
+        match brpc::Server::builder()
+            .certificate(chain.clone(), key.clone_key())
+            .add_service(common::echo::echo_server::EchoServer::new(
+                EchoService::new("second"),
+            ))
+            .bind(addr)
+        {
+            Ok(server) => break server,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let reply = waiting
+        .await
+        .expect("join")
+        .expect("served after the reconnect");
+    assert_eq!(reply.into_inner().answered_by, "second");
+    drop(second);
+}
+
+#[tokio::test]
+async fn a_client_shutdown_drains_the_calls_it_serves() {
+    let server = common::server();
+    let client = common::client(&server, "draining").await;
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    let mut to_client = peer.client(EchoClient::new);
+    let in_flight =
+        tokio::spawn(async move { to_client.sleep(SleepRequest { millis: 700 }).await });
+    eventually(Duration::from_secs(5), "served call running", || {
+        peer.calls_in_flight() == 1
+    })
+    .await;
+    let shutdown = async { client.shutdown(Duration::from_secs(10)).await };
+    let refused = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peer.client(EchoClient::new)
+            .unary(EchoRequest::default())
+            .await
+    };
+    let ((), refused) = tokio::join!(shutdown, refused);
+    assert_eq!(
+        refused.expect_err("client is going away").code(),
+        Code::Unavailable
+    );
+    in_flight
+        .await
+        .expect("join")
+        .expect("the served call finished");
+    assert!(matches!(client.state(), ClientState::Closed { .. }));
+}

@@ -272,3 +272,27 @@ async fn calls_after_the_peer_left_fail_with_unavailable() {
     .expect_err("peer is gone");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }
+
+#[tokio::test]
+async fn an_agent_cannot_reach_another_agents_services() {
+    // The server hosts only Greeter; agent B hosts Echo. Agent A asking the
+    // server for Echo gets UNIMPLEMENTED: calls are never forwarded.
+    let server = brpc::Server::builder()
+        .add_service(GreeterServer::new(CallbackGreeter))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let _b = common::client_builder(&server, "b", common::EchoService::new("b"))
+        .connect(server.local_addr())
+        .await
+        .expect("b");
+    let a = brpc::Client::builder()
+        .pin_certificate(server.certificate().clone())
+        .connect(server.local_addr())
+        .await
+        .expect("a");
+    let err = EchoClient::new(a.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("not reachable");
+    assert_eq!(err.code(), Code::Unimplemented);
+}

@@ -370,6 +370,7 @@ impl Builder {
                 reason: "not connected yet".into(),
             }),
             closing: watch::Sender::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             last_id: AtomicU64::new(0),
         });
         let peer = connect_once(&shared).await?;
@@ -393,6 +394,8 @@ struct Shared {
     current: watch::Sender<Option<Peer>>,
     state: watch::Sender<ClientState>,
     closing: watch::Sender<bool>,
+    /// A graceful shutdown is draining: do not reconnect.
+    stopping: std::sync::atomic::AtomicBool,
     last_id: AtomicU64,
 }
 
@@ -542,7 +545,7 @@ async fn supervise(shared: Arc<Shared>, mut peer: Peer) {
         };
         shared.current.send_replace(None);
         tracing::info!(%reason, "brpc connection lost");
-        if !shared.reconnect || shared.is_closing() {
+        if !shared.reconnect || shared.is_closing() || shared.stopping.load(Ordering::SeqCst) {
             shared.state.send_replace(ClientState::Closed { reason });
             return;
         }
@@ -672,7 +675,9 @@ impl Client {
     /// calling it), refuse new calls from the server, let the calls it is
     /// serving finish for up to `grace`, then close.
     pub async fn shutdown(&self, grace: Duration) {
-        self.shared.closing.send_replace(true);
+        // No reconnect from here on, but keep serving until drained: the
+        // `closing` signal would stop the serving loop and drop its calls.
+        self.shared.stopping.store(true, Ordering::SeqCst);
         if let Some(peer) = self.peer() {
             peer.start_draining();
             let notice = session::send_goaway(&peer, "client shutting down");

@@ -61,6 +61,7 @@ async fn serve_call(
         writing: false,
         record,
         metadata_frames: peer.remote_is_brpc(),
+        ended: false,
     };
     let answered = tokio::select! {
         biased;
@@ -395,6 +396,18 @@ struct Responder {
     record: CallRecord,
     /// Whether the caller understands Headers/Trailers frames (a brpc peer).
     metadata_frames: bool,
+    /// The final frame went out (or the stream was reset).
+    ended: bool,
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        // A call abandoned without its final frame (its task was dropped)
+        // must not look finished: reset instead of letting the stream end.
+        if !self.ended {
+            self.send.reset(codes::STREAM_CANCELLED);
+        }
+    }
 }
 
 impl Responder {
@@ -459,6 +472,7 @@ impl Responder {
             .is_ok()
         {
             self.send.finish();
+            self.ended = true;
         }
     }
 
@@ -497,11 +511,13 @@ impl Responder {
             .is_ok()
         {
             self.send.finish();
+            self.ended = true;
         }
     }
 
     fn reset(&mut self, code: u32) {
         self.record.finish(tonic::Code::Cancelled);
         self.send.reset(code);
+        self.ended = true;
     }
 }
