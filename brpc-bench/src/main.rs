@@ -68,7 +68,10 @@ impl Echo for EchoService {
         Err(Status::unimplemented("bench"))
     }
     type BidiStream = BoxStream<EchoReply>;
-    async fn bidi(&self, _: Request<Streaming<EchoRequest>>) -> Result<Response<Self::BidiStream>, Status> {
+    async fn bidi(
+        &self,
+        _: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
         Err(Status::unimplemented("bench"))
     }
     async fn sink(&self, _: Request<Streaming<EchoRequest>>) -> Result<Response<Number>, Status> {
@@ -109,12 +112,24 @@ impl Caller {
         Box::pin(async move {
             match this {
                 Caller::Tonic(mut c) => {
-                    let r = c.unary(EchoRequest { blob: payload.to_vec(), ..Default::default() }).await;
-                    r.map(|r| r.into_inner().blob.len()).map_err(|e| e.to_string())
+                    let r = c
+                        .unary(EchoRequest {
+                            blob: payload.to_vec(),
+                            ..Default::default()
+                        })
+                        .await;
+                    r.map(|r| r.into_inner().blob.len())
+                        .map_err(|e| e.to_string())
                 }
                 Caller::Brpc(mut c) => {
-                    let r = c.unary(EchoRequest { blob: payload.to_vec(), ..Default::default() }).await;
-                    r.map(|r| r.into_inner().blob.len()).map_err(|e| e.to_string())
+                    let r = c
+                        .unary(EchoRequest {
+                            blob: payload.to_vec(),
+                            ..Default::default()
+                        })
+                        .await;
+                    r.map(|r| r.into_inner().blob.len())
+                        .map_err(|e| e.to_string())
                 }
                 Caller::Quinn(conn) => quinn_call(&conn, payload).await.map_err(|e| e.to_string()),
                 Caller::Ttrpc(c) => {
@@ -128,11 +143,15 @@ impl Caller {
     }
 }
 
-async fn quinn_call(conn: &quinn::Connection, payload: Bytes) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+async fn quinn_call(
+    conn: &quinn::Connection,
+    payload: Bytes,
+) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut prefix = BytesMut::with_capacity(4);
     prefix.put_u32(payload.len() as u32);
-    send.write_all_chunks(&mut [prefix.freeze(), payload]).await?;
+    send.write_all_chunks(&mut [prefix.freeze(), payload])
+        .await?;
     send.finish()?;
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await?;
@@ -144,7 +163,9 @@ async fn quinn_call(conn: &quinn::Connection, payload: Bytes) -> Result<usize, B
 async fn quinn_serve(conn: quinn::Connection) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         tokio::spawn(async move {
-            let Ok(body) = recv.read_to_end(2 << 20).await else { return };
+            let Ok(body) = recv.read_to_end(2 << 20).await else {
+                return;
+            };
             let mut buf = Bytes::from(body);
             if buf.len() < 4 {
                 return;
@@ -175,7 +196,9 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                     .add_service(EchoServer::new(EchoService).max_decoding_message_size(4 << 20))
                     .serve_with_incoming(incoming),
             );
-            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?;
             Running {
                 caller: Caller::Tonic(EchoClient::new(channel)),
                 _guards: vec![Box::new(AbortOnDrop(server))],
@@ -183,8 +206,12 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
         }
         "quinn" => {
             let dev = brpc::tls::DevCertificate::generate()?;
-            let crypto = brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
-            let endpoint = quinn::Endpoint::server(quinn::ServerConfig::with_crypto(crypto), "127.0.0.1:0".parse()?)?;
+            let crypto =
+                brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
+            let endpoint = quinn::Endpoint::server(
+                quinn::ServerConfig::with_crypto(crypto),
+                "127.0.0.1:0".parse()?,
+            )?;
             let addr: SocketAddr = endpoint.local_addr()?;
             let accept = endpoint.clone();
             let server = tokio::spawn(async move {
@@ -196,17 +223,24 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                     });
                 }
             });
-            let client_crypto = brpc::tls::client_crypto(brpc::tls::pinned_roots(dev.certificate())?)?;
+            let client_crypto =
+                brpc::tls::client_crypto(brpc::tls::pinned_roots(dev.certificate())?)?;
             let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
             client.set_default_client_config(quinn::ClientConfig::new(client_crypto));
             let conn = client.connect(addr, "localhost")?.await?;
             Running {
                 caller: Caller::Quinn(conn),
-                _guards: vec![Box::new(AbortOnDrop(server)), Box::new(endpoint), Box::new(client)],
+                _guards: vec![
+                    Box::new(AbortOnDrop(server)),
+                    Box::new(endpoint),
+                    Box::new(client),
+                ],
             }
         }
         "brpc" | "brpc-reverse" => {
-            let server = Server::builder().add_service(EchoServer::new(EchoService)).bind("127.0.0.1:0")?;
+            let server = Server::builder()
+                .add_service(EchoServer::new(EchoService))
+                .bind("127.0.0.1:0")?;
             let client = Client::builder()
                 .add_service(EchoServer::new(EchoService))
                 .pin_certificate(server.certificate().clone())
@@ -215,7 +249,10 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             let caller = if stack == "brpc" {
                 EchoClient::new(client.channel())
             } else {
-                let peer = server.peers().get(client.connection_id()).ok_or("not registered")?;
+                let peer = server
+                    .peers()
+                    .get(client.connection_id())
+                    .ok_or("not registered")?;
                 peer.client(EchoClient::new)
             };
             Running {
@@ -230,7 +267,8 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                 .bind(&format!("unix://{}", path.display()))?
                 .register_service(ttrpc_gen::echo_ttrpc::create_echo(Arc::new(TtrpcEcho)));
             server.start().await?;
-            let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", path.display())).await?;
+            let client =
+                ttrpc::asynchronous::Client::connect(&format!("unix://{}", path.display())).await?;
             Running {
                 caller: Caller::Ttrpc(ttrpc_gen::echo_ttrpc::EchoClient::new(client)),
                 _guards: vec![Box::new(server)],
@@ -240,7 +278,9 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             let path = dir.join("brpc.sock");
             let router = Router::new().add_service(EchoServer::new(EchoService));
             let server = brpc::core::bytestream::serve_unix(&path, router, Default::default())?;
-            let peer = brpc::core::bytestream::connect_unix(&path, Router::new(), Default::default()).await?;
+            let peer =
+                brpc::core::bytestream::connect_unix(&path, Router::new(), Default::default())
+                    .await?;
             Running {
                 caller: Caller::Brpc(peer.client(EchoClient::new)),
                 _guards: vec![Box::new(server)],
@@ -355,7 +395,12 @@ struct Figures {
     errors: u64,
 }
 
-async fn bench_stack(stack: &str, dir: &std::path::Path, phase: Duration, repeats: usize) -> Result<Figures, Box<dyn std::error::Error>> {
+async fn bench_stack(
+    stack: &str,
+    dir: &std::path::Path,
+    phase: Duration,
+    repeats: usize,
+) -> Result<Figures, Box<dyn std::error::Error>> {
     let running = start(stack, dir).await?;
     let small = Bytes::from(vec![7u8; 16]);
     let big = Bytes::from(vec![9u8; 1 << 20]);
@@ -363,7 +408,8 @@ async fn bench_stack(stack: &str, dir: &std::path::Path, phase: Duration, repeat
     // Warm-up: connections, allocator, caches.
     measure(caller, small.clone(), 64, phase / 2).await;
     measure(caller, big.clone(), 4, phase / 2).await;
-    let (mut c1, mut p50, mut p99, mut c64, mut mib, mut cpu) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut c1, mut p50, mut p99, mut c64, mut mib, mut cpu) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let mut errors = 0;
     for _ in 0..repeats {
         let r = measure(caller, small.clone(), 1, phase).await;
@@ -393,27 +439,45 @@ async fn bench_stack(stack: &str, dir: &std::path::Path, phase: Duration, repeat
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cpu}, {cores} cores, Linux")
 }
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
 /// Child process: holds `n` idle clients of `stack` connected to `addr` until
 /// its stdin closes.
-async fn hold_clients(stack: &str, addr: SocketAddr, n: usize, cert: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+async fn hold_clients(
+    stack: &str,
+    addr: SocketAddr,
+    n: usize,
+    cert: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
     let der = rustls_der(cert)?;
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     match stack {
         "brpc" => {
             for _ in 0..n {
-                let client = Client::builder().pin_certificate(der.clone()).connect(addr).await?;
+                let client = Client::builder()
+                    .pin_certificate(der.clone())
+                    .connect(addr)
+                    .await?;
                 held.push(Box::new(client));
             }
         }
@@ -428,7 +492,9 @@ async fn hold_clients(stack: &str, addr: SocketAddr, n: usize, cert: &std::path:
         }
         "tonic" => {
             for _ in 0..n {
-                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+                let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await?;
                 held.push(Box::new(channel));
             }
         }
@@ -440,18 +506,26 @@ async fn hold_clients(stack: &str, addr: SocketAddr, n: usize, cert: &std::path:
     Ok(())
 }
 
-fn rustls_der(path: &std::path::Path) -> Result<brpc::core::rustls::pki_types::CertificateDer<'static>, Box<dyn std::error::Error>> {
+fn rustls_der(
+    path: &std::path::Path,
+) -> Result<brpc::core::rustls::pki_types::CertificateDer<'static>, Box<dyn std::error::Error>> {
     Ok(std::fs::read(path)?.into())
 }
 
 /// Server RSS growth per idle connected client, clients in a separate process.
-async fn memory_per_client(stack: &str, n: usize, dir: &std::path::Path) -> Result<f64, Box<dyn std::error::Error>> {
+async fn memory_per_client(
+    stack: &str,
+    n: usize,
+    dir: &std::path::Path,
+) -> Result<f64, Box<dyn std::error::Error>> {
     use std::io::BufRead;
     let cert_path = dir.join(format!("{stack}.der"));
     let mut guards: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let addr: SocketAddr = match stack {
         "brpc" => {
-            let server = Server::builder().add_service(EchoServer::new(EchoService)).bind("127.0.0.1:0")?;
+            let server = Server::builder()
+                .add_service(EchoServer::new(EchoService))
+                .bind("127.0.0.1:0")?;
             std::fs::write(&cert_path, server.certificate())?;
             let addr = server.local_addr();
             guards.push(Box::new(server));
@@ -460,8 +534,12 @@ async fn memory_per_client(stack: &str, n: usize, dir: &std::path::Path) -> Resu
         "quinn" => {
             let dev = brpc::tls::DevCertificate::generate()?;
             std::fs::write(&cert_path, dev.certificate())?;
-            let crypto = brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
-            let endpoint = quinn::Endpoint::server(quinn::ServerConfig::with_crypto(crypto), "127.0.0.1:0".parse()?)?;
+            let crypto =
+                brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
+            let endpoint = quinn::Endpoint::server(
+                quinn::ServerConfig::with_crypto(crypto),
+                "127.0.0.1:0".parse()?,
+            )?;
             let addr = endpoint.local_addr()?;
             let accept = endpoint.clone();
             guards.push(Box::new(AbortOnDrop(tokio::spawn(async move {
@@ -482,7 +560,9 @@ async fn memory_per_client(stack: &str, n: usize, dir: &std::path::Path) -> Resu
             let addr = listener.local_addr()?;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             guards.push(Box::new(AbortOnDrop(tokio::spawn(
-                tonic::transport::Server::builder().add_service(EchoServer::new(EchoService)).serve_with_incoming(incoming),
+                tonic::transport::Server::builder()
+                    .add_service(EchoServer::new(EchoService))
+                    .serve_with_incoming(incoming),
             ))));
             addr
         }
@@ -490,7 +570,13 @@ async fn memory_per_client(stack: &str, n: usize, dir: &std::path::Path) -> Resu
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_bytes();
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["clients", stack, &addr.to_string(), &n.to_string(), &cert_path.display().to_string()])
+        .args([
+            "clients",
+            stack,
+            &addr.to_string(),
+            &n.to_string(),
+            &cert_path.display().to_string(),
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -517,32 +603,75 @@ async fn memory_per_client(stack: &str, n: usize, dir: &std::path::Path) -> Resu
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("clients") && args.len() == 6 {
-        return hold_clients(&args[2], args[3].parse()?, args[4].parse()?, std::path::Path::new(&args[5])).await;
+        return hold_clients(
+            &args[2],
+            args[3].parse()?,
+            args[4].parse()?,
+            std::path::Path::new(&args[5]),
+        )
+        .await;
     }
     if args.get(1).map(String::as_str) == Some("memory") && args.len() == 5 {
         // A fresh server process per stack, so no earlier run's freed heap
         // hides what the connections cost.
-        let bytes = memory_per_client(&args[2], args[3].parse()?, std::path::Path::new(&args[4])).await?;
+        let bytes =
+            memory_per_client(&args[2], args[3].parse()?, std::path::Path::new(&args[4])).await?;
         println!("{bytes}");
         return Ok(());
     }
     let quick = std::env::args().any(|a| a == "--quick");
-    let (phase, repeats) = if quick { (Duration::from_millis(400), 3) } else { (Duration::from_secs(2), 3) };
+    let (phase, repeats) = if quick {
+        (Duration::from_millis(400), 3)
+    } else {
+        (Duration::from_secs(2), 3)
+    };
     let dir = std::env::temp_dir().join(format!("brpc-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let stacks = ["tonic", "quinn", "brpc", "brpc-reverse", "ttrpc-unix", "brpc-unix"];
+    let all = [
+        "tonic",
+        "quinn",
+        "brpc",
+        "brpc-reverse",
+        "ttrpc-unix",
+        "brpc-unix",
+    ];
+    // `--stack NAME` runs one stack only (for profiling); nothing is written.
+    let only = args
+        .iter()
+        .position(|a| a == "--stack")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let stacks: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|s| only.as_deref().is_none_or(|o| o == *s))
+        .collect();
     let mut results = Vec::new();
-    for stack in stacks {
+    for stack in stacks.iter().copied() {
         eprintln!("benchmarking {stack} ...");
         let figures = bench_stack(stack, &dir, phase, repeats).await?;
         results.push((stack, figures));
+    }
+    if let Some(stack) = only {
+        for (_, f) in &results {
+            println!(
+                "{stack}: c=1 {:.0}/s p50 {:.0} µs; c=64 {:.0}/s; 1 MiB {:.0} MB/s",
+                f.c1_calls, f.c1_p50_us, f.c64_calls, f.mib_mbps
+            );
+        }
+        return Ok(());
     }
     let memory_n = if quick { 300 } else { 2000 };
     let mut memory = Vec::new();
     for stack in ["brpc", "quinn", "tonic"] {
         eprintln!("memory: {memory_n} idle {stack} clients ...");
         let out = std::process::Command::new(std::env::current_exe()?)
-            .args(["memory", stack, &memory_n.to_string(), &dir.display().to_string()])
+            .args([
+                "memory",
+                stack,
+                &memory_n.to_string(),
+                &dir.display().to_string(),
+            ])
             .output()?;
         match String::from_utf8_lossy(&out.stdout).trim().parse::<f64>() {
             Ok(bytes) => memory.push((stack, bytes)),
@@ -550,7 +679,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let mut memory_table = format!("| stack | server RSS per idle client (N = {memory_n}) |\n|---|---:|\n");
+    let mut memory_table =
+        format!("| stack | server RSS per idle client (N = {memory_n}) |\n|---|---:|\n");
     for (stack, bytes) in &memory {
         memory_table += &format!("| {stack} | {:.1} KB |\n", bytes / 1000.0);
     }
@@ -562,24 +692,74 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (stack, f) in &results {
         table += &format!(
             "| {stack} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} |\n",
-            f.c1_calls, f.c1_p50_us, f.c1_p99_us, f.c64_calls, f.mib_mbps, f.cpu_us_per_call, f.errors
+            f.c1_calls,
+            f.c1_p50_us,
+            f.c1_p99_us,
+            f.c64_calls,
+            f.mib_mbps,
+            f.cpu_us_per_call,
+            f.errors
         );
     }
-    let get = |name: &str| results.iter().find(|(s, _)| *s == name).map(|(_, f)| f.clone()).unwrap_or_default();
-    let (tonic, quinn, brpc, rev, ttrpc, unix) =
-        (get("tonic"), get("quinn"), get("brpc"), get("brpc-reverse"), get("ttrpc-unix"), get("brpc-unix"));
+    let get = |name: &str| {
+        results
+            .iter()
+            .find(|(s, _)| *s == name)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_default()
+    };
+    let (tonic, quinn, brpc, rev, ttrpc, unix) = (
+        get("tonic"),
+        get("quinn"),
+        get("brpc"),
+        get("brpc-reverse"),
+        get("ttrpc-unix"),
+        get("brpc-unix"),
+    );
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let within = |a: f64, b: f64| (ratio(a, b) - 1.0).abs() <= 0.10;
     let targets = [
-        ("brpc 16 B c=64 ≥ 0.85× raw quinn", ratio(brpc.c64_calls, quinn.c64_calls), ratio(brpc.c64_calls, quinn.c64_calls) >= 0.85),
-        ("brpc 16 B c=64 vs tonic (≥ 1.6× expected)", ratio(brpc.c64_calls, tonic.c64_calls), ratio(brpc.c64_calls, tonic.c64_calls) >= 1.6),
-        ("brpc c=1 p50 ≤ 1.15× raw quinn", ratio(brpc.c1_p50_us, quinn.c1_p50_us), ratio(brpc.c1_p50_us, quinn.c1_p50_us) <= 1.15),
-        ("reverse c=1 calls/s within ±10% of forward", ratio(rev.c1_calls, brpc.c1_calls), within(rev.c1_calls, brpc.c1_calls)),
-        ("reverse c=64 calls/s within ±10% of forward", ratio(rev.c64_calls, brpc.c64_calls), within(rev.c64_calls, brpc.c64_calls)),
-        ("reverse 1 MiB MB/s within ±10% of forward", ratio(rev.mib_mbps, brpc.mib_mbps), within(rev.mib_mbps, brpc.mib_mbps)),
-        ("brpc 1 MiB echo ≥ 1.5× tonic", ratio(brpc.mib_mbps, tonic.mib_mbps), ratio(brpc.mib_mbps, tonic.mib_mbps) >= 1.5),
-        ("brpc-unix c=64 ≥ 1.2× ttrpc-rust", ratio(unix.c64_calls, ttrpc.c64_calls), ratio(unix.c64_calls, ttrpc.c64_calls) >= 1.2),
+        (
+            "brpc 16 B c=64 ≥ 0.85× raw quinn",
+            ratio(brpc.c64_calls, quinn.c64_calls),
+            ratio(brpc.c64_calls, quinn.c64_calls) >= 0.85,
+        ),
+        (
+            "brpc 16 B c=64 vs tonic (≥ 1.6× expected)",
+            ratio(brpc.c64_calls, tonic.c64_calls),
+            ratio(brpc.c64_calls, tonic.c64_calls) >= 1.6,
+        ),
+        (
+            "brpc c=1 p50 ≤ 1.15× raw quinn",
+            ratio(brpc.c1_p50_us, quinn.c1_p50_us),
+            ratio(brpc.c1_p50_us, quinn.c1_p50_us) <= 1.15,
+        ),
+        (
+            "reverse c=1 calls/s within ±10% of forward",
+            ratio(rev.c1_calls, brpc.c1_calls),
+            within(rev.c1_calls, brpc.c1_calls),
+        ),
+        (
+            "reverse c=64 calls/s within ±10% of forward",
+            ratio(rev.c64_calls, brpc.c64_calls),
+            within(rev.c64_calls, brpc.c64_calls),
+        ),
+        (
+            "reverse 1 MiB MB/s within ±10% of forward",
+            ratio(rev.mib_mbps, brpc.mib_mbps),
+            within(rev.mib_mbps, brpc.mib_mbps),
+        ),
+        (
+            "brpc 1 MiB echo ≥ 1.5× tonic",
+            ratio(brpc.mib_mbps, tonic.mib_mbps),
+            ratio(brpc.mib_mbps, tonic.mib_mbps) >= 1.5,
+        ),
+        (
+            "brpc-unix c=64 ≥ 1.2× ttrpc-rust",
+            ratio(unix.c64_calls, ttrpc.c64_calls),
+            ratio(unix.c64_calls, ttrpc.c64_calls) >= 1.2,
+        ),
     ];
     let mut target_table = String::from("| target | measured ratio | |\n|---|---:|---|\n");
     for (name, r, ok) in &targets {
@@ -587,7 +767,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("{table}\n{target_table}");
 
-    let mode = if quick { "--quick (3 × 0.4 s per figure)" } else { "full (3 × 2 s per figure)" };
+    let mode = if quick {
+        "--quick (3 × 0.4 s per figure)"
+    } else {
+        "full (3 × 2 s per figure)"
+    };
     let doc = format!(
         "# Benchmarks\n\nMeasured by `cargo run --release --manifest-path brpc-bench/Cargo.toml` ({mode}) on {machine}.\n\
          All stacks run in one process, one after another, on one tokio runtime with 2 worker threads; client and server share the machine's 2 cores,\n\

@@ -102,7 +102,20 @@ where
                     return Poll::Ready(Err(Status::from_error(e.into())));
                 }
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => self.buf.extend_from_slice(&data),
+                    Ok(data) => {
+                        // A chunk that is exactly one whole message is sliced,
+                        // not copied (tonic encodes a unary message that way).
+                        if self.buf.is_empty() && data.len() >= PREFIX_LEN && data[0] == 0 {
+                            let len =
+                                u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+                            if PREFIX_LEN + len == data.len() && len <= self.max {
+                                return Poll::Ready(Ok(BodyEvent::Message(
+                                    data.slice(PREFIX_LEN..),
+                                )));
+                            }
+                        }
+                        self.buf.extend_from_slice(&data)
+                    }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
                             self.ended = true;

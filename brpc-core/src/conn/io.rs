@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tonic::Status;
 
-use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType};
+use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType, HEADER_LEN};
 
 /// Why no frame could be read.
 #[derive(Debug)]
@@ -121,6 +121,18 @@ impl FrameReader {
             // Never read past the frame in progress, so an unread stream keeps
             // its bytes in QUIC's flow-controlled buffers, not ours.
             let wanted = self.decoder.wanted(&self.buf);
+            // With a whole header buffered, a chunk that is exactly the frame's
+            // data becomes the frame's payload without being copied.
+            let header_only = match FrameHeader::parse(&self.buf) {
+                Some(h)
+                    if self.buf.len() == HEADER_LEN
+                        && self.decoder.skipping() == 0
+                        && h.length > 0 =>
+                {
+                    Some(h)
+                }
+                _ => None,
+            };
             let stalled_mid_frame =
                 !self.buf.is_empty() || self.decoder.skipping() > 0 || self.awaiting_first;
             let read = self.recv.read_chunk(wanted, true);
@@ -133,6 +145,19 @@ impl FrameReader {
             match chunk {
                 Some(chunk) => {
                     super::observe::bytes_received(chunk.bytes.len());
+                    if let Some(h) = header_only
+                        && chunk.bytes.len() == h.length as usize
+                        && h.length as usize <= self.decoder.max_message_size()
+                    {
+                        self.buf.clear();
+                        self.awaiting_first = false;
+                        return Ok(Some(Frame {
+                            stream_id: h.stream_id,
+                            kind: h.kind,
+                            flags: h.flags,
+                            payload: chunk.bytes,
+                        }));
+                    }
                     self.buf.extend_from_slice(&chunk.bytes);
                 }
                 None => self.finished = true,
