@@ -166,8 +166,8 @@ pub async fn connect_unix(
     Ok(connect_stream(stream, router, options).await)
 }
 
-/// Serves one accepted byte stream with `router` until it closes; `on_peer`
-/// gets the handle to call the dialer (if it turns out to be brpc).
+/// Serves one accepted byte stream with `router` until it closes, and returns
+/// the handle to call the dialer (usable once the dialer has said brpc Hello).
 pub async fn serve_stream<S>(
     io: S,
     router: Router,
