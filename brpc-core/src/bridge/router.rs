@@ -111,6 +111,10 @@ impl Router {
 
     /// Dispatches one request (path `/service/method`) through the layers.
     pub(crate) async fn call(&self, request: http::Request<Body>) -> http::Response<Body> {
+        if self.layers.is_empty() {
+            // No layers: skip the boxed stack and its per-call clone.
+            return dispatch(&self.services, request).await;
+        }
         let stack = self.stack.get_or_init(|| {
             let services = self.services.clone();
             let dispatch = BoxCloneSyncService::new(tower::service_fn(move |request| {
@@ -143,19 +147,24 @@ async fn dispatch(
     let Some(svc) = services.get(service) else {
         return Status::unimplemented(format!("service {service}")).into_http();
     };
-    let method = method.to_owned();
+    let method_start = path.len() - method.len();
+    // A refcount, not a copy: only read again if the method turns out unknown.
+    let uri = request.uri().clone();
     let response = match svc.clone().oneshot(request).await {
         Ok(response) => response,
         Err(never) => match never {},
     };
     // tonic's generated servers answer an unknown method with a bare
-    // UNIMPLEMENTED; say which method, as ttrpc does.
-    match Status::from_header_map(response.headers()) {
-        Some(s) if s.code() == tonic::Code::Unimplemented && s.message().is_empty() => {
-            Status::unimplemented(format!("method {method}")).into_http()
-        }
-        _ => response,
+    // UNIMPLEMENTED (trailers-only); say which method, as ttrpc does.
+    if response.headers().contains_key("grpc-status")
+        && let Some(s) = Status::from_header_map(response.headers())
+        && s.code() == tonic::Code::Unimplemented
+        && s.message().is_empty()
+    {
+        let method = uri.path().get(method_start..).unwrap_or_default();
+        return Status::unimplemented(format!("method {method}")).into_http();
     }
+    response
 }
 
 fn layer_error_status(error: BoxError) -> Status {
