@@ -79,16 +79,7 @@ async fn dropping_a_call_to_the_server_drops_its_handler() {
 #[tokio::test]
 async fn dropping_a_call_to_the_client_drops_its_handler() {
     let server = common::server();
-    let echo = EchoService::new("agent");
-    let probe = echo.probe.clone();
-    let client = common::client_builder(&server, "agent", echo)
-        .connect(server.local_addr())
-        .await
-        .expect("connect");
-    let peer = server
-        .peers()
-        .get(client.connection_id())
-        .expect("registered");
+    let (_client, peer, probe) = common::probed_client(&server, "agent").await;
     check_drop_cancels(peer.client(EchoClient::new), &probe).await;
     check_streaming_handler_sees_the_cancel(peer.client(EchoClient::new), &probe).await;
     peer.client(EchoClient::new)

@@ -68,16 +68,7 @@ async fn client_to_server_deadline() {
 #[tokio::test]
 async fn server_to_client_deadline() {
     let server = common::server();
-    let echo = EchoService::new("agent");
-    let probe = echo.probe.clone();
-    let client = common::client_builder(&server, "agent", echo)
-        .connect(server.local_addr())
-        .await
-        .expect("connect");
-    let peer = server
-        .peers()
-        .get(client.connection_id())
-        .expect("registered");
+    let (_client, peer, probe) = common::probed_client(&server, "agent").await;
     check_deadline(peer.client(EchoClient::new), &probe).await;
 }
 

@@ -190,25 +190,7 @@ async fn agents_reconnect_to_a_restarted_server() {
         .expect_err("disconnected");
     assert_eq!(err.code(), Code::Unavailable);
 
-    // The old socket closes once quinn's endpoint driver has wound down.
-    let mut tries = 0;
-    let second = loop {
-        let bound = brpc::Server::builder()
-            .certificate(chain.clone(), key.clone_key())
-            .add_service(common::echo::echo_server::EchoServer::new(
-                EchoService::new("second"),
-            ))
-            .bind(addr);
-        match bound {
-            Ok(server) => break server,
-            Err(e) if tries < 100 => {
-                tries += 1;
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("cannot bind {addr} again: {e}"),
-        }
-    };
+    let second = rebind(&chain, &key, addr).await;
     let restarted = tokio::time::Instant::now();
     // Backoff is at most 500 ms plus 100% jitter per attempt: every agent is
     // back well within a few attempts.
@@ -237,6 +219,32 @@ async fn agents_reconnect_to_a_restarted_server() {
             .await
             .expect("channel follows");
         assert_eq!(up.into_inner().answered_by, "second");
+    }
+}
+
+/// A new server on the address of one just closed (with the same dev
+/// certificate, which the agents pin). The old socket closes once quinn's
+/// endpoint driver has wound down, so binding is retried for up to 5 s.
+async fn rebind(
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+    key: &rustls_pki_types::PrivateKeyDer<'static>,
+    addr: std::net::SocketAddr,
+) -> brpc::Server {
+    let started = tokio::time::Instant::now();
+    loop {
+        let bound = brpc::Server::builder()
+            .certificate(chain.to_vec(), key.clone_key())
+            .add_service(common::echo::echo_server::EchoServer::new(
+                EchoService::new("second"),
+            ))
+            .bind(addr);
+        match bound {
+            Ok(server) => return server,
+            Err(e) if started.elapsed() > Duration::from_secs(5) => {
+                panic!("cannot bind {addr} again: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
     }
 }
 
@@ -410,18 +418,7 @@ async fn wait_for_ready_calls_ride_out_a_restart() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiting.is_finished(), "waits for a connection");
-    let second = loop {
-        match brpc::Server::builder()
-            .certificate(chain.clone(), key.clone_key())
-            .add_service(common::echo::echo_server::EchoServer::new(
-                EchoService::new("second"),
-            ))
-            .bind(addr)
-        {
-            Ok(server) => break server,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let second = rebind(&chain, &key, addr).await;
     let reply = waiting
         .await
         .expect("join")

@@ -358,18 +358,7 @@ async fn an_oversized_hello_is_refused() {
         "{}",
         status.message
     );
-    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("closed")
-    {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(
-                close.error_code,
-                quinn::VarInt::from_u32(codes::CONN_HELLO_FAILED)
-            );
-        }
-        other => panic!("unexpected close {other:?}"),
-    }
+    common::closed_with(&conn, codes::CONN_HELLO_FAILED).await;
     assert!(server.peers().is_empty());
 }
 

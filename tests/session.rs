@@ -105,18 +105,7 @@ async fn a_call_before_hello_is_refused_and_the_connection_closed() {
         "{}",
         status.message
     );
-    match tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("closed")
-    {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(
-                close.error_code,
-                quinn::VarInt::from_u32(codes::CONN_HELLO_FAILED)
-            );
-        }
-        other => panic!("unexpected close {other:?}"),
-    }
+    common::closed_with(&conn, codes::CONN_HELLO_FAILED).await;
     assert!(server.peers().is_empty());
 }
 
@@ -154,16 +143,5 @@ async fn a_client_that_never_says_hello_is_closed_after_the_limit() {
         .bind("127.0.0.1:0")
         .expect("bind");
     let conn = common::raw_connection(&server).await;
-    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("closed in time");
-    match closed {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(
-                close.error_code,
-                quinn::VarInt::from_u32(codes::CONN_HELLO_TIMEOUT)
-            );
-        }
-        other => panic!("unexpected close {other:?}"),
-    }
+    common::closed_with(&conn, codes::CONN_HELLO_TIMEOUT).await;
 }

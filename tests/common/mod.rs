@@ -376,3 +376,34 @@ pub async fn raw_client(server: &Server, name: &str) -> (quinn::Connection, brpc
     let answer = wire::HelloResponse::decode(response.payload).expect("hello answer");
     (conn, brpc::ConnectionId(answer.connection_id))
 }
+
+/// Waits (up to 10 s) for `conn` to be closed by the application with `code`,
+/// and returns the close (code and reason).
+pub async fn closed_with(conn: &quinn::Connection, code: u32) -> quinn::ApplicationClose {
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("connection closed in time");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, quinn::VarInt::from_u32(code), "{close:?}");
+            close
+        }
+        other => panic!("expected an application close with code {code:#x}, got {other:?}"),
+    }
+}
+
+/// A client of `server` named `name` hosting a probed Echo, and the server's
+/// handle to it.
+pub async fn probed_client(server: &Server, name: &str) -> (Client, brpc::Peer, Arc<Probe>) {
+    let echo = EchoService::new(name);
+    let probe = echo.probe.clone();
+    let client = client_builder(server, name, echo)
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    (client, peer, probe)
+}
