@@ -1,7 +1,6 @@
 //! The client: builder, dial (QUIC + TLS 1.3), Hello, and serving this side's
 //! services on the connection it dialed.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use brpc_core::bridge::BoxedService;
+use brpc_core::bridge::{CallLayer, HostedService};
 use brpc_core::conn::codes;
 use brpc_core::session;
 use brpc_core::tls::{self, PeerIdentity, TlsError};
@@ -22,9 +21,6 @@ use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tonic::Status;
-use tonic::body::Body;
-use tonic::server::NamedService;
-use tower_service::Service;
 use tracing::Instrument;
 
 /// Why [`Builder::connect`] failed.
@@ -149,16 +145,7 @@ impl Default for Builder {
 
 impl Builder {
     /// Hosts a tonic-generated service (`FooServer::new(impl)`) for the server to call.
-    pub fn add_service<S>(mut self, service: S) -> Self
-    where
-        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
         self.router = self.router.add_service(service);
         self
     }
@@ -166,17 +153,7 @@ impl Builder {
     /// Passes every call this side serves through a tower `layer` (e.g.
     /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer). The first layer
     /// added is the outermost; the stack is shared by all connections.
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<BoxedService> + Send + Sync + 'static,
-        L::Service: Service<http::Request<Body>, Response = http::Response<Body>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as Service<http::Request<Body>>>::Error: Into<tower::BoxError> + Send,
-        <L::Service as Service<http::Request<Body>>>::Future: Send + 'static,
-    {
+    pub fn layer<L: CallLayer>(mut self, layer: L) -> Self {
         self.router = self.router.layer(layer);
         self
     }

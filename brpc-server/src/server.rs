@@ -1,13 +1,12 @@
 //! The server: builder, bind, the accept loop and each connection's life
 //! (TLS handshake, Hello within a time limit, registry entry, serving, removal).
 
-use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use brpc_core::bridge::BoxedService;
+use brpc_core::bridge::{CallLayer, HostedService};
 use brpc_core::conn::codes;
 use brpc_core::session::{self, HelloCall};
 use brpc_core::tls::{self, DevCertificate, PeerIdentity, TlsError};
@@ -17,9 +16,6 @@ use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::task::JoinSet;
 use tonic::Status;
-use tonic::body::Body;
-use tonic::server::NamedService;
-use tower_service::Service;
 use tracing::Instrument;
 
 use crate::Registry;
@@ -99,16 +95,7 @@ impl Default for Builder {
 
 impl Builder {
     /// Hosts a tonic-generated service (`FooServer::new(impl)`) for clients to call.
-    pub fn add_service<S>(mut self, service: S) -> Self
-    where
-        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
         self.router = self.router.add_service(service);
         self
     }
@@ -116,17 +103,7 @@ impl Builder {
     /// Passes every call this side serves through a tower `layer` (e.g.
     /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer). The first layer
     /// added is the outermost; the stack is shared by all connections.
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: tower::Layer<BoxedService> + Send + Sync + 'static,
-        L::Service: Service<http::Request<Body>, Response = http::Response<Body>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as Service<http::Request<Body>>>::Error: Into<tower::BoxError> + Send,
-        <L::Service as Service<http::Request<Body>>>::Future: Send + 'static,
-    {
+    pub fn layer<L: CallLayer>(mut self, layer: L) -> Self {
         self.router = self.router.layer(layer);
         self
     }

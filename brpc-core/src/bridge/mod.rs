@@ -6,4 +6,4 @@ pub(crate) mod grpc;
 mod router;
 
 pub use channel::Channel;
-pub use router::{BoxedService, Router};
+pub use router::{BoxedService, CallLayer, HostedService, Router};

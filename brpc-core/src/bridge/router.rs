@@ -18,6 +18,67 @@ use tower_service::Service;
 /// already `tonic::Status` responses.
 pub type BoxedService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
 
+/// A service a [`Router`] can host: any server `tonic-prost-build` generates
+/// (`FooServer::new(impl)`), or anything of the same shape.
+pub trait HostedService:
+    Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> HostedService for S where
+    S: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A tower layer that can wrap the calls a side serves (`ConcurrencyLimitLayer`,
+/// `TimeoutLayer`, an auth layer, …): its service may fail with any error.
+pub trait CallLayer: Layer<BoxedService, Service = Self::Layered> + Send + Sync + 'static {
+    /// The wrapped service.
+    type Layered: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error: Into<BoxError> + Send,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static;
+}
+
+impl<L> CallLayer for L
+where
+    L: Layer<BoxedService> + Send + Sync + 'static,
+    L::Service: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error: Into<BoxError> + Send,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    type Layered = L::Service;
+}
+
 type LayerFn = Arc<dyn Fn(BoxedService) -> BoxedService + Send + Sync>;
 
 /// The services one side hosts, by fully qualified proto name, and the tower
@@ -50,16 +111,7 @@ impl Router {
 
     /// Hosts `service` under its proto name ([`NamedService::NAME`]). A later
     /// service of the same name replaces the earlier one.
-    pub fn add_service<S>(mut self, service: S) -> Self
-    where
-        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
         Arc::make_mut(&mut self.services).insert(S::NAME, BoxCloneSyncService::new(service));
         self.stack = Arc::default();
         self
@@ -70,17 +122,7 @@ impl Router {
     /// layer added is the outermost. A layer's error becomes the call's status:
     /// a `tonic::Status` as is, tower's timeout `DEADLINE_EXCEEDED`, load
     /// shedding `UNAVAILABLE`, anything else `UNKNOWN`.
-    pub fn layer<L>(mut self, layer: L) -> Self
-    where
-        L: Layer<BoxedService> + Send + Sync + 'static,
-        L::Service: Service<http::Request<Body>, Response = http::Response<Body>>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <L::Service as Service<http::Request<Body>>>::Error: Into<BoxError> + Send,
-        <L::Service as Service<http::Request<Body>>>::Future: Send + 'static,
-    {
+    pub fn layer<L: CallLayer>(mut self, layer: L) -> Self {
         self.layers.push(Arc::new(move |inner: BoxedService| {
             let layered = layer.layer(inner);
             BoxCloneSyncService::new(tower::service_fn(move |request| {
