@@ -21,6 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use brpc::core::conn::{DEFAULT_SOCKET_BUFFER, TransportOptions};
 use brpc::{Client, Router, Server};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_stream::Stream;
@@ -204,13 +205,24 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                 _guards: vec![Box::new(AbortOnDrop(server))],
             }
         }
-        "quinn" => {
+        "quinn" | "quinn-buf" => {
+            // quinn-buf: the same default quinn settings, on UDP sockets with
+            // the buffer size brpc asks for (`TransportOptions::socket_buffer`).
+            let buffers = TransportOptions {
+                socket_buffer: if stack == "quinn" {
+                    0
+                } else {
+                    DEFAULT_SOCKET_BUFFER
+                },
+                ..TransportOptions::default()
+            };
             let dev = brpc::tls::DevCertificate::generate()?;
             let crypto =
                 brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
-            let endpoint = quinn::Endpoint::server(
-                quinn::ServerConfig::with_crypto(crypto),
+            let endpoint = brpc::core::conn::endpoint(
                 "127.0.0.1:0".parse()?,
+                Some(quinn::ServerConfig::with_crypto(crypto)),
+                &buffers,
             )?;
             let addr: SocketAddr = endpoint.local_addr()?;
             let accept = endpoint.clone();
@@ -225,7 +237,7 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             });
             let client_crypto =
                 brpc::tls::client_crypto(brpc::tls::pinned_roots(dev.certificate())?)?;
-            let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            let mut client = brpc::core::conn::endpoint("127.0.0.1:0".parse()?, None, &buffers)?;
             client.set_default_client_config(quinn::ClientConfig::new(client_crypto));
             let conn = client.connect(addr, "localhost")?.await?;
             Running {
@@ -379,6 +391,22 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[(((sorted.len() - 1) as f64) * p / 100.0).round() as usize]
 }
 
+/// Datagrams the kernel dropped because a UDP socket's receive buffer was
+/// full (`RcvbufErrors` in /proc/net/snmp), machine-wide.
+fn udp_receive_buffer_drops() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -393,6 +421,7 @@ struct Figures {
     mib_mbps: f64,
     cpu_us_per_call: f64,
     errors: u64,
+    udp_drops: u64,
 }
 
 async fn bench_stack(
@@ -402,6 +431,7 @@ async fn bench_stack(
     repeats: usize,
 ) -> Result<Figures, Box<dyn std::error::Error>> {
     let running = start(stack, dir).await?;
+    let drops_before = udp_receive_buffer_drops();
     let small = Bytes::from(vec![7u8; 16]);
     let big = Bytes::from(vec![9u8; 1 << 20]);
     let caller = &running.caller;
@@ -433,6 +463,7 @@ async fn bench_stack(
         mib_mbps: median(mib),
         cpu_us_per_call: median(cpu),
         errors,
+        udp_drops: udp_receive_buffer_drops().saturating_sub(drops_before),
     })
 }
 
@@ -513,11 +544,20 @@ fn rustls_der(
 }
 
 /// Server RSS growth per idle connected client, clients in a separate process.
+/// Bytes of heap in use (glibc's count of allocated bytes).
+fn heap_in_use() -> f64 {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    #[allow(unsafe_code)]
+    let info = unsafe { libc::mallinfo2() };
+    info.uordblks as f64
+}
+
+/// Server RSS growth and heap growth per idle client, in bytes.
 async fn memory_per_client(
     stack: &str,
     n: usize,
     dir: &std::path::Path,
-) -> Result<f64, Box<dyn std::error::Error>> {
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     use std::io::BufRead;
     let cert_path = dir.join(format!("{stack}.der"));
     let mut guards: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
@@ -569,6 +609,7 @@ async fn memory_per_client(
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_bytes();
+    let heap_before = heap_in_use();
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args([
             "clients",
@@ -593,10 +634,14 @@ async fn memory_per_client(
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_bytes();
+    let heap = heap_in_use() - heap_before;
     drop(child.stdin.take());
     let _ = child.wait();
     drop(guards);
-    Ok(after.saturating_sub(before) as f64 / n as f64)
+    Ok((
+        after.saturating_sub(before) as f64 / n as f64,
+        heap / n as f64,
+    ))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -614,9 +659,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.get(1).map(String::as_str) == Some("memory") && args.len() == 5 {
         // A fresh server process per stack, so no earlier run's freed heap
         // hides what the connections cost.
-        let bytes =
+        let (rss, heap) =
             memory_per_client(&args[2], args[3].parse()?, std::path::Path::new(&args[4])).await?;
-        println!("{bytes}");
+        println!("{rss} {heap}");
         return Ok(());
     }
     let quick = std::env::args().any(|a| a == "--quick");
@@ -630,6 +675,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let all = [
         "tonic",
         "quinn",
+        "quinn-buf",
         "brpc",
         "brpc-reverse",
         "ttrpc-unix",
@@ -673,32 +719,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &dir.display().to_string(),
             ])
             .output()?;
-        match String::from_utf8_lossy(&out.stdout).trim().parse::<f64>() {
-            Ok(bytes) => memory.push((stack, bytes)),
-            Err(_) => eprintln!("  {stack}: {}", String::from_utf8_lossy(&out.stderr)),
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut numbers = text.split_whitespace().map(str::parse::<f64>);
+        match (numbers.next(), numbers.next()) {
+            (Some(Ok(rss)), Some(Ok(heap))) => memory.push((stack, rss, heap)),
+            _ => eprintln!("  {stack}: {}", String::from_utf8_lossy(&out.stderr)),
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let mut memory_table =
-        format!("| stack | server RSS per idle client (N = {memory_n}) |\n|---|---:|\n");
-    for (stack, bytes) in &memory {
-        memory_table += &format!("| {stack} | {:.1} KB |\n", bytes / 1000.0);
+    let mut memory_table = format!(
+        "| stack | server RSS per idle client (N = {memory_n}) | server heap in use per idle client |\n|---|---:|---:|\n"
+    );
+    for (stack, rss, heap) in &memory {
+        memory_table += &format!(
+            "| {stack} | {:.1} KB | {:.1} KB |\n",
+            rss / 1000.0,
+            heap / 1000.0
+        );
     }
     println!("{memory_table}");
 
+    let binary = if quick {
+        Err("not measured in --quick mode".to_owned())
+    } else {
+        eprintln!("binary size: building the minimal server ...");
+        minimal_server_size()
+    };
+
     let mut table = String::from(
-        "| stack | 16 B c=1 calls/s | c=1 p50 µs | c=1 p99 µs | 16 B c=64 calls/s | 1 MiB c=4 MB/s | CPU µs/call (c=64) | errors |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| stack | 16 B c=1 calls/s | c=1 p50 µs | c=1 p99 µs | 16 B c=64 calls/s | 1 MiB c=4 MB/s | CPU µs/call (c=64) | errors | UDP drops |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (stack, f) in &results {
         table += &format!(
-            "| {stack} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} |\n",
+            "| {stack} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} |\n",
             f.c1_calls,
             f.c1_p50_us,
             f.c1_p99_us,
             f.c64_calls,
             f.mib_mbps,
             f.cpu_us_per_call,
-            f.errors
+            f.errors,
+            f.udp_drops,
         );
     }
     let get = |name: &str| {
@@ -719,79 +780,243 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let within = |a: f64, b: f64| (ratio(a, b) - 1.0).abs() <= 0.10;
-    let targets = [
+    let brpc_rss = memory
+        .iter()
+        .find(|(s, _, _)| *s == "brpc")
+        .map(|(_, rss, _)| *rss);
+    let mut targets = vec![
         (
-            "brpc 16 B c=64 ≥ 0.85× raw quinn",
-            ratio(brpc.c64_calls, quinn.c64_calls),
+            "brpc 16 B c=64 ≥ 0.85× raw quinn".to_owned(),
+            format!("{:.2}×", ratio(brpc.c64_calls, quinn.c64_calls)),
             ratio(brpc.c64_calls, quinn.c64_calls) >= 0.85,
         ),
         (
-            "brpc 16 B c=64 vs tonic (≥ 1.6× expected)",
-            ratio(brpc.c64_calls, tonic.c64_calls),
+            "brpc 16 B c=64 vs tonic (≥ 1.6× expected)".to_owned(),
+            format!("{:.2}×", ratio(brpc.c64_calls, tonic.c64_calls)),
             ratio(brpc.c64_calls, tonic.c64_calls) >= 1.6,
         ),
         (
-            "brpc c=1 p50 ≤ 1.15× raw quinn",
-            ratio(brpc.c1_p50_us, quinn.c1_p50_us),
+            "brpc c=1 p50 ≤ 1.15× raw quinn".to_owned(),
+            format!("{:.2}×", ratio(brpc.c1_p50_us, quinn.c1_p50_us)),
             ratio(brpc.c1_p50_us, quinn.c1_p50_us) <= 1.15,
         ),
         (
-            "reverse c=1 calls/s within ±10% of forward",
-            ratio(rev.c1_calls, brpc.c1_calls),
+            "reverse c=1 calls/s within ±10% of forward".to_owned(),
+            format!("{:.2}×", ratio(rev.c1_calls, brpc.c1_calls)),
             within(rev.c1_calls, brpc.c1_calls),
         ),
         (
-            "reverse c=64 calls/s within ±10% of forward",
-            ratio(rev.c64_calls, brpc.c64_calls),
+            "reverse c=64 calls/s within ±10% of forward".to_owned(),
+            format!("{:.2}×", ratio(rev.c64_calls, brpc.c64_calls)),
             within(rev.c64_calls, brpc.c64_calls),
         ),
         (
-            "reverse 1 MiB MB/s within ±10% of forward",
-            ratio(rev.mib_mbps, brpc.mib_mbps),
+            "reverse 1 MiB MB/s within ±10% of forward".to_owned(),
+            format!("{:.2}×", ratio(rev.mib_mbps, brpc.mib_mbps)),
             within(rev.mib_mbps, brpc.mib_mbps),
         ),
         (
-            "brpc 1 MiB echo ≥ 1.5× tonic",
-            ratio(brpc.mib_mbps, tonic.mib_mbps),
+            "brpc 1 MiB echo ≥ 1.5× tonic".to_owned(),
+            format!("{:.2}×", ratio(brpc.mib_mbps, tonic.mib_mbps)),
             ratio(brpc.mib_mbps, tonic.mib_mbps) >= 1.5,
         ),
         (
-            "brpc-unix c=64 ≥ 1.2× ttrpc-rust",
-            ratio(unix.c64_calls, ttrpc.c64_calls),
+            "brpc-unix c=64 ≥ 1.2× ttrpc-rust".to_owned(),
+            format!("{:.2}×", ratio(unix.c64_calls, ttrpc.c64_calls)),
             ratio(unix.c64_calls, ttrpc.c64_calls) >= 1.2,
         ),
     ];
-    let mut target_table = String::from("| target | measured ratio | |\n|---|---:|---|\n");
-    for (name, r, ok) in &targets {
-        target_table += &format!("| {name} | {r:.2} | {} |\n", check(*ok));
+    if let Some(rss) = brpc_rss {
+        targets.push((
+            "idle server memory per brpc agent ≤ 30 KB".to_owned(),
+            format!("{:.1} KB", rss / 1000.0),
+            rss <= 30_000.0,
+        ));
+    }
+    match &binary {
+        Ok(bytes) => targets.push((
+            "minimal server, stripped release binary ≤ 3 MiB".to_owned(),
+            format!("{:.2} MiB", *bytes as f64 / (1u64 << 20) as f64),
+            *bytes <= 3 << 20,
+        )),
+        Err(why) => eprintln!("binary size: {why}"),
+    }
+    let mut target_table = String::from("| target | measured | |\n|---|---:|---|\n");
+    for (name, measured, ok) in &targets {
+        target_table += &format!("| {name} | {measured} | {} |\n", check(*ok));
     }
     println!("{table}\n{target_table}");
+
+    let chart = chart_svg(&results);
+    std::fs::write("benchmarks.svg", chart)?;
 
     let mode = if quick {
         "--quick (3 × 0.4 s per figure)"
     } else {
         "full (3 × 2 s per figure)"
     };
-    let doc = format!(
-        "# Benchmarks\n\nMeasured by `cargo run --release --manifest-path brpc-bench/Cargo.toml` ({mode}) on {machine}.\n\
-         All stacks run in one process, one after another, on one tokio runtime with 2 worker threads; client and server share the machine's 2 cores,\n\
+    let binary_line = match &binary {
+        Ok(bytes) => format!(
+            "`examples/minimal_server.rs` built with `cargo build --profile min-size --example minimal_server` (the `min-size` profile in Cargo.toml: opt-level \"z\", fat LTO, one codegen unit, panic = abort, stripped): **{bytes} bytes ({:.2} MiB)**.\n",
+            *bytes as f64 / (1u64 << 20) as f64
+        ),
+        Err(why) => format!("Minimal server binary: {why}.\n"),
+    };
+    let generated = format!(
+        "# Benchmarks\n\n{BEGIN}\n\nMeasured by `cargo run --release --manifest-path brpc-bench/Cargo.toml` ({mode}) on {machine}.\n\
+         All stacks run in one process, one after another, on one tokio runtime with 2 worker threads; client and server share the machine's cores,\n\
          so CPU time per call covers both ends. Each figure is the median of three measured runs after a warm-up.\n\
-         tonic uses its own HTTP/2 transport over TCP loopback; raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
-         and default quinn settings; brpc-reverse is the server calling the client through the peer handle; the Unix stacks use a socket in the temp dir.\n\n\
-         {table}\n## Idle memory\n\nServer RSS growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N. Target: brpc ≤ 30 KB.\n\n{memory_table}\n## Targets\n\n{target_table}\n\
-         Not measured by this program: fleet scale (see below), the chart and the binary-size target.\n",
+         tonic uses its own HTTP/2 transport over TCP loopback (plaintext); raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
+         and default quinn settings; quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers; brpc-reverse is the server calling the client\n\
+         through the peer handle; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
+         receive buffer during that stack's run (machine-wide `RcvbufErrors`).\n\n\
+         {table}\n![calls per second by stack and concurrency](benchmarks.svg)\n\n\
+         ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
+         ## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
         machine = machine()
     );
+    // Everything after the generated part (fleet figures, findings, profiles)
+    // is written by hand and kept.
+    let kept = std::fs::read_to_string("BENCHMARKS.md")
+        .ok()
+        .and_then(|old| old.split_once(END).map(|(_, rest)| rest.to_owned()))
+        .unwrap_or_default();
+    let kept = kept.trim_start_matches('\n');
+    let doc = if kept.is_empty() {
+        generated
+    } else {
+        format!("{generated}\n{kept}")
+    };
     std::fs::write("BENCHMARKS.md", doc)?;
     let json: Vec<String> = results
         .iter()
         .map(|(s, f)| {
             format!(
-                "{{\"stack\":\"{s}\",\"c1_calls_per_s\":{:.1},\"c1_p50_us\":{:.1},\"c1_p99_us\":{:.1},\"c64_calls_per_s\":{:.1},\"mib_c4_mb_per_s\":{:.1},\"cpu_us_per_call\":{:.2},\"errors\":{}}}",
-                f.c1_calls, f.c1_p50_us, f.c1_p99_us, f.c64_calls, f.mib_mbps, f.cpu_us_per_call, f.errors
+                "{{\"stack\":\"{s}\",\"c1_calls_per_s\":{:.1},\"c1_p50_us\":{:.1},\"c1_p99_us\":{:.1},\"c64_calls_per_s\":{:.1},\"mib_c4_mb_per_s\":{:.1},\"cpu_us_per_call\":{:.2},\"errors\":{},\"udp_drops\":{}}}",
+                f.c1_calls, f.c1_p50_us, f.c1_p99_us, f.c64_calls, f.mib_mbps, f.cpu_us_per_call, f.errors, f.udp_drops
             )
         })
         .collect();
-    std::fs::write("benchmarks.json", format!("[{}]\n", json.join(",\n")))?;
+    let memory_json: Vec<String> = memory
+        .iter()
+        .map(|(s, rss, heap)| {
+            format!("{{\"stack\":\"{s}\",\"clients\":{memory_n},\"rss_bytes_per_client\":{rss:.0},\"heap_bytes_per_client\":{heap:.0}}}")
+        })
+        .collect();
+    let binary_json = match &binary {
+        Ok(bytes) => bytes.to_string(),
+        Err(_) => "null".to_owned(),
+    };
+    std::fs::write(
+        "benchmarks.json",
+        format!(
+            "{{\"stacks\":[{}],\n\"idle_memory\":[{}],\n\"minimal_server_bytes\":{binary_json}}}\n",
+            json.join(",\n"),
+            memory_json.join(",\n")
+        ),
+    )?;
     Ok(())
+}
+
+const BEGIN: &str =
+    "<!-- generated by brpc-bench: everything up to the end marker is rewritten on each run -->";
+const END: &str = "<!-- end of generated part -->";
+
+/// Builds `examples/minimal_server.rs` with the `min-size` profile and
+/// returns the binary's size in bytes.
+fn minimal_server_size() -> Result<u64, String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace root")?;
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(root)
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            "min-size",
+            "-p",
+            "brpc",
+            "--example",
+            "minimal_server",
+        ])
+        .status()
+        .map_err(|e| format!("cargo could not run: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build failed ({status})"));
+    }
+    let path = root.join("target/min-size/examples/minimal_server");
+    std::fs::metadata(&path)
+        .map(|m| m.len())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A grouped bar chart (SVG) of 16-byte calls/s at concurrency 1 and 64.
+fn chart_svg(results: &[(&str, Figures)]) -> String {
+    let (width, height, left, bottom, top) = (760.0, 360.0, 70.0, 50.0, 40.0);
+    let max = results
+        .iter()
+        .map(|(_, f)| f.c64_calls.max(f.c1_calls))
+        .fold(1.0, f64::max);
+    // Round the axis up to a multiple of 20 000 calls/s.
+    let axis = (max / 20_000.0).ceil() * 20_000.0;
+    let plot_h = height - bottom - top;
+    let group = (width - left - 20.0) / results.len().max(1) as f64;
+    let bar = group * 0.35;
+    let y = |v: f64| top + plot_h - v / axis * plot_h;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">16-byte unary calls/s by stack (higher is better)</text>\n",
+        width / 2.0
+    );
+    let steps = 4;
+    for i in 0..=steps {
+        let v = axis * i as f64 / steps as f64;
+        svg += &format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}k</text>\n",
+            width - 20.0,
+            left - 6.0,
+            y(v) + 4.0,
+            v / 1000.0,
+            y = y(v)
+        );
+    }
+    for (i, (stack, f)) in results.iter().enumerate() {
+        let x0 = left + group * i as f64 + group * 0.15;
+        for (j, (value, colour)) in [(f.c1_calls, "#8fb3d9"), (f.c64_calls, "#2b6cb0")]
+            .into_iter()
+            .enumerate()
+        {
+            let x = x0 + bar * j as f64;
+            svg += &format!(
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.0}k</text>\n",
+                y(value),
+                bar - 2.0,
+                top + plot_h - y(value),
+                x + bar / 2.0,
+                y(value) - 3.0,
+                value / 1000.0
+            );
+        }
+        svg += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{stack}</text>\n",
+            x0 + bar,
+            height - bottom + 18.0
+        );
+    }
+    svg += &format!(
+        "<rect x=\"{left}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"#8fb3d9\"/><text x=\"{}\" y=\"{}\">concurrency 1</text>\
+         <rect x=\"{}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"#2b6cb0\"/><text x=\"{}\" y=\"{}\">concurrency 64</text>\n</svg>\n",
+        height - 20.0,
+        left + 16.0,
+        height - 10.0,
+        left + 130.0,
+        height - 20.0,
+        left + 146.0,
+        height - 10.0
+    );
+    svg
 }

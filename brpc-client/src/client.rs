@@ -270,6 +270,15 @@ impl Builder {
         self
     }
 
+    /// Bytes asked of the kernel for the UDP socket's receive and send buffers
+    /// (default 4 MiB; `0` keeps the kernel's default). Small buffers drop
+    /// datagrams under bulk transfer, which QUIC treats as congestion. Linux
+    /// caps the value at `net.core.rmem_max` / `wmem_max`.
+    pub fn socket_buffer(mut self, bytes: usize) -> Self {
+        self.transport.socket_buffer = bytes;
+        self
+    }
+
     /// Close the connection after this long without traffic (default 30 s;
     /// the shorter of the two sides' values applies).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
@@ -325,7 +334,8 @@ impl Builder {
             },
             0,
         );
-        let mut endpoint = Endpoint::client(local).map_err(ConnectError::Endpoint)?;
+        let mut endpoint = brpc_core::conn::endpoint(local, None, &self.transport)
+            .map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);
         let shared = Arc::new(Shared {
             endpoint,

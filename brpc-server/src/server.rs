@@ -165,6 +165,15 @@ impl Builder {
         self
     }
 
+    /// Bytes asked of the kernel for the UDP socket's receive and send buffers
+    /// (default 4 MiB; `0` keeps the kernel's default). Small buffers drop
+    /// datagrams under bulk transfer, which QUIC treats as congestion. Linux
+    /// caps the value at `net.core.rmem_max` / `wmem_max`.
+    pub fn socket_buffer(mut self, bytes: usize) -> Self {
+        self.transport.socket_buffer = bytes;
+        self
+    }
+
     /// Close connections idle for this long (default 30 s).
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.transport.idle_timeout = timeout;
@@ -258,7 +267,8 @@ impl Builder {
         config.transport_config(brpc_core::conn::transport_config(&self.transport));
         let endpoint = {
             let _guard = runtime.enter();
-            Endpoint::server(config, addr).map_err(|source| BindError::Socket { addr, source })?
+            brpc_core::conn::endpoint(addr, Some(config), &self.transport)
+                .map_err(|source| BindError::Socket { addr, source })?
         };
         let local_addr = endpoint
             .local_addr()
