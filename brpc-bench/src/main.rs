@@ -692,6 +692,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .copied()
         .filter(|s| only.as_deref().is_none_or(|o| o == *s))
         .collect();
+    // `--stack NAME --c64-only`: 10 s of 16-byte calls at concurrency 64 and
+    // nothing else, for a profiler to look at the per-call path alone.
+    if let (Some(stack), true) = (&only, args.iter().any(|a| a == "--c64-only")) {
+        let running = start(stack, &dir).await?;
+        let small = Bytes::from(vec![7u8; 16]);
+        measure(&running.caller, small.clone(), 64, Duration::from_secs(1)).await;
+        let r = measure(&running.caller, small, 64, Duration::from_secs(10)).await;
+        println!(
+            "{stack}: c=64 {:.0}/s, {:.1} µs CPU per call",
+            r.calls as f64 / r.elapsed.as_secs_f64(),
+            r.cpu / r.calls.max(1) as f64 * 1e6
+        );
+        return Ok(());
+    }
     let mut results = Vec::new();
     for stack in stacks.iter().copied() {
         eprintln!("benchmarking {stack} ...");

@@ -109,8 +109,7 @@ impl Drop for InFlight {
             &self.peer.shared.outgoing
         };
         counter.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("brpc_calls_in_flight", "direction" => direction(self.served))
-            .decrement(1.0);
+        super::observe::calls_in_flight(self.served).decrement(1.0);
     }
 }
 
@@ -390,7 +389,7 @@ impl Peer {
             &self.shared.outgoing
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("brpc_calls_in_flight", "direction" => direction(served)).increment(1.0);
+        super::observe::calls_in_flight(served).increment(1.0);
         InFlight {
             peer: self.clone(),
             served,
