@@ -105,6 +105,59 @@ async fn two_hundred_agents_registry_selection_and_broadcast() {
 }
 
 #[tokio::test]
+async fn dropping_a_broadcast_cancels_its_calls_on_every_agent() {
+    const N: usize = 3;
+    let server = common::server();
+    let probes: Vec<_> = (0..N)
+        .map(|i| EchoService::new(&format!("agent-{i}")))
+        .collect();
+    let builders = probes
+        .iter()
+        .enumerate()
+        .map(|(i, echo)| common::client_builder(&server, &format!("agent-{i}"), echo.clone()))
+        .collect();
+    let _agents = connect_all(builders, server.local_addr()).await;
+    let options = BroadcastOptions {
+        concurrency: N,
+        timeout: Duration::from_secs(60),
+    };
+    let mut results = Box::pin(broadcast(
+        server.peers().list(),
+        options,
+        |peer| async move {
+            peer.client(EchoClient::new)
+                .sleep(SleepRequest { millis: 60_000 })
+                .await?;
+            Ok(())
+        },
+    ));
+    // Polling once starts all N calls (each in its own task); none finishes.
+    let first = tokio::time::timeout(Duration::from_millis(50), results.next()).await;
+    assert!(first.is_err(), "no agent answers a 60 s sleep");
+    eventually(
+        Duration::from_secs(10),
+        "every agent running the call",
+        || {
+            probes
+                .iter()
+                .all(|p| p.probe.in_flight.load(Ordering::SeqCst) == 1)
+        },
+    )
+    .await;
+    drop(results);
+    eventually(
+        Duration::from_secs(10),
+        "every agent's handler dropped",
+        || {
+            probes
+                .iter()
+                .all(|p| p.probe.dropped.load(Ordering::SeqCst) == 1)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn connect_and_disconnect_events_arrive_once_each() {
     const N: usize = 20;
     let server = common::server();

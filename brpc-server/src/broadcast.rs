@@ -45,6 +45,10 @@ pub struct BroadcastResult<T> {
 /// Calls `call` on every peer, at most `options.concurrency` at a time, each
 /// within `options.timeout`, yielding one result per peer as it completes.
 ///
+/// Each call runs as its own tokio task, so a large fan-out uses every worker
+/// thread; dropping the stream aborts the calls still running (and so cancels
+/// them on their peers).
+///
 /// ```no_run
 /// # use brpc_server::{broadcast, BroadcastOptions, Server};
 /// # use futures_util::StreamExt;
@@ -65,19 +69,26 @@ pub fn broadcast<F, Fut, T>(
 ) -> impl Stream<Item = BroadcastResult<T>>
 where
     F: FnMut(Peer) -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
+    Fut: Future<Output = Result<T, Status>> + Send + 'static,
+    T: Send + 'static,
 {
     let timeout = options.timeout;
     stream::iter(peers)
         .map(move |peer| {
             let call = call(peer.clone());
-            async move {
-                let started = Instant::now();
-                let result = match tokio::time::timeout(timeout, call).await {
+            let started = Instant::now();
+            let mut task = AbortOnDrop(tokio::spawn(async move {
+                match tokio::time::timeout(timeout, call).await {
                     Ok(result) => result,
                     Err(_) => Err(Status::deadline_exceeded(format!(
                         "no answer within the broadcast timeout of {timeout:?}"
                     ))),
+                }
+            }));
+            async move {
+                let result = match (&mut task.0).await {
+                    Ok(result) => result,
+                    Err(e) => Err(Status::internal(format!("broadcast call failed: {e}"))),
                 };
                 BroadcastResult {
                     id: peer.connection_id(),
@@ -88,4 +99,13 @@ where
             }
         })
         .buffer_unordered(options.concurrency.max(1))
+}
+
+/// Aborts the task when dropped: a dropped broadcast stops its calls.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
