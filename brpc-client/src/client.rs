@@ -257,9 +257,11 @@ impl Builder {
         self
     }
 
-    /// Most calls the server may have open to this client at once (default 100; quinn keeps state per allowed stream, about 0.8 KB each).
+    /// Most calls the server may have open to this client at once (default 100). A connection starts by allowing 16 and widens to
+    /// this once 12 are in use: quinn keeps state for every stream it allows.
     pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
         self.transport.max_concurrent_calls = calls;
+        self.limits.max_concurrent_calls = calls;
         self
     }
 

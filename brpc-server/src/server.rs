@@ -159,9 +159,11 @@ impl Builder {
         self
     }
 
-    /// Most calls each client may have open to the server at once (default 100; quinn keeps state per allowed stream, about 0.8 KB each).
+    /// Most calls each client may have open to the server at once (default 100). A connection starts by allowing 16 and widens to
+    /// this once 12 are in use: quinn keeps state for every stream it allows.
     pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
         self.transport.max_concurrent_calls = calls;
+        self.limits.max_concurrent_calls = calls;
         self
     }
 
@@ -498,18 +500,20 @@ async fn turn_away(incoming: Incoming, limit: usize, _counted: Counted) {
     }
 }
 
-async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Counted) {
+/// TLS handshake, Hello, admission, listing and the Hello answer: the peer,
+/// listed, or `None` if the client was turned away or went away.
+async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
     let remote = incoming.remote_address();
     let deadline = tokio::time::Instant::now() + shared.hello_timeout;
     let connection = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%remote, "TLS handshake did not finish within the Hello limit");
-            return;
+            return None;
         }
     };
     let hello = match tokio::time::timeout_at(
@@ -525,7 +529,7 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Count
                 VarInt::from_u32(codes::CONN_HELLO_FAILED),
                 status.message().as_bytes(),
             );
-            return;
+            return None;
         }
         Err(_) => {
             tracing::debug!(%remote, "no Hello within {:?}", shared.hello_timeout);
@@ -533,7 +537,7 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Count
                 VarInt::from_u32(codes::CONN_HELLO_TIMEOUT),
                 b"no Hello within the time limit",
             );
-            return;
+            return None;
         }
     };
     if shared.shutting_down.load(Ordering::SeqCst) {
@@ -546,7 +550,7 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Count
             VarInt::from_u32(codes::CONN_GOING_AWAY),
             b"server shutting down",
         );
-        return;
+        return None;
     }
     let version = hello.request.protocol_version;
     if version != session::PROTOCOL_VERSION {
@@ -560,7 +564,7 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Count
             VarInt::from_u32(codes::CONN_HELLO_FAILED),
             b"unsupported protocol version",
         );
-        return;
+        return None;
     }
     let identity = PeerIdentity::of_connection(&connection);
     if let Some(authorize) = &shared.authorize {
@@ -584,20 +588,31 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Count
                 VarInt::from_u32(codes::CONN_UNAUTHORIZED),
                 reason.as_bytes(),
             );
-            return;
+            return None;
         }
     }
-    let peer = new_peer(&shared, &connection, &hello, identity);
+    let peer = new_peer(shared, &connection, &hello, identity);
     // Listed before the answer goes out: once the client knows its id, the
     // registry already has it. The guard unlists it however this task ends.
     shared.registry.insert(peer.clone());
-    let _listed = Listed {
+    let listed = Listed {
         registry: &shared.registry,
         peer: peer.clone(),
     };
     if hello.accept(peer.connection_id()).await.is_err() {
-        return;
+        return None;
     }
+    Some(listed)
+}
+
+async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Counted) {
+    let remote = incoming.remote_address();
+    // Boxed: the handshake's futures are freed when it ends instead of
+    // sizing this task's future for the whole life of the connection.
+    let Some(listed) = Box::pin(admit(&shared, incoming)).await else {
+        return;
+    };
+    let peer = listed.peer.clone();
     let span = tracing::info_span!("brpc.connection", id = %peer.connection_id(), name = peer.name(), %remote);
     async {
         tracing::debug!("peer connected");

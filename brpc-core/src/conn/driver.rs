@@ -36,6 +36,7 @@ pub async fn serve(peer: Peer, router: Router) {
             accepted = peer.accept_call() => match accepted {
                 Some((send, recv, stream_id)) => {
                     calls.spawn(serve_call(peer.clone(), router.clone(), send, recv, stream_id));
+                    peer.widen_call_window(calls.len());
                 }
                 None => break,
             },

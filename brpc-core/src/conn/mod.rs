@@ -14,7 +14,10 @@ pub use driver::serve;
 pub(crate) use observe::CallRecord;
 pub use observe::code_name;
 pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo};
-pub use transport::{DEFAULT_SOCKET_BUFFER, TransportOptions, endpoint, transport_config};
+pub use transport::{
+    DEFAULT_MAX_CONCURRENT_CALLS, DEFAULT_SOCKET_BUFFER, INITIAL_CALL_WINDOW, TransportOptions,
+    endpoint, transport_config,
+};
 
 pub(crate) use io::{FrameReader, ReadError, write_frame};
 pub(crate) use observe::{

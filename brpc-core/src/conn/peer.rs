@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use tokio::sync::watch;
@@ -62,6 +62,12 @@ pub struct CallLimits {
     /// peer opened, before its Request) without a byte arriving; then it is
     /// reset (stream code `0x04`). `None`: no limit.
     pub idle_timeout: Option<std::time::Duration>,
+    /// Most calls the peer may have open to this side at once over QUIC (the
+    /// builders' `max_concurrent_calls`). A connection starts by allowing
+    /// [`INITIAL_CALL_WINDOW`](super::INITIAL_CALL_WINDOW) of them and widens
+    /// to this as soon as three quarters of that are in use, so an idle
+    /// connection does not pay quinn's per-stream state for the full limit.
+    pub max_concurrent_calls: u32,
 }
 
 impl Default for CallLimits {
@@ -69,6 +75,7 @@ impl Default for CallLimits {
         CallLimits {
             max_message_size: crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
             idle_timeout: Some(std::time::Duration::from_secs(30)),
+            max_concurrent_calls: super::transport::DEFAULT_MAX_CONCURRENT_CALLS,
         }
     }
 }
@@ -93,6 +100,9 @@ struct Shared {
     draining: watch::Sender<bool>,
     /// The peer said GoAway (with this reason): open no new calls to it.
     going_away: watch::Sender<Option<String>>,
+    /// The QUIC stream limit was raised from the initial window to the full
+    /// `max_concurrent_calls`.
+    window_widened: AtomicBool,
 }
 
 /// Counts one call in flight for as long as it lives.
@@ -177,6 +187,7 @@ impl Peer {
                 outgoing: AtomicUsize::new(0),
                 draining: watch::Sender::new(false),
                 going_away: watch::Sender::new(None),
+                window_widened: AtomicBool::new(false),
             }),
         }
     }
@@ -380,6 +391,24 @@ impl Peer {
     /// Calls this side is serving for the peer right now.
     pub fn served_calls_in_flight(&self) -> usize {
         self.shared.served.load(Ordering::Relaxed)
+    }
+
+    /// Called with the number of calls being served: once they fill three
+    /// quarters of the initial QUIC window, the peer may open up to
+    /// `max_concurrent_calls` (one MAX_STREAMS frame; it never shrinks back).
+    pub(crate) fn widen_call_window(&self, serving: usize) {
+        let Transport::Quic(connection) = &self.shared.transport else {
+            return;
+        };
+        let initial =
+            super::transport::initial_call_window(self.shared.limits.max_concurrent_calls);
+        if serving * 4 >= initial as usize * 3
+            && initial < self.shared.limits.max_concurrent_calls
+            && !self.shared.window_widened.swap(true, Ordering::Relaxed)
+        {
+            connection
+                .set_max_concurrent_bi_streams(self.shared.limits.max_concurrent_calls.into());
+        }
     }
 
     pub(crate) fn enter_call(&self, served: bool) -> InFlight {

@@ -5,6 +5,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Default of [`TransportOptions::max_concurrent_calls`].
+pub const DEFAULT_MAX_CONCURRENT_CALLS: u32 = 100;
+
+/// Calls a peer may open at once on a new connection, before the window widens
+/// to `max_concurrent_calls` (see [`CallLimits`](super::CallLimits)). quinn keeps
+/// state for every stream it allows, so idle connections stay small.
+pub const INITIAL_CALL_WINDOW: u32 = 16;
+
+pub(crate) fn initial_call_window(max_concurrent_calls: u32) -> u32 {
+    max_concurrent_calls.min(INITIAL_CALL_WINDOW)
+}
+
 /// Default size asked of the kernel for each endpoint's UDP receive and send
 /// buffers (see [`TransportOptions::socket_buffer`]).
 pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
@@ -14,6 +26,8 @@ pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
 pub struct TransportOptions {
     /// Most calls the other side may have open to us at once (QUIC bidirectional
     /// stream limit). Further calls wait for a free slot; they do not fail.
+    /// A connection starts at [`INITIAL_CALL_WINDOW`] and widens to this once
+    /// three quarters of that are in use.
     pub max_concurrent_calls: u32,
     /// A connection with no traffic for this long is closed.
     pub idle_timeout: Duration,
@@ -32,7 +46,7 @@ pub struct TransportOptions {
 impl Default for TransportOptions {
     fn default() -> Self {
         TransportOptions {
-            max_concurrent_calls: 100,
+            max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
             idle_timeout: Duration::from_secs(30),
             keep_alive_interval: None,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
@@ -43,7 +57,7 @@ impl Default for TransportOptions {
 /// The quinn transport configuration for `options`.
 pub fn transport_config(options: &TransportOptions) -> Arc<quinn::TransportConfig> {
     let mut config = quinn::TransportConfig::default();
-    config.max_concurrent_bidi_streams(options.max_concurrent_calls.into());
+    config.max_concurrent_bidi_streams(initial_call_window(options.max_concurrent_calls).into());
     // brpc never uses unidirectional streams.
     config.max_concurrent_uni_streams(0u32.into());
     config.max_idle_timeout(quinn::IdleTimeout::try_from(options.idle_timeout).ok());

@@ -1,0 +1,83 @@
+//! How many calls a peer may have open at once: a connection starts by
+//! allowing `INITIAL_CALL_WINDOW` (16) and widens to `max_concurrent_calls`
+//! under load, in both directions; an explicit lower limit makes further
+//! calls wait for a free slot rather than fail.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use brpc::core::conn::INITIAL_CALL_WINDOW;
+use common::echo::SleepRequest;
+use common::echo::echo_client::EchoClient;
+use common::{EchoService, eventually};
+
+const CALLS: usize = 40;
+
+async fn sleep_calls(
+    client: EchoClient<brpc::Channel>,
+    n: usize,
+    millis: u64,
+) -> Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>> {
+    (0..n)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.sleep(SleepRequest { millis }).await.map(|_| ()) })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_window_widens_past_its_initial_size_for_client_calls() {
+    assert!(CALLS > INITIAL_CALL_WINDOW as usize);
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = common::server_with(echo);
+    let client = common::client(&server, "agent").await;
+    let calls = sleep_calls(EchoClient::new(client.channel()), CALLS, 3_000).await;
+    eventually(Duration::from_secs(10), "all calls running at once", || {
+        probe.in_flight.load(Ordering::SeqCst) == CALLS
+    })
+    .await;
+    for call in calls {
+        call.await.expect("join").expect("call");
+    }
+}
+
+#[tokio::test]
+async fn the_window_widens_for_calls_from_the_server_too() {
+    let server = common::server();
+    let echo = EchoService::new("agent");
+    let probe = echo.probe.clone();
+    let client = common::client_builder(&server, "agent", echo)
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    let calls = sleep_calls(peer.client(EchoClient::new), CALLS, 3_000).await;
+    eventually(Duration::from_secs(10), "all calls running at once", || {
+        probe.in_flight.load(Ordering::SeqCst) == CALLS
+    })
+    .await;
+    for call in calls {
+        call.await.expect("join").expect("call");
+    }
+}
+
+#[tokio::test]
+async fn calls_beyond_an_explicit_limit_wait_and_then_succeed() {
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = brpc::Server::builder()
+        .max_concurrent_calls(4)
+        .add_service(common::echo::echo_server::EchoServer::new(echo))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = common::client(&server, "agent").await;
+    let calls = sleep_calls(EchoClient::new(client.channel()), 12, 200).await;
+    for call in calls {
+        call.await.expect("join").expect("call");
+    }
+    assert_eq!(probe.max_in_flight.load(Ordering::SeqCst), 4);
+}
