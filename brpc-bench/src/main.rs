@@ -1,19 +1,24 @@
-//! Side-by-side benchmark of one Echo call on six stacks, same process, same
+//! Side-by-side benchmark of one Echo call on seven stacks, same process, same
 //! payloads, same tokio runtime, one after another:
 //! tonic over HTTP/2 (TCP loopback), raw quinn (stream per call, 4-byte length
-//! prefix), brpc over QUIC client→server and server→client, ttrpc-rust over a
-//! Unix socket, and brpc over a Unix socket.
+//! prefix) with default sockets and with brpc's socket buffers, brpc over QUIC
+//! client→server and server→client, ttrpc-rust over a Unix socket, and brpc
+//! over a Unix socket. Then idle memory per client, a fleet of 10 000 agents
+//! and the minimal server's binary size.
 //!
 //! ```text
-//! cargo run --release --manifest-path brpc-bench/Cargo.toml            # a few minutes
+//! cargo run --release --manifest-path brpc-bench/Cargo.toml            # about 3 minutes (+ first min-size build)
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # under a minute
+//! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
+//! brpc-bench --stack brpc --c64-only        # 10 s at c=64, for a profiler
 //! ```
 //!
 //! Figures: 16-byte unary at concurrency 1 (calls/s, p50, p99) and 64
 //! (calls/s), 1 MiB echo at concurrency 4 (MB/s), CPU time per call (client
-//! and server together, from getrusage). Each figure is the median of three
-//! measured runs after a warm-up. Results go to stdout, BENCHMARKS.md and
-//! benchmarks.json.
+//! and server together, from getrusage), datagrams the kernel dropped for full
+//! UDP receive buffers. Each figure is the median of three measured runs after
+//! a warm-up. Results go to stdout, BENCHMARKS.md (its generated part; the
+//! hand-written text after it is kept), benchmarks.json and benchmarks.svg.
 
 use std::future::Future;
 use std::net::SocketAddr;
