@@ -10,7 +10,7 @@
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml            # about 3 minutes (+ first min-size build)
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # under a minute
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
-//! brpc-bench --stack brpc --c64-only        # 10 s at c=64, for a profiler
+//! brpc-bench --stack brpc --c64-only        # 10 s at c=64 (or --c1-only), for a profiler
 //! ```
 //!
 //! Figures: 16-byte unary at concurrency 1 (calls/s, p50, p99) and 64
@@ -932,17 +932,33 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .copied()
         .filter(|s| only.as_deref().is_none_or(|o| o == *s))
         .collect();
-    // `--stack NAME --c64-only`: 10 s of 16-byte calls at concurrency 64 and
-    // nothing else, for a profiler to look at the per-call path alone.
-    if let (Some(stack), true) = (&only, args.iter().any(|a| a == "--c64-only")) {
+    // `--stack NAME --c64-only` (or `--c1-only`): 10 s of 16-byte calls at
+    // that concurrency and nothing else, for a profiler to look at the
+    // per-call path alone.
+    let only_concurrency = if args.iter().any(|a| a == "--c64-only") {
+        Some(64)
+    } else if args.iter().any(|a| a == "--c1-only") {
+        Some(1)
+    } else {
+        None
+    };
+    if let (Some(stack), Some(concurrency)) = (&only, only_concurrency) {
         let running = start(stack, &dir).await?;
         let small = Bytes::from(vec![7u8; 16]);
-        measure(&running.caller, small.clone(), 64, Duration::from_secs(1)).await;
-        let r = measure(&running.caller, small, 64, Duration::from_secs(10)).await;
+        let warm = measure(
+            &running.caller,
+            small.clone(),
+            concurrency,
+            Duration::from_secs(1),
+        )
+        .await;
+        let r = measure(&running.caller, small, concurrency, Duration::from_secs(10)).await;
         println!(
-            "{stack}: c=64 {:.0}/s, {:.1} µs CPU per call",
+            "{stack}: c={concurrency} {:.0}/s, p50 {:.0} µs, {:.1} µs CPU per call; {} calls in all",
             r.calls as f64 / r.elapsed.as_secs_f64(),
-            r.cpu / r.calls.max(1) as f64 * 1e6
+            percentile(&r.latencies, 50.0).as_secs_f64() * 1e6,
+            r.cpu / r.calls.max(1) as f64 * 1e6,
+            warm.calls + r.calls
         );
         return Ok(());
     }
