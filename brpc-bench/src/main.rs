@@ -1174,7 +1174,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          tonic uses its own HTTP/2 transport over TCP loopback (plaintext); raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
          and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers; brpc-reverse is the server calling the client\n\
          through the peer handle; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
-         receive buffer during that stack's run (machine-wide `RcvbufErrors`).\n\n\
+         receive buffer during that stack's measured rounds (machine-wide `RcvbufErrors`).\n\n\
          {table}\n![calls per second by stack and concurrency](benchmarks.svg)\n\n\
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
