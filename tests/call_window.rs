@@ -12,6 +12,8 @@ use brpc::core::conn::INITIAL_CALL_WINDOW;
 use common::echo::SleepRequest;
 use common::echo::echo_client::EchoClient;
 use common::{EchoService, eventually};
+use tokio::task::JoinHandle;
+use tonic::Status;
 
 const CALLS: usize = 40;
 
@@ -19,13 +21,25 @@ async fn sleep_calls(
     client: EchoClient<brpc::Channel>,
     n: usize,
     millis: u64,
-) -> Vec<tokio::task::JoinHandle<Result<(), tonic::Status>>> {
+) -> Vec<JoinHandle<Result<(), Status>>> {
     (0..n)
         .map(|_| {
             let mut client = client.clone();
             tokio::spawn(async move { client.sleep(SleepRequest { millis }).await.map(|_| ()) })
         })
         .collect()
+}
+
+/// All `calls` reach the handler together (none waits for a free slot),
+/// then all succeed.
+async fn all_running_at_once(probe: &common::Probe, calls: Vec<JoinHandle<Result<(), Status>>>) {
+    eventually(Duration::from_secs(10), "all calls running at once", || {
+        probe.in_flight.load(Ordering::SeqCst) == calls.len()
+    })
+    .await;
+    for call in calls {
+        call.await.expect("join").expect("call");
+    }
 }
 
 #[tokio::test]
@@ -36,13 +50,7 @@ async fn the_window_widens_past_its_initial_size_for_client_calls() {
     let server = common::server_with(echo);
     let client = common::client(&server, "agent").await;
     let calls = sleep_calls(EchoClient::new(client.channel()), CALLS, 3_000).await;
-    eventually(Duration::from_secs(10), "all calls running at once", || {
-        probe.in_flight.load(Ordering::SeqCst) == CALLS
-    })
-    .await;
-    for call in calls {
-        call.await.expect("join").expect("call");
-    }
+    all_running_at_once(&probe, calls).await;
 }
 
 #[tokio::test]
@@ -56,13 +64,7 @@ async fn the_window_widens_for_calls_from_the_server_too() {
         .expect("connect");
     let peer = server.peers().get(client.connection_id()).expect("listed");
     let calls = sleep_calls(peer.client(EchoClient::new), CALLS, 3_000).await;
-    eventually(Duration::from_secs(10), "all calls running at once", || {
-        probe.in_flight.load(Ordering::SeqCst) == CALLS
-    })
-    .await;
-    for call in calls {
-        call.await.expect("join").expect("call");
-    }
+    all_running_at_once(&probe, calls).await;
 }
 
 #[tokio::test]

@@ -134,25 +134,19 @@ async fn dropping_a_broadcast_cancels_its_calls_on_every_agent() {
     // Polling once starts all N calls (each in its own task); none finishes.
     let first = tokio::time::timeout(Duration::from_millis(50), results.next()).await;
     assert!(first.is_err(), "no agent answers a 60 s sleep");
+    let all_agents =
+        |count: fn(&common::Probe) -> usize| probes.iter().all(|echo| count(&echo.probe) == 1);
     eventually(
         Duration::from_secs(10),
         "every agent running the call",
-        || {
-            probes
-                .iter()
-                .all(|p| p.probe.in_flight.load(Ordering::SeqCst) == 1)
-        },
+        || all_agents(|p| p.in_flight.load(Ordering::SeqCst)),
     )
     .await;
     drop(results);
     eventually(
         Duration::from_secs(10),
         "every agent's handler dropped",
-        || {
-            probes
-                .iter()
-                .all(|p| p.probe.dropped.load(Ordering::SeqCst) == 1)
-        },
+        || all_agents(|p| p.dropped.load(Ordering::SeqCst)),
     )
     .await;
 }
