@@ -43,6 +43,28 @@ async fn all_running_at_once(probe: &common::Probe, calls: Vec<JoinHandle<Result
 }
 
 #[tokio::test]
+async fn a_new_connection_allows_the_initial_window_only() {
+    // Streams opened but never written are not seen by the server, so the
+    // window cannot widen: exactly INITIAL_CALL_WINDOW of them open at once.
+    let server = common::server();
+    let conn = common::raw_connection(&server).await;
+    let mut open = Vec::new();
+    for _ in 0..INITIAL_CALL_WINDOW {
+        let stream = tokio::time::timeout(Duration::from_secs(5), conn.open_bi())
+            .await
+            .expect("within the initial window")
+            .expect("open");
+        open.push(stream);
+    }
+    let beyond = tokio::time::timeout(Duration::from_millis(300), conn.open_bi()).await;
+    assert!(
+        beyond.is_err(),
+        "stream {} opened before any widening",
+        open.len() + 1
+    );
+}
+
+#[tokio::test]
 async fn the_window_widens_past_its_initial_size_for_client_calls() {
     assert!(CALLS > INITIAL_CALL_WINDOW as usize);
     let echo = EchoService::new("server");
