@@ -286,7 +286,6 @@ async fn open_call(
     let mut state = ResponseState {
         record: record.take(),
         reader,
-        wait_for_headers: peer.remote_is_brpc(),
         call: CallState::caller(stream_id),
         deadline,
         trailers: Vec::new(),
@@ -298,7 +297,7 @@ async fn open_call(
     // response headers: a Headers frame, a first message, or the end. A plain
     // ttrpc callee sends no Headers, so its calls start at once.
     let mut headers = http::HeaderMap::new();
-    let first = if state.wait_for_headers {
+    let first = if peer.remote_is_brpc() {
         state.next_event().await
     } else {
         ResponseEvent::Headers(Vec::new())
@@ -441,9 +440,6 @@ struct Pump {
 /// it before the call ended cancels the call (STOP_SENDING, and a reset of the
 /// request stream through the pump).
 struct ResponseState {
-    /// Whether the callee sends Headers (a brpc peer): then the call waits for
-    /// its first frame before it starts.
-    wait_for_headers: bool,
     /// Outcome and in-flight count of the call (always set; an Option only so
     /// the call can give it back on early errors).
     record: Option<CallRecord>,

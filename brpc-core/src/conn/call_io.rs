@@ -3,9 +3,9 @@
 //! driver) is written once against these.
 
 use std::future::Future;
-use std::pin::Pin;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use quinn::{SendStream, VarInt};
 
 use super::io::{FrameReader, ReadError, write_frame};
@@ -94,15 +94,15 @@ impl CallWriter {
     /// Resolves when the peer stops reading this call (it cancelled) or the
     /// connection ends; after a clean finish it may also resolve, once the
     /// peer has everything.
-    pub(crate) fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         match self {
             CallWriter::Quic(send) => {
                 let stopped = send.stopped();
-                Box::pin(async move {
+                Either::Left(async move {
                     let _ = stopped.await;
                 })
             }
-            CallWriter::Bytes(out) => Box::pin(out.link_closed()),
+            CallWriter::Bytes(out) => Either::Right(out.link_closed()),
         }
     }
 }

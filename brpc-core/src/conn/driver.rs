@@ -140,25 +140,32 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
     let timeout = metadata::from_timeout_nano(request.timeout_nano);
     // A bad request message (oversized, out of sequence) ends the call with
     // its status whatever the handler makes of the error it sees.
-    let (fail, failed) = oneshot::channel();
-    let input = if streaming {
-        Input::Stream(StreamInput {
+    // Only streamed input can go bad after the handler starts.
+    let (input, failed) = if streaming {
+        let (fail, failed) = oneshot::channel();
+        let input = Input::Stream(StreamInput {
             reader,
             call,
             first: first_message,
             failed: false,
             fail: Some(fail),
-        })
+        });
+        (input, Some(failed))
     } else {
-        Input::Single(first_message.unwrap_or_default())
+        (Input::Single(first_message.unwrap_or_default()), None)
     };
     let deadline = timeout.map(|t| Instant::now() + t);
     let outcome = {
-        let handled = handle(peer, router, out, request, input);
+        let handled = handle(peer, router, out, request, timeout, input);
         let guarded = async {
             tokio::select! {
                 biased;
-                Ok(status) = failed => Some(status),
+                Some(status) = async {
+                    match failed {
+                        Some(failed) => failed.await.ok(),
+                        None => None,
+                    }
+                } => Some(status),
                 () = handled => None,
             }
         };
@@ -247,11 +254,17 @@ impl StreamInput {
     }
 }
 
-async fn handle(peer: &Peer, router: &Router, out: &mut Responder, request: Request, input: Input) {
+async fn handle(
+    peer: &Peer,
+    router: &Router,
+    out: &mut Responder,
+    request: Request,
+    timeout: Option<std::time::Duration>,
+    input: Input,
+) {
     let Request {
         service,
         method,
-        timeout_nano,
         metadata: entries,
         ..
     } = request;
@@ -281,7 +294,7 @@ async fn handle(peer: &Peer, router: &Router, out: &mut Responder, request: Requ
         http::HeaderValue::from_static("application/grpc"),
     );
     headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-    if let Some(timeout) = metadata::from_timeout_nano(timeout_nano) {
+    if let Some(timeout) = timeout {
         headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
     }
     if let Err(status) = metadata::append_key_values(headers, entries) {
