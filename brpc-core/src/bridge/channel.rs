@@ -6,7 +6,6 @@
 //! calls always are); anything else opens a stream (Request with remote-open,
 //! then Data frames). Responses are read whatever their shape.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -289,7 +288,8 @@ async fn open_call(
         call: CallState::caller(stream_id),
         deadline,
         trailers: Vec::new(),
-        pending: VecDeque::new(),
+        pending_message: None,
+        pending_trailers: None,
         done: false,
         pump,
     };
@@ -304,20 +304,12 @@ async fn open_call(
     };
     match first {
         ResponseEvent::Headers(entries) => metadata::append_key_values(&mut headers, entries)?,
-        ResponseEvent::Message(m) => state.pending.push_back(BodyFrame::data(frame_message(&m))),
+        ResponseEvent::Message(m) => state.pending_message = Some(m),
         ResponseEvent::End(status, None) if status.code() != tonic::Code::Ok => {
             // Trailers-only: tonic returns this status from the call itself.
             return Err(state.finish(status));
         }
-        ResponseEvent::End(status, last) => {
-            if let Some(m) = last {
-                state.pending.push_back(BodyFrame::data(frame_message(&m)));
-            }
-            let status = state.finish(status);
-            state
-                .pending
-                .push_back(BodyFrame::trailers(trailers_for(&status)));
-        }
+        ResponseEvent::End(status, last) => state.end(status, last),
     }
     let body = StreamBody::new(stream::unfold(state, ResponseState::next_frame));
     let mut response = http::Response::new(Body::new(body));
@@ -447,7 +439,11 @@ struct ResponseState {
     call: CallState,
     deadline: Option<Instant>,
     trailers: Vec<KeyValue>,
-    pending: VecDeque<BodyFrame<Bytes>>,
+    /// A message read but not yet handed to tonic (at most one is ever
+    /// waiting: the body yields it before reading on).
+    pending_message: Option<Bytes>,
+    /// The trailers ending the body, once the call has ended.
+    pending_trailers: Option<http::HeaderMap>,
     done: bool,
     pump: Option<Pump>,
 }
@@ -469,8 +465,11 @@ enum Next {
 impl ResponseState {
     async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
         loop {
-            if let Some(frame) = self.pending.pop_front() {
-                return Some((Ok(frame), self));
+            if let Some(m) = self.pending_message.take() {
+                return Some((Ok(BodyFrame::data(frame_message(&m))), self));
+            }
+            if let Some(trailers) = self.pending_trailers.take() {
+                return Some((Ok(BodyFrame::trailers(trailers)), self));
             }
             if self.done {
                 return None;
@@ -480,14 +479,7 @@ impl ResponseState {
                 ResponseEvent::Message(m) => {
                     return Some((Ok(BodyFrame::data(frame_message(&m))), self));
                 }
-                ResponseEvent::End(status, last) => {
-                    if let Some(m) = last {
-                        self.pending.push_back(BodyFrame::data(frame_message(&m)));
-                    }
-                    let status = self.finish(status);
-                    self.pending
-                        .push_back(BodyFrame::trailers(trailers_for(&status)));
-                }
+                ResponseEvent::End(status, last) => self.end(status, last),
             }
         }
     }
@@ -549,6 +541,14 @@ impl ResponseState {
                 Inbound::Ignored | Inbound::Open { .. } => continue,
             }
         }
+    }
+
+    /// The call ended: its last message (if any), then trailers carrying
+    /// `status`, are what the body yields next.
+    fn end(&mut self, status: Status, last: Option<Bytes>) {
+        self.pending_message = last;
+        let status = self.finish(status);
+        self.pending_trailers = Some(trailers_for(&status));
     }
 
     /// Marks the call over and gives its final status, carrying the trailers.
