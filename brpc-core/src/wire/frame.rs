@@ -305,8 +305,9 @@ impl FrameDecoder {
                 max: self.max,
             });
         }
+        // No reservation for the announced length: the buffer grows with the
+        // bytes that actually arrive, so a header alone costs nothing.
         if buf.len() < HEADER_LEN + len {
-            buf.reserve(HEADER_LEN + len - buf.len());
             return Ok(None);
         }
         buf.advance(HEADER_LEN);
@@ -442,6 +443,30 @@ mod tests {
             }
             .to_string(),
             "message length 9 exceed maximum message size of 4"
+        );
+    }
+
+    #[test]
+    fn a_header_announcing_4_mib_reserves_nothing_beyond_what_arrived() {
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_MESSAGE_SIZE);
+        let header = FrameHeader {
+            length: DEFAULT_MAX_MESSAGE_SIZE as u32,
+            stream_id: 1,
+            kind: FrameType::Request,
+            flags: Flags::EMPTY,
+        };
+        let mut buf = BytesMut::with_capacity(64);
+        buf.put_slice(&header.to_bytes());
+        assert_eq!(dec.decode(&mut buf), Ok(None));
+        assert!(buf.capacity() <= 64, "reserved {} bytes", buf.capacity());
+        assert_eq!(dec.wanted(&buf), DEFAULT_MAX_MESSAGE_SIZE);
+        buf.put_slice(&[0u8; 100]);
+        assert_eq!(dec.decode(&mut buf), Ok(None));
+        assert!(
+            buf.capacity() < 4 * (HEADER_LEN + 100),
+            "grew to {} bytes for {} that arrived",
+            buf.capacity(),
+            buf.len()
         );
     }
 
