@@ -101,3 +101,35 @@ async fn the_caller_gives_up_at_its_deadline_when_the_peer_is_silent() {
     assert!(started.elapsed() >= Duration::from_millis(190));
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// Go's ttrpc sends a negative `timeout_nano` for a call whose context had
+/// already expired: the callee answers DEADLINE_EXCEEDED and never runs the
+/// handler (0 still means no deadline).
+#[tokio::test]
+async fn a_negative_timeout_nano_is_already_expired() {
+    use prost::Message;
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = common::server_with(echo);
+    let (conn, _id) = common::raw_client(&server, "go-like").await;
+    let request = |timeout_nano| brpc::core::wire::Request {
+        service: "test.echo.v1.Echo".into(),
+        method: "Unary".into(),
+        payload: common::echo::EchoRequest {
+            text: "late".into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+        .into(),
+        timeout_nano,
+        ..Default::default()
+    };
+    let response = common::raw_call(&conn, request(-1)).await;
+    let status = response.status.expect("status");
+    assert_eq!(status.code, Code::DeadlineExceeded as i32, "{status:?}");
+    assert_eq!(probe.unary_calls.load(Ordering::SeqCst), 0, "handler ran");
+
+    let response = common::raw_call(&conn, request(0)).await;
+    assert_eq!(response.status.expect("status").code, 0, "0 is no deadline");
+    assert_eq!(probe.unary_calls.load(Ordering::SeqCst), 1);
+}

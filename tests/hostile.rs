@@ -350,7 +350,8 @@ async fn a_hostile_callee_cannot_break_the_caller() {
 async fn an_oversized_hello_is_refused() {
     let server = common::server();
     let conn = common::raw_connection(&server).await;
-    let response = common::raw_call(&conn, common::hello_request(1, &"x".repeat(100 * 1024))).await;
+    let response =
+        common::raw_call_refused(&conn, common::hello_request(1, &"x".repeat(100 * 1024))).await;
     let status = response.status.expect("status");
     assert_eq!(
         status.code,

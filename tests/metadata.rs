@@ -95,3 +95,33 @@ async fn metadata_server_to_client() {
         .expect("registered");
     check(peer.client(EchoClient::new)).await;
 }
+
+/// Plain ttrpc peers may send any UTF-8 as a metadata value; gRPC text
+/// metadata is ASCII only, so a non-ASCII text value is refused with
+/// INVALID_ARGUMENT naming the way out (a `-bin` key) instead of reaching a
+/// handler that cannot read it.
+#[tokio::test]
+async fn non_ascii_text_metadata_from_a_raw_peer_is_invalid_argument() {
+    use prost::Message;
+    let echo = common::EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = common::server_with(echo);
+    let (conn, _id) = common::raw_client(&server, "go-like").await;
+    let request = brpc::core::wire::Request {
+        service: "test.echo.v1.Echo".into(),
+        method: "Unary".into(),
+        payload: EchoRequest::default().encode_to_vec().into(),
+        metadata: vec![brpc::core::wire::KeyValue::new("x-owner", "Zoë")],
+        ..Default::default()
+    };
+    let status = common::raw_call(&conn, request)
+        .await
+        .status
+        .expect("status");
+    assert_eq!(status.code, Code::InvalidArgument as i32, "{status:?}");
+    assert!(status.message.contains("x-owner") && status.message.contains("-bin"));
+    assert_eq!(
+        probe.unary_calls.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}

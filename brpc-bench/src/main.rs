@@ -229,6 +229,7 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                 "127.0.0.1:0".parse()?,
                 Some(quinn::ServerConfig::with_crypto(crypto)),
                 &buffers,
+                None,
             )?;
             let addr: SocketAddr = endpoint.local_addr()?;
             let accept = endpoint.clone();
@@ -243,7 +244,8 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             });
             let client_crypto =
                 brpc::tls::client_crypto(brpc::tls::pinned_roots(dev.certificate())?)?;
-            let mut client = brpc::core::conn::endpoint("127.0.0.1:0".parse()?, None, &buffers)?;
+            let mut client =
+                brpc::core::conn::endpoint("127.0.0.1:0".parse()?, None, &buffers, None)?;
             // quinn's defaults, plus a keep-alive: the connection sits idle
             // while the other stacks are measured, longer than the 30 s
             // idle timeout.

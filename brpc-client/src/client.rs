@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use backon::{BackoffBuilder, ExponentialBuilder};
 
 use brpc_core::bridge::{CallLayer, HostedService};
-use brpc_core::conn::codes;
+use brpc_core::conn::{MemoryBudget, codes};
 use brpc_core::session;
 use brpc_core::tls::{self, PeerIdentity, TlsError};
 use brpc_core::wire::{HelloRequest, KeyValue};
@@ -132,10 +132,7 @@ impl Default for Builder {
             server_name: "localhost".into(),
             connect_timeout: Duration::from_secs(10),
             limits: CallLimits::default(),
-            transport: TransportOptions {
-                keep_alive_interval: Some(Duration::from_secs(10)),
-                ..TransportOptions::default()
-            },
+            transport: TransportOptions::default(),
             reconnect: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -265,8 +262,8 @@ impl Builder {
         self
     }
 
-    /// QUIC keep-alive interval while idle (default 10 s; `None` disables).
-    /// Keep it below the idle timeout of both sides.
+    /// QUIC keep-alive interval while idle (default 3 s; `None` disables).
+    /// Keep it well below the idle timeout of both sides.
     pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
         self.transport.keep_alive_interval = interval;
         self
@@ -281,10 +278,31 @@ impl Builder {
         self
     }
 
-    /// Close the connection after this long without traffic (default 30 s;
-    /// the shorter of the two sides' values applies).
+    /// Close the connection after receiving nothing for this long (default
+    /// 10 s; the shorter of the two sides' values applies): calls in flight
+    /// fail with `UNAVAILABLE` and the client reconnects. A server that was
+    /// restarted with the same key is usually noticed sooner, by its
+    /// stateless reset. See [`TransportOptions::idle_timeout`] for why 10 s.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.transport.idle_timeout = timeout;
+        self
+    }
+
+    /// Most bytes the server may have in flight to this client that it has
+    /// not read yet, across all calls (QUIC connection flow control; default
+    /// 4 MiB).
+    pub fn receive_window(mut self, bytes: u64) -> Self {
+        self.transport.receive_window = bytes;
+        self
+    }
+
+    /// Most bytes of partly received frames this client holds at once
+    /// (default 16 MiB, never less than one maximum-size message). A call
+    /// from the server that finds no room is answered `RESOURCE_EXHAUSTED`;
+    /// a frame of a call already running waits, slowing its sender by flow
+    /// control.
+    pub fn buffer_per_connection(mut self, bytes: usize) -> Self {
+        self.limits.buffer_per_connection = bytes;
         self
     }
 
@@ -336,7 +354,7 @@ impl Builder {
             },
             0,
         );
-        let mut endpoint = brpc_core::conn::endpoint(local, None, &self.transport)
+        let mut endpoint = brpc_core::conn::endpoint(local, None, &self.transport, None)
             .map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);
         let shared = Arc::new(Shared {
@@ -361,6 +379,7 @@ impl Builder {
             closing: watch::Sender::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
             last_id: AtomicU64::new(0),
+            buffer: self.limits.total_budget(self.limits.buffer_per_connection),
         });
         let peer = connect_once(&shared).await?;
         shared.connected(&peer);
@@ -386,6 +405,8 @@ struct Shared {
     /// A graceful shutdown is draining: do not reconnect.
     stopping: std::sync::atomic::AtomicBool,
     last_id: AtomicU64,
+    /// What frames received from the server are charged to, across reconnects.
+    buffer: MemoryBudget,
 }
 
 impl Shared {
@@ -459,7 +480,13 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
         connected_at: SystemTime::now(),
         identity: PeerIdentity::of_connection(&connection),
     };
-    Ok(Peer::new(connection, Side::Dialer, info, shared.limits))
+    Ok(Peer::new(
+        connection,
+        Side::Dialer,
+        info,
+        shared.limits,
+        shared.buffer.clone(),
+    ))
 }
 
 /// How one connection's life ended.

@@ -59,6 +59,19 @@ pub fn append_key_values(headers: &mut HeaderMap, entries: Vec<KeyValue>) -> Res
         }
         let name = HeaderName::from_bytes(key.as_bytes())
             .map_err(|_| Status::invalid_argument(format!("invalid metadata key {key:?}")))?;
+        // ttrpc's values are any UTF-8 string; gRPC text metadata (what a
+        // tonic handler reads with `to_str`) is visible ASCII only.
+        if !key.ends_with("-bin")
+            && !value
+                .bytes()
+                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+        {
+            return Err(Status::invalid_argument(format!(
+                "metadata value for key {key:?} is not printable ASCII: text metadata carries \
+                 ASCII only (as in gRPC); send other bytes base64-encoded under a key ending \
+                 in \"-bin\""
+            )));
+        }
         let value = HeaderValue::from_str(&value).map_err(|_| {
             Status::invalid_argument(format!("invalid metadata value for key {key:?}"))
         })?;
@@ -121,7 +134,10 @@ pub fn to_timeout_nano(timeout: Option<Duration>) -> i64 {
     }
 }
 
-/// ttrpc's `timeout_nano` as a duration; 0 or negative means none.
+/// ttrpc's `timeout_nano` as a duration; 0 means none. A negative value
+/// means the deadline had already passed when the caller sent the call (Go's
+/// ttrpc does this): the serving side answers `DEADLINE_EXCEEDED` without
+/// running the handler, and this function returns `None` for it.
 pub fn from_timeout_nano(nanos: i64) -> Option<Duration> {
     (nanos > 0).then(|| Duration::from_nanos(nanos as u64))
 }
@@ -192,5 +208,17 @@ mod tests {
         assert_eq!(to_timeout_nano(Some(Duration::from_secs(5))), 5_000_000_000);
         assert_eq!(from_timeout_nano(0), None);
         assert_eq!(from_timeout_nano(-3), None);
+    }
+
+    #[test]
+    fn non_ascii_text_metadata_is_refused_with_a_hint() {
+        let mut headers = HeaderMap::new();
+        let err = append_key_values(&mut headers, vec![KeyValue::new("x-name", "Zoë")])
+            .expect_err("non-ASCII value");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("-bin"), "{}", err.message());
+        append_key_values(&mut headers, vec![KeyValue::new("x-name", "Zoe\tok")])
+            .expect("ASCII with a tab");
+        assert_eq!(headers["x-name"], "Zoe\tok");
     }
 }

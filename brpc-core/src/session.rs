@@ -23,7 +23,7 @@ pub const METHOD_GOAWAY: &str = "GoAway";
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Default largest Hello frame a server accepts.
-pub const DEFAULT_MAX_HELLO_SIZE: usize = 64 * 1024;
+pub const DEFAULT_MAX_HELLO_SIZE: usize = 16 * 1024;
 
 /// Dialer: sends Hello on the connection's first stream and returns the answer.
 ///

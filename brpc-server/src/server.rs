@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use brpc_core::bridge::{CallLayer, HostedService};
-use brpc_core::conn::codes;
+use brpc_core::conn::{MemoryBudget, codes};
 use brpc_core::session::{self, HelloCall};
 use brpc_core::tls::{self, DevCertificate, PeerIdentity, TlsError};
 use brpc_core::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions};
@@ -59,6 +59,8 @@ pub struct Builder {
     client_roots: Option<RootCertStore>,
     authorize: Option<Authorize>,
     max_connections: usize,
+    buffer_total: usize,
+    reset_secret: Option<Vec<u8>>,
 }
 
 /// What the server knows of a client when deciding whether to admit it.
@@ -89,6 +91,8 @@ impl Default for Builder {
             client_roots: None,
             authorize: None,
             max_connections: 100_000,
+            buffer_total: brpc_core::conn::DEFAULT_BUFFER_TOTAL,
+            reset_secret: None,
         }
     }
 }
@@ -147,7 +151,7 @@ impl Builder {
         self
     }
 
-    /// Largest Hello frame accepted (default 64 KiB).
+    /// Largest Hello frame accepted (default 16 KiB: a name and labels; before Hello a connection may make the server hold little more than this).
     pub fn max_hello_size(mut self, bytes: usize) -> Self {
         self.max_hello_size = bytes;
         self
@@ -176,9 +180,64 @@ impl Builder {
         self
     }
 
-    /// Close connections idle for this long (default 30 s).
+    /// Close a connection that has received nothing for this long, failing
+    /// its calls with `UNAVAILABLE` and removing the peer from the registry
+    /// (default 10 s; the shorter of the two sides' values applies). See
+    /// [`TransportOptions::idle_timeout`] for why 10 s.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.transport.idle_timeout = timeout;
+        self
+    }
+
+    /// Send a QUIC keep-alive this often while a connection is quiet
+    /// (default 3 s; `None` disables). Keep it well below both sides' idle
+    /// timeouts.
+    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
+        self.transport.keep_alive_interval = interval;
+        self
+    }
+
+    /// Most bytes a client may have in flight to the server that the server
+    /// has not read yet, across all its calls (QUIC connection flow control;
+    /// default 4 MiB). Before Hello succeeds a connection gets only
+    /// [`PRE_HELLO_RECEIVE_WINDOW`](brpc_core::conn::PRE_HELLO_RECEIVE_WINDOW)
+    /// (16 KiB) and one stream.
+    pub fn receive_window(mut self, bytes: u64) -> Self {
+        self.transport.receive_window = bytes;
+        self
+    }
+
+    /// Most bytes of partly received frames the server holds for one
+    /// connection (default 16 MiB, never less than one maximum-size message).
+    /// Each frame reserves its announced length before its data is read. A
+    /// new call that finds no room is answered `RESOURCE_EXHAUSTED` (stream
+    /// code `0x05`); a frame of a call already running waits, and QUIC flow
+    /// control slows its sender.
+    pub fn buffer_per_connection(mut self, bytes: usize) -> Self {
+        self.limits.buffer_per_connection = bytes;
+        self
+    }
+
+    /// Most bytes of partly received frames the server holds across all its
+    /// connections (default 256 MiB, never less than one maximum-size
+    /// message); the same rules as [`Builder::buffer_per_connection`] apply
+    /// when it is used up. With [`Builder::receive_window`] and
+    /// [`Builder::max_connections`] it bounds the memory peers can make the
+    /// server use.
+    pub fn buffer_total(mut self, bytes: usize) -> Self {
+        self.buffer_total = bytes;
+        self
+    }
+
+    /// The secret the server's stateless-reset key is derived from. By
+    /// default the key comes from the TLS private key, so a server restarted
+    /// with the same certificate and key is recognised by clients of its
+    /// previous run at once (their next packet is answered with a stateless
+    /// reset and they reconnect) instead of after their idle timeout. Set
+    /// one when the key changes between runs, e.g. with a fresh dev
+    /// certificate, and give it to every server that binds this address.
+    pub fn reset_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.reset_secret = Some(secret.into());
         self
     }
 
@@ -258,6 +317,10 @@ impl Builder {
             }
             Certificate::Chain(chain, key) => (chain, key),
         };
+        let endpoint_config = brpc_core::conn::stable_endpoint_config(match &self.reset_secret {
+            Some(secret) => secret,
+            None => key.secret_der(),
+        });
         let certificate = chain.first().cloned().ok_or_else(|| {
             TlsError::Rustls(rustls::Error::General("empty certificate chain".into()))
         })?;
@@ -266,10 +329,10 @@ impl Builder {
             None => tls::server_crypto(chain, key)?,
         };
         let mut config = quinn::ServerConfig::with_crypto(crypto);
-        config.transport_config(brpc_core::conn::transport_config(&self.transport));
+        config.transport_config(brpc_core::conn::server_transport_config(&self.transport));
         let endpoint = {
             let _guard = runtime.enter();
-            brpc_core::conn::endpoint(addr, Some(config), &self.transport)
+            brpc_core::conn::endpoint(addr, Some(config), &self.transport, Some(endpoint_config))
                 .map_err(|source| BindError::Socket { addr, source })?
         };
         let local_addr = endpoint
@@ -287,6 +350,8 @@ impl Builder {
             authorize: self.authorize,
             max_connections: self.max_connections,
             connections: Arc::new(AtomicUsize::new(0)),
+            transport: self.transport,
+            buffer_total: self.limits.total_budget(self.buffer_total),
         });
         let accept = runtime.spawn(accept_loop(shared.clone()));
         tracing::info!(%local_addr, "brpc server listening");
@@ -322,6 +387,9 @@ struct Shared {
     max_connections: usize,
     /// Connections past the accept step and not yet ended.
     connections: Arc<AtomicUsize>,
+    transport: TransportOptions,
+    /// Inbound bytes being received, across all connections.
+    buffer_total: MemoryBudget,
 }
 
 /// A running brpc server. Dropping it closes the endpoint and every connection.
@@ -365,6 +433,12 @@ impl Server {
     /// The services this server hosts.
     pub fn router(&self) -> &Router {
         &self.shared.router
+    }
+
+    /// Bytes of partly received frames the server holds right now, across
+    /// all connections (see [`Builder::buffer_total`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.buffer_total.in_use()
     }
 
     /// Stops accepting and closes every connection now; calls in flight fail.
@@ -591,6 +665,8 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
             return None;
         }
     }
+    // Admitted: open the call window and the receive window.
+    brpc_core::conn::admit(&connection, &shared.transport);
     let peer = new_peer(shared, &connection, &hello, identity);
     // Listed before the answer goes out: once the client knows its id, the
     // registry already has it. The guard unlists it however this task ends.
@@ -643,5 +719,11 @@ fn new_peer(
         connected_at: SystemTime::now(),
         identity,
     };
-    Peer::new(connection.clone(), Side::Acceptor, info, shared.limits)
+    Peer::new(
+        connection.clone(),
+        Side::Acceptor,
+        info,
+        shared.limits,
+        shared.buffer_total.clone(),
+    )
 }

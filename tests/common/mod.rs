@@ -326,6 +326,20 @@ pub async fn raw_connection(server: &Server) -> quinn::Connection {
 
 /// Sends one unary wire Request on a new stream and reads the whole answer.
 pub async fn raw_call(conn: &quinn::Connection, request: wire::Request) -> wire::Response {
+    raw_call_inner(conn, request, false).await
+}
+
+/// [`raw_call`] for a Request the peer may refuse before reading it all (it
+/// stops the stream): the write may fail, the answer is still read.
+pub async fn raw_call_refused(conn: &quinn::Connection, request: wire::Request) -> wire::Response {
+    raw_call_inner(conn, request, true).await
+}
+
+async fn raw_call_inner(
+    conn: &quinn::Connection,
+    request: wire::Request,
+    may_be_stopped: bool,
+) -> wire::Response {
     use prost::Message;
     let (mut send, mut recv) = conn.open_bi().await.expect("open");
     let stream_id = wire::stream_id(send.id().index(), true);
@@ -338,8 +352,22 @@ pub async fn raw_call(conn: &quinn::Connection, request: wire::Request) -> wire:
     )
     .encode(&mut buf)
     .expect("encode");
-    send.write_all(&buf).await.expect("write");
-    send.finish().expect("finish");
+    let stopped = send.stopped();
+    tokio::select! {
+        written = send.write_all(&buf) => {
+            if may_be_stopped {
+                if written.is_ok() {
+                    let _ = send.finish();
+                }
+            } else {
+                written.expect("write");
+                send.finish().expect("finish");
+            }
+        }
+        _ = stopped, if may_be_stopped => {
+            let _ = send.reset(0u32.into());
+        }
+    }
     let bytes = recv.read_to_end(1 << 20).await.expect("read");
     let frame = wire::FrameDecoder::new(1 << 20)
         .decode(&mut bytes::BytesMut::from(&bytes[..]))
@@ -407,3 +435,4 @@ pub async fn probed_client(server: &Server, name: &str) -> (Client, brpc::Peer, 
         .expect("registered");
     (client, peer, probe)
 }
+pub mod relay;

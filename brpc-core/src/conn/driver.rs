@@ -106,6 +106,12 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
                 .await;
                 return;
             }
+            Err(e @ ReadError::Exhausted(_)) => {
+                tracing::debug!(error = ?e, "call refused: inbound buffer budget used up");
+                reader.stop(codes::STREAM_REFUSED);
+                out.status(e.to_status()).await;
+                return;
+            }
             Err(_) => return,
         };
         match call.recv(frame) {
@@ -134,6 +140,17 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
         out.status(Status::unavailable(
             "this side is shutting down and takes no new calls; reconnect and retry",
         ))
+        .await;
+        return;
+    }
+    if request.timeout_nano < 0 {
+        // ttrpc (Go) sends a negative time remaining for a context that had
+        // already expired: the call is over before it starts.
+        reader.stop(codes::STREAM_CANCELLED);
+        out.status(Status::deadline_exceeded(format!(
+            "deadline exceeded before the call started (timeout_nano {})",
+            request.timeout_nano
+        )))
         .await;
         return;
     }

@@ -5,6 +5,7 @@ use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
 use tonic::Status;
 
+use super::budget::Budgets;
 use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType, HEADER_LEN};
 
 /// Why no frame could be read.
@@ -24,6 +25,9 @@ pub(crate) enum ReadError {
     Idle(std::time::Duration),
     /// The byte-stream connection carrying the call is gone.
     LinkLost(String),
+    /// The Request of a new call found no room in the inbound buffer budget
+    /// (the message says which budget); its data was not read.
+    Exhausted(String),
 }
 
 impl ReadError {
@@ -45,6 +49,7 @@ impl ReadError {
             ReadError::Idle(limit) => Status::deadline_exceeded(format!(
                 "the call stalled for {limit:?} in the middle of a frame; reset"
             )),
+            ReadError::Exhausted(why) => Status::resource_exhausted(why.clone()),
         }
     }
 }
@@ -64,6 +69,9 @@ impl From<quinn::ReadError> for ReadError {
 }
 
 /// Reads whole frames from a QUIC receive stream.
+///
+/// With budgets, each frame reserves its announced length before its data is
+/// read and gives it back when the frame is handed out: see [`super::budget`].
 pub(crate) struct FrameReader {
     recv: RecvStream,
     buf: BytesMut,
@@ -73,6 +81,18 @@ pub(crate) struct FrameReader {
     /// Apply the idle limit before the first frame too (a callee waiting for
     /// the Request of a stream the peer opened).
     awaiting_first: bool,
+    budgets: Option<Budgets>,
+    /// Bytes reserved for the frame in progress.
+    reserved: usize,
+    /// A first frame that finds no budget is refused instead of waiting (the
+    /// Request of a call the peer opened).
+    refuse_first: bool,
+}
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl FrameReader {
@@ -84,7 +104,41 @@ impl FrameReader {
             finished: false,
             idle: None,
             awaiting_first: false,
+            budgets: None,
+            reserved: 0,
+            refuse_first: false,
         }
+    }
+
+    /// Charges every frame to `budgets`; with `refuse_first`, a first frame
+    /// that does not fit fails with [`ReadError::Exhausted`] instead of waiting.
+    pub(crate) fn with_budgets(mut self, budgets: Budgets, refuse_first: bool) -> Self {
+        self.budgets = Some(budgets);
+        self.refuse_first = refuse_first;
+        self
+    }
+
+    fn release(&mut self) {
+        if let Some(budgets) = &self.budgets {
+            budgets.release(std::mem::take(&mut self.reserved));
+        }
+    }
+
+    /// Reserves the announced length of the frame whose header is buffered.
+    async fn reserve(&mut self, length: usize) -> Result<(), ReadError> {
+        let Some(budgets) = &self.budgets else {
+            return Ok(());
+        };
+        if !budgets.try_reserve(length) {
+            if self.refuse_first && self.awaiting_first {
+                return Err(ReadError::Exhausted(budgets.exhausted_message(length)));
+            }
+            // Not idle: the data may well be waiting in QUIC's buffers; it is
+            // this side that has no room yet.
+            budgets.reserve(length).await;
+        }
+        self.reserved = length;
+        Ok(())
     }
 
     /// Resets the call (reads fail with [`ReadError::Idle`]) when it stalls
@@ -105,6 +159,7 @@ impl FrameReader {
         loop {
             match self.decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
+                    self.release();
                     self.awaiting_first = false;
                     return Ok(Some(frame));
                 }
@@ -117,6 +172,13 @@ impl FrameReader {
                 } else {
                     Err(ReadError::Truncated)
                 };
+            }
+            if self.reserved == 0
+                && self.decoder.skipping() == 0
+                && let Some(h) = FrameHeader::parse(&self.buf)
+                && h.length > 0
+            {
+                self.reserve(h.length as usize).await?;
             }
             // Never read past the frame in progress, so an unread stream keeps
             // its bytes in QUIC's flow-controlled buffers, not ours.
@@ -150,6 +212,7 @@ impl FrameReader {
                         && h.length as usize <= self.decoder.max_message_size()
                     {
                         self.buf.clear();
+                        self.release();
                         self.awaiting_first = false;
                         return Ok(Some(Frame {
                             stream_id: h.stream_id,

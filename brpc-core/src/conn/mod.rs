@@ -3,6 +3,7 @@
 //! from it. The only role difference is [`Side`]: who dialed, and so the parity
 //! of ttrpc stream ids.
 
+mod budget;
 pub(crate) mod call_io;
 mod driver;
 mod io;
@@ -10,13 +11,16 @@ mod observe;
 mod peer;
 mod transport;
 
+pub use budget::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_BUFFER_TOTAL, MemoryBudget};
 pub use driver::serve;
 pub(crate) use observe::CallRecord;
 pub use observe::code_name;
 pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo};
 pub use transport::{
-    DEFAULT_MAX_CONCURRENT_CALLS, DEFAULT_SOCKET_BUFFER, INITIAL_CALL_WINDOW, TransportOptions,
-    endpoint, transport_config,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_MAX_CONCURRENT_CALLS,
+    DEFAULT_RECEIVE_WINDOW, DEFAULT_SOCKET_BUFFER, INITIAL_CALL_WINDOW, PRE_HELLO_RECEIVE_WINDOW,
+    TransportOptions, admit, endpoint, server_transport_config, stable_endpoint_config,
+    transport_config,
 };
 
 pub(crate) use io::{FrameReader, ReadError, write_frame};
@@ -47,6 +51,10 @@ pub mod codes {
     /// Stream: the call stalled mid-frame (or before its Request) for longer
     /// than the idle limit.
     pub const STREAM_IDLE: u32 = 0x04;
+    /// Stream: the call was refused before its Request was read because the
+    /// receiver's inbound buffer budget is used up (its answer is a Response
+    /// with `RESOURCE_EXHAUSTED`); retrying later may succeed.
+    pub const STREAM_REFUSED: u32 = 0x05;
 
     /// Connection: closed normally by the application.
     pub const CONN_NORMAL: u32 = 0x00;

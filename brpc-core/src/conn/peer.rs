@@ -18,6 +18,7 @@ use crate::bridge::Channel;
 use crate::bytestream::{Link, UnixCredentials};
 use crate::tls::PeerIdentity;
 
+use super::budget::{Budgets, MemoryBudget};
 use super::call_io::{CallReader, CallWriter, SendError};
 use super::io::FrameReader;
 use crate::wire::{Flags, FrameType};
@@ -68,6 +69,11 @@ pub struct CallLimits {
     /// to this as soon as three quarters of that are in use, so an idle
     /// connection does not pay quinn's per-stream state for the full limit.
     pub max_concurrent_calls: u32,
+    /// Most bytes of frames being received that this side holds for the
+    /// connection at once (see [`MemoryBudget`]); never less than one
+    /// maximum-size message. Default
+    /// [`DEFAULT_BUFFER_PER_CONNECTION`](super::DEFAULT_BUFFER_PER_CONNECTION).
+    pub buffer_per_connection: usize,
 }
 
 impl Default for CallLimits {
@@ -76,7 +82,28 @@ impl Default for CallLimits {
             max_message_size: crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
             idle_timeout: Some(std::time::Duration::from_secs(30)),
             max_concurrent_calls: super::transport::DEFAULT_MAX_CONCURRENT_CALLS,
+            buffer_per_connection: super::budget::DEFAULT_BUFFER_PER_CONNECTION,
         }
+    }
+}
+
+impl CallLimits {
+    /// The budgets a connection with these limits charges its reads to:
+    /// its own, and `total`, shared with the side's other connections.
+    /// `total` must hold at least one maximum-size message
+    /// ([`CallLimits::total_budget`] makes one that does).
+    pub(crate) fn budgets(&self, total: MemoryBudget) -> Budgets {
+        Budgets {
+            connection: MemoryBudget::new(self.buffer_per_connection.max(self.max_message_size)),
+            total,
+        }
+    }
+
+    /// A budget of `bytes` to share between connections with these limits,
+    /// raised to one maximum-size message if smaller (a frame that could
+    /// never fit would wait forever).
+    pub fn total_budget(&self, bytes: usize) -> MemoryBudget {
+        MemoryBudget::new(bytes.max(self.max_message_size))
     }
 }
 
@@ -103,6 +130,8 @@ struct Shared {
     /// The QUIC stream limit was raised from the initial window to the full
     /// `max_concurrent_calls`.
     window_widened: AtomicBool,
+    /// What frames received on this connection are charged to.
+    budgets: Budgets,
 }
 
 /// Counts one call in flight for as long as it lives.
@@ -149,14 +178,26 @@ impl fmt::Debug for Peer {
 }
 
 impl Peer {
-    /// A handle for `connection`, as seen from `side`, after Hello produced `info`.
+    /// A handle for `connection`, as seen from `side`, after Hello produced
+    /// `info`. Frames received on it are charged to a budget of its own
+    /// (`limits.buffer_per_connection`) and to `total`, which the side's
+    /// other connections share.
     pub fn new(
         connection: quinn::Connection,
         side: Side,
         info: PeerInfo,
         limits: CallLimits,
+        total: MemoryBudget,
     ) -> Self {
-        Self::with_transport(Transport::Quic(connection), side, info, limits, None)
+        let budgets = limits.budgets(total);
+        Self::with_transport(
+            Transport::Quic(connection),
+            side,
+            info,
+            limits,
+            None,
+            budgets,
+        )
     }
 
     pub(crate) fn new_bytestream(
@@ -166,7 +207,17 @@ impl Peer {
         limits: CallLimits,
         credentials: Option<UnixCredentials>,
     ) -> Self {
-        Self::with_transport(Transport::Bytes(link), side, info, limits, credentials)
+        // The byte-stream link reads one frame at a time for the whole
+        // connection; its per-call queues are bounded separately.
+        let budgets = limits.budgets(MemoryBudget::new(usize::MAX));
+        Self::with_transport(
+            Transport::Bytes(link),
+            side,
+            info,
+            limits,
+            credentials,
+            budgets,
+        )
     }
 
     fn with_transport(
@@ -175,6 +226,7 @@ impl Peer {
         info: PeerInfo,
         limits: CallLimits,
         credentials: Option<UnixCredentials>,
+        budgets: Budgets,
     ) -> Self {
         Peer {
             shared: Arc::new(Shared {
@@ -188,6 +240,7 @@ impl Peer {
                 draining: watch::Sender::new(false),
                 going_away: watch::Sender::new(None),
                 window_widened: AtomicBool::new(false),
+                budgets,
             }),
         }
     }
@@ -295,7 +348,8 @@ impl Peer {
                 let stream_id =
                     crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
                 let reader = FrameReader::new(recv, limits.max_message_size)
-                    .with_idle_limit(limits.idle_timeout, false);
+                    .with_idle_limit(limits.idle_timeout, false)
+                    .with_budgets(self.shared.budgets.clone(), false);
                 let mut writer = CallWriter::Quic(send);
                 let sent = writer
                     .write(stream_id, FrameType::Request, flags, request)
@@ -329,7 +383,8 @@ impl Peer {
                 let stream_id =
                     crate::wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
                 let reader = FrameReader::new(recv, limits.max_message_size)
-                    .with_idle_limit(limits.idle_timeout, true);
+                    .with_idle_limit(limits.idle_timeout, true)
+                    .with_budgets(self.shared.budgets.clone(), true);
                 Some((CallWriter::Quic(send), CallReader::Quic(reader), stream_id))
             }
             Transport::Bytes(link) => {
@@ -352,6 +407,12 @@ impl Peer {
     /// The per-call limits this side enforces on the connection.
     pub fn limits(&self) -> CallLimits {
         self.shared.limits
+    }
+
+    /// Bytes of frames being received on this connection that this side
+    /// holds right now (charged to its budget).
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.budgets.connection.in_use()
     }
 
     /// What the peer's certificate proves (see [`PeerInfo::identity`]).

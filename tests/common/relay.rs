@@ -1,0 +1,86 @@
+//! A UDP relay between one client and a server, for making a peer vanish
+//! without a word (stop forwarding) or a server be replaced behind the same
+//! address (forward to another one). This kernel has no netem.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::UdpSocket;
+
+/// Forwards datagrams between the client that writes to [`Relay::addr`] and
+/// the current target, until dropped.
+pub struct Relay {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    target: Mutex<SocketAddr>,
+    forwarding: AtomicBool,
+}
+
+impl Relay {
+    /// A relay on 127.0.0.1 forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> Relay {
+        let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind front");
+        let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind back");
+        let addr = front.local_addr().expect("front addr");
+        let shared = Arc::new(Shared {
+            target: Mutex::new(target),
+            forwarding: AtomicBool::new(true),
+        });
+        let task = tokio::spawn(run(front, back, shared.clone()));
+        Relay { addr, shared, task }
+    }
+
+    /// The address clients dial.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Drops every datagram from now on, both ways: the peers vanish for
+    /// each other without a CONNECTION_CLOSE.
+    pub fn blackhole(&self) {
+        self.shared.forwarding.store(false, Ordering::SeqCst);
+    }
+
+    /// Forwards to `target` from now on (a server replaced behind the same
+    /// address); datagrams from the old target are dropped.
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.shared.target.lock().expect("target") = target;
+        self.shared.forwarding.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn run(front: UdpSocket, back: UdpSocket, shared: Arc<Shared>) {
+    let mut client: Option<SocketAddr> = None;
+    let mut from_client = vec![0u8; 65536];
+    let mut from_server = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            Ok((n, from)) = front.recv_from(&mut from_client) => {
+                client = Some(from);
+                if shared.forwarding.load(Ordering::SeqCst) {
+                    let target = *shared.target.lock().expect("target");
+                    let _ = back.send_to(&from_client[..n], target).await;
+                }
+            }
+            Ok((n, from)) = back.recv_from(&mut from_server) => {
+                let target = *shared.target.lock().expect("target");
+                if from == target && shared.forwarding.load(Ordering::SeqCst)
+                    && let Some(client) = client
+                {
+                    let _ = front.send_to(&from_server[..n], client).await;
+                }
+            }
+        }
+    }
+}
