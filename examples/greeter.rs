@@ -7,14 +7,15 @@
 //! cargo run --example greeter
 //! ```
 //!
-//! Two processes (the server writes its dev certificate; the client pins it):
+//! Two processes (the server keeps its dev certificate in a file, created on
+//! its first run and reused after; the client pins that file):
 //!
 //! ```text
 //! cargo run --example greeter -- server --addr 127.0.0.1:4433
 //! cargo run --example greeter -- client --addr 127.0.0.1:4433 --name Ada
 //! ```
 //!
-//! Both take `--cert PATH` (default: `brpc-greeter-cert.der` in the temp dir).
+//! Both take `--cert PATH` (default: `brpc-greeter-cert.pem` in the temp dir).
 
 use std::path::PathBuf;
 
@@ -86,7 +87,7 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         mode: "both".into(),
         addr: "127.0.0.1:0".into(),
-        cert: std::env::temp_dir().join("brpc-greeter-cert.der"),
+        cert: std::env::temp_dir().join("brpc-greeter-cert.pem"),
         name: "Ada".into(),
     };
     let mut it = std::env::args().skip(1);
@@ -114,12 +115,14 @@ fn parse_args() -> Result<Args, String> {
 }
 
 async fn run_server(addr: &str, cert: &PathBuf) -> Result<Server, Box<dyn std::error::Error>> {
+    // A persisted dev certificate: created on the first run, reused after,
+    // so clients that pinned it reconnect to a restarted server.
     let server = Server::builder()
+        .dev_certificate_file(cert)
         .add_service(GreeterServer::new(MyGreeter))
         .bind(addr)?;
-    std::fs::write(cert, server.certificate())?;
     println!(
-        "[server] listening on {} (ALPN brpc/1); dev certificate written to {}",
+        "[server] listening on {} (ALPN brpc/1); dev certificate in {}",
         server.local_addr(),
         cert.display()
     );

@@ -1,5 +1,6 @@
 //! Middleware: tower layers on the calls each side serves (a custom auth layer,
-//! tower's ConcurrencyLimit) and tonic interceptors on outgoing clients.
+//! tower's ConcurrencyLimit) and tonic interceptors, on outgoing clients and
+//! on hosted servers (`with_interceptor`).
 
 mod common;
 
@@ -155,4 +156,41 @@ async fn a_concurrency_limit_bounds_handlers_on_each_side() {
         .get(client.connection_id())
         .expect("registered");
     check_concurrency_limit(peer.channel(), &client_probe).await;
+}
+
+/// The server-side interceptor tonic users write,
+/// `FooServer::with_interceptor(svc, check)`, hosted unchanged on both sides.
+fn check_token(request: Request<()>) -> Result<Request<()>, Status> {
+    match request.metadata().get("authorization") {
+        Some(token) if token == TOKEN => Ok(request),
+        _ => Err(Status::unauthenticated("missing or wrong token")),
+    }
+}
+
+#[tokio::test]
+async fn a_tonic_server_interceptor_guards_each_side() {
+    use common::echo::echo_server::EchoServer;
+    let server = brpc::Server::builder()
+        .add_service(EchoServer::with_interceptor(
+            EchoService::new("server"),
+            check_token,
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = brpc::Client::builder()
+        .name("agent")
+        .add_service(EchoServer::with_interceptor(
+            EchoService::new("agent"),
+            check_token,
+        ))
+        .pin_certificate(server.certificate().clone())
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    check_auth(client.channel(), with_token).await;
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    check_auth(peer.channel(), with_token).await;
 }

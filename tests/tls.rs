@@ -77,6 +77,16 @@ fn dns(name: &str) -> SanType {
     SanType::DnsName(name.try_into().expect("dns name"))
 }
 
+/// `localhost:PORT` of `server`: the name its certificates carry, checked
+/// because it is the host dialled.
+fn localhost(server: &brpc::Server) -> String {
+    format!("localhost:{}", server.local_addr().port())
+}
+
+fn ip(address: &str) -> SanType {
+    SanType::IpAddress(address.parse().expect("ip address"))
+}
+
 fn roots(ca: &Ca) -> rustls::RootCertStore {
     brpc::tls::pinned_roots(&ca.certificate).expect("roots")
 }
@@ -103,12 +113,12 @@ async fn production_certificates_from_pem_files_and_a_ca_bundle() {
         .add_service(common::echo::echo_server::EchoServer::new(
             EchoService::new("server"),
         ))
-        .bind("127.0.0.1:0")
+        .bind("localhost:0")
         .expect("bind");
     let client = brpc::Client::builder()
         .trust_pem_file(dir.join("ca.pem"))
         .expect("ca bundle")
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect("verified against the CA");
     let identity = client
@@ -128,14 +138,14 @@ async fn production_certificates_from_pem_files_and_a_ca_bundle() {
         .trust_pem_file(dir.join("ca.pem"))
         .expect("ca bundle")
         .server_name("other.example")
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect_err("wrong name");
     assert!(err.is_certificate_error(), "{err}");
     // The public roots do not trust a private CA.
     let err = brpc::Client::builder()
         .trust_webpki_roots()
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect_err("not publicly trusted");
     assert!(err.is_certificate_error(), "{err}");
@@ -166,7 +176,7 @@ async fn mutual_tls_refuses_bad_clients_and_identifies_good_ones() {
             None => Err(Status::unauthenticated("no certificate")),
         })
         .add_service(common::echo::echo_server::EchoServer::new(echo))
-        .bind("127.0.0.1:0")
+        .bind("localhost:0")
         .expect("bind");
     let base = || {
         brpc::Client::builder()
@@ -176,7 +186,7 @@ async fn mutual_tls_refuses_bad_clients_and_identifies_good_ones() {
 
     // No certificate.
     let err = base()
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect_err("no client certificate");
     assert!(
@@ -193,7 +203,7 @@ async fn mutual_tls_refuses_bad_clients_and_identifies_good_ones() {
     );
     let err = base()
         .identity(foreign.chain, foreign.key)
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect_err("foreign CA");
     assert!(
@@ -210,7 +220,7 @@ async fn mutual_tls_refuses_bad_clients_and_identifies_good_ones() {
     );
     let err = base()
         .identity(expired.chain, expired.key)
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect_err("expired");
     assert!(
@@ -234,7 +244,7 @@ async fn mutual_tls_refuses_bad_clients_and_identifies_good_ones() {
     let client = base()
         .name("claims-to-be-someone-else")
         .identity(good.chain.clone(), good.key)
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect("valid client");
     let peer = server.peers().get(client.connection_id()).expect("listed");
@@ -269,7 +279,7 @@ async fn mutual_tls_refuses_bad_clients_and_identifies_good_ones() {
     );
     let err = base()
         .identity(banned.chain.clone(), banned.key.clone_key())
-        .connect(server.local_addr())
+        .connect(localhost(&server))
         .await
         .expect_err("banned");
     match &err {
@@ -331,4 +341,150 @@ async fn mutual_tls_refuses_bad_clients_and_identifies_good_ones() {
         "nothing of the banned client was served"
     );
     assert_eq!(server.peers().len(), 1);
+}
+
+/// The name checked is the host dialled, as in tonic: `localhost:PORT`
+/// verifies a certificate for `localhost`, `127.0.0.1:PORT` one carrying that
+/// IP address, both without `.server_name()`; a certificate for another name
+/// is refused with an error naming both.
+#[tokio::test]
+async fn the_host_dialled_is_the_name_checked() {
+    let authority = ca("names root");
+    let serve = |leaf: Leaf| {
+        brpc::Server::builder()
+            .certificate(leaf.chain, leaf.key)
+            .add_service(common::echo::echo_server::EchoServer::new(
+                EchoService::new("server"),
+            ))
+            .bind("localhost:0")
+            .expect("bind")
+    };
+    let dial = |addr: String| {
+        brpc::Client::builder()
+            .trust_roots(roots(&authority))
+            .reconnect(false)
+            .connect(addr)
+    };
+    let by_name = serve(leaf(
+        &authority,
+        "named",
+        vec![dns("localhost")],
+        false,
+        false,
+    ));
+    dial(localhost(&by_name)).await.expect("localhost verified");
+
+    let by_ip = serve(leaf(
+        &authority,
+        "by ip",
+        vec![ip("127.0.0.1")],
+        false,
+        false,
+    ));
+    let addr = by_ip.local_addr();
+    assert_eq!(
+        addr.ip().to_string(),
+        "127.0.0.1",
+        "localhost is 127.0.0.1 here"
+    );
+    dial(addr.to_string()).await.expect("IP SAN verified");
+
+    let other = serve(leaf(
+        &authority,
+        "other",
+        vec![dns("other.example")],
+        false,
+        false,
+    ));
+    let err = dial(other.local_addr().to_string())
+        .await
+        .expect_err("certificate for another name");
+    assert!(
+        matches!(err, brpc::ConnectError::CertificateName { is_ip: true, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_certificate_error());
+    let message = err.to_string();
+    assert!(
+        message.contains("127.0.0.1") && message.contains("other.example"),
+        "{message}"
+    );
+    assert!(message.contains(".server_name("), "{message}");
+    println!("{message}");
+}
+
+/// A server on a persisted dev certificate (`dev_certificate_file`) that is
+/// restarted behind the same address is reconnected to by clients that
+/// pinned the file; a server whose certificate changed is a distinct error
+/// that ends the client instead of retrying forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persisted_dev_certificate_survives_restarts_and_a_changed_one_is_named() {
+    use brpc::ClientState;
+    use std::time::Duration;
+    let dir = std::env::temp_dir().join(format!("brpc-tls-dev-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let path = dir.join("server.pem");
+    let bind = |builder: brpc::server::Builder| {
+        builder
+            .add_service(common::echo::echo_server::EchoServer::new(
+                EchoService::new("server"),
+            ))
+            .bind("127.0.0.1:0")
+            .expect("bind")
+    };
+    let first = bind(brpc::Server::builder().dev_certificate_file(&path));
+    let relay = common::relay::Relay::start(first.local_addr()).await;
+    let client = brpc::Client::builder()
+        .name("agent")
+        .pin_certificate_file(&path)
+        .expect("pin file")
+        .idle_timeout(Duration::from_secs(1))
+        .keep_alive_interval(Some(Duration::from_millis(250)))
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(100))
+        .connect(relay.addr())
+        .await
+        .expect("connect");
+    let old = client.connection_id();
+    let mut state = client.watch_state();
+
+    // Restarted: a new process on the same files.
+    let second = bind(brpc::Server::builder().dev_certificate_file(&path));
+    relay.retarget(second.local_addr());
+    drop(first);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(
+            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != old),
+        ),
+    )
+    .await
+    .expect("reconnected to the restarted server")
+    .expect("state");
+    assert!(second.peers().get(client.connection_id()).is_some());
+
+    // Replaced by a server with a fresh certificate: named, and final.
+    let third = bind(brpc::Server::builder());
+    relay.retarget(third.local_addr());
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        state.wait_for(|s| matches!(s, ClientState::Closed { .. })),
+    )
+    .await
+    .expect("the client gave up")
+    .expect("state")
+    .clone();
+    let ClientState::Closed { reason } = closed else {
+        unreachable!()
+    };
+    assert!(reason.contains("not the pinned one"), "{reason}");
+    assert!(third.peers().is_empty());
+
+    // A file that is no certificate is refused when loaded, not at connect.
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, b"not a certificate").expect("write");
+    let Err(err) = brpc::Client::builder().pin_certificate_file(&garbage) else {
+        panic!("a garbage pin file was accepted");
+    };
+    assert!(err.to_string().contains("garbage.pem"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -52,6 +52,29 @@ pub enum ConnectError {
     /// pinned one shows here as an invalid peer certificate.
     #[error("handshake with the server failed: {0}")]
     Handshake(quinn::ConnectionError),
+    /// The server's certificate is valid, but not for the name checked
+    /// (the host dialled, or [`Builder::server_name`]).
+    #[error(
+        "the server's certificate is not valid for {server_name:?}, the name checked{}: \
+         dial the host name the certificate carries, or set .server_name(..) to it ({source})",
+        if *is_ip { " (an IP address: the certificate would need it as an IP subjectAltName)" } else { "" }
+    )]
+    CertificateName {
+        /// The name the certificate was checked against.
+        server_name: String,
+        /// Whether that name is an IP address.
+        is_ip: bool,
+        /// The handshake failure, naming what the certificate is valid for.
+        source: quinn::ConnectionError,
+    },
+    /// The server presented a certificate other than the pinned one. Not
+    /// retried by reconnect unless [`Builder::retry_certificate_mismatch`].
+    #[error(
+        "the server's certificate is not the pinned one: it changed? A server on a fresh dev \
+         certificate makes a new one at every start; serve a persisted one \
+         (Server::builder().dev_certificate_file(path)) and pin that file ({0})"
+    )]
+    NotPinned(quinn::ConnectionError),
     /// The server refused the Hello.
     #[error("server refused the session: {}", .0.message())]
     Hello(Status),
@@ -69,6 +92,7 @@ impl ConnectError {
     /// client) or this client's (by a server requiring mutual TLS).
     pub fn is_certificate_error(&self) -> bool {
         match self {
+            ConnectError::CertificateName { .. } | ConnectError::NotPinned(_) => true,
             ConnectError::Handshake(quinn::ConnectionError::TransportError(e)) => {
                 e.to_string().contains("certificate")
             }
@@ -112,10 +136,13 @@ pub struct Builder {
     labels: Labels,
     roots: Option<RootCertStore>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-    server_name: String,
+    server_name: Option<String>,
     connect_timeout: Duration,
     limits: CallLimits,
     transport: TransportOptions,
+    /// Trust is a pinned certificate (not a CA).
+    pinned: bool,
+    retry_certificate_mismatch: bool,
     reconnect: bool,
     backoff_min: Duration,
     backoff_max: Duration,
@@ -129,7 +156,9 @@ impl Default for Builder {
             labels: Labels::new(),
             roots: None,
             identity: None,
-            server_name: "localhost".into(),
+            server_name: None,
+            pinned: false,
+            retry_certificate_mismatch: false,
             connect_timeout: Duration::from_secs(10),
             limits: CallLimits::default(),
             transport: TransportOptions::default(),
@@ -171,23 +200,44 @@ impl Builder {
     pub fn pin_certificate(mut self, certificate: CertificateDer<'static>) -> Self {
         let mut roots = self.roots.take().unwrap_or_else(RootCertStore::empty);
         // An unparsable certificate trusts nothing: connect then fails the
-        // handshake with a certificate error rather than here.
+        // handshake with a certificate error rather than here
+        // (`pin_certificate_file` checks it when loading).
         let _ = roots.add(certificate);
         self.roots = Some(roots);
+        self.pinned = true;
         self
     }
 
-    /// Trusts the certificate in a file (DER or PEM), as written by a server.
+    /// Trusts the certificate in a file (DER or PEM), as written by a server
+    /// (e.g. the file a server keeps with `dev_certificate_file`).
     ///
     /// # Errors
-    /// [`TlsError::Pem`] if the file cannot be read or parsed.
+    /// [`TlsError::Pem`] if the file cannot be read or does not hold a
+    /// certificate.
     pub fn pin_certificate_file(self, path: impl AsRef<std::path::Path>) -> Result<Self, TlsError> {
-        Ok(self.pin_certificate(tls::load_certificate_file(path)?))
+        let path = path.as_ref();
+        let certificate = tls::load_certificate_file(path)?;
+        tls::pinned_roots(&certificate).map_err(|e| TlsError::Pem {
+            what: "pinned certificate",
+            path: path.display().to_string(),
+            message: format!("not a usable X.509 certificate: {e}"),
+        })?;
+        Ok(self.pin_certificate(certificate))
+    }
+
+    /// With a pinned certificate, keep reconnecting when the server presents
+    /// a different one (default false: the client stops with
+    /// [`ConnectError::NotPinned`], since a changed certificate does not
+    /// change back by itself).
+    pub fn retry_certificate_mismatch(mut self, retry: bool) -> Self {
+        self.retry_certificate_mismatch = retry;
+        self
     }
 
     /// Trusts these root certificates (a CA bundle).
     pub fn trust_roots(mut self, roots: RootCertStore) -> Self {
         self.roots = Some(roots);
+        self.pinned = false;
         self
     }
 
@@ -236,9 +286,15 @@ impl Builder {
         self
     }
 
-    /// The name the server's certificate must carry (default `localhost`).
+    /// The name the server's certificate must carry. By default it is the
+    /// host of the address given to [`Builder::connect`], as tonic takes the
+    /// domain from the URI: `vm.example:4443` checks `vm.example`,
+    /// `127.0.0.1:4443` checks the IP address (which the certificate must
+    /// then carry as an IP subjectAltName; brpc's dev certificates carry
+    /// `127.0.0.1` and `::1`). Set it when dialling by address a server whose
+    /// certificate names a host.
     pub fn server_name(mut self, name: impl Into<String>) -> Self {
-        self.server_name = name.into();
+        self.server_name = Some(name.into());
         self
     }
 
@@ -360,7 +416,9 @@ impl Builder {
         let shared = Arc::new(Shared {
             endpoint,
             remote,
-            server_name: self.server_name,
+            server_name: self
+                .server_name
+                .unwrap_or_else(|| host_of(&shown).to_owned()),
             name: self.name,
             labels: self.labels,
             router: self.router,
@@ -379,6 +437,8 @@ impl Builder {
             closing: watch::Sender::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
             last_id: AtomicU64::new(0),
+            pinned: self.pinned,
+            retry_certificate_mismatch: self.retry_certificate_mismatch,
             buffer: self.limits.total_budget(self.limits.buffer_per_connection),
         });
         let peer = connect_once(&shared).await?;
@@ -405,6 +465,8 @@ struct Shared {
     /// A graceful shutdown is draining: do not reconnect.
     stopping: std::sync::atomic::AtomicBool,
     last_id: AtomicU64,
+    pinned: bool,
+    retry_certificate_mismatch: bool,
     /// What frames received from the server are charged to, across reconnects.
     buffer: MemoryBudget,
 }
@@ -428,6 +490,43 @@ impl Shared {
     }
 }
 
+/// The host part of an address as given to `connect`: `name:port`,
+/// `1.2.3.4:port` or `[::1]:port`.
+fn host_of(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[')
+        && let Some((host, _)) = rest.split_once(']')
+    {
+        return host;
+    }
+    match addr.rsplit_once(':') {
+        Some((host, _)) if !host.contains(':') => host,
+        _ => addr,
+    }
+}
+
+/// A failed handshake; a certificate issued for another name says which
+/// name was checked and how to change it.
+fn handshake_error(error: quinn::ConnectionError, server_name: &str, pinned: bool) -> ConnectError {
+    let reason = match &error {
+        quinn::ConnectionError::TransportError(e) => e.reason.as_str(),
+        _ => "",
+    };
+    // A certificate other than the pinned one fails as a bad signature (the
+    // same issuer name, another key) or an unknown issuer.
+    if pinned && (reason.contains("BadSignature") || reason.contains("UnknownIssuer")) {
+        return ConnectError::NotPinned(error);
+    }
+    if reason.contains("not valid for name") {
+        ConnectError::CertificateName {
+            server_name: server_name.to_owned(),
+            is_ip: server_name.parse::<IpAddr>().is_ok(),
+            source: error,
+        }
+    } else {
+        ConnectError::Handshake(error)
+    }
+}
+
 /// One connection attempt: QUIC + TLS handshake and Hello, within the limit.
 async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
     let timeout = shared.connect_timeout;
@@ -436,7 +535,7 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
             .endpoint
             .connect(shared.remote, &shared.server_name)?
             .await
-            .map_err(ConnectError::Handshake)?;
+            .map_err(|e| handshake_error(e, &shared.server_name, shared.pinned))?;
         let hello = HelloRequest {
             protocol_version: session::PROTOCOL_VERSION,
             name: shared.name.clone(),
@@ -584,6 +683,13 @@ async fn supervise(shared: Arc<Shared>, mut peer: Peer) {
             };
             match result {
                 Ok(peer) => break peer,
+                Err(e @ ConnectError::NotPinned(_)) if !shared.retry_certificate_mismatch => {
+                    tracing::warn!(error = %e, "giving up: the server's certificate changed");
+                    shared.state.send_replace(ClientState::Closed {
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(attempt, error = %e, "reconnect failed");
                     shared.state.send_replace(ClientState::Reconnecting {
@@ -717,5 +823,18 @@ impl Drop for Client {
         self.shared
             .endpoint
             .close(VarInt::from_u32(codes::CONN_NORMAL), b"client dropped");
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::host_of;
+
+    #[test]
+    fn the_host_of_an_address_is_the_name_checked() {
+        assert_eq!(host_of("vm.example:4443"), "vm.example");
+        assert_eq!(host_of("127.0.0.1:4443"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:4443"), "::1");
+        assert_eq!(host_of("vm"), "vm");
     }
 }

@@ -46,11 +46,31 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 }
 
 /// A self-signed certificate and its key, for development and tests.
-#[derive(Debug)]
 pub struct DevCertificate {
     certificate: CertificateDer<'static>,
     pem: String,
     key: PrivatePkcs8KeyDer<'static>,
+    key_pem: String,
+}
+
+impl Clone for DevCertificate {
+    fn clone(&self) -> Self {
+        DevCertificate {
+            certificate: self.certificate.clone(),
+            pem: self.pem.clone(),
+            key: self.key.clone_key(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for DevCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("DevCertificate")
+            .field("certificate_pem", &self.pem)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DevCertificate {
@@ -77,7 +97,67 @@ impl DevCertificate {
             certificate: cert.der().clone(),
             pem: cert.pem(),
             key: PrivatePkcs8KeyDer::from(signing_key.serialize_der()),
+            key_pem: signing_key.serialize_pem(),
         })
+    }
+
+    /// The dev certificate kept in `certificate_file` (PEM), with its key
+    /// beside it in the same path with the extension `.key`: loaded if both
+    /// exist, else generated (for `localhost`, `127.0.0.1` and `::1`) and
+    /// written there (the key readable by its owner only). A server that
+    /// restarts with the same file presents the same certificate, so clients
+    /// that pinned it (`pin_certificate_file(certificate_file)`) reconnect.
+    /// Give clients the certificate file, never the key.
+    ///
+    /// # Errors
+    /// [`TlsError::Pem`] if a file exists but cannot be read or parsed, or
+    /// cannot be written; [`TlsError::Generate`] if generation fails.
+    pub fn load_or_create(certificate_file: impl AsRef<Path>) -> Result<Self, TlsError> {
+        let cert_path = certificate_file.as_ref();
+        let key_path = cert_path.with_extension("key");
+        if cert_path.exists() && key_path.exists() {
+            let pem = std::fs::read_to_string(cert_path).map_err(|e| TlsError::Pem {
+                what: "dev certificate",
+                path: cert_path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let certificate = load_certificate_file(cert_path)?;
+            let key_pem = std::fs::read_to_string(&key_path).map_err(|e| TlsError::Pem {
+                what: "dev certificate key",
+                path: key_path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let key = match load_private_key_pem(&key_path)? {
+                PrivateKeyDer::Pkcs8(key) => key,
+                _ => {
+                    return Err(TlsError::Pem {
+                        what: "dev certificate key",
+                        path: key_path.display().to_string(),
+                        message: "not a PKCS#8 key (as brpc writes)".into(),
+                    });
+                }
+            };
+            return Ok(DevCertificate {
+                certificate,
+                pem,
+                key,
+                key_pem,
+            });
+        }
+        let dev = Self::generate()?;
+        let written = |path: &Path, what: &'static str, e: std::io::Error| TlsError::Pem {
+            what,
+            path: path.display().to_string(),
+            message: format!("cannot write: {e}"),
+        };
+        if let Some(dir) = cert_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| written(dir, "dev certificate", e))?;
+        }
+        write_private(&key_path, dev.key_pem.as_bytes())
+            .map_err(|e| written(&key_path, "dev certificate key", e))?;
+        std::fs::write(cert_path, dev.pem.as_bytes())
+            .map_err(|e| written(cert_path, "dev certificate", e))?;
+        Ok(dev)
     }
 
     /// The certificate (DER), which clients pin.
@@ -94,6 +174,19 @@ impl DevCertificate {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
+}
+
+/// Writes a file only its owner can read (on Unix).
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?.write_all(contents)
 }
 
 /// Reads every certificate in a PEM file.
@@ -332,6 +425,30 @@ pub fn pinned_roots(certificate: &CertificateDer<'_>) -> Result<RootCertStore, T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dev_certificate_file_is_created_once_and_reused() {
+        let dir = std::env::temp_dir().join(format!("brpc-dev-cert-{}", std::process::id()));
+        let path = dir.join("server.pem");
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = DevCertificate::load_or_create(&path).unwrap();
+        assert!(path.exists() && path.with_extension("key").exists());
+        let again = DevCertificate::load_or_create(&path).unwrap();
+        assert_eq!(first.certificate(), again.certificate());
+        assert_eq!(first.private_key(), again.private_key());
+        assert_eq!(&load_certificate_file(&path).unwrap(), first.certificate());
+        assert!(!format!("{first:?}").contains("PRIVATE KEY"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path.with_extension("key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn dev_certificate_pem_parses_back() {

@@ -44,6 +44,7 @@ pub enum BindError {
 
 enum Certificate {
     Dev(Option<DevCertificate>),
+    DevFile(std::path::PathBuf),
     Chain(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 }
 
@@ -117,6 +118,16 @@ impl Builder {
     /// to clients, which pin it).
     pub fn dev_certificate(mut self, certificate: DevCertificate) -> Self {
         self.certificate = Certificate::Dev(Some(certificate));
+        self
+    }
+
+    /// Serves the dev certificate kept in `path` (PEM; its key beside it as
+    /// `path` with the extension `.key`), creating both on the first bind
+    /// and reusing them after: a restarted server presents the same
+    /// certificate, so agents that pinned `path` reconnect instead of being
+    /// refused. See [`DevCertificate::load_or_create`].
+    pub fn dev_certificate_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.certificate = Certificate::DevFile(path.into());
         self
     }
 
@@ -313,6 +324,10 @@ impl Builder {
                     Some(dev) => dev,
                     None => DevCertificate::generate()?,
                 };
+                (vec![dev.certificate().clone()], dev.private_key())
+            }
+            Certificate::DevFile(path) => {
+                let dev = DevCertificate::load_or_create(path)?;
                 (vec![dev.certificate().clone()], dev.private_key())
             }
             Certificate::Chain(chain, key) => (chain, key),

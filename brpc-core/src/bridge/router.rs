@@ -19,11 +19,13 @@ use tower_service::Service;
 pub type BoxedService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, Infallible>;
 
 /// A service a [`Router`] can host: any server `tonic-prost-build` generates
-/// (`FooServer::new(impl)`), or anything of the same shape.
+/// (`FooServer::new(impl)`), one wrapped in a tonic interceptor
+/// (`FooServer::with_interceptor(impl, check)`), or anything of the same
+/// shape: any response body tonic's own router would accept.
 pub trait HostedService:
     Service<
         http::Request<Body>,
-        Response = http::Response<Body>,
+        Response = http::Response<Self::ResponseBody>,
         Error = Infallible,
         Future: Send + 'static,
     > + NamedService
@@ -32,20 +34,25 @@ pub trait HostedService:
     + Sync
     + 'static
 {
+    /// The body of the service's responses.
+    type ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + 'static;
 }
 
-impl<S> HostedService for S where
+impl<S, B> HostedService for S
+where
     S: Service<
             http::Request<Body>,
-            Response = http::Response<Body>,
+            Response = http::Response<B>,
             Error = Infallible,
             Future: Send + 'static,
         > + NamedService
         + Clone
         + Send
         + Sync
-        + 'static
+        + 'static,
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<BoxError>> + Send + 'static,
 {
+    type ResponseBody = B;
 }
 
 /// A tower layer that can wrap the calls a side serves (`ConcurrencyLimitLayer`,
@@ -112,6 +119,10 @@ impl Router {
     /// Hosts `service` under its proto name ([`NamedService::NAME`]). A later
     /// service of the same name replaces the earlier one.
     pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
+        // tonic's Body::new passes a Body through unboxed; other bodies
+        // (an interceptor's) are wrapped once.
+        let service = service
+            .map_response(|response: http::Response<S::ResponseBody>| response.map(Body::new));
         Arc::make_mut(&mut self.services).insert(S::NAME, BoxCloneSyncService::new(service));
         self.stack = Arc::default();
         self
