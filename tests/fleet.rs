@@ -504,3 +504,70 @@ async fn a_client_shutdown_drains_the_calls_it_serves() {
         .expect("the served call finished");
     assert!(matches!(client.state(), ClientState::Closed { .. }));
 }
+
+/// An agent started before its server: `connect_with_retry` waits for the
+/// server to appear; `connect_lazy` returns at once and connects in the
+/// background; a plain `connect` times out with an error naming the address
+/// and what to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_before_its_server_connects_once_it_appears() {
+    let addr = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("free port");
+        probe.local_addr().expect("addr")
+    };
+    let certificate = brpc::tls::DevCertificate::generate().expect("certificate");
+    let agent = |name: &str| {
+        Client::builder()
+            .name(name)
+            .pin_certificate(certificate.certificate().clone())
+            .connect_timeout(Duration::from_millis(500))
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+    };
+    let err = agent("plain")
+        .connect(addr)
+        .await
+        .expect_err("nobody there yet");
+    let message = err.to_string();
+    assert!(
+        message.contains(&addr.to_string()) && message.contains("UDP"),
+        "{message}"
+    );
+
+    let waiting = tokio::spawn(agent("patient").connect_with_retry(addr));
+    let lazy = agent("lazy").connect_lazy(addr).await.expect("lazy client");
+    assert!(matches!(lazy.state(), ClientState::Reconnecting { .. }));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiting.is_finished(), "no server yet");
+
+    let server = brpc::Server::builder()
+        .dev_certificate(certificate.clone())
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind(addr)
+        .expect("bind the awaited address");
+    let patient = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("connected once the server appeared")
+        .expect("join")
+        .expect("connect_with_retry");
+    let mut state = lazy.watch_state();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(|s| matches!(s, ClientState::Connected { .. })),
+    )
+    .await
+    .expect("lazy client connected")
+    .expect("state");
+    for client in [&patient, &lazy] {
+        let reply = EchoClient::new(client.channel())
+            .unary(EchoRequest {
+                text: "here".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("call");
+        assert_eq!(reply.into_inner().text, "here");
+        assert!(server.peers().get(client.connection_id()).is_some());
+    }
+}

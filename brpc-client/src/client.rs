@@ -79,8 +79,16 @@ pub enum ConnectError {
     #[error("server refused the session: {}", .0.message())]
     Hello(Status),
     /// The handshake and Hello did not finish in time.
-    #[error("no session within {0:?}")]
-    Timeout(Duration),
+    #[error(
+        "no answer from {addr} within {after:?}: is a brpc server running there, is it the \
+         right port, and is UDP to it open (QUIC runs over UDP; firewalls often pass only TCP)?"
+    )]
+    Timeout {
+        /// The server address dialled.
+        addr: SocketAddr,
+        /// The connect timeout in force.
+        after: Duration,
+    },
     /// The server closed the connection while admitting it, and said why
     /// (e.g. at its connection limit, or not authorized).
     #[error("server refused the connection: {0}")]
@@ -88,6 +96,31 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Whether retrying cannot help: the error is in this client's
+    /// configuration, its certificate checks, or the server's verdict on it.
+    fn is_final(&self, retry_certificate_mismatch: bool) -> bool {
+        match self {
+            ConnectError::NotPinned(_) => !retry_certificate_mismatch,
+            ConnectError::NoTrust
+            | ConnectError::Tls(_)
+            | ConnectError::Connect(_)
+            | ConnectError::CertificateName { .. } => true,
+            ConnectError::Refused(reason) => reason.contains("unauthorized"),
+            ConnectError::Hello(status) => matches!(
+                status.code(),
+                tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::FailedPrecondition
+            ),
+            // A certificate may be fixed on the server side (rotation), and
+            // other handshake failures are transient: keep trying.
+            ConnectError::Handshake(_)
+            | ConnectError::Resolve { .. }
+            | ConnectError::Endpoint(_)
+            | ConnectError::Timeout { .. } => false,
+        }
+    }
+
     /// Whether a certificate failed verification: the server's (by this
     /// client) or this client's (by a server requiring mutual TLS).
     pub fn is_certificate_error(&self) -> bool {
@@ -379,10 +412,77 @@ impl Builder {
 
     /// Dials `addr`, completes TLS and Hello, and starts serving this side's
     /// services. The first connection must succeed; later drops reconnect.
+    /// For an agent that may start before its server, see
+    /// [`Builder::connect_with_retry`] and [`Builder::connect_lazy`].
     ///
     /// # Errors
     /// [`ConnectError`] saying which step failed.
     pub async fn connect<A>(self, addr: A) -> Result<Client, ConnectError>
+    where
+        A: tokio::net::ToSocketAddrs + std::fmt::Display,
+    {
+        let shared = self.prepare(addr).await?;
+        let peer = connect_once(&shared).await?;
+        Ok(Client::start(shared, Some(peer)))
+    }
+
+    /// Like [`Builder::connect`], but a server that is not there yet (or
+    /// refuses for now: at its connection limit, going away) is retried with
+    /// the reconnect backoff until it answers. Returns once connected, or
+    /// with the first error that retrying cannot fix: a certificate that
+    /// does not verify, a refusal by the server's authorization, an unusable
+    /// configuration.
+    ///
+    /// # Errors
+    /// [`ConnectError`] that will not go away by waiting.
+    pub async fn connect_with_retry<A>(self, addr: A) -> Result<Client, ConnectError>
+    where
+        A: tokio::net::ToSocketAddrs + std::fmt::Display,
+    {
+        let shared = self.prepare(addr).await?;
+        let mut delays = shared.backoff.build();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match connect_once(&shared).await {
+                Ok(peer) => return Ok(Client::start(shared, Some(peer))),
+                Err(e) if e.is_final(shared.retry_certificate_mismatch) => return Err(e),
+                Err(e) => {
+                    tracing::info!(attempt, error = %e, "server not reachable yet; retrying");
+                    shared.state.send_replace(ClientState::Reconnecting {
+                        attempt,
+                        last_error: e.to_string(),
+                    });
+                }
+            }
+            let delay = delays.next().unwrap_or(Duration::from_secs(5));
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Returns a client at once and connects in the background (as tonic's
+    /// `connect_lazy`), retrying with the reconnect backoff. Until connected
+    /// its state is [`ClientState::Reconnecting`] and calls fail with
+    /// `UNAVAILABLE`, or wait with [`Channel::wait_for_ready`]. A final
+    /// error (see [`Builder::connect_with_retry`]) closes it.
+    ///
+    /// # Errors
+    /// [`ConnectError`] for what is wrong before dialling: no trust, TLS
+    /// configuration, an address that does not resolve, no local socket.
+    pub async fn connect_lazy<A>(self, addr: A) -> Result<Client, ConnectError>
+    where
+        A: tokio::net::ToSocketAddrs + std::fmt::Display,
+    {
+        let shared = self.prepare(addr).await?;
+        shared.state.send_replace(ClientState::Reconnecting {
+            attempt: 0,
+            last_error: "not connected yet".into(),
+        });
+        Ok(Client::start(shared, None))
+    }
+
+    /// Everything up to the first dial: trust, address, local endpoint.
+    async fn prepare<A>(self, addr: A) -> Result<Arc<Shared>, ConnectError>
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
@@ -441,10 +541,7 @@ impl Builder {
             retry_certificate_mismatch: self.retry_certificate_mismatch,
             buffer: self.limits.total_budget(self.limits.buffer_per_connection),
         });
-        let peer = connect_once(&shared).await?;
-        shared.connected(&peer);
-        let supervisor = tokio::spawn(supervise(shared.clone(), peer));
-        Ok(Client { shared, supervisor })
+        Ok(shared)
     }
 }
 
@@ -569,9 +666,13 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
             };
         Ok::<_, ConnectError>((connection, answer))
     };
-    let (connection, answer) = tokio::time::timeout(timeout, session)
-        .await
-        .map_err(|_| ConnectError::Timeout(timeout))??;
+    let (connection, answer) =
+        tokio::time::timeout(timeout, session)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                addr: shared.remote,
+                after: timeout,
+            })??;
     let info = PeerInfo {
         connection_id: ConnectionId(answer.connection_id),
         name: String::new(),
@@ -647,7 +748,14 @@ fn close_reason(close: &quinn::ApplicationClose) -> String {
     )
 }
 
-async fn supervise(shared: Arc<Shared>, mut peer: Peer) {
+async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
+    let mut peer = match first {
+        Some(peer) => peer,
+        None => match reconnect(&shared, true).await {
+            Some(peer) => peer,
+            None => return,
+        },
+    };
     loop {
         let reason = match run_connection(&shared, &peer).await {
             Ended::Closing => return,
@@ -668,40 +776,53 @@ async fn supervise(shared: Arc<Shared>, mut peer: Peer) {
             attempt: 0,
             last_error: reason,
         });
-        let mut delays = shared.backoff.build();
-        let mut attempt = 0u32;
-        peer = loop {
+        peer = match reconnect(&shared, false).await {
+            Some(peer) => peer,
+            None => return,
+        };
+    }
+}
+
+/// Dials until connected (`None`: the client closed, or an error retrying
+/// cannot fix closed it). With `immediately`, the first attempt is not
+/// delayed.
+async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
+    let mut delays = shared.backoff.build();
+    let mut attempt = 0u32;
+    let peer = loop {
+        if !(immediately && attempt == 0) {
             let delay = delays.next().unwrap_or(Duration::from_secs(5));
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = shared.closing() => return,
+                () = shared.closing() => return None,
             }
-            attempt += 1;
-            let result = tokio::select! {
-                result = connect_once(&shared) => result,
-                () = shared.closing() => return,
-            };
-            match result {
-                Ok(peer) => break peer,
-                Err(e @ ConnectError::NotPinned(_)) if !shared.retry_certificate_mismatch => {
-                    tracing::warn!(error = %e, "giving up: the server's certificate changed");
-                    shared.state.send_replace(ClientState::Closed {
-                        reason: e.to_string(),
-                    });
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(attempt, error = %e, "reconnect failed");
-                    shared.state.send_replace(ClientState::Reconnecting {
-                        attempt,
-                        last_error: e.to_string(),
-                    });
-                }
-            }
+        }
+        attempt += 1;
+        let result = tokio::select! {
+            result = connect_once(shared) => result,
+            () = shared.closing() => return None,
         };
-        tracing::info!(id = %peer.connection_id(), attempt, "brpc reconnected");
-        shared.connected(&peer);
-    }
+        match result {
+            Ok(peer) => break peer,
+            Err(e) if e.is_final(shared.retry_certificate_mismatch) => {
+                tracing::warn!(error = %e, "giving up: retrying cannot fix this");
+                shared.state.send_replace(ClientState::Closed {
+                    reason: e.to_string(),
+                });
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!(attempt, error = %e, "reconnect failed");
+                shared.state.send_replace(ClientState::Reconnecting {
+                    attempt,
+                    last_error: e.to_string(),
+                });
+            }
+        }
+    };
+    tracing::info!(id = %peer.connection_id(), attempt, "brpc connected");
+    shared.connected(&peer);
+    Some(peer)
 }
 
 /// A brpc client: one connection to the server at a time, re-established when
@@ -722,8 +843,16 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    fn start(shared: Arc<Shared>, first: Option<Peer>) -> Client {
+        if let Some(peer) = &first {
+            shared.connected(peer);
+        }
+        let supervisor = tokio::spawn(supervise(shared.clone(), first));
+        Client { shared, supervisor }
+    }
+
     /// A builder with defaults: no trust configured, 10 s connect limit,
-    /// keep-alive 10 s, reconnect with 100 ms–5 s backoff.
+    /// keep-alive 3 s, idle timeout 10 s, reconnect with 100 ms–5 s backoff.
     pub fn builder() -> Builder {
         Builder::default()
     }
