@@ -12,5 +12,6 @@
 pub use brpc_client::{self as client, Client, ClientState, ConnectError};
 pub use brpc_core::{self as core, Channel, ConnectionId, Labels, Peer, Router, tls};
 pub use brpc_server::{
-    self as server, BroadcastOptions, BroadcastResult, PeerEvent, Registry, Server, broadcast,
+    self as server, BroadcastOptions, BroadcastResult, LabelChannel, PeerEvent, Registry, Server,
+    broadcast,
 };

@@ -571,3 +571,63 @@ async fn an_agent_started_before_its_server_connects_once_it_appears() {
         assert!(server.peers().get(client.connection_id()).is_some());
     }
 }
+
+/// Picking agents by label: a label channel round-robins over the matching
+/// agents, fails fast or waits (up to the call's deadline) when none is
+/// connected, and `wait_for_labels` awaits one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_channel_round_robins_and_waits_for_a_matching_agent() {
+    let server = common::server();
+    let agent = |name: &str, role: &str| {
+        common::client_builder(&server, name, EchoService::new(name))
+            .label("role", role)
+            .connect(server.local_addr())
+    };
+    let _db1 = agent("db-1", "db").await.expect("connect");
+    let _db2 = agent("db-2", "db").await.expect("connect");
+    let _web = agent("web-1", "web").await.expect("connect");
+    let ask = |channel: brpc::LabelChannel, timeout: Option<Duration>| async move {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        if let Some(t) = timeout {
+            request.set_timeout(t);
+        }
+        EchoClient::new(channel)
+            .unary(request)
+            .await
+            .map(|r| r.into_inner().answered_by)
+    };
+    let db = server.peers().label_channel([("role", "db")]);
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        answered.push(ask(db.clone(), None).await.expect("db call"));
+    }
+    answered.sort();
+    assert_eq!(answered, ["db-1", "db-1", "db-2", "db-2"], "round-robin");
+
+    let cache = server.peers().label_channel([("role", "cache")]);
+    let err = ask(cache.clone(), None).await.expect_err("no cache agent");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let err = ask(
+        cache.clone().wait_for_ready(true),
+        Some(Duration::from_millis(200)),
+    )
+    .await
+    .expect_err("none within the deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+
+    let waiting = tokio::spawn(ask(
+        cache.clone().wait_for_ready(true),
+        Some(Duration::from_secs(20)),
+    ));
+    let awaited = {
+        let peers = server.peers().clone();
+        tokio::spawn(async move { peers.wait_for_labels([("role", "cache")]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished() && !awaited.is_finished());
+    let cache_agent = agent("cache-1", "cache").await.expect("connect");
+    let answer = waiting.await.expect("join").expect("waited for the agent");
+    assert_eq!(answer, "cache-1");
+    let peer = awaited.await.expect("join");
+    assert_eq!(peer.connection_id(), cache_agent.connection_id());
+}

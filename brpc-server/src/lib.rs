@@ -20,9 +20,11 @@
 
 mod broadcast;
 mod registry;
+mod select;
 mod server;
 
 pub use broadcast::{BroadcastOptions, BroadcastResult, broadcast};
 pub use brpc_core::{ConnectionId, Peer, Router};
 pub use registry::{PeerEvent, Registry};
+pub use select::LabelChannel;
 pub use server::{Admission, BindError, Builder, Server};
