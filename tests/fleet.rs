@@ -631,3 +631,45 @@ async fn a_label_channel_round_robins_and_waits_for_a_matching_agent() {
     let peer = awaited.await.expect("join");
     assert_eq!(peer.connection_id(), cache_agent.connection_id());
 }
+
+/// tonic's idiom: serve until a signal, then shut down gracefully; the
+/// agents' disconnect events say so in words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_shutdown_stops_on_the_signal_with_a_readable_reason() {
+    let server = std::sync::Arc::new(common::server());
+    let agent = common::client(&server, "agent").await;
+    let mut events = server.peers().subscribe();
+    let (stop, signal) = tokio::sync::oneshot::channel::<()>();
+    let serving = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            server
+                .serve_with_shutdown(
+                    async {
+                        let _ = signal.await;
+                    },
+                    Duration::from_secs(2),
+                )
+                .await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!serving.is_finished(), "serving until the signal");
+    stop.send(()).expect("signal");
+    tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("shut down in time")
+        .expect("join");
+    let reason = loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Ok(PeerEvent::Disconnected { peer, reason }))
+                if peer.connection_id() == agent.connection_id() =>
+            {
+                break reason;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no disconnect event: {other:?}"),
+        }
+    };
+    assert_eq!(reason, "the server shut down");
+}

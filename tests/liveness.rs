@@ -85,15 +85,16 @@ async fn a_vanished_client_leaves_the_registry_and_fails_its_calls_within_the_id
     let failed_after = vanish_and_fail(&relay, call).await;
     let left = tokio::time::timeout(NOTICED_WITHIN, async {
         loop {
-            if let Ok(PeerEvent::Disconnected { peer, .. }) = events.recv().await
+            if let Ok(PeerEvent::Disconnected { peer, reason }) = events.recv().await
                 && peer.connection_id() == client.connection_id()
             {
-                return;
+                return reason;
             }
         }
     })
     .await;
-    assert!(left.is_ok(), "disconnect event in time");
+    let reason = left.expect("disconnect event in time");
+    assert!(reason.contains("idle timeout"), "{reason}");
     assert!(server.peers().get(client.connection_id()).is_none());
     println!("vanished client: call failed after {failed_after:?} (idle timeout {IDLE:?})");
     assert!(

@@ -57,6 +57,19 @@ async fn calls_have_spans_and_metrics() {
         .await
         .expect("reverse call");
     drop(echo);
+    // A client that refuses the server's certificate: the server logs the
+    // refused handshake with the address and the reason.
+    let stranger = brpc::tls::DevCertificate::generate().expect("certificate");
+    let err = brpc::Client::builder()
+        .pin_certificate(stranger.certificate().clone())
+        .connect(server.local_addr())
+        .await
+        .expect_err("not the pinned certificate");
+    assert!(matches!(err, brpc::ConnectError::NotPinned(_)), "{err}");
+    common::eventually(std::time::Duration::from_secs(5), "refusal logged", || {
+        String::from_utf8_lossy(&logs.0.lock().expect("lock")).contains("handshake refused")
+    })
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
 
     let text = String::from_utf8(logs.0.lock().expect("lock").clone()).expect("utf8");
@@ -78,6 +91,15 @@ async fn calls_have_spans_and_metrics() {
         "{text}"
     );
     assert!(ended.iter().all(|l| l.contains("duration_ms=")), "{text}");
+    let refused = text
+        .lines()
+        .find(|l| l.contains("handshake refused"))
+        .expect("refusal logged");
+    assert!(
+        refused.contains("remote=127.0.0.1:") && refused.contains("error="),
+        "{refused}"
+    );
+    println!("{refused}\n{err}");
 
     let snapshot = snapshotter.snapshot().into_vec();
     // Counters and gauges as numbers.

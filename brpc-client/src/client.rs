@@ -50,7 +50,7 @@ pub enum ConnectError {
     Connect(#[from] quinn::ConnectError),
     /// The QUIC or TLS handshake failed. A certificate that does not match the
     /// pinned one shows here as an invalid peer certificate.
-    #[error("handshake with the server failed: {0}")]
+    #[error("handshake with the server failed: {source}{hint}", source = .0, hint = hint(&.0.to_string()))]
     Handshake(quinn::ConnectionError),
     /// The server's certificate is valid, but not for the name checked
     /// (the host dialled, or [`Builder::server_name`]).
@@ -93,6 +93,13 @@ pub enum ConnectError {
     /// (e.g. at its connection limit, or not authorized).
     #[error("server refused the connection: {0}")]
     Refused(String),
+}
+
+/// "; what to check" for a certificate failure, or nothing.
+fn hint(error: &str) -> String {
+    tls::explain_certificate_error(error)
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default()
 }
 
 impl ConnectError {

@@ -176,6 +176,59 @@ impl DevCertificate {
     }
 }
 
+/// What to check, in a sentence, for the common certificate failures whose
+/// rustls names say little (`UnknownIssuer`, `CaUsedAsEndEntity`, …), given
+/// the error's text; `None` when there is nothing to add.
+pub fn explain_certificate_error(error: &str) -> Option<&'static str> {
+    const HINTS: &[(&str, &str)] = &[
+        (
+            "CaUsedAsEndEntity",
+            "a CA certificate was presented as a leaf certificate: present a certificate \
+             signed by the CA, not the CA itself (nor a self-signed one)",
+        ),
+        (
+            "UnknownIssuer",
+            "the certificate was not issued by a trusted CA: check the CA bundle on the \
+             verifying side (trust_pem_file / client_ca_pem_file) and that the chain is complete",
+        ),
+        (
+            "BadSignature",
+            "the certificate's signature does not verify against the trusted certificate: it \
+             was issued by another key of the same name (a regenerated CA or dev certificate?)",
+        ),
+        (
+            "Expired",
+            "the certificate has expired (or this machine's clock is wrong): renew it",
+        ),
+        (
+            "NotValidYet",
+            "the certificate is not valid yet (or this machine's clock is wrong)",
+        ),
+        (
+            "not valid for name",
+            "the certificate does not carry the name dialled: dial a name it carries, or set \
+             server_name(..)",
+        ),
+        (
+            "CertificateRequired",
+            "the server requires mutual TLS: present a client certificate (identity_pem_files)",
+        ),
+        (
+            "InvalidPurpose",
+            "the certificate's extended key usage does not allow this role (serverAuth for a \
+             server, clientAuth for a client)",
+        ),
+        (
+            "NoCertificatesPresented",
+            "the client presented no certificate, and this server requires mutual TLS",
+        ),
+    ];
+    HINTS
+        .iter()
+        .find(|(needle, _)| error.contains(needle))
+        .map(|(_, hint)| *hint)
+}
+
 /// Writes a file only its owner can read (on Unix).
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -448,6 +501,16 @@ mod tests {
             assert_eq!(mode & 0o077, 0, "key readable by others: {mode:o}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn common_certificate_errors_are_explained() {
+        let hint = explain_certificate_error(
+            "invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))",
+        );
+        assert!(hint.is_some_and(|h| h.contains("signed by the CA")));
+        assert!(explain_certificate_error("invalid peer certificate: UnknownIssuer").is_some());
+        assert_eq!(explain_certificate_error("connection reset"), None);
     }
 
     #[test]

@@ -511,6 +511,29 @@ impl Server {
             tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 
+    /// Serves until `signal` completes, then shuts down gracefully within
+    /// `grace` (see [`Server::shutdown`]): tonic's `serve_with_shutdown`
+    /// idiom. A server serves from [`Builder::bind`] on; this only waits.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// let server = brpc_server::Server::builder().bind("127.0.0.1:4433")?;
+    /// let ctrl_c = async {
+    ///     let _ = tokio::signal::ctrl_c().await;
+    /// };
+    /// server.serve_with_shutdown(ctrl_c, Duration::from_secs(5)).await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn serve_with_shutdown(
+        &self,
+        signal: impl std::future::Future<Output = ()>,
+        grace: Duration,
+    ) {
+        signal.await;
+        self.shutdown(grace).await;
+    }
+
     /// Waits until every connection has closed (after [`Server::close`]).
     pub async fn wait_idle(&self) {
         self.shared.endpoint.wait_idle().await;
@@ -550,21 +573,58 @@ async fn accept_loop(shared: Arc<Shared>) {
 
 /// Removes a peer from the registry however its task ends (even if aborted).
 struct Listed<'a> {
-    registry: &'a Registry,
+    shared: &'a Shared,
     peer: Peer,
 }
 
 impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        let reason = match self
+        let closed = self
             .peer
             .quic_connection()
-            .and_then(quinn::Connection::close_reason)
-        {
-            Some(reason) => reason.to_string(),
-            None => "server task ended".to_owned(),
-        };
-        self.registry.remove(self.peer.connection_id(), reason);
+            .and_then(quinn::Connection::close_reason);
+        let reason = why_disconnected(
+            closed.as_ref(),
+            self.shared.shutting_down.load(Ordering::SeqCst),
+        );
+        self.shared
+            .registry
+            .remove(self.peer.connection_id(), reason);
+    }
+}
+
+/// Why a listed client's connection ended, as a person would put it (the
+/// reason in [`PeerEvent::Disconnected`](crate::PeerEvent)).
+fn why_disconnected(closed: Option<&quinn::ConnectionError>, shutting_down: bool) -> String {
+    use quinn::ConnectionError as E;
+    match closed {
+        _ if shutting_down => "the server shut down".to_owned(),
+        None | Some(E::LocallyClosed) => {
+            "the server closed the connection (Server::close or drop)".to_owned()
+        }
+        Some(E::ApplicationClosed(close)) => {
+            let why = String::from_utf8_lossy(&close.reason);
+            let why = if why.is_empty() {
+                "no reason given".into()
+            } else {
+                why
+            };
+            if close.error_code == VarInt::from_u32(codes::CONN_GOING_AWAY) {
+                format!("the client went away: {why}")
+            } else {
+                format!("the client closed the connection: {why}")
+            }
+        }
+        Some(E::TimedOut) => "nothing heard from the client for the idle timeout: it \
+            vanished, or the network between is down"
+            .to_owned(),
+        Some(E::Reset) => {
+            "the client forgot the connection (stateless reset): it restarted".to_owned()
+        }
+        Some(E::ConnectionClosed(close)) => {
+            format!("the client closed the connection with a QUIC error: {close}")
+        }
+        Some(other) => format!("the connection failed: {other}"),
     }
 }
 
@@ -597,11 +657,13 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
     let connection = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+            let error = e.to_string();
+            let hint = tls::explain_certificate_error(&error).unwrap_or("");
+            tracing::info!(%remote, %error, hint, "handshake refused");
             return None;
         }
         Err(_) => {
-            tracing::debug!(%remote, "TLS handshake did not finish within the Hello limit");
+            tracing::info!(%remote, "handshake refused: it did not finish within the Hello limit");
             return None;
         }
     };
@@ -613,7 +675,7 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
     {
         Ok(Ok(hello)) => hello,
         Ok(Err(status)) => {
-            tracing::debug!(%remote, %status, "session refused");
+            tracing::info!(%remote, %status, "session refused: bad Hello");
             connection.close(
                 VarInt::from_u32(codes::CONN_HELLO_FAILED),
                 status.message().as_bytes(),
@@ -621,7 +683,7 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
             return None;
         }
         Err(_) => {
-            tracing::debug!(%remote, "no Hello within {:?}", shared.hello_timeout);
+            tracing::info!(%remote, "session refused: no Hello within {:?}", shared.hello_timeout);
             connection.close(
                 VarInt::from_u32(codes::CONN_HELLO_TIMEOUT),
                 b"no Hello within the time limit",
@@ -687,7 +749,7 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
     // registry already has it. The guard unlists it however this task ends.
     shared.registry.insert(peer.clone());
     let listed = Listed {
-        registry: &shared.registry,
+        shared,
         peer: peer.clone(),
     };
     if hello.accept(peer.connection_id()).await.is_err() {
