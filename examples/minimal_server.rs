@@ -1,6 +1,13 @@
 //! The smallest useful brpc server: hosts `Greeter` on loopback QUIC with a
-//! dev certificate and runs until Ctrl-C. The bench builds it with the
-//! `min-size` profile to measure what brpc adds to a binary:
+//! dev certificate and runs until Ctrl-C. Takes an address or a bare port
+//! (default 127.0.0.1:4433):
+//!
+//! ```text
+//! cargo run --example minimal_server -- 4500
+//! ```
+//!
+//! The bench builds it with the `min-size` profile to measure what brpc adds
+//! to a binary:
 //!
 //! ```text
 //! cargo build --profile min-size --example minimal_server
@@ -31,14 +38,20 @@ impl Greeter for Hello {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:4433".to_owned());
+    let addr = match std::env::args().nth(1) {
+        Some(port) if port.parse::<u16>().is_ok() => format!("127.0.0.1:{port}"),
+        Some(addr) => addr,
+        None => "127.0.0.1:4433".to_owned(),
+    };
     let server = Server::builder()
         .add_service(GreeterServer::new(Hello))
         .bind(&addr)?;
     println!("listening on {}", server.local_addr());
-    tokio::signal::ctrl_c().await?;
-    server.shutdown(std::time::Duration::from_secs(5)).await;
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    server
+        .serve_with_shutdown(ctrl_c, std::time::Duration::from_secs(5))
+        .await;
     Ok(())
 }

@@ -9,6 +9,8 @@
 //! [`brpc_core`] (wire, engine, tonic bridge, TLS), [`brpc_server`] and
 //! [`brpc_client`].
 
+#![deny(rustdoc::broken_intra_doc_links)]
+
 pub use brpc_client::{self as client, Client, ClientState, ConnectError};
 pub use brpc_core::{self as core, Channel, ConnectionId, Labels, Peer, Router, tls};
 pub use brpc_server::{

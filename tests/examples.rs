@@ -158,3 +158,33 @@ fn fleet_example_with_200_agents_restarts_and_exits_0() {
         "{out}"
     );
 }
+
+/// README's "Use it in your crate" shows exactly the dependency block and
+/// build.rs of examples/your-crate, which the workspace builds and tests.
+#[test]
+fn the_readme_dependency_block_is_the_one_ci_builds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let manifest =
+        std::fs::read_to_string(root.join("examples/your-crate/Cargo.toml")).expect("manifest");
+    let block = |text: &str| -> Vec<String> {
+        let start = text
+            .find("# --- dependency block ---")
+            .expect("block start");
+        let end = text.find("# --- end ---").expect("block end");
+        text[start..end]
+            .lines()
+            .map(|l| match l.split_once("  #") {
+                Some((code, _)) if l.starts_with("brpc ") => code.trim_end().to_owned(),
+                _ => l.to_owned(),
+            })
+            .map(|l| l.replace("../brpc", "../.."))
+            .collect()
+    };
+    assert_eq!(block(&readme), block(&manifest));
+    let build = std::fs::read_to_string(root.join("examples/your-crate/build.rs")).expect("build");
+    assert!(
+        readme.contains(&build),
+        "README shows examples/your-crate/build.rs"
+    );
+}

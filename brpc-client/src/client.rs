@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use tracing::Instrument;
 
-/// Why [`Builder::connect`] failed.
+/// Why [`Builder::connect`](crate::Builder::connect) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// No server certificate or CA to trust was configured.
@@ -53,7 +53,7 @@ pub enum ConnectError {
     #[error("handshake with the server failed: {source}{hint}", source = .0, hint = hint(&.0.to_string()))]
     Handshake(quinn::ConnectionError),
     /// The server's certificate is valid, but not for the name checked
-    /// (the host dialled, or [`Builder::server_name`]).
+    /// (the host dialled, or [`Builder::server_name`](crate::Builder::server_name)).
     #[error(
         "the server's certificate is not valid for {server_name:?}, the name checked{}: \
          dial the host name the certificate carries, or set .server_name(..) to it ({source})",
@@ -68,7 +68,7 @@ pub enum ConnectError {
         source: quinn::ConnectionError,
     },
     /// The server presented a certificate other than the pinned one. Not
-    /// retried by reconnect unless [`Builder::retry_certificate_mismatch`].
+    /// retried by reconnect unless [`Builder::retry_certificate_mismatch`](crate::Builder::retry_certificate_mismatch).
     #[error(
         "the server's certificate is not the pinned one: it changed? A server on a fresh dev \
          certificate makes a new one at every start; serve a persisted one \
@@ -170,6 +170,19 @@ pub enum ClientState {
 }
 
 /// Configures and dials a [`Client`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// let client = brpc_client::Client::builder()
+///     .name("agent-7")
+///     .trust_pem_file("fleet-ca.pem")?
+///     .identity_pem_files("agent.pem", "agent.key")?
+///     .reconnect_backoff(Duration::from_millis(200), Duration::from_secs(30))
+///     .connect("control.example:4433") // checks the name control.example
+///     .await?;
+/// # drop(client); Ok(()) }
+/// ```
 pub struct Builder {
     router: Router,
     name: String,
@@ -834,6 +847,26 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
 
 /// A brpc client: one connection to the server at a time, re-established when
 /// it drops. Dropping the client closes it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use brpc_client::{Client, ClientState};
+/// let client = Client::builder()
+///     .name("agent-7")
+///     .label("region", "eu")
+///     .pin_certificate_file("server.pem")?
+///     // .add_service(AgentServer::new(MyAgent))
+///     .connect_with_retry("control.example:4433")
+///     .await?;
+/// // let mut control = ControlClient::new(client.channel());
+/// let mut state = client.watch_state();
+/// while state.changed().await.is_ok() {
+///     if let ClientState::Reconnecting { attempt, last_error } = &*state.borrow() {
+///         println!("reconnecting ({attempt}): {last_error}");
+///     }
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Client {
     shared: Arc<Shared>,
     supervisor: tokio::task::JoinHandle<()>,

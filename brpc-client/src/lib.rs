@@ -19,6 +19,8 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(rustdoc::broken_intra_doc_links)]
+
 mod client;
 
 pub use brpc_core::{Channel, ConnectionId, Peer, Router};

@@ -12,6 +12,8 @@
 //! Binding, accepting, dialing and the registry live in `brpc-server` and
 //! `brpc-client`, which add no protocol logic of their own.
 
+#![deny(rustdoc::broken_intra_doc_links)]
+
 pub mod bridge;
 pub mod bytestream;
 pub mod conn;

@@ -46,6 +46,17 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 }
 
 /// A self-signed certificate and its key, for development and tests.
+///
+/// ```
+/// use brpc_core::tls::DevCertificate;
+/// let dir = std::env::temp_dir().join(format!("brpc-doc-{}", std::process::id()));
+/// let path = dir.join("server.pem");
+/// let first = DevCertificate::load_or_create(&path)?; // created
+/// let again = DevCertificate::load_or_create(&path)?; // the same one
+/// assert_eq!(first.certificate(), again.certificate());
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), brpc_core::tls::TlsError>(())
+/// ```
 pub struct DevCertificate {
     certificate: CertificateDer<'static>,
     pem: String,

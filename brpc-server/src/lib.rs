@@ -18,6 +18,8 @@
 //! # Ok(()) }
 //! ```
 
+#![deny(rustdoc::broken_intra_doc_links)]
+
 mod broadcast;
 mod registry;
 mod select;

@@ -34,6 +34,26 @@ impl PeerEvent {
 }
 
 /// The server's connected peers. Cheap to clone; all clones see the same set.
+///
+/// ```no_run
+/// # async fn run(server: &brpc_server::Server) {
+/// use brpc_server::PeerEvent;
+/// let peers = server.peers();
+/// for peer in peers.select_label("region", "eu") {
+///     println!("{} {} {:?}", peer.connection_id(), peer.name(), peer.remote_address());
+/// }
+/// // Wait for an agent with role=db, then call it:
+/// let db = peers.wait_for_labels([("role", "db")]).await;
+/// // let mut agent = db.client(AgentClient::new);
+/// let mut events = peers.subscribe();
+/// while let Ok(event) = events.recv().await {
+///     match event {
+///         PeerEvent::Connected(peer) => println!("+ {}", peer.name()),
+///         PeerEvent::Disconnected { peer, reason } => println!("- {}: {reason}", peer.name()),
+///     }
+/// }
+/// # drop(db); }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Registry {
     peers: Arc<RwLock<HashMap<ConnectionId, Peer>>>,

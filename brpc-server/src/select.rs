@@ -93,6 +93,16 @@ fn collect<K: Into<String>, V: Into<String>>(labels: impl IntoIterator<Item = (K
 /// Calls a service on whichever connected peer matches a set of labels,
 /// round-robin. Hand it to any tonic-generated client. Cheap to clone; clones
 /// share the rotation. Made by [`Registry::label_channel`].
+///
+/// ```no_run
+/// # async fn run(server: &brpc_server::Server) {
+/// // Each call goes to the next agent with role=db; with wait_for_ready a
+/// // call made while none is connected waits for one up to its deadline.
+/// let channel = server.peers().label_channel([("role", "db")]).wait_for_ready(true);
+/// // let mut db = AgentClient::new(channel);
+/// // db.vacuum(VacuumRequest {}).await?;
+/// # drop(channel); }
+/// ```
 #[derive(Clone, Debug)]
 pub struct LabelChannel {
     registry: Registry,

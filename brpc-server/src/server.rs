@@ -49,6 +49,24 @@ enum Certificate {
 }
 
 /// Configures and binds a [`Server`].
+///
+/// ```no_run
+/// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// let server = brpc_server::Server::builder()
+///     .certificate_pem_files("server.pem", "server.key")?
+///     .client_ca_pem_file("fleet-ca.pem")?
+///     .authorize(|admission| {
+///         match admission.labels.get("role").map(String::as_str) {
+///             Some("agent") => Ok(()),
+///             _ => Err(tonic::Status::permission_denied("agents only")),
+///         }
+///     })
+///     .idle_timeout(Duration::from_secs(10))
+///     .max_connections(50_000)
+///     .bind("0.0.0.0:4433")?;
+/// # drop(server); Ok(()) }
+/// ```
 pub struct Builder {
     router: Router,
     certificate: Certificate,
@@ -408,6 +426,23 @@ struct Shared {
 }
 
 /// A running brpc server. Dropping it closes the endpoint and every connection.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use brpc_server::Server;
+/// let server = Server::builder()
+///     .dev_certificate_file("/var/lib/myapp/server.pem")
+///     // .add_service(GreeterServer::new(MyGreeter))
+///     .bind("0.0.0.0:4433")?;
+/// println!("listening on {}", server.local_addr());
+/// let ctrl_c = async {
+///     let _ = tokio::signal::ctrl_c().await;
+/// };
+/// server
+///     .serve_with_shutdown(ctrl_c, std::time::Duration::from_secs(5))
+///     .await;
+/// # Ok(()) }
+/// ```
 pub struct Server {
     shared: Arc<Shared>,
     local_addr: SocketAddr,

@@ -36,6 +36,13 @@ use crate::wire::{CallState, Flags, FrameType, Inbound, KeyValue, Request};
 /// connection is gone, `DEADLINE_EXCEEDED` at the call's timeout,
 /// `RESOURCE_EXHAUSTED` for a message over the maximum size, and whatever the
 /// remote handler returned.
+///
+/// ```no_run
+/// # fn run(peer: brpc_core::Peer) {
+/// // Any tonic-generated client takes it: GreeterClient::new(channel).
+/// let channel = peer.channel();
+/// # drop(channel); }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Channel {
     target: Target,

@@ -94,6 +94,13 @@ type LayerFn = Arc<dyn Fn(BoxedService) -> BoxedService + Send + Sync>;
 /// Add any server `tonic-prost-build` generates (`FooServer::new(impl)`),
 /// unchanged. Cheap to clone; clones share the layered stack (so a
 /// `ConcurrencyLimit` layer bounds all calls the side serves together).
+///
+/// ```
+/// let router = brpc_core::Router::new()
+///     // .add_service(GreeterServer::new(MyGreeter))
+///     .layer(tower::limit::ConcurrencyLimitLayer::new(64));
+/// assert!(router.service_names().is_empty());
+/// ```
 #[derive(Clone, Default)]
 pub struct Router {
     services: Arc<HashMap<&'static str, BoxedService>>,
@@ -116,7 +123,7 @@ impl Router {
         Router::default()
     }
 
-    /// Hosts `service` under its proto name ([`NamedService::NAME`]). A later
+    /// Hosts `service` under its proto name ([`NamedService::NAME`](tonic::server::NamedService::NAME)). A later
     /// service of the same name replaces the earlier one.
     pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
         // tonic's Body::new passes a Body through unboxed; other bodies

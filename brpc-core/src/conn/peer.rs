@@ -160,6 +160,19 @@ pub(crate) fn direction(served: bool) -> &'static str {
 ///
 /// Calls go out through [`Peer::channel`] or [`Peer::client`]; the handle stays
 /// valid after the connection closes, but calls then fail with `UNAVAILABLE`.
+///
+/// ```no_run
+/// use brpc_core::Peer;
+/// use tonic::{Request, Status};
+///
+/// // Inside any handler brpc serves: who is calling, and a way back to it.
+/// async fn handler(request: Request<()>) -> Result<(), Status> {
+///     let peer = Peer::from_request(&request)?;
+///     println!("{} ({}) {:?}", peer.name(), peer.connection_id(), peer.labels());
+///     // let name = peer.client(NamerClient::new).name(NameRequest {}).await?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Clone)]
 pub struct Peer {
     shared: Arc<Shared>,

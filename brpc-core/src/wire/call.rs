@@ -1,5 +1,5 @@
 //! Per-call state machine: checks the frames one side of a call receives and turns
-//! them into events (open, message, close, finish) or a protocol [`Status`].
+//! them into events (open, message, close, finish) or a protocol [`Status`](tonic::Status).
 //!
 //! Sans-IO: frames in, events out. The engine drives one [`CallState`] per QUIC
 //! stream; the byte-stream transport drives one per ttrpc stream id.
@@ -150,7 +150,7 @@ impl CallState {
     /// Feeds one received frame.
     ///
     /// # Errors
-    /// A [`Status`] describing the protocol violation: `INVALID_ARGUMENT` for a
+    /// A [`Status`](tonic::Status) describing the protocol violation: `INVALID_ARGUMENT` for a
     /// bad request from a caller, `INTERNAL` for a bad answer from a callee. The
     /// call cannot continue after an error.
     pub fn recv(&mut self, frame: Frame) -> Result<Inbound, Status> {
