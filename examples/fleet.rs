@@ -174,30 +174,17 @@ async fn broadcast_facts(server: &Server, round: &str) -> (usize, usize) {
     (results.len(), failures)
 }
 
-fn parse_agents() -> Result<usize, String> {
-    let mut agents = 200;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--agents" => {
-                agents = args
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .ok_or("--agents needs a number")?;
-            }
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?}; usage: fleet [--agents N]"
-                ));
-            }
-        }
-    }
-    Ok(agents)
+/// The fleet story (see the header of examples/fleet.rs).
+#[derive(clap::Parser)]
+struct Args {
+    /// How many agents dial the server.
+    #[arg(long, default_value_t = 200)]
+    agents: usize,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n = parse_agents()?;
+    let n = <Args as clap::Parser>::parse().agents;
     let dev = DevCertificate::generate()?;
     let credentials = Credentials {
         certificate: dev.certificate().clone(),

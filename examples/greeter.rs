@@ -76,42 +76,22 @@ impl Namer for MyNamer {
     }
 }
 
+/// The greeter story (see the header of examples/greeter.rs).
+#[derive(clap::Parser)]
 struct Args {
-    mode: String,
-    addr: String,
+    /// `server` or `client` for two processes; both in one process if absent.
+    #[arg(value_parser = ["server", "client"])]
+    mode: Option<String>,
+    /// The server's address (default 127.0.0.1:4433 for two processes, a
+    /// free port in one process).
+    #[arg(long)]
+    addr: Option<String>,
+    /// The server's dev certificate, which the client pins.
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("brpc-greeter-cert.pem"))]
     cert: PathBuf,
+    /// The name the client answers with.
+    #[arg(long, default_value = "Ada")]
     name: String,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        mode: "both".into(),
-        addr: "127.0.0.1:0".into(),
-        cert: std::env::temp_dir().join("brpc-greeter-cert.pem"),
-        name: "Ada".into(),
-    };
-    let mut it = std::env::args().skip(1);
-    let mut addr_given = false;
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "server" | "client" => args.mode = arg,
-            "--addr" => {
-                args.addr = it.next().ok_or("--addr needs a value")?;
-                addr_given = true;
-            }
-            "--cert" => args.cert = it.next().ok_or("--cert needs a value")?.into(),
-            "--name" => args.name = it.next().ok_or("--name needs a value")?,
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?}; see the header of examples/greeter.rs"
-                ));
-            }
-        }
-    }
-    if args.mode != "both" && !addr_given {
-        args.addr = "127.0.0.1:4433".into();
-    }
-    Ok(args)
 }
 
 async fn run_server(addr: &str, cert: &PathBuf) -> Result<Server, Box<dyn std::error::Error>> {
@@ -161,18 +141,24 @@ async fn run_client(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = parse_args()?;
-    match args.mode.as_str() {
-        "server" => {
-            let _server = run_server(&args.addr, &args.cert).await?;
+    let args = <Args as clap::Parser>::parse();
+    let default_addr = if args.mode.is_some() {
+        "127.0.0.1:4433"
+    } else {
+        "127.0.0.1:0"
+    };
+    let addr = args.addr.clone().unwrap_or_else(|| default_addr.to_owned());
+    match args.mode.as_deref() {
+        Some("server") => {
+            let _server = run_server(&addr, &args.cert).await?;
             println!("[server] press Ctrl-C to stop");
             tokio::signal::ctrl_c().await?;
         }
-        "client" => {
-            run_client(&args.addr, &args.cert, &args.name).await?;
+        Some(_) => {
+            run_client(&addr, &args.cert, &args.name).await?;
         }
-        _ => {
-            let server = run_server(&args.addr, &args.cert).await?;
+        None => {
+            let server = run_server(&addr, &args.cert).await?;
             let addr = server.local_addr().to_string();
             let message = run_client(&addr, &args.cert, &args.name).await?;
             server.close();

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml            # about 3 minutes (+ first min-size build)
-//! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # under a minute
+//! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # a smoke run, under a minute: figures not for quoting
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
 //! brpc-bench --stack brpc --c64-only        # 10 s at c=64 (or --c1-only), for a profiler
 //! ```
@@ -208,7 +208,7 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                 .await?;
             Running {
                 caller: Caller::Tonic(EchoClient::new(channel)),
-                _guards: vec![Box::new(AbortOnDrop(server))],
+                _guards: vec![Box::new(AbortOnDrop::new(server))],
             }
         }
         "quinn" | "quinn-buf" => {
@@ -258,7 +258,7 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             Running {
                 caller: Caller::Quinn(conn),
                 _guards: vec![
-                    Box::new(AbortOnDrop(server)),
+                    Box::new(AbortOnDrop::new(server)),
                     Box::new(endpoint),
                     Box::new(client),
                 ],
@@ -317,13 +317,7 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
     })
 }
 
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+use tokio_util::task::AbortOnDropHandle as AbortOnDrop;
 
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the struct we pass and nothing else.
@@ -804,7 +798,7 @@ async fn memory_per_client(
             )?;
             let addr = endpoint.local_addr()?;
             let accept = endpoint.clone();
-            guards.push(Box::new(AbortOnDrop(tokio::spawn(async move {
+            guards.push(Box::new(AbortOnDrop::new(tokio::spawn(async move {
                 while let Some(incoming) = accept.accept().await {
                     tokio::spawn(async move {
                         if let Ok(conn) = incoming.await {
@@ -821,7 +815,7 @@ async fn memory_per_client(
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-            guards.push(Box::new(AbortOnDrop(tokio::spawn(
+            guards.push(Box::new(AbortOnDrop::new(tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(EchoServer::new(EchoService))
                     .serve_with_incoming(incoming),
@@ -866,47 +860,98 @@ async fn memory_per_client(
     ))
 }
 
+/// The side-by-side benchmark (see the module doc). Without a subcommand:
+/// the full run, which writes BENCHMARKS.md, benchmarks.json and
+/// benchmarks.svg.
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A smoke run (short phases, smaller fleets): checks that every stack
+    /// works; its figures are not for quoting.
+    #[arg(long)]
+    quick: bool,
+    /// Run one stack only (for profiling); nothing is written.
+    #[arg(long, value_parser = STACKS)]
+    stack: Option<String>,
+    /// With --stack: 10 s of 16-byte calls at concurrency 64 and nothing else.
+    #[arg(long, requires = "stack", conflicts_with = "c1_only")]
+    c64_only: bool,
+    /// With --stack: 10 s of 16-byte calls at concurrency 1 and nothing else.
+    #[arg(long, requires = "stack")]
+    c1_only: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// One fleet run per size, printed as a table row; nothing written.
+    Fleet {
+        /// Agents per run.
+        #[arg(required = true)]
+        sizes: Vec<usize>,
+    },
+    /// (Internal) hold N idle clients of a stack for the memory figure.
+    #[command(hide = true)]
+    Clients {
+        stack: String,
+        addr: SocketAddr,
+        n: usize,
+        cert: std::path::PathBuf,
+    },
+    /// (Internal) hold N fleet agents in this process.
+    #[command(hide = true)]
+    Agents {
+        addr: SocketAddr,
+        n: usize,
+        cert: std::path::PathBuf,
+    },
+    /// (Internal) measure a stack's memory per idle client in a fresh process.
+    #[command(hide = true)]
+    Memory {
+        stack: String,
+        n: usize,
+        dir: std::path::PathBuf,
+    },
+}
+
+const STACKS: [&str; 7] = [
+    "tonic",
+    "quinn",
+    "quinn-buf",
+    "brpc",
+    "brpc-reverse",
+    "ttrpc-unix",
+    "brpc-unix",
+];
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("clients") && args.len() == 6 {
-        return hold_clients(
-            &args[2],
-            args[3].parse()?,
-            args[4].parse()?,
-            std::path::Path::new(&args[5]),
-        )
-        .await;
-    }
-    if args.get(1).map(String::as_str) == Some("agents") && args.len() == 5 {
-        return hold_agents(
-            args[2].parse()?,
-            args[3].parse()?,
-            std::path::Path::new(&args[4]),
-        )
-        .await;
-    }
-    if args.get(1).map(String::as_str) == Some("fleet") {
-        // `fleet N [N ...]`: one fleet run per N, nothing written.
-        let sizes: Vec<usize> = args[2..]
-            .iter()
-            .map(|n| n.parse())
-            .collect::<Result<_, _>>()?;
-        for n in sizes {
-            let f = fleet(n).await?;
-            println!("{}", f.row());
+    let cli = <Cli as clap::Parser>::parse();
+    match cli.command {
+        Some(Command::Clients {
+            stack,
+            addr,
+            n,
+            cert,
+        }) => return hold_clients(&stack, addr, n, &cert).await,
+        Some(Command::Agents { addr, n, cert }) => return hold_agents(addr, n, &cert).await,
+        Some(Command::Fleet { sizes }) => {
+            for n in sizes {
+                let f = fleet(n).await?;
+                println!("{}", f.row());
+            }
+            return Ok(());
         }
-        return Ok(());
+        Some(Command::Memory { stack, n, dir }) => {
+            // A fresh server process per stack, so no earlier run's freed
+            // heap hides what the connections cost.
+            let (rss, heap) = memory_per_client(&stack, n, &dir).await?;
+            println!("{rss} {heap}");
+            return Ok(());
+        }
+        None => {}
     }
-    if args.get(1).map(String::as_str) == Some("memory") && args.len() == 5 {
-        // A fresh server process per stack, so no earlier run's freed heap
-        // hides what the connections cost.
-        let (rss, heap) =
-            memory_per_client(&args[2], args[3].parse()?, std::path::Path::new(&args[4])).await?;
-        println!("{rss} {heap}");
-        return Ok(());
-    }
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = cli.quick;
     let (phase, repeats) = if quick {
         (Duration::from_millis(400), 3)
     } else {
@@ -914,22 +959,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let dir = std::env::temp_dir().join(format!("brpc-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let all = [
-        "tonic",
-        "quinn",
-        "quinn-buf",
-        "brpc",
-        "brpc-reverse",
-        "ttrpc-unix",
-        "brpc-unix",
-    ];
-    // `--stack NAME` runs one stack only (for profiling); nothing is written.
-    let only = args
-        .iter()
-        .position(|a| a == "--stack")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
-    let stacks: Vec<&str> = all
+    let only = cli.stack;
+    let stacks: Vec<&str> = STACKS
         .iter()
         .copied()
         .filter(|s| only.as_deref().is_none_or(|o| o == *s))
@@ -937,9 +968,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `--stack NAME --c64-only` (or `--c1-only`): 10 s of 16-byte calls at
     // that concurrency and nothing else, for a profiler to look at the
     // per-call path alone.
-    let only_concurrency = if args.iter().any(|a| a == "--c64-only") {
+    let only_concurrency = if cli.c64_only {
         Some(64)
-    } else if args.iter().any(|a| a == "--c1-only") {
+    } else if cli.c1_only {
         Some(1)
     } else {
         None
@@ -1199,32 +1230,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         format!("{generated}\n{kept}")
     };
     std::fs::write("BENCHMARKS.md", doc)?;
-    let json: Vec<String> = results
+    let stacks_json: Vec<serde_json::Value> = results
         .iter()
         .map(|(s, f)| {
-            format!(
-                "{{\"stack\":\"{s}\",\"c1_calls_per_s\":{:.1},\"c1_p50_us\":{:.1},\"c1_p99_us\":{:.1},\"c64_calls_per_s\":{:.1},\"mib_c4_mb_per_s\":{:.1},\"cpu_us_per_call\":{:.2},\"errors\":{},\"udp_drops\":{}}}",
-                f.c1_calls, f.c1_p50_us, f.c1_p99_us, f.c64_calls, f.mib_mbps, f.cpu_us_per_call, f.errors, f.udp_drops
-            )
+            serde_json::json!({
+                "stack": s,
+                "c1_calls_per_s": f.c1_calls,
+                "c1_p50_us": f.c1_p50_us,
+                "c1_p99_us": f.c1_p99_us,
+                "c64_calls_per_s": f.c64_calls,
+                "mib_c4_mb_per_s": f.mib_mbps,
+                "cpu_us_per_call": f.cpu_us_per_call,
+                "errors": f.errors,
+                "udp_drops": f.udp_drops,
+            })
         })
         .collect();
-    let memory_json: Vec<String> = memory
+    let memory_json: Vec<serde_json::Value> = memory
         .iter()
         .map(|(s, rss, heap)| {
-            format!("{{\"stack\":\"{s}\",\"clients\":{memory_n},\"rss_bytes_per_client\":{rss:.0},\"heap_bytes_per_client\":{heap:.0}}}")
+            serde_json::json!({
+                "stack": s,
+                "clients": memory_n,
+                "rss_bytes_per_client": rss.round(),
+                "heap_bytes_per_client": heap.round(),
+            })
         })
         .collect();
-    let binary_json = match &binary {
-        Ok(bytes) => bytes.to_string(),
-        Err(_) => "null".to_owned(),
-    };
+    let document = serde_json::json!({
+        "stacks": stacks_json,
+        "idle_memory": memory_json,
+        "minimal_server_bytes": binary.as_ref().ok(),
+    });
     std::fs::write(
         "benchmarks.json",
-        format!(
-            "{{\"stacks\":[{}],\n\"idle_memory\":[{}],\n\"minimal_server_bytes\":{binary_json}}}\n",
-            json.join(",\n"),
-            memory_json.join(",\n")
-        ),
+        serde_json::to_string_pretty(&document)? + "\n",
     )?;
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use brpc_core::{ConnectionId, Peer};
 use futures_util::stream::{self, Stream, StreamExt};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::Status;
 
 /// Bounds of a [`broadcast`].
@@ -77,7 +78,8 @@ where
         .map(move |peer| {
             let call = call(peer.clone());
             let started = Instant::now();
-            let mut task = AbortOnDrop(tokio::spawn(async move {
+            // Aborted when dropped: a dropped broadcast stops its calls.
+            let mut task = AbortOnDropHandle::new(tokio::spawn(async move {
                 match tokio::time::timeout(timeout, call).await {
                     Ok(result) => result,
                     Err(_) => Err(Status::deadline_exceeded(format!(
@@ -86,7 +88,7 @@ where
                 }
             }));
             async move {
-                let result = match (&mut task.0).await {
+                let result = match (&mut task).await {
                     Ok(result) => result,
                     Err(e) => Err(Status::internal(format!("broadcast call failed: {e}"))),
                 };
@@ -99,13 +101,4 @@ where
             }
         })
         .buffer_unordered(options.concurrency.max(1))
-}
-
-/// Aborts the task when dropped: a dropped broadcast stops its calls.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
