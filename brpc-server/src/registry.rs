@@ -102,6 +102,22 @@ impl Registry {
         peers
     }
 
+    /// The `turn`-th (modulo their number) of the peers for which `filter`
+    /// holds, in the map's order, which stays the same while nobody connects
+    /// or leaves; cloning only that one. `None` if none matches.
+    pub(crate) fn nth_matching(&self, filter: impl Fn(&Peer) -> bool, turn: usize) -> Option<Peer> {
+        let peers = self.read();
+        let count = peers.values().filter(|p| filter(p)).count();
+        if count == 0 {
+            return None;
+        }
+        peers
+            .values()
+            .filter(|p| filter(p))
+            .nth(turn % count)
+            .cloned()
+    }
+
     /// Peers whose label `key` equals `value`.
     pub fn select_label(&self, key: &str, value: &str) -> Vec<Peer> {
         self.select(|p| p.label(key) == Some(value))

@@ -35,7 +35,7 @@ impl Registry {
         loop {
             // Subscribed before looking, so a peer connecting in between is
             // seen as an event.
-            if let Some(peer) = self.select(&filter).into_iter().find(Peer::is_usable) {
+            if let Some(peer) = self.nth_matching(|p| filter(p) && p.is_usable(), 0) {
                 return peer;
             }
             loop {
@@ -65,7 +65,7 @@ impl Registry {
     }
 
     /// A channel over every peer with all these labels: each call goes to
-    /// the next matching peer in connection-id order (round-robin), e.g.
+    /// the next matching peer in turn (round-robin), e.g.
     /// `AgentClient::new(server.peers().label_channel([("role", "db")]))`.
     /// With no matching peer a call fails with `UNAVAILABLE`, or waits for
     /// one up to its deadline with [`LabelChannel::wait_for_ready`].
@@ -122,14 +122,9 @@ impl LabelChannel {
 
     /// The peer the next call would go to, if one matches now.
     pub fn pick(&self) -> Option<Peer> {
-        let peers: Vec<Peer> = self
-            .registry
-            .select(|p| matches(p, &self.labels) && p.is_usable());
-        if peers.is_empty() {
-            return None;
-        }
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(peers[turn % peers.len()].clone())
+        self.registry
+            .nth_matching(|p| matches(p, &self.labels) && p.is_usable(), turn)
     }
 
     async fn resolve(&self, timeout: Option<Duration>) -> Result<Peer, Status> {

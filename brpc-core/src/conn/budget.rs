@@ -27,6 +27,9 @@ pub struct MemoryBudget(Arc<Inner>);
 struct Inner {
     limit: usize,
     used: AtomicUsize,
+    /// Readers waiting for room: releases notify only when there are some,
+    /// since `Notify::notify_waiters` takes a lock.
+    waiting: AtomicUsize,
     freed: Notify,
 }
 
@@ -45,6 +48,7 @@ impl MemoryBudget {
         MemoryBudget(Arc::new(Inner {
             limit,
             used: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             freed: Notify::new(),
         }))
     }
@@ -62,15 +66,19 @@ impl MemoryBudget {
     fn try_reserve(&self, n: usize) -> bool {
         self.0
             .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| {
                 used.checked_add(n).filter(|&total| total <= self.0.limit)
             })
             .is_ok()
     }
 
     fn release(&self, n: usize) {
-        self.0.used.fetch_sub(n, Ordering::AcqRel);
-        self.0.freed.notify_waiters();
+        self.0.used.fetch_sub(n, Ordering::SeqCst);
+        // A waiter counts itself before it tries to reserve, so either it
+        // sees this release or this load sees it.
+        if self.0.waiting.load(Ordering::SeqCst) > 0 {
+            self.0.freed.notify_waiters();
+        }
     }
 }
 
@@ -98,6 +106,7 @@ impl Budgets {
     /// not exceed either limit (the builders make the limits at least one
     /// maximum-size message).
     pub(crate) async fn reserve(&self, n: usize) {
+        let _waiting = Waiting::enter(&self.connection, &self.total);
         loop {
             let connection = self.connection.0.freed.notified();
             let total = self.total.0.freed.notified();
@@ -135,6 +144,24 @@ impl Budgets {
             budget.in_use(),
             budget.limit()
         )
+    }
+}
+
+/// Counts a reader as waiting on both budgets for as long as it lives.
+struct Waiting<'a>(&'a MemoryBudget, &'a MemoryBudget);
+
+impl<'a> Waiting<'a> {
+    fn enter(connection: &'a MemoryBudget, total: &'a MemoryBudget) -> Self {
+        connection.0.waiting.fetch_add(1, Ordering::SeqCst);
+        total.0.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(connection, total)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.1.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

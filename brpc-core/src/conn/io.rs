@@ -173,10 +173,12 @@ impl FrameReader {
                     Err(ReadError::Truncated)
                 };
             }
+            // The header of the frame in progress, unless its data is being
+            // skipped (an oversized frame) or it has none.
+            let header = FrameHeader::parse(&self.buf)
+                .filter(|h| self.decoder.skipping() == 0 && h.length > 0);
             if self.reserved == 0
-                && self.decoder.skipping() == 0
-                && let Some(h) = FrameHeader::parse(&self.buf)
-                && h.length > 0
+                && let Some(h) = header
             {
                 self.reserve(h.length as usize).await?;
             }
@@ -185,16 +187,7 @@ impl FrameReader {
             let wanted = self.decoder.wanted(&self.buf);
             // With a whole header buffered, a chunk that is exactly the frame's
             // data becomes the frame's payload without being copied.
-            let header_only = match FrameHeader::parse(&self.buf) {
-                Some(h)
-                    if self.buf.len() == HEADER_LEN
-                        && self.decoder.skipping() == 0
-                        && h.length > 0 =>
-                {
-                    Some(h)
-                }
-                _ => None,
-            };
+            let header_only = header.filter(|_| self.buf.len() == HEADER_LEN);
             let stalled_mid_frame =
                 !self.buf.is_empty() || self.decoder.skipping() > 0 || self.awaiting_first;
             let read = self.recv.read_chunk(wanted, true);
