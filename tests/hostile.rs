@@ -412,7 +412,7 @@ async fn the_server_refuses_clients_over_its_connection_limit() {
         .connect(server.local_addr())
         .await
         .expect_err("over the limit");
-    assert!(matches!(err, brpc::ConnectError::Refused(_)), "{err}");
+    assert!(matches!(err, brpc::ConnectError::Refused { .. }), "{err}");
     assert!(err.to_string().contains("connection limit (2)"), "{err}");
     for client in [&a, &b] {
         let reply = common::echo::echo_client::EchoClient::new(client.channel())

@@ -92,6 +92,17 @@ async fn check_auth<F: Interceptor>(channel: brpc::Channel, interceptor: F) {
     assert_eq!(reply.into_inner().seq, 5);
 }
 
+/// [`check_auth`] on the client's calls to the server and the server's calls
+/// back to the client.
+async fn check_auth_each_side(server: &brpc::Server, client: &brpc::Client) {
+    check_auth(client.channel(), with_token).await;
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    check_auth(peer.channel(), with_token).await;
+}
+
 #[tokio::test]
 async fn an_auth_layer_guards_each_side() {
     let server = brpc::Server::builder()
@@ -106,12 +117,7 @@ async fn an_auth_layer_guards_each_side() {
         .connect(server.local_addr())
         .await
         .expect("connect");
-    check_auth(client.channel(), with_token).await;
-    let peer = server
-        .peers()
-        .get(client.connection_id())
-        .expect("registered");
-    check_auth(peer.channel(), with_token).await;
+    check_auth_each_side(&server, &client).await;
 }
 
 async fn check_concurrency_limit(channel: brpc::Channel, probe: &common::Probe) {
@@ -187,10 +193,5 @@ async fn a_tonic_server_interceptor_guards_each_side() {
         .connect(server.local_addr())
         .await
         .expect("connect");
-    check_auth(client.channel(), with_token).await;
-    let peer = server
-        .peers()
-        .get(client.connection_id())
-        .expect("registered");
-    check_auth(peer.channel(), with_token).await;
+    check_auth_each_side(&server, &client).await;
 }

@@ -91,8 +91,13 @@ pub enum ConnectError {
     },
     /// The server closed the connection while admitting it, and said why
     /// (e.g. at its connection limit, or not authorized).
-    #[error("server refused the connection: {0}")]
-    Refused(String),
+    #[error("server refused the connection: {reason}")]
+    Refused {
+        /// The application close code (see `brpc_core::conn::codes`).
+        code: u32,
+        /// The code's meaning and the server's reason.
+        reason: String,
+    },
 }
 
 /// "; what to check" for a certificate failure, or nothing.
@@ -112,7 +117,7 @@ impl ConnectError {
             | ConnectError::Tls(_)
             | ConnectError::Connect(_)
             | ConnectError::CertificateName { .. } => true,
-            ConnectError::Refused(reason) => reason.contains("unauthorized"),
+            ConnectError::Refused { code, .. } => *code == codes::CONN_UNAUTHORIZED,
             ConnectError::Hello(status) => matches!(
                 status.code(),
                 tonic::Code::PermissionDenied
@@ -662,28 +667,32 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
                 .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
                 .collect(),
         };
-        let answer =
-            match session::send_hello(&connection, hello, shared.limits.max_message_size).await {
-                Ok(answer) => answer,
-                Err(status) => {
-                    // A connection that closed says more than the lost Hello: under
-                    // TLS 1.3 a server refusing our certificate does so only now.
-                    let refused = matches!(
-                        status.code(),
-                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                    );
-                    return Err(match connection.close_reason() {
-                        Some(quinn::ConnectionError::ApplicationClosed(close)) if !refused => {
-                            ConnectError::Refused(close_reason(&close))
+        let answer = match session::send_hello(&connection, hello, shared.limits.max_message_size)
+            .await
+        {
+            Ok(answer) => answer,
+            Err(status) => {
+                // A connection that closed says more than the lost Hello: under
+                // TLS 1.3 a server refusing our certificate does so only now.
+                let refused = matches!(
+                    status.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                );
+                return Err(match connection.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(close)) if !refused => {
+                        ConnectError::Refused {
+                            code: u32::try_from(close.error_code.into_inner()).unwrap_or(u32::MAX),
+                            reason: close_reason(&close),
                         }
-                        Some(
-                            e @ (quinn::ConnectionError::TransportError(_)
-                            | quinn::ConnectionError::ConnectionClosed(_)),
-                        ) => ConnectError::Handshake(e),
-                        _ => ConnectError::Hello(status),
-                    });
-                }
-            };
+                    }
+                    Some(
+                        e @ (quinn::ConnectionError::TransportError(_)
+                        | quinn::ConnectionError::ConnectionClosed(_)),
+                    ) => ConnectError::Handshake(e),
+                    _ => ConnectError::Hello(status),
+                });
+            }
+        };
         Ok::<_, ConnectError>((connection, answer))
     };
     let (connection, answer) =

@@ -213,6 +213,19 @@ mod tests {
     }
 
     #[test]
+    fn defaults_notice_a_silent_peer_within_ten_seconds() {
+        let options = TransportOptions::default();
+        assert!(options.idle_timeout <= Duration::from_secs(10));
+        let keep_alive = options
+            .keep_alive_interval
+            .expect("keep-alive on by default");
+        // At least three keep-alives per idle period.
+        assert!(keep_alive * 3 <= options.idle_timeout, "{keep_alive:?}");
+        assert!(options.receive_window <= 16 << 20, "bounded receive window");
+        assert!(u64::from(PRE_HELLO_RECEIVE_WINDOW) <= 64 * 1024);
+    }
+
+    #[test]
     fn endpoint_binds_ipv4_and_ipv6_loopback() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
