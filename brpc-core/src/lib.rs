@@ -1,13 +1,15 @@
 //! brpc-core: everything both ends of a brpc connection share.
 //!
-//! - [`wire`]: the ttrpc frame codec, envelopes and per-call state machine,
+//! - [`wire`]: the ttrpc frame codec, envelopes and the whole per-call
+//!   machine ([`wire::Call`]: what arrives, what may be sent when, timers),
 //!   sans-IO (no sockets, tasks or clocks), tested and fuzzed with bytes alone.
 //! - [`conn`]: the QUIC engine used by both roles: a [`Peer`] handle to open
 //!   calls and [`serve`] to answer them; the only role difference is [`Side`].
 //! - [`bridge`]: tonic glue: [`Channel`] for generated clients, [`Router`] for
 //!   generated servers.
 //! - [`session`]: the `brpc.v1.Session/Hello` handshake, both halves.
-//! - [`tls`], [`status`], [`metadata`]: TLS 1.3 configs, status and metadata mapping.
+//! - [`tls`], [`metadata`]: TLS 1.3 configs and metadata mapping ([`status`]
+//!   mapping lives in [`wire`]).
 //!
 //! Binding, accepting, dialing and the registry live in `brpc-server` and
 //! `brpc-client`, which add no protocol logic of their own.
@@ -19,13 +21,12 @@ pub mod bytestream;
 pub mod conn;
 pub mod metadata;
 pub mod session;
-pub mod status;
 pub mod tls;
 pub mod wire;
 
 pub use bridge::{Channel, Router};
 pub use conn::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions, serve};
-pub use wire::DEFAULT_MAX_MESSAGE_SIZE;
+pub use wire::{DEFAULT_MAX_MESSAGE_SIZE, status};
 
 /// Re-exported so users name one version of each.
 pub use {quinn, rustls, tonic};

@@ -11,7 +11,8 @@ use tonic::Status;
 
 use crate::conn::{ConnectionId, FrameReader, Peer, Side, write_frame};
 use crate::wire::{
-    self, CallState, Flags, FrameType, HelloRequest, HelloResponse, Inbound, Request, Response,
+    self, Call, CallConfig, Flags, FrameType, HelloRequest, HelloResponse, Inbound, Request,
+    RequestShape, Response,
 };
 
 /// Proto service name of the handshake call.
@@ -56,14 +57,21 @@ pub async fn send_hello(
     .map_err(|e| lost(&e))?;
     let _ = send.finish();
     let mut reader = FrameReader::new(recv, max_message_size);
-    let mut call = CallState::caller(stream_id);
+    let mut call = Call::caller(
+        stream_id,
+        CallConfig {
+            max_message_size,
+            idle_limit: None,
+            metadata_frames: true,
+        },
+    );
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => return Err(Status::internal("server ended Hello without an answer")),
             Err(e) => return Err(e.to_status()),
         };
-        match call.recv(frame)? {
+        match call.recv(frame, std::time::Instant::now())? {
             Inbound::Finished {
                 message: Some(payload),
                 ..
@@ -86,12 +94,13 @@ async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes
         payload,
         ..Default::default()
     };
-    let (mut send, mut reader, stream_id, sent) = peer
-        .open_call(Flags::EMPTY, request.encode_to_vec().into())
-        .await?;
-    sent.map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
+    let encoded = wire::encode_request(&request, peer.max_message_size())?;
+    let opened = peer.open_call(encoded, RequestShape::Single).await?;
+    let (mut send, mut reader, mut call) = (opened.writer, opened.reader, opened.call);
+    opened
+        .sent
+        .map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
     send.finish();
-    let mut call = CallState::caller(stream_id);
     loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -102,7 +111,7 @@ async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes
             }
             Err(e) => return Err(e.to_status()),
         };
-        match call.recv(frame)? {
+        match call.recv(frame, std::time::Instant::now())? {
             Inbound::Finished {
                 message: Some(payload),
                 ..
@@ -219,14 +228,19 @@ pub async fn receive_hello(
     let id = recv.id();
     let stream_id = wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
     let mut reader = FrameReader::new(recv, max_hello_size);
-    let mut call = CallState::callee(stream_id);
+    let config = CallConfig {
+        max_message_size: max_hello_size,
+        idle_limit: None,
+        metadata_frames: true,
+    };
+    let mut call = Call::callee(stream_id, config, std::time::Instant::now());
     let outcome = loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => break Err(Status::invalid_argument("stream ended before Hello")),
             Err(e) => break Err(e.to_status()),
         };
-        match call.recv(frame) {
+        match call.recv(frame, std::time::Instant::now()) {
             Ok(Inbound::Open {
                 request,
                 first_message,

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use futures_util::stream;
 use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
-use prost::Message;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tonic::Status;
@@ -23,10 +22,12 @@ use tonic::body::Body;
 use tracing::Instrument;
 
 use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
-use crate::conn::call_io::{CallReader, CallWriter, SendError};
-use crate::conn::{CallRecord, Peer, codes};
+use std::sync::{Arc, Mutex};
+
+use crate::conn::call_io::{CallReader, CallWriter, SendError, SharedCall, lock, now};
+use crate::conn::{CallRecord, Peer, ReadError, codes};
 use crate::metadata;
-use crate::wire::{CallState, Flags, FrameType, Inbound, KeyValue, Request};
+use crate::wire::{Failure, Inbound, KeyValue, Request, RequestShape, encode_request};
 
 /// Calls the services of one peer. Hand it to any tonic-generated client:
 /// `GreeterClient::new(peer.channel())`. Cheap to clone; every call opens its
@@ -249,24 +250,29 @@ async fn open_call(
     let mut body = MessageReader::new(body, max);
     let shape = shape_of(&mut body)?;
 
-    // The Request: the single message inside it, or remote-open|no-data
-    // (0x06, as ttrpc-rust sends it) with the messages following as Data.
-    let (flags, rest) = match shape {
+    // The Request: the single message inside it, or a stream with the
+    // messages following as Data.
+    let rest = match shape {
         Shape::Single(message) => {
             envelope.payload = message;
-            (Flags::EMPTY, None)
+            None
         }
-        Shape::Stream { ready, ended } => {
-            (Flags::REMOTE_OPEN | Flags::NO_DATA, Some((ready, ended)))
-        }
+        Shape::Stream { ready, ended } => Some((ready, ended)),
     };
-    let request = envelope.encode_to_vec();
-    check_size(request.len(), max)?;
-    let (mut send, reader, stream_id, sent) =
-        with_deadline(deadline, peer.open_call(flags, request.into())).await?;
+    let request_shape = if rest.is_some() {
+        RequestShape::Stream
+    } else {
+        RequestShape::Single
+    };
+    let encoded = encode_request(&envelope, max)?;
+    let opened = with_deadline(deadline, peer.open_call(encoded, request_shape)).await?;
+    let (mut send, reader) = (opened.writer, opened.reader);
+    let mut call = opened.call;
+    call.set_deadline(deadline.map(Instant::into_std));
+    let call: SharedCall = Arc::new(Mutex::new(call));
     let pump = match rest {
         None => {
-            match sent.map_err(SendFailure::from) {
+            match opened.sent.map_err(SendFailure::from) {
                 Ok(()) => send.finish(),
                 // The callee refused the request (e.g. too large): its Response says why.
                 Err(SendFailure::PeerStopped) => {}
@@ -275,12 +281,17 @@ async fn open_call(
             None
         }
         Some((ready, ended)) => {
-            sent.map_err(write_status)?;
+            opened.sent.map_err(write_status)?;
             let (cancel, cancelled) = oneshot::channel();
             let (failed, failure) = oneshot::channel();
             let body = (!ended).then_some(body);
             tokio::spawn(pump_requests(
-                send, stream_id, max, ready, body, cancelled, failed,
+                send,
+                call.clone(),
+                ready,
+                body,
+                cancelled,
+                failed,
             ));
             Some(Pump {
                 _cancel: cancel,
@@ -292,8 +303,7 @@ async fn open_call(
     let mut state = ResponseState {
         record: record.take(),
         reader,
-        call: CallState::caller(stream_id),
-        deadline,
+        call,
         trailers: Vec::new(),
         pending_message: None,
         pending_trailers: None,
@@ -328,15 +338,6 @@ async fn open_call(
     Ok(response)
 }
 
-fn check_size(len: usize, max: usize) -> Result<(), Status> {
-    if len > max {
-        return Err(Status::resource_exhausted(format!(
-            "message length {len} exceed maximum message size of {max}"
-        )));
-    }
-    Ok(())
-}
-
 fn write_status(e: SendError) -> Status {
     match e {
         SendError::Stopped => Status::cancelled("peer stopped reading the call"),
@@ -356,14 +357,14 @@ async fn with_deadline<T, E: From<Status>>(
     }
 }
 
-/// Sends the rest of a streaming request as Data frames, then the close frame.
-/// Stops (resetting the stream) when the response side is dropped; a local
-/// failure (an oversized message, an error from the caller's stream) resets
-/// the stream and is reported to the response side through `failed`.
+/// Sends the rest of a streaming request as Data frames the call's machine
+/// builds, then the close frame. Stops (resetting the stream) when the
+/// response side is dropped; a local failure (an oversized message, an error
+/// from the caller's stream) resets the stream and is reported to the
+/// response side through `failed`.
 async fn pump_requests(
     mut send: CallWriter,
-    stream_id: u32,
-    max: usize,
+    call: SharedCall,
     ready: Vec<Bytes>,
     body: Option<MessageReader<Body>>,
     cancelled: oneshot::Receiver<()>,
@@ -371,20 +372,17 @@ async fn pump_requests(
 ) {
     let work = async {
         for message in ready {
-            check_size(message.len(), max)?;
-            send.write(stream_id, FrameType::Data, Flags::EMPTY, message)
-                .await?;
+            let frame = lock(&call).send_message(message)?;
+            send.write_frame(frame).await?;
         }
         if let Some(mut body) = body {
             while let BodyEvent::Message(message) = body.next().await? {
-                check_size(message.len(), max)?;
-                send.write(stream_id, FrameType::Data, Flags::EMPTY, message)
-                    .await?;
+                let frame = lock(&call).send_message(message)?;
+                send.write_frame(frame).await?;
             }
         }
-        let close = Flags::REMOTE_CLOSED | Flags::NO_DATA;
-        send.write(stream_id, FrameType::Data, close, Bytes::new())
-            .await?;
+        let close = lock(&call).close_send()?;
+        send.write_frame(close).await?;
         send.finish();
         Ok::<(), SendFailure>(())
     };
@@ -443,8 +441,7 @@ struct ResponseState {
     /// the call can give it back on early errors).
     record: Option<CallRecord>,
     reader: CallReader,
-    call: CallState,
-    deadline: Option<Instant>,
+    call: SharedCall,
     trailers: Vec<KeyValue>,
     /// A message read but not yet handed to tonic (at most one is ever
     /// waiting: the body yields it before reading on).
@@ -492,24 +489,33 @@ impl ResponseState {
     }
 
     /// The next event; an error (deadline, protocol, lost connection) is an
-    /// `End` after which the call is cancelled.
+    /// `End` after which the call is cancelled as the call's machine says.
     async fn next_event(&mut self) -> ResponseEvent {
-        let event = match self.deadline {
+        let deadline = lock(&self.call).deadline();
+        let result = match deadline {
             None => self.read_event().await,
-            Some(at) => match tokio::time::timeout_at(at, self.read_event()).await {
-                Ok(event) => event,
-                Err(_) => Err(Status::deadline_exceeded(
-                    "deadline exceeded while waiting for the peer",
-                )),
-            },
+            Some(at) => tokio::time::timeout_at(Instant::from_std(at), self.read_event())
+                .await
+                .unwrap_or_else(|_| Err(Failure::Local(Status::deadline_exceeded("")))),
         };
-        event.unwrap_or_else(|status| {
-            self.cancel(&status);
-            ResponseEvent::End(status, None)
-        })
+        let failure = match result {
+            Ok(event) => return event,
+            Err(failure) => failure,
+        };
+        let abort = {
+            let mut call = lock(&self.call);
+            // The deadline's own words when it is what ended the call.
+            call.handle_timeout(now())
+                .unwrap_or_else(|| call.abort(failure))
+        };
+        if let Some(code) = abort.stop {
+            self.reader.stop(code);
+        }
+        self.pump.take();
+        ResponseEvent::End(abort.status, None)
     }
 
-    async fn read_event(&mut self) -> Result<ResponseEvent, Status> {
+    async fn read_event(&mut self) -> Result<ResponseEvent, Failure> {
         loop {
             let next = match self.pump.as_mut().and_then(|p| p.failure.as_mut()) {
                 None => Next::Frame(self.reader.next().await),
@@ -522,22 +528,31 @@ impl ResponseState {
             let frame = match next {
                 Next::Frame(Ok(Some(frame))) => frame,
                 Next::Frame(Ok(None)) => {
-                    return Err(Status::internal(
-                        "peer ended the call's stream without a status",
-                    ));
+                    let status = lock(&self.call).recv_finished().unwrap_or_else(|| {
+                        Status::internal("peer ended the call's stream without a status")
+                    });
+                    return Err(Failure::Local(status));
                 }
-                Next::Frame(Err(e)) => return Err(e.to_status()),
+                Next::Frame(Err(e)) => {
+                    let status = e.to_status();
+                    return Err(match e {
+                        ReadError::TooLarge(_) => Failure::TooLarge(status),
+                        ReadError::Truncated => Failure::Protocol(status),
+                        _ => Failure::Local(status),
+                    });
+                }
                 Next::PumpFailed(failure) => {
                     if let Some(pump) = self.pump.as_mut() {
                         pump.failure = None;
                     }
                     match failure {
-                        Some(status) => return Err(status),
+                        Some(status) => return Err(Failure::Local(status)),
                         None => continue,
                     }
                 }
             };
-            match self.call.recv(frame)? {
+            let inbound = lock(&self.call).recv(frame, now());
+            match inbound.map_err(Failure::Protocol)? {
                 Inbound::Headers(entries) => return Ok(ResponseEvent::Headers(entries)),
                 Inbound::Trailers(entries) => self.trailers = entries,
                 Inbound::Message(m) => return Ok(ResponseEvent::Message(m)),
@@ -576,22 +591,15 @@ impl ResponseState {
         *status.metadata_mut() = tonic::metadata::MetadataMap::from_headers(map);
         status
     }
-
-    fn cancel(&mut self, status: &Status) {
-        let code = match status.code() {
-            tonic::Code::ResourceExhausted => codes::STREAM_TOO_LARGE,
-            tonic::Code::Internal => codes::STREAM_PROTOCOL_ERROR,
-            _ => codes::STREAM_CANCELLED,
-        };
-        self.reader.stop(code);
-        self.pump.take();
-    }
 }
 
 impl Drop for ResponseState {
     fn drop(&mut self) {
-        if !self.done && !self.call.is_done() {
-            self.reader.stop(codes::STREAM_CANCELLED);
+        if !self.done {
+            let abort = lock(&self.call).abort(Failure::Cancelled);
+            if let Some(code) = abort.stop {
+                self.reader.stop(code);
+            }
         }
     }
 }

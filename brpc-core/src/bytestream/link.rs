@@ -102,14 +102,14 @@ impl Link {
         }
     }
 
-    /// Opens a call and queues its Request: the next id of this side's
+    /// Opens a call and queues its Request, built by `request` for the id:
+    /// the next id of this side's
     /// parity. Taking the id and queueing the frame happen under one lock, so
     /// ids reach the socket in increasing order however many calls open at
     /// once (ttrpc servers refuse an id that does not increase).
     pub(crate) async fn open(
         &self,
-        flags: Flags,
-        request: Bytes,
+        request: impl FnOnce(u32) -> Result<Frame, Status>,
     ) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
         let closed = || {
             Status::unavailable(format!(
@@ -124,9 +124,13 @@ impl Link {
         }
         let (id, inbound) = {
             let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
-            let id = self.inner.next_id.fetch_add(2, Ordering::Relaxed);
+            let id = self.inner.next_id.load(Ordering::Relaxed);
+            let frame = request(id)?;
+            self.inner
+                .next_id
+                .store(id.wrapping_add(2), Ordering::Relaxed);
             let inbound = self.register(id);
-            permit.send(Frame::new(id, FrameType::Request, flags, request));
+            permit.send(frame);
             (id, inbound)
         };
         let outbound = StreamOutbound {

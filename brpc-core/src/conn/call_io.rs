@@ -55,6 +55,23 @@ impl From<quinn::WriteError> for SendError {
     }
 }
 
+/// A call's machine, shared by the half that reads frames into it and the
+/// half that asks it what to send.
+pub(crate) type SharedCall = std::sync::Arc<std::sync::Mutex<crate::wire::Call>>;
+
+/// Locks a call's machine. It holds no invariant a panic elsewhere could
+/// break halfway, so a poisoned lock is used as it is.
+pub(crate) fn lock(call: &SharedCall) -> std::sync::MutexGuard<'_, crate::wire::Call> {
+    call.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The engine's clock, as the call machine takes it (tokio's, so paused
+/// time in tests moves it too).
+pub(crate) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
 /// Frames leaving for one call.
 pub(crate) enum CallWriter {
     Quic(SendStream),
@@ -73,6 +90,12 @@ impl CallWriter {
             CallWriter::Quic(send) => Ok(write_frame(send, stream_id, kind, flags, payload).await?),
             CallWriter::Bytes(out) => out.write(kind, flags, payload).await,
         }
+    }
+
+    /// Writes one frame the call's machine built.
+    pub(crate) async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {
+        self.write(frame.stream_id, frame.kind, frame.flags, frame.payload)
+            .await
     }
 
     /// Ends this side's half of the call (QUIC FIN; nothing over ttrpc, whose

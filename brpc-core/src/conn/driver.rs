@@ -6,26 +6,26 @@
 //! the tasks live in a `JoinSet` owned by [`serve`], so none outlives the
 //! connection.
 
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
 use futures_util::stream;
 use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
-use prost::Message;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 use tracing::Instrument;
 
-use super::call_io::{CallReader, CallWriter};
+use super::call_io::{CallReader, CallWriter, SharedCall, lock, now};
 use super::io::ReadError;
 use super::{CallRecord, Peer, codes};
 use crate::bridge::Router;
 use crate::bridge::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
 use crate::metadata;
 use crate::session;
-use crate::wire::{CallState, Flags, FrameType, Inbound, KeyValue, Metadata, Request, Response};
+use crate::wire::{Abort, Call, Failure, Frame, Inbound, KeyValue, Request};
 
 /// Serves the peer's calls on its connection with `router` until the connection
 /// closes. Every handler still running then is dropped.
@@ -55,13 +55,12 @@ async fn serve_call(
     let stopped = send.stopped();
     let record = CallRecord::new(&peer, true);
     let span = record.span().clone();
+    let call = Call::callee(stream_id, peer.call_config(), now());
     let mut out = Responder {
         send,
-        stream_id,
-        max: peer.max_message_size(),
+        call: Arc::new(Mutex::new(call)),
         writing: false,
         record,
-        metadata_frames: peer.remote_is_brpc(),
         ended: false,
     };
     let answered = tokio::select! {
@@ -71,26 +70,36 @@ async fn serve_call(
         () = stopped => false,
     };
     if !answered {
-        out.reset(codes::STREAM_CANCELLED);
+        let abort = out.with(|call| call.abort(Failure::Cancelled));
+        out.carry_out(None, abort).await;
+    }
+}
+
+/// What a read error means for a call being served; `None`: nothing to
+/// answer (the caller or the connection is gone).
+fn read_failure(error: ReadError) -> Option<Failure> {
+    match error {
+        ReadError::TooLarge(e) => {
+            Some(Failure::TooLarge(Status::resource_exhausted(e.to_string())))
+        }
+        ReadError::Truncated => Some(Failure::Truncated),
+        e @ ReadError::Exhausted(_) => {
+            tracing::debug!(error = ?e, "call refused: inbound buffer budget used up");
+            Some(Failure::Refused(e.to_status()))
+        }
+        _ => None,
     }
 }
 
 /// Reads the Request, runs the handler under the call's deadline, answers.
 async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: CallReader) {
-    let mut call = CallState::callee(out.stream_id);
     let (request, first_message, streaming) = loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => {
-                out.status(Status::invalid_argument(
-                    "stream ended before a Request frame",
-                ))
-                .await;
-                return;
-            }
-            Err(ReadError::TooLarge(e)) => {
-                reader.stop(codes::STREAM_TOO_LARGE);
-                out.status(Status::resource_exhausted(e.to_string())).await;
+                if let Some(status) = out.with(Call::recv_finished) {
+                    out.status(status).await;
+                }
                 return;
             }
             Err(ReadError::Idle(limit)) => {
@@ -99,22 +108,15 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
                 out.reset(codes::STREAM_IDLE);
                 return;
             }
-            Err(ReadError::Truncated) => {
-                out.status(Status::invalid_argument(
-                    "stream ended in the middle of a frame",
-                ))
-                .await;
+            Err(e) => {
+                if let Some(failure) = read_failure(e) {
+                    let abort = out.with(|call| call.abort(failure));
+                    out.carry_out(Some(&mut reader), abort).await;
+                }
                 return;
             }
-            Err(e @ ReadError::Exhausted(_)) => {
-                tracing::debug!(error = ?e, "call refused: inbound buffer budget used up");
-                reader.stop(codes::STREAM_REFUSED);
-                out.status(e.to_status()).await;
-                return;
-            }
-            Err(_) => return,
         };
-        match call.recv(frame) {
+        match out.with(|call| call.recv(frame, now())) {
             Ok(Inbound::Open {
                 request,
                 first_message,
@@ -122,8 +124,8 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
             }) => break (request, first_message, streaming),
             Ok(_) => continue,
             Err(status) => {
-                reader.stop(codes::STREAM_PROTOCOL_ERROR);
-                out.status(status).await;
+                let abort = out.with(|call| call.abort(Failure::Protocol(status)));
+                out.carry_out(Some(&mut reader), abort).await;
                 return;
             }
         }
@@ -136,33 +138,30 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
         return;
     }
     if peer.is_draining() {
-        reader.stop(codes::STREAM_CANCELLED);
-        out.status(Status::unavailable(
-            "this side is shutting down and takes no new calls; reconnect and retry",
-        ))
-        .await;
+        let abort = out.with(|call| {
+            call.abort(Failure::Local(Status::unavailable(
+                "this side is shutting down and takes no new calls; reconnect and retry",
+            )))
+        });
+        out.carry_out(Some(&mut reader), abort).await;
         return;
     }
-    if request.timeout_nano < 0 {
-        // ttrpc (Go) sends a negative time remaining for a context that had
-        // already expired: the call is over before it starts.
-        reader.stop(codes::STREAM_CANCELLED);
-        out.status(Status::deadline_exceeded(format!(
-            "deadline exceeded before the call started (timeout_nano {})",
-            request.timeout_nano
-        )))
-        .await;
+    // A deadline that is already over (ttrpc's negative timeout_nano) ends
+    // the call before the handler runs.
+    if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
+        out.carry_out(Some(&mut reader), abort).await;
         return;
     }
-    let timeout = metadata::from_timeout_nano(request.timeout_nano);
+    let deadline = out.with(|call| call.deadline());
+    let timeout = deadline.map(|at| at.saturating_duration_since(now()));
     // A bad request message (oversized, out of sequence) ends the call with
     // its status whatever the handler makes of the error it sees.
     // Only streamed input can go bad after the handler starts.
-    let (input, failed) = if streaming {
+    let (input, mut failed) = if streaming {
         let (fail, failed) = oneshot::channel();
         let input = Input::Stream(StreamInput {
             reader,
-            call,
+            call: out.call.clone(),
             first: first_message,
             failed: false,
             fail: Some(fail),
@@ -171,35 +170,34 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
     } else {
         (Input::Single(first_message.unwrap_or_default()), None)
     };
-    let deadline = timeout.map(|t| Instant::now() + t);
     let outcome = {
         let handled = handle(peer, router, out, request, timeout, input);
         let guarded = async {
             tokio::select! {
                 biased;
-                Some(status) = async {
-                    match failed {
+                Some(abort) = async {
+                    match failed.as_mut() {
                         Some(failed) => failed.await.ok(),
                         None => None,
                     }
-                } => Some(status),
+                } => Some(abort),
                 () = handled => None,
             }
         };
         match deadline {
             None => guarded.await,
-            Some(at) => tokio::time::timeout_at(at, guarded)
+            Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), guarded)
                 .await
-                .unwrap_or_else(|_| {
-                    Some(Status::deadline_exceeded(format!(
-                        "deadline exceeded: the call's {} ms ran out in the handler",
-                        timeout.unwrap_or_default().as_millis()
-                    )))
-                }),
+                .unwrap_or(None),
         }
     };
-    if let Some(status) = outcome {
-        out.status(status).await;
+    // The input failed (perhaps while the handler was finishing), or the
+    // deadline passed: the machine says how the call ends.
+    let abort = outcome
+        .or_else(|| failed.as_mut().and_then(|f| f.try_recv().ok()))
+        .or_else(|| out.with(|call| call.handle_timeout(now())));
+    if let Some(abort) = abort {
+        out.carry_out(None, abort).await;
     }
 }
 
@@ -211,59 +209,77 @@ enum Input {
 /// Request messages still arriving as Data frames.
 struct StreamInput {
     reader: CallReader,
-    call: CallState,
+    call: SharedCall,
     first: Option<Bytes>,
     failed: bool,
-    fail: Option<oneshot::Sender<Status>>,
+    fail: Option<oneshot::Sender<Abort>>,
 }
 
 type BodyItem = Result<BodyFrame<Bytes>, Status>;
 
 impl StreamInput {
-    fn end_call(&mut self, status: &Status) {
-        if let Some(fail) = self.fail.take() {
-            let _ = fail.send(status.clone());
+    /// Ends the call for `failure`: the machine picks the codes, the reader
+    /// is stopped here and the rest is carried out by `answer`.
+    fn fail(&mut self, failure: Failure) -> Status {
+        self.failed = true;
+        let abort = lock(&self.call).abort(failure);
+        if let Some(code) = abort.stop {
+            self.reader.stop(code);
         }
+        let status = abort.status.clone();
+        if let Some(fail) = self.fail.take() {
+            let _ = fail.send(Abort {
+                stop: None,
+                ..abort
+            });
+        }
+        status
     }
 
     async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
         if let Some(m) = self.first.take() {
             return Some((Ok(BodyFrame::data(frame_message(&m))), self));
         }
-        if self.call.is_done() || self.failed {
+        if self.failed || lock(&self.call).is_done() {
             return None;
         }
         loop {
             let frame = match self.reader.next().await {
                 Ok(Some(frame)) => frame,
                 // A QUIC FIN without the close frame still ends the input.
-                Ok(None) => return None,
+                Ok(None) => {
+                    lock(&self.call).recv_finished();
+                    return None;
+                }
+                Err(ReadError::Idle(limit)) => {
+                    // The idle limit is still the reader's: stop with its code
+                    // before the machine picks one.
+                    self.reader.stop(codes::STREAM_IDLE);
+                    let status = self.fail(Failure::Local(Status::deadline_exceeded(format!(
+                        "the call stalled for {limit:?} in the middle of a frame; reset"
+                    ))));
+                    return Some((Err(status), self));
+                }
                 Err(e) => {
-                    self.failed = true;
                     let status = e.to_status();
-                    match e {
-                        ReadError::TooLarge(_) => {
-                            self.reader.stop(codes::STREAM_TOO_LARGE);
-                            self.end_call(&status);
+                    match read_failure(e) {
+                        Some(failure) => {
+                            self.fail(failure);
                         }
-                        ReadError::Idle(_) => {
-                            self.reader.stop(codes::STREAM_IDLE);
-                            self.end_call(&status);
-                        }
-                        _ => {}
+                        None => self.failed = true,
                     }
                     return Some((Err(status), self));
                 }
             };
-            match self.call.recv(frame) {
+            let inbound = lock(&self.call).recv(frame, now());
+            match inbound {
                 Ok(Inbound::Message(m)) => {
                     return Some((Ok(BodyFrame::data(frame_message(&m))), self));
                 }
                 Ok(Inbound::Closed) => return None,
                 Ok(_) => continue,
                 Err(status) => {
-                    self.reader.stop(codes::STREAM_PROTOCOL_ERROR);
-                    self.end_call(&status);
+                    let status = self.fail(Failure::Protocol(status));
                     return Some((Err(status), self));
                 }
             }
@@ -340,14 +356,13 @@ async fn respond(out: &mut Responder, response: http::Response<Body>) {
         }
         return;
     }
-    let mut body = MessageReader::new(body, out.max);
+    let max = out.with(|call| call.config().max_message_size);
+    let mut body = MessageReader::new(body, max);
     let mut ready = body.next_now();
     let headers = metadata::to_key_values(&parts.headers);
     // A Headers frame also tells a waiting caller that the handler has
     // answered, as HTTP/2 response headers do, when nothing else is ready.
-    if (!headers.is_empty() || ready.is_none())
-        && out.metadata(FrameType::Headers, headers).await.is_err()
-    {
+    if (!headers.is_empty() || ready.is_none()) && out.headers(headers).await.is_err() {
         return;
     }
     let mut streaming = false;
@@ -416,17 +431,15 @@ async fn respond(out: &mut Responder, response: http::Response<Body>) {
     }
 }
 
-/// The callee's half of the stream.
+/// The callee's half of the stream: writes the frames the call's machine
+/// builds.
 struct Responder {
     send: CallWriter,
-    stream_id: u32,
-    max: usize,
+    call: SharedCall,
     /// A frame write was started and not finished: if the write is abandoned
     /// (deadline), the stream holds a partial frame and can only be reset.
     writing: bool,
     record: CallRecord,
-    /// Whether the caller understands Headers/Trailers frames (a brpc peer).
-    metadata_frames: bool,
     /// The final frame went out (or the stream was reset).
     ended: bool,
 }
@@ -442,34 +455,64 @@ impl Drop for Responder {
 }
 
 impl Responder {
-    async fn frame(&mut self, kind: FrameType, flags: Flags, payload: Bytes) -> Result<(), ()> {
+    fn with<T>(&self, f: impl FnOnce(&mut Call) -> T) -> T {
+        f(&mut lock(&self.call))
+    }
+
+    async fn write(&mut self, frame: Frame) -> Result<(), ()> {
         self.writing = true;
-        let result = self.send.write(self.stream_id, kind, flags, payload).await;
+        let result = self
+            .send
+            .write(frame.stream_id, frame.kind, frame.flags, frame.payload)
+            .await;
         self.writing = false;
         result.map_err(|_| ())
     }
 
-    /// One streamed message; an oversized one ends the call with RESOURCE_EXHAUSTED.
-    async fn message(&mut self, message: Bytes) -> Result<(), ()> {
-        if message.len() > self.max {
-            let status = Status::resource_exhausted(format!(
-                "response message length {} exceed maximum message size of {}",
-                message.len(),
-                self.max
-            ));
-            self.status(status).await;
-            return Err(());
+    /// Writes the call's final frame and ends the stream.
+    async fn write_last(&mut self, code: tonic::Code, frame: Frame) {
+        self.record.finish(code);
+        if self.writing {
+            self.reset(codes::STREAM_CANCELLED);
+            return;
         }
-        self.frame(FrameType::Data, Flags::EMPTY, message).await
+        if self.write(frame).await.is_ok() {
+            self.send.finish();
+            self.ended = true;
+        }
     }
 
-    /// A Headers or Trailers frame with `entries`.
-    async fn metadata(&mut self, kind: FrameType, entries: Vec<KeyValue>) -> Result<(), ()> {
-        if !self.metadata_frames {
-            return Ok(());
+    /// Carries out what the machine said to end the call early: stop the
+    /// reader (if this side still holds it), then answer or reset.
+    async fn carry_out(&mut self, reader: Option<&mut CallReader>, abort: Abort) {
+        if let (Some(reader), Some(code)) = (reader, abort.stop) {
+            reader.stop(code);
         }
-        let data = Metadata { entries }.encode_to_vec();
-        self.frame(kind, Flags::EMPTY, data.into()).await
+        match (abort.response, abort.reset) {
+            (Some(frame), _) => self.write_last(abort.status.code(), frame).await,
+            (None, Some(code)) => self.reset(code),
+            (None, None) => {}
+        }
+    }
+
+    /// One streamed message; an oversized one ends the call with RESOURCE_EXHAUSTED.
+    async fn message(&mut self, message: Bytes) -> Result<(), ()> {
+        match self.with(|call| call.send_message(message)) {
+            Ok(frame) => self.write(frame).await,
+            Err(status) => {
+                self.status(status).await;
+                Err(())
+            }
+        }
+    }
+
+    /// A Headers frame with `entries` (none to a plain ttrpc caller).
+    async fn headers(&mut self, entries: Vec<KeyValue>) -> Result<(), ()> {
+        match self.with(|call| call.send_headers(entries)) {
+            Ok(Some(frame)) => self.write(frame).await,
+            Ok(None) => Ok(()),
+            Err(_) => Err(()),
+        }
     }
 
     /// The application entries of `trailers`, in a Trailers frame if any.
@@ -478,7 +521,11 @@ impl Responder {
         if entries.is_empty() {
             return Ok(());
         }
-        self.metadata(FrameType::Trailers, entries).await
+        match self.with(|call| call.send_trailers(entries)) {
+            Ok(Some(frame)) => self.write(frame).await,
+            Ok(None) => Ok(()),
+            Err(_) => Err(()),
+        }
     }
 
     /// Ends the call after its messages: trailers, then the close or the error.
@@ -495,15 +542,8 @@ impl Responder {
 
     /// Ends an OK stream: Data remote-closed, no data.
     async fn close_stream(&mut self) {
-        self.record.finish(tonic::Code::Ok);
-        let flags = Flags::REMOTE_CLOSED | Flags::NO_DATA;
-        if self
-            .frame(FrameType::Data, flags, Bytes::new())
-            .await
-            .is_ok()
-        {
-            self.send.finish();
-            self.ended = true;
+        if let Ok(frame) = self.with(Call::send_close) {
+            self.write_last(tonic::Code::Ok, frame).await;
         }
     }
 
@@ -514,35 +554,8 @@ impl Responder {
 
     /// Ends the call with a Response frame.
     async fn response(&mut self, status: Status, payload: Bytes) {
-        self.record.finish(status.code());
-        if self.writing {
-            self.reset(codes::STREAM_CANCELLED);
-            return;
-        }
-        let mut encoded = Response {
-            status: Some(crate::status::to_wire(&status)),
-            payload,
-        }
-        .encode_to_vec();
-        if encoded.len() > self.max {
-            let too_large = Status::resource_exhausted(format!(
-                "response length {} exceed maximum message size of {}",
-                encoded.len(),
-                self.max
-            ));
-            encoded = Response {
-                status: Some(crate::status::to_wire(&too_large)),
-                payload: Bytes::new(),
-            }
-            .encode_to_vec();
-        }
-        if self
-            .frame(FrameType::Response, Flags::EMPTY, encoded.into())
-            .await
-            .is_ok()
-        {
-            self.send.finish();
-            self.ended = true;
+        if let Ok(frame) = self.with(|call| call.send_response(&status, payload)) {
+            self.write_last(status.code(), frame).await;
         }
     }
 

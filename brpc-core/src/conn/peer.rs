@@ -21,7 +21,7 @@ use crate::tls::PeerIdentity;
 use super::budget::{Budgets, MemoryBudget};
 use super::call_io::{CallReader, CallWriter, SendError};
 use super::io::FrameReader;
-use crate::wire::{Flags, FrameType};
+use crate::wire::{Call, CallConfig, RequestShape};
 use bytes::Bytes;
 
 /// The id the server assigns to each connection during Hello. Unique for the
@@ -132,6 +132,15 @@ struct Shared {
     window_widened: AtomicBool,
     /// What frames received on this connection are charged to.
     budgets: Budgets,
+}
+
+/// A call this side opened: its two halves, its machine, and whether its
+/// Request went out.
+pub(crate) struct OpenedCall {
+    pub(crate) writer: CallWriter,
+    pub(crate) reader: CallReader,
+    pub(crate) call: Call,
+    pub(crate) sent: Result<(), SendError>,
 }
 
 /// Counts one call in flight for as long as it lives.
@@ -342,15 +351,18 @@ impl Peer {
         }
     }
 
-    /// Opens a new call to the peer and sends its Request frame (`flags`,
-    /// encoded `request`). The last element says whether the Request went out;
-    /// a callee that stopped the stream at once still answers on the reader.
+    /// Opens a new call to the peer and sends its Request frame (`request`,
+    /// encoded by [`encode_request`](crate::wire::encode_request), travelling
+    /// as `shape`). The call's machine comes back with the stream; `sent`
+    /// says whether the Request went out: a callee that stopped the stream
+    /// at once still answers on the reader.
     pub(crate) async fn open_call(
         &self,
-        flags: Flags,
         request: Bytes,
-    ) -> Result<(CallWriter, CallReader, u32, Result<(), SendError>), Status> {
+        shape: RequestShape,
+    ) -> Result<OpenedCall, Status> {
         let limits = self.shared.limits;
+        let config = self.call_config();
         match &self.shared.transport {
             Transport::Quic(connection) => {
                 let (send, recv) = connection.open_bi().await.map_err(|e| {
@@ -360,14 +372,19 @@ impl Peer {
                 })?;
                 let stream_id =
                     crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
+                let mut call = Call::caller(stream_id, config);
+                let frame = call.send_request(request, shape)?;
                 let reader = FrameReader::new(recv, limits.max_message_size)
                     .with_idle_limit(limits.idle_timeout, false)
                     .with_budgets(self.shared.budgets.clone(), false);
                 let mut writer = CallWriter::Quic(send);
-                let sent = writer
-                    .write(stream_id, FrameType::Request, flags, request)
-                    .await;
-                Ok((writer, CallReader::Quic(reader), stream_id, sent))
+                let sent = writer.write_frame(frame).await;
+                Ok(OpenedCall {
+                    writer,
+                    reader: CallReader::Quic(reader),
+                    call,
+                    sent,
+                })
             }
             Transport::Bytes(link) => {
                 if self.shared.side == Side::Acceptor && !link.remote_is_brpc() {
@@ -375,13 +392,22 @@ impl Peer {
                         "the dialer speaks plain ttrpc and serves no calls (it did not say brpc Hello)",
                     ));
                 }
-                let (out, inbound, id) = link.open(flags, request).await?;
-                Ok((
-                    CallWriter::Bytes(out),
-                    CallReader::Bytes(inbound),
-                    id,
-                    Ok(()),
-                ))
+                let mut opened = None;
+                let (out, inbound, _) = link
+                    .open(|stream_id| {
+                        let mut call = Call::caller(stream_id, config);
+                        let frame = call.send_request(request, shape)?;
+                        opened = Some(call);
+                        Ok(frame)
+                    })
+                    .await?;
+                let call = opened.ok_or_else(|| Status::internal("no call was opened"))?;
+                Ok(OpenedCall {
+                    writer: CallWriter::Bytes(out),
+                    reader: CallReader::Bytes(inbound),
+                    call,
+                    sent: Ok(()),
+                })
             }
         }
     }
@@ -404,6 +430,16 @@ impl Peer {
                 let (out, inbound, id) = link.accept().await?;
                 Some((CallWriter::Bytes(out), CallReader::Bytes(inbound), id))
             }
+        }
+    }
+
+    /// The limits of one call on this connection, as its machine takes them.
+    /// The idle limit is still enforced by the frame reader, mid-frame.
+    pub(crate) fn call_config(&self) -> CallConfig {
+        CallConfig {
+            max_message_size: self.shared.limits.max_message_size,
+            idle_limit: None,
+            metadata_frames: self.remote_is_brpc(),
         }
     }
 

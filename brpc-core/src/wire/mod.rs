@@ -1,11 +1,15 @@
-//! The ttrpc wire, sans-IO: frames, envelopes, stream ids and the per-call state
-//! machine. Bytes in, frames and events out; no sockets, tasks or clocks.
+//! The ttrpc wire, sans-IO: frames, envelopes, stream ids, status mapping,
+//! the stream and connection codes, and the per-call machine ([`Call`]).
+//! Bytes and time in, frames and events out; no sockets, tasks or clocks.
+//! Imports nothing from the rest of the crate.
 
 mod call;
+pub mod codes;
 mod envelope;
 mod frame;
+pub mod status;
 
-pub use call::{CallRole, CallState, Inbound};
+pub use call::{Abort, Call, CallConfig, CallRole, Failure, Inbound, RequestShape, encode_request};
 pub use envelope::{HelloRequest, HelloResponse, KeyValue, Metadata, Request, Response, Status};
 pub use frame::{
     DEFAULT_MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType,

@@ -1,4 +1,5 @@
-//! Mapping between the wire `google.rpc.Status` and `tonic::Status`.
+//! Mapping between the wire `google.rpc.Status` and `tonic::Status`, and the
+//! one wording of the message-size error.
 //!
 //! Codes and messages map one to one; the wire's `details` travel in tonic's
 //! `details()` bytes as an encoded `google.rpc.Status`, as gRPC does.
@@ -6,7 +7,7 @@
 use prost::Message;
 use tonic::{Code, Status};
 
-use crate::wire;
+use super::envelope as wire;
 
 /// A wire status as a `tonic::Status`.
 pub fn from_wire(status: wire::Status) -> Status {
@@ -33,6 +34,17 @@ pub fn to_wire(status: &Status) -> wire::Status {
         message: status.message().to_owned(),
         details,
     }
+}
+
+/// `RESOURCE_EXHAUSTED` for a message of `len` bytes over the maximum `max`,
+/// in the words containerd's ttrpc uses (peers match on them).
+pub fn too_large(len: usize, max: usize) -> Status {
+    Status::resource_exhausted(too_large_message(len, max))
+}
+
+/// The text of [`too_large`].
+pub fn too_large_message(len: usize, max: usize) -> String {
+    format!("message length {len} exceed maximum message size of {max}")
 }
 
 #[cfg(test)]
