@@ -2,7 +2,7 @@
 //! the receiver from the frame header), the call ends with RESOURCE_EXHAUSTED
 //! and the connection and its other calls live on.
 
-mod common;
+use crate::common;
 
 use common::EchoService;
 use common::echo::EchoRequest;

@@ -2,7 +2,7 @@
 //! server→client from inside a handler and from the registry, concurrency, and
 //! every error path a caller can hit.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

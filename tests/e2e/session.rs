@@ -1,7 +1,7 @@
 //! Sessions: connection ids, the registry's life cycle, certificate pinning, and
 //! the Hello gate (nothing is served before Hello; no Hello means closed).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

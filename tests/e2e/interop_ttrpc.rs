@@ -4,7 +4,7 @@
 //! shape, status codes, metadata, timeouts and oversized messages; then brpc to
 //! brpc over one socket, calls in both directions at once.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! with a hung agent, connect/disconnect events, restart and reconnect,
 //! keep-alive, connection migration and graceful shutdown.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;

@@ -4,7 +4,7 @@
 //! client's verified identity is on its peer handle; `authorize` can turn a
 //! client away before anything of it is served.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 

@@ -1,7 +1,7 @@
 //! Metadata both ways: request metadata reaches the handler; response headers
 //! and trailers come back to the caller. ASCII and `-bin` values, repeated keys.
 
-mod common;
+use crate::common;
 
 use common::echo::echo_client::EchoClient;
 use common::echo::{EchoRequest, FailRequest, RangeRequest};

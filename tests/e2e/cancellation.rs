@@ -2,7 +2,7 @@
 //! the handler on the other side is dropped promptly, and a handler still
 //! reading a streaming input sees CANCELLED.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

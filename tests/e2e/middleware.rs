@@ -2,7 +2,7 @@
 //! tower's ConcurrencyLimit) and tonic interceptors, on outgoing clients and
 //! on hosted servers (`with_interceptor`).
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,7 +1,7 @@
 //! Every call shape in both directions: server-streaming range, client-streaming
 //! sum, bidi echo of 1000 messages in order, empty streams, empty messages.
 
-mod common;
+use crate::common;
 
 use brpc::Peer;
 use common::echo::echo_client::EchoClient;

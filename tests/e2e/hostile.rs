@@ -2,7 +2,7 @@
 //! malformed call ends with a clear status (or a documented stream reset), no
 //! panic, and a normal call on the same connection succeeds afterwards.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

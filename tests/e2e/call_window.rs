@@ -3,7 +3,7 @@
 //! under load, in both directions; an explicit lower limit makes further
 //! calls wait for a free slot rather than fail.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! a server replaced behind the same address with the same key is noticed at
 //! once through its stateless reset, and the client reconnects to it.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

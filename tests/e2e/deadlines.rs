@@ -2,7 +2,7 @@
 //! sees it, the callee ends the call with DEADLINE_EXCEEDED and drops the
 //! handler; the caller gives up on its own even when the peer says nothing.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
