@@ -3,11 +3,12 @@
 //! - [`wire`]: the ttrpc frame codec, envelopes and the whole per-call
 //!   machine ([`wire::Call`]: what arrives, what may be sent when, timers),
 //!   sans-IO (no sockets, tasks or clocks), tested and fuzzed with bytes alone.
-//! - [`conn`]: the QUIC engine used by both roles: a [`Peer`] handle to open
-//!   calls and [`serve`] to answer them; the only role difference is [`Side`].
-//! - [`bridge`]: tonic glue: [`Channel`] for generated clients, [`Router`] for
-//!   generated servers.
-//! - [`session`]: the `brpc.v1.Session/Hello` handshake, both halves.
+//! - [`conn`]: the engine used by both roles: a [`Peer`] handle to open
+//!   calls and [`serve`] to answer them through a [`conn::Handler`]; the only
+//!   role difference is [`Side`]. No http types inside.
+//! - [`bridge`]: tonic at the edge: [`Channel`] for generated clients,
+//!   [`Router`] (a handler) for generated servers.
+//! - [`session`]: the `brpc.v1.Session` messages and policy (Hello, GoAway).
 //! - [`tls`], [`metadata`]: TLS 1.3 configs and metadata mapping ([`status`]
 //!   mapping lives in [`wire`]).
 //!
@@ -25,7 +26,8 @@ pub mod tls;
 pub mod wire;
 
 pub use bridge::{Channel, Router};
-pub use conn::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions, serve};
+pub use conn::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions};
+pub use session::serve;
 pub use wire::{DEFAULT_MAX_MESSAGE_SIZE, status};
 
 /// Re-exported so users name one version of each.

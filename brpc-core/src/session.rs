@@ -9,14 +9,16 @@ use prost::Message;
 use quinn::{Connection, SendStream};
 use tonic::Status;
 
-use crate::conn::{ConnectionId, FrameReader, Peer, Side, write_frame};
+use crate::conn::{
+    ConnectionId, FrameReader, Handler, Incoming, Input, Peer, Reply, Side, write_frame,
+};
 use crate::wire::{
     self, Call, CallConfig, Flags, FrameType, HelloRequest, HelloResponse, Inbound, Request,
     RequestShape, Response,
 };
 
 /// Proto service name of the handshake call.
-pub const SERVICE: &str = "brpc.v1.Session";
+pub const SERVICE: &str = wire::SESSION_SERVICE;
 /// Method name of the handshake call.
 pub const METHOD: &str = "Hello";
 /// Method name of the going-away notice either side may send.
@@ -155,11 +157,39 @@ pub(crate) async fn hello_bytestream(peer: &Peer) -> Result<HelloResponse, Statu
         .map_err(|e| Status::internal(format!("undecodable Hello answer: {e}")))
 }
 
+/// A [`Handler`] that answers the built-in session service itself and hands
+/// every other call to the handler it wraps.
+#[derive(Clone, Debug)]
+pub struct WithSession<H>(pub H);
+
+impl<H: Handler> Handler for WithSession<H> {
+    async fn serve(&self, call: Incoming, reply: &mut Reply) {
+        if call.service != SERVICE {
+            return self.0.serve(call, reply).await;
+        }
+        let payload = match call.input {
+            Input::Single(payload) => payload,
+            Input::Stream(_) => Bytes::new(),
+        };
+        let (status, payload) = handle_session_call(&call.peer, &call.method, payload);
+        reply.response(status, payload).await;
+    }
+}
+
+/// Serves the peer's calls on its connection with `handler` (the
+/// [`Router`](crate::Router) of the services this side hosts) until the
+/// connection closes, answering the built-in session service (GoAway, and
+/// Hello on byte streams) itself. Every handler still running when the
+/// connection closes is dropped.
+pub async fn serve<H: Handler>(peer: Peer, handler: H) {
+    crate::conn::serve(peer, WithSession(handler)).await;
+}
+
 /// The answer to a call on the built-in session service after the session
 /// started: GoAway marks the peer as going away; Hello is answered once on a
 /// byte stream (where it is how brpc peers recognise each other) and refused
 /// otherwise; anything else is `UNIMPLEMENTED`.
-pub(crate) fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> (Status, Bytes) {
+fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> (Status, Bytes) {
     match method {
         METHOD_GOAWAY => {
             let reason = GoAway::decode(payload)

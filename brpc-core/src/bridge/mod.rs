@@ -1,9 +1,14 @@
-//! The tonic bridge: [`Channel`] lets any tonic-generated client call the other
-//! side; [`Router`] dispatches ttrpc calls into tonic-generated servers.
+//! The tonic bridge, an adapter at the edge of the engine: [`Channel`] lets
+//! any tonic-generated client call the other side (through the engine's
+//! [`Peer::start_call`](crate::Peer::start_call)); [`Router`] dispatches
+//! served calls into tonic-generated servers (as the engine's
+//! [`Handler`](crate::conn::Handler)). It opens no streams and keeps no
+//! deadline logic: both are the engine's.
 
 mod channel;
 pub(crate) mod grpc;
 mod router;
+mod serve;
 
 pub use channel::Channel;
 pub use router::{BoxedService, CallLayer, HostedService, Router};

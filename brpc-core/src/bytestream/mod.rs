@@ -149,7 +149,7 @@ where
     if crate::session::hello_bytestream(&peer).await.is_ok() {
         link.set_remote_is_brpc();
     }
-    tokio::spawn(crate::conn::serve(peer.clone(), router));
+    tokio::spawn(crate::session::serve(peer.clone(), router));
     peer
 }
 
@@ -179,7 +179,7 @@ where
 {
     let link = Link::spawn(io, Side::Acceptor, options.limits.max_message_size);
     let peer = peer_for(link, Side::Acceptor, credentials, options.limits);
-    tokio::spawn(crate::conn::serve(peer.clone(), router));
+    tokio::spawn(crate::session::serve(peer.clone(), router));
     peer
 }
 

@@ -1,41 +1,79 @@
-//! Serving side of the engine: accept the peer's calls (one QUIC stream each) and
-//! run every one through the [`Router`] in its own task.
+//! The serving half of the engine: accept the peer's calls (one QUIC stream,
+//! or one ttrpc stream id, each), read each Request through the call's
+//! machine, and hand the call to a [`Handler`]: the tonic
+//! [`Router`](crate::Router), brpc's session service, or anything else that
+//! answers with frames. Knows nothing of http or tonic.
 //!
-//! A call task ends when its response is sent, when the caller cancels
+//! A call task ends when its answer is sent, when the caller cancels
 //! (STOP_SENDING or a reset), at its deadline, or when the connection closes:
 //! the tasks live in a `JoinSet` owned by [`serve`], so none outlives the
 //! connection.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::stream;
-use http_body::Frame as BodyFrame;
-use http_body_util::StreamBody;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tonic::Status;
-use tonic::body::Body;
 use tracing::Instrument;
 
 use super::call_io::{CallReader, CallWriter, SharedCall, lock, now};
 use super::io::ReadError;
-use super::{CallRecord, Peer, codes};
-use crate::bridge::Router;
-use crate::bridge::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
-use crate::metadata;
-use crate::session;
+use super::observe::CallRecord;
+use super::{Peer, codes};
 use crate::wire::{Abort, Call, Failure, Frame, Inbound, KeyValue, Request};
 
-/// Serves the peer's calls on its connection with `router` until the connection
-/// closes. Every handler still running then is dropped.
-pub async fn serve(peer: Peer, router: Router) {
+/// What answers the calls a peer opens. The engine reads each call's
+/// Request, then hands it to the handler with a [`Reply`] to answer through;
+/// it enforces the deadline (dropping the handler's future when it passes),
+/// ends the call when the caller cancels, and answers for a handler that
+/// returns without ending the call.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Serves one call.
+    fn serve<'a>(
+        &'a self,
+        call: Incoming,
+        reply: &'a mut Reply,
+    ) -> impl Future<Output = ()> + Send + 'a;
+}
+
+/// A call the peer opened, once its Request arrived.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The connection the call came on: who is calling, and a way back.
+    pub peer: Peer,
+    /// The fully qualified proto service name.
+    pub service: String,
+    /// The method name.
+    pub method: String,
+    /// The request metadata, one entry per value.
+    pub metadata: Vec<KeyValue>,
+    /// The time left for the call when its Request arrived (`None`: no deadline).
+    pub timeout: Option<Duration>,
+    /// The request message(s).
+    pub input: Input,
+}
+
+/// A served call's request messages.
+#[derive(Debug)]
+pub enum Input {
+    /// The one message the Request carried (unary and server-streaming calls).
+    Single(Bytes),
+    /// Messages arriving as Data frames (client-streaming and bidi calls).
+    Stream(MessageStream),
+}
+
+/// Serves the peer's calls on its connection with `handler` until the
+/// connection closes. Every handler still running then is dropped.
+pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     let mut calls = JoinSet::new();
     loop {
         tokio::select! {
             accepted = peer.accept_call() => match accepted {
                 Some((send, recv, stream_id)) => {
-                    calls.spawn(serve_call(peer.clone(), router.clone(), send, recv, stream_id));
+                    calls.spawn(serve_call(peer.clone(), handler.clone(), send, recv, stream_id));
                     peer.widen_call_window(calls.len());
                 }
                 None => break,
@@ -45,18 +83,18 @@ pub async fn serve(peer: Peer, router: Router) {
     }
 }
 
-async fn serve_call(
+async fn serve_call<H: Handler>(
     peer: Peer,
-    router: Router,
+    handler: H,
     send: CallWriter,
     recv: CallReader,
     stream_id: u32,
 ) {
     let stopped = send.stopped();
-    let record = CallRecord::new(&peer, true);
+    let record = peer.record_call(true);
     let span = record.span().clone();
     let call = Call::callee(stream_id, peer.call_config(), now());
-    let mut out = Responder {
+    let mut out = Reply {
         send,
         call: Arc::new(Mutex::new(call)),
         writing: false,
@@ -65,7 +103,7 @@ async fn serve_call(
     };
     let answered = tokio::select! {
         biased;
-        () = answer(&peer, &router, &mut out, recv).instrument(span) => true,
+        () = answer(peer, &handler, &mut out, recv).instrument(span) => true,
         // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
         () = stopped => false,
     };
@@ -92,7 +130,7 @@ fn read_failure(error: ReadError) -> Option<Failure> {
 }
 
 /// Reads the Request, runs the handler under the call's deadline, answers.
-async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: CallReader) {
+async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader: CallReader) {
     let (request, first_message, streaming) = loop {
         let frame = match reader.next().await {
             Ok(Some(frame)) => frame,
@@ -131,13 +169,9 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
         }
     };
     out.record.named(&request.service, &request.method);
-    if request.service == session::SERVICE {
-        let (status, payload) =
-            session::handle_session_call(peer, &request.method, first_message.unwrap_or_default());
-        out.response(status, payload).await;
-        return;
-    }
-    if peer.is_draining() {
+    // The session service (Hello, GoAway) keeps answering while draining:
+    // it is how a draining side says goodbye.
+    if peer.is_draining() && request.service != crate::wire::SESSION_SERVICE {
         let abort = out.with(|call| {
             call.abort(Failure::Local(Status::unavailable(
                 "this side is shutting down and takes no new calls; reconnect and retry",
@@ -159,7 +193,7 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
     // Only streamed input can go bad after the handler starts.
     let (input, mut failed) = if streaming {
         let (fail, failed) = oneshot::channel();
-        let input = Input::Stream(StreamInput {
+        let input = Input::Stream(MessageStream {
             reader,
             call: out.call.clone(),
             first: first_message,
@@ -171,7 +205,28 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
         (Input::Single(first_message.unwrap_or_default()), None)
     };
     let outcome = {
-        let handled = handle(peer, router, out, request, timeout, input);
+        let Request {
+            service,
+            method,
+            metadata,
+            ..
+        } = request;
+        let incoming = Incoming {
+            peer,
+            service,
+            method,
+            metadata,
+            timeout,
+            input,
+        };
+        let handled = async {
+            handler.serve(incoming, &mut *out).await;
+            // A handler that returned without ending the call.
+            if !out.is_ended() {
+                out.status(Status::internal("the handler returned without answering"))
+                    .await;
+            }
+        };
         let guarded = async {
             tokio::select! {
                 biased;
@@ -201,13 +256,10 @@ async fn answer(peer: &Peer, router: &Router, out: &mut Responder, mut reader: C
     }
 }
 
-enum Input {
-    Single(Bytes),
-    Stream(StreamInput),
-}
-
-/// Request messages still arriving as Data frames.
-struct StreamInput {
+/// Request messages still arriving as Data frames. A bad one (oversized,
+/// out of sequence) ends the call with its status whatever the handler makes
+/// of the error it sees.
+pub struct MessageStream {
     reader: CallReader,
     call: SharedCall,
     first: Option<Bytes>,
@@ -215,9 +267,16 @@ struct StreamInput {
     fail: Option<oneshot::Sender<Abort>>,
 }
 
-type BodyItem = Result<BodyFrame<Bytes>, Status>;
+impl std::fmt::Debug for MessageStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageStream")
+            .field("stream_id", &lock(&self.call).stream_id())
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
 
-impl StreamInput {
+impl MessageStream {
     /// Ends the call for `failure`: the machine picks the codes, the reader
     /// is stopped here and the rest is carried out by `answer`.
     fn fail(&mut self, failure: Failure) -> Status {
@@ -236,9 +295,11 @@ impl StreamInput {
         status
     }
 
-    async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
+    /// The next request message; `None` once the caller closed its side (or
+    /// after an error, which is returned once).
+    pub async fn next(&mut self) -> Option<Result<Bytes, Status>> {
         if let Some(m) = self.first.take() {
-            return Some((Ok(BodyFrame::data(frame_message(&m))), self));
+            return Some(Ok(m));
         }
         if self.failed || lock(&self.call).is_done() {
             return None;
@@ -255,10 +316,9 @@ impl StreamInput {
                     // The idle limit is still the reader's: stop with its code
                     // before the machine picks one.
                     self.reader.stop(codes::STREAM_IDLE);
-                    let status = self.fail(Failure::Local(Status::deadline_exceeded(format!(
-                        "the call stalled for {limit:?} in the middle of a frame; reset"
-                    ))));
-                    return Some((Err(status), self));
+                    return Some(Err(self.fail(Failure::Local(Status::deadline_exceeded(
+                        format!("the call stalled for {limit:?} in the middle of a frame; reset"),
+                    )))));
                 }
                 Err(e) => {
                     let status = e.to_status();
@@ -268,172 +328,37 @@ impl StreamInput {
                         }
                         None => self.failed = true,
                     }
-                    return Some((Err(status), self));
+                    return Some(Err(status));
                 }
             };
             let inbound = lock(&self.call).recv(frame, now());
             match inbound {
-                Ok(Inbound::Message(m)) => {
-                    return Some((Ok(BodyFrame::data(frame_message(&m))), self));
-                }
+                Ok(Inbound::Message(m)) => return Some(Ok(m)),
                 Ok(Inbound::Closed) => return None,
                 Ok(_) => continue,
-                Err(status) => {
-                    let status = self.fail(Failure::Protocol(status));
-                    return Some((Err(status), self));
-                }
+                Err(status) => return Some(Err(self.fail(Failure::Protocol(status)))),
             }
         }
     }
 }
 
-async fn handle(
-    peer: &Peer,
-    router: &Router,
-    out: &mut Responder,
-    request: Request,
-    timeout: Option<std::time::Duration>,
-    input: Input,
-) {
-    let Request {
-        service,
-        method,
-        metadata: entries,
-        ..
-    } = request;
-    let uri = match http::Uri::try_from(format!("/{service}/{method}")) {
-        Ok(uri) => uri,
-        Err(_) => {
-            out.status(Status::invalid_argument(format!(
-                "service {service:?} / method {method:?} is not a valid name"
-            )))
-            .await;
-            return;
-        }
-    };
-    let body = match input {
-        Input::Single(message) => Body::new(http_body_util::Full::new(frame_message(&message))),
-        Input::Stream(input) => Body::new(StreamBody::new(stream::unfold(
-            input,
-            StreamInput::next_frame,
-        ))),
-    };
-    let mut http_request = http::Request::new(body);
-    *http_request.method_mut() = http::Method::POST;
-    *http_request.uri_mut() = uri;
-    let headers = http_request.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-    if let Some(timeout) = timeout {
-        headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
-    }
-    if let Err(status) = metadata::append_key_values(headers, entries) {
-        out.status(status).await;
-        return;
-    }
-    http_request.extensions_mut().insert(peer.clone());
+/// A [`Reply`] refused to send because the call has already ended (its
+/// final frame went out, the caller cancelled, or the connection is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallEnded;
 
-    let response = router.call(http_request).await;
-    respond(out, response).await;
-}
-
-/// Sends the handler's http response as ttrpc frames. One message followed at
-/// once by OK trailers is a unary-style Response; anything else streams as
-/// Data frames, closed by Data remote-closed (OK) or a Response (error).
-/// Response headers go first in a Headers frame, trailers in a Trailers frame
-/// just before the end (both brpc extensions, sent only when needed).
-async fn respond(out: &mut Responder, response: http::Response<Body>) {
-    let (parts, body) = response.into_parts();
-    if let Some(status) = Status::from_header_map(&parts.headers)
-        && status.code() != tonic::Code::Ok
-    {
-        // Trailers-only: the headers are the status and its metadata.
-        if out.trailers(&parts.headers).await.is_ok() {
-            out.status(status).await;
-        }
-        return;
-    }
-    let max = out.with(|call| call.config().max_message_size);
-    let mut body = MessageReader::new(body, max);
-    let mut ready = body.next_now();
-    let headers = metadata::to_key_values(&parts.headers);
-    // A Headers frame also tells a waiting caller that the handler has
-    // answered, as HTTP/2 response headers do, when nothing else is ready.
-    if (!headers.is_empty() || ready.is_none()) && out.headers(headers).await.is_err() {
-        return;
-    }
-    let mut streaming = false;
-    loop {
-        let event = match ready.take() {
-            Some(event) => event,
-            None => body.next().await,
-        };
-        let message = match event {
-            Ok(BodyEvent::Message(m)) => m,
-            Ok(BodyEvent::Trailers(trailers)) => {
-                out.end(status_from_trailers(&trailers), &trailers).await;
-                return;
-            }
-            Ok(BodyEvent::End) => {
-                out.end(Status::ok(""), &http::HeaderMap::new()).await;
-                return;
-            }
-            Err(status) => {
-                out.status(status).await;
-                return;
-            }
-        };
-        if streaming {
-            if out.message(message).await.is_err() {
-                return;
-            }
-            continue;
-        }
-        // The first message: is the handler done already (unary, client-streaming)?
-        match body.next_now() {
-            Some(Ok(BodyEvent::Trailers(trailers))) => {
-                let status = status_from_trailers(&trailers);
-                if status.code() == tonic::Code::Ok {
-                    if out.trailers(&trailers).await.is_ok() {
-                        out.response(status, message).await;
-                    }
-                } else if out.message(message).await.is_ok() {
-                    out.end(status, &trailers).await;
-                }
-                return;
-            }
-            Some(Ok(BodyEvent::End)) => {
-                out.response(Status::ok(""), message).await;
-                return;
-            }
-            Some(Ok(BodyEvent::Message(second))) => {
-                streaming = true;
-                if out.message(message).await.is_err() || out.message(second).await.is_err() {
-                    return;
-                }
-            }
-            Some(Err(status)) => {
-                if out.message(message).await.is_ok() {
-                    out.status(status).await;
-                }
-                return;
-            }
-            None => {
-                streaming = true;
-                if out.message(message).await.is_err() {
-                    return;
-                }
-            }
-        }
+impl std::fmt::Display for CallEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the call has ended")
     }
 }
 
-/// The callee's half of the stream: writes the frames the call's machine
-/// builds.
-struct Responder {
+impl std::error::Error for CallEnded {}
+
+/// The answering half of a served call: writes the frames the call's
+/// machine builds, in the order it allows: Headers, messages, Trailers, then
+/// the end (an OK close or a Response). A [`Handler`] answers through it.
+pub struct Reply {
     send: CallWriter,
     call: SharedCall,
     /// A frame write was started and not finished: if the write is abandoned
@@ -444,7 +369,16 @@ struct Responder {
     ended: bool,
 }
 
-impl Drop for Responder {
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply")
+            .field("stream_id", &lock(&self.call).stream_id())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl Drop for Reply {
     fn drop(&mut self) {
         // A call abandoned without its final frame (its task was dropped)
         // must not look finished: reset instead of letting the stream end.
@@ -454,19 +388,29 @@ impl Drop for Responder {
     }
 }
 
-impl Responder {
+impl Reply {
     fn with<T>(&self, f: impl FnOnce(&mut Call) -> T) -> T {
         f(&mut lock(&self.call))
     }
 
-    async fn write(&mut self, frame: Frame) -> Result<(), ()> {
+    /// The largest message this side may send.
+    pub fn max_message_size(&self) -> usize {
+        self.with(|call| call.config().max_message_size)
+    }
+
+    /// Whether the call's final frame went out (or the call was reset).
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    async fn write(&mut self, frame: Frame) -> Result<(), CallEnded> {
         self.writing = true;
         let result = self
             .send
             .write(frame.stream_id, frame.kind, frame.flags, frame.payload)
             .await;
         self.writing = false;
-        result.map_err(|_| ())
+        result.map_err(|_| CallEnded)
     }
 
     /// Writes the call's final frame and ends the stream.
@@ -495,65 +439,78 @@ impl Responder {
         }
     }
 
-    /// One streamed message; an oversized one ends the call with RESOURCE_EXHAUSTED.
-    async fn message(&mut self, message: Bytes) -> Result<(), ()> {
+    /// One reply message. An oversized one ends the call with
+    /// `RESOURCE_EXHAUSTED` instead.
+    ///
+    /// # Errors
+    /// [`CallEnded`] when the call is over (including by this message).
+    pub async fn message(&mut self, message: Bytes) -> Result<(), CallEnded> {
         match self.with(|call| call.send_message(message)) {
             Ok(frame) => self.write(frame).await,
             Err(status) => {
                 self.status(status).await;
-                Err(())
+                Err(CallEnded)
             }
         }
     }
 
-    /// A Headers frame with `entries` (none to a plain ttrpc caller).
-    async fn headers(&mut self, entries: Vec<KeyValue>) -> Result<(), ()> {
+    /// The response headers, before any message (not sent to a plain ttrpc
+    /// caller). An empty set tells a waiting caller that the handler answered.
+    ///
+    /// # Errors
+    /// [`CallEnded`] when the call is over or the reply already started.
+    pub async fn headers(&mut self, entries: Vec<KeyValue>) -> Result<(), CallEnded> {
         match self.with(|call| call.send_headers(entries)) {
             Ok(Some(frame)) => self.write(frame).await,
             Ok(None) => Ok(()),
-            Err(_) => Err(()),
+            Err(_) => Err(CallEnded),
         }
     }
 
-    /// The application entries of `trailers`, in a Trailers frame if any.
-    async fn trailers(&mut self, trailers: &http::HeaderMap) -> Result<(), ()> {
-        let entries = metadata::to_key_values(trailers);
+    /// The response trailers, just before the end (none sent when empty or
+    /// to a plain ttrpc caller).
+    ///
+    /// # Errors
+    /// [`CallEnded`] when the call is over or trailers were already sent.
+    pub async fn trailers(&mut self, entries: Vec<KeyValue>) -> Result<(), CallEnded> {
         if entries.is_empty() {
             return Ok(());
         }
         match self.with(|call| call.send_trailers(entries)) {
             Ok(Some(frame)) => self.write(frame).await,
             Ok(None) => Ok(()),
-            Err(_) => Err(()),
+            Err(_) => Err(CallEnded),
         }
     }
 
-    /// Ends the call after its messages: trailers, then the close or the error.
-    async fn end(&mut self, status: Status, trailers: &http::HeaderMap) {
+    /// Ends the call after its messages: `trailers`, then the close (OK) or
+    /// the error status.
+    pub async fn end(&mut self, status: Status, trailers: Vec<KeyValue>) {
         if self.trailers(trailers).await.is_err() {
             return;
         }
         if status.code() == tonic::Code::Ok {
-            self.close_stream().await;
+            self.close().await;
         } else {
             self.status(status).await;
         }
     }
 
-    /// Ends an OK stream: Data remote-closed, no data.
-    async fn close_stream(&mut self) {
+    /// Ends a reply stream that finished OK (Data remote-closed, no data).
+    pub async fn close(&mut self) {
         if let Ok(frame) = self.with(Call::send_close) {
             self.write_last(tonic::Code::Ok, frame).await;
         }
     }
 
-    /// Ends the call with a non-OK status.
-    async fn status(&mut self, status: Status) {
+    /// Ends the call with a non-OK `status`.
+    pub async fn status(&mut self, status: Status) {
         self.response(status, Bytes::new()).await;
     }
 
-    /// Ends the call with a Response frame.
-    async fn response(&mut self, status: Status, payload: Bytes) {
+    /// Ends the call with a Response frame: `status` and, for an OK
+    /// unary-style reply, its one message.
+    pub async fn response(&mut self, status: Status, payload: Bytes) {
         if let Ok(frame) = self.with(|call| call.send_response(&status, payload)) {
             self.write_last(status.code(), frame).await;
         }

@@ -1,20 +1,24 @@
-//! The QUIC connection engine both roles share: a [`Peer`] opens calls to the
-//! other side (through [`Channel`](crate::Channel)) and [`serve`] answers calls
-//! from it. The only role difference is [`Side`]: who dialed, and so the parity
-//! of ttrpc stream ids.
+//! The connection engine both roles share: a [`Peer`] opens calls to the
+//! other side ([`Peer::start_call`], the calling half in `outgoing`) and
+//! [`serve`] hands the calls it opens to a [`Handler`] (the serving half in
+//! `incoming`). Both halves are thin pumps between the transport and each
+//! call's machine ([`crate::wire::Call`]); neither knows http or tonic. The
+//! only role difference is [`Side`]: who dialed, and so the parity of ttrpc
+//! stream ids.
 
 mod budget;
 pub(crate) mod call_io;
-mod driver;
+mod incoming;
 mod io;
 mod observe;
+mod outgoing;
 mod peer;
 mod transport;
 
 pub use budget::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_BUFFER_TOTAL, MemoryBudget};
-pub use driver::serve;
-pub(crate) use observe::CallRecord;
+pub use incoming::{CallEnded, Handler, Incoming, Input, MessageStream, Reply, serve};
 pub use observe::code_name;
+pub use outgoing::{OutgoingCall, RequestBody, ResponseEvent};
 pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo};
 pub use transport::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_MAX_CONCURRENT_CALLS,

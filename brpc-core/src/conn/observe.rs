@@ -6,6 +6,9 @@
 //! `brpc_bytes_sent_total`, `brpc_bytes_received_total`,
 //! `brpc_connected_peers` (server).
 
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use metrics::{Key, Label, Level, Metadata};
@@ -13,8 +16,54 @@ use tonic::Code;
 use tracing::Span;
 use tracing::field::Empty;
 
-use super::Peer;
-use super::peer::{InFlight, direction};
+/// Calls in flight on one connection, by direction.
+#[derive(Debug, Default)]
+pub(crate) struct CallCounts {
+    served: AtomicUsize,
+    outgoing: AtomicUsize,
+}
+
+impl CallCounts {
+    fn counter(&self, served: bool) -> &AtomicUsize {
+        if served { &self.served } else { &self.outgoing }
+    }
+
+    /// Calls in flight in one direction (`served`: the peer's calls to us).
+    pub(crate) fn get(&self, served: bool) -> usize {
+        self.counter(served).load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one call in flight for as long as it lives.
+struct InFlight {
+    counts: Arc<CallCounts>,
+    served: bool,
+}
+
+impl InFlight {
+    fn enter(counts: &Arc<CallCounts>, served: bool) -> Self {
+        counts.counter(served).fetch_add(1, Ordering::Relaxed);
+        calls_in_flight(served).increment(1.0);
+        InFlight {
+            counts: counts.clone(),
+            served,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counts
+            .counter(self.served)
+            .fetch_sub(1, Ordering::Relaxed);
+        calls_in_flight(self.served).decrement(1.0);
+    }
+}
+
+/// The `direction` label of a call.
+pub(crate) fn direction(served: bool) -> &'static str {
+    if served { "inbound" } else { "outbound" }
+}
 
 /// One call's span, in-flight count and outcome; recorded when dropped.
 pub(crate) struct CallRecord {
@@ -26,18 +75,20 @@ pub(crate) struct CallRecord {
 }
 
 impl CallRecord {
-    pub(crate) fn new(peer: &Peer, served: bool) -> Self {
+    /// A call on the connection `peer` (its id, for the span) whose calls
+    /// are counted in `counts`.
+    pub(crate) fn new(counts: &Arc<CallCounts>, peer: &dyn fmt::Display, served: bool) -> Self {
         let span = tracing::info_span!(
             "brpc.call",
             direction = direction(served),
-            peer = %peer.connection_id(),
+            peer = %peer,
             service = Empty,
             method = Empty,
             code = Empty,
             duration_ms = Empty,
         );
         CallRecord {
-            _in_flight: peer.enter_call(served),
+            _in_flight: InFlight::enter(counts, served),
             span,
             started: Instant::now(),
             served,
@@ -117,7 +168,7 @@ fn counter(key: &Key) -> metrics::Counter {
 }
 
 /// `brpc_calls_in_flight{direction}`, indexed by `served as usize`.
-pub(crate) fn calls_in_flight(served: bool) -> metrics::Gauge {
+fn calls_in_flight(served: bool) -> metrics::Gauge {
     static OUTBOUND: [Label; 1] = [Label::from_static_parts("direction", "outbound")];
     static INBOUND: [Label; 1] = [Label::from_static_parts("direction", "inbound")];
     static KEYS: [Key; 2] = [

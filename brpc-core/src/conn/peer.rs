@@ -7,14 +7,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tonic::Status;
 
 use super::Side;
-use crate::bridge::Channel;
+use super::observe::{CallCounts, CallRecord};
 use crate::bytestream::{Link, UnixCredentials};
 use crate::tls::PeerIdentity;
 
@@ -119,10 +119,8 @@ struct Shared {
     side: Side,
     info: PeerInfo,
     limits: CallLimits,
-    /// Calls this side is serving for the peer right now.
-    served: AtomicUsize,
-    /// Calls this side has open to the peer right now.
-    outgoing: AtomicUsize,
+    /// Calls in flight, both directions.
+    calls: Arc<CallCounts>,
     /// This side is shutting down: new calls from the peer are refused.
     draining: watch::Sender<bool>,
     /// The peer said GoAway (with this reason): open no new calls to it.
@@ -141,28 +139,6 @@ pub(crate) struct OpenedCall {
     pub(crate) reader: CallReader,
     pub(crate) call: Call,
     pub(crate) sent: Result<(), SendError>,
-}
-
-/// Counts one call in flight for as long as it lives.
-pub(crate) struct InFlight {
-    peer: Peer,
-    served: bool,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let counter = if self.served {
-            &self.peer.shared.served
-        } else {
-            &self.peer.shared.outgoing
-        };
-        counter.fetch_sub(1, Ordering::Relaxed);
-        super::observe::calls_in_flight(self.served).decrement(1.0);
-    }
-}
-
-pub(crate) fn direction(served: bool) -> &'static str {
-    if served { "inbound" } else { "outbound" }
 }
 
 /// The other end of one brpc connection. Cheap to clone.
@@ -257,8 +233,7 @@ impl Peer {
                 side,
                 info,
                 limits,
-                served: AtomicUsize::new(0),
-                outgoing: AtomicUsize::new(0),
+                calls: Arc::default(),
                 draining: watch::Sender::new(false),
                 going_away: watch::Sender::new(None),
                 window_widened: AtomicBool::new(false),
@@ -277,16 +252,6 @@ impl Peer {
         request.extensions().get::<Peer>().cloned().ok_or_else(|| {
             Status::internal("no brpc peer on this request: it was not served by a brpc connection")
         })
-    }
-
-    /// A channel that calls the services this peer hosts.
-    pub fn channel(&self) -> Channel {
-        Channel::new(self.clone())
-    }
-
-    /// A typed client of a service this peer hosts, e.g. `peer.client(NamerClient::new)`.
-    pub fn client<C>(&self, make: impl FnOnce(Channel) -> C) -> C {
-        make(self.channel())
     }
 
     /// The server-assigned connection id.
@@ -495,12 +460,12 @@ impl Peer {
 
     /// Calls in flight on this connection, both directions.
     pub fn calls_in_flight(&self) -> usize {
-        self.served_calls_in_flight() + self.shared.outgoing.load(Ordering::Relaxed)
+        self.shared.calls.get(true) + self.shared.calls.get(false)
     }
 
     /// Calls this side is serving for the peer right now.
     pub fn served_calls_in_flight(&self) -> usize {
-        self.shared.served.load(Ordering::Relaxed)
+        self.shared.calls.get(true)
     }
 
     /// Called with the number of calls being served: once they fill three
@@ -521,18 +486,10 @@ impl Peer {
         }
     }
 
-    pub(crate) fn enter_call(&self, served: bool) -> InFlight {
-        let counter = if served {
-            &self.shared.served
-        } else {
-            &self.shared.outgoing
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        super::observe::calls_in_flight(served).increment(1.0);
-        InFlight {
-            peer: self.clone(),
-            served,
-        }
+    /// Starts recording one call on this connection (`served`: the peer's
+    /// call to this side): its span, in-flight count and outcome.
+    pub(crate) fn record_call(&self, served: bool) -> CallRecord {
+        CallRecord::new(&self.shared.calls, &self.connection_id(), served)
     }
 
     /// Stops serving new calls from the peer: they get `UNAVAILABLE`. Calls

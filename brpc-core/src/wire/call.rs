@@ -343,7 +343,7 @@ impl Call {
             return Some(self.finish_early(status, codes::STREAM_CANCELLED));
         }
         let limit = self.config.idle_limit?;
-        if !self.idle_at.is_some_and(|at| at <= now) {
+        if self.idle_at.is_none_or(|at| at > now) {
             return None;
         }
         self.idle_at = None;

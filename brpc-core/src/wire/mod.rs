@@ -16,6 +16,10 @@ pub use frame::{
     HEADER_LEN,
 };
 
+/// The fully qualified name of brpc's built-in session service (Hello,
+/// GoAway); see PROTOCOL.md.
+pub const SESSION_SERVICE: &str = "brpc.v1.Session";
+
 /// The ttrpc stream id of the `index`-th call (counting from 0) opened by one
 /// side: odd for the dialing side (1, 3, 5, …), even for the accepting side
 /// (2, 4, 6, …). Over QUIC `index` is the QUIC stream's index, so the id is

@@ -1,0 +1,181 @@
+//! The tonic [`Router`] as the engine's [`Handler`]: a served call becomes an
+//! http request into the tonic-generated server it names, and the server's
+//! http response becomes frames through the call's [`Reply`].
+
+use std::future::Future;
+
+use futures_util::stream;
+use http_body::Frame as BodyFrame;
+use http_body_util::StreamBody;
+use tonic::Status;
+use tonic::body::Body;
+
+use super::Router;
+use super::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
+use crate::conn::{Handler, Incoming, Input, Reply};
+use crate::metadata;
+
+impl Handler for Router {
+    fn serve<'a>(
+        &'a self,
+        call: Incoming,
+        reply: &'a mut Reply,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        handle(self, call, reply)
+    }
+}
+
+/// Serves one call through the router: the call as an http request, the
+/// handler's http response as frames.
+async fn handle(router: &Router, call: Incoming, out: &mut Reply) {
+    let Incoming {
+        peer,
+        service,
+        method,
+        metadata: entries,
+        timeout,
+        input,
+    } = call;
+    let uri = match http::Uri::try_from(format!("/{service}/{method}")) {
+        Ok(uri) => uri,
+        Err(_) => {
+            out.status(Status::invalid_argument(format!(
+                "service {service:?} / method {method:?} is not a valid name"
+            )))
+            .await;
+            return;
+        }
+    };
+    let body = match input {
+        Input::Single(message) => Body::new(http_body_util::Full::new(frame_message(&message))),
+        Input::Stream(input) => Body::new(StreamBody::new(stream::unfold(
+            input,
+            |mut input| async move {
+                let item = input.next().await?;
+                Some((item.map(|m| BodyFrame::data(frame_message(&m))), input))
+            },
+        ))),
+    };
+    let mut http_request = http::Request::new(body);
+    *http_request.method_mut() = http::Method::POST;
+    *http_request.uri_mut() = uri;
+    let headers = http_request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    if let Some(timeout) = timeout {
+        headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
+    }
+    if let Err(status) = metadata::append_key_values(headers, entries) {
+        out.status(status).await;
+        return;
+    }
+    http_request.extensions_mut().insert(peer);
+
+    let response = router.call(http_request).await;
+    respond(out, response).await;
+}
+
+/// Sends the handler's http response as ttrpc frames. One message followed at
+/// once by OK trailers is a unary-style Response; anything else streams as
+/// Data frames, closed by Data remote-closed (OK) or a Response (error).
+/// Response headers go first in a Headers frame, trailers in a Trailers frame
+/// just before the end (both brpc extensions, sent only when needed).
+async fn respond(out: &mut Reply, response: http::Response<Body>) {
+    let (parts, body) = response.into_parts();
+    if let Some(status) = Status::from_header_map(&parts.headers)
+        && status.code() != tonic::Code::Ok
+    {
+        // Trailers-only: the headers are the status and its metadata.
+        if out
+            .trailers(metadata::to_key_values(&parts.headers))
+            .await
+            .is_ok()
+        {
+            out.status(status).await;
+        }
+        return;
+    }
+    let mut body = MessageReader::new(body, out.max_message_size());
+    let mut ready = body.next_now();
+    let headers = metadata::to_key_values(&parts.headers);
+    // A Headers frame also tells a waiting caller that the handler has
+    // answered, as HTTP/2 response headers do, when nothing else is ready.
+    if (!headers.is_empty() || ready.is_none()) && out.headers(headers).await.is_err() {
+        return;
+    }
+    let mut streaming = false;
+    loop {
+        let event = match ready.take() {
+            Some(event) => event,
+            None => body.next().await,
+        };
+        let message = match event {
+            Ok(BodyEvent::Message(m)) => m,
+            Ok(BodyEvent::Trailers(trailers)) => {
+                out.end(
+                    status_from_trailers(&trailers),
+                    metadata::to_key_values(&trailers),
+                )
+                .await;
+                return;
+            }
+            Ok(BodyEvent::End) => {
+                out.end(Status::ok(""), Vec::new()).await;
+                return;
+            }
+            Err(status) => {
+                out.status(status).await;
+                return;
+            }
+        };
+        if streaming {
+            if out.message(message).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // The first message: is the handler done already (unary, client-streaming)?
+        match body.next_now() {
+            Some(Ok(BodyEvent::Trailers(trailers))) => {
+                let status = status_from_trailers(&trailers);
+                if status.code() == tonic::Code::Ok {
+                    if out
+                        .trailers(metadata::to_key_values(&trailers))
+                        .await
+                        .is_ok()
+                    {
+                        out.response(status, message).await;
+                    }
+                } else if out.message(message).await.is_ok() {
+                    out.end(status, metadata::to_key_values(&trailers)).await;
+                }
+                return;
+            }
+            Some(Ok(BodyEvent::End)) => {
+                out.response(Status::ok(""), message).await;
+                return;
+            }
+            Some(Ok(BodyEvent::Message(second))) => {
+                streaming = true;
+                if out.message(message).await.is_err() || out.message(second).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(status)) => {
+                if out.message(message).await.is_ok() {
+                    out.status(status).await;
+                }
+                return;
+            }
+            None => {
+                streaming = true;
+                if out.message(message).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
