@@ -13,7 +13,7 @@ use crate::conn::{
     ConnectionId, FrameReader, Handler, Incoming, Input, Peer, Reply, Side, write_frame,
 };
 use crate::wire::{
-    self, Call, CallConfig, Flags, FrameType, HelloRequest, HelloResponse, Inbound, Request,
+    self, Call, CallConfig, Flags, Frame, FrameType, HelloRequest, HelloResponse, Inbound, Request,
     RequestShape, Response,
 };
 
@@ -50,10 +50,12 @@ pub async fn send_hello(
     };
     write_frame(
         &mut send,
-        stream_id,
-        FrameType::Request,
-        Flags::EMPTY,
-        request.encode_to_vec().into(),
+        Frame::new(
+            stream_id,
+            FrameType::Request,
+            Flags::EMPTY,
+            request.encode_to_vec().into(),
+        ),
     )
     .await
     .map_err(|e| lost(&e))?;
@@ -204,9 +206,9 @@ fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> (Status, By
             peer.mark_going_away(reason);
             (Status::ok(""), Bytes::new())
         }
-        METHOD => match peer.link() {
-            Some(link) if peer.side() == Side::Acceptor && !link.remote_is_brpc() => {
-                link.set_remote_is_brpc();
+        METHOD => match peer.quic_connection() {
+            None if peer.side() == Side::Acceptor && !peer.remote_is_brpc() => {
+                peer.set_remote_is_brpc();
                 let answer = HelloResponse {
                     connection_id: peer.connection_id().0,
                     protocol_version: PROTOCOL_VERSION,
@@ -320,10 +322,12 @@ async fn respond(
     };
     write_frame(
         send,
-        stream_id,
-        FrameType::Response,
-        Flags::EMPTY,
-        response.encode_to_vec().into(),
+        Frame::new(
+            stream_id,
+            FrameType::Response,
+            Flags::EMPTY,
+            response.encode_to_vec().into(),
+        ),
     )
     .await?;
     let _ = send.finish();

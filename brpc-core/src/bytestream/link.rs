@@ -19,8 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use crate::conn::call_io::SendError;
-use crate::conn::{ReadError, Side};
+use crate::conn::{
+    BoxFuture, FrameSink, FrameSource, Multiplexer, MuxCall, ReadError, RequestBuilder, SendError,
+    Side,
+};
 use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameType, HEADER_LEN, Response};
 
 /// Frames a call may have queued unread before the connection stops reading
@@ -107,9 +109,9 @@ impl Link {
     /// parity. Taking the id and queueing the frame happen under one lock, so
     /// ids reach the socket in increasing order however many calls open at
     /// once (ttrpc servers refuse an id that does not increase).
-    pub(crate) async fn open(
+    async fn open_call(
         &self,
-        request: impl FnOnce(u32) -> Result<Frame, Status>,
+        request: RequestBuilder<'_>,
     ) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
         let closed = || {
             Status::unavailable(format!(
@@ -141,7 +143,7 @@ impl Link {
     }
 
     /// The next call the peer opened, or `None` once the connection is gone.
-    pub(crate) async fn accept(&self) -> Option<(StreamOutbound, StreamInbound, u32)> {
+    async fn accept_call(&self) -> Option<(StreamOutbound, StreamInbound, u32)> {
         let (id, inbound) = self.inner.incoming.lock().await.recv().await?;
         let outbound = StreamOutbound {
             link: self.clone(),
@@ -208,6 +210,74 @@ impl Link {
     }
 }
 
+impl Multiplexer for Link {
+    fn open<'a>(&'a self, request: RequestBuilder<'a>) -> BoxFuture<'a, Result<MuxCall, Status>> {
+        Box::pin(async move {
+            let (sink, source, id) = self.open_call(request).await?;
+            Ok((
+                Box::new(sink) as Box<dyn FrameSink>,
+                Box::new(source) as Box<dyn FrameSource>,
+                id,
+            ))
+        })
+    }
+
+    fn accept(&self) -> BoxFuture<'_, Option<MuxCall>> {
+        Box::pin(async move {
+            let (sink, source, id) = self.accept_call().await?;
+            Some((
+                Box::new(sink) as Box<dyn FrameSink>,
+                Box::new(source) as Box<dyn FrameSource>,
+                id,
+            ))
+        })
+    }
+
+    fn close(&self, reason: &str) {
+        Link::close(self, reason);
+    }
+
+    fn close_reason(&self) -> Option<String> {
+        Link::close_reason(self)
+    }
+
+    fn closed(&self) -> BoxFuture<'static, String> {
+        let link = self.clone();
+        Box::pin(async move { link.closed().await })
+    }
+
+    fn remote_is_brpc(&self) -> bool {
+        Link::remote_is_brpc(self)
+    }
+
+    fn set_remote_is_brpc(&self) {
+        Link::set_remote_is_brpc(self);
+    }
+}
+
+impl FrameSource for StreamInbound {
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<Frame>, ReadError>> {
+        Box::pin(StreamInbound::next(self))
+    }
+
+    fn stop(&mut self) {
+        StreamInbound::stop(self);
+    }
+}
+
+impl FrameSink for StreamOutbound {
+    fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>> {
+        Box::pin(self.write_frame(frame))
+    }
+
+    fn closed(&self) -> BoxFuture<'static, ()> {
+        let link = self.link.clone();
+        Box::pin(async move {
+            link.closed().await;
+        })
+    }
+}
+
 /// Frames for one call, routed by the reader task.
 pub(crate) struct StreamInbound {
     link: Link,
@@ -251,32 +321,16 @@ pub(crate) struct StreamOutbound {
 }
 
 impl StreamOutbound {
-    pub(crate) async fn write(
-        &mut self,
-        kind: FrameType,
-        flags: Flags,
-        payload: Bytes,
-    ) -> Result<(), SendError> {
-        super::super::conn::observe_bytes_sent(HEADER_LEN + payload.len());
-        self.link
-            .inner
-            .out
-            .send(Frame::new(self.id, kind, flags, payload))
-            .await
-            .map_err(|_| {
-                SendError::Lost(
-                    self.link
-                        .close_reason()
-                        .unwrap_or_else(|| "connection closed".into()),
-                )
-            })
-    }
-
-    pub(crate) fn link_closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let link = self.link.clone();
-        async move {
-            link.closed().await;
-        }
+    async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {
+        debug_assert_eq!(frame.stream_id, self.id, "a frame for another call");
+        super::super::conn::observe_bytes_sent(HEADER_LEN + frame.payload.len());
+        self.link.inner.out.send(frame).await.map_err(|_| {
+            SendError::Lost(
+                self.link
+                    .close_reason()
+                    .unwrap_or_else(|| "connection closed".into()),
+            )
+        })
     }
 }
 

@@ -23,25 +23,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-pub(crate) use link::{Link, StreamInbound, StreamOutbound};
+pub(crate) use link::Link;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 
 use crate::bridge::Router;
+pub use crate::conn::UnixCredentials;
 use crate::conn::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Side};
-
-/// The credentials of the process at the other end of a Unix socket
-/// (`SO_PEERCRED`), checked when the connection is accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnixCredentials {
-    /// User id.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
-    /// Process id, where the OS reports it.
-    pub pid: Option<i32>,
-}
 
 type CredentialCheck = Arc<dyn Fn(&UnixCredentials) -> bool + Send + Sync>;
 
@@ -134,7 +123,7 @@ fn peer_for(
         connected_at: SystemTime::now(),
         identity: None,
     };
-    Peer::new_bytestream(link, side, info, limits, credentials)
+    Peer::new_multiplexed(Arc::new(link), side, info, limits, credentials)
 }
 
 /// Dials over any byte stream: serves `router` to the acceptor (if it is brpc)

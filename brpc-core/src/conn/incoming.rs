@@ -19,9 +19,9 @@ use tokio::task::JoinSet;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::call_io::{CallReader, CallWriter, SharedCall, lock, now};
-use super::io::ReadError;
+use super::call_io::{SharedCall, lock, now};
 use super::observe::CallRecord;
+use super::transport::{CallReader, CallWriter, ReadError};
 use super::{Peer, codes};
 use crate::wire::{Abort, Call, Failure, Frame, Inbound, KeyValue, Request};
 
@@ -405,10 +405,7 @@ impl Reply {
 
     async fn write(&mut self, frame: Frame) -> Result<(), CallEnded> {
         self.writing = true;
-        let result = self
-            .send
-            .write(frame.stream_id, frame.kind, frame.flags, frame.payload)
-            .await;
+        let result = self.send.write_frame(frame).await;
         self.writing = false;
         result.map_err(|_| CallEnded)
     }

@@ -3,70 +3,10 @@
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream, VarInt};
-use tonic::Status;
 
 use super::budget::Budgets;
-use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType, HEADER_LEN};
-
-/// Why no frame could be read.
-#[derive(Debug)]
-pub(crate) enum ReadError {
-    /// A header announced more than the maximum message size.
-    TooLarge(FrameError),
-    /// The stream ended in the middle of a frame.
-    Truncated,
-    /// The peer reset the stream with this code.
-    Reset(VarInt),
-    /// The connection is gone.
-    ConnectionLost(quinn::ConnectionError),
-    /// This side already stopped the stream.
-    Closed,
-    /// No byte arrived within the idle limit while a frame was incomplete.
-    Idle(std::time::Duration),
-    /// The byte-stream connection carrying the call is gone.
-    LinkLost(String),
-    /// The Request of a new call found no room in the inbound buffer budget
-    /// (the message says which budget); its data was not read.
-    Exhausted(String),
-}
-
-impl ReadError {
-    /// The status a local caller or handler sees for this error.
-    pub(crate) fn to_status(&self) -> Status {
-        match self {
-            ReadError::TooLarge(e) => Status::resource_exhausted(e.to_string()),
-            ReadError::Truncated => {
-                Status::internal("peer ended the stream in the middle of a frame")
-            }
-            ReadError::Reset(code) => Status::cancelled(format!(
-                "peer cancelled the call (stream reset, code {code})"
-            )),
-            ReadError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
-            ReadError::Closed => Status::cancelled("call was cancelled locally"),
-            ReadError::LinkLost(reason) => {
-                Status::unavailable(format!("connection lost: {reason}"))
-            }
-            ReadError::Idle(limit) => Status::deadline_exceeded(format!(
-                "the call stalled for {limit:?} in the middle of a frame; reset"
-            )),
-            ReadError::Exhausted(why) => Status::resource_exhausted(why.clone()),
-        }
-    }
-}
-
-impl From<quinn::ReadError> for ReadError {
-    fn from(e: quinn::ReadError) -> Self {
-        match e {
-            quinn::ReadError::Reset(code) => ReadError::Reset(code),
-            quinn::ReadError::ConnectionLost(c) => ReadError::ConnectionLost(c),
-            quinn::ReadError::ClosedStream => ReadError::Closed,
-            // brpc never reads 0-RTT streams and keeps ordered reads.
-            quinn::ReadError::IllegalOrderedRead | quinn::ReadError::ZeroRttRejected => {
-                ReadError::Closed
-            }
-        }
-    }
-}
+use super::error::ReadError;
+use crate::wire::{Frame, FrameDecoder, FrameHeader, HEADER_LEN};
 
 /// Reads whole frames from a QUIC receive stream.
 ///
@@ -232,12 +172,17 @@ impl FrameReader {
 /// Writes one frame; the data is sent without being copied.
 pub(crate) async fn write_frame(
     send: &mut SendStream,
-    stream_id: u32,
-    kind: FrameType,
-    flags: Flags,
-    payload: Bytes,
+    frame: Frame,
 ) -> Result<(), quinn::WriteError> {
-    super::observe::bytes_sent(super::super::wire::HEADER_LEN + payload.len());
+    let Frame {
+        stream_id,
+        kind,
+        flags,
+        payload,
+    } = frame;
+    super::observe::bytes_sent(HEADER_LEN + payload.len());
+    // The call's machine keeps every payload within the maximum message
+    // size, far below the u32 the header holds.
     let header = FrameHeader {
         length: payload.len() as u32,
         stream_id,

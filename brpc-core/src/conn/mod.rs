@@ -8,26 +8,31 @@
 
 mod budget;
 pub(crate) mod call_io;
+mod error;
 mod incoming;
 mod io;
 mod observe;
 mod outgoing;
 mod peer;
+mod quic;
 mod transport;
 
 pub use budget::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_BUFFER_TOTAL, MemoryBudget};
 pub use incoming::{CallEnded, Handler, Incoming, Input, MessageStream, Reply, serve};
 pub use observe::code_name;
 pub use outgoing::{OutgoingCall, RequestBody, ResponseEvent};
-pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo};
-pub use transport::{
+pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, UnixCredentials};
+pub use quic::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_RECEIVE_WINDOW, DEFAULT_SOCKET_BUFFER, INITIAL_CALL_WINDOW, PRE_HELLO_RECEIVE_WINDOW,
     TransportOptions, admit, endpoint, server_transport_config, stable_endpoint_config,
     transport_config,
 };
+pub(crate) use transport::{
+    BoxFuture, FrameSink, FrameSource, Multiplexer, MuxCall, ReadError, RequestBuilder, SendError,
+};
 
-pub(crate) use io::{FrameReader, ReadError, write_frame};
+pub(crate) use io::{FrameReader, write_frame};
 pub(crate) use observe::{
     bytes_received as observe_bytes_received, bytes_sent as observe_bytes_sent,
 };

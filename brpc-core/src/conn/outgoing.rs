@@ -16,10 +16,10 @@ use tokio::time::Instant;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::call_io::{CallReader, CallWriter, SendError, SharedCall, lock, now};
-use super::io::ReadError;
+use super::call_io::{SharedCall, lock, now};
 use super::observe::CallRecord;
 use super::peer::Peer;
+use super::transport::{CallReader, CallWriter, ReadError, SendError};
 use crate::metadata;
 use crate::wire::{Failure, Inbound, KeyValue, Request, RequestShape, encode_request};
 

@@ -15,12 +15,11 @@ use tonic::Status;
 
 use super::Side;
 use super::observe::{CallCounts, CallRecord};
-use crate::bytestream::{Link, UnixCredentials};
 use crate::tls::PeerIdentity;
 
 use super::budget::{Budgets, MemoryBudget};
-use super::call_io::{CallReader, CallWriter, SendError};
 use super::io::FrameReader;
+use super::transport::{CallReader, CallWriter, Multiplexer, SendError, Transport};
 use crate::wire::{Call, CallConfig, RequestShape};
 use bytes::Bytes;
 
@@ -81,7 +80,7 @@ impl Default for CallLimits {
         CallLimits {
             max_message_size: crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
             idle_timeout: Some(std::time::Duration::from_secs(30)),
-            max_concurrent_calls: super::transport::DEFAULT_MAX_CONCURRENT_CALLS,
+            max_concurrent_calls: super::quic::DEFAULT_MAX_CONCURRENT_CALLS,
             buffer_per_connection: super::budget::DEFAULT_BUFFER_PER_CONNECTION,
         }
     }
@@ -107,10 +106,16 @@ impl CallLimits {
     }
 }
 
-/// What carries the connection.
-enum Transport {
-    Quic(quinn::Connection),
-    Bytes(Link),
+/// The credentials of the process at the other end of a Unix socket
+/// (`SO_PEERCRED`), checked when the connection is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixCredentials {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id, where the OS reports it.
+    pub pid: Option<i32>,
 }
 
 struct Shared {
@@ -198,8 +203,10 @@ impl Peer {
         )
     }
 
-    pub(crate) fn new_bytestream(
-        link: Link,
+    /// A handle for a connection whose calls `mux` multiplexes over one
+    /// byte stream (a Unix socket), as seen from `side`.
+    pub(crate) fn new_multiplexed(
+        mux: Arc<dyn Multiplexer>,
         side: Side,
         info: PeerInfo,
         limits: CallLimits,
@@ -209,7 +216,7 @@ impl Peer {
         // connection; its per-call queues are bounded separately.
         let budgets = limits.budgets(MemoryBudget::new(usize::MAX));
         Self::with_transport(
-            Transport::Bytes(link),
+            Transport::Mux(mux),
             side,
             info,
             limits,
@@ -287,10 +294,7 @@ impl Peer {
     /// The peer's current UDP address (it changes if the peer migrates).
     /// Over a Unix socket, the unspecified address `0.0.0.0:0`.
     pub fn remote_address(&self) -> SocketAddr {
-        match &self.shared.transport {
-            Transport::Quic(connection) => connection.remote_address(),
-            Transport::Bytes(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-        }
+        self.shared.transport.remote_address()
     }
 
     /// The Unix peer's credentials (`SO_PEERCRED`), on the accepting side of
@@ -303,17 +307,12 @@ impl Peer {
     /// stream, once the Hello succeeded). Only then are response metadata
     /// frames sent and may the accepting side call the dialer.
     pub fn remote_is_brpc(&self) -> bool {
-        match &self.shared.transport {
-            Transport::Quic(_) => true,
-            Transport::Bytes(link) => link.remote_is_brpc(),
-        }
+        self.shared.transport.remote_is_brpc()
     }
 
-    pub(crate) fn link(&self) -> Option<&Link> {
-        match &self.shared.transport {
-            Transport::Bytes(link) => Some(link),
-            Transport::Quic(_) => None,
-        }
+    /// Records that a byte-stream peer said brpc Hello (QUIC peers always speak brpc).
+    pub(crate) fn set_remote_is_brpc(&self) {
+        self.shared.transport.set_remote_is_brpc();
     }
 
     /// Opens a new call to the peer and sends its Request frame (`request`,
@@ -351,25 +350,25 @@ impl Peer {
                     sent,
                 })
             }
-            Transport::Bytes(link) => {
-                if self.shared.side == Side::Acceptor && !link.remote_is_brpc() {
+            Transport::Mux(mux) => {
+                if self.shared.side == Side::Acceptor && !mux.remote_is_brpc() {
                     return Err(Status::unimplemented(
                         "the dialer speaks plain ttrpc and serves no calls (it did not say brpc Hello)",
                     ));
                 }
                 let mut opened = None;
-                let (out, inbound, _) = link
-                    .open(|stream_id| {
+                let (sink, source, _) = mux
+                    .open(Box::new(|stream_id| {
                         let mut call = Call::caller(stream_id, config);
                         let frame = call.send_request(request, shape)?;
                         opened = Some(call);
                         Ok(frame)
-                    })
+                    }))
                     .await?;
                 let call = opened.ok_or_else(|| Status::internal("no call was opened"))?;
                 Ok(OpenedCall {
-                    writer: CallWriter::Bytes(out),
-                    reader: CallReader::Bytes(inbound),
+                    writer: CallWriter::Mux(sink),
+                    reader: CallReader::Mux(source),
                     call,
                     sent: Ok(()),
                 })
@@ -391,9 +390,9 @@ impl Peer {
                     .with_budgets(self.shared.budgets.clone(), true);
                 Some((CallWriter::Quic(send), CallReader::Quic(reader), stream_id))
             }
-            Transport::Bytes(link) => {
-                let (out, inbound, id) = link.accept().await?;
-                Some((CallWriter::Bytes(out), CallReader::Bytes(inbound), id))
+            Transport::Mux(mux) => {
+                let (sink, source, id) = mux.accept().await?;
+                Some((CallWriter::Mux(sink), CallReader::Mux(source), id))
             }
         }
     }
@@ -436,26 +435,17 @@ impl Peer {
 
     /// The underlying QUIC connection (`None` over a byte stream).
     pub fn quic_connection(&self) -> Option<&quinn::Connection> {
-        match &self.shared.transport {
-            Transport::Quic(connection) => Some(connection),
-            Transport::Bytes(_) => None,
-        }
+        self.shared.transport.quic()
     }
 
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
-        match &self.shared.transport {
-            Transport::Quic(connection) => connection.close_reason().is_some(),
-            Transport::Bytes(link) => link.close_reason().is_some(),
-        }
+        self.shared.transport.is_closed()
     }
 
     /// Waits until the connection closes and says why.
     pub async fn closed_reason(&self) -> String {
-        match &self.shared.transport {
-            Transport::Quic(connection) => connection.closed().await.to_string(),
-            Transport::Bytes(link) => link.closed().await,
-        }
+        self.shared.transport.closed().await
     }
 
     /// Calls in flight on this connection, both directions.
@@ -475,8 +465,7 @@ impl Peer {
         let Transport::Quic(connection) = &self.shared.transport else {
             return;
         };
-        let initial =
-            super::transport::initial_call_window(self.shared.limits.max_concurrent_calls);
+        let initial = super::quic::initial_call_window(self.shared.limits.max_concurrent_calls);
         if serving * 4 >= initial as usize * 3
             && initial < self.shared.limits.max_concurrent_calls
             && !self.shared.window_widened.swap(true, Ordering::Relaxed)
@@ -532,11 +521,6 @@ impl Peer {
     /// Closes the connection now with an application `code` and `reason`
     /// (see [`codes`](super::codes)). Calls in flight fail.
     pub fn close(&self, code: u32, reason: &str) {
-        match &self.shared.transport {
-            Transport::Quic(connection) => {
-                connection.close(quinn::VarInt::from_u32(code), reason.as_bytes())
-            }
-            Transport::Bytes(link) => link.close(reason),
-        }
+        self.shared.transport.close(code, reason);
     }
 }

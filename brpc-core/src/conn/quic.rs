@@ -1,0 +1,245 @@
+//! QUIC settings shared by both roles: transport configs, the call and receive
+//! windows, stable stateless-reset keys, endpoints with raised socket buffers.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default of [`TransportOptions::max_concurrent_calls`].
+pub const DEFAULT_MAX_CONCURRENT_CALLS: u32 = 100;
+
+/// Calls a peer may open at once on a new connection, before the window widens
+/// to `max_concurrent_calls` (see [`CallLimits`](super::CallLimits)). quinn keeps
+/// state for every stream it allows, so idle connections stay small.
+pub const INITIAL_CALL_WINDOW: u32 = 16;
+
+pub(crate) fn initial_call_window(max_concurrent_calls: u32) -> u32 {
+    max_concurrent_calls.min(INITIAL_CALL_WINDOW)
+}
+
+/// Default size asked of the kernel for each endpoint's UDP receive and send
+/// buffers (see [`TransportOptions::socket_buffer`]).
+pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Default of [`TransportOptions::receive_window`]: 4 MiB of unread data per
+/// connection, one maximum-size message.
+pub const DEFAULT_RECEIVE_WINDOW: u64 = 4 << 20;
+
+/// Default of [`TransportOptions::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default of [`TransportOptions::keep_alive_interval`].
+pub const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Connection-level receive window (QUIC `initial_max_data`) of a server's
+/// connection until its Hello succeeded and `authorize` admitted it: all a
+/// client that has not identified itself can make the server hold in QUIC's
+/// buffers. The Hello frame itself is read as it arrives (at most
+/// `max_hello_size`), which returns credit, so a Hello larger than this
+/// window still gets through.
+pub const PRE_HELLO_RECEIVE_WINDOW: u32 = 16 * 1024;
+
+/// QUIC settings a [`Server`](../../brpc_server) or client applies to its connections.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// Most calls the other side may have open to us at once (QUIC bidirectional
+    /// stream limit). Further calls wait for a free slot; they do not fail.
+    /// A connection starts at [`INITIAL_CALL_WINDOW`] and widens to this once
+    /// three quarters of that are in use.
+    pub max_concurrent_calls: u32,
+    /// A connection that receives nothing for this long is closed, failing
+    /// its calls with `UNAVAILABLE` (QUIC `max_idle_timeout`; the shorter of
+    /// the two sides' values applies). Default 10 s: with keep-alives every
+    /// 3 s a live peer sends at least three packets per period, each retried
+    /// by QUIC's loss recovery, so only a peer that is gone (or a path that
+    /// is down for the whole period) reaches it.
+    pub idle_timeout: Duration,
+    /// Send a keep-alive (QUIC PING) this often while idle (`None`: never).
+    /// Default 3 s on both sides: often enough that the idle timeout never
+    /// fires on a live but quiet connection and that NAT bindings (often
+    /// 30 s for UDP) stay open; about 40 bytes each way per period.
+    pub keep_alive_interval: Option<Duration>,
+    /// Most bytes the peer may have sent on a connection that this side has
+    /// not yet read, across all its calls (QUIC connection flow control;
+    /// default 4 MiB). Each call's stream is further limited by quinn's
+    /// 1.25 MB stream window. With a server's `max_connections`, this bounds
+    /// what QUIC buffers for peers.
+    pub receive_window: u64,
+    /// Bytes asked of the kernel for the endpoint's UDP receive and send
+    /// buffers (`SO_RCVBUF` / `SO_SNDBUF`). The kernel's defaults (about
+    /// 208 KB on Linux) overflow under bulk transfer: every datagram dropped
+    /// there is a QUIC loss, and the congestion controller halves its window.
+    /// Linux caps the value at `net.core.rmem_max` / `wmem_max`; raise those
+    /// to let a larger value take effect. Memory is only used while datagrams
+    /// are queued, so idle connections cost nothing extra.
+    pub socket_buffer: usize,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            max_concurrent_calls: DEFAULT_MAX_CONCURRENT_CALLS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keep_alive_interval: Some(DEFAULT_KEEP_ALIVE_INTERVAL),
+            receive_window: DEFAULT_RECEIVE_WINDOW,
+            socket_buffer: DEFAULT_SOCKET_BUFFER,
+        }
+    }
+}
+
+/// The quinn transport configuration a dialer uses: the call window and
+/// receive window of `options` from the start (it only talks to the server
+/// it chose, which opens calls only after Hello).
+pub fn transport_config(options: &TransportOptions) -> Arc<quinn::TransportConfig> {
+    let mut config = base_config(options);
+    config.max_concurrent_bidi_streams(initial_call_window(options.max_concurrent_calls).into());
+    config.receive_window(clamp_varint(options.receive_window));
+    Arc::new(config)
+}
+
+/// The quinn transport configuration a server uses for every new connection:
+/// until Hello succeeds the client may open only the Hello stream and send
+/// at most [`PRE_HELLO_RECEIVE_WINDOW`] bytes ahead of what the server read.
+/// [`admit`] widens both once the client is admitted.
+pub fn server_transport_config(options: &TransportOptions) -> Arc<quinn::TransportConfig> {
+    let mut config = base_config(options);
+    config.max_concurrent_bidi_streams(1u32.into());
+    config.receive_window(PRE_HELLO_RECEIVE_WINDOW.into());
+    Arc::new(config)
+}
+
+/// Opens an admitted connection up to the windows of `options`: the initial
+/// call window and the full receive window (the server's half of
+/// [`server_transport_config`]).
+pub fn admit(connection: &quinn::Connection, options: &TransportOptions) {
+    connection.set_receive_window(clamp_varint(options.receive_window));
+    connection
+        .set_max_concurrent_bi_streams(initial_call_window(options.max_concurrent_calls).into());
+}
+
+fn base_config(options: &TransportOptions) -> quinn::TransportConfig {
+    let mut config = quinn::TransportConfig::default();
+    // brpc never uses unidirectional streams.
+    config.max_concurrent_uni_streams(0u32.into());
+    config.max_idle_timeout(quinn::IdleTimeout::try_from(options.idle_timeout).ok());
+    config.keep_alive_interval(options.keep_alive_interval);
+    config
+}
+
+fn clamp_varint(value: u64) -> quinn::VarInt {
+    quinn::VarInt::from_u64(value.min(quinn::VarInt::MAX.into_inner()))
+        .unwrap_or(quinn::VarInt::MAX)
+}
+
+/// An endpoint configuration whose stateless-reset key and connection-id
+/// validation key are derived from a stable `secret` (a server's TLS private
+/// key, or a configured secret). A server restarted with the same secret
+/// recognises its predecessor's connection ids as its own and answers their
+/// packets with a stateless reset that the clients accept, so they learn
+/// within one round trip that the connection is gone instead of waiting out
+/// their idle timeout. (quinn's default draws both keys at random per
+/// endpoint, and drops packets with ids it did not issue.)
+pub fn stable_endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
+    let derive =
+        |label: &[u8]| ring::digest::digest(&ring::digest::SHA256, &[label, secret].concat());
+    let reset = derive(b"brpc stateless reset key v1\0");
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
+    let cid = derive(b"brpc connection id key v1\0");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
+/// A quinn endpoint on a UDP socket bound to `addr`, with the socket buffers
+/// of `options`, serving with `server` if given, with `config` (see
+/// [`stable_endpoint_config`]; `None`: quinn's default, with random keys).
+/// Must be called inside a tokio runtime.
+///
+/// # Errors
+/// The socket could not be created or bound, or there is no runtime.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    options: &TransportOptions,
+    config: Option<quinn::EndpointConfig>,
+) -> io::Result<quinn::Endpoint> {
+    let socket = udp_socket(addr, options.socket_buffer)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime found"))?;
+    quinn::Endpoint::new(config.unwrap_or_default(), server, socket, runtime)
+}
+
+/// A UDP socket bound to `addr` that asked the kernel for `buffer` bytes of
+/// receive and send buffer (`0`: the kernel's default).
+fn udp_socket(addr: SocketAddr, buffer: usize) -> io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: a kernel that refuses a size keeps its default, which
+    // works, only slower under load.
+    if buffer > 0 {
+        let _ = socket.set_recv_buffer_size(buffer);
+        let _ = socket.set_send_buffer_size(buffer);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn socket_buffers_are_raised_above_the_kernel_default() {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let size = |s: &std::net::UdpSocket| {
+            let s = socket2::SockRef::from(s);
+            (s.recv_buffer_size().unwrap(), s.send_buffer_size().unwrap())
+        };
+        let default = size(&udp_socket(loopback, 0).unwrap());
+        let raised = size(&udp_socket(loopback, DEFAULT_SOCKET_BUFFER).unwrap());
+        // Linux caps the request at net.core.[rw]mem_max and doubles it; even
+        // at the smallest usual cap (208 KB) the result exceeds the default.
+        assert!(raised.0 > default.0, "receive {raised:?} vs {default:?}");
+        assert!(raised.1 > default.1, "send {raised:?} vs {default:?}");
+    }
+
+    #[test]
+    fn defaults_notice_a_silent_peer_within_ten_seconds() {
+        let options = TransportOptions::default();
+        assert!(options.idle_timeout <= Duration::from_secs(10));
+        let keep_alive = options
+            .keep_alive_interval
+            .expect("keep-alive on by default");
+        // At least three keep-alives per idle period.
+        assert!(keep_alive * 3 <= options.idle_timeout, "{keep_alive:?}");
+        assert!(options.receive_window <= 16 << 20, "bounded receive window");
+        assert!(u64::from(PRE_HELLO_RECEIVE_WINDOW) <= 64 * 1024);
+    }
+
+    #[test]
+    fn endpoint_binds_ipv4_and_ipv6_loopback() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = runtime.enter();
+        let options = TransportOptions::default();
+        let v4 = endpoint("127.0.0.1:0".parse().unwrap(), None, &options, None).unwrap();
+        assert!(v4.local_addr().unwrap().is_ipv4());
+        // ::1 may be missing in some sandboxes; only check it when it binds.
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            let v6 = endpoint("[::1]:0".parse().unwrap(), None, &options, None).unwrap();
+            assert!(v6.local_addr().unwrap().is_ipv6());
+        }
+    }
+}
