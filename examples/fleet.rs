@@ -130,14 +130,6 @@ async fn wait_with_progress(
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 /// Broadcasts `Facts` to every connected agent and prints a summary row.
 async fn broadcast_facts(server: &Server, round: &str) -> (usize, usize) {
     let peers = server.peers().list();
@@ -153,13 +145,14 @@ async fn broadcast_facts(server: &Server, round: &str) -> (usize, usize) {
     .collect()
     .await;
     let total = started.elapsed();
-    let mut latencies: Vec<Duration> = results
-        .iter()
-        .filter(|r| r.result.is_ok())
-        .map(|r| r.elapsed)
-        .collect();
-    latencies.sort();
-    let failures = results.len() - latencies.len();
+    // Latencies in µs, to 3 significant digits.
+    let mut latencies = hdrhistogram::Histogram::<u64>::new(3).expect("valid precision");
+    for r in results.iter().filter(|r| r.result.is_ok()) {
+        let micros = u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX);
+        latencies.saturating_record(micros);
+    }
+    let percentile = |p: f64| Duration::from_micros(latencies.value_at_quantile(p / 100.0));
+    let failures = results.len() - latencies.len() as usize;
     let linux = results
         .iter()
         .filter(|r| r.result.as_ref().is_ok_and(|f| f.os == "linux"))
@@ -167,8 +160,8 @@ async fn broadcast_facts(server: &Server, round: &str) -> (usize, usize) {
     println!(
         "| {round:<9} | {:>6} | {:>9.2?} | {:>9.2?} | {:>9.2?} | {failures:>8} | {linux:>8} |",
         results.len(),
-        percentile(&latencies, 50.0),
-        percentile(&latencies, 99.0),
+        percentile(50.0),
+        percentile(99.0),
         total,
     );
     (results.len(), failures)

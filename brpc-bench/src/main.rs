@@ -336,7 +336,7 @@ struct Run {
     bytes: u64,
     elapsed: Duration,
     cpu: f64,
-    latencies: Vec<Duration>,
+    latencies: Latencies,
     errors: u64,
 }
 
@@ -350,14 +350,14 @@ async fn measure(caller: &Caller, payload: Bytes, concurrency: usize, duration: 
             let caller = caller.clone();
             let payload = payload.clone();
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
+                let mut latencies = Latencies::default();
                 let (mut bytes, mut errors) = (0u64, 0u64);
                 while Instant::now() < stop {
                     let t = Instant::now();
                     match caller.call(payload.clone()).await {
                         Ok(n) => {
                             bytes += n as u64;
-                            latencies.push(t.elapsed());
+                            latencies.record(t.elapsed());
                         }
                         Err(e) => {
                             if errors == 0 {
@@ -376,28 +376,54 @@ async fn measure(caller: &Caller, payload: Bytes, concurrency: usize, duration: 
         bytes: 0,
         elapsed: Duration::ZERO,
         cpu: 0.0,
-        latencies: Vec::new(),
+        latencies: Latencies::default(),
         errors: 0,
     };
     for task in tasks {
         if let Ok((latencies, bytes, errors)) = task.await {
-            run.calls += latencies.len() as u64;
-            run.latencies.extend(latencies);
+            run.calls += latencies.len();
+            run.latencies.add(&latencies);
             run.bytes += bytes;
             run.errors += errors;
         }
     }
     run.elapsed = started.elapsed();
     run.cpu = cpu_seconds() - cpu_before;
-    run.latencies.sort();
     run
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
+/// Call latencies, kept in an HDR histogram (3 significant digits).
+struct Latencies(hdrhistogram::Histogram<u64>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // Auto-resizing, so any latency fits; 3 digits is 0.1% resolution.
+        Latencies(hdrhistogram::Histogram::new(3).expect("3 significant digits is valid"))
     }
-    sorted[(((sorted.len() - 1) as f64) * p / 100.0).round() as usize]
+}
+
+impl Latencies {
+    fn record(&mut self, latency: Duration) {
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        // An auto-resizing histogram takes every value.
+        let _ = self.0.record(nanos.max(1));
+    }
+
+    fn add(&mut self, other: &Latencies) {
+        let _ = self.0.add(&other.0);
+    }
+
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// The latency below which `p` percent of calls finished.
+    fn percentile(&self, p: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.0.value_at_quantile(p / 100.0))
+    }
 }
 
 /// Datagrams the kernel dropped because a UDP socket's receive buffer was
@@ -455,9 +481,9 @@ impl Samples {
         let r = measure(caller, small.clone(), 1, phase).await;
         self.c1.push(r.calls as f64 / r.elapsed.as_secs_f64());
         self.p50
-            .push(percentile(&r.latencies, 50.0).as_secs_f64() * 1e6);
+            .push(r.latencies.percentile(50.0).as_secs_f64() * 1e6);
         self.p99
-            .push(percentile(&r.latencies, 99.0).as_secs_f64() * 1e6);
+            .push(r.latencies.percentile(99.0).as_secs_f64() * 1e6);
         self.errors += r.errors;
         let r = measure(caller, small, 64, phase).await;
         self.c64.push(r.calls as f64 / r.elapsed.as_secs_f64());
@@ -735,13 +761,11 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     .collect()
     .await;
     let broadcast = started.elapsed();
-    let mut latencies: Vec<Duration> = results
-        .iter()
-        .filter(|r| r.result.is_ok())
-        .map(|r| r.elapsed)
-        .collect();
-    latencies.sort();
-    let failures = results.len() - latencies.len() + (n - connected);
+    let mut latencies = Latencies::default();
+    for r in results.iter().filter(|r| r.result.is_ok()) {
+        latencies.record(r.elapsed);
+    }
+    let failures = results.len() - latencies.len() as usize + (n - connected);
     for mut child in children {
         drop(child.stdin.take());
         let _ = child.wait();
@@ -754,8 +778,8 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
         connect,
         rss_per_agent,
         broadcast,
-        p50: percentile(&latencies, 50.0),
-        p99: percentile(&latencies, 99.0),
+        p50: latencies.percentile(50.0),
+        p99: latencies.percentile(99.0),
         failures,
     })
 }
@@ -989,7 +1013,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{stack}: c={concurrency} {:.0}/s, p50 {:.0} µs, {:.1} µs CPU per call; {} calls in all",
             r.calls as f64 / r.elapsed.as_secs_f64(),
-            percentile(&r.latencies, 50.0).as_secs_f64() * 1e6,
+            r.latencies.percentile(50.0).as_secs_f64() * 1e6,
             r.cpu / r.calls.max(1) as f64 * 1e6,
             warm.calls + r.calls
         );
@@ -1184,7 +1208,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("{table}\n{target_table}");
 
-    let chart = chart_svg(&results);
+    let chart = chart_svg(&results)?;
     std::fs::write("benchmarks.svg", chart)?;
 
     let mode = if quick {
@@ -1303,71 +1327,117 @@ fn minimal_server_size() -> Result<u64, String> {
 }
 
 /// A grouped bar chart (SVG) of 16-byte calls/s at concurrency 1 and 64.
-fn chart_svg(results: &[(&str, Figures)]) -> String {
-    let (width, height, left, bottom, top) = (760.0, 360.0, 70.0, 50.0, 40.0);
+fn chart_svg(results: &[(&str, Figures)]) -> Result<String, String> {
+    use plotters::prelude::*;
     let max = results
         .iter()
         .map(|(_, f)| f.c64_calls.max(f.c1_calls))
         .fold(1.0, f64::max);
     // Round the axis up to a multiple of 20 000 calls/s.
     let axis = (max / 20_000.0).ceil() * 20_000.0;
-    let plot_h = height - bottom - top;
-    let group = (width - left - 20.0) / results.len().max(1) as f64;
-    let bar = group * 0.35;
-    let y = |v: f64| top + plot_h - v / axis * plot_h;
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">16-byte unary calls/s by stack (higher is better)</text>\n",
-        width / 2.0
-    );
-    let steps = 4;
-    for i in 0..=steps {
-        let v = axis * i as f64 / steps as f64;
-        svg += &format!(
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}k</text>\n",
-            width - 20.0,
-            left - 6.0,
-            y(v) + 4.0,
-            v / 1000.0,
-            y = y(v)
-        );
-    }
-    for (i, (stack, f)) in results.iter().enumerate() {
-        let x0 = left + group * i as f64 + group * 0.15;
-        for (j, (value, colour)) in [(f.c1_calls, "#8fb3d9"), (f.c64_calls, "#2b6cb0")]
+    let colours = [RGBColor(0x8f, 0xb3, 0xd9), RGBColor(0x2b, 0x6c, 0xb0)];
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 360)).into_drawing_area();
+        let draw = |e: DrawingAreaErrorKind<std::io::Error>| format!("chart: {e}");
+        root.fill(&WHITE).map_err(draw)?;
+        let n = results.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "16-byte unary calls/s by stack (higher is better)",
+                ("sans-serif", 15),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0..n).into_segmented(), 0.0..axis)
+            .map_err(draw)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .y_labels(5)
+            .y_label_formatter(&|v| format!("{:.0}k", v / 1000.0))
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => results.get(*i).map_or("", |r| r.0).to_owned(),
+                _ => String::new(),
+            })
+            .draw()
+            .map_err(draw)?;
+        for (series, (name, colour)) in ["concurrency 1", "concurrency 64"]
             .into_iter()
+            .zip(colours)
             .enumerate()
         {
-            let x = x0 + bar * j as f64;
-            svg += &format!(
-                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"/>\
-                 <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.0}k</text>\n",
-                y(value),
-                bar - 2.0,
-                top + plot_h - y(value),
-                x + bar / 2.0,
-                y(value) - 3.0,
-                value / 1000.0
-            );
+            let bars = results.iter().enumerate().map(move |(i, (_, f))| {
+                let value = if series == 0 { f.c1_calls } else { f.c64_calls };
+                // Two bars per stack, side by side, each a third of the segment.
+                let mut bar = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(i), 0.0),
+                        (SegmentValue::Exact(i + 1), value),
+                    ],
+                    colour.filled(),
+                );
+                let (left, right) = if series == 0 { (15, 50) } else { (50, 15) };
+                bar.set_margin(0, 0, left, right);
+                bar
+            });
+            chart
+                .draw_series(bars)
+                .map_err(draw)?
+                .label(name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 6), (x + 12, y + 6)], colour.filled())
+                });
         }
-        svg += &format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{stack}</text>\n",
-            x0 + bar,
-            height - bottom + 18.0
-        );
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()
+            .map_err(draw)?;
+        root.present().map_err(draw)?;
     }
-    svg += &format!(
-        "<rect x=\"{left}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"#8fb3d9\"/><text x=\"{}\" y=\"{}\">concurrency 1</text>\
-         <rect x=\"{}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"#2b6cb0\"/><text x=\"{}\" y=\"{}\">concurrency 64</text>\n</svg>\n",
-        height - 20.0,
-        left + 16.0,
-        height - 10.0,
-        left + 130.0,
-        height - 20.0,
-        left + 146.0,
-        height - 10.0
-    );
-    svg
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_names_every_stack_and_draws_two_bars_each() {
+        let figures = |c1, c64| Figures {
+            c1_calls: c1,
+            c64_calls: c64,
+            ..Figures::default()
+        };
+        let results = [
+            ("brpc", figures(9_000.0, 60_000.0)),
+            ("tonic", figures(7_000.0, 30_000.0)),
+        ];
+        let svg = chart_svg(&results).expect("chart");
+        assert!(svg.starts_with("<svg"), "{svg}");
+        for text in ["brpc", "tonic", "concurrency 64", "60k"] {
+            assert!(svg.contains(text), "no {text:?} in the chart");
+        }
+        // Two bars per stack plus two legend swatches, all filled rectangles.
+        let bars = svg.matches("<rect").count();
+        assert!(bars >= 2 * results.len() + 2, "{bars} rects");
+    }
+
+    #[test]
+    fn latencies_percentiles_within_a_thousandth() {
+        let mut l = Latencies::default();
+        for micros in 1..=1000 {
+            l.record(Duration::from_micros(micros));
+        }
+        assert_eq!(l.len(), 1000);
+        let p50 = l.percentile(50.0).as_secs_f64() * 1e6;
+        let p99 = l.percentile(99.0).as_secs_f64() * 1e6;
+        assert!((p50 - 500.0).abs() <= 1.0, "{p50}");
+        assert!((p99 - 990.0).abs() <= 1.0, "{p99}");
+        assert_eq!(Latencies::default().percentile(50.0), Duration::ZERO);
+    }
 }
