@@ -435,4 +435,5 @@ pub async fn probed_client(server: &Server, name: &str) -> (Client, brpc::Peer, 
         .expect("registered");
     (client, peer, probe)
 }
+pub mod pair;
 pub mod relay;

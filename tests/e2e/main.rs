@@ -22,6 +22,7 @@ mod liveness;
 mod metadata;
 mod middleware;
 mod oversize;
+mod paused;
 mod session;
 mod streaming;
 mod tls;
