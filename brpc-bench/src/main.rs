@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use brpc::core::conn::{DEFAULT_SOCKET_BUFFER, TransportOptions};
-use brpc::{Client, Router, Server};
+use brpc::{Client, Server};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio_stream::Stream;
@@ -303,14 +303,13 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
         }
         "brpc-unix" => {
             let path = dir.join("brpc.sock");
-            let router = Router::new().add_service(EchoServer::new(EchoService));
-            let server = brpc::core::bytestream::serve_unix(&path, router, Default::default())?;
-            let peer =
-                brpc::core::bytestream::connect_unix(&path, Router::new(), Default::default())
-                    .await?;
+            let server = Server::builder()
+                .add_service(EchoServer::new(EchoService))
+                .bind_unix(&path)?;
+            let client = Client::builder().connect_unix(&path).await?;
             Running {
-                caller: Caller::Brpc(peer.client(EchoClient::new)),
-                _guards: vec![Box::new(server)],
+                caller: Caller::Brpc(EchoClient::new(client.channel())),
+                _guards: vec![Box::new(server), Box::new(client)],
             }
         }
         other => return Err(format!("unknown stack {other}").into()),

@@ -10,12 +10,12 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use brpc_core::bridge::{CallLayer, HostedService};
 use brpc_core::conn::{MemoryBudget, codes};
-use brpc_core::session;
 use brpc_core::tls::{self, PeerIdentity, TlsError};
 use brpc_core::wire::{HelloRequest, KeyValue};
 use brpc_core::{
     CallLimits, Channel, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions,
 };
+use brpc_core::{bytestream, session};
 use quinn::{Endpoint, VarInt};
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -89,6 +89,19 @@ pub enum ConnectError {
         /// The connect timeout in force.
         after: Duration,
     },
+    /// The Unix socket could not be connected to (no server there, no
+    /// permission, or no answer within the connect timeout).
+    #[error(
+        "cannot connect to the Unix socket {}: {source} (is the server running, and may \
+         this user open the socket file?)",
+        path.display()
+    )]
+    Unix {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The server closed the connection while admitting it, and said why
     /// (e.g. at its connection limit, or not authorized).
     #[error("server refused the connection: {reason}")]
@@ -129,6 +142,7 @@ impl ConnectError {
             ConnectError::Handshake(_)
             | ConnectError::Resolve { .. }
             | ConnectError::Endpoint(_)
+            | ConnectError::Unix { .. }
             | ConnectError::Timeout { .. } => false,
         }
     }
@@ -507,7 +521,7 @@ impl Builder {
     }
 
     /// Everything up to the first dial: trust, address, local endpoint.
-    async fn prepare<A>(self, addr: A) -> Result<Arc<Shared>, ConnectError>
+    async fn prepare<A>(mut self, addr: A) -> Result<Arc<Shared>, ConnectError>
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
@@ -524,7 +538,7 @@ impl Builder {
                 addr: shown.clone(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
             })?;
-        let crypto = tls::client_crypto_with_identity(roots, self.identity)?;
+        let crypto = tls::client_crypto_with_identity(roots, self.identity.take())?;
         let mut config = quinn::ClientConfig::new(crypto);
         config.transport_config(brpc_core::conn::transport_config(&self.transport));
         let local = SocketAddr::new(
@@ -538,12 +552,38 @@ impl Builder {
         let mut endpoint = brpc_core::conn::endpoint(local, None, &self.transport, None)
             .map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);
-        let shared = Arc::new(Shared {
+        let server_name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_of(&shown).to_owned());
+        Ok(self.into_shared(Dial::Quic {
             endpoint,
             remote,
-            server_name: self
-                .server_name
-                .unwrap_or_else(|| host_of(&shown).to_owned()),
+            server_name,
+        }))
+    }
+
+    /// Connects to the brpc server (or plain ttrpc server) listening on the
+    /// Unix socket at `path`: ttrpc over a byte stream, with no TLS (the
+    /// socket file's permissions and the server's credential check guard
+    /// it). Everything else is as over QUIC: the services this client hosts
+    /// (a brpc server may call them; a plain ttrpc one cannot), its name and
+    /// labels sent in Hello, reconnect with backoff, shutdown.
+    ///
+    /// # Errors
+    /// [`ConnectError::Unix`] if the socket cannot be connected to.
+    pub async fn connect_unix(
+        self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<Client, ConnectError> {
+        let shared = self.into_shared(Dial::Unix(path.as_ref().to_path_buf()));
+        let peer = connect_once(&shared).await?;
+        Ok(Client::start(shared, Some(peer)))
+    }
+
+    fn into_shared(self, dial: Dial) -> Arc<Shared> {
+        Arc::new(Shared {
+            dial,
             name: self.name,
             labels: self.labels,
             router: self.router,
@@ -565,15 +605,42 @@ impl Builder {
             pinned: self.pinned,
             retry_certificate_mismatch: self.retry_certificate_mismatch,
             buffer: self.limits.total_budget(self.limits.buffer_per_connection),
-        });
-        Ok(shared)
+        })
+    }
+}
+
+/// Where and how the client dials.
+enum Dial {
+    /// QUIC, with TLS checked against `server_name`.
+    Quic {
+        endpoint: Endpoint,
+        remote: SocketAddr,
+        server_name: String,
+    },
+    /// A Unix socket (ttrpc over a byte stream).
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Dial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dial::Quic { remote, .. } => write!(f, "{remote}"),
+            Dial::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Dial {
+    fn endpoint(&self) -> Option<&Endpoint> {
+        match self {
+            Dial::Quic { endpoint, .. } => Some(endpoint),
+            Dial::Unix(_) => None,
+        }
     }
 }
 
 struct Shared {
-    endpoint: Endpoint,
-    remote: SocketAddr,
-    server_name: String,
+    dial: Dial,
     name: String,
     labels: Labels,
     router: Router,
@@ -650,23 +717,54 @@ fn handshake_error(error: quinn::ConnectionError, server_name: &str, pinned: boo
 }
 
 /// One connection attempt: QUIC + TLS handshake and Hello, within the limit.
+/// What this client says in Hello.
+fn hello(shared: &Shared) -> HelloRequest {
+    HelloRequest {
+        protocol_version: session::PROTOCOL_VERSION,
+        name: shared.name.clone(),
+        labels: shared
+            .labels
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
 async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
     let timeout = shared.connect_timeout;
+    let (endpoint, remote, server_name) = match &shared.dial {
+        Dial::Quic {
+            endpoint,
+            remote,
+            server_name,
+        } => (endpoint, *remote, server_name),
+        Dial::Unix(path) => {
+            let unix_error = |source| ConnectError::Unix {
+                path: path.clone(),
+                source,
+            };
+            let dialled = async {
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(unix_error)?;
+                Ok(bytestream::dial(stream, hello(shared), shared.limits).await)
+            };
+            return tokio::time::timeout(timeout, dialled)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(unix_error(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {timeout:?}"),
+                    )))
+                });
+        }
+    };
     let session = async {
-        let connection = shared
-            .endpoint
-            .connect(shared.remote, &shared.server_name)?
+        let connection = endpoint
+            .connect(remote, server_name)?
             .await
-            .map_err(|e| handshake_error(e, &shared.server_name, shared.pinned))?;
-        let hello = HelloRequest {
-            protocol_version: session::PROTOCOL_VERSION,
-            name: shared.name.clone(),
-            labels: shared
-                .labels
-                .iter()
-                .map(|(k, v)| KeyValue::new(k.clone(), v.clone()))
-                .collect(),
-        };
+            .map_err(|e| handshake_error(e, server_name, shared.pinned))?;
+        let hello = hello(shared);
         let answer = match session::send_hello(&connection, hello, shared.limits.max_message_size)
             .await
         {
@@ -699,7 +797,7 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
         tokio::time::timeout(timeout, session)
             .await
             .map_err(|_| ConnectError::Timeout {
-                addr: shared.remote,
+                addr: remote,
                 after: timeout,
             })??;
     let info = PeerInfo {
@@ -732,7 +830,7 @@ enum Ended {
 /// serving its calls in flight in the background while the client reconnects.
 async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
     let span =
-        tracing::info_span!("brpc.connection", id = %peer.connection_id(), server = %shared.remote);
+        tracing::info_span!("brpc.connection", id = %peer.connection_id(), server = %shared.dial);
     let mut serving =
         Box::pin(brpc_core::serve(peer.clone(), shared.router.clone()).instrument(span));
     tokio::select! {
@@ -885,7 +983,7 @@ impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("name", &self.shared.name)
-            .field("server", &self.shared.remote)
+            .field("server", &self.shared.dial.to_string())
             .field("state", &*self.shared.state.borrow())
             .finish()
     }
@@ -945,8 +1043,20 @@ impl Client {
     }
 
     /// The local UDP address.
+    ///
+    /// # Errors
+    /// The OS error; `Unsupported` for a client on a Unix socket.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.shared.endpoint.local_addr()
+        self.udp_endpoint()?.local_addr()
+    }
+
+    fn udp_endpoint(&self) -> std::io::Result<&Endpoint> {
+        self.shared.dial.endpoint().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "a client on a Unix socket has no UDP endpoint",
+            )
+        })
     }
 
     /// Moves the client to a new UDP socket (a new local address). The QUIC
@@ -956,7 +1066,7 @@ impl Client {
     /// # Errors
     /// The OS error if the socket cannot be used.
     pub fn rebind(&self, socket: std::net::UdpSocket) -> std::io::Result<()> {
-        self.shared.endpoint.rebind(socket)
+        self.udp_endpoint()?.rebind(socket)
     }
 
     /// Closes the connection now and stops reconnecting; calls in flight fail.
@@ -990,17 +1100,18 @@ impl Client {
             let _ = tokio::time::timeout(grace, drained).await;
         }
         self.close();
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        if let Some(endpoint) = self.shared.dial.endpoint() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         self.close();
-        self.shared
-            .endpoint
-            .close(VarInt::from_u32(codes::CONN_NORMAL), b"client dropped");
+        if let Some(endpoint) = self.shared.dial.endpoint() {
+            endpoint.close(VarInt::from_u32(codes::CONN_NORMAL), b"client dropped");
+        }
     }
 }
 

@@ -144,11 +144,10 @@ pub async fn send_goaway(peer: &Peer, reason: &str) -> Result<(), Status> {
 
 /// Dialer over a byte stream: says Hello to find out whether the acceptor is
 /// brpc. A plain ttrpc acceptor answers with an error.
-pub(crate) async fn hello_bytestream(peer: &Peer) -> Result<HelloResponse, Status> {
-    let hello = HelloRequest {
-        protocol_version: PROTOCOL_VERSION,
-        ..Default::default()
-    };
+pub(crate) async fn hello_bytestream(
+    peer: &Peer,
+    hello: HelloRequest,
+) -> Result<HelloResponse, Status> {
     let answer = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         session_call(peer, METHOD, hello.encode_to_vec().into()),

@@ -24,6 +24,7 @@ mod broadcast;
 mod registry;
 mod select;
 mod server;
+mod unix;
 
 pub use broadcast::{BroadcastOptions, BroadcastResult, broadcast};
 pub use brpc_core::{ConnectionId, Peer, Router};

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use brpc_core::bridge::{CallLayer, HostedService};
+use brpc_core::conn::UnixCredentials;
 use brpc_core::conn::{MemoryBudget, codes};
 use brpc_core::session::{self, HelloCall};
 use brpc_core::tls::{self, DevCertificate, PeerIdentity, TlsError};
@@ -37,6 +38,14 @@ pub enum BindError {
     /// The TLS configuration was refused.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The Unix socket could not be bound.
+    #[error("cannot listen on Unix socket {}: {source}", path.display())]
+    Unix {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// `bind` was called outside a tokio runtime.
     #[error("Server::bind must be called from within a tokio runtime")]
     NoRuntime,
@@ -80,7 +89,11 @@ pub struct Builder {
     max_connections: usize,
     buffer_total: usize,
     reset_secret: Option<Vec<u8>>,
+    unix_check: Option<CredentialCheck>,
 }
+
+/// A check of a Unix peer's credentials (see [`Builder::require_unix_credentials`]).
+pub(crate) type CredentialCheck = Arc<dyn Fn(&UnixCredentials) -> bool + Send + Sync>;
 
 /// What the server knows of a client when deciding whether to admit it.
 #[derive(Debug)]
@@ -112,6 +125,7 @@ impl Default for Builder {
             max_connections: 100_000,
             buffer_total: brpc_core::conn::DEFAULT_BUFFER_TOTAL,
             reset_secret: None,
+            unix_check: None,
         }
     }
 }
@@ -320,11 +334,46 @@ impl Builder {
         self
     }
 
+    /// Admits a client on a Unix socket only if `check` passes on its
+    /// credentials (`SO_PEERCRED`), e.g.
+    /// [`require_same_user`](brpc_core::bytestream::require_same_user); a
+    /// refused client's socket is closed at once. Default: any local process
+    /// that can open the socket file.
+    pub fn require_unix_credentials(
+        mut self,
+        check: impl Fn(&UnixCredentials) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.unix_check = Some(Arc::new(check));
+        self
+    }
+
+    /// Starts a server that listens on the Unix socket at `path` only (no
+    /// QUIC endpoint; add one by binding instead and calling
+    /// [`Server::listen_unix`]). Its clients speak ttrpc: brpc clients
+    /// ([`connect_unix`](../brpc_client/struct.Builder.html#method.connect_unix))
+    /// and plain ttrpc ones (containerd's Go and Rust ttrpc). They share the
+    /// registry, events, limits and shutdown as QUIC clients do. A stale
+    /// socket file at `path` is replaced.
+    ///
+    /// # Errors
+    /// [`BindError::Unix`] if the socket cannot be bound,
+    /// [`BindError::NoRuntime`] outside a tokio runtime.
+    pub fn bind_unix(self, path: impl AsRef<std::path::Path>) -> Result<Server, BindError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BindError::NoRuntime)?;
+        let server = self.start(&runtime, None, CertificateDer::from(Vec::new()));
+        let path = path.as_ref();
+        server.listen_unix(path).map_err(|source| BindError::Unix {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(server)
+    }
+
     /// Binds the UDP socket and starts accepting. Must run inside a tokio runtime.
     ///
     /// # Errors
     /// [`BindError`] if the address, socket or TLS configuration is unusable.
-    pub fn bind(self, addr: impl ToSocketAddrs) -> Result<Server, BindError> {
+    pub fn bind(mut self, addr: impl ToSocketAddrs) -> Result<Server, BindError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BindError::NoRuntime)?;
         let addr = addr
             .to_socket_addrs()
@@ -336,7 +385,7 @@ impl Builder {
                     "address resolved to nothing",
                 ))
             })?;
-        let (chain, key) = match self.certificate {
+        let (chain, key) = match std::mem::replace(&mut self.certificate, Certificate::Dev(None)) {
             Certificate::Dev(dev) => {
                 let dev = match dev {
                     Some(dev) => dev,
@@ -357,7 +406,7 @@ impl Builder {
         let certificate = chain.first().cloned().ok_or_else(|| {
             TlsError::Rustls(rustls::Error::General("empty certificate chain".into()))
         })?;
-        let crypto = match self.client_roots {
+        let crypto = match self.client_roots.take() {
             Some(roots) => tls::server_crypto_mtls(chain, key, roots)?,
             None => tls::server_crypto(chain, key)?,
         };
@@ -371,8 +420,24 @@ impl Builder {
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| BindError::Socket { addr, source })?;
+        let server = self.start(&runtime, Some(endpoint), certificate);
+        tracing::info!(%local_addr, "brpc server listening");
+        Ok(server)
+    }
+
+    /// The running server, accepting on `endpoint` if there is one.
+    fn start(
+        self,
+        runtime: &tokio::runtime::Handle,
+        endpoint: Option<Endpoint>,
+        certificate: CertificateDer<'static>,
+    ) -> Server {
+        let local_addr = endpoint
+            .as_ref()
+            .and_then(|e| e.local_addr().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let shared = Arc::new(Shared {
-            endpoint: endpoint.clone(),
+            endpoint,
             registry: Registry::new(self.event_capacity),
             shutting_down: AtomicBool::new(false),
             router: self.router,
@@ -385,15 +450,19 @@ impl Builder {
             connections: Arc::new(AtomicUsize::new(0)),
             transport: self.transport,
             buffer_total: self.limits.total_budget(self.buffer_total),
+            unix_check: self.unix_check,
+            unix: std::sync::Mutex::new(Vec::new()),
         });
-        let accept = runtime.spawn(accept_loop(shared.clone()));
-        tracing::info!(%local_addr, "brpc server listening");
-        Ok(Server {
+        let accept = shared
+            .endpoint
+            .is_some()
+            .then(|| runtime.spawn(accept_loop(shared.clone())));
+        Server {
             shared,
             local_addr,
             certificate,
             accept,
-        })
+        }
     }
 }
 
@@ -407,22 +476,27 @@ fn first_connection_id() -> u64 {
     (random & 0xffff_ffff).max(1)
 }
 
-struct Shared {
-    endpoint: Endpoint,
-    registry: Registry,
-    shutting_down: AtomicBool,
-    router: Router,
+pub(crate) struct Shared {
+    /// The QUIC endpoint (`None`: a server on Unix sockets only).
+    endpoint: Option<Endpoint>,
+    pub(crate) registry: Registry,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) router: Router,
     hello_timeout: Duration,
     max_hello_size: usize,
-    limits: CallLimits,
-    next_id: AtomicU64,
+    pub(crate) limits: CallLimits,
+    pub(crate) next_id: AtomicU64,
     authorize: Option<Authorize>,
-    max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Connections past the accept step and not yet ended.
-    connections: Arc<AtomicUsize>,
+    pub(crate) connections: Arc<AtomicUsize>,
     transport: TransportOptions,
     /// Inbound bytes being received, across all connections.
     buffer_total: MemoryBudget,
+    /// Which Unix clients are admitted.
+    pub(crate) unix_check: Option<CredentialCheck>,
+    /// The Unix sockets being listened on.
+    unix: std::sync::Mutex<Vec<crate::unix::Listening>>,
 }
 
 /// A running brpc server. Dropping it closes the endpoint and every connection.
@@ -447,7 +521,8 @@ pub struct Server {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     certificate: CertificateDer<'static>,
-    accept: tokio::task::JoinHandle<()>,
+    /// The QUIC accept loop, if the server has an endpoint.
+    accept: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -465,7 +540,8 @@ impl Server {
         Builder::default()
     }
 
-    /// The bound UDP address (with the real port when bound to port 0).
+    /// The bound UDP address (with the real port when bound to port 0);
+    /// `0.0.0.0:0` for a server on Unix sockets only ([`Builder::bind_unix`]).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
@@ -495,10 +571,34 @@ impl Server {
     /// Clients see close code `CONN_NORMAL` and reconnect with backoff.
     pub fn close(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        self.accept.abort();
-        self.shared
-            .endpoint
-            .close(VarInt::from_u32(codes::CONN_NORMAL), b"server closed");
+        if let Some(accept) = &self.accept {
+            accept.abort();
+        }
+        if let Some(endpoint) = &self.shared.endpoint {
+            endpoint.close(VarInt::from_u32(codes::CONN_NORMAL), b"server closed");
+        }
+        self.close_unix(codes::CONN_NORMAL, "server closed");
+    }
+
+    /// Stops listening on Unix sockets and closes their clients' connections
+    /// (the QUIC endpoint's close does not reach them).
+    fn close_unix(&self, code: u32, reason: &str) {
+        for listening in self
+            .shared
+            .unix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            listening.stop();
+        }
+        for peer in self
+            .shared
+            .registry
+            .select(|p| p.quic_connection().is_none())
+        {
+            peer.close(code, reason);
+        }
     }
 
     /// Graceful shutdown, like ttrpc's `Shutdown`: stop accepting (new
@@ -537,13 +637,17 @@ impl Server {
             while notices.join_next().await.is_some() {}
         })
         .await;
-        self.accept.abort();
-        self.shared.endpoint.close(
-            VarInt::from_u32(codes::CONN_GOING_AWAY),
-            b"server shutting down",
-        );
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        if let Some(accept) = &self.accept {
+            accept.abort();
+        }
+        self.close_unix(codes::CONN_GOING_AWAY, "server shutting down");
+        if let Some(endpoint) = &self.shared.endpoint {
+            endpoint.close(
+                VarInt::from_u32(codes::CONN_GOING_AWAY),
+                b"server shutting down",
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        }
     }
 
     /// Serves until `signal` completes, then shuts down gracefully within
@@ -569,9 +673,31 @@ impl Server {
         self.shutdown(grace).await;
     }
 
-    /// Waits until every connection has closed (after [`Server::close`]).
+    /// Waits until every QUIC connection has closed (after [`Server::close`]).
     pub async fn wait_idle(&self) {
-        self.shared.endpoint.wait_idle().await;
+        if let Some(endpoint) = &self.shared.endpoint {
+            endpoint.wait_idle().await;
+        }
+    }
+
+    /// Also serves on the Unix socket at `path` (ttrpc over a byte stream):
+    /// brpc clients ([`connect_unix`](../brpc_client/struct.Builder.html#method.connect_unix))
+    /// and plain ttrpc ones. They are listed in [`Server::peers`] with their
+    /// [credentials](Peer::credentials) (and with no name or labels: those
+    /// travel in a QUIC Hello), get the same connect and disconnect events,
+    /// limits and shutdown as QUIC clients. A stale socket file at `path` is
+    /// replaced; the file is removed when the server closes.
+    ///
+    /// # Errors
+    /// The OS error if the socket cannot be bound.
+    pub fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> std::io::Result<()> {
+        let listening = crate::unix::listen(&self.shared, path.as_ref())?;
+        self.shared
+            .unix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listening);
+        Ok(())
     }
 }
 
@@ -582,12 +708,15 @@ impl Drop for Server {
 }
 
 async fn accept_loop(shared: Arc<Shared>) {
+    let Some(endpoint) = shared.endpoint.clone() else {
+        return;
+    };
     // Owning the connection tasks here means aborting this loop (Server::close
     // or drop) drops every connection task and, through it, every handler.
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
-            incoming = shared.endpoint.accept() => match incoming {
+            incoming = endpoint.accept() => match incoming {
                 Some(incoming) if shared.shutting_down.load(Ordering::SeqCst) => incoming.refuse(),
                 Some(incoming) => {
                     let admitted = shared.connections.fetch_add(1, Ordering::SeqCst) < shared.max_connections;
@@ -607,21 +736,24 @@ async fn accept_loop(shared: Arc<Shared>) {
 }
 
 /// Removes a peer from the registry however its task ends (even if aborted).
-struct Listed<'a> {
-    shared: &'a Shared,
-    peer: Peer,
+pub(crate) struct Listed<'a> {
+    pub(crate) shared: &'a Shared,
+    pub(crate) peer: Peer,
 }
 
 impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        let closed = self
-            .peer
-            .quic_connection()
-            .and_then(quinn::Connection::close_reason);
-        let reason = why_disconnected(
-            closed.as_ref(),
-            self.shared.shutting_down.load(Ordering::SeqCst),
-        );
+        let shutting_down = self.shared.shutting_down.load(Ordering::SeqCst);
+        let reason = match self.peer.quic_connection() {
+            Some(connection) => why_disconnected(connection.close_reason().as_ref(), shutting_down),
+            None if shutting_down => "the server shut down".to_owned(),
+            None => format!(
+                "the Unix-socket connection ended: {}",
+                self.peer
+                    .close_reason()
+                    .unwrap_or_else(|| "the server stopped serving it".into())
+            ),
+        };
         self.shared
             .registry
             .remove(self.peer.connection_id(), reason);
@@ -664,7 +796,7 @@ fn why_disconnected(closed: Option<&quinn::ConnectionError>, shutting_down: bool
 }
 
 /// Holds one place in the connection count for as long as it lives.
-struct Counted(Arc<AtomicUsize>);
+pub(crate) struct Counted(pub(crate) Arc<AtomicUsize>);
 
 impl Drop for Counted {
     fn drop(&mut self) {

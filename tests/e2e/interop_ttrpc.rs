@@ -10,8 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use brpc::Router;
-use brpc::core::bytestream::{self, ByteStreamOptions};
+use brpc::core::bytestream;
 use common::EchoService;
 use common::echo::echo_client::EchoClient;
 use common::echo::echo_server::EchoServer;
@@ -30,8 +29,22 @@ fn socket(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("brpc-{name}-{}.sock", std::process::id()))
 }
 
-fn echo_router(who: &str) -> Router {
-    Router::new().add_service(EchoServer::new(EchoService::new(who)))
+/// A brpc server on the Unix socket at `path` only, hosting an Echo.
+fn unix_server(path: &std::path::Path, who: &str) -> brpc::Server {
+    brpc::Server::builder()
+        .add_service(EchoServer::new(EchoService::new(who)))
+        .bind_unix(path)
+        .expect("serve")
+}
+
+/// A brpc client of the Unix socket at `path`, hosting an Echo if `who`.
+async fn unix_client(path: &std::path::Path, who: Option<&str>) -> brpc::Client {
+    let builder = brpc::Client::builder();
+    let builder = match who {
+        Some(who) => builder.add_service(EchoServer::new(EchoService::new(who))),
+        None => builder,
+    };
+    builder.connect_unix(path).await.expect("connect")
 }
 
 fn t_request(text: &str, seq: u64) -> t::EchoRequest {
@@ -51,8 +64,7 @@ fn rpc_status(e: ttrpc::Error) -> ttrpc::proto::Status {
 #[tokio::test]
 async fn ttrpc_rust_client_calls_our_server() {
     let path = socket("ttrpc-client");
-    let _server = bytestream::serve_unix(&path, echo_router("brpc"), ByteStreamOptions::default())
-        .expect("serve");
+    let _server = unix_server(&path, "brpc");
     let inner = ttrpc::asynchronous::Client::connect(&format!("unix://{}", path.display()))
         .await
         .expect("connect");
@@ -151,8 +163,7 @@ async fn ttrpc_rust_client_calls_our_server() {
 async fn an_oversized_frame_to_our_server_is_refused_on_its_stream_only() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let path = socket("raw-oversize");
-    let _server = bytestream::serve_unix(&path, echo_router("brpc"), ByteStreamOptions::default())
-        .expect("serve");
+    let _server = unix_server(&path, "brpc");
     let mut raw = tokio::net::UnixStream::connect(&path)
         .await
         .expect("connect");
@@ -307,11 +318,10 @@ async fn our_client_calls_a_ttrpc_rust_server() {
         .register_service(tsvc::create_echo(Arc::new(TtrpcEcho)));
     server.start().await.expect("start");
 
-    let peer = bytestream::connect_unix(&path, Router::new(), ByteStreamOptions::default())
-        .await
-        .expect("connect");
+    let client = unix_client(&path, None).await;
+    let peer = client.peer().expect("connected");
     assert!(!peer.remote_is_brpc(), "ttrpc-rust refused the brpc Hello");
-    let mut echo = EchoClient::new(peer.channel());
+    let mut echo = EchoClient::new(client.channel());
 
     let reply = echo
         .unary(EchoRequest {
@@ -428,19 +438,15 @@ async fn our_client_calls_a_ttrpc_rust_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn brpc_to_brpc_over_one_unix_socket_both_ways() {
     let path = socket("brpc-both");
-    let server =
-        bytestream::serve_unix(&path, echo_router("acceptor"), ByteStreamOptions::default())
-            .expect("serve");
-    let dialer =
-        bytestream::connect_unix(&path, echo_router("dialer"), ByteStreamOptions::default())
-            .await
-            .expect("connect");
+    let server = unix_server(&path, "acceptor");
+    let client = unix_client(&path, Some("dialer")).await;
+    let dialer = client.peer().expect("connected");
     assert!(dialer.remote_is_brpc(), "Hello recognised a brpc acceptor");
     common::eventually(Duration::from_secs(5), "acceptor sees the dialer", || {
         server.peers().len() == 1
     })
     .await;
-    let back = server.peers().remove(0);
+    let back = server.peers().list().remove(0);
     assert!(back.remote_is_brpc());
     let me = back.credentials().expect("SO_PEERCRED");
     let (uid, gid) = nix_uid().expect("ids");
@@ -521,29 +527,27 @@ fn nix_uid() -> Option<(u32, u32)> {
 async fn a_unix_peer_failing_the_credential_check_is_disconnected() {
     let path = socket("creds");
     let (uid, gid) = nix_uid().expect("ids");
-    let options = ByteStreamOptions::default().require(bytestream::require_uid_gid(uid + 1, gid));
-    let server = bytestream::serve_unix(&path, echo_router("picky"), options).expect("serve");
-    let peer = bytestream::connect_unix(&path, Router::new(), ByteStreamOptions::default())
-        .await
-        .expect("socket connects");
-    let err = EchoClient::new(peer.channel())
+    let server = brpc::Server::builder()
+        .add_service(EchoServer::new(EchoService::new("picky")))
+        .require_unix_credentials(bytestream::require_uid_gid(uid + 1, gid))
+        .bind_unix(&path)
+        .expect("serve");
+    let client = unix_client(&path, None).await;
+    let err = EchoClient::new(client.channel())
         .unary(EchoRequest::default())
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(server.peers().is_empty());
 
-    let allowed = bytestream::serve_unix(
-        socket("creds-ok"),
-        echo_router("ok"),
-        ByteStreamOptions::default().require(bytestream::require_same_user()),
-    )
-    .expect("serve");
-    let peer =
-        bytestream::connect_unix(allowed.path(), Router::new(), ByteStreamOptions::default())
-            .await
-            .expect("connect");
-    EchoClient::new(peer.channel())
+    let allowed_path = socket("creds-ok");
+    let _allowed = brpc::Server::builder()
+        .add_service(EchoServer::new(EchoService::new("ok")))
+        .require_unix_credentials(bytestream::require_same_user())
+        .bind_unix(&allowed_path)
+        .expect("serve");
+    let client = unix_client(&allowed_path, None).await;
+    EchoClient::new(client.channel())
         .unary(EchoRequest::default())
         .await
         .expect("same user admitted");

@@ -27,3 +27,4 @@ mod session;
 mod streaming;
 mod tls;
 mod unary;
+mod unix;

@@ -443,6 +443,11 @@ impl Peer {
         self.shared.transport.is_closed()
     }
 
+    /// Why the connection closed, if it has.
+    pub fn close_reason(&self) -> Option<String> {
+        self.shared.transport.close_reason()
+    }
+
     /// Waits until the connection closes and says why.
     pub async fn closed_reason(&self) -> String {
         self.shared.transport.closed().await

@@ -99,6 +99,13 @@ impl Transport {
         }
     }
 
+    pub(crate) fn close_reason(&self) -> Option<String> {
+        match self {
+            Transport::Quic(connection) => connection.close_reason().map(|e| e.to_string()),
+            Transport::Mux(mux) => mux.close_reason(),
+        }
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         match self {
             Transport::Quic(connection) => connection.close_reason().is_some(),
