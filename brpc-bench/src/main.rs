@@ -11,6 +11,7 @@
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # a smoke run, under a minute: figures not for quoting
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
 //! brpc-bench --stack brpc --c64-only        # 10 s at c=64 (or --c1-only), for a profiler
+//! brpc-bench instructions brpc quinn        # instructions per call, counted by callgrind
 //! ```
 //!
 //! Figures: 16-byte unary at concurrency 1 (calls/s, p50, p99) and 64
@@ -423,6 +424,63 @@ impl Latencies {
         }
         Duration::from_nanos(self.0.value_at_quantile(p / 100.0))
     }
+}
+
+/// Exactly `calls` calls of `payload`, 64 at a time; the first error ends it.
+async fn count_calls(caller: &Caller, payload: Bytes, calls: u64) -> Result<(), String> {
+    let per_task = calls.div_ceil(64);
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let caller = caller.clone();
+            let payload = payload.clone();
+            let n = per_task.min(calls.saturating_sub(i * per_task));
+            tokio::spawn(async move {
+                for _ in 0..n {
+                    caller.call(payload.clone()).await?;
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.map_err(|e| e.to_string())??;
+    }
+    Ok(())
+}
+
+/// Instructions callgrind counted for this binary's `count STACK CALLS`.
+fn callgrind_total(stack: &str, calls: u64) -> Result<f64, Box<dyn std::error::Error>> {
+    let output = std::process::Command::new("valgrind")
+        .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+        .arg(std::env::current_exe()?)
+        .args(["count", stack, &calls.to_string()])
+        .output()
+        .map_err(|e| format!("valgrind could not run (is it installed?): {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "count {stack} {calls} under callgrind failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    // "==PID== Collected : 123456789"
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once("Collected :")
+                .map(|(_, n)| n.trim().to_owned())
+        })
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("no instruction count in callgrind's output:\n{stderr}").into())
+}
+
+/// Instructions per call of `stack`: the difference of two callgrind counts
+/// (`calls` and `2 * calls` calls) over the difference in calls.
+fn instructions_per_call(stack: &str, calls: u64) -> Result<f64, Box<dyn std::error::Error>> {
+    let short = callgrind_total(stack, calls)?;
+    let long = callgrind_total(stack, 2 * calls)?;
+    Ok((long - short) / calls as f64)
 }
 
 /// Datagrams the kernel dropped because a UDP socket's receive buffer was
@@ -928,6 +986,23 @@ enum Command {
         n: usize,
         cert: std::path::PathBuf,
     },
+    /// Instructions per 16-byte unary call at concurrency 64, client and
+    /// server together, counted by valgrind's callgrind: each stack runs
+    /// `calls` and then twice as many calls in fresh processes, and the
+    /// difference of the two counts is divided by the difference in calls,
+    /// so start-up and warm-up cancel out. Needs `valgrind` on the PATH.
+    Instructions {
+        /// Calls in the shorter run (the longer one makes twice as many).
+        #[arg(long, default_value_t = 2000)]
+        calls: u64,
+        /// The stacks to count (default: brpc, quinn, ttrpc-unix, brpc-unix).
+        #[arg(value_parser = STACKS)]
+        stacks: Vec<String>,
+    },
+    /// (Internal) make exactly N calls at concurrency 64 after a warm-up,
+    /// for `instructions` to count under callgrind.
+    #[command(hide = true)]
+    Count { stack: String, calls: u64 },
     /// (Internal) measure a stack's memory per idle client in a fresh process.
     #[command(hide = true)]
     Memory {
@@ -963,6 +1038,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let f = fleet(n).await?;
                 println!("{}", f.row());
             }
+            return Ok(());
+        }
+        Some(Command::Instructions { calls, stacks }) => {
+            let stacks = if stacks.is_empty() {
+                ["brpc", "quinn", "ttrpc-unix", "brpc-unix"]
+                    .map(String::from)
+                    .to_vec()
+            } else {
+                stacks
+            };
+            for stack in stacks {
+                let per_call = instructions_per_call(&stack, calls)?;
+                println!("{stack}: {:.1}k instructions per call", per_call / 1e3);
+            }
+            return Ok(());
+        }
+        Some(Command::Count { stack, calls }) => {
+            let dir = std::env::temp_dir().join(format!("brpc-count-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let running = start(&stack, &dir).await?;
+            let small = Bytes::from(vec![7u8; 16]);
+            count_calls(&running.caller, small.clone(), 256).await?;
+            count_calls(&running.caller, small, calls).await?;
+            drop(running);
+            let _ = std::fs::remove_dir_all(&dir);
             return Ok(());
         }
         Some(Command::Memory { stack, n, dir }) => {
