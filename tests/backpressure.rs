@@ -445,8 +445,12 @@ fn after_hello_stalled_frames_stay_within_the_budgets() {
                 answered += 1;
             }
         }
+        // Unloaded, all but the reserved frames' streams are refused (196+
+        // of 201). On a loaded machine some streams' first bytes wait behind
+        // connection flow control past the 8 s idle limit and are reset
+        // instead, which ends them too: require at least half refused.
         assert!(
-            answered >= 2 * (STREAMS - 2),
+            answered >= STREAMS,
             "{answered} calls refused with RESOURCE_EXHAUSTED"
         );
         // The idle reset gave everything back.

@@ -1092,12 +1092,7 @@ impl Client {
             peer.start_draining();
             let notice = session::send_goaway(&peer, "client shutting down");
             let _ = tokio::time::timeout(grace, notice).await;
-            let drained = async {
-                while peer.served_calls_in_flight() > 0 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            };
-            let _ = tokio::time::timeout(grace, drained).await;
+            let _ = tokio::time::timeout(grace, peer.served_calls_drained()).await;
         }
         self.close();
         if let Some(endpoint) = self.shared.dial.endpoint() {

@@ -21,6 +21,8 @@ pub mod bridge;
 pub mod bytestream;
 pub mod conn;
 pub mod metadata;
+// Plumbing the role crates use, not for applications (as tonic's `codegen`).
+#[doc(hidden)]
 pub mod session;
 pub mod tls;
 pub mod wire;

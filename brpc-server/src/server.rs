@@ -622,14 +622,8 @@ impl Server {
             });
         }
         let drained = async {
-            while self
-                .shared
-                .registry
-                .list()
-                .iter()
-                .any(|p| p.calls_in_flight() > 0)
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+            for peer in &peers {
+                peer.calls_drained().await;
             }
         };
         let _ = tokio::time::timeout_at(deadline, drained).await;

@@ -65,6 +65,7 @@ impl Channel {
     /// A channel that calls whichever peer `current` holds at the time of
     /// each call (`None` while disconnected). brpc-client uses it so one
     /// channel survives reconnects.
+    #[doc(hidden)]
     pub fn follow(current: watch::Receiver<Option<Peer>>) -> Self {
         Channel {
             target: Target::Current(current),

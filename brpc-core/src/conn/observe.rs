@@ -16,11 +16,16 @@ use tonic::Code;
 use tracing::Span;
 use tracing::field::Empty;
 
-/// Calls in flight on one connection, by direction.
+/// Calls in flight on one connection, by direction, and a way to wait for
+/// them to end (the drain of a graceful shutdown).
 #[derive(Debug, Default)]
 pub(crate) struct CallCounts {
     served: AtomicUsize,
     outgoing: AtomicUsize,
+    /// Tasks in [`CallCounts::wait_until`]; a count reaching zero wakes
+    /// them only when there are any (a `Notify` takes a lock).
+    waiters: AtomicUsize,
+    drained: tokio::sync::Notify,
 }
 
 impl CallCounts {
@@ -30,7 +35,26 @@ impl CallCounts {
 
     /// Calls in flight in one direction (`served`: the peer's calls to us).
     pub(crate) fn get(&self, served: bool) -> usize {
-        self.counter(served).load(Ordering::Relaxed)
+        self.counter(served).load(Ordering::SeqCst)
+    }
+
+    /// Waits until `done` holds of the counts; it is checked again each
+    /// time a count reaches zero.
+    pub(crate) async fn wait_until(&self, done: impl Fn(&CallCounts) -> bool) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Counted as waiting before checking: a count that reaches zero
+            // after this check sees the waiter and wakes it.
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            if done(self) {
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            notified.await;
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -42,7 +66,7 @@ struct InFlight {
 
 impl InFlight {
     fn enter(counts: &Arc<CallCounts>, served: bool) -> Self {
-        counts.counter(served).fetch_add(1, Ordering::Relaxed);
+        counts.counter(served).fetch_add(1, Ordering::SeqCst);
         calls_in_flight(served).increment(1.0);
         InFlight {
             counts: counts.clone(),
@@ -53,9 +77,13 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.counts
+        let before = self
+            .counts
             .counter(self.served)
-            .fetch_sub(1, Ordering::Relaxed);
+            .fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.counts.waiters.load(Ordering::SeqCst) > 0 {
+            self.counts.drained.notify_waiters();
+        }
         calls_in_flight(self.served).decrement(1.0);
     }
 }
@@ -221,6 +249,33 @@ pub(crate) fn bytes_received(n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn waiting_for_the_drain_wakes_when_the_last_call_ends() {
+        let counts = Arc::new(CallCounts::default());
+        let served = [
+            InFlight::enter(&counts, true),
+            InFlight::enter(&counts, true),
+        ];
+        let outgoing = InFlight::enter(&counts, false);
+        let waiter = tokio::spawn({
+            let counts = counts.clone();
+            async move { counts.wait_until(|c| c.get(true) == 0).await }
+        });
+        tokio::task::yield_now().await;
+        let [first, second] = served;
+        drop(first);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one served call is still running");
+        drop(second);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the last served call ended")
+            .expect("join");
+        // Already drained: returns at once.
+        counts.wait_until(|c| c.get(true) == 0).await;
+        drop(outgoing);
+    }
 
     #[test]
     fn static_keys_match_code_names() {

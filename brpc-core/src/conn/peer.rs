@@ -185,6 +185,7 @@ impl Peer {
     /// `info`. Frames received on it are charged to a budget of its own
     /// (`limits.buffer_per_connection`) and to `total`, which the side's
     /// other connections share.
+    #[doc(hidden)]
     pub fn new(
         connection: quinn::Connection,
         side: Side,
@@ -461,6 +462,20 @@ impl Peer {
     /// Calls this side is serving for the peer right now.
     pub fn served_calls_in_flight(&self) -> usize {
         self.shared.calls.get(true)
+    }
+
+    /// Waits until no call is in flight on this connection, either way (the
+    /// drain of a graceful shutdown; see [`Peer::start_draining`]).
+    pub async fn calls_drained(&self) {
+        self.shared
+            .calls
+            .wait_until(|c| c.get(true) == 0 && c.get(false) == 0)
+            .await;
+    }
+
+    /// Waits until this side serves no call of the peer's.
+    pub async fn served_calls_drained(&self) {
+        self.shared.calls.wait_until(|c| c.get(true) == 0).await;
     }
 
     /// Called with the number of calls being served: once they fill three

@@ -88,6 +88,7 @@ impl Default for TransportOptions {
     }
 }
 
+#[doc(hidden)]
 /// The quinn transport configuration a dialer uses: the call window and
 /// receive window of `options` from the start (it only talks to the server
 /// it chose, which opens calls only after Hello).
@@ -98,6 +99,7 @@ pub fn transport_config(options: &TransportOptions) -> Arc<quinn::TransportConfi
     Arc::new(config)
 }
 
+#[doc(hidden)]
 /// The quinn transport configuration a server uses for every new connection:
 /// until Hello succeeds the client may open only the Hello stream and send
 /// at most [`PRE_HELLO_RECEIVE_WINDOW`] bytes ahead of what the server read.
@@ -109,6 +111,7 @@ pub fn server_transport_config(options: &TransportOptions) -> Arc<quinn::Transpo
     Arc::new(config)
 }
 
+#[doc(hidden)]
 /// Opens an admitted connection up to the windows of `options`: the initial
 /// call window and the full receive window (the server's half of
 /// [`server_transport_config`]).
@@ -132,6 +135,7 @@ fn clamp_varint(value: u64) -> quinn::VarInt {
         .unwrap_or(quinn::VarInt::MAX)
 }
 
+#[doc(hidden)]
 /// An endpoint configuration whose stateless-reset key and connection-id
 /// validation key are derived from a stable `secret` (a server's TLS private
 /// key, or a configured secret). A server restarted with the same secret
@@ -156,6 +160,7 @@ pub fn stable_endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
     config
 }
 
+#[doc(hidden)]
 /// A quinn endpoint on a UDP socket bound to `addr`, with the socket buffers
 /// of `options`, serving with `server` if given, with `config` (see
 /// [`stable_endpoint_config`]; `None`: quinn's default, with random keys).
