@@ -12,7 +12,9 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 pub use brpc_client::{self as client, Client, ClientState, ConnectError};
-pub use brpc_core::{self as core, Channel, ConnectionId, Labels, Peer, Router, tls};
+pub use brpc_core::{
+    self as core, Channel, ConnectionError, ConnectionId, Labels, Peer, Router, tls,
+};
 pub use brpc_server::{
     self as server, BroadcastOptions, BroadcastResult, LabelChannel, PeerEvent, Registry, Server,
     broadcast,

@@ -153,10 +153,10 @@ impl ConnectError {
         match self {
             ConnectError::CertificateName { .. } | ConnectError::NotPinned(_) => true,
             ConnectError::Handshake(quinn::ConnectionError::TransportError(e)) => {
-                e.to_string().contains("certificate")
+                tls::is_certificate_alert(e.code)
             }
             ConnectError::Handshake(quinn::ConnectionError::ConnectionClosed(c)) => {
-                c.to_string().contains("certificate")
+                tls::is_certificate_alert(c.error_code)
             }
             _ => false,
         }
@@ -765,32 +765,32 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
             .await
             .map_err(|e| handshake_error(e, server_name, shared.pinned))?;
         let hello = hello(shared);
-        let answer = match session::send_hello(&connection, hello, shared.limits.max_message_size)
-            .await
-        {
-            Ok(answer) => answer,
-            Err(status) => {
-                // A connection that closed says more than the lost Hello: under
-                // TLS 1.3 a server refusing our certificate does so only now.
-                let refused = matches!(
-                    status.code(),
-                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                );
-                return Err(match connection.close_reason() {
-                    Some(quinn::ConnectionError::ApplicationClosed(close)) if !refused => {
-                        ConnectError::Refused {
-                            code: u32::try_from(close.error_code.into_inner()).unwrap_or(u32::MAX),
-                            reason: close_reason(&close),
+        let answer =
+            match session::send_hello(&connection, hello, shared.limits.max_message_size).await {
+                Ok(answer) => answer,
+                Err(status) => {
+                    // A connection that closed says more than the lost Hello: under
+                    // TLS 1.3 a server refusing our certificate does so only now.
+                    let refused = matches!(
+                        status.code(),
+                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                    );
+                    return Err(match connection.close_reason() {
+                        Some(end @ quinn::ConnectionError::ApplicationClosed(_)) if !refused => {
+                            let end = brpc_core::ConnectionError::from_quinn_closed(&end);
+                            ConnectError::Refused {
+                                code: end.code().unwrap_or(u32::MAX),
+                                reason: end.to_string(),
+                            }
                         }
-                    }
-                    Some(
-                        e @ (quinn::ConnectionError::TransportError(_)
-                        | quinn::ConnectionError::ConnectionClosed(_)),
-                    ) => ConnectError::Handshake(e),
-                    _ => ConnectError::Hello(status),
-                });
-            }
-        };
+                        Some(
+                            e @ (quinn::ConnectionError::TransportError(_)
+                            | quinn::ConnectionError::ConnectionClosed(_)),
+                        ) => ConnectError::Handshake(e),
+                        _ => ConnectError::Hello(status),
+                    });
+                }
+            };
         Ok::<_, ConnectError>((connection, answer))
     };
     let (connection, answer) =
@@ -842,37 +842,12 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
         }
         () = shared.closing() => return Ended::Closing,
     }
-    match peer
-        .quic_connection()
-        .and_then(quinn::Connection::close_reason)
-    {
-        Some(quinn::ConnectionError::ApplicationClosed(close))
-            if close.error_code == VarInt::from_u32(codes::CONN_UNAUTHORIZED) =>
-        {
-            Ended::Refused(close_reason(&close))
-        }
-        Some(quinn::ConnectionError::ApplicationClosed(close)) => Ended::Lost(close_reason(&close)),
-        Some(quinn::ConnectionError::LocallyClosed) => Ended::Closing,
-        Some(other) => Ended::Lost(other.to_string()),
-        None => Ended::Lost("connection ended".into()),
+    match peer.close_reason() {
+        Some(end) if end.is_unauthorized() => Ended::Refused(end.to_string()),
+        Some(end) if end.is_local() => Ended::Closing,
+        Some(end) => Ended::Lost(end.to_string()),
+        None => Ended::Lost("the connection stopped being served".into()),
     }
-}
-
-fn close_reason(close: &quinn::ApplicationClose) -> String {
-    let code = close.error_code.into_inner();
-    let meaning = match u32::try_from(code).unwrap_or(u32::MAX) {
-        codes::CONN_NORMAL => "closed",
-        codes::CONN_GOING_AWAY => "going away",
-        codes::CONN_HELLO_FAILED => "Hello failed",
-        codes::CONN_HELLO_TIMEOUT => "Hello timed out",
-        codes::CONN_UNAUTHORIZED => "unauthorized",
-        codes::CONN_TOO_MANY => "too many connections",
-        _ => "unknown code",
-    };
-    format!(
-        "server {meaning} (code {code:#x}): {}",
-        String::from_utf8_lossy(&close.reason)
-    )
 }
 
 async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {

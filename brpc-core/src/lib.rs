@@ -28,7 +28,9 @@ pub mod tls;
 pub mod wire;
 
 pub use bridge::{Channel, Router};
-pub use conn::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions};
+pub use conn::{
+    CallLimits, ConnectionError, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions,
+};
 pub use session::serve;
 pub use wire::{DEFAULT_MAX_MESSAGE_SIZE, status};
 

@@ -5,6 +5,7 @@
 //! and time limits, the client what to announce.
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use prost::Message;
 use quinn::{Connection, SendStream};
 use tonic::Status;
@@ -164,16 +165,24 @@ pub(crate) async fn hello_bytestream(
 pub struct WithSession<H>(pub H);
 
 impl<H: Handler> Handler for WithSession<H> {
-    async fn serve(&self, call: Incoming, reply: &mut Reply) {
+    fn serve<'a>(
+        &'a self,
+        call: Incoming,
+        reply: &'a mut Reply,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
+        // Either future, not one wrapping the other: the wrapped handler's
+        // future is large and is moved by value at every level.
         if call.service != SERVICE {
-            return self.0.serve(call, reply).await;
+            return Either::Left(self.0.serve(call, reply));
         }
-        let payload = match call.input {
-            Input::Single(payload) => payload,
-            Input::Stream(_) => Bytes::new(),
-        };
-        let (status, payload) = handle_session_call(&call.peer, &call.method, payload);
-        reply.response(status, payload).await;
+        Either::Right(async move {
+            let payload = match call.input {
+                Input::Single(payload) => payload,
+                Input::Stream(_) => Bytes::new(),
+            };
+            let (status, payload) = handle_session_call(&call.peer, &call.method, payload);
+            reply.response(status, payload).await;
+        })
     }
 }
 

@@ -187,6 +187,20 @@ impl DevCertificate {
     }
 }
 
+/// Whether a QUIC error code is a TLS alert about a certificate (bad,
+/// unsupported, revoked, expired, unknown, issued by an unknown CA, or
+/// missing where one is required): the handshake failed on certificate
+/// checks, on this side or the other.
+pub fn is_certificate_alert(code: quinn::TransportErrorCode) -> bool {
+    // TLS alert numbers (RFC 8446 §6): bad_certificate 42,
+    // unsupported_certificate 43, certificate_revoked 44,
+    // certificate_expired 45, certificate_unknown 46, unknown_ca 48,
+    // certificate_required 116.
+    [42u8, 43, 44, 45, 46, 48, 116]
+        .into_iter()
+        .any(|alert| code == quinn::TransportErrorCode::crypto(alert))
+}
+
 /// What to check, in a sentence, for the common certificate failures whose
 /// rustls names say little (`UnknownIssuer`, `CaUsedAsEndEntity`, …), given
 /// the error's text; `None` when there is nothing to add.

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use brpc_core::{ConnectionId, Peer};
+use brpc_core::{ConnectionError, ConnectionId, Peer};
 use tokio::sync::broadcast;
 
 /// A change in who is connected.
@@ -19,8 +19,8 @@ pub enum PeerEvent {
     Disconnected {
         /// The handle it had (its calls now fail with `UNAVAILABLE`).
         peer: Peer,
-        /// Why the connection closed.
-        reason: String,
+        /// How the connection ended.
+        reason: ConnectionError,
     },
 }
 
@@ -146,7 +146,7 @@ impl Registry {
         let _ = self.events.send(PeerEvent::Connected(peer));
     }
 
-    pub(crate) fn remove(&self, id: ConnectionId, reason: String) {
+    pub(crate) fn remove(&self, id: ConnectionId, reason: ConnectionError) {
         let removed = self.write().remove(&id);
         if let Some(peer) = removed {
             metrics::gauge!("brpc_connected_peers").decrement(1.0);

@@ -571,6 +571,11 @@ impl Server {
     /// Clients see close code `CONN_NORMAL` and reconnect with backoff.
     pub fn close(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
+        // Each peer closed by its handle first, so that its disconnect event
+        // says the server closed it.
+        for peer in self.shared.registry.list() {
+            peer.close(codes::CONN_NORMAL, "server closed");
+        }
         if let Some(accept) = &self.accept {
             accept.abort();
         }
@@ -633,6 +638,9 @@ impl Server {
         .await;
         if let Some(accept) = &self.accept {
             accept.abort();
+        }
+        for peer in self.shared.registry.list() {
+            peer.close(codes::CONN_GOING_AWAY, "server shutting down");
         }
         self.close_unix(codes::CONN_GOING_AWAY, "server shutting down");
         if let Some(endpoint) = &self.shared.endpoint {
@@ -737,55 +745,17 @@ pub(crate) struct Listed<'a> {
 
 impl Drop for Listed<'_> {
     fn drop(&mut self) {
-        let shutting_down = self.shared.shutting_down.load(Ordering::SeqCst);
-        let reason = match self.peer.quic_connection() {
-            Some(connection) => why_disconnected(connection.close_reason().as_ref(), shutting_down),
-            None if shutting_down => "the server shut down".to_owned(),
-            None => format!(
-                "the Unix-socket connection ended: {}",
-                self.peer
-                    .close_reason()
-                    .unwrap_or_else(|| "the server stopped serving it".into())
-            ),
-        };
-        self.shared
-            .registry
-            .remove(self.peer.connection_id(), reason);
-    }
-}
-
-/// Why a listed client's connection ended, as a person would put it (the
-/// reason in [`PeerEvent::Disconnected`](crate::PeerEvent)).
-fn why_disconnected(closed: Option<&quinn::ConnectionError>, shutting_down: bool) -> String {
-    use quinn::ConnectionError as E;
-    match closed {
-        _ if shutting_down => "the server shut down".to_owned(),
-        None | Some(E::LocallyClosed) => {
-            "the server closed the connection (Server::close or drop)".to_owned()
+        // A task that ends before its connection (the server stopped
+        // serving it) closes it, so that the event says how it ended.
+        if !self.peer.is_closed() {
+            self.peer
+                .close(codes::CONN_NORMAL, "the server stopped serving it");
         }
-        Some(E::ApplicationClosed(close)) => {
-            let why = String::from_utf8_lossy(&close.reason);
-            let why = if why.is_empty() {
-                "no reason given".into()
-            } else {
-                why
-            };
-            if close.error_code == VarInt::from_u32(codes::CONN_GOING_AWAY) {
-                format!("the client went away: {why}")
-            } else {
-                format!("the client closed the connection: {why}")
-            }
+        if let Some(reason) = self.peer.close_reason() {
+            self.shared
+                .registry
+                .remove(self.peer.connection_id(), reason);
         }
-        Some(E::TimedOut) => "nothing heard from the client for the idle timeout: it \
-            vanished, or the network between is down"
-            .to_owned(),
-        Some(E::Reset) => {
-            "the client forgot the connection (stateless reset): it restarted".to_owned()
-        }
-        Some(E::ConnectionClosed(close)) => {
-            format!("the client closed the connection with a QUIC error: {close}")
-        }
-        Some(other) => format!("the connection failed: {other}"),
     }
 }
 

@@ -215,7 +215,8 @@ async fn a_vanished_peer_fails_its_calls_within_the_idle_timeout() {
         "{waited:?}"
     );
     // The server noticed too: its handler was dropped with the connection.
-    let _ = pair.server.closed_reason().await;
+    let end = pair.server.closed().await;
+    assert!(end.is_timeout(), "{end}");
     eventually(
         Duration::from_secs(5),
         "the server's handler dropped",

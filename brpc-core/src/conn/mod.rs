@@ -8,6 +8,7 @@
 
 mod budget;
 pub(crate) mod call_io;
+mod connection_error;
 mod error;
 mod incoming;
 mod io;
@@ -18,6 +19,7 @@ mod quic;
 mod transport;
 
 pub use budget::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_BUFFER_TOTAL, MemoryBudget};
+pub use connection_error::ConnectionError;
 pub use incoming::{CallEnded, Handler, Incoming, Input, MessageStream, Reply, serve};
 pub use observe::code_name;
 pub use outgoing::{OutgoingCall, RequestBody, ResponseEvent};

@@ -97,29 +97,24 @@ impl Peer {
     /// the connection is gone or going away, `DEADLINE_EXCEEDED` when the
     /// deadline passes before the Request is sent, `RESOURCE_EXHAUSTED` for
     /// a Request over the maximum message size.
-    pub async fn start_call<S>(
-        &self,
-        service: &str,
-        method: &str,
+    pub fn start_call<'a, S>(
+        &'a self,
+        service: &'a str,
+        method: &'a str,
         metadata: Vec<KeyValue>,
         deadline: Option<Instant>,
         body: RequestBody<S>,
-    ) -> Result<OutgoingCall, Status>
+    ) -> impl Future<Output = Result<OutgoingCall, Status>> + Send + 'a
     where
         S: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static,
     {
         let record = self.record_call(false);
         record.named(service, method);
         let span = record.span().clone();
-        let mut record = Some(record);
-        let started = self
-            .open_outgoing(service, method, metadata, deadline, body, &mut record)
+        // One future, not a wrapper around another: futures are moved by
+        // value at every level, and this one is large.
+        self.open_outgoing(service, method, metadata, deadline, body, record)
             .instrument(span)
-            .await;
-        if let (Err(status), Some(record)) = (&started, record.as_mut()) {
-            record.finish(status.code());
-        }
-        started
     }
 
     async fn open_outgoing<S>(
@@ -129,14 +124,20 @@ impl Peer {
         metadata: Vec<KeyValue>,
         deadline: Option<Instant>,
         body: RequestBody<S>,
-        record: &mut Option<CallRecord>,
+        mut record: CallRecord,
     ) -> Result<OutgoingCall, Status>
     where
         S: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static,
     {
+        // A call that ends before it starts is recorded with its status.
+        let fail = |record: &mut CallRecord, status: Status| {
+            record.finish(status.code());
+            status
+        };
         if self.is_going_away() {
-            return Err(Status::unavailable(
-                "the peer is going away (it sent GoAway); reconnect and retry",
+            return Err(fail(
+                &mut record,
+                Status::unavailable("the peer is going away (it sent GoAway); reconnect and retry"),
             ));
         }
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -151,8 +152,14 @@ impl Peer {
             timeout_nano: metadata::to_timeout_nano(timeout),
             metadata,
         };
-        let encoded = encode_request(&envelope, self.max_message_size())?;
-        let opened = with_deadline(deadline, self.open_call(encoded, shape)).await?;
+        let encoded = match encode_request(&envelope, self.max_message_size()) {
+            Ok(encoded) => encoded,
+            Err(status) => return Err(fail(&mut record, status)),
+        };
+        let opened = match with_deadline(deadline, self.open_call(encoded, shape)).await {
+            Ok(opened) => opened,
+            Err(status) => return Err(fail(&mut record, status)),
+        };
         let (mut send, reader) = (opened.writer, opened.reader);
         let mut call = opened.call;
         call.set_deadline(deadline.map(Instant::into_std));
@@ -164,12 +171,14 @@ impl Peer {
                     // The callee refused the request (e.g. too large): its
                     // Response says why.
                     Err(SendError::Stopped) => {}
-                    Err(e) => return Err(write_status(e)),
+                    Err(e) => return Err(fail(&mut record, write_status(e))),
                 }
                 None
             }
             Some(messages) => {
-                opened.sent.map_err(write_status)?;
+                if let Err(e) = opened.sent {
+                    return Err(fail(&mut record, write_status(e)));
+                }
                 let (cancel, cancelled) = oneshot::channel();
                 let (failed, failure) = oneshot::channel();
                 tokio::spawn(pump_requests(
@@ -186,7 +195,7 @@ impl Peer {
             }
         };
         Ok(OutgoingCall {
-            record: record.take(),
+            record: Some(record),
             reader,
             call,
             trailers: Vec::new(),

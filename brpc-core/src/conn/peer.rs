@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tonic::Status;
 
 use super::Side;
+use super::connection_error::ConnectionError;
 use super::observe::{CallCounts, CallRecord};
 use crate::tls::PeerIdentity;
 
@@ -126,6 +127,8 @@ struct Shared {
     limits: CallLimits,
     /// Calls in flight, both directions.
     calls: Arc<CallCounts>,
+    /// How this side closed the connection, if it did (code, reason).
+    local_close: std::sync::OnceLock<(u32, String)>,
     /// This side is shutting down: new calls from the peer are refused.
     draining: watch::Sender<bool>,
     /// The peer said GoAway (with this reason): open no new calls to it.
@@ -242,6 +245,7 @@ impl Peer {
                 info,
                 limits,
                 calls: Arc::default(),
+                local_close: std::sync::OnceLock::new(),
                 draining: watch::Sender::new(false),
                 going_away: watch::Sender::new(None),
                 window_widened: AtomicBool::new(false),
@@ -444,14 +448,23 @@ impl Peer {
         self.shared.transport.is_closed()
     }
 
-    /// Why the connection closed, if it has.
-    pub fn close_reason(&self) -> Option<String> {
-        self.shared.transport.close_reason()
+    /// How the connection ended, if it has (see [`ConnectionError`]).
+    pub fn close_reason(&self) -> Option<ConnectionError> {
+        self.shared
+            .transport
+            .close_reason(self.shared.side, self.local_close())
     }
 
-    /// Waits until the connection closes and says why.
-    pub async fn closed_reason(&self) -> String {
-        self.shared.transport.closed().await
+    /// Waits until the connection ends and says how.
+    pub async fn closed(&self) -> ConnectionError {
+        self.shared
+            .transport
+            .closed(self.shared.side, || self.local_close())
+            .await
+    }
+
+    fn local_close(&self) -> Option<(u32, String)> {
+        self.shared.local_close.get().cloned()
     }
 
     /// Calls in flight on this connection, both directions.
@@ -541,6 +554,10 @@ impl Peer {
     /// Closes the connection now with an application `code` and `reason`
     /// (see [`codes`](super::codes)). Calls in flight fail.
     pub fn close(&self, code: u32, reason: &str) {
+        // The first close is how the connection ended.
+        if !self.is_closed() {
+            let _ = self.shared.local_close.set((code, reason.to_owned()));
+        }
         self.shared.transport.close(code, reason);
     }
 }

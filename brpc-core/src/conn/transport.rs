@@ -10,9 +10,12 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use quinn::{SendStream, VarInt};
 use tonic::Status;
 
+use super::Side;
+use super::connection_error::ConnectionError;
 pub(crate) use super::error::{ReadError, SendError};
 use super::io::{FrameReader, write_frame};
 use crate::wire::Frame;
@@ -99,10 +102,20 @@ impl Transport {
         }
     }
 
-    pub(crate) fn close_reason(&self) -> Option<String> {
+    /// How the connection ended, if it has, as seen from `side`; `local`
+    /// is this side's own close, if it closed it.
+    pub(crate) fn close_reason(
+        &self,
+        side: Side,
+        local: Option<(u32, String)>,
+    ) -> Option<ConnectionError> {
         match self {
-            Transport::Quic(connection) => connection.close_reason().map(|e| e.to_string()),
-            Transport::Mux(mux) => mux.close_reason(),
+            Transport::Quic(connection) => connection
+                .close_reason()
+                .map(|e| ConnectionError::from_quinn(&e, side, local)),
+            Transport::Mux(mux) => mux
+                .close_reason()
+                .map(|reason| ConnectionError::from_stream(reason, side, local)),
         }
     }
 
@@ -113,10 +126,21 @@ impl Transport {
         }
     }
 
-    pub(crate) async fn closed(&self) -> String {
+    /// Waits until the connection ends (see [`Transport::close_reason`]).
+    pub(crate) async fn closed(
+        &self,
+        side: Side,
+        local: impl FnOnce() -> Option<(u32, String)>,
+    ) -> ConnectionError {
         match self {
-            Transport::Quic(connection) => connection.closed().await.to_string(),
-            Transport::Mux(mux) => mux.closed().await,
+            Transport::Quic(connection) => {
+                let error = connection.closed().await;
+                ConnectionError::from_quinn(&error, side, local())
+            }
+            Transport::Mux(mux) => {
+                let reason = mux.closed().await;
+                ConnectionError::from_stream(reason, side, local())
+            }
         }
     }
 
@@ -189,15 +213,15 @@ impl CallWriter {
     /// Resolves when the peer stops reading this call (it cancelled) or the
     /// connection ends; after a clean finish it may also resolve, once the
     /// peer has everything.
-    pub(crate) fn stopped(&self) -> BoxFuture<'static, ()> {
+    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         match self {
             CallWriter::Quic(send) => {
                 let stopped = send.stopped();
-                Box::pin(async move {
+                Either::Left(async move {
                     let _ = stopped.await;
                 })
             }
-            CallWriter::Mux(sink) => sink.closed(),
+            CallWriter::Mux(sink) => Either::Right(sink.closed()),
         }
     }
 }

@@ -28,3 +28,17 @@ pub const CONN_HELLO_TIMEOUT: u32 = 0x03;
 pub const CONN_UNAUTHORIZED: u32 = 0x04;
 /// Connection: the server is at its connection limit.
 pub const CONN_TOO_MANY: u32 = 0x05;
+
+/// What a connection close code means, in a few words ("going away",
+/// "unauthorized", …).
+pub fn connection_code_meaning(code: u32) -> &'static str {
+    match code {
+        CONN_NORMAL => "closed",
+        CONN_GOING_AWAY => "going away",
+        CONN_HELLO_FAILED => "Hello failed",
+        CONN_HELLO_TIMEOUT => "Hello timed out",
+        CONN_UNAUTHORIZED => "unauthorized",
+        CONN_TOO_MANY => "too many connections",
+        _ => "unknown code",
+    }
+}
