@@ -10,7 +10,6 @@
 //! connection.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +18,7 @@ use tokio::task::JoinSet;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::call_io::{SharedCall, lock, now};
+use super::call_io::{CallCell, SharedCall, lock, now};
 use super::observe::CallRecord;
 use super::transport::{CallReader, CallWriter, ReadError};
 use super::{Peer, codes};
@@ -96,7 +95,7 @@ async fn serve_call<H: Handler>(
     let call = Call::callee(stream_id, peer.call_config(), now());
     let mut out = Reply {
         send,
-        call: Arc::new(Mutex::new(call)),
+        call: CallCell::Alone(call),
         writing: false,
         record,
         ended: false,
@@ -195,7 +194,7 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
         let (fail, failed) = oneshot::channel();
         let input = Input::Stream(MessageStream {
             reader,
-            call: out.call.clone(),
+            call: out.call.share(),
             first: first_message,
             failed: false,
             fail: Some(fail),
@@ -360,7 +359,7 @@ impl std::error::Error for CallEnded {}
 /// the end (an OK close or a Response). A [`Handler`] answers through it.
 pub struct Reply {
     send: CallWriter,
-    call: SharedCall,
+    call: CallCell,
     /// A frame write was started and not finished: if the write is abandoned
     /// (deadline), the stream holds a partial frame and can only be reset.
     writing: bool,
@@ -372,7 +371,7 @@ pub struct Reply {
 impl std::fmt::Debug for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reply")
-            .field("stream_id", &lock(&self.call).stream_id())
+            .field("stream_id", &self.call.read(Call::stream_id))
             .field("ended", &self.ended)
             .finish()
     }
@@ -389,13 +388,13 @@ impl Drop for Reply {
 }
 
 impl Reply {
-    fn with<T>(&self, f: impl FnOnce(&mut Call) -> T) -> T {
-        f(&mut lock(&self.call))
+    fn with<T>(&mut self, f: impl FnOnce(&mut Call) -> T) -> T {
+        self.call.with(f)
     }
 
     /// The largest message this side may send.
     pub fn max_message_size(&self) -> usize {
-        self.with(|call| call.config().max_message_size)
+        self.call.read(|call| call.config().max_message_size)
     }
 
     /// Whether the call's final frame went out (or the call was reset).

@@ -7,8 +7,6 @@
 //!
 //! Knows nothing of http or tonic: [`Channel`](crate::Channel) adapts it.
 
-use std::sync::{Arc, Mutex};
-
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::oneshot;
@@ -16,7 +14,7 @@ use tokio::time::Instant;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::call_io::{SharedCall, lock, now};
+use super::call_io::{CallCell, SharedCall, lock, now};
 use super::observe::CallRecord;
 use super::peer::Peer;
 use super::transport::{CallReader, CallWriter, ReadError, SendError};
@@ -59,7 +57,7 @@ pub struct OutgoingCall {
     /// Outcome and in-flight count of the call (`None` once recorded).
     record: Option<CallRecord>,
     reader: CallReader,
-    call: SharedCall,
+    call: CallCell,
     trailers: Vec<KeyValue>,
     done: bool,
     pump: Option<Pump>,
@@ -68,7 +66,7 @@ pub struct OutgoingCall {
 impl std::fmt::Debug for OutgoingCall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutgoingCall")
-            .field("stream_id", &lock(&self.call).stream_id())
+            .field("stream_id", &self.call.read(crate::wire::Call::stream_id))
             .field("done", &self.done)
             .finish()
     }
@@ -163,7 +161,7 @@ impl Peer {
         let (mut send, reader) = (opened.writer, opened.reader);
         let mut call = opened.call;
         call.set_deadline(deadline.map(Instant::into_std));
-        let call: SharedCall = Arc::new(Mutex::new(call));
+        let mut call = CallCell::Alone(call);
         let pump = match messages {
             None => {
                 match opened.sent {
@@ -183,7 +181,7 @@ impl Peer {
                 let (failed, failure) = oneshot::channel();
                 tokio::spawn(pump_requests(
                     send,
-                    call.clone(),
+                    call.share(),
                     messages,
                     cancelled,
                     failed,
@@ -304,7 +302,7 @@ impl OutgoingCall {
         if self.done {
             return self.end(Status::internal("the call already ended"), None);
         }
-        let deadline = lock(&self.call).deadline();
+        let deadline = self.call.read(crate::wire::Call::deadline);
         let result = match deadline {
             None => self.read_event().await,
             Some(at) => tokio::time::timeout_at(Instant::from_std(at), self.read_event())
@@ -318,12 +316,11 @@ impl OutgoingCall {
             Ok(event) => return event,
             Err(failure) => failure,
         };
-        let abort = {
-            let mut call = lock(&self.call);
-            // The deadline's own words when it is what ended the call.
+        // The deadline's own words when it is what ended the call.
+        let abort = self.call.with(|call| {
             call.handle_timeout(now())
                 .unwrap_or_else(|| call.abort(failure))
-        };
+        });
         if let Some(code) = abort.stop {
             self.reader.stop(code);
         }
@@ -357,7 +354,7 @@ impl OutgoingCall {
             let frame = match next {
                 Next::Frame(Ok(Some(frame))) => frame,
                 Next::Frame(Ok(None)) => {
-                    let status = lock(&self.call).recv_finished().unwrap_or_else(|| {
+                    let status = self.call.with(|c| c.recv_finished()).unwrap_or_else(|| {
                         Status::internal("peer ended the call's stream without a status")
                     });
                     return Err(Failure::Local(status));
@@ -380,7 +377,7 @@ impl OutgoingCall {
                     }
                 }
             };
-            let inbound = lock(&self.call).recv(frame, now());
+            let inbound = self.call.with(|c| c.recv(frame, now()));
             match inbound.map_err(Failure::Protocol)? {
                 Inbound::Headers(entries) => return Ok(ResponseEvent::Headers(entries)),
                 Inbound::Trailers(entries) => self.trailers = entries,
@@ -408,7 +405,7 @@ impl OutgoingCall {
 impl Drop for OutgoingCall {
     fn drop(&mut self) {
         if !self.done {
-            let abort = lock(&self.call).abort(Failure::Cancelled);
+            let abort = self.call.with(|c| c.abort(Failure::Cancelled));
             if let Some(code) = abort.stop {
                 self.reader.stop(code);
             }
