@@ -11,7 +11,7 @@ use quinn::{Connection, SendStream};
 use tonic::Status;
 
 use crate::conn::{
-    ConnectionId, FrameReader, Handler, Incoming, Input, Peer, Reply, Side, write_frame,
+    ConnectionId, FrameReader, Handler, Incoming, Input, NoTimer, Peer, Reply, Side, write_frame,
 };
 use crate::wire::{
     self, Call, CallConfig, Flags, Frame, FrameType, HelloRequest, HelloResponse, Inbound, Request,
@@ -71,7 +71,7 @@ pub async fn send_hello(
         },
     );
     loop {
-        let frame = match reader.next().await {
+        let frame = match reader.next(&mut NoTimer).await {
             Ok(Some(frame)) => frame,
             Ok(None) => return Err(Status::internal("server ended Hello without an answer")),
             Err(e) => return Err(e.to_status()),
@@ -107,7 +107,7 @@ async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes
         .map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
     send.finish();
     loop {
-        let frame = match reader.next().await {
+        let frame = match reader.next(&mut NoTimer).await {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 return Err(Status::internal(format!(
@@ -275,7 +275,7 @@ pub async fn receive_hello(
     };
     let mut call = Call::callee(stream_id, config, std::time::Instant::now());
     let outcome = loop {
-        let frame = match reader.next().await {
+        let frame = match reader.next(&mut NoTimer).await {
             Ok(Some(frame)) => frame,
             Ok(None) => break Err(Status::invalid_argument("stream ended before Hello")),
             Err(e) => break Err(e.to_status()),

@@ -344,7 +344,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => frame,
-            _ = closed.wait_for(Option::is_some) => None,
+            // Closing: what was queued before still goes out (a call's
+            // answer sent just before a graceful shutdown closed the link).
+            _ = closed.wait_for(Option::is_some) => frames.try_recv().ok(),
         };
         let Some(frame) = frame else { break };
         buf.clear();

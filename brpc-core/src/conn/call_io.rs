@@ -49,6 +49,26 @@ impl CallCell {
     }
 }
 
+impl super::io::CallTimer for CallCell {
+    fn timeout(&mut self) -> Option<std::time::Instant> {
+        self.read(Call::poll_timeout)
+    }
+
+    fn progress(&mut self, mid_frame: bool) {
+        self.with(|call| call.note_bytes(now(), mid_frame));
+    }
+}
+
+impl super::io::CallTimer for SharedCall {
+    fn timeout(&mut self) -> Option<std::time::Instant> {
+        lock(self).poll_timeout()
+    }
+
+    fn progress(&mut self, mid_frame: bool) {
+        lock(self).note_bytes(now(), mid_frame);
+    }
+}
+
 /// Locks a call's machine. It holds no invariant a panic elsewhere could
 /// break halfway, so a poisoned lock is used as it is.
 pub(crate) fn lock(call: &SharedCall) -> std::sync::MutexGuard<'_, Call> {

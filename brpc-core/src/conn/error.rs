@@ -19,8 +19,9 @@ pub(crate) enum ReadError {
     ConnectionLost(quinn::ConnectionError),
     /// This side already stopped the stream.
     Closed,
-    /// No byte arrived within the idle limit while a frame was incomplete.
-    Idle(std::time::Duration),
+    /// The call's machine had a timer run out (its deadline or idle limit)
+    /// while a frame was awaited: ask it what happened.
+    Timeout,
     /// The byte-stream connection carrying the call is gone.
     LinkLost(String),
     /// The Request of a new call found no room in the inbound buffer budget
@@ -44,9 +45,9 @@ impl ReadError {
             ReadError::LinkLost(reason) => {
                 Status::unavailable(format!("connection lost: {reason}"))
             }
-            ReadError::Idle(limit) => Status::deadline_exceeded(format!(
-                "the call stalled for {limit:?} in the middle of a frame; reset"
-            )),
+            ReadError::Timeout => {
+                Status::deadline_exceeded("the call's time ran out while reading")
+            }
             ReadError::Exhausted(why) => Status::resource_exhausted(why.clone()),
         }
     }

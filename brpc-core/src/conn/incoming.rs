@@ -90,6 +90,7 @@ async fn serve_call<H: Handler>(
     stream_id: u32,
 ) {
     let stopped = send.stopped();
+    tokio::pin!(stopped);
     let record = peer.record_call(true);
     let span = record.span().clone();
     let call = Call::callee(stream_id, peer.call_config(), now());
@@ -100,12 +101,21 @@ async fn serve_call<H: Handler>(
         record,
         ended: false,
     };
+    let quic = peer.quic_connection().is_some();
+    let draining = peer.clone();
     let answered = tokio::select! {
         biased;
         () = answer(peer, &handler, &mut out, recv).instrument(span) => true,
         // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
-        () = stopped => false,
+        () = &mut stopped => false,
     };
+    if answered && quic && draining.is_draining() {
+        // A graceful shutdown closes the connection once no call is in
+        // flight, and a QUIC close discards data not yet delivered: stay in
+        // flight until the caller has the answer (it acknowledged the
+        // stream), for at most a second.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stopped).await;
+    }
     if !answered {
         let abort = out.with(|call| call.abort(Failure::Cancelled));
         out.carry_out(None, abort).await;
@@ -131,7 +141,7 @@ fn read_failure(error: ReadError) -> Option<Failure> {
 /// Reads the Request, runs the handler under the call's deadline, answers.
 async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader: CallReader) {
     let (request, first_message, streaming) = loop {
-        let frame = match reader.next().await {
+        let frame = match reader.next(&mut out.call).await {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 if let Some(status) = out.with(Call::recv_finished) {
@@ -139,11 +149,14 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
                 }
                 return;
             }
-            Err(ReadError::Idle(limit)) => {
-                tracing::debug!(?limit, "call stalled before its Request; reset");
-                reader.stop(codes::STREAM_IDLE);
-                out.reset(codes::STREAM_IDLE);
-                return;
+            Err(ReadError::Timeout) => {
+                // The idle limit, before or in the middle of the Request.
+                if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
+                    tracing::debug!(status = %abort.status, "call stalled before its Request");
+                    out.carry_out(Some(&mut reader), abort).await;
+                    return;
+                }
+                continue;
             }
             Err(e) => {
                 if let Some(failure) = read_failure(e) {
@@ -304,20 +317,31 @@ impl MessageStream {
             return None;
         }
         loop {
-            let frame = match self.reader.next().await {
+            let frame = match self.reader.next(&mut self.call).await {
                 Ok(Some(frame)) => frame,
                 // A QUIC FIN without the close frame still ends the input.
                 Ok(None) => {
                     lock(&self.call).recv_finished();
                     return None;
                 }
-                Err(ReadError::Idle(limit)) => {
-                    // The idle limit is still the reader's: stop with its code
-                    // before the machine picks one.
-                    self.reader.stop(codes::STREAM_IDLE);
-                    return Some(Err(self.fail(Failure::Local(Status::deadline_exceeded(
-                        format!("the call stalled for {limit:?} in the middle of a frame; reset"),
-                    )))));
+                Err(ReadError::Timeout) => {
+                    // A timer of the call's ran out: the machine says which,
+                    // and how the call ends.
+                    let Some(abort) = lock(&self.call).handle_timeout(now()) else {
+                        continue;
+                    };
+                    self.failed = true;
+                    if let Some(code) = abort.stop {
+                        self.reader.stop(code);
+                    }
+                    let status = abort.status.clone();
+                    if let Some(fail) = self.fail.take() {
+                        let _ = fail.send(Abort {
+                            stop: None,
+                            ..abort
+                        });
+                    }
+                    return Some(Err(status));
                 }
                 Err(e) => {
                     let status = e.to_status();

@@ -17,9 +17,8 @@ pub(crate) struct FrameReader {
     buf: BytesMut,
     decoder: FrameDecoder,
     finished: bool,
-    idle: Option<std::time::Duration>,
-    /// Apply the idle limit before the first frame too (a callee waiting for
-    /// the Request of a stream the peer opened).
+    /// No frame has arrived yet (the budget refuses rather than waits for
+    /// the first frame of a stream the peer opened).
     awaiting_first: bool,
     budgets: Option<Budgets>,
     /// Bytes reserved for the frame in progress.
@@ -42,7 +41,6 @@ impl FrameReader {
             buf: BytesMut::new(),
             decoder: FrameDecoder::new(max_message_size),
             finished: false,
-            idle: None,
             awaiting_first: false,
             budgets: None,
             reserved: 0,
@@ -81,21 +79,21 @@ impl FrameReader {
         Ok(())
     }
 
-    /// Resets the call (reads fail with [`ReadError::Idle`]) when it stalls
-    /// mid-frame for `idle`; with `first_frame`, also while no frame at all
-    /// has arrived.
-    pub(crate) fn with_idle_limit(
-        mut self,
-        idle: Option<std::time::Duration>,
-        first_frame: bool,
-    ) -> Self {
-        self.idle = idle;
-        self.awaiting_first = first_frame;
+    /// Marks a stream the peer opened: its first frame (the Request) is
+    /// refused, not waited for, when the budget has no room.
+    pub(crate) fn peer_opened(mut self) -> Self {
+        self.awaiting_first = true;
         self
     }
 
     /// The next frame; `Ok(None)` when the peer finished the stream cleanly.
-    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+    /// Bytes that arrive are reported to `timer` (the call's machine), and
+    /// a read that outlasts its next timeout fails with
+    /// [`ReadError::Timeout`]: the machine then says what ran out.
+    pub(crate) async fn next(
+        &mut self,
+        timer: &mut impl CallTimer,
+    ) -> Result<Option<Frame>, ReadError> {
         loop {
             match self.decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
@@ -128,14 +126,14 @@ impl FrameReader {
             // With a whole header buffered, a chunk that is exactly the frame's
             // data becomes the frame's payload without being copied.
             let header_only = header.filter(|_| self.buf.len() == HEADER_LEN);
-            let stalled_mid_frame =
-                !self.buf.is_empty() || self.decoder.skipping() > 0 || self.awaiting_first;
+            let mid_frame = !self.buf.is_empty() || self.decoder.skipping() > 0;
+            timer.progress(mid_frame);
             let read = self.recv.read_chunk(wanted, true);
-            let chunk = match self.idle {
-                Some(limit) if stalled_mid_frame => tokio::time::timeout(limit, read)
+            let chunk = match timer.timeout() {
+                Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), read)
                     .await
-                    .map_err(|_| ReadError::Idle(limit))??,
-                _ => read.await?,
+                    .map_err(|_| ReadError::Timeout)??,
+                None => read.await?,
             };
             match chunk {
                 Some(chunk) => {
@@ -167,6 +165,26 @@ impl FrameReader {
             let _ = self.recv.stop(VarInt::from_u32(code));
         }
     }
+}
+
+/// The call machine's timers as a frame reader sees them: when to give up
+/// waiting, and bytes arriving (in the middle of a frame, or not).
+pub(crate) trait CallTimer {
+    /// When the read in progress must stop waiting, if ever.
+    fn timeout(&mut self) -> Option<std::time::Instant>;
+    /// Bytes arrived (or a read starts) with a frame half received or not.
+    fn progress(&mut self, mid_frame: bool);
+}
+
+/// No timers: a reader waits as long as it takes.
+pub(crate) struct NoTimer;
+
+impl CallTimer for NoTimer {
+    fn timeout(&mut self) -> Option<std::time::Instant> {
+        None
+    }
+
+    fn progress(&mut self, _mid_frame: bool) {}
 }
 
 /// Writes one frame; the data is sent without being copied.

@@ -34,7 +34,7 @@ pub(crate) use transport::{
     BoxFuture, FrameSink, FrameSource, Multiplexer, MuxCall, ReadError, RequestBuilder, SendError,
 };
 
-pub(crate) use io::{FrameReader, write_frame};
+pub(crate) use io::{FrameReader, NoTimer, write_frame};
 pub(crate) use observe::{
     bytes_received as observe_bytes_received, bytes_sent as observe_bytes_sent,
 };

@@ -344,10 +344,10 @@ impl OutgoingCall {
     async fn read_event(&mut self) -> Result<ResponseEvent, Failure> {
         loop {
             let next = match self.pump.as_mut().and_then(|p| p.failure.as_mut()) {
-                None => Next::Frame(self.reader.next().await),
+                None => Next::Frame(self.reader.next(&mut self.call).await),
                 Some(failure) => tokio::select! {
                     biased;
-                    frame = self.reader.next() => Next::Frame(frame),
+                    frame = self.reader.next(&mut self.call) => Next::Frame(frame),
                     failed = failure => Next::PumpFailed(failed.ok()),
                 },
             };

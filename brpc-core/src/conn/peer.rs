@@ -344,7 +344,6 @@ impl Peer {
                 let mut call = Call::caller(stream_id, config);
                 let frame = call.send_request(request, shape)?;
                 let reader = FrameReader::new(recv, limits.max_message_size)
-                    .with_idle_limit(limits.idle_timeout, false)
                     .with_budgets(self.shared.budgets.clone(), false);
                 let mut writer = CallWriter::Quic(send);
                 let sent = writer.write_frame(frame).await;
@@ -391,7 +390,7 @@ impl Peer {
                 let stream_id =
                     crate::wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
                 let reader = FrameReader::new(recv, limits.max_message_size)
-                    .with_idle_limit(limits.idle_timeout, true)
+                    .peer_opened()
                     .with_budgets(self.shared.budgets.clone(), true);
                 Some((CallWriter::Quic(send), CallReader::Quic(reader), stream_id))
             }
@@ -403,11 +402,15 @@ impl Peer {
     }
 
     /// The limits of one call on this connection, as its machine takes them.
-    /// The idle limit is still enforced by the frame reader, mid-frame.
+    /// Over a byte stream frames arrive whole: no call waits mid-frame.
     pub(crate) fn call_config(&self) -> CallConfig {
         CallConfig {
             max_message_size: self.shared.limits.max_message_size,
-            idle_limit: None,
+            idle_limit: self
+                .shared
+                .transport
+                .quic()
+                .and(self.shared.limits.idle_timeout),
             metadata_frames: self.remote_is_brpc(),
         }
     }

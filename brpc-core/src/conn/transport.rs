@@ -17,7 +17,7 @@ use tonic::Status;
 use super::Side;
 use super::connection_error::ConnectionError;
 pub(crate) use super::error::{ReadError, SendError};
-use super::io::{FrameReader, write_frame};
+use super::io::{CallTimer, FrameReader, write_frame};
 use crate::wire::Frame;
 
 /// A boxed future, as the byte-stream side of the seam returns them.
@@ -162,9 +162,14 @@ pub(crate) enum CallReader {
 
 impl CallReader {
     /// The next frame; `Ok(None)` when the peer finished the call's stream.
-    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+    /// (Over a byte stream frames arrive whole and only the pump's own
+    /// deadline applies.)
+    pub(crate) async fn next(
+        &mut self,
+        timer: &mut impl CallTimer,
+    ) -> Result<Option<Frame>, ReadError> {
         match self {
-            CallReader::Quic(reader) => reader.next().await,
+            CallReader::Quic(reader) => reader.next(timer).await,
             CallReader::Mux(source) => source.next().await,
         }
     }

@@ -294,11 +294,9 @@ impl Call {
     /// again: the idle limit runs only while a frame is half received.
     pub fn note_bytes(&mut self, now: Instant, mid_frame: bool) {
         if self.recv == RecvPhase::AwaitRequest {
-            // Before the Request the limit runs from the stream's opening,
-            // whatever trickles in.
-            if self.idle_at.is_none() {
-                self.idle_at = self.config.idle_limit.map(|limit| now + limit);
-            }
+            // Before the Request the limit always runs (a stream that
+            // brings nothing is reset too); bytes arriving restart it.
+            self.idle_at = self.config.idle_limit.map(|limit| now + limit);
             return;
         }
         self.idle_at = if mid_frame && self.recv == RecvPhase::Open {
@@ -1177,10 +1175,11 @@ mod tests {
     fn idle_limit_before_the_request_resets_without_an_answer() {
         let mut b = callee();
         assert_eq!(b.poll_timeout(), Some(at(5)));
-        // Bytes trickling in do not restart the limit before the Request.
+        // Bytes arriving restart the limit, as mid-frame.
         b.note_bytes(at(4), true);
-        assert_eq!(b.poll_timeout(), Some(at(5)));
-        let abort = b.handle_timeout(at(5)).unwrap();
+        assert_eq!(b.poll_timeout(), Some(at(9)));
+        assert!(b.handle_timeout(at(5)).is_none());
+        let abort = b.handle_timeout(at(9)).unwrap();
         assert_eq!(abort.stop, Some(codes::STREAM_IDLE));
         assert_eq!(abort.reset, Some(codes::STREAM_IDLE));
         assert!(abort.response.is_none());
