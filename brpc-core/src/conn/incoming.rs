@@ -292,8 +292,14 @@ impl MessageStream {
     /// Ends the call for `failure`: the machine picks the codes, the reader
     /// is stopped here and the rest is carried out by `answer`.
     fn fail(&mut self, failure: Failure) -> Status {
-        self.failed = true;
         let abort = lock(&self.call).abort(failure);
+        self.end(abort)
+    }
+
+    /// Ends the call as `abort` says: the reader is stopped here, the rest
+    /// is carried out by `answer`; the status is what the handler sees.
+    fn end(&mut self, abort: Abort) -> Status {
+        self.failed = true;
         if let Some(code) = abort.stop {
             self.reader.stop(code);
         }
@@ -330,18 +336,7 @@ impl MessageStream {
                     let Some(abort) = lock(&self.call).handle_timeout(now()) else {
                         continue;
                     };
-                    self.failed = true;
-                    if let Some(code) = abort.stop {
-                        self.reader.stop(code);
-                    }
-                    let status = abort.status.clone();
-                    if let Some(fail) = self.fail.take() {
-                        let _ = fail.send(Abort {
-                            stop: None,
-                            ..abort
-                        });
-                    }
-                    return Some(Err(status));
+                    return Some(Err(self.end(abort)));
                 }
                 Err(e) => {
                     let status = e.to_status();

@@ -1311,6 +1311,18 @@ mod tests {
 
     // ---- inbound checks (the protocol violations) ----
 
+    /// Feeds `frames` to `c` until one is refused: it must be, with `code`
+    /// and a message containing `want`, and end the receive half.
+    fn expect_violation(mut c: Call, frames: Vec<Frame>, code: Code, want: &str) {
+        let err = frames
+            .into_iter()
+            .find_map(|f| c.recv(f, t0()).err())
+            .unwrap_or_else(|| panic!("no error, expected {want}"));
+        assert_eq!(err.code(), code, "{want}");
+        assert!(err.message().contains(want), "{} !~ {want}", err.message());
+        assert!(c.is_done());
+    }
+
     #[test]
     fn unary_request_carries_its_message_even_when_empty() {
         let mut c = callee();
@@ -1437,18 +1449,7 @@ mod tests {
             ),
         ];
         for (frames, want) in cases {
-            let mut c = callee();
-            let mut last = None;
-            for f in frames {
-                if let Err(e) = c.recv(f, t0()) {
-                    last = Some(e);
-                    break;
-                }
-            }
-            let err = last.unwrap_or_else(|| panic!("no error, expected {want}"));
-            assert_eq!(err.code(), Code::InvalidArgument, "{want}");
-            assert!(err.message().contains(want), "{} !~ {want}", err.message());
-            assert!(c.is_done());
+            expect_violation(callee(), frames, Code::InvalidArgument, want);
         }
     }
 
@@ -1495,18 +1496,7 @@ mod tests {
             ),
         ];
         for (frames, want) in cases {
-            let mut c = caller();
-            let mut last = None;
-            for f in frames {
-                if let Err(e) = c.recv(f, t0()) {
-                    last = Some(e);
-                    break;
-                }
-            }
-            let err = last.unwrap_or_else(|| panic!("no error, expected {want}"));
-            assert_eq!(err.code(), Code::Internal, "{want}");
-            assert!(err.message().contains(want), "{} !~ {want}", err.message());
-            assert!(c.is_done());
+            expect_violation(caller(), frames, Code::Internal, want);
         }
     }
 
