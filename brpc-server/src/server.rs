@@ -636,11 +636,14 @@ impl Server {
             while notices.join_next().await.is_some() {}
         })
         .await;
-        if let Some(accept) = &self.accept {
-            accept.abort();
-        }
+        // Each peer closed by its handle before the accept loop (and with it
+        // every connection task) is stopped, so that its disconnect event
+        // says the server shut down.
         for peer in self.shared.registry.list() {
             peer.close(codes::CONN_GOING_AWAY, "server shutting down");
+        }
+        if let Some(accept) = &self.accept {
+            accept.abort();
         }
         self.close_unix(codes::CONN_GOING_AWAY, "server shutting down");
         if let Some(endpoint) = &self.shared.endpoint {
