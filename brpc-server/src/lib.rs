@@ -24,10 +24,12 @@ mod broadcast;
 mod registry;
 mod select;
 mod server;
+mod state;
 mod unix;
 
 pub use broadcast::{BroadcastOptions, BroadcastResult, broadcast};
 pub use brpc_core::{ConnectionId, Peer, Router};
 pub use registry::{PeerEvent, Registry};
 pub use select::LabelChannel;
-pub use server::{Admission, BindError, Builder, Server};
+pub use server::{BindError, Builder, Server};
+pub use state::Admission;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use brpc_core::bridge::{CallLayer, HostedService};
 use brpc_core::conn::UnixCredentials;
-use brpc_core::conn::{MemoryBudget, codes};
+use brpc_core::conn::codes;
 use brpc_core::session::{self, HelloCall};
 use brpc_core::tls::{self, DevCertificate, PeerIdentity, TlsError};
 use brpc_core::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions};
@@ -20,6 +20,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use crate::Registry;
+use crate::state::{Admission, Authorize, Counted, CredentialCheck, Listed, Shared};
 
 /// Why [`Builder::bind`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -91,24 +92,6 @@ pub struct Builder {
     reset_secret: Option<Vec<u8>>,
     unix_check: Option<CredentialCheck>,
 }
-
-/// A check of a Unix peer's credentials (see [`Builder::require_unix_credentials`]).
-pub(crate) type CredentialCheck = Arc<dyn Fn(&UnixCredentials) -> bool + Send + Sync>;
-
-/// What the server knows of a client when deciding whether to admit it.
-#[derive(Debug)]
-pub struct Admission<'a> {
-    /// The name the client sent in Hello.
-    pub name: &'a str,
-    /// The labels the client sent in Hello.
-    pub labels: &'a Labels,
-    /// The client's verified certificate identity (mutual TLS only).
-    pub identity: Option<&'a PeerIdentity>,
-    /// The client's UDP address.
-    pub remote_address: SocketAddr,
-}
-
-type Authorize = Arc<dyn Fn(&Admission<'_>) -> Result<(), Status> + Send + Sync>;
 
 impl Default for Builder {
     fn default() -> Self {
@@ -451,7 +434,6 @@ impl Builder {
             transport: self.transport,
             buffer_total: self.limits.total_budget(self.buffer_total),
             unix_check: self.unix_check,
-            unix: std::sync::Mutex::new(Vec::new()),
         });
         let accept = shared
             .endpoint
@@ -462,6 +444,7 @@ impl Builder {
             local_addr,
             certificate,
             accept,
+            unix: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -474,29 +457,6 @@ fn first_connection_id() -> u64 {
         .build_hasher()
         .finish();
     (random & 0xffff_ffff).max(1)
-}
-
-pub(crate) struct Shared {
-    /// The QUIC endpoint (`None`: a server on Unix sockets only).
-    endpoint: Option<Endpoint>,
-    pub(crate) registry: Registry,
-    pub(crate) shutting_down: AtomicBool,
-    pub(crate) router: Router,
-    hello_timeout: Duration,
-    max_hello_size: usize,
-    pub(crate) limits: CallLimits,
-    pub(crate) next_id: AtomicU64,
-    authorize: Option<Authorize>,
-    pub(crate) max_connections: usize,
-    /// Connections past the accept step and not yet ended.
-    pub(crate) connections: Arc<AtomicUsize>,
-    transport: TransportOptions,
-    /// Inbound bytes being received, across all connections.
-    buffer_total: MemoryBudget,
-    /// Which Unix clients are admitted.
-    pub(crate) unix_check: Option<CredentialCheck>,
-    /// The Unix sockets being listened on.
-    unix: std::sync::Mutex<Vec<crate::unix::Listening>>,
 }
 
 /// A running brpc server. Dropping it closes the endpoint and every connection.
@@ -523,6 +483,8 @@ pub struct Server {
     certificate: CertificateDer<'static>,
     /// The QUIC accept loop, if the server has an endpoint.
     accept: Option<tokio::task::JoinHandle<()>>,
+    /// The Unix sockets being listened on.
+    unix: std::sync::Mutex<Vec<crate::unix::Listening>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -582,27 +544,19 @@ impl Server {
         if let Some(endpoint) = &self.shared.endpoint {
             endpoint.close(VarInt::from_u32(codes::CONN_NORMAL), b"server closed");
         }
-        self.close_unix(codes::CONN_NORMAL, "server closed");
+        self.stop_unix_listeners();
     }
 
-    /// Stops listening on Unix sockets and closes their clients' connections
-    /// (the QUIC endpoint's close does not reach them).
-    fn close_unix(&self, code: u32, reason: &str) {
+    /// Stops listening on Unix sockets (their clients' connections were
+    /// closed with every other peer's) and removes the socket files.
+    fn stop_unix_listeners(&self) {
         for listening in self
-            .shared
             .unix
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain(..)
         {
             listening.stop();
-        }
-        for peer in self
-            .shared
-            .registry
-            .select(|p| p.quic_connection().is_none())
-        {
-            peer.close(code, reason);
         }
     }
 
@@ -645,7 +599,7 @@ impl Server {
         if let Some(accept) = &self.accept {
             accept.abort();
         }
-        self.close_unix(codes::CONN_GOING_AWAY, "server shutting down");
+        self.stop_unix_listeners();
         if let Some(endpoint) = &self.shared.endpoint {
             endpoint.close(
                 VarInt::from_u32(codes::CONN_GOING_AWAY),
@@ -697,8 +651,7 @@ impl Server {
     /// The OS error if the socket cannot be bound.
     pub fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> std::io::Result<()> {
         let listening = crate::unix::listen(&self.shared, path.as_ref())?;
-        self.shared
-            .unix
+        self.unix
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(listening);
@@ -738,37 +691,6 @@ async fn accept_loop(shared: Arc<Shared>) {
         }
     }
     while connections.join_next().await.is_some() {}
-}
-
-/// Removes a peer from the registry however its task ends (even if aborted).
-pub(crate) struct Listed<'a> {
-    pub(crate) shared: &'a Shared,
-    pub(crate) peer: Peer,
-}
-
-impl Drop for Listed<'_> {
-    fn drop(&mut self) {
-        // A task that ends before its connection (the server stopped
-        // serving it) closes it, so that the event says how it ended.
-        if !self.peer.is_closed() {
-            self.peer
-                .close(codes::CONN_NORMAL, "the server stopped serving it");
-        }
-        if let Some(reason) = self.peer.close_reason() {
-            self.shared
-                .registry
-                .remove(self.peer.connection_id(), reason);
-        }
-    }
-}
-
-/// Holds one place in the connection count for as long as it lives.
-pub(crate) struct Counted(pub(crate) Arc<AtomicUsize>);
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// A client over the connection limit: finish the handshake so it can be told

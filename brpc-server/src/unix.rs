@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use brpc_core::ConnectionId;
 use brpc_core::bytestream;
+use brpc_core::conn::UnixCredentials;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::server::{Counted, Listed, Shared};
+use crate::state::{Counted, Listed, Shared};
 
 /// One Unix socket being listened on.
 pub(crate) struct Listening {
@@ -52,8 +53,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    if let Some(counted) = admit(&shared, &stream) {
-                        connections.spawn(run_connection(shared.clone(), stream, counted));
+                    if let Some((credentials, counted)) = admit(&shared, &stream) {
+                        connections.spawn(run_connection(shared.clone(), stream, credentials, counted));
                     }
                 }
                 Err(error) => {
@@ -70,7 +71,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: UnixListener) {
 
 /// Whether to serve the client on `stream`: not while shutting down, only
 /// with credentials the server accepts, and within the connection limit.
-fn admit(shared: &Shared, stream: &UnixStream) -> Option<Counted> {
+/// Gives its credentials and its place in the connection count.
+fn admit(shared: &Shared, stream: &UnixStream) -> Option<(Option<UnixCredentials>, Counted)> {
     if shared.shutting_down.load(Ordering::SeqCst) {
         return None;
     }
@@ -90,11 +92,15 @@ fn admit(shared: &Shared, stream: &UnixStream) -> Option<Counted> {
         );
         return None;
     }
-    Some(counted)
+    Some((credentials, counted))
 }
 
-async fn run_connection(shared: Arc<Shared>, stream: UnixStream, _counted: Counted) {
-    let credentials = bytestream::credentials(&stream);
+async fn run_connection(
+    shared: Arc<Shared>,
+    stream: UnixStream,
+    credentials: Option<UnixCredentials>,
+    _counted: Counted,
+) {
     let id = ConnectionId(shared.next_id.fetch_add(1, Ordering::Relaxed));
     let peer = bytestream::accept(stream, id, shared.limits, credentials);
     shared.registry.insert(peer.clone());
