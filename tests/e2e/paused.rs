@@ -19,6 +19,14 @@ use crate::common::{self, eventually};
 
 const ECHO: &str = "test.echo.v1.Echo";
 
+/// Waits (in virtual time, up to 5 s) until a probe counter reads 1.
+async fn probe_reaches(counter: &std::sync::atomic::AtomicUsize, what: &str) {
+    eventually(Duration::from_secs(5), what, || {
+        counter.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
 fn sleep_request(millis: u64, timeout: Duration) -> tonic::Request<SleepRequest> {
     let mut request = tonic::Request::new(SleepRequest { millis });
     request.set_timeout(timeout);
@@ -43,17 +51,7 @@ async fn deadlines_expire_in_virtual_time_both_ways() {
             waited >= Duration::from_secs(2) && waited < Duration::from_secs(60),
             "{waited:?}"
         );
-        eventually(
-            Duration::from_secs(5),
-            "the callee's handler dropped",
-            || {
-                callee_probe
-                    .dropped
-                    .load(std::sync::atomic::Ordering::SeqCst)
-                    == 1
-            },
-        )
-        .await;
+        probe_reaches(&callee_probe.dropped, "the callee's handler dropped").await;
     }
 }
 
@@ -193,17 +191,7 @@ async fn a_vanished_peer_fails_its_calls_within_the_idle_timeout() {
         let outcome = echo.sleep(SleepRequest { millis: 600_000 }).await;
         (outcome, started.elapsed())
     });
-    eventually(
-        Duration::from_secs(5),
-        "the call reached the server",
-        || {
-            pair.server_probe
-                .in_flight
-                .load(std::sync::atomic::Ordering::SeqCst)
-                == 1
-        },
-    )
-    .await;
+    probe_reaches(&pair.server_probe.in_flight, "the call reached the server").await;
     // Every datagram is lost from now on, keep-alives included.
     pair.network.cut(true);
     let (outcome, waited) = call.await.expect("join");
@@ -217,17 +205,7 @@ async fn a_vanished_peer_fails_its_calls_within_the_idle_timeout() {
     // The server noticed too: its handler was dropped with the connection.
     let end = pair.server.closed().await;
     assert!(end.is_timeout(), "{end}");
-    eventually(
-        Duration::from_secs(5),
-        "the server's handler dropped",
-        || {
-            pair.server_probe
-                .dropped
-                .load(std::sync::atomic::Ordering::SeqCst)
-                == 1
-        },
-    )
-    .await;
+    probe_reaches(&pair.server_probe.dropped, "the server's handler dropped").await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -238,17 +216,7 @@ async fn goaway_refuses_new_calls_and_lets_running_ones_finish() {
         let mut echo = echo.clone();
         async move { echo.sleep(SleepRequest { millis: 3_000 }).await }
     });
-    eventually(
-        Duration::from_secs(5),
-        "the call reached the server",
-        || {
-            pair.server_probe
-                .in_flight
-                .load(std::sync::atomic::Ordering::SeqCst)
-                == 1
-        },
-    )
-    .await;
+    probe_reaches(&pair.server_probe.in_flight, "the call reached the server").await;
     brpc::core::session::send_goaway(&pair.server, "maintenance")
         .await
         .expect("goaway delivered");
