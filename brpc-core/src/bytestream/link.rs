@@ -269,13 +269,6 @@ impl FrameSink for StreamOutbound {
     fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.write_frame(frame))
     }
-
-    fn closed(&self) -> BoxFuture<'static, ()> {
-        let link = self.link.clone();
-        Box::pin(async move {
-            link.closed().await;
-        })
-    }
 }
 
 /// Frames for one call, routed by the reader task.

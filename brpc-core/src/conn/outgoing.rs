@@ -211,7 +211,7 @@ fn write_status(e: SendError) -> Status {
 }
 
 /// Runs `work` until `deadline`; past it, the call was never sent.
-pub(crate) async fn with_deadline<T>(
+async fn with_deadline<T>(
     deadline: Option<Instant>,
     work: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {

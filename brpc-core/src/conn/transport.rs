@@ -62,8 +62,6 @@ pub(crate) trait FrameSource: Send + Sync {
 pub(crate) trait FrameSink: Send + Sync {
     /// Queues one frame.
     fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>>;
-    /// Resolves when the connection carrying the call ends.
-    fn closed(&self) -> BoxFuture<'static, ()>;
 }
 
 /// What carries one connection's calls.
@@ -217,7 +215,9 @@ impl CallWriter {
 
     /// Resolves when the peer stops reading this call (it cancelled) or the
     /// connection ends; after a clean finish it may also resolve, once the
-    /// peer has everything.
+    /// peer has everything. Over a byte stream never: ttrpc cannot cancel a
+    /// call, and when the connection ends the engine drops every call it
+    /// serves there ([`serve`](super::serve) returns and its tasks go).
     pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         match self {
             CallWriter::Quic(send) => {
@@ -226,7 +226,7 @@ impl CallWriter {
                     let _ = stopped.await;
                 })
             }
-            CallWriter::Mux(sink) => Either::Right(sink.closed()),
+            CallWriter::Mux(_) => Either::Right(std::future::pending()),
         }
     }
 }
