@@ -1,5 +1,5 @@
 //! Compiles the example and test protos with protox (no protoc needed) and
-//! tonic-prost-build's `compile_fds`; also generates containerd/ttrpc-rust code
+//! brpc-build (tonic-prost-build's code plus brpc's direct path); also generates containerd/ttrpc-rust code
 //! for the echo proto (ttrpc-codegen, pure Rust), the independent peer of the
 //! interop tests.
 
@@ -16,9 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure()
-        .build_transport(false)
-        .compile_fds(fds)?;
+    // tonic's code and, beside it, brpc's direct path over the same traits.
+    brpc_build::configure().compile_fds(fds)?;
 
     // ttrpc-rust's generated files start with inner attributes, so they cannot
     // be include!d; a wrapper names them as #[path] modules instead.

@@ -27,7 +27,7 @@ pub mod session;
 pub mod tls;
 pub mod wire;
 
-pub use bridge::{Channel, Router};
+pub use bridge::{Channel, Router, direct};
 pub use conn::{
     CallLimits, ConnectionError, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions,
 };

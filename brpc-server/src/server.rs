@@ -120,9 +120,20 @@ impl Builder {
         self
     }
 
+    /// Hosts a service on brpc's direct path, the lean way for clients to
+    /// call it: what `brpc-build` generates beside tonic's code, over the same
+    /// trait (`greeter_brpc::GreeterService::new(impl Greeter)`). Its calls
+    /// build no http request or response; tower [`layer`](Self::layer)s do
+    /// not wrap them.
+    pub fn add_direct<S: brpc_core::direct::DirectService>(mut self, service: S) -> Self {
+        self.router = self.router.add_direct(service);
+        self
+    }
+
     /// Passes every call this side serves through a tower `layer` (e.g.
     /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer). The first layer
-    /// added is the outermost; the stack is shared by all connections.
+    /// added is the outermost; the stack is shared by all connections. Calls to
+    /// services added with [`add_direct`](Self::add_direct) skip the layers.
     pub fn layer<L: CallLayer>(mut self, layer: L) -> Self {
         self.router = self.router.layer(layer);
         self

@@ -14,6 +14,7 @@ mod common;
 mod call_window;
 mod cancellation;
 mod deadlines;
+mod direct;
 mod examples;
 mod fleet;
 mod hostile;

@@ -90,7 +90,7 @@ impl Channel {
     }
 
     /// The peer to call, waiting for one if asked to.
-    async fn resolve(&self, deadline: Option<Instant>) -> Result<Peer, Status> {
+    pub(super) async fn resolve(&self, deadline: Option<Instant>) -> Result<Peer, Status> {
         let mut current = match &self.target {
             // The engine refuses calls to a peer that is going away.
             Target::Peer(peer) => return Ok(peer.clone()),
@@ -287,7 +287,7 @@ fn body_messages(
 
 /// `status` carrying the callee's `trailers` as its metadata, as tonic
 /// reports trailers of a failed call.
-fn with_trailers(mut status: Status, trailers: Vec<KeyValue>) -> Status {
+pub(super) fn with_trailers(mut status: Status, trailers: Vec<KeyValue>) -> Status {
     if trailers.is_empty() {
         return status;
     }

@@ -10,6 +10,8 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
+use super::direct::DirectService;
+
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, ServiceExt};
 use tower_service::Service;
@@ -104,6 +106,7 @@ type LayerFn = Arc<dyn Fn(BoxedService) -> BoxedService + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Router {
     services: Arc<HashMap<&'static str, BoxedService>>,
+    direct: Arc<HashMap<&'static str, Arc<dyn DirectService>>>,
     layers: Vec<LayerFn>,
     stack: Arc<OnceLock<BoxedService>>,
 }
@@ -126,6 +129,7 @@ impl Router {
     /// Hosts `service` under its proto name ([`NamedService::NAME`](tonic::server::NamedService::NAME)). A later
     /// service of the same name replaces the earlier one.
     pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
+        Arc::make_mut(&mut self.direct).remove(S::NAME);
         // tonic's Body::new passes a Body through unboxed; other bodies
         // (an interceptor's) are wrapped once.
         let service = service
@@ -135,9 +139,27 @@ impl Router {
         self
     }
 
+    /// Hosts a service on the direct path (what `brpc-build` generates:
+    /// `GreeterService::new(impl Greeter)`): its calls are decoded straight
+    /// into the tonic trait's requests, with no http types and none of the
+    /// tower layers. A direct service replaces a tonic-path service of the
+    /// same name and the other way round.
+    pub fn add_direct<S: DirectService>(mut self, service: S) -> Self {
+        let name = service.service_name();
+        Arc::make_mut(&mut self.services).remove(name);
+        Arc::make_mut(&mut self.direct).insert(name, Arc::new(service));
+        self
+    }
+
+    /// The direct service of this name, if one is hosted.
+    pub(crate) fn direct(&self, name: &str) -> Option<&dyn DirectService> {
+        self.direct.get(name).map(|s| &**s)
+    }
+
     /// Passes every served call through a tower `layer` (tower's
     /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer, …). The first
-    /// layer added is the outermost. A layer's error becomes the call's status:
+    /// layer added is the outermost. Layers are http middleware: calls to
+    /// services added with [`add_direct`](Router::add_direct) skip them. A layer's error becomes the call's status:
     /// a `tonic::Status` as is, tower's timeout `DEADLINE_EXCEEDED`, load
     /// shedding `UNAVAILABLE`, anything else `UNKNOWN`.
     pub fn layer<L: CallLayer>(mut self, layer: L) -> Self {
@@ -157,14 +179,19 @@ impl Router {
         self
     }
 
-    /// Whether a service of this proto name is hosted.
+    /// Whether a service of this proto name is hosted (either way).
     pub fn has_service(&self, name: &str) -> bool {
-        self.services.contains_key(name)
+        self.services.contains_key(name) || self.direct.contains_key(name)
     }
 
     /// The hosted service names, sorted.
     pub fn service_names(&self) -> Vec<&'static str> {
-        let mut names: Vec<_> = self.services.keys().copied().collect();
+        let mut names: Vec<_> = self
+            .services
+            .keys()
+            .chain(self.direct.keys())
+            .copied()
+            .collect();
         names.sort_unstable();
         names
     }

@@ -21,7 +21,13 @@ impl Handler for Router {
         call: Incoming,
         reply: &'a mut Reply,
     ) -> impl Future<Output = ()> + Send + 'a {
-        handle(self, call, reply)
+        // Either way, one future type: direct services first.
+        async move {
+            match self.direct(&call.service) {
+                Some(service) => service.serve(call, reply).await,
+                None => handle(self, call, reply).await,
+            }
+        }
     }
 }
 

@@ -1,0 +1,383 @@
+//! The direct path: tonic-generated service traits served and called with no
+//! http request or response in between.
+//!
+//! `brpc-build` generates, beside tonic's code, a dispatcher per service
+//! (`greeter_brpc::GreeterService`, a [`DirectService`]) and a typed client
+//! (`greeter_brpc::GreeterClient`) with the same method signatures as tonic's.
+//! Both use the functions here: a request message is decoded straight from
+//! the ttrpc payload into the handler's `tonic::Request`, the reply encoded
+//! straight into the Response frame. Users implement the tonic trait
+//! unchanged; `Peer::from_request`, metadata, deadlines and cancellation work
+//! as on the tonic path.
+//!
+//! What the direct path skips: tower layers added with
+//! [`Router::layer`](crate::Router::layer) (they are http middleware and
+//! wrap only the services served through tonic), tonic interceptors, and
+//! compression (brpc never compresses).
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream, StreamExt, stream};
+use http_body_util::StreamBody;
+use prost::Message;
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codec::{DecodeBuf, Decoder, Streaming};
+use tonic::metadata::MetadataMap;
+
+use super::channel::with_trailers;
+use super::grpc::frame_message;
+use crate::conn::{Incoming, Input, MessageStream, Reply, RequestBody, ResponseEvent};
+use crate::metadata;
+use crate::{Channel, Peer};
+
+/// The future a [`DirectService`] serves one call with.
+pub type ServeFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// A service served on the direct path: what `brpc-build` generates for each
+/// proto service (`FooService::new(impl Foo)`). Host it with
+/// [`Router::add_direct`](crate::Router::add_direct) or the role crates'
+/// `add_direct`.
+pub trait DirectService: Send + Sync + 'static {
+    /// The fully qualified proto service name (`package.Service`).
+    fn service_name(&self) -> &'static str;
+
+    /// Serves one call to this service (its method is `call.method`).
+    fn serve<'a>(&'a self, call: Incoming, reply: &'a mut Reply) -> ServeFuture<'a>;
+}
+
+/// A prost decoder for `tonic::codec::Streaming` (the engine has already
+/// checked each message's size).
+struct ProstDecoder<T>(PhantomData<fn() -> T>);
+
+impl<T: Message + Default> Decoder for ProstDecoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<T>, Status> {
+        T::decode(buf).map(Some).map_err(decode_error)
+    }
+}
+
+fn decode_error(e: prost::DecodeError) -> Status {
+    Status::internal(format!("failed to decode the message: {e}"))
+}
+
+fn encode<T: Message>(message: &T) -> Bytes {
+    let mut buf = BytesMut::with_capacity(message.encoded_len());
+    // Cannot fail: the buffer has room for the whole message.
+    let _ = message.encode(&mut buf);
+    buf.freeze()
+}
+
+/// The handler's `tonic::Request`: `message`, the caller's metadata (and
+/// `grpc-timeout` when the call has a deadline, as tonic's server sees it),
+/// and the [`Peer`] as an extension for `Peer::from_request`.
+fn tonic_request<T>(
+    message: T,
+    peer: Peer,
+    entries: Vec<crate::wire::KeyValue>,
+    timeout: Option<std::time::Duration>,
+) -> Result<tonic::Request<T>, Status> {
+    let mut request = tonic::Request::new(message);
+    if !entries.is_empty() || timeout.is_some() {
+        let mut headers = http::HeaderMap::new();
+        metadata::append_key_values(&mut headers, entries)?;
+        if let Some(timeout) = timeout {
+            headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
+        }
+        *request.metadata_mut() = MetadataMap::from_headers(headers);
+    }
+    request.extensions_mut().insert(peer);
+    Ok(request)
+}
+
+/// The one request message of a unary or server-streaming call. A peer may
+/// send it as a stream of one (Request with remote-open, one Data frame).
+async fn single_message(input: Input) -> Result<Bytes, Status> {
+    match input {
+        Input::Single(message) => Ok(message),
+        Input::Stream(mut messages) => {
+            let first = messages
+                .next()
+                .await
+                .ok_or_else(|| Status::internal("missing request message"))??;
+            match messages.next().await {
+                None => Ok(first),
+                Some(Err(status)) => Err(status),
+                Some(Ok(_)) => Err(Status::internal(
+                    "more than one request message for a method that takes one",
+                )),
+            }
+        }
+    }
+}
+
+/// A `tonic::codec::Streaming` of the request messages of a
+/// client-streaming or bidi call.
+fn request_stream<T: Message + Default + Send + 'static>(input: Input) -> Streaming<T> {
+    let body = match input {
+        Input::Single(message) => Body::new(http_body_util::Full::new(frame_message(&message))),
+        Input::Stream(messages) => Body::new(StreamBody::new(stream::unfold(
+            messages,
+            |mut messages: MessageStream| async move {
+                let item = messages.next().await?;
+                Some((
+                    item.map(|m| http_body::Frame::data(frame_message(&m))),
+                    messages,
+                ))
+            },
+        ))),
+    };
+    Streaming::new_request(ProstDecoder::<T>(PhantomData), body, None, Some(usize::MAX))
+}
+
+/// The call's error: the status's metadata as trailers, then the status.
+async fn fail(reply: &mut Reply, status: Status) {
+    let trailers = metadata::to_key_values(status.metadata().as_ref());
+    if reply.trailers(trailers).await.is_ok() {
+        reply.status(status).await;
+    }
+}
+
+/// Answers with a unary handler's result: headers (if any), then one
+/// Response frame carrying the reply.
+async fn respond_unary<R: Message>(reply: &mut Reply, result: Result<tonic::Response<R>, Status>) {
+    match result {
+        Ok(response) => {
+            let headers = metadata::to_key_values(response.metadata().as_ref());
+            if !headers.is_empty() && reply.headers(headers).await.is_err() {
+                return;
+            }
+            let payload = encode(response.get_ref());
+            reply.response(Status::ok(""), payload).await;
+        }
+        Err(status) => fail(reply, status).await,
+    }
+}
+
+/// Answers with a streaming handler's result: headers, one Data frame per
+/// message, then the close (or the stream's error status).
+async fn respond_stream<S, R>(reply: &mut Reply, result: Result<tonic::Response<S>, Status>)
+where
+    S: Stream<Item = Result<R, Status>> + Send,
+    R: Message,
+{
+    let response = match result {
+        Ok(response) => response,
+        Err(status) => return fail(reply, status).await,
+    };
+    let headers = metadata::to_key_values(response.metadata().as_ref());
+    let messages = response.into_inner();
+    tokio::pin!(messages);
+    let mut ready = messages.next().now_or_never();
+    // A Headers frame tells a waiting caller that the handler has answered
+    // (as HTTP/2 response headers do) when no message is ready yet.
+    if (!headers.is_empty() || ready.is_none()) && reply.headers(headers).await.is_err() {
+        return;
+    }
+    loop {
+        let item = match ready.take() {
+            Some(item) => item,
+            None => messages.next().await,
+        };
+        match item {
+            Some(Ok(message)) => {
+                if reply.message(encode(&message)).await.is_err() {
+                    return;
+                }
+            }
+            Some(Err(status)) => return fail(reply, status).await,
+            None => return reply.close().await,
+        }
+    }
+}
+
+/// Serves a unary method: decode, call `handler`, answer.
+pub async fn unary<Req, Resp, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+where
+    Req: Message + Default,
+    Resp: Message,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    let Incoming {
+        peer,
+        metadata,
+        timeout,
+        input,
+        ..
+    } = call;
+    let request = async {
+        let message = Req::decode(single_message(input).await?).map_err(decode_error)?;
+        tonic_request(message, peer, metadata, timeout)
+    };
+    let result = match request.await {
+        Ok(request) => handler(request).await,
+        Err(status) => Err(status),
+    };
+    respond_unary(reply, result).await;
+}
+
+/// Serves a server-streaming method.
+pub async fn server_streaming<Req, Resp, S, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+where
+    Req: Message + Default,
+    Resp: Message,
+    S: Stream<Item = Result<Resp, Status>> + Send,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<S>, Status>>,
+{
+    let Incoming {
+        peer,
+        metadata,
+        timeout,
+        input,
+        ..
+    } = call;
+    let request = async {
+        let message = Req::decode(single_message(input).await?).map_err(decode_error)?;
+        tonic_request(message, peer, metadata, timeout)
+    };
+    let result = match request.await {
+        Ok(request) => handler(request).await,
+        Err(status) => Err(status),
+    };
+    respond_stream(reply, result).await;
+}
+
+/// Serves a client-streaming method.
+pub async fn client_streaming<Req, Resp, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message,
+    F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    let Incoming {
+        peer,
+        metadata,
+        timeout,
+        input,
+        ..
+    } = call;
+    let result = match tonic_request(request_stream(input), peer, metadata, timeout) {
+        Ok(request) => handler(request).await,
+        Err(status) => Err(status),
+    };
+    respond_unary(reply, result).await;
+}
+
+/// Serves a bidi-streaming method.
+pub async fn streaming<Req, Resp, S, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+where
+    Req: Message + Default + Send + 'static,
+    Resp: Message,
+    S: Stream<Item = Result<Resp, Status>> + Send,
+    F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<S>, Status>>,
+{
+    let Incoming {
+        peer,
+        metadata,
+        timeout,
+        input,
+        ..
+    } = call;
+    let result = match tonic_request(request_stream(input), peer, metadata, timeout) {
+        Ok(request) => handler(request).await,
+        Err(status) => Err(status),
+    };
+    respond_stream(reply, result).await;
+}
+
+/// Answers a method the service does not have with `UNIMPLEMENTED`.
+pub async fn unimplemented(call: Incoming, reply: &mut Reply) {
+    reply
+        .status(Status::unimplemented(format!(
+            "method {} of service {}",
+            call.method, call.service
+        )))
+        .await;
+}
+
+impl Channel {
+    /// Calls unary method `service`/`method` on the direct path: the request
+    /// message is encoded straight into the ttrpc Request, the reply decoded
+    /// straight from the Response. What `brpc-build`'s typed clients call;
+    /// the outcome is what a tonic client of the same method sees.
+    ///
+    /// # Errors
+    /// The call's status: the callee's, or `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
+    /// `RESOURCE_EXHAUSTED`, `INTERNAL` (a reply that does not decode) from
+    /// this side.
+    pub async fn unary<Req, Resp>(
+        &self,
+        request: tonic::Request<Req>,
+        service: &str,
+        method: &str,
+    ) -> Result<tonic::Response<Resp>, Status>
+    where
+        Req: Message,
+        Resp: Message + Default,
+    {
+        let (request_metadata, _, message) = request.into_parts();
+        let headers = request_metadata.into_headers();
+        let deadline = headers
+            .get("grpc-timeout")
+            .and_then(metadata::parse_grpc_timeout)
+            .map(|timeout| Instant::now() + timeout);
+        let peer = self.resolve(deadline).await?;
+        let body = RequestBody::<stream::Empty<Result<Bytes, Status>>>::Single(encode(&message));
+        let entries = if headers.is_empty() {
+            Vec::new()
+        } else {
+            metadata::to_key_values(&headers)
+        };
+        let mut call = peer
+            .start_call(service, method, entries, deadline, body)
+            .await?;
+        let mut response_headers = http::HeaderMap::new();
+        let mut reply = None;
+        loop {
+            match call.next_event().await {
+                ResponseEvent::Headers(entries) => {
+                    metadata::append_key_values(&mut response_headers, entries)?;
+                }
+                ResponseEvent::Message(message) => {
+                    if reply.replace(message).is_some() {
+                        return Err(Status::internal(
+                            "the peer sent more than one reply message for a unary call",
+                        ));
+                    }
+                }
+                ResponseEvent::End {
+                    status,
+                    message,
+                    trailers,
+                } => {
+                    if status.code() != tonic::Code::Ok {
+                        return Err(with_trailers(status, trailers));
+                    }
+                    let payload = message.or(reply).ok_or_else(|| {
+                        Status::internal("the peer ended the call without a reply message")
+                    })?;
+                    let reply = Resp::decode(payload).map_err(decode_error)?;
+                    // As tonic does, the trailers join the response metadata.
+                    if !trailers.is_empty() {
+                        metadata::append_key_values(&mut response_headers, trailers)?;
+                    }
+                    return Ok(tonic::Response::from_parts(
+                        MetadataMap::from_headers(response_headers),
+                        reply,
+                        http::Extensions::new(),
+                    ));
+                }
+            }
+        }
+    }
+}

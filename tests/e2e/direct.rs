@@ -1,0 +1,344 @@
+//! The direct path (`brpc-build`'s generated dispatchers and clients) over
+//! real loopback QUIC: every call shape in both directions, metadata,
+//! errors with trailers, deadlines, cancellation, `Peer::from_request` in a
+//! handler, a direct and a tonic-path service on one connection, and direct
+//! and tonic clients calling each other's servers.
+
+use crate::common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use brpc::{Client, Peer, Server};
+use common::echo::echo_brpc::{EchoClient, EchoService as DirectEcho};
+use common::echo::echo_client::EchoClient as TonicEchoClient;
+use common::echo::echo_server::EchoServer;
+use common::echo::{EchoRequest, FailRequest, Number, RangeRequest, SleepRequest};
+use common::greeter::greeter_brpc::{GreeterClient, GreeterService};
+use common::greeter::greeter_server::Greeter;
+use common::greeter::namer_brpc::{NamerClient, NamerService};
+use common::greeter::namer_server::Namer;
+use common::greeter::{GreetReply, GreetRequest, NameReply, NameRequest};
+use common::{EchoService, eventually};
+use tokio_stream::StreamExt;
+use tonic::{Code, Request, Response, Status};
+
+/// A server hosting Echo on the direct path.
+fn direct_server(echo: EchoService) -> Server {
+    Server::builder()
+        .add_direct(DirectEcho::new(echo))
+        .bind("127.0.0.1:0")
+        .expect("bind")
+}
+
+/// A client of `server` hosting Echo (answering as `name`) on the direct path.
+async fn direct_client(server: &Server, name: &str, echo: EchoService) -> Client {
+    Client::builder()
+        .name(name)
+        .add_direct(DirectEcho::new(echo))
+        .pin_certificate(server.certificate().clone())
+        .connect(server.local_addr())
+        .await
+        .expect("connect")
+}
+
+fn with_metadata<T>(message: T, key: &'static str, value: &'static str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert(key, value.parse().expect("value"));
+    request
+}
+
+/// Every call shape through a direct client to a direct server answering as `who`.
+async fn all_shapes(mut echo: EchoClient, who: &str) {
+    // Unary, with metadata both ways.
+    let reply = echo
+        .unary(with_metadata(
+            EchoRequest {
+                text: "hi".into(),
+                blob: vec![1, 2, 3],
+                seq: 7,
+            },
+            "x-trace",
+            "abc",
+        ))
+        .await
+        .expect("unary");
+    assert_eq!(reply.metadata().get("x-trace").expect("header"), "abc");
+    let reply = reply.into_inner();
+    assert_eq!(
+        (reply.text.as_str(), reply.blob, reply.seq),
+        ("hi", vec![1, 2, 3], 7)
+    );
+    assert_eq!(reply.answered_by, who);
+
+    // Server streaming, with response headers.
+    let response = echo
+        .range(with_metadata(
+            RangeRequest { from: 3, to: 8 },
+            "x-range",
+            "yes",
+        ))
+        .await
+        .expect("range");
+    assert_eq!(response.metadata().get("x-range").expect("header"), "yes");
+    let seqs: Vec<u64> = response
+        .into_inner()
+        .map(|r| r.expect("item").seq)
+        .collect()
+        .await;
+    assert_eq!(seqs, vec![3, 4, 5, 6, 7]);
+
+    // Client streaming.
+    let numbers = tokio_stream::iter((1..=10).map(|value| Number { value }));
+    let sum = echo.sum(numbers).await.expect("sum").into_inner();
+    assert_eq!(sum.value, 55);
+
+    // Bidi.
+    let requests = tokio_stream::iter((0..4).map(|seq| EchoRequest {
+        seq,
+        ..Default::default()
+    }));
+    let replies: Vec<_> = echo
+        .bidi(requests)
+        .await
+        .expect("bidi")
+        .into_inner()
+        .map(|r| r.expect("item"))
+        .collect()
+        .await;
+    assert_eq!(
+        replies.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [0, 1, 2, 3]
+    );
+    assert!(replies.iter().all(|r| r.answered_by == who));
+}
+
+#[tokio::test]
+async fn every_shape_both_directions() {
+    let server = direct_server(EchoService::new("server"));
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    all_shapes(EchoClient::new(client.channel()), "server").await;
+
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    all_shapes(peer.client(EchoClient::new), "agent-1").await;
+}
+
+#[tokio::test]
+async fn errors_carry_code_message_and_trailers() {
+    let server = direct_server(EchoService::new("server"));
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let mut echo = EchoClient::new(client.channel());
+    let status = echo
+        .fail(with_metadata(
+            FailRequest {
+                code: Code::PermissionDenied as i32,
+                message: "not you".into(),
+            },
+            "x-why",
+            "policy",
+        ))
+        .await
+        .expect_err("fails");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.message(), "not you");
+    assert_eq!(status.metadata().get("x-why").expect("trailer"), "policy");
+
+    // A method the service does not have.
+    let status = client
+        .channel()
+        .unary::<_, Number>(
+            Request::new(Number { value: 1 }),
+            "test.echo.v1.Echo",
+            "Nope",
+        )
+        .await
+        .expect_err("unknown method");
+    assert_eq!(status.code(), Code::Unimplemented);
+    assert!(status.message().contains("Nope"), "{status:?}");
+
+    // A handler's oversized reply becomes RESOURCE_EXHAUSTED, not a broken call.
+    let status = echo
+        .unary(EchoRequest {
+            text: format!("grow:{}", 5 << 20),
+            ..Default::default()
+        })
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+}
+
+#[tokio::test]
+async fn deadline_reaches_the_handler_and_ends_it() {
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = direct_server(echo);
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let mut request = Request::new(SleepRequest { millis: 60_000 });
+    request.set_timeout(Duration::from_millis(300));
+    let status = EchoClient::new(client.channel())
+        .sleep(request)
+        .await
+        .expect_err("deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The handler saw the deadline as tonic's server shows it, and was
+    // dropped when it passed.
+    let seen = probe.observed_timeout.lock().expect("lock").clone();
+    assert!(seen.is_some_and(|t| t.ends_with('u') || t.ends_with('m')));
+    eventually(Duration::from_secs(10), "handler dropped", || {
+        probe.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dropping_the_caller_cancels_the_handler() {
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = direct_server(echo);
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let mut echo = EchoClient::new(client.channel());
+    let call = tokio::spawn(async move { echo.sleep(SleepRequest { millis: 60_000 }).await });
+    eventually(Duration::from_secs(10), "handler running", || {
+        probe.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    call.abort();
+    eventually(Duration::from_secs(10), "handler dropped", || {
+        probe.dropped.load(Ordering::SeqCst) == 1 && probe.in_flight.load(Ordering::SeqCst) == 0
+    })
+    .await;
+}
+
+/// Greets by asking the calling client's Namer (on the direct path) for its name.
+struct CallbackGreeter;
+
+#[tonic::async_trait]
+impl Greeter for CallbackGreeter {
+    async fn greet(&self, request: Request<GreetRequest>) -> Result<Response<GreetReply>, Status> {
+        let peer = Peer::from_request(&request)?;
+        let name = peer
+            .client(NamerClient::new)
+            .name(NameRequest {})
+            .await?
+            .into_inner()
+            .name;
+        Ok(Response::new(GreetReply {
+            message: format!(
+                "{}, {name} ({})",
+                request.into_inner().greeting,
+                peer.name()
+            ),
+        }))
+    }
+}
+
+struct FixedNamer(&'static str);
+
+#[tonic::async_trait]
+impl Namer for FixedNamer {
+    async fn name(&self, _: Request<NameRequest>) -> Result<Response<NameReply>, Status> {
+        Ok(Response::new(NameReply {
+            name: self.0.into(),
+        }))
+    }
+}
+
+#[tokio::test]
+async fn handler_calls_back_its_caller_through_the_request_peer() {
+    let server = Server::builder()
+        .add_direct(GreeterService::new(CallbackGreeter))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = Client::builder()
+        .name("agent-7")
+        .add_direct(NamerService::new(FixedNamer("Ada")))
+        .pin_certificate(server.certificate().clone())
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let reply = GreeterClient::new(client.channel())
+        .greet(GreetRequest {
+            greeting: "Hello".into(),
+        })
+        .await
+        .expect("greet")
+        .into_inner();
+    assert_eq!(reply.message, "Hello, Ada (agent-7)");
+}
+
+#[tokio::test]
+async fn direct_and_tonic_services_share_a_connection_and_interoperate() {
+    // Echo served through tonic's Router, Greeter on the direct path, on
+    // the same server; the client hosts Namer through tonic.
+    let server = Server::builder()
+        .add_service(EchoServer::new(EchoService::new("server")))
+        .add_direct(GreeterService::new(CallbackGreeter))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = Client::builder()
+        .name("agent-2")
+        .add_service(common::greeter::namer_server::NamerServer::new(FixedNamer(
+            "Bo",
+        )))
+        .pin_certificate(server.certificate().clone())
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let channel = client.channel();
+
+    // A direct client to a tonic-path server, and a tonic client to a
+    // direct server (whose handler calls a tonic-path service back with a
+    // direct client), over one connection.
+    let direct_to_tonic = EchoClient::new(channel.clone());
+    all_shapes(direct_to_tonic, "server").await;
+    let reply = common::greeter::greeter_client::GreeterClient::new(channel.clone())
+        .greet(GreetRequest {
+            greeting: "Hi".into(),
+        })
+        .await
+        .expect("tonic client, direct server")
+        .into_inner();
+    assert_eq!(reply.message, "Hi, Bo (agent-2)");
+    assert_eq!(
+        server.router().service_names(),
+        ["greeter.v1.Greeter", "test.echo.v1.Echo"]
+    );
+
+    // A tonic client to a direct server, every shape.
+    let server = direct_server(EchoService::new("server"));
+    let client = direct_client(&server, "agent-3", EchoService::new("agent-3")).await;
+    let mut tonic_echo = TonicEchoClient::new(client.channel());
+    let reply = tonic_echo
+        .unary(with_metadata(EchoRequest::default(), "x-k", "v"))
+        .await
+        .expect("unary");
+    assert_eq!(reply.metadata().get("x-k").expect("header"), "v");
+    let seqs: Vec<u64> = tonic_echo
+        .range(RangeRequest { from: 0, to: 3 })
+        .await
+        .expect("range")
+        .into_inner()
+        .map(|r| r.expect("item").seq)
+        .collect()
+        .await;
+    assert_eq!(seqs, [0, 1, 2]);
+    let sum = tonic_echo
+        .sum(tokio_stream::iter((1..=4).map(|value| Number { value })))
+        .await
+        .expect("sum")
+        .into_inner();
+    assert_eq!(sum.value, 10);
+    let status = tonic_echo
+        .fail(FailRequest {
+            code: Code::NotFound as i32,
+            message: "gone".into(),
+        })
+        .await
+        .expect_err("fail");
+    assert_eq!((status.code(), status.message()), (Code::NotFound, "gone"));
+}
