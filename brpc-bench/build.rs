@@ -5,7 +5,11 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=../proto/echo.proto");
     let fds = protox::compile(["../proto/echo.proto"], ["../proto"])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // tonic's code (with its HTTP/2 transport, for the tonic stack) and
+    // brpc's direct path beside it.
+    brpc_build::configure()
+        .tonic(|tonic| tonic.build_transport(true))
+        .compile_fds(fds)?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?).join("ttrpc");
     std::fs::create_dir_all(&out)?;
     ttrpc_codegen::Codegen::new()

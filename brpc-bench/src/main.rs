@@ -110,6 +110,8 @@ type CallFuture = Pin<Box<dyn Future<Output = Result<usize, String>> + Send>>;
 enum Caller {
     Tonic(EchoClient<tonic::transport::Channel>),
     Brpc(EchoClient<brpc::Channel>),
+    /// brpc-build's typed client (the direct path).
+    Direct(proto::echo_brpc::EchoClient),
     Quinn(quinn::Connection),
     Ttrpc(ttrpc_gen::echo_ttrpc::EchoClient),
 }
@@ -130,6 +132,16 @@ impl Caller {
                         .map_err(|e| e.to_string())
                 }
                 Caller::Brpc(mut c) => {
+                    let r = c
+                        .unary(EchoRequest {
+                            blob: payload.to_vec(),
+                            ..Default::default()
+                        })
+                        .await;
+                    r.map(|r| r.into_inner().blob.len())
+                        .map_err(|e| e.to_string())
+                }
+                Caller::Direct(mut c) => {
                     let r = c
                         .unary(EchoRequest {
                             blob: payload.to_vec(),
@@ -285,6 +297,31 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             };
             Running {
                 caller: Caller::Brpc(caller),
+                _guards: vec![Box::new(server), Box::new(client)],
+            }
+        }
+        "brpc-direct" => {
+            // Both ends on the direct path (brpc-build's dispatcher and client).
+            let server = Server::builder()
+                .add_direct(proto::echo_brpc::EchoService::new(EchoService))
+                .bind("127.0.0.1:0")?;
+            let client = Client::builder()
+                .pin_certificate(server.certificate().clone())
+                .connect(server.local_addr())
+                .await?;
+            Running {
+                caller: Caller::Direct(proto::echo_brpc::EchoClient::new(client.channel())),
+                _guards: vec![Box::new(server), Box::new(client)],
+            }
+        }
+        "brpc-direct-unix" => {
+            let path = dir.join("brpc-direct.sock");
+            let server = Server::builder()
+                .add_direct(proto::echo_brpc::EchoService::new(EchoService))
+                .bind_unix(&path)?;
+            let client = Client::builder().connect_unix(&path).await?;
+            Running {
+                caller: Caller::Direct(proto::echo_brpc::EchoClient::new(client.channel())),
                 _guards: vec![Box::new(server), Box::new(client)],
             }
         }
@@ -995,7 +1032,7 @@ enum Command {
         /// Calls in the shorter run (the longer one makes twice as many).
         #[arg(long, default_value_t = 2000)]
         calls: u64,
-        /// The stacks to count (default: brpc, quinn, ttrpc-unix, brpc-unix).
+        /// The stacks to count (default: brpc, brpc-direct, quinn, ttrpc-unix, brpc-unix, brpc-direct-unix).
         #[arg(value_parser = STACKS)]
         stacks: Vec<String>,
     },
@@ -1012,14 +1049,16 @@ enum Command {
     },
 }
 
-const STACKS: [&str; 7] = [
+const STACKS: [&str; 9] = [
     "tonic",
     "quinn",
     "quinn-buf",
     "brpc",
+    "brpc-direct",
     "brpc-reverse",
     "ttrpc-unix",
     "brpc-unix",
+    "brpc-direct-unix",
 ];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -1042,7 +1081,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Some(Command::Instructions { calls, stacks }) => {
             let stacks = if stacks.is_empty() {
-                ["brpc", "quinn", "ttrpc-unix", "brpc-unix"]
+                ["brpc", "brpc-direct", "quinn", "ttrpc-unix", "brpc-unix", "brpc-direct-unix"]
                     .map(String::from)
                     .to_vec()
             } else {

@@ -21,11 +21,14 @@ impl Handler for Router {
         call: Incoming,
         reply: &'a mut Reply,
     ) -> impl Future<Output = ()> + Send + 'a {
-        // Either way, one future type: direct services first.
+        // Direct services first. The http path's future is large and boxed:
+        // held inline it would make every served call's task that large,
+        // and a task's future is copied several times on its way in and out
+        // of the runtime.
         async move {
             match self.direct(&call.service) {
                 Some(service) => service.serve(call, reply).await,
-                None => handle(self, call, reply).await,
+                None => Box::pin(handle(self, call, reply)).await,
             }
         }
     }

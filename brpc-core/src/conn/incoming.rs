@@ -4,17 +4,18 @@
 //! [`Router`](crate::Router), brpc's session service, or anything else that
 //! answers with frames. Knows nothing of http or tonic.
 //!
-//! A call task ends when its answer is sent, when the caller cancels
+//! A call ends when its answer is sent, when the caller cancels
 //! (STOP_SENDING or a reset), at its deadline, or when the connection closes:
-//! the tasks live in a `JoinSet` owned by [`serve`], so none outlives the
-//! connection.
+//! the calls are futures owned by [`serve`] (no task each), so none outlives
+//! the connection.
 
 use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
-use tokio::task::JoinSet;
 use tonic::Status;
 use tracing::Instrument;
 
@@ -66,18 +67,25 @@ pub enum Input {
 
 /// Serves the peer's calls on its connection with `handler` until the
 /// connection closes. Every handler still running then is dropped.
+///
+/// The calls of one connection are polled on the task running `serve` (no
+/// task per call: spawning copies a call's large future in and out of the
+/// runtime several times). A handler that computes for long should hand the
+/// work to `tokio::task::spawn_blocking` or a task of its own, as it would
+/// to keep any async runtime responsive. A handler that panics fails its
+/// own call (`INTERNAL`), not the connection.
 pub async fn serve<H: Handler>(peer: Peer, handler: H) {
-    let mut calls = JoinSet::new();
+    let mut calls = FuturesUnordered::new();
     loop {
         tokio::select! {
             accepted = peer.accept_call() => match accepted {
                 Some((send, recv, stream_id)) => {
-                    calls.spawn(serve_call(peer.clone(), handler.clone(), send, recv, stream_id));
+                    calls.push(serve_call(peer.clone(), handler.clone(), send, recv, stream_id));
                     peer.widen_call_window(calls.len());
                 }
                 None => break,
             },
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            Some(()) = calls.next(), if !calls.is_empty() => {}
         }
     }
 }
@@ -103,11 +111,23 @@ async fn serve_call<H: Handler>(
     };
     let quic = peer.quic_connection().is_some();
     let draining = peer.clone();
+    let answering = std::panic::AssertUnwindSafe(answer(peer, &handler, &mut out, recv));
     let answered = tokio::select! {
         biased;
-        () = answer(peer, &handler, &mut out, recv).instrument(span) => true,
+        outcome = answering.catch_unwind().instrument(span) => Some(outcome.is_ok()),
         // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
-        () = &mut stopped => false,
+        () = &mut stopped => None,
+    };
+    let answered = match answered {
+        Some(true) => true,
+        Some(false) => {
+            // The handler (or anything under it) panicked: its call fails,
+            // the connection's other calls go on.
+            tracing::error!("a handler panicked; its call ends with INTERNAL");
+            out.status(Status::internal("the handler panicked")).await;
+            true
+        }
+        None => false,
     };
     if answered && quic && draining.is_draining() {
         // A graceful shutdown closes the connection once no call is in
