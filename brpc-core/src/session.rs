@@ -175,14 +175,15 @@ impl<H: Handler> Handler for WithSession<H> {
         if call.service != SERVICE {
             return Either::Left(self.0.serve(call, reply));
         }
-        Either::Right(async move {
+        // Boxed: rare (Hello, GoAway), and its future is large.
+        Either::Right(Box::pin(async move {
             let payload = match call.input {
                 Input::Single(payload) => payload,
                 Input::Stream(_) => Bytes::new(),
             };
             let (status, payload) = handle_session_call(&call.peer, &call.method, payload);
             reply.response(status, payload).await;
-        })
+        }))
     }
 }
 

@@ -342,3 +342,37 @@ async fn direct_and_tonic_services_share_a_connection_and_interoperate() {
         .expect_err("fail");
     assert_eq!((status.code(), status.message()), (Code::NotFound, "gone"));
 }
+
+struct PanickingNamer;
+
+#[tonic::async_trait]
+impl Namer for PanickingNamer {
+    async fn name(&self, _: Request<NameRequest>) -> Result<Response<NameReply>, Status> {
+        panic!("handler bug (expected by the test)");
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_only_its_own_call() {
+    let server = Server::builder()
+        .add_direct(NamerService::new(PanickingNamer))
+        .add_direct(DirectEcho::new(EchoService::new("server")))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    for _ in 0..2 {
+        let status = NamerClient::new(client.channel())
+            .name(NameRequest {})
+            .await
+            .expect_err("panicked");
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(status.message().contains("panicked"), "{status:?}");
+    }
+    // The connection and its other calls go on.
+    let reply = EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("echo after the panics");
+    assert_eq!(reply.into_inner().answered_by, "server");
+    assert!(client.peer().is_some_and(|p| p.is_usable()));
+}

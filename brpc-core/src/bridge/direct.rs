@@ -153,8 +153,7 @@ async fn respond_unary<R: Message>(reply: &mut Reply, result: Result<tonic::Resp
             if !headers.is_empty() && reply.headers(headers).await.is_err() {
                 return;
             }
-            let payload = encode(response.get_ref());
-            reply.response(Status::ok(""), payload).await;
+            reply.ok(encode(response.get_ref())).await;
         }
         Err(status) => fail(reply, status).await,
     }

@@ -111,12 +111,20 @@ async fn serve_call<H: Handler>(
     };
     let quic = peer.quic_connection().is_some();
     let draining = peer.clone();
-    let answering = std::panic::AssertUnwindSafe(answer(peer, &handler, &mut out, recv));
-    let answered = tokio::select! {
-        biased;
-        outcome = answering.catch_unwind().instrument(span) => Some(outcome.is_ok()),
-        // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
-        () = &mut stopped => None,
+    let answered = {
+        // Pinned in place and polled by reference: a future moved by value
+        // into `select!` would take its room in this one twice.
+        let answering = std::pin::pin!(
+            std::panic::AssertUnwindSafe(answer(peer, &handler, &mut out, recv))
+                .catch_unwind()
+                .instrument(span)
+        );
+        tokio::select! {
+            biased;
+            outcome = answering => Some(outcome.is_ok()),
+            // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
+            () = &mut stopped => None,
+        }
     };
     let answered = match answered {
         Some(true) => true,
@@ -124,7 +132,7 @@ async fn serve_call<H: Handler>(
             // The handler (or anything under it) panicked: its call fails,
             // the connection's other calls go on.
             tracing::error!("a handler panicked; its call ends with INTERNAL");
-            out.status(Status::internal("the handler panicked")).await;
+            Box::pin(out.status(Status::internal("the handler panicked"))).await;
             true
         }
         None => false,
@@ -138,7 +146,7 @@ async fn serve_call<H: Handler>(
     }
     if !answered {
         let abort = out.with(|call| call.abort(Failure::Cancelled));
-        out.carry_out(None, abort).await;
+        Box::pin(out.carry_out(None, abort)).await;
     }
 }
 
@@ -159,13 +167,17 @@ fn read_failure(error: ReadError) -> Option<Failure> {
 }
 
 /// Reads the Request, runs the handler under the call's deadline, answers.
+///
+/// The end of a call that went wrong (`carry_out`, `status`) is awaited
+/// boxed: those futures are large, and held inline they would size every
+/// call's future for a path few calls take.
 async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader: CallReader) {
     let (request, first_message, streaming) = loop {
         let frame = match reader.next(&mut out.call).await {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 if let Some(status) = out.with(Call::recv_finished) {
-                    out.status(status).await;
+                    Box::pin(out.status(status)).await;
                 }
                 return;
             }
@@ -173,7 +185,7 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
                 // The idle limit, before or in the middle of the Request.
                 if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
                     tracing::debug!(status = %abort.status, "call stalled before its Request");
-                    out.carry_out(Some(&mut reader), abort).await;
+                    Box::pin(out.carry_out(Some(&mut reader), abort)).await;
                     return;
                 }
                 continue;
@@ -181,7 +193,7 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
             Err(e) => {
                 if let Some(failure) = read_failure(e) {
                     let abort = out.with(|call| call.abort(failure));
-                    out.carry_out(Some(&mut reader), abort).await;
+                    Box::pin(out.carry_out(Some(&mut reader), abort)).await;
                 }
                 return;
             }
@@ -195,7 +207,7 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
             Ok(_) => continue,
             Err(status) => {
                 let abort = out.with(|call| call.abort(Failure::Protocol(status)));
-                out.carry_out(Some(&mut reader), abort).await;
+                Box::pin(out.carry_out(Some(&mut reader), abort)).await;
                 return;
             }
         }
@@ -209,13 +221,13 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
                 "this side is shutting down and takes no new calls; reconnect and retry",
             )))
         });
-        out.carry_out(Some(&mut reader), abort).await;
+        Box::pin(out.carry_out(Some(&mut reader), abort)).await;
         return;
     }
     // A deadline that is already over (ttrpc's negative timeout_nano) ends
     // the call before the handler runs.
     if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
-        out.carry_out(Some(&mut reader), abort).await;
+        Box::pin(out.carry_out(Some(&mut reader), abort)).await;
         return;
     }
     let deadline = out.with(|call| call.deadline());
@@ -251,15 +263,17 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
             timeout,
             input,
         };
-        let handled = async {
+        // Each future pinned in place and polled by reference: moved by
+        // value into the next, it would take its room here twice.
+        let handled = std::pin::pin!(async {
             handler.serve(incoming, &mut *out).await;
             // A handler that returned without ending the call.
             if !out.is_ended() {
-                out.status(Status::internal("the handler returned without answering"))
+                Box::pin(out.status(Status::internal("the handler returned without answering")))
                     .await;
             }
-        };
-        let guarded = async {
+        });
+        let guarded = std::pin::pin!(async {
             tokio::select! {
                 biased;
                 Some(abort) = async {
@@ -270,7 +284,7 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
                 } => Some(abort),
                 () = handled => None,
             }
-        };
+        });
         match deadline {
             None => guarded.await,
             Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), guarded)
@@ -284,7 +298,7 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
         .or_else(|| failed.as_mut().and_then(|f| f.try_recv().ok()))
         .or_else(|| out.with(|call| call.handle_timeout(now())));
     if let Some(abort) = abort {
-        out.carry_out(None, abort).await;
+        Box::pin(out.carry_out(None, abort)).await;
     }
 }
 
@@ -548,6 +562,14 @@ impl Reply {
     pub async fn response(&mut self, status: Status, payload: Bytes) {
         if let Ok(frame) = self.with(|call| call.send_response(&status, payload)) {
             self.write_last(status.code(), frame).await;
+        }
+    }
+
+    /// Ends the call OK with a Response frame carrying `payload`, the one
+    /// reply message: [`response`](Self::response) with an OK status.
+    pub async fn ok(&mut self, payload: Bytes) {
+        if let Ok(frame) = self.with(|call| call.send_ok_response(payload)) {
+            self.write_last(tonic::Code::Ok, frame).await;
         }
     }
 

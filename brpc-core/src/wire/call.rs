@@ -160,11 +160,11 @@ pub struct Abort {
 /// # Errors
 /// `RESOURCE_EXHAUSTED` when the encoded Request is over `max_message_size`.
 pub fn encode_request(request: &Request, max_message_size: usize) -> Result<Bytes, Status> {
-    let encoded = request.encode_to_vec();
+    let encoded = request.encode_to_bytes();
     if encoded.len() > max_message_size {
         return Err(too_large(encoded.len(), max_message_size));
     }
-    Ok(encoded.into())
+    Ok(encoded)
 }
 
 /// The receive half's progress.
@@ -705,16 +705,30 @@ impl Call {
             return Err(self.misuse("a Response"));
         }
         self.send = SendPhase::Done;
-        Ok(self.response_frame(status, payload))
+        Ok(self.response_frame(to_wire(status), payload))
     }
 
-    fn response_frame(&self, status: &Status, payload: Bytes) -> Frame {
+    /// Callee: the final Response of an OK unary-style reply carrying
+    /// `payload`: [`send_response`](Self::send_response) with an OK status,
+    /// without building one.
+    ///
+    /// # Errors
+    /// `INTERNAL` after the end was sent.
+    pub fn send_ok_response(&mut self, payload: Bytes) -> Result<Frame, Status> {
+        if self.role != CallRole::Callee || self.send == SendPhase::Done {
+            return Err(self.misuse("a Response"));
+        }
+        self.send = SendPhase::Done;
+        Ok(self.response_frame(crate::wire::envelope::Status::default(), payload))
+    }
+
+    fn response_frame(&self, status: crate::wire::envelope::Status, payload: Bytes) -> Frame {
         let max = self.config.max_message_size;
         let mut encoded = Response {
-            status: Some(to_wire(status)),
+            status: Some(status),
             payload,
         }
-        .encode_to_vec();
+        .encode_to_bytes();
         if encoded.len() > max {
             let replaced = Status::resource_exhausted(format!(
                 "response {}",
@@ -724,9 +738,9 @@ impl Call {
                 status: Some(to_wire(&replaced)),
                 payload: Bytes::new(),
             }
-            .encode_to_vec();
+            .encode_to_bytes();
         }
-        self.frame(FrameType::Response, Flags::EMPTY, encoded.into())
+        self.frame(FrameType::Response, Flags::EMPTY, encoded)
     }
 
     /// The call ends early for `failure`: returns what to stop, send or
@@ -774,9 +788,10 @@ impl Call {
         let send_open = self.send != SendPhase::Done;
         self.send = SendPhase::Done;
         let (response, reset) = match self.role {
-            CallRole::Callee if send_open => {
-                (Some(self.response_frame(&status, Bytes::new())), None)
-            }
+            CallRole::Callee if send_open => (
+                Some(self.response_frame(to_wire(&status), Bytes::new())),
+                None,
+            ),
             CallRole::Caller if send_open => (None, Some(codes::STREAM_CANCELLED)),
             _ => (None, None),
         };

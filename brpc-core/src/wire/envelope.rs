@@ -3,7 +3,8 @@
 //!
 //! Written as prost derives so the core crate needs no build step.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message as _;
 
 /// `ttrpc.Request`: opens a call.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -34,6 +35,53 @@ pub struct Response {
     /// The encoded reply message.
     #[prost(bytes = "bytes", tag = "2")]
     pub payload: Bytes,
+}
+
+/// A `bytes` field written by hand: prost's own encoding of a `Bytes` field
+/// clones it, and cloning a `Bytes` made from a `Vec` allocates.
+fn encode_bytes_field(tag: u32, bytes: &[u8], buf: &mut BytesMut) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    if !bytes.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(bytes.len() as u64, buf);
+        buf.put_slice(bytes);
+    }
+}
+
+impl Request {
+    /// The encoded envelope in one buffer: the same bytes as
+    /// [`prost::Message::encode_to_vec`], with one allocation.
+    pub fn encode_to_bytes(&self) -> Bytes {
+        use prost::encoding::{int64, message, string};
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        if !self.service.is_empty() {
+            string::encode(1, &self.service, &mut buf);
+        }
+        if !self.method.is_empty() {
+            string::encode(2, &self.method, &mut buf);
+        }
+        encode_bytes_field(3, &self.payload, &mut buf);
+        if self.timeout_nano != 0 {
+            int64::encode(4, &self.timeout_nano, &mut buf);
+        }
+        for entry in &self.metadata {
+            message::encode(5, entry, &mut buf);
+        }
+        buf.freeze()
+    }
+}
+
+impl Response {
+    /// The encoded envelope in one buffer: the same bytes as
+    /// [`prost::Message::encode_to_vec`], with one allocation.
+    pub fn encode_to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        if let Some(status) = &self.status {
+            prost::encoding::message::encode(1, status, &mut buf);
+        }
+        encode_bytes_field(2, &self.payload, &mut buf);
+        buf.freeze()
+    }
 }
 
 /// `google.rpc.Status`.
@@ -127,6 +175,36 @@ mod tests {
             timeout_nano: 5_000_000_000,
             metadata: vec![KeyValue::new("key", "val")],
         }
+    }
+
+    #[test]
+    fn hand_encoding_matches_prost() {
+        let request = Request {
+            service: "a.B".into(),
+            method: "M".into(),
+            payload: Bytes::from(vec![1u8; 300]),
+            timeout_nano: -5,
+            metadata: vec![KeyValue::new("k", "v"), KeyValue::new("k", "w")],
+        };
+        assert_eq!(request.encode_to_bytes(), request.encode_to_vec());
+        assert_eq!(
+            Request::default().encode_to_bytes(),
+            Request::default().encode_to_vec()
+        );
+        let response = Response {
+            status: Some(Status {
+                code: 5,
+                message: "gone".into(),
+                details: vec![],
+            }),
+            payload: Bytes::from_static(b"xyz"),
+        };
+        assert_eq!(response.encode_to_bytes(), response.encode_to_vec());
+        let ok = Response {
+            status: Some(Status::default()),
+            payload: Bytes::new(),
+        };
+        assert_eq!(ok.encode_to_bytes(), ok.encode_to_vec());
     }
 
     #[test]
