@@ -77,7 +77,10 @@ pub enum Input {
 pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     let mut calls = FuturesUnordered::new();
     loop {
+        // Biased, in a fixed order: new calls first, then the calls under
+        // way (unbiased, the order would be random at every turn).
         tokio::select! {
+            biased;
             accepted = peer.accept_call() => match accepted {
                 Some((send, recv, stream_id)) => {
                     calls.push(serve_call(peer.clone(), handler.clone(), send, recv, stream_id));

@@ -19,7 +19,7 @@ use super::observe::CallRecord;
 use super::peer::Peer;
 use super::transport::{CallReader, CallWriter, ReadError, SendError};
 use crate::metadata;
-use crate::wire::{Failure, Inbound, KeyValue, Request, RequestShape, encode_request};
+use crate::wire::{Failure, Inbound, KeyValue, RequestParts, RequestShape, encode_request_parts};
 
 /// A call's request messages: one, inside the Request (unary and
 /// server-streaming calls), or a stream of them sent as Data frames after a
@@ -143,14 +143,14 @@ impl Peer {
             RequestBody::Single(message) => (message, None, RequestShape::Single),
             RequestBody::Stream(messages) => (Bytes::new(), Some(messages), RequestShape::Stream),
         };
-        let envelope = Request {
-            service: service.to_owned(),
-            method: method.to_owned(),
-            payload,
+        let envelope = RequestParts {
+            service,
+            method,
+            payload: &payload,
             timeout_nano: metadata::to_timeout_nano(timeout),
-            metadata,
+            metadata: &metadata,
         };
-        let encoded = match encode_request(&envelope, self.max_message_size()) {
+        let encoded = match encode_request_parts(&envelope, self.max_message_size()) {
             Ok(encoded) => encoded,
             Err(status) => return Err(fail(&mut record, status)),
         };

@@ -16,7 +16,7 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use super::codes;
-use super::envelope::{KeyValue, Metadata, Request, Response};
+use super::envelope::{KeyValue, Metadata, Request, RequestParts, Response};
 use super::frame::{Flags, Frame, FrameType};
 use super::status::{from_wire, to_wire, too_large, too_large_message};
 
@@ -160,6 +160,26 @@ pub struct Abort {
 /// # Errors
 /// `RESOURCE_EXHAUSTED` when the encoded Request is over `max_message_size`.
 pub fn encode_request(request: &Request, max_message_size: usize) -> Result<Bytes, Status> {
+    encode_request_parts(
+        &RequestParts {
+            service: &request.service,
+            method: &request.method,
+            payload: &request.payload,
+            timeout_nano: request.timeout_nano,
+            metadata: &request.metadata,
+        },
+        max_message_size,
+    )
+}
+
+/// [`encode_request`] from borrowed parts.
+///
+/// # Errors
+/// `RESOURCE_EXHAUSTED` when the encoded Request is over `max_message_size`.
+pub fn encode_request_parts(
+    request: &RequestParts<'_>,
+    max_message_size: usize,
+) -> Result<Bytes, Status> {
     let encoded = request.encode_to_bytes();
     if encoded.len() > max_message_size {
         return Err(too_large(encoded.len(), max_message_size));

@@ -52,19 +52,63 @@ impl Request {
     /// The encoded envelope in one buffer: the same bytes as
     /// [`prost::Message::encode_to_vec`], with one allocation.
     pub fn encode_to_bytes(&self) -> Bytes {
-        use prost::encoding::{int64, message, string};
-        let mut buf = BytesMut::with_capacity(self.encoded_len());
-        if !self.service.is_empty() {
-            string::encode(1, &self.service, &mut buf);
+        RequestParts {
+            service: &self.service,
+            method: &self.method,
+            payload: &self.payload,
+            timeout_nano: self.timeout_nano,
+            metadata: &self.metadata,
         }
-        if !self.method.is_empty() {
-            string::encode(2, &self.method, &mut buf);
-        }
-        encode_bytes_field(3, &self.payload, &mut buf);
+        .encode_to_bytes()
+    }
+}
+
+/// A [`Request`] to encode, borrowed: the caller's names and payload need
+/// not be copied into owned fields first.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    /// Fully qualified proto service name.
+    pub service: &'a str,
+    /// Bare method name.
+    pub method: &'a str,
+    /// The encoded request message.
+    pub payload: &'a [u8],
+    /// Time remaining in nanoseconds; 0: no deadline.
+    pub timeout_nano: i64,
+    /// Request metadata.
+    pub metadata: &'a [KeyValue],
+}
+
+impl RequestParts<'_> {
+    /// The encoded envelope: the same bytes as encoding the equivalent
+    /// [`Request`].
+    pub fn encode_to_bytes(&self) -> Bytes {
+        use prost::encoding::{encoded_len_varint, int64, key_len, message};
+        let field = |len: usize| {
+            if len == 0 {
+                0
+            } else {
+                key_len(1) + encoded_len_varint(len as u64) + len
+            }
+        };
+        let len = field(self.service.len())
+            + field(self.method.len())
+            + field(self.payload.len())
+            + if self.timeout_nano != 0 {
+                int64::encoded_len(4, &self.timeout_nano)
+            } else {
+                0
+            }
+            + message::encoded_len_repeated(5, self.metadata);
+        let mut buf = BytesMut::with_capacity(len);
+        // A string field is written as a bytes field is.
+        encode_bytes_field(1, self.service.as_bytes(), &mut buf);
+        encode_bytes_field(2, self.method.as_bytes(), &mut buf);
+        encode_bytes_field(3, self.payload, &mut buf);
         if self.timeout_nano != 0 {
             int64::encode(4, &self.timeout_nano, &mut buf);
         }
-        for entry in &self.metadata {
+        for entry in self.metadata {
             message::encode(5, entry, &mut buf);
         }
         buf.freeze()

@@ -9,8 +9,13 @@ mod envelope;
 mod frame;
 pub mod status;
 
-pub use call::{Abort, Call, CallConfig, CallRole, Failure, Inbound, RequestShape, encode_request};
-pub use envelope::{HelloRequest, HelloResponse, KeyValue, Metadata, Request, Response, Status};
+pub use call::{
+    Abort, Call, CallConfig, CallRole, Failure, Inbound, RequestShape, encode_request,
+    encode_request_parts,
+};
+pub use envelope::{
+    HelloRequest, HelloResponse, KeyValue, Metadata, Request, RequestParts, Response, Status,
+};
 pub use frame::{
     DEFAULT_MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType,
     HEADER_LEN,
