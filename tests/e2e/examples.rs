@@ -178,7 +178,11 @@ fn the_readme_dependency_block_is_the_one_ci_builds() {
                 Some((code, _)) if l.starts_with("brpc ") => code.trim_end().to_owned(),
                 _ => l.to_owned(),
             })
-            .map(|l| l.replace("../brpc", "../.."))
+            // The README's checkout beside the crate is this one, two up.
+            .map(|l| {
+                l.replace("\"../brpc\"", "\"../..\"")
+                    .replace("\"../brpc/", "\"../../")
+            })
             .collect()
     };
     assert_eq!(block(&readme), block(&manifest));

@@ -9,8 +9,10 @@ mod hello {
     tonic::include_proto!("hello.v1");
 }
 
-use hello::hello_client::HelloClient;
-use hello::hello_server::{Hello, HelloServer};
+// brpc-build's code for the `Hello` service: a dispatcher over tonic's
+// trait and a typed client, both on brpc's direct path.
+use hello::hello_brpc::{HelloClient, HelloService};
+use hello::hello_server::Hello;
 use hello::{SayReply, SayRequest};
 use tonic::{Request, Response, Status};
 
@@ -28,7 +30,7 @@ impl Hello for MyHello {
 
 async fn say_hello(name: &str) -> Result<String, Box<dyn std::error::Error>> {
     let server = brpc::Server::builder()
-        .add_service(HelloServer::new(MyHello))
+        .add_direct(HelloService::new(MyHello))
         .bind("127.0.0.1:0")?;
     let client = brpc::Client::builder()
         .pin_certificate(server.certificate().clone())
