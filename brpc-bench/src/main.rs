@@ -210,7 +210,17 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
         "tonic" => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // TCP_NODELAY on every accepted connection, as tonic's own
+            // `serve` sets it (serve_with_incoming leaves Nagle on, which
+            // holds back the tail of every large reply).
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
+                |stream: std::io::Result<tokio::net::TcpStream>| {
+                    if let Ok(stream) = &stream {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    stream
+                },
+            );
             let server = tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(EchoServer::new(EchoService).max_decoding_message_size(4 << 20))

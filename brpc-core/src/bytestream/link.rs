@@ -32,6 +32,31 @@ const STREAM_FULL_WAIT: Duration = Duration::from_secs(1);
 
 type Inbound = Result<Frame, ReadError>;
 
+/// Stream ids are small integers chosen by the two peers, in order: they
+/// need no SipHash against collision attacks (ids must increase, and a
+/// table holds at most the calls in flight). A multiplicative hash spreads
+/// them over the table.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type StreamMap = HashMap<u32, mpsc::Sender<Inbound>, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// One byte-stream connection. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Link {
@@ -41,7 +66,7 @@ pub(crate) struct Link {
 struct Inner {
     side: Side,
     out: mpsc::Sender<Frame>,
-    streams: Mutex<HashMap<u32, mpsc::Sender<Inbound>>>,
+    streams: Mutex<StreamMap>,
     next_id: AtomicU32,
     incoming: tokio::sync::Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
     /// Taken while a new id is chosen and its Request queued.
@@ -71,7 +96,7 @@ impl Link {
             inner: Arc::new(Inner {
                 side,
                 out,
-                streams: Mutex::new(HashMap::new()),
+                streams: Mutex::new(StreamMap::default()),
                 next_id: AtomicU32::new(if side == Side::Dialer { 1 } else { 2 }),
                 incoming: tokio::sync::Mutex::new(incoming_rx),
                 opening: Mutex::new(()),
@@ -89,7 +114,7 @@ impl Link {
         link
     }
 
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::Sender<Inbound>>> {
+    fn streams(&self) -> std::sync::MutexGuard<'_, StreamMap> {
         self.inner.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -256,8 +281,11 @@ impl Multiplexer for Link {
 }
 
 impl FrameSource for StreamInbound {
-    fn next(&mut self) -> BoxFuture<'_, Result<Option<Frame>, ReadError>> {
-        Box::pin(StreamInbound::next(self))
+    fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Frame>, ReadError>> {
+        StreamInbound::poll_next(self, cx)
     }
 
     fn stop(&mut self) {
@@ -266,6 +294,19 @@ impl FrameSource for StreamInbound {
 }
 
 impl FrameSink for StreamOutbound {
+    fn try_write(&mut self, frame: Frame) -> Result<Option<Frame>, SendError> {
+        debug_assert_eq!(frame.stream_id, self.id, "a frame for another call");
+        let len = HEADER_LEN + frame.payload.len();
+        match self.link.inner.out.try_send(frame) {
+            Ok(()) => {
+                super::super::conn::observe_bytes_sent(len);
+                Ok(None)
+            }
+            Err(mpsc::error::TrySendError::Full(frame)) => Ok(Some(frame)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(self.lost()),
+        }
+    }
+
     fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.write_frame(frame))
     }
@@ -280,11 +321,14 @@ pub(crate) struct StreamInbound {
 }
 
 impl StreamInbound {
-    pub(crate) async fn next(&mut self) -> Result<Option<Frame>, ReadError> {
+    pub(crate) fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Frame>, ReadError>> {
         if self.stopped {
-            return Err(ReadError::Closed);
+            return std::task::Poll::Ready(Err(ReadError::Closed));
         }
-        match self.rx.recv().await {
+        self.rx.poll_recv(cx).map(|received| match received {
             Some(Ok(frame)) => Ok(Some(frame)),
             Some(Err(e)) => Err(e),
             None => Err(ReadError::LinkLost(
@@ -292,7 +336,7 @@ impl StreamInbound {
                     .close_reason()
                     .unwrap_or_else(|| "stream dropped by the connection".into()),
             )),
-        }
+        })
     }
 
     pub(crate) fn stop(&mut self) {
@@ -314,16 +358,18 @@ pub(crate) struct StreamOutbound {
 }
 
 impl StreamOutbound {
+    fn lost(&self) -> SendError {
+        SendError::Lost(
+            self.link
+                .close_reason()
+                .unwrap_or_else(|| "connection closed".into()),
+        )
+    }
+
     async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {
         debug_assert_eq!(frame.stream_id, self.id, "a frame for another call");
         super::super::conn::observe_bytes_sent(HEADER_LEN + frame.payload.len());
-        self.link.inner.out.send(frame).await.map_err(|_| {
-            SendError::Lost(
-                self.link
-                    .close_reason()
-                    .unwrap_or_else(|| "connection closed".into()),
-            )
-        })
+        self.link.inner.out.send(frame).await.map_err(|_| self.lost())
     }
 }
 

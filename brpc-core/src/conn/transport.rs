@@ -52,15 +52,22 @@ pub(crate) trait Multiplexer: Send + Sync + 'static {
 
 /// Frames arriving for one multiplexed call.
 pub(crate) trait FrameSource: Send + Sync {
-    /// The next frame; `Ok(None)` when the peer finished the call.
-    fn next(&mut self) -> BoxFuture<'_, Result<Option<Frame>, ReadError>>;
+    /// The next frame; `Ok(None)` when the peer finished the call. (A poll
+    /// function, not a boxed future: no allocation per frame read.)
+    fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Frame>, ReadError>>;
     /// Stops routing the call's frames (ttrpc cannot tell the peer).
     fn stop(&mut self);
 }
 
 /// Frames leaving for one multiplexed call.
 pub(crate) trait FrameSink: Send + Sync {
-    /// Queues one frame.
+    /// Queues one frame at once if there is room: `Ok(None)`; otherwise
+    /// `Ok(Some(frame))` gives it back for [`write`](Self::write).
+    fn try_write(&mut self, frame: Frame) -> Result<Option<Frame>, SendError>;
+    /// Queues one frame, waiting for room.
     fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>>;
 }
 
@@ -168,7 +175,7 @@ impl CallReader {
     ) -> Result<Option<Frame>, ReadError> {
         match self {
             CallReader::Quic(reader) => reader.next(timer).await,
-            CallReader::Mux(source) => source.next().await,
+            CallReader::Mux(source) => std::future::poll_fn(|cx| source.poll_next(cx)).await,
         }
     }
 
@@ -193,7 +200,11 @@ impl CallWriter {
     pub(crate) async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {
         match self {
             CallWriter::Quic(send) => Ok(write_frame(send, frame).await?),
-            CallWriter::Mux(sink) => sink.write(frame).await,
+            CallWriter::Mux(sink) => match sink.try_write(frame)? {
+                None => Ok(()),
+                // The connection's queue is full: wait for room.
+                Some(frame) => sink.write(frame).await,
+            },
         }
     }
 
