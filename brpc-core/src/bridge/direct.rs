@@ -153,7 +153,7 @@ async fn respond_unary<R: Message>(reply: &mut Reply, result: Result<tonic::Resp
             if !headers.is_empty() && reply.headers(headers).await.is_err() {
                 return;
             }
-            reply.ok(encode(response.get_ref())).await;
+            reply.ok_message(response.get_ref()).await;
         }
         Err(status) => fail(reply, status).await,
     }

@@ -68,7 +68,7 @@ struct Inner {
     out: mpsc::Sender<Frame>,
     streams: Mutex<StreamMap>,
     next_id: AtomicU32,
-    incoming: tokio::sync::Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
+    incoming: Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
     /// Taken while a new id is chosen and its Request queued.
     opening: Mutex<()>,
     closed: watch::Sender<Option<String>>,
@@ -98,7 +98,7 @@ impl Link {
                 out,
                 streams: Mutex::new(StreamMap::default()),
                 next_id: AtomicU32::new(if side == Side::Dialer { 1 } else { 2 }),
-                incoming: tokio::sync::Mutex::new(incoming_rx),
+                incoming: Mutex::new(incoming_rx),
                 opening: Mutex::new(()),
                 closed: watch::Sender::new(None),
                 remote_is_brpc: AtomicBool::new(false),
@@ -168,13 +168,19 @@ impl Link {
     }
 
     /// The next call the peer opened, or `None` once the connection is gone.
-    async fn accept_call(&self) -> Option<(StreamOutbound, StreamInbound, u32)> {
-        let (id, inbound) = self.inner.incoming.lock().await.recv().await?;
-        let outbound = StreamOutbound {
-            link: self.clone(),
-            id,
-        };
-        Some((outbound, inbound, id))
+    fn poll_accept_call(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<(StreamOutbound, StreamInbound, u32)>> {
+        let mut incoming = self.inner.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        incoming.poll_recv(cx).map(|accepted| {
+            let (id, inbound) = accepted?;
+            let outbound = StreamOutbound {
+                link: self.clone(),
+                id,
+            };
+            Some((outbound, inbound, id))
+        })
     }
 
     pub(crate) fn close_reason(&self) -> Option<String> {
@@ -247,9 +253,9 @@ impl Multiplexer for Link {
         })
     }
 
-    fn accept(&self) -> BoxFuture<'_, Option<MuxCall>> {
-        Box::pin(async move {
-            let (sink, source, id) = self.accept_call().await?;
+    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<MuxCall>> {
+        self.poll_accept_call(cx).map(|accepted| {
+            let (sink, source, id) = accepted?;
             Some((
                 Box::new(sink) as Box<dyn FrameSink>,
                 Box::new(source) as Box<dyn FrameSource>,

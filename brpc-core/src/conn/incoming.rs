@@ -576,6 +576,14 @@ impl Reply {
         }
     }
 
+    /// Ends the call OK with a Response frame carrying `message`, encoded
+    /// straight into the frame.
+    pub async fn ok_message(&mut self, message: &impl prost::Message) {
+        if let Ok(frame) = self.with(|call| call.send_ok_message(message)) {
+            self.write_last(tonic::Code::Ok, frame).await;
+        }
+    }
+
     fn reset(&mut self, code: u32) {
         self.record.finish(tonic::Code::Cancelled);
         self.send.reset(code);

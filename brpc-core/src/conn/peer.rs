@@ -395,7 +395,7 @@ impl Peer {
                 Some((CallWriter::Quic(send), CallReader::Quic(reader), stream_id))
             }
             Transport::Mux(mux) => {
-                let (sink, source, id) = mux.accept().await?;
+                let (sink, source, id) = std::future::poll_fn(|cx| mux.poll_accept(cx)).await?;
                 Some((CallWriter::Mux(sink), CallReader::Mux(source), id))
             }
         }

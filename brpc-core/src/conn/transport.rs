@@ -37,7 +37,9 @@ pub(crate) trait Multiplexer: Send + Sync + 'static {
     /// queues the Request `request` builds for it, in id order.
     fn open<'a>(&'a self, request: RequestBuilder<'a>) -> BoxFuture<'a, Result<MuxCall, Status>>;
     /// The next call the peer opened, or `None` once the connection is gone.
-    fn accept(&self) -> BoxFuture<'_, Option<MuxCall>>;
+    /// (A poll function: no boxed future per accepted call. One task
+    /// accepts, the connection's serve loop.)
+    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<MuxCall>>;
     /// Ends the connection: every call fails.
     fn close(&self, reason: &str);
     /// Why the connection ended, once it has.
