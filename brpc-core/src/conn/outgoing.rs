@@ -210,18 +210,25 @@ fn write_status(e: SendError) -> Status {
     }
 }
 
-/// Runs `work` until `deadline`; past it, the call was never sent.
-async fn with_deadline<T>(
+/// Runs `work` until `deadline`; past it, the call was never sent. Not an
+/// `async fn`: one holding `work` would hold it twice (as its argument and
+/// inside the timeout), and this future sits inside every call's.
+fn with_deadline<T>(
     deadline: Option<Instant>,
     work: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
+) -> impl Future<Output = Result<T, Status>> {
+    use futures_util::FutureExt;
     match deadline {
-        None => work.await,
-        Some(at) => tokio::time::timeout_at(at, work).await.unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(
-                "deadline exceeded before the call was sent",
-            ))
-        }),
+        None => futures_util::future::Either::Left(work),
+        Some(at) => futures_util::future::Either::Right(tokio::time::timeout_at(at, work).map(
+            |outcome| {
+                outcome.unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(
+                        "deadline exceeded before the call was sent",
+                    ))
+                })
+            },
+        )),
     }
 }
 
