@@ -1091,9 +1091,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Some(Command::Instructions { calls, stacks }) => {
             let stacks = if stacks.is_empty() {
-                ["brpc", "brpc-direct", "quinn", "ttrpc-unix", "brpc-unix", "brpc-direct-unix"]
-                    .map(String::from)
-                    .to_vec()
+                [
+                    "brpc",
+                    "brpc-direct",
+                    "quinn",
+                    "ttrpc-unix",
+                    "brpc-unix",
+                    "brpc-direct-unix",
+                ]
+                .map(String::from)
+                .to_vec()
             } else {
                 stacks
             };
@@ -1191,6 +1198,40 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         return Ok(());
     }
+    // Instructions per call under callgrind (full runs only): a figure
+    // that does not move with the machine's noise.
+    let mut instructions: Vec<(&str, f64)> = Vec::new();
+    if !quick {
+        for stack in [
+            "quinn",
+            "brpc-direct",
+            "brpc",
+            "tonic",
+            "ttrpc-unix",
+            "brpc-direct-unix",
+            "brpc-unix",
+        ] {
+            eprintln!("instructions: {stack} ...");
+            match instructions_per_call(stack, 3000) {
+                Ok(n) => instructions.push((stack, n)),
+                Err(e) => eprintln!("  {stack}: {e}"),
+            }
+        }
+    }
+    let mut instruction_table = String::from(
+        "| stack | instructions per call (both ends) | vs raw quinn |\n|---|---:|---:|\n",
+    );
+    let quinn_instr = instructions
+        .iter()
+        .find(|(s, _)| *s == "quinn")
+        .map(|(_, n)| *n);
+    for (stack, n) in &instructions {
+        let vs = quinn_instr.map_or(String::new(), |q| format!("{:.2}×", n / q));
+        instruction_table += &format!("| {stack} | {:.1}k | {vs} |\n", n / 1000.0);
+    }
+    if instructions.is_empty() {
+        instruction_table = "Not measured (`--quick`, or valgrind missing).\n".to_owned();
+    }
     let memory_n = if quick { 300 } else { 2000 };
     let mut memory = Vec::new();
     for stack in ["brpc", "quinn", "tonic"] {
@@ -1273,14 +1314,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|(_, f)| f.clone())
             .unwrap_or_default()
     };
-    let (tonic, quinn, brpc, rev, ttrpc, unix) = (
+    let (tonic, quinn, quinn_buf, brpc, rev, ttrpc, unix) = (
         get("tonic"),
         get("quinn"),
+        get("quinn-buf"),
         get("brpc"),
         get("brpc-reverse"),
         get("ttrpc-unix"),
         get("brpc-unix"),
     );
+    let (direct, direct_unix) = (get("brpc-direct"), get("brpc-direct-unix"));
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     // No figure (a stack failed): NaN, which meets no target.
     let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { a / b } else { f64::NAN };
@@ -1289,46 +1332,133 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .find(|(s, _, _)| *s == "brpc")
         .map(|(_, rss, _)| *rss);
+    let instr = |name: &str| {
+        instructions
+            .iter()
+            .find(|(s, _)| *s == name)
+            .map_or(f64::NAN, |(_, n)| *n)
+    };
+    // (target, measured ratio, whether it is met)
+    let at_least = |name: &str, a: f64, b: f64, min: f64| {
+        (
+            name.to_owned(),
+            format!("{:.2}×", ratio(a, b)),
+            ratio(a, b) >= min,
+        )
+    };
+    let at_most = |name: &str, a: f64, b: f64, max: f64| {
+        (
+            name.to_owned(),
+            format!("{:.2}×", ratio(a, b)),
+            ratio(a, b) <= max,
+        )
+    };
+    let within_row = |name: &str, a: f64, b: f64| {
+        (
+            name.to_owned(),
+            format!("{:.2}×", ratio(a, b)),
+            within(a, b),
+        )
+    };
     let mut targets = vec![
-        (
-            "brpc 16 B c=64 ≥ 0.85× raw quinn".to_owned(),
-            format!("{:.2}×", ratio(brpc.c64_calls, quinn.c64_calls)),
-            ratio(brpc.c64_calls, quinn.c64_calls) >= 0.85,
+        at_most(
+            "brpc-direct (lean) instructions/call ≤ 1.5× raw quinn",
+            instr("brpc-direct"),
+            instr("quinn"),
+            1.5,
         ),
-        (
-            "brpc 16 B c=64 vs tonic (≥ 1.6× expected)".to_owned(),
-            format!("{:.2}×", ratio(brpc.c64_calls, tonic.c64_calls)),
-            ratio(brpc.c64_calls, tonic.c64_calls) >= 1.6,
+        at_most(
+            "brpc (tonic path) instructions/call ≤ 2.0× raw quinn",
+            instr("brpc"),
+            instr("quinn"),
+            2.0,
         ),
-        (
-            "brpc c=1 p50 ≤ 1.15× raw quinn".to_owned(),
-            format!("{:.2}×", ratio(brpc.c1_p50_us, quinn.c1_p50_us)),
-            ratio(brpc.c1_p50_us, quinn.c1_p50_us) <= 1.15,
+        at_most(
+            "brpc-direct-unix instructions/call ≤ 1.0× ttrpc-rust",
+            instr("brpc-direct-unix"),
+            instr("ttrpc-unix"),
+            1.0,
         ),
-        (
-            "reverse c=1 calls/s within ±10% of forward".to_owned(),
-            format!("{:.2}×", ratio(rev.c1_calls, brpc.c1_calls)),
-            within(rev.c1_calls, brpc.c1_calls),
+        at_least(
+            "brpc-direct 16 B c=64 ≥ 0.85× raw quinn",
+            direct.c64_calls,
+            quinn.c64_calls,
+            0.85,
         ),
-        (
-            "reverse c=64 calls/s within ±10% of forward".to_owned(),
-            format!("{:.2}×", ratio(rev.c64_calls, brpc.c64_calls)),
-            within(rev.c64_calls, brpc.c64_calls),
+        at_least(
+            "brpc-direct 16 B c=64 ≥ 1.6× tonic (h2c here; no tonic+TLS stack)",
+            direct.c64_calls,
+            tonic.c64_calls,
+            1.6,
         ),
-        (
-            "reverse 1 MiB MB/s within ±10% of forward".to_owned(),
-            format!("{:.2}×", ratio(rev.mib_mbps, brpc.mib_mbps)),
-            within(rev.mib_mbps, brpc.mib_mbps),
+        at_most(
+            "brpc-direct c=1 p50 ≤ 1.15× raw quinn",
+            direct.c1_p50_us,
+            quinn.c1_p50_us,
+            1.15,
         ),
-        (
-            "brpc 1 MiB echo ≥ 1.5× tonic".to_owned(),
-            format!("{:.2}×", ratio(brpc.mib_mbps, tonic.mib_mbps)),
-            ratio(brpc.mib_mbps, tonic.mib_mbps) >= 1.5,
+        at_least(
+            "brpc-direct-unix c=64 ≥ 1.2× ttrpc-rust",
+            direct_unix.c64_calls,
+            ttrpc.c64_calls,
+            1.2,
         ),
-        (
-            "brpc-unix c=64 ≥ 1.2× ttrpc-rust".to_owned(),
-            format!("{:.2}×", ratio(unix.c64_calls, ttrpc.c64_calls)),
-            ratio(unix.c64_calls, ttrpc.c64_calls) >= 1.2,
+        at_least(
+            "brpc-direct 1 MiB echo ≥ 1.0× quinn-buf",
+            direct.mib_mbps,
+            quinn_buf.mib_mbps,
+            1.0,
+        ),
+        at_least(
+            "brpc-direct 1 MiB echo ≥ 1.0× tonic (TCP_NODELAY)",
+            direct.mib_mbps,
+            tonic.mib_mbps,
+            1.0,
+        ),
+        at_least(
+            "brpc 16 B c=64 ≥ 0.85× raw quinn",
+            brpc.c64_calls,
+            quinn.c64_calls,
+            0.85,
+        ),
+        at_least(
+            "brpc 16 B c=64 vs tonic (≥ 1.6× expected)",
+            brpc.c64_calls,
+            tonic.c64_calls,
+            1.6,
+        ),
+        at_most(
+            "brpc c=1 p50 ≤ 1.15× raw quinn",
+            brpc.c1_p50_us,
+            quinn.c1_p50_us,
+            1.15,
+        ),
+        within_row(
+            "reverse c=1 calls/s within ±10% of forward",
+            rev.c1_calls,
+            brpc.c1_calls,
+        ),
+        within_row(
+            "reverse c=64 calls/s within ±10% of forward",
+            rev.c64_calls,
+            brpc.c64_calls,
+        ),
+        within_row(
+            "reverse 1 MiB MB/s within ±10% of forward",
+            rev.mib_mbps,
+            brpc.mib_mbps,
+        ),
+        at_least(
+            "brpc 1 MiB echo ≥ 1.5× tonic",
+            brpc.mib_mbps,
+            tonic.mib_mbps,
+            1.5,
+        ),
+        at_least(
+            "brpc-unix c=64 ≥ 1.2× ttrpc-rust",
+            unix.c64_calls,
+            ttrpc.c64_calls,
+            1.2,
         ),
     ];
     if let Some(rss) = brpc_rss {
@@ -1392,9 +1522,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          stacks one after another, so slow drifts in the machine's speed hit every stack alike.\n\
          tonic uses its own HTTP/2 transport over TCP loopback (plaintext); raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
          and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers; brpc-reverse is the server calling the client\n\
-         through the peer handle; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
+         through the peer handle; brpc, brpc-reverse and brpc-unix use tonic's generated client and server (the tonic path), brpc-direct and brpc-direct-unix\n\
+         brpc-build's (the direct path); tonic's server sets TCP_NODELAY as its own `serve` does; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
          receive buffer during that stack's measured rounds (machine-wide `RcvbufErrors`).\n\n\
          {table}\n![calls per second by stack and concurrency](benchmarks.svg)\n\n\
+         ## Instructions per call\n\n`valgrind --tool=callgrind` over 3000 and then 6000 16-byte unary calls at c=64 (one-thread runtime, fresh process each), \
+         the difference of the two totals divided by 3000: client and server together, user space. brpc-direct is the direct path \
+         (brpc-build's dispatcher and client); brpc the tonic path (tonic's generated client and server over `Channel`/`Router`). \
+         raw quinn and ttrpc echo raw bytes (no protobuf).\n\n{instruction_table}\n\
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process; then the server broadcasts a 16-byte Echo call to every client through its \

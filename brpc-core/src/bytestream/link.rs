@@ -172,7 +172,11 @@ impl Link {
         &self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<(StreamOutbound, StreamInbound, u32)>> {
-        let mut incoming = self.inner.incoming.lock().unwrap_or_else(|e| e.into_inner());
+        let mut incoming = self
+            .inner
+            .incoming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         incoming.poll_recv(cx).map(|accepted| {
             let (id, inbound) = accepted?;
             let outbound = StreamOutbound {
@@ -375,7 +379,12 @@ impl StreamOutbound {
     async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {
         debug_assert_eq!(frame.stream_id, self.id, "a frame for another call");
         super::super::conn::observe_bytes_sent(HEADER_LEN + frame.payload.len());
-        self.link.inner.out.send(frame).await.map_err(|_| self.lost())
+        self.link
+            .inner
+            .out
+            .send(frame)
+            .await
+            .map_err(|_| self.lost())
     }
 }
 

@@ -220,15 +220,15 @@ fn with_deadline<T>(
     use futures_util::FutureExt;
     match deadline {
         None => futures_util::future::Either::Left(work),
-        Some(at) => futures_util::future::Either::Right(tokio::time::timeout_at(at, work).map(
-            |outcome| {
+        Some(at) => {
+            futures_util::future::Either::Right(tokio::time::timeout_at(at, work).map(|outcome| {
                 outcome.unwrap_or_else(|_| {
                     Err(Status::deadline_exceeded(
                         "deadline exceeded before the call was sent",
                     ))
                 })
-            },
-        )),
+            }))
+        }
     }
 }
 

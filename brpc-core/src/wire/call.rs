@@ -1625,9 +1625,7 @@ mod tests {
             let mut a = Call::callee(1, CONFIG, Instant::now());
             let mut b = Call::callee(1, CONFIG, Instant::now());
             let direct = a.send_ok_message(&m).expect("send");
-            let built = b
-                .send_ok_response(m.encode_to_vec().into())
-                .expect("send");
+            let built = b.send_ok_response(m.encode_to_vec().into()).expect("send");
             assert_eq!(direct, built);
         }
         let mut small = Call::callee(
@@ -1650,5 +1648,4 @@ mod tests {
             Code::ResourceExhausted as i32
         );
     }
-
 }
