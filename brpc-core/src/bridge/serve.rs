@@ -2,7 +2,6 @@
 //! http request into the tonic-generated server it names, and the server's
 //! http response becomes frames through the call's [`Reply`].
 
-use std::future::Future;
 
 use futures_util::stream;
 use http_body::Frame as BodyFrame;
@@ -16,20 +15,13 @@ use crate::conn::{Handler, Incoming, Input, Reply};
 use crate::metadata;
 
 impl Handler for Router {
-    fn serve<'a>(
-        &'a self,
-        call: Incoming,
-        reply: &'a mut Reply,
-    ) -> impl Future<Output = ()> + Send + 'a {
-        // Direct services first. The http path's future is large and boxed:
-        // held inline it would make every served call's task that large,
-        // and a task's future is copied several times on its way in and out
-        // of the runtime.
-        async move {
-            match self.direct(&call.service) {
-                Some(service) => service.serve(call, reply).await,
-                None => Box::pin(handle(self, call, reply)).await,
-            }
+    // Direct services first. The http path's future is large and boxed: held
+    // inline it would make every served call's future that large, and that
+    // future is copied on its way into the connection's set of calls.
+    async fn serve(&self, call: Incoming, reply: &mut Reply) {
+        match self.direct(&call.service) {
+            Some(service) => service.serve(call, reply).await,
+            None => Box::pin(handle(self, call, reply)).await,
         }
     }
 }
