@@ -376,3 +376,47 @@ async fn a_panicking_handler_fails_only_its_own_call() {
     assert_eq!(reply.into_inner().answered_by, "server");
     assert!(client.peer().is_some_and(|p| p.is_usable()));
 }
+
+#[tokio::test]
+async fn streaming_calls_end_at_their_deadline_and_when_dropped() {
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = direct_server(echo);
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let mut echo = EchoClient::new(client.channel());
+
+    // Client streaming into a handler that stops reading: the deadline ends it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(EchoRequest {
+        text: "stall".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let mut request = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.set_timeout(Duration::from_millis(300));
+    let status = echo.sink(request).await.expect_err("deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    drop(tx);
+
+    // Bidi dropped mid-stream: the direct handler's side learns of it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = echo
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("call")
+        .into_inner();
+    tx.send(EchoRequest {
+        seq: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    assert_eq!(replies.next().await.expect("reply").expect("ok").seq, 1);
+    drop(replies);
+    eventually(Duration::from_secs(10), "handler saw the call end", || {
+        probe.inputs_ended.load(Ordering::SeqCst) + probe.outputs_closed.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    drop(tx);
+}
