@@ -2,7 +2,6 @@
 //! http request into the tonic-generated server it names, and the server's
 //! http response becomes frames through the call's [`Reply`].
 
-
 use futures_util::stream;
 use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
