@@ -258,6 +258,16 @@ impl Builder {
         self
     }
 
+    /// With `true`, every call this side serves runs as a task of its own
+    /// (as tonic's server runs each request), for handlers that block their
+    /// thread or compute for long. By default the calls of one connection
+    /// are polled by the task serving it: cheaper per call, but a blocking
+    /// handler holds up the connection's other calls.
+    pub fn task_per_call(mut self, yes: bool) -> Self {
+        self.router = self.router.task_per_call(yes);
+        self
+    }
+
     /// Passes every call this side serves through a tower `layer` (e.g.
     /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer). The first layer
     /// added is the outermost; the stack is shared by all connections. Calls to

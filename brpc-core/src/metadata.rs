@@ -75,7 +75,11 @@ pub fn append_key_values(headers: &mut HeaderMap, entries: Vec<KeyValue>) -> Res
         let value = HeaderValue::from_str(&value).map_err(|_| {
             Status::invalid_argument(format!("invalid metadata value for key {key:?}"))
         })?;
-        headers.append(name, value);
+        // A header map holds at most 32 768 entries; past that, append
+        // would panic.
+        headers.try_append(name, value).map_err(|_| {
+            Status::resource_exhausted("too many metadata entries for one header map")
+        })?;
     }
     Ok(())
 }
@@ -145,6 +149,17 @@ pub fn from_timeout_nano(nanos: i64) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_many_entries_are_an_error_not_a_panic() {
+        // A header map holds at most 32 768 entries; a peer can send more.
+        let entries: Vec<KeyValue> = (0..40_000)
+            .map(|i| KeyValue::new(&format!("k{i}"), "v"))
+            .collect();
+        let mut headers = HeaderMap::new();
+        let status = append_key_values(&mut headers, entries).expect_err("too many");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    }
 
     #[test]
     fn reserved_headers_stay_out() {

@@ -185,6 +185,10 @@ impl<H: Handler> Handler for WithSession<H> {
             reply.response(status, payload).await;
         }))
     }
+
+    fn task_per_call(&self) -> bool {
+        self.0.task_per_call()
+    }
 }
 
 /// Serves the peer's calls on its connection with `handler` (the

@@ -420,3 +420,54 @@ async fn streaming_calls_end_at_their_deadline_and_when_dropped() {
     .await;
     drop(tx);
 }
+
+/// Blocks its thread in the first call until released.
+struct BlockingNamer {
+    gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    entered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl Namer for BlockingNamer {
+    async fn name(&self, _: Request<NameRequest>) -> Result<Response<NameReply>, Status> {
+        let gate = self.gate.lock().expect("lock").take();
+        if let Some(gate) = gate {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            // A handler that blocks its thread (what task_per_call is for).
+            let _ = gate.recv();
+        }
+        Ok(Response::new(NameReply { name: "x".into() }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_task_per_call_a_blocking_handler_holds_up_no_other_call() {
+    let (release, gate) = std::sync::mpsc::channel();
+    let entered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = Server::builder()
+        .add_direct(NamerService::new(BlockingNamer {
+            gate: std::sync::Mutex::new(Some(gate)),
+            entered: entered.clone(),
+        }))
+        .task_per_call(true)
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let channel = client.channel();
+    let blocked = tokio::spawn(async move { NamerClient::new(channel).name(NameRequest {}).await });
+    eventually(Duration::from_secs(10), "first handler blocking", || {
+        entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Same connection, while the first handler still blocks its thread.
+    let second = tokio::time::timeout(
+        Duration::from_secs(20),
+        NamerClient::new(client.channel()).name(NameRequest {}),
+    )
+    .await
+    .expect("the second call was held up by the blocked handler")
+    .expect("second call");
+    assert_eq!(second.into_inner().name, "x");
+    release.send(()).expect("release");
+    blocked.await.expect("join").expect("first call");
+}

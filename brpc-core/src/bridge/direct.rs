@@ -362,9 +362,19 @@ impl Channel {
                     if status.code() != tonic::Code::Ok {
                         return Err(with_trailers(status, trailers));
                     }
-                    let payload = message.or(reply).ok_or_else(|| {
-                        Status::internal("the peer ended the call without a reply message")
-                    })?;
+                    let payload = match (message, reply) {
+                        (Some(payload), None) | (None, Some(payload)) => payload,
+                        (Some(_), Some(_)) => {
+                            return Err(Status::internal(
+                                "the peer sent more than one reply message for a unary call",
+                            ));
+                        }
+                        (None, None) => {
+                            return Err(Status::internal(
+                                "the peer ended the call without a reply message",
+                            ));
+                        }
+                    };
                     let reply = Resp::decode(payload).map_err(decode_error)?;
                     // As tonic does, the trailers join the response metadata.
                     if !trailers.is_empty() {

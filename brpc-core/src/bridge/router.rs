@@ -109,6 +109,7 @@ pub struct Router {
     direct: Arc<HashMap<&'static str, Arc<dyn DirectService>>>,
     layers: Vec<LayerFn>,
     stack: Arc<OnceLock<BoxedService>>,
+    task_per_call: bool,
 }
 
 impl std::fmt::Debug for Router {
@@ -149,6 +150,21 @@ impl Router {
         Arc::make_mut(&mut self.services).remove(name);
         Arc::make_mut(&mut self.direct).insert(name, Arc::new(service));
         self
+    }
+
+    /// With `true`, every call this side serves runs as a task of its own,
+    /// as tonic's server runs each request: for handlers that block their
+    /// thread or compute for long. By default (`false`) the calls of a
+    /// connection are polled by the task serving it, which costs less per
+    /// call (see [`serve`](crate::serve)).
+    pub fn task_per_call(mut self, yes: bool) -> Self {
+        self.task_per_call = yes;
+        self
+    }
+
+    /// Whether every call runs as a task of its own.
+    pub fn has_task_per_call(&self) -> bool {
+        self.task_per_call
     }
 
     /// The direct service of this name, if one is hosted.

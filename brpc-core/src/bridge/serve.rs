@@ -23,6 +23,10 @@ impl Handler for Router {
             None => Box::pin(handle(self, call, reply)).await,
         }
     }
+
+    fn task_per_call(&self) -> bool {
+        self.has_task_per_call()
+    }
 }
 
 /// Serves one call through the router: the call as an http request, the

@@ -32,10 +32,8 @@ const STREAM_FULL_WAIT: Duration = Duration::from_secs(1);
 
 type Inbound = Result<Frame, ReadError>;
 
-/// Stream ids are small integers chosen by the two peers, in order: they
-/// need no SipHash against collision attacks (ids must increase, and a
-/// table holds at most the calls in flight). A multiplicative hash spreads
-/// them over the table.
+/// Stream ids are integers chosen by the two peers, in increasing order: a
+/// mixing hash (no SipHash) spreads every bit of them over the table.
 #[derive(Default)]
 struct IdHasher(u64);
 
@@ -51,7 +49,12 @@ impl std::hash::Hasher for IdHasher {
     }
 
     fn write_u32(&mut self, id: u32) {
-        self.0 = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Every bit of the id reaches the low bits the table indexes by
+        // (ids strided by a power of two must not share one probe chain).
+        let mut x = u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^= x >> 32;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        self.0 = x ^ (x >> 29);
     }
 }
 
@@ -168,6 +171,8 @@ impl Link {
     }
 
     /// The next call the peer opened, or `None` once the connection is gone.
+    /// One task accepts (the connection's serve loop): the queue keeps one
+    /// waker.
     fn poll_accept_call(
         &self,
         cx: &mut std::task::Context<'_>,

@@ -37,6 +37,13 @@ pub trait Handler: Clone + Send + Sync + 'static {
         call: Incoming,
         reply: &'a mut Reply,
     ) -> impl Future<Output = ()> + Send + 'a;
+
+    /// Whether each call runs as a task of its own (`false`: the calls of a
+    /// connection are polled by the task serving the connection; see
+    /// [`serve`]).
+    fn task_per_call(&self) -> bool {
+        false
+    }
 }
 
 /// A call the peer opened, once its Request arrived.
@@ -68,27 +75,53 @@ pub enum Input {
 /// Serves the peer's calls on its connection with `handler` until the
 /// connection closes. Every handler still running then is dropped.
 ///
-/// The calls of one connection are polled on the task running `serve` (no
-/// task per call: spawning copies a call's large future in and out of the
-/// runtime several times). A handler that computes for long should hand the
-/// work to `tokio::task::spawn_blocking` or a task of its own, as it would
-/// to keep any async runtime responsive. A handler that panics fails its
-/// own call (`INTERNAL`), not the connection.
+/// By default the calls of one connection are polled on the task running
+/// `serve` (no task per call: spawning copies a call's large future in and
+/// out of the runtime several times). A handler that blocks its thread or
+/// computes for long then holds up the other calls of its connection: hand
+/// such work to `tokio::task::spawn_blocking` or a task of its own, or have
+/// the handler ask for a task per call ([`Handler::task_per_call`]; the
+/// builders' `task_per_call(true)`). A handler that panics fails its own
+/// call (`INTERNAL`), not the connection.
 pub async fn serve<H: Handler>(peer: Peer, handler: H) {
+    /// New calls accepted in a row before the calls under way are polled
+    /// (so a flood of new calls cannot starve them).
+    const ACCEPT_STREAK: u32 = 16;
+    let spawn = handler.task_per_call();
     let mut calls = FuturesUnordered::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut streak = 0;
     loop {
+        if streak >= ACCEPT_STREAK {
+            streak = 0;
+            while let Some(Some(())) = calls.next().now_or_never() {}
+        }
         // Biased, in a fixed order: new calls first, then the calls under
         // way (unbiased, the order would be random at every turn).
         tokio::select! {
             biased;
             accepted = peer.accept_call() => match accepted {
                 Some((send, recv, stream_id)) => {
-                    calls.push(serve_call(peer.clone(), handler.clone(), send, recv, stream_id));
-                    peer.widen_call_window(calls.len());
+                    streak += 1;
+                    let call = serve_call(peer.clone(), handler.clone(), send, recv, stream_id);
+                    // A panic anywhere in the call (a handler's Drop, say)
+                    // ends that call only.
+                    let call = std::panic::AssertUnwindSafe(call).catch_unwind().map(|outcome| {
+                        if outcome.is_err() {
+                            tracing::error!("a call panicked while ending; it was dropped");
+                        }
+                    });
+                    if spawn {
+                        tasks.spawn(call);
+                    } else {
+                        calls.push(call);
+                    }
+                    peer.widen_call_window(calls.len() + tasks.len());
                 }
                 None => break,
             },
-            Some(()) = calls.next(), if !calls.is_empty() => {}
+            Some(()) = calls.next(), if !calls.is_empty() => streak = 0,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => streak = 0,
         }
     }
 }
@@ -579,8 +612,8 @@ impl Reply {
     /// Ends the call OK with a Response frame carrying `message`, encoded
     /// straight into the frame.
     pub async fn ok_message(&mut self, message: &impl prost::Message) {
-        if let Ok(frame) = self.with(|call| call.send_ok_message(message)) {
-            self.write_last(tonic::Code::Ok, frame).await;
+        if let Ok((frame, code)) = self.with(|call| call.send_ok_message(message)) {
+            self.write_last(code, frame).await;
         }
     }
 

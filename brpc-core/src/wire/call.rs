@@ -744,10 +744,12 @@ impl Call {
 
     /// Callee: [`send_ok_response`](Self::send_ok_response) with `message`
     /// encoded straight into the Response (no buffer of its own to copy).
+    /// Returns the frame and the code it carries: `RESOURCE_EXHAUSTED` when
+    /// the reply was over the maximum size and replaced.
     ///
     /// # Errors
     /// `INTERNAL` after the end was sent.
-    pub fn send_ok_message(&mut self, message: &impl Message) -> Result<Frame, Status> {
+    pub fn send_ok_message(&mut self, message: &impl Message) -> Result<(Frame, Code), Status> {
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
         if self.role != CallRole::Callee || self.send == SendPhase::Done {
             return Err(self.misuse("a Response"));
@@ -766,7 +768,10 @@ impl Call {
                 "response {}",
                 too_large_message(total, self.config.max_message_size)
             ));
-            return Ok(self.response_frame(to_wire(&replaced), Bytes::new()));
+            return Ok((
+                self.response_frame(to_wire(&replaced), Bytes::new()),
+                Code::ResourceExhausted,
+            ));
         }
         let mut buf = bytes::BytesMut::with_capacity(total);
         encode_key(1, WireType::LengthDelimited, &mut buf);
@@ -776,7 +781,10 @@ impl Call {
             encode_varint(len as u64, &mut buf);
             message.encode_raw(&mut buf);
         }
-        Ok(self.frame(FrameType::Response, Flags::EMPTY, buf.freeze()))
+        Ok((
+            self.frame(FrameType::Response, Flags::EMPTY, buf.freeze()),
+            Code::Ok,
+        ))
     }
 
     fn response_frame(&self, status: crate::wire::envelope::Status, payload: Bytes) -> Frame {
@@ -1624,7 +1632,8 @@ mod tests {
         for m in [message, Request::default()] {
             let mut a = Call::callee(1, CONFIG, Instant::now());
             let mut b = Call::callee(1, CONFIG, Instant::now());
-            let direct = a.send_ok_message(&m).expect("send");
+            let (direct, code) = a.send_ok_message(&m).expect("send");
+            assert_eq!(code, Code::Ok);
             let built = b.send_ok_response(m.encode_to_vec().into()).expect("send");
             assert_eq!(direct, built);
         }
@@ -1636,12 +1645,13 @@ mod tests {
             },
             Instant::now(),
         );
-        let frame = small
+        let (frame, code) = small
             .send_ok_message(&Request {
                 service: "far too long for eight bytes".into(),
                 ..Default::default()
             })
             .expect("send");
+        assert_eq!(code, Code::ResourceExhausted);
         let response = Response::decode(frame.payload).expect("response");
         assert_eq!(
             response.status.expect("status").code,
