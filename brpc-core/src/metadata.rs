@@ -154,7 +154,7 @@ mod tests {
     fn too_many_entries_are_an_error_not_a_panic() {
         // A header map holds at most 32 768 entries; a peer can send more.
         let entries: Vec<KeyValue> = (0..40_000)
-            .map(|i| KeyValue::new(&format!("k{i}"), "v"))
+            .map(|i| KeyValue::new(format!("k{i}"), "v"))
             .collect();
         let mut headers = HeaderMap::new();
         let status = append_key_values(&mut headers, entries).expect_err("too many");
