@@ -116,41 +116,28 @@ enum Caller {
     Ttrpc(ttrpc_gen::echo_ttrpc::EchoClient),
 }
 
+fn echo_request(payload: &Bytes) -> EchoRequest {
+    EchoRequest {
+        blob: payload.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// The bytes echoed back by a protobuf Echo call.
+fn echoed(reply: Result<Response<EchoReply>, Status>) -> Result<usize, String> {
+    reply
+        .map(|r| r.into_inner().blob.len())
+        .map_err(|e| e.to_string())
+}
+
 impl Caller {
     fn call(&self, payload: Bytes) -> CallFuture {
         let this = self.clone();
         Box::pin(async move {
             match this {
-                Caller::Tonic(mut c) => {
-                    let r = c
-                        .unary(EchoRequest {
-                            blob: payload.to_vec(),
-                            ..Default::default()
-                        })
-                        .await;
-                    r.map(|r| r.into_inner().blob.len())
-                        .map_err(|e| e.to_string())
-                }
-                Caller::Brpc(mut c) => {
-                    let r = c
-                        .unary(EchoRequest {
-                            blob: payload.to_vec(),
-                            ..Default::default()
-                        })
-                        .await;
-                    r.map(|r| r.into_inner().blob.len())
-                        .map_err(|e| e.to_string())
-                }
-                Caller::Direct(mut c) => {
-                    let r = c
-                        .unary(EchoRequest {
-                            blob: payload.to_vec(),
-                            ..Default::default()
-                        })
-                        .await;
-                    r.map(|r| r.into_inner().blob.len())
-                        .map_err(|e| e.to_string())
-                }
+                Caller::Tonic(mut c) => echoed(c.unary(echo_request(&payload)).await),
+                Caller::Brpc(mut c) => echoed(c.unary(echo_request(&payload)).await),
+                Caller::Direct(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Quinn(conn) => quinn_call(&conn, payload).await.map_err(|e| e.to_string()),
                 Caller::Ttrpc(c) => {
                     let mut req = ttrpc_gen::echo::EchoRequest::new();

@@ -31,7 +31,7 @@ async fn check_drop_cancels(mut echo: EchoClient<brpc::Channel>, probe: &common:
 /// A bidi call dropped mid-stream: the handler's side learns at once, its
 /// input ending or its output closing, whichever it is waiting on. (tonic reports a
 /// cancelled request stream as its end, over HTTP/2 and here alike.)
-async fn check_streaming_handler_sees_the_cancel(
+pub(crate) async fn check_streaming_handler_sees_the_cancel(
     mut echo: EchoClient<brpc::Channel>,
     probe: &common::Probe,
 ) {

@@ -9,6 +9,7 @@ use crate::common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::unary::FixedNamer;
 use brpc::{Client, Peer, Server};
 use common::echo::echo_brpc::{EchoClient, EchoService as DirectEcho};
 use common::echo::echo_client::EchoClient as TonicEchoClient;
@@ -214,7 +215,8 @@ async fn dropping_the_caller_cancels_the_handler() {
     .await;
 }
 
-/// Greets by asking the calling client's Namer (on the direct path) for its name.
+/// Greets by asking the calling client's Namer for its name, through the
+/// generated direct client (unary.rs has the same story with tonic's).
 struct CallbackGreeter;
 
 #[tonic::async_trait]
@@ -233,17 +235,6 @@ impl Greeter for CallbackGreeter {
                 request.into_inner().greeting,
                 peer.name()
             ),
-        }))
-    }
-}
-
-struct FixedNamer(&'static str);
-
-#[tonic::async_trait]
-impl Namer for FixedNamer {
-    async fn name(&self, _: Request<NameRequest>) -> Result<Response<NameReply>, Status> {
-        Ok(Response::new(NameReply {
-            name: self.0.into(),
         }))
     }
 }
@@ -399,26 +390,13 @@ async fn streaming_calls_end_at_their_deadline_and_when_dropped() {
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     drop(tx);
 
-    // Bidi dropped mid-stream: the direct handler's side learns of it.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut replies = echo
-        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("call")
-        .into_inner();
-    tx.send(EchoRequest {
-        seq: 1,
-        ..Default::default()
-    })
-    .await
-    .expect("send");
-    assert_eq!(replies.next().await.expect("reply").expect("ok").seq, 1);
-    drop(replies);
-    eventually(Duration::from_secs(10), "handler saw the call end", || {
-        probe.inputs_ended.load(Ordering::SeqCst) + probe.outputs_closed.load(Ordering::SeqCst) >= 1
-    })
+    // Bidi dropped mid-stream: the direct handler's side learns of it (the
+    // generated client's streaming methods are tonic's).
+    crate::cancellation::check_streaming_handler_sees_the_cancel(
+        TonicEchoClient::new(client.channel()),
+        &probe,
+    )
     .await;
-    drop(tx);
 }
 
 /// Blocks its thread in the first call until released.

@@ -70,7 +70,8 @@ impl Greeter for CallbackGreeter {
     }
 }
 
-struct FixedNamer(&'static str);
+/// Answers `Name` with a fixed name (shared with the direct-path tests).
+pub(crate) struct FixedNamer(pub(crate) &'static str);
 
 #[tonic::async_trait]
 impl Namer for FixedNamer {

@@ -136,6 +136,35 @@ fn request_stream<T: Message + Default + Send + 'static>(input: Input) -> Stream
     Streaming::new_request(ProstDecoder::<T>(PhantomData), body, None, Some(usize::MAX))
 }
 
+/// The handler's request of a unary or server-streaming call.
+async fn single_request<Req: Message + Default>(
+    call: Incoming,
+) -> Result<tonic::Request<Req>, Status> {
+    let Incoming {
+        peer,
+        metadata,
+        timeout,
+        input,
+        ..
+    } = call;
+    let message = Req::decode(single_message(input).await?).map_err(decode_error)?;
+    tonic_request(message, peer, metadata, timeout)
+}
+
+/// The handler's request of a client-streaming or bidi call.
+fn streamed_request<Req: Message + Default + Send + 'static>(
+    call: Incoming,
+) -> Result<tonic::Request<Streaming<Req>>, Status> {
+    let Incoming {
+        peer,
+        metadata,
+        timeout,
+        input,
+        ..
+    } = call;
+    tonic_request(request_stream(input), peer, metadata, timeout)
+}
+
 /// The call's error: the status's metadata as trailers, then the status.
 async fn fail(reply: &mut Reply, status: Status) {
     let trailers = metadata::to_key_values(status.metadata().as_ref());
@@ -204,18 +233,7 @@ where
     F: FnOnce(tonic::Request<Req>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let Incoming {
-        peer,
-        metadata,
-        timeout,
-        input,
-        ..
-    } = call;
-    let request = async {
-        let message = Req::decode(single_message(input).await?).map_err(decode_error)?;
-        tonic_request(message, peer, metadata, timeout)
-    };
-    let result = match request.await {
+    let result = match single_request(call).await {
         Ok(request) => handler(request).await,
         Err(status) => Err(status),
     };
@@ -231,18 +249,7 @@ where
     F: FnOnce(tonic::Request<Req>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<S>, Status>>,
 {
-    let Incoming {
-        peer,
-        metadata,
-        timeout,
-        input,
-        ..
-    } = call;
-    let request = async {
-        let message = Req::decode(single_message(input).await?).map_err(decode_error)?;
-        tonic_request(message, peer, metadata, timeout)
-    };
-    let result = match request.await {
+    let result = match single_request(call).await {
         Ok(request) => handler(request).await,
         Err(status) => Err(status),
     };
@@ -257,14 +264,7 @@ where
     F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let Incoming {
-        peer,
-        metadata,
-        timeout,
-        input,
-        ..
-    } = call;
-    let result = match tonic_request(request_stream(input), peer, metadata, timeout) {
+    let result = match streamed_request(call) {
         Ok(request) => handler(request).await,
         Err(status) => Err(status),
     };
@@ -280,14 +280,7 @@ where
     F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<S>, Status>>,
 {
-    let Incoming {
-        peer,
-        metadata,
-        timeout,
-        input,
-        ..
-    } = call;
-    let result = match tonic_request(request_stream(input), peer, metadata, timeout) {
+    let result = match streamed_request(call) {
         Ok(request) => handler(request).await,
         Err(status) => Err(status),
     };

@@ -601,14 +601,6 @@ impl Reply {
         }
     }
 
-    /// Ends the call OK with a Response frame carrying `payload`, the one
-    /// reply message: [`response`](Self::response) with an OK status.
-    pub async fn ok(&mut self, payload: Bytes) {
-        if let Ok(frame) = self.with(|call| call.send_ok_response(payload)) {
-            self.write_last(tonic::Code::Ok, frame).await;
-        }
-    }
-
     /// Ends the call OK with a Response frame carrying `message`, encoded
     /// straight into the frame.
     pub async fn ok_message(&mut self, message: &impl prost::Message) {

@@ -728,22 +728,9 @@ impl Call {
         Ok(self.response_frame(to_wire(status), payload))
     }
 
-    /// Callee: the final Response of an OK unary-style reply carrying
-    /// `payload`: [`send_response`](Self::send_response) with an OK status,
-    /// without building one.
-    ///
-    /// # Errors
-    /// `INTERNAL` after the end was sent.
-    pub fn send_ok_response(&mut self, payload: Bytes) -> Result<Frame, Status> {
-        if self.role != CallRole::Callee || self.send == SendPhase::Done {
-            return Err(self.misuse("a Response"));
-        }
-        self.send = SendPhase::Done;
-        Ok(self.response_frame(crate::wire::envelope::Status::default(), payload))
-    }
-
-    /// Callee: [`send_ok_response`](Self::send_ok_response) with `message`
-    /// encoded straight into the Response (no buffer of its own to copy).
+    /// Callee: [`send_response`](Self::send_response) with an OK status and
+    /// `message` encoded straight into the Response (no buffer of its own to
+    /// copy).
     /// Returns the frame and the code it carries: `RESOURCE_EXHAUSTED` when
     /// the reply was over the maximum size and replaced.
     ///
@@ -1634,7 +1621,9 @@ mod tests {
             let mut b = Call::callee(1, CONFIG, Instant::now());
             let (direct, code) = a.send_ok_message(&m).expect("send");
             assert_eq!(code, Code::Ok);
-            let built = b.send_ok_response(m.encode_to_vec().into()).expect("send");
+            let built = b
+                .send_response(&Status::ok(""), m.encode_to_vec().into())
+                .expect("send");
             assert_eq!(direct, built);
         }
         let mut small = Call::callee(
