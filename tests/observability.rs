@@ -120,13 +120,14 @@ async fn calls_have_spans_and_metrics() {
             }
         })
     };
-    // Three calls served (two by the server, one by the client), three made.
+    // Four calls served (two by the server, one by the client, and the
+    // Hello, a call like any other), four made.
     assert_eq!(
         value(
             "brpc_calls_total",
             &[("direction", "inbound"), ("code", "OK")]
         ),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         value(
@@ -140,7 +141,7 @@ async fn calls_have_spans_and_metrics() {
             "brpc_calls_total",
             &[("direction", "outbound"), ("code", "OK")]
         ),
-        Some(2.0)
+        Some(3.0)
     );
     assert_eq!(
         value(

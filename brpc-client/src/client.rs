@@ -785,33 +785,39 @@ async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
             .connect(remote, server_name)?
             .await
             .map_err(|e| handshake_error(e, server_name, shared.pinned))?;
-        let hello = hello(shared);
-        let answer =
-            match session::send_hello(&connection, hello, shared.limits.max_message_size).await {
-                Ok(answer) => answer,
-                Err(status) => {
-                    // A connection that closed says more than the lost Hello: under
-                    // TLS 1.3 a server refusing our certificate does so only now.
-                    let refused = matches!(
-                        status.code(),
-                        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
-                    );
-                    return Err(match connection.close_reason() {
-                        Some(end @ quinn::ConnectionError::ApplicationClosed(_)) if !refused => {
-                            let end = brpc_core::ConnectionError::from_quinn_closed(&end);
-                            ConnectError::Refused {
-                                code: end.code().unwrap_or(u32::MAX),
-                                reason: end.to_string(),
-                            }
+        // A handle for the Hello call alone; the one kept is made with
+        // the id Hello assigns.
+        let greeter = session::greeter(
+            connection.clone(),
+            Side::Dialer,
+            shared.limits,
+            shared.buffer.clone(),
+        );
+        let answer = match session::send_hello(&greeter, hello(shared)).await {
+            Ok(answer) => answer,
+            Err(status) => {
+                // A connection that closed says more than the lost Hello: under
+                // TLS 1.3 a server refusing our certificate does so only now.
+                let refused = matches!(
+                    status.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                );
+                return Err(match connection.close_reason() {
+                    Some(end @ quinn::ConnectionError::ApplicationClosed(_)) if !refused => {
+                        let end = brpc_core::ConnectionError::from_quinn_closed(&end);
+                        ConnectError::Refused {
+                            code: end.code().unwrap_or(u32::MAX),
+                            reason: end.to_string(),
                         }
-                        Some(
-                            e @ (quinn::ConnectionError::TransportError(_)
-                            | quinn::ConnectionError::ConnectionClosed(_)),
-                        ) => ConnectError::Handshake(e),
-                        _ => ConnectError::Hello(status),
-                    });
-                }
-            };
+                    }
+                    Some(
+                        e @ (quinn::ConnectionError::TransportError(_)
+                        | quinn::ConnectionError::ConnectionClosed(_)),
+                    ) => ConnectError::Handshake(e),
+                    _ => ConnectError::Hello(status),
+                });
+            }
+        };
         Ok::<_, ConnectError>((connection, answer))
     };
     let (connection, answer) =

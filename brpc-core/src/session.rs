@@ -7,16 +7,13 @@
 use bytes::Bytes;
 use futures_util::future::Either;
 use prost::Message;
-use quinn::{Connection, SendStream};
 use tonic::Status;
 
 use crate::conn::{
-    ConnectionId, FrameReader, Handler, Incoming, Input, NoTimer, Peer, Reply, Side, write_frame,
+    CallLimits, ConnectionId, Handler, Incoming, Input, Labels, MemoryBudget, Peer, PeerInfo,
+    Reply, RequestBody, ResponseEvent, Side, accept_one,
 };
-use crate::wire::{
-    self, Call, CallConfig, Flags, Frame, FrameType, HelloRequest, HelloResponse, Inbound, Request,
-    RequestShape, Response,
-};
+use crate::wire::{self, HelloRequest, HelloResponse};
 
 /// Proto service name of the handshake call.
 pub const SERVICE: &str = wire::SESSION_SERVICE;
@@ -29,100 +26,57 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Default largest Hello frame a server accepts.
 pub const DEFAULT_MAX_HELLO_SIZE: usize = 16 * 1024;
 
-/// Dialer: sends Hello on the connection's first stream and returns the answer.
+/// A handle on a connection for its Hello call alone, before Hello has
+/// established who is at the other end: its id is 0, its name and labels
+/// empty. Once Hello is done, the handle to keep is made with what it
+/// established. Frames it receives are capped at `limits.max_message_size`
+/// (a server's `max_hello_size`) and charged to `total`.
+pub fn greeter(
+    connection: quinn::Connection,
+    side: Side,
+    limits: CallLimits,
+    total: MemoryBudget,
+) -> Peer {
+    let info = PeerInfo {
+        connection_id: ConnectionId(0),
+        name: String::new(),
+        labels: Labels::new(),
+        connected_at: std::time::SystemTime::now(),
+        identity: None,
+    };
+    Peer::new(connection, side, info, limits, total)
+}
+
+/// Dialer: says Hello, the connection's first call, through `greeter` (see
+/// [`greeter`]) and returns the answer.
 ///
 /// # Errors
 /// The status the server answered with, or `UNAVAILABLE` if the connection failed.
-pub async fn send_hello(
-    connection: &Connection,
-    hello: HelloRequest,
-    max_message_size: usize,
-) -> Result<HelloResponse, Status> {
-    let lost = |e: &dyn std::fmt::Display| {
-        Status::unavailable(format!("connection lost during Hello: {e}"))
-    };
-    let (mut send, recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
-    let stream_id = wire::stream_id(send.id().index(), true);
-    let request = Request {
-        service: SERVICE.into(),
-        method: METHOD.into(),
-        payload: hello.encode_to_vec().into(),
-        ..Default::default()
-    };
-    write_frame(
-        &mut send,
-        Frame::new(
-            stream_id,
-            FrameType::Request,
-            Flags::EMPTY,
-            request.encode_to_vec().into(),
-        ),
-    )
-    .await
-    .map_err(|e| lost(&e))?;
-    let _ = send.finish();
-    let mut reader = FrameReader::new(recv, max_message_size);
-    let mut call = Call::caller(
-        stream_id,
-        CallConfig {
-            max_message_size,
-            idle_limit: None,
-            metadata_frames: true,
-        },
-    );
-    loop {
-        let frame = match reader.next(&mut NoTimer).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => return Err(Status::internal("server ended Hello without an answer")),
-            Err(e) => return Err(e.to_status()),
-        };
-        match call.recv(frame, std::time::Instant::now())? {
-            Inbound::Finished {
-                message: Some(payload),
-                ..
-            } => {
-                return HelloResponse::decode(payload)
-                    .map_err(|e| Status::internal(format!("undecodable Hello answer: {e}")));
-            }
-            Inbound::Finished { status, .. } => return Err(status),
-            Inbound::Ignored => continue,
-            _ => return Err(Status::internal("server answered Hello with a stream")),
-        }
-    }
+pub async fn send_hello(greeter: &Peer, hello: HelloRequest) -> Result<HelloResponse, Status> {
+    let answer = session_call(greeter, METHOD, hello.encode_to_vec().into()).await?;
+    HelloResponse::decode(answer)
+        .map_err(|e| Status::internal(format!("undecodable Hello answer: {e}")))
 }
 
-/// One unary call to the peer's built-in session service.
+/// One unary call to the peer's built-in session service, through the
+/// engine's calling half like any other call.
 async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes, Status> {
-    let request = Request {
-        service: SERVICE.into(),
-        method: method.into(),
-        payload,
-        ..Default::default()
-    };
-    let encoded = wire::encode_request(&request, peer.max_message_size())?;
-    let opened = peer.open_call(encoded, RequestShape::Single).await?;
-    let (mut send, mut reader, mut call) = (opened.writer, opened.reader, opened.call);
-    opened
-        .sent
-        .map_err(|e| Status::unavailable(format!("cannot send {SERVICE}/{method}: {e:?}")))?;
-    send.finish();
+    let body = RequestBody::<futures_util::stream::Empty<Result<Bytes, Status>>>::Single(payload);
+    let mut call = peer
+        .start_call(SERVICE, method, Vec::new(), None, body)
+        .await?;
     loop {
-        let frame = match reader.next(&mut NoTimer).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
+        match call.next_event().await {
+            ResponseEvent::End {
+                status, message, ..
+            } if status.code() == tonic::Code::Ok => return Ok(message.unwrap_or_default()),
+            ResponseEvent::End { status, .. } => return Err(status),
+            ResponseEvent::Headers(_) => {}
+            ResponseEvent::Message(_) => {
                 return Err(Status::internal(format!(
-                    "peer ended {method} without an answer"
+                    "the peer answered {SERVICE}/{method} with a stream"
                 )));
             }
-            Err(e) => return Err(e.to_status()),
-        };
-        match call.recv(frame, std::time::Instant::now())? {
-            Inbound::Finished {
-                message: Some(payload),
-                ..
-            } => return Ok(payload),
-            Inbound::Finished { status, .. } => return Err(status),
-            _ => continue,
         }
     }
 }
@@ -149,14 +103,9 @@ pub(crate) async fn hello_bytestream(
     peer: &Peer,
     hello: HelloRequest,
 ) -> Result<HelloResponse, Status> {
-    let answer = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        session_call(peer, METHOD, hello.encode_to_vec().into()),
-    )
-    .await
-    .map_err(|_| Status::deadline_exceeded("no answer to Hello"))??;
-    HelloResponse::decode(answer)
-        .map_err(|e| Status::internal(format!("undecodable Hello answer: {e}")))
+    tokio::time::timeout(std::time::Duration::from_secs(10), send_hello(peer, hello))
+        .await
+        .map_err(|_| Status::deadline_exceeded("no answer to Hello"))?
 }
 
 /// A [`Handler`] that answers the built-in session service itself and hands
@@ -253,103 +202,45 @@ pub struct GoAway {
 pub struct HelloCall {
     /// What the dialer announced.
     pub request: HelloRequest,
-    send: SendStream,
-    stream_id: u32,
+    reply: Reply,
 }
 
-/// Acceptor: reads the connection's first call, which must be Hello.
+/// How long a refusal waits to be delivered before the connection closes.
+const REFUSAL_DELIVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Acceptor: reads the connection's first call, which must be Hello,
+/// through `greeter` (see [`greeter`]) and the engine's serving half like
+/// any other call.
 ///
 /// # Errors
 /// The status the dialer was answered with (already sent when possible): any
 /// other first call, an undecodable or oversized Hello, or a lost connection.
-pub async fn receive_hello(
-    connection: &Connection,
-    max_hello_size: usize,
-) -> Result<HelloCall, Status> {
-    let (mut send, recv) = connection
-        .accept_bi()
-        .await
-        .map_err(|e| Status::unavailable(format!("connection lost before Hello: {e}")))?;
-    let id = recv.id();
-    let stream_id = wire::stream_id(id.index(), id.initiator() == quinn::Side::Client);
-    let mut reader = FrameReader::new(recv, max_hello_size);
-    let config = CallConfig {
-        max_message_size: max_hello_size,
-        idle_limit: None,
-        metadata_frames: true,
-    };
-    let mut call = Call::callee(stream_id, config, std::time::Instant::now());
-    let outcome = loop {
-        let frame = match reader.next(&mut NoTimer).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break Err(Status::invalid_argument("stream ended before Hello")),
-            Err(e) => break Err(e.to_status()),
-        };
-        match call.recv(frame, std::time::Instant::now()) {
-            Ok(Inbound::Open {
-                request,
-                first_message,
-                ..
-            }) => {
-                if request.service != SERVICE || request.method != METHOD {
-                    break Err(Status::failed_precondition(format!(
-                        "the first call on a brpc connection must be {SERVICE}/{METHOD}, got {}/{}",
-                        request.service, request.method
-                    )));
-                }
-                break HelloRequest::decode(first_message.unwrap_or_default())
-                    .map_err(|e| Status::invalid_argument(format!("undecodable Hello: {e}")));
-            }
-            Ok(_) => continue,
-            Err(status) => break Err(status),
+pub async fn receive_hello(greeter: &Peer) -> Result<HelloCall, Status> {
+    let (call, mut reply) = accept_one(greeter).await.map_err(|status| {
+        status.unwrap_or_else(|| Status::unavailable("connection lost before Hello"))
+    })?;
+    let request = if call.service != SERVICE || call.method != METHOD {
+        Err(Status::failed_precondition(format!(
+            "the first call on a brpc connection must be {SERVICE}/{METHOD}, got {}/{}",
+            call.service, call.method
+        )))
+    } else {
+        match call.input {
+            Input::Single(payload) => HelloRequest::decode(payload)
+                .map_err(|e| Status::invalid_argument(format!("undecodable Hello: {e}"))),
+            Input::Stream(_) => Err(Status::invalid_argument(
+                "Hello must be a unary call, not a stream",
+            )),
         }
     };
-    match outcome {
-        Ok(request) => Ok(HelloCall {
-            request,
-            send,
-            stream_id,
-        }),
+    match request {
+        Ok(request) => Ok(HelloCall { request, reply }),
         Err(status) => {
-            reader.stop(crate::conn::codes::STREAM_PROTOCOL_ERROR);
-            if respond(&mut send, stream_id, &status, Bytes::new())
-                .await
-                .is_ok()
-            {
-                delivered(&send).await;
-            }
+            reply.status(status.clone()).await;
+            reply.delivered(REFUSAL_DELIVERY).await;
             Err(status)
         }
     }
-}
-
-async fn respond(
-    send: &mut SendStream,
-    stream_id: u32,
-    status: &Status,
-    payload: Bytes,
-) -> Result<(), quinn::WriteError> {
-    let response = Response {
-        status: Some(crate::status::to_wire(status)),
-        payload,
-    };
-    write_frame(
-        send,
-        Frame::new(
-            stream_id,
-            FrameType::Response,
-            Flags::EMPTY,
-            response.encode_to_vec().into(),
-        ),
-    )
-    .await?;
-    let _ = send.finish();
-    Ok(())
-}
-
-/// Waits up to a second for the peer to acknowledge everything sent on `send`.
-async fn delivered(send: &SendStream) {
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
 }
 
 impl HelloCall {
@@ -362,33 +253,28 @@ impl HelloCall {
             connection_id: id.0,
             protocol_version: PROTOCOL_VERSION,
         };
-        respond(
-            &mut self.send,
-            self.stream_id,
-            &Status::ok(""),
-            answer.encode_to_vec().into(),
-        )
-        .await
-        .map_err(|e| Status::unavailable(format!("cannot answer Hello: {e}")))
+        self.reply.ok_message(&answer).await;
+        if self.reply.is_ended() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "cannot answer Hello: the connection is gone",
+            ))
+        }
     }
 
-    /// Refuses the session with `status`.
     /// Refuses the session with `status`, waiting (briefly) until the dialer
     /// has the answer so that closing the connection next does not discard it.
     pub async fn reject(mut self, status: Status) {
-        if respond(&mut self.send, self.stream_id, &status, Bytes::new())
-            .await
-            .is_ok()
-        {
-            delivered(&self.send).await;
-        }
+        self.reply.status(status).await;
+        self.reply.delivered(REFUSAL_DELIVERY).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Frame, KeyValue};
+    use crate::wire::{Flags, Frame, FrameType, KeyValue, Request, RequestParts, Response};
     use bytes::BytesMut;
 
     fn hex(s: &str) -> Vec<u8> {
@@ -417,6 +303,20 @@ mod tests {
             payload: hello.encode_to_vec().into(),
             ..Default::default()
         };
+        // What the engine's calling half sends for it (see `send_hello`).
+        let payload = hello.encode_to_vec();
+        let sent = crate::wire::encode_request_parts(
+            &RequestParts {
+                service: SERVICE,
+                method: METHOD,
+                payload: &payload,
+                timeout_nano: 0,
+                metadata: &[],
+            },
+            crate::wire::DEFAULT_MAX_MESSAGE_SIZE,
+        )
+        .unwrap();
+        assert_eq!(sent, request.encode_to_vec());
         let frame = Frame::new(
             1,
             FrameType::Request,

@@ -744,12 +744,19 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
             return None;
         }
     };
-    let hello = match tokio::time::timeout_at(
-        deadline,
-        session::receive_hello(&connection, shared.max_hello_size),
-    )
-    .await
-    {
+    // A handle for the Hello call alone, its frames capped at the Hello
+    // limit; the peer listed once Hello is done is made with what it said.
+    let greeter = session::greeter(
+        connection.clone(),
+        Side::Acceptor,
+        CallLimits {
+            max_message_size: shared.max_hello_size,
+            idle_timeout: None,
+            ..shared.limits
+        },
+        shared.buffer_total.clone(),
+    );
+    let hello = match tokio::time::timeout_at(deadline, session::receive_hello(&greeter)).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(status)) => {
             tracing::info!(%remote, %status, "session refused: bad Hello");

@@ -208,45 +208,8 @@ fn read_failure(error: ReadError) -> Option<Failure> {
 /// boxed: those futures are large, and held inline they would size every
 /// call's future for a path few calls take.
 async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader: CallReader) {
-    let (request, first_message, streaming) = loop {
-        let frame = match reader.next(&mut out.call).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                if let Some(status) = out.with(Call::recv_finished) {
-                    Box::pin(out.status(status)).await;
-                }
-                return;
-            }
-            Err(ReadError::Timeout) => {
-                // The idle limit, before or in the middle of the Request.
-                if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
-                    tracing::debug!(status = %abort.status, "call stalled before its Request");
-                    Box::pin(out.carry_out(Some(&mut reader), abort)).await;
-                    return;
-                }
-                continue;
-            }
-            Err(e) => {
-                if let Some(failure) = read_failure(e) {
-                    let abort = out.with(|call| call.abort(failure));
-                    Box::pin(out.carry_out(Some(&mut reader), abort)).await;
-                }
-                return;
-            }
-        };
-        match out.with(|call| call.recv(frame, now())) {
-            Ok(Inbound::Open {
-                request,
-                first_message,
-                streaming,
-            }) => break (request, first_message, streaming),
-            Ok(_) => continue,
-            Err(status) => {
-                let abort = out.with(|call| call.abort(Failure::Protocol(status)));
-                Box::pin(out.carry_out(Some(&mut reader), abort)).await;
-                return;
-            }
-        }
+    let Ok((request, first_message, streaming)) = read_request(out, &mut reader).await else {
+        return;
     };
     out.record.named(&request.service, &request.method);
     // The session service (Hello, GoAway) keeps answering while draining:
@@ -336,6 +299,123 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
     if let Some(abort) = abort {
         Box::pin(out.carry_out(None, abort)).await;
     }
+}
+
+/// Reads a served call's Request through its machine. A call that fails
+/// first (stalled, oversized, a protocol violation, a stream that ends) is
+/// answered or reset here as the machine says: `Err` holds the status it
+/// ended with (`None`: nothing was answered, the caller or the connection
+/// is gone).
+async fn read_request(
+    out: &mut Reply,
+    reader: &mut CallReader,
+) -> Result<(Request, Option<Bytes>, bool), Option<Status>> {
+    loop {
+        let frame = match reader.next(&mut out.call).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => {
+                let status = out.with(Call::recv_finished);
+                if let Some(status) = &status {
+                    Box::pin(out.status(status.clone())).await;
+                }
+                return Err(status);
+            }
+            Err(ReadError::Timeout) => {
+                // The idle limit, before or in the middle of the Request.
+                if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
+                    tracing::debug!(status = %abort.status, "call stalled before its Request");
+                    let status = abort.status.clone();
+                    Box::pin(out.carry_out(Some(reader), abort)).await;
+                    return Err(Some(status));
+                }
+                continue;
+            }
+            Err(e) => {
+                let Some(failure) = read_failure(e) else {
+                    return Err(None);
+                };
+                let abort = out.with(|call| call.abort(failure));
+                let status = abort.status.clone();
+                Box::pin(out.carry_out(Some(reader), abort)).await;
+                return Err(Some(status));
+            }
+        };
+        match out.with(|call| call.recv(frame, now())) {
+            Ok(Inbound::Open {
+                request,
+                first_message,
+                streaming,
+            }) => return Ok((request, first_message, streaming)),
+            Ok(_) => continue,
+            Err(status) => {
+                let abort = out.with(|call| call.abort(Failure::Protocol(status)));
+                let status = abort.status.clone();
+                Box::pin(out.carry_out(Some(reader), abort)).await;
+                return Err(Some(status));
+            }
+        }
+    }
+}
+
+/// Accepts the peer's next call and reads its Request as [`serve`] does,
+/// but hands the call back instead of to a handler, for the caller to
+/// answer through its [`Reply`]: how a server reads the Hello that decides
+/// whether the connection is served at all. No deadline applies and
+/// nothing watches for the caller cancelling.
+///
+/// # Errors
+/// A call that failed before its Request arrived was answered (or reset)
+/// here, and delivered (waiting at most a second), and `Err` holds its
+/// status; `Err(None)`: the connection is gone.
+pub(crate) async fn accept_one(peer: &Peer) -> Result<(Incoming, Reply), Option<Status>> {
+    let (send, mut reader, stream_id) = peer.accept_call().await.ok_or(None)?;
+    let record = peer.record_call(true);
+    let call = Call::callee(stream_id, peer.call_config(), now());
+    let mut out = Reply {
+        send,
+        call: CallCell::Alone(call),
+        writing: false,
+        record,
+        ended: false,
+    };
+    let (request, first_message, streaming) = match read_request(&mut out, &mut reader).await {
+        Ok(request) => request,
+        Err(status) => {
+            // The caller of this is about to close the connection, which
+            // would discard an answer not yet delivered.
+            if status.is_some() {
+                out.delivered(Duration::from_secs(1)).await;
+            }
+            return Err(status);
+        }
+    };
+    out.record.named(&request.service, &request.method);
+    let input = if streaming {
+        Input::Stream(MessageStream {
+            reader,
+            call: out.call.share(),
+            first: first_message,
+            failed: false,
+            fail: None,
+        })
+    } else {
+        Input::Single(first_message.unwrap_or_default())
+    };
+    let Request {
+        service,
+        method,
+        metadata,
+        ..
+    } = request;
+    let incoming = Incoming {
+        peer: peer.clone(),
+        service,
+        method,
+        metadata,
+        timeout: None,
+        input,
+    };
+    Ok((incoming, out))
 }
 
 /// Request messages still arriving as Data frames. A bad one (oversized,
@@ -606,6 +686,16 @@ impl Reply {
     pub async fn ok_message(&mut self, message: &impl prost::Message) {
         if let Ok((frame, code)) = self.with(|call| call.send_ok_message(message)) {
             self.write_last(code, frame).await;
+        }
+    }
+
+    /// Waits, at most `limit`, until the caller has everything sent on this
+    /// call (QUIC acknowledged it). Closing the connection right after an
+    /// answer would discard what was not yet delivered. Over a byte stream,
+    /// whose writer flushes before it closes, it returns at once.
+    pub async fn delivered(&self, limit: Duration) {
+        if let CallWriter::Quic(_) = &self.send {
+            let _ = tokio::time::timeout(limit, self.send.stopped()).await;
         }
     }
 

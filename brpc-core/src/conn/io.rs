@@ -176,17 +176,6 @@ pub(crate) trait CallTimer {
     fn progress(&mut self, mid_frame: bool);
 }
 
-/// No timers: a reader waits as long as it takes.
-pub(crate) struct NoTimer;
-
-impl CallTimer for NoTimer {
-    fn timeout(&mut self) -> Option<std::time::Instant> {
-        None
-    }
-
-    fn progress(&mut self, _mid_frame: bool) {}
-}
-
 /// Writes one frame; the data is sent without being copied.
 pub(crate) async fn write_frame(
     send: &mut SendStream,

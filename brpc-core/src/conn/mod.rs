@@ -20,6 +20,7 @@ mod transport;
 
 pub use budget::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_BUFFER_TOTAL, MemoryBudget};
 pub use connection_error::ConnectionError;
+pub(crate) use incoming::accept_one;
 pub use incoming::{CallEnded, Handler, Incoming, Input, MessageStream, Reply, serve};
 pub use observe::code_name;
 pub use outgoing::{OutgoingCall, RequestBody, ResponseEvent};
@@ -34,7 +35,6 @@ pub(crate) use transport::{
     BoxFuture, FrameSink, FrameSource, Multiplexer, MuxCall, ReadError, RequestBuilder, SendError,
 };
 
-pub(crate) use io::{FrameReader, NoTimer, write_frame};
 pub(crate) use observe::{
     bytes_received as observe_bytes_received, bytes_sent as observe_bytes_sent,
 };
