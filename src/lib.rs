@@ -11,7 +11,7 @@
 
 #![deny(rustdoc::broken_intra_doc_links)]
 
-pub use brpc_client::{self as client, Client, ClientState, ConnectError};
+pub use brpc_client::{self as client, Client, ClientState, ConnectError, Disconnect};
 pub use brpc_core::{
     self as core, Channel, ConnectionError, ConnectionId, Labels, Peer, Router, tls,
 };

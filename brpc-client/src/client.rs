@@ -178,15 +178,90 @@ pub enum ClientState {
         /// Connection attempts made since the drop.
         attempt: u32,
         /// Why the connection ended, or why the last attempt failed.
-        last_error: String,
+        last_error: Disconnect,
     },
     /// Closed for good: by [`Client::close`], by the server refusing this
     /// client, or with reconnect disabled.
     Closed {
         /// Why.
-        reason: String,
+        reason: Disconnect,
     },
 }
+
+/// Why a client is not connected: how its connection ended, or why its
+/// last attempt to connect failed. Prints as a sentence for a person; match
+/// it, or ask [`connection_error`](Self::connection_error) and
+/// [`connect_error`](Self::connect_error), to act on it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Disconnect {
+    /// No connection was made yet.
+    NotConnectedYet,
+    /// The connection ended: who closed it, with which code and reason.
+    Connection(brpc_core::ConnectionError),
+    /// The server said it is going away (GoAway), with this reason; it
+    /// closes the connection once the calls in flight are done.
+    GoAway(String),
+    /// The last attempt to connect failed.
+    Connect(Arc<ConnectError>),
+    /// The client was closed ([`Client::close`], or dropped).
+    ClientClosed,
+}
+
+impl Disconnect {
+    /// How the connection ended, when that is the reason.
+    pub fn connection_error(&self) -> Option<&brpc_core::ConnectionError> {
+        match self {
+            Disconnect::Connection(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Why the last attempt to connect failed, when that is the reason.
+    pub fn connect_error(&self) -> Option<&ConnectError> {
+        match self {
+            Disconnect::Connect(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether the server is going away or closed the connection as going
+    /// away (it is shutting down): reconnecting, later or elsewhere, helps.
+    pub fn is_going_away(&self) -> bool {
+        match self {
+            Disconnect::GoAway(_) => true,
+            Disconnect::Connection(e) => e.is_going_away(),
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Disconnect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Disconnect::NotConnectedYet => f.write_str("not connected yet"),
+            Disconnect::Connection(e) => e.fmt(f),
+            Disconnect::GoAway(reason) if reason.is_empty() => {
+                f.write_str("the server is going away (GoAway)")
+            }
+            Disconnect::GoAway(reason) => {
+                write!(f, "the server is going away (GoAway): {reason}")
+            }
+            Disconnect::Connect(e) => e.fmt(f),
+            Disconnect::ClientClosed => f.write_str("closed by the client"),
+        }
+    }
+}
+
+/// Two reasons are equal when they are of one kind and say the same.
+impl PartialEq for Disconnect {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for Disconnect {}
 
 /// Configures and dials a [`Client`].
 ///
@@ -511,7 +586,7 @@ impl Builder {
                     tracing::info!(attempt, error = %e, "server not reachable yet; retrying");
                     shared.state.send_replace(ClientState::Reconnecting {
                         attempt,
-                        last_error: e.to_string(),
+                        last_error: Disconnect::Connect(Arc::new(e)),
                     });
                 }
             }
@@ -536,7 +611,7 @@ impl Builder {
         let shared = self.prepare(addr).await?;
         shared.state.send_replace(ClientState::Reconnecting {
             attempt: 0,
-            last_error: "not connected yet".into(),
+            last_error: Disconnect::NotConnectedYet,
         });
         Ok(Client::start(shared, None))
     }
@@ -618,7 +693,7 @@ impl Builder {
                 .without_max_times(),
             current: watch::Sender::new(None),
             state: watch::Sender::new(ClientState::Closed {
-                reason: "not connected yet".into(),
+                reason: Disconnect::NotConnectedYet,
             }),
             closing: watch::Sender::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -848,9 +923,9 @@ enum Ended {
     /// The client is closing.
     Closing,
     /// Dropped or going away: reconnect.
-    Lost(String),
+    Lost(Disconnect),
     /// The server refused this client: do not come back.
-    Refused(String),
+    Refused(Disconnect),
 }
 
 /// Serves one connection until it ends. On GoAway, the old connection keeps
@@ -865,15 +940,19 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
         () = peer.going_away() => {
             tokio::spawn(serving);
             let reason = peer.going_away_reason().unwrap_or_default();
-            return Ended::Lost(format!("server is going away (GoAway): {reason}"));
+            return Ended::Lost(Disconnect::GoAway(reason));
         }
         () = shared.closing() => return Ended::Closing,
     }
-    match peer.close_reason() {
-        Some(end) if end.is_unauthorized() => Ended::Refused(end.to_string()),
-        Some(end) if end.is_local() => Ended::Closing,
-        Some(end) => Ended::Lost(end.to_string()),
-        None => Ended::Lost("the connection stopped being served".into()),
+    // Serving stops when the connection ends: how it ended is known (or
+    // about to be).
+    let end = peer.closed().await;
+    if end.is_unauthorized() {
+        Ended::Refused(Disconnect::Connection(end))
+    } else if end.is_local() {
+        Ended::Closing
+    } else {
+        Ended::Lost(Disconnect::Connection(end))
     }
 }
 
@@ -936,7 +1015,7 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
             Err(e) if e.is_final(shared.retry_certificate_mismatch) => {
                 tracing::warn!(error = %e, "giving up: retrying cannot fix this");
                 shared.state.send_replace(ClientState::Closed {
-                    reason: e.to_string(),
+                    reason: Disconnect::Connect(Arc::new(e)),
                 });
                 return None;
             }
@@ -944,7 +1023,7 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
                 tracing::debug!(attempt, error = %e, "reconnect failed");
                 shared.state.send_replace(ClientState::Reconnecting {
                     attempt,
-                    last_error: e.to_string(),
+                    last_error: Disconnect::Connect(Arc::new(e)),
                 });
             }
         }
@@ -1078,7 +1157,7 @@ impl Client {
             peer.close(codes::CONN_NORMAL, "client closed");
         }
         self.shared.state.send_replace(ClientState::Closed {
-            reason: "closed by the client".into(),
+            reason: Disconnect::ClientClosed,
         });
         self.supervisor.abort();
     }

@@ -24,4 +24,4 @@
 mod client;
 
 pub use brpc_core::{Channel, ConnectionId, Peer, Router};
-pub use client::{Builder, Client, ClientState, ConnectError};
+pub use client::{Builder, Client, ClientState, ConnectError, Disconnect};

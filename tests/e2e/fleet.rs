@@ -416,7 +416,11 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
         .expect("the call in flight finished successfully");
     match client.state() {
         ClientState::Reconnecting { last_error, .. } => {
-            assert!(last_error.contains("going away"), "{last_error}");
+            assert!(last_error.is_going_away(), "{last_error}");
+            assert!(
+                last_error.to_string().contains("going away"),
+                "{last_error}"
+            );
         }
         other => panic!("expected reconnecting, got {other:?}"),
     }

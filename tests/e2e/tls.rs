@@ -476,7 +476,17 @@ async fn a_persisted_dev_certificate_survives_restarts_and_a_changed_one_is_name
     let ClientState::Closed { reason } = closed else {
         unreachable!()
     };
-    assert!(reason.contains("not the pinned one"), "{reason}");
+    assert!(
+        matches!(
+            reason.connect_error(),
+            Some(brpc::ConnectError::NotPinned(_))
+        ),
+        "{reason:?}"
+    );
+    assert!(
+        reason.to_string().contains("not the pinned one"),
+        "{reason}"
+    );
     assert!(third.peers().is_empty());
 
     // A file that is no certificate is refused when loaded, not at connect.

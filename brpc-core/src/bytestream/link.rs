@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::conn::{
-    BoxFuture, FrameSink, FrameSource, Multiplexer, MuxCall, ReadError, RequestBuilder, SendError,
-    Side,
+    BoxFuture, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError, RequestBuilder,
+    SendError, Side,
 };
 use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameType, HEADER_LEN, Response};
 
@@ -346,11 +346,7 @@ impl StreamInbound {
         self.rx.poll_recv(cx).map(|received| match received {
             Some(Ok(frame)) => Ok(Some(frame)),
             Some(Err(e)) => Err(e),
-            None => Err(ReadError::LinkLost(
-                self.link
-                    .close_reason()
-                    .unwrap_or_else(|| "stream dropped by the connection".into()),
-            )),
+            None => Err(ReadError::Lost(Lost::Stream(self.link.close_reason()))),
         })
     }
 
@@ -374,11 +370,7 @@ pub(crate) struct StreamOutbound {
 
 impl StreamOutbound {
     fn lost(&self) -> SendError {
-        SendError::Lost(
-            self.link
-                .close_reason()
-                .unwrap_or_else(|| "connection closed".into()),
-        )
+        SendError::Lost(Lost::Stream(self.link.close_reason()))
     }
 
     async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {

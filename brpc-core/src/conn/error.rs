@@ -16,14 +16,12 @@ pub(crate) enum ReadError {
     /// The peer reset the stream with this code.
     Reset(VarInt),
     /// The connection is gone.
-    ConnectionLost(quinn::ConnectionError),
+    Lost(Lost),
     /// This side already stopped the stream.
     Closed,
     /// The call's machine had a timer run out (its deadline or idle limit)
     /// while a frame was awaited: ask it what happened.
     Timeout,
-    /// The byte-stream connection carrying the call is gone.
-    LinkLost(String),
     /// The Request of a new call found no room in the inbound buffer budget
     /// (the message says which budget); its data was not read.
     Exhausted(String),
@@ -40,11 +38,8 @@ impl ReadError {
             ReadError::Reset(code) => Status::cancelled(format!(
                 "peer cancelled the call (stream reset, code {code})"
             )),
-            ReadError::ConnectionLost(e) => Status::unavailable(format!("connection lost: {e}")),
+            ReadError::Lost(lost) => lost.to_status(),
             ReadError::Closed => Status::cancelled("call was cancelled locally"),
-            ReadError::LinkLost(reason) => {
-                Status::unavailable(format!("connection lost: {reason}"))
-            }
             ReadError::Timeout => {
                 Status::deadline_exceeded("the call's time ran out while reading")
             }
@@ -57,7 +52,7 @@ impl From<quinn::ReadError> for ReadError {
     fn from(e: quinn::ReadError) -> Self {
         match e {
             quinn::ReadError::Reset(code) => ReadError::Reset(code),
-            quinn::ReadError::ConnectionLost(c) => ReadError::ConnectionLost(c),
+            quinn::ReadError::ConnectionLost(c) => ReadError::Lost(Lost::Quic(c)),
             quinn::ReadError::ClosedStream => ReadError::Closed,
             // brpc never reads 0-RTT streams and keeps ordered reads.
             quinn::ReadError::IllegalOrderedRead | quinn::ReadError::ZeroRttRejected => {
@@ -72,15 +67,47 @@ impl From<quinn::ReadError> for ReadError {
 pub(crate) enum SendError {
     /// The peer stopped reading the call (it cancelled, or refused it).
     Stopped,
+    /// This side already ended the call's stream.
+    Closed,
     /// The connection is gone.
-    Lost(String),
+    Lost(Lost),
 }
 
 impl From<quinn::WriteError> for SendError {
     fn from(e: quinn::WriteError) -> Self {
         match e {
             quinn::WriteError::Stopped(_) => SendError::Stopped,
-            other => SendError::Lost(other.to_string()),
+            quinn::WriteError::ConnectionLost(c) => SendError::Lost(Lost::Quic(c)),
+            // brpc never writes 0-RTT streams.
+            quinn::WriteError::ClosedStream | quinn::WriteError::ZeroRttRejected => {
+                SendError::Closed
+            }
+        }
+    }
+}
+
+/// How the transport reported the end of the connection under a call.
+#[derive(Debug, Clone)]
+pub(crate) enum Lost {
+    /// QUIC's account.
+    Quic(quinn::ConnectionError),
+    /// The byte stream ended, for this reason (`None`: its link was dropped).
+    Stream(Option<String>),
+}
+
+impl Lost {
+    /// The status a caller or handler sees for a call the connection took down.
+    pub(crate) fn to_status(&self) -> Status {
+        Status::unavailable(format!("connection lost: {self}"))
+    }
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Quic(e) => e.fmt(f),
+            Lost::Stream(Some(reason)) => f.write_str(reason),
+            Lost::Stream(None) => f.write_str("the connection was dropped"),
         }
     }
 }

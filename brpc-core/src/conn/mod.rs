@@ -32,7 +32,8 @@ pub use quic::{
     transport_config,
 };
 pub(crate) use transport::{
-    BoxFuture, FrameSink, FrameSource, Multiplexer, MuxCall, ReadError, RequestBuilder, SendError,
+    BoxFuture, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError, RequestBuilder,
+    SendError,
 };
 
 pub(crate) use observe::{

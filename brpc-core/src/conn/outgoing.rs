@@ -206,7 +206,8 @@ impl Peer {
 fn write_status(e: SendError) -> Status {
     match e {
         SendError::Stopped => Status::cancelled("peer stopped reading the call"),
-        SendError::Lost(reason) => Status::unavailable(format!("connection lost: {reason}")),
+        SendError::Closed => Status::cancelled("the call's stream was already ended"),
+        SendError::Lost(lost) => lost.to_status(),
     }
 }
 

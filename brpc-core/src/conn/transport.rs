@@ -16,7 +16,7 @@ use tonic::Status;
 
 use super::Side;
 use super::connection_error::ConnectionError;
-pub(crate) use super::error::{ReadError, SendError};
+pub(crate) use super::error::{Lost, ReadError, SendError};
 use super::io::{CallTimer, FrameReader, write_frame};
 use crate::wire::Frame;
 
