@@ -13,7 +13,8 @@
 
 pub use brpc_client::{self as client, Client, ClientState, ConnectError, Disconnect};
 pub use brpc_core::{
-    self as core, Channel, ConnectionError, ConnectionId, Labels, Peer, Router, tls,
+    self as core, Channel, ConnectionError, ConnectionId, ConnectionOptions, Labels, Peer, Router,
+    tls,
 };
 pub use brpc_server::{
     self as server, BroadcastOptions, BroadcastResult, LabelChannel, PeerEvent, Registry, Server,

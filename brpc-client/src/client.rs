@@ -8,12 +8,11 @@ use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use brpc_core::bridge::{CallLayer, HostedService};
 use brpc_core::conn::{MemoryBudget, codes};
 use brpc_core::tls::{self, PeerIdentity, TlsError};
 use brpc_core::wire::{HelloRequest, KeyValue};
 use brpc_core::{
-    CallLimits, Channel, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions,
+    CallLimits, Channel, ConnectionId, ConnectionOptions, Labels, Peer, PeerInfo, Router, Side,
 };
 use brpc_core::{bytestream, session};
 use quinn::{Endpoint, VarInt};
@@ -285,8 +284,7 @@ pub struct Builder {
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     server_name: Option<String>,
     connect_timeout: Duration,
-    limits: CallLimits,
-    transport: TransportOptions,
+    options: ConnectionOptions,
     /// Trust is a pinned certificate (not a CA).
     pinned: bool,
     retry_certificate_mismatch: bool,
@@ -307,8 +305,7 @@ impl Default for Builder {
             pinned: false,
             retry_certificate_mismatch: false,
             connect_timeout: Duration::from_secs(10),
-            limits: CallLimits::default(),
-            transport: TransportOptions::default(),
+            options: ConnectionOptions::default(),
             reconnect: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -317,40 +314,7 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// Hosts a tonic-generated service (`FooServer::new(impl)`) for the server to call.
-    pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
-        self.router = self.router.add_service(service);
-        self
-    }
-
-    /// Hosts a service on brpc's direct path, the lean way for the server to
-    /// call it: what `brpc-build` generates beside tonic's code, over the same
-    /// trait (`greeter_brpc::GreeterService::new(impl Greeter)`). Its calls
-    /// build no http request or response; tower [`layer`](Self::layer)s do
-    /// not wrap them.
-    pub fn add_direct<S: brpc_core::direct::DirectService>(mut self, service: S) -> Self {
-        self.router = self.router.add_direct(service);
-        self
-    }
-
-    /// With `true`, every call this side serves runs as a task of its own
-    /// (as tonic's server runs each request), for handlers that block their
-    /// thread or compute for long. By default the calls of one connection
-    /// are polled by the task serving it: cheaper per call, but a blocking
-    /// handler holds up the connection's other calls.
-    pub fn task_per_call(mut self, yes: bool) -> Self {
-        self.router = self.router.task_per_call(yes);
-        self
-    }
-
-    /// Passes every call this side serves through a tower `layer` (e.g.
-    /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer). The first layer
-    /// added is the outermost; the stack is shared by all connections. Calls to
-    /// services added with [`add_direct`](Self::add_direct) skip the layers.
-    pub fn layer<L: CallLayer>(mut self, layer: L) -> Self {
-        self.router = self.router.layer(layer);
-        self
-    }
+    brpc_core::builder_setters!();
 
     /// The name announced in Hello (shown in the server's registry).
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -448,12 +412,6 @@ impl Builder {
         Ok(self.identity(chain, key))
     }
 
-    /// How long a call may stall mid-frame before it is reset (default 30 s).
-    pub fn call_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.limits.idle_timeout = timeout;
-        self
-    }
-
     /// The name the server's certificate must carry. By default it is the
     /// host of the address given to [`Builder::connect`], as tonic takes the
     /// domain from the URI: `vm.example:4443` checks `vm.example`,
@@ -469,64 +427,6 @@ impl Builder {
     /// Time allowed for the QUIC/TLS handshake and Hello (default 10 s).
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
-        self
-    }
-
-    /// Largest message sent or received on any call (default 4 MiB).
-    pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.limits.max_message_size = bytes;
-        self
-    }
-
-    /// Most calls the server may have open to this client at once (default 100). A connection starts by allowing 16 and widens to
-    /// this once 12 are in use: quinn keeps state for every stream it allows.
-    pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
-        self.transport.max_concurrent_calls = calls;
-        self.limits.max_concurrent_calls = calls;
-        self
-    }
-
-    /// QUIC keep-alive interval while idle (default 3 s; `None` disables).
-    /// Keep it well below the idle timeout of both sides.
-    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
-        self.transport.keep_alive_interval = interval;
-        self
-    }
-
-    /// Bytes asked of the kernel for the UDP socket's receive and send buffers
-    /// (default 4 MiB; `0` keeps the kernel's default). Small buffers drop
-    /// datagrams under bulk transfer, which QUIC treats as congestion. Linux
-    /// caps the value at `net.core.rmem_max` / `wmem_max`.
-    pub fn socket_buffer(mut self, bytes: usize) -> Self {
-        self.transport.socket_buffer = bytes;
-        self
-    }
-
-    /// Close the connection after receiving nothing for this long (default
-    /// 10 s; the shorter of the two sides' values applies): calls in flight
-    /// fail with `UNAVAILABLE` and the client reconnects. A server that was
-    /// restarted with the same key is usually noticed sooner, by its
-    /// stateless reset. See [`TransportOptions::idle_timeout`] for why 10 s.
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.transport.idle_timeout = timeout;
-        self
-    }
-
-    /// Most bytes the server may have in flight to this client that it has
-    /// not read yet, across all calls (QUIC connection flow control; default
-    /// 4 MiB).
-    pub fn receive_window(mut self, bytes: u64) -> Self {
-        self.transport.receive_window = bytes;
-        self
-    }
-
-    /// Most bytes of partly received frames this client holds at once
-    /// (default 16 MiB, never less than one maximum-size message). A call
-    /// from the server that finds no room is answered `RESOURCE_EXHAUSTED`;
-    /// a frame of a call already running waits, slowing its sender by flow
-    /// control.
-    pub fn buffer_per_connection(mut self, bytes: usize) -> Self {
-        self.limits.buffer_per_connection = bytes;
         self
     }
 
@@ -636,7 +536,7 @@ impl Builder {
             })?;
         let crypto = tls::client_crypto_with_identity(roots, self.identity.take())?;
         let mut config = quinn::ClientConfig::new(crypto);
-        config.transport_config(brpc_core::conn::transport_config(&self.transport));
+        config.transport_config(brpc_core::conn::transport_config(&self.options.transport));
         let local = SocketAddr::new(
             if remote.is_ipv6() {
                 IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -645,7 +545,7 @@ impl Builder {
             },
             0,
         );
-        let mut endpoint = brpc_core::conn::endpoint(local, None, &self.transport, None)
+        let mut endpoint = brpc_core::conn::endpoint(local, None, &self.options.transport, None)
             .map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);
         let server_name = self
@@ -684,7 +584,7 @@ impl Builder {
             labels: self.labels,
             router: self.router,
             connect_timeout: self.connect_timeout,
-            limits: self.limits,
+            limits: self.options.limits,
             reconnect: self.reconnect,
             backoff: ExponentialBuilder::default()
                 .with_min_delay(self.backoff_min)
@@ -700,7 +600,10 @@ impl Builder {
             last_id: AtomicU64::new(0),
             pinned: self.pinned,
             retry_certificate_mismatch: self.retry_certificate_mismatch,
-            buffer: self.limits.total_budget(self.limits.buffer_per_connection),
+            buffer: self
+                .options
+                .limits
+                .total_budget(self.options.limits.buffer_per_connection),
         })
     }
 }

@@ -29,7 +29,8 @@ pub mod wire;
 
 pub use bridge::{Channel, Router, direct};
 pub use conn::{
-    CallLimits, ConnectionError, ConnectionId, Labels, Peer, PeerInfo, Side, TransportOptions,
+    CallLimits, ConnectionError, ConnectionId, ConnectionOptions, Labels, Peer, PeerInfo, Side,
+    TransportOptions,
 };
 pub use session::serve;
 pub use wire::{DEFAULT_MAX_MESSAGE_SIZE, status};

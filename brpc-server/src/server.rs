@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use brpc_core::bridge::{CallLayer, HostedService};
 use brpc_core::conn::UnixCredentials;
 use brpc_core::conn::codes;
 use brpc_core::session::{self, HelloCall};
 use brpc_core::tls::{self, DevCertificate, PeerIdentity, TlsError};
-use brpc_core::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Router, Side, TransportOptions};
+use brpc_core::{
+    CallLimits, ConnectionId, ConnectionOptions, Labels, Peer, PeerInfo, Router, Side,
+};
 use quinn::{Endpoint, Incoming, VarInt};
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -82,8 +83,7 @@ pub struct Builder {
     certificate: Certificate,
     hello_timeout: Duration,
     max_hello_size: usize,
-    limits: CallLimits,
-    transport: TransportOptions,
+    options: ConnectionOptions,
     event_capacity: usize,
     client_roots: Option<RootCertStore>,
     authorize: Option<Authorize>,
@@ -100,8 +100,7 @@ impl Default for Builder {
             certificate: Certificate::Dev(None),
             hello_timeout: Duration::from_secs(10),
             max_hello_size: session::DEFAULT_MAX_HELLO_SIZE,
-            limits: CallLimits::default(),
-            transport: TransportOptions::default(),
+            options: ConnectionOptions::default(),
             event_capacity: 4096,
             client_roots: None,
             authorize: None,
@@ -114,40 +113,7 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// Hosts a tonic-generated service (`FooServer::new(impl)`) for clients to call.
-    pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
-        self.router = self.router.add_service(service);
-        self
-    }
-
-    /// Hosts a service on brpc's direct path, the lean way for clients to
-    /// call it: what `brpc-build` generates beside tonic's code, over the same
-    /// trait (`greeter_brpc::GreeterService::new(impl Greeter)`). Its calls
-    /// build no http request or response; tower [`layer`](Self::layer)s do
-    /// not wrap them.
-    pub fn add_direct<S: brpc_core::direct::DirectService>(mut self, service: S) -> Self {
-        self.router = self.router.add_direct(service);
-        self
-    }
-
-    /// With `true`, every call this side serves runs as a task of its own
-    /// (as tonic's server runs each request), for handlers that block their
-    /// thread or compute for long. By default the calls of one connection
-    /// are polled by the task serving it: cheaper per call, but a blocking
-    /// handler holds up the connection's other calls.
-    pub fn task_per_call(mut self, yes: bool) -> Self {
-        self.router = self.router.task_per_call(yes);
-        self
-    }
-
-    /// Passes every call this side serves through a tower `layer` (e.g.
-    /// `ConcurrencyLimitLayer`, `TimeoutLayer`, an auth layer). The first layer
-    /// added is the outermost; the stack is shared by all connections. Calls to
-    /// services added with [`add_direct`](Self::add_direct) skip the layers.
-    pub fn layer<L: CallLayer>(mut self, layer: L) -> Self {
-        self.router = self.router.layer(layer);
-        self
-    }
+    brpc_core::builder_setters!();
 
     /// Serves this self-signed certificate. Without any certificate option the
     /// server generates a fresh one at bind ([`Server::certificate`] gives it
@@ -204,67 +170,6 @@ impl Builder {
         self
     }
 
-    /// Largest message sent or received on any call (default 4 MiB).
-    pub fn max_message_size(mut self, bytes: usize) -> Self {
-        self.limits.max_message_size = bytes;
-        self
-    }
-
-    /// Most calls each client may have open to the server at once (default 100). A connection starts by allowing 16 and widens to
-    /// this once 12 are in use: quinn keeps state for every stream it allows.
-    pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
-        self.transport.max_concurrent_calls = calls;
-        self.limits.max_concurrent_calls = calls;
-        self
-    }
-
-    /// Bytes asked of the kernel for the UDP socket's receive and send buffers
-    /// (default 4 MiB; `0` keeps the kernel's default). Small buffers drop
-    /// datagrams under bulk transfer, which QUIC treats as congestion. Linux
-    /// caps the value at `net.core.rmem_max` / `wmem_max`.
-    pub fn socket_buffer(mut self, bytes: usize) -> Self {
-        self.transport.socket_buffer = bytes;
-        self
-    }
-
-    /// Close a connection that has received nothing for this long, failing
-    /// its calls with `UNAVAILABLE` and removing the peer from the registry
-    /// (default 10 s; the shorter of the two sides' values applies). See
-    /// [`TransportOptions::idle_timeout`] for why 10 s.
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.transport.idle_timeout = timeout;
-        self
-    }
-
-    /// Send a QUIC keep-alive this often while a connection is quiet
-    /// (default 3 s; `None` disables). Keep it well below both sides' idle
-    /// timeouts.
-    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
-        self.transport.keep_alive_interval = interval;
-        self
-    }
-
-    /// Most bytes a client may have in flight to the server that the server
-    /// has not read yet, across all its calls (QUIC connection flow control;
-    /// default 4 MiB). Before Hello succeeds a connection gets only
-    /// [`PRE_HELLO_RECEIVE_WINDOW`](brpc_core::conn::PRE_HELLO_RECEIVE_WINDOW)
-    /// (16 KiB) and one stream.
-    pub fn receive_window(mut self, bytes: u64) -> Self {
-        self.transport.receive_window = bytes;
-        self
-    }
-
-    /// Most bytes of partly received frames the server holds for one
-    /// connection (default 16 MiB, never less than one maximum-size message).
-    /// Each frame reserves its announced length before its data is read. A
-    /// new call that finds no room is answered `RESOURCE_EXHAUSTED` (stream
-    /// code `0x05`); a frame of a call already running waits, and QUIC flow
-    /// control slows its sender.
-    pub fn buffer_per_connection(mut self, bytes: usize) -> Self {
-        self.limits.buffer_per_connection = bytes;
-        self
-    }
-
     /// Most bytes of partly received frames the server holds across all its
     /// connections (default 256 MiB, never less than one maximum-size
     /// message); the same rules as [`Builder::buffer_per_connection`] apply
@@ -285,13 +190,6 @@ impl Builder {
     /// certificate, and give it to every server that binds this address.
     pub fn reset_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
         self.reset_secret = Some(secret.into());
-        self
-    }
-
-    /// How long a call may stall mid-frame (or before its Request) before it
-    /// is reset with stream code `0x04` (default 30 s; `None` disables).
-    pub fn call_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.limits.idle_timeout = timeout;
         self
     }
 
@@ -415,11 +313,18 @@ impl Builder {
             None => tls::server_crypto(chain, key)?,
         };
         let mut config = quinn::ServerConfig::with_crypto(crypto);
-        config.transport_config(brpc_core::conn::server_transport_config(&self.transport));
+        config.transport_config(brpc_core::conn::server_transport_config(
+            &self.options.transport,
+        ));
         let endpoint = {
             let _guard = runtime.enter();
-            brpc_core::conn::endpoint(addr, Some(config), &self.transport, Some(endpoint_config))
-                .map_err(|source| BindError::Socket { addr, source })?
+            brpc_core::conn::endpoint(
+                addr,
+                Some(config),
+                &self.options.transport,
+                Some(endpoint_config),
+            )
+            .map_err(|source| BindError::Socket { addr, source })?
         };
         let local_addr = endpoint
             .local_addr()
@@ -447,13 +352,13 @@ impl Builder {
             router: self.router,
             hello_timeout: self.hello_timeout,
             max_hello_size: self.max_hello_size,
-            limits: self.limits,
+            limits: self.options.limits,
             next_id: AtomicU64::new(first_connection_id()),
             authorize: self.authorize,
             max_connections: self.max_connections,
             connections: Arc::new(AtomicUsize::new(0)),
-            transport: self.transport,
-            buffer_total: self.limits.total_budget(self.buffer_total),
+            transport: self.options.transport,
+            buffer_total: self.options.limits.total_budget(self.buffer_total),
             unix_check: self.unix_check,
         });
         let accept = shared

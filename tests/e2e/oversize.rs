@@ -48,10 +48,12 @@ async fn expect_exhausted<T: std::fmt::Debug>(result: Result<T, tonic::Status>) 
     );
 }
 
-/// A server and a client with these brpc limits; tonic's own limits are lifted.
+/// A server and a client with these brpc limits; tonic's own limits are
+/// lifted. The server takes its limit as a set of options, the client by its
+/// setter: both end up in the connection's limits.
 async fn setup(server_max: usize, client_max: usize) -> (brpc::Server, brpc::Client) {
     let server = brpc::Server::builder()
-        .max_message_size(server_max)
+        .options(brpc::ConnectionOptions::default().max_message_size(server_max))
         .add_service(
             common::echo::echo_server::EchoServer::new(EchoService::new("server"))
                 .max_decoding_message_size(usize::MAX),
@@ -67,6 +69,10 @@ async fn setup(server_max: usize, client_max: usize) -> (brpc::Server, brpc::Cli
         .connect(server.local_addr())
         .await
         .expect("connect");
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    assert_eq!(peer.max_message_size(), server_max);
+    let server_end = client.peer().expect("connected");
+    assert_eq!(server_end.max_message_size(), client_max);
     (server, client)
 }
 

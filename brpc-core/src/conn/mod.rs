@@ -13,6 +13,7 @@ mod error;
 mod incoming;
 mod io;
 mod observe;
+mod options;
 mod outgoing;
 mod peer;
 mod quic;
@@ -23,6 +24,7 @@ pub use connection_error::ConnectionError;
 pub(crate) use incoming::accept_one;
 pub use incoming::{CallEnded, Handler, Incoming, Input, MessageStream, Reply, serve};
 pub use observe::code_name;
+pub use options::ConnectionOptions;
 pub use outgoing::{OutgoingCall, RequestBody, ResponseEvent};
 pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, UnixCredentials};
 pub use quic::{
