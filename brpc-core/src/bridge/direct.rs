@@ -29,11 +29,12 @@ use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
 use tonic::metadata::MetadataMap;
 
+use super::Channel;
 use super::channel::with_trailers;
 use super::grpc::frame_message;
+use crate::conn::Peer;
 use crate::conn::{Incoming, Input, MessageStream, Reply, RequestBody, ResponseEvent};
 use crate::metadata;
-use crate::{Channel, Peer};
 
 /// The future a [`DirectService`] serves one call with.
 pub type ServeFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
