@@ -2,12 +2,17 @@
 //! connect/disconnect events.
 //!
 //! A peer is listed from the moment its Hello is accepted until its connection
-//! closes. Reads are cheap and never wait on network I/O.
+//! closes. Reads are cheap and never wait on network I/O. Built for fleets:
+//! a lookup by id is a hash lookup, a selection by label reads an index of
+//! the peers with that label (not every peer), and [`Registry::page`] lists
+//! in pages instead of cloning every handle. Events are sent without ever
+//! waiting for a subscriber, so a slow one never holds up accepting.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
-use brpc_core::{ConnectionError, ConnectionId, Peer};
+use brpc_core::{ConnectionError, ConnectionId, Labels, Peer};
 use tokio::sync::broadcast;
 
 /// A change in who is connected.
@@ -56,8 +61,136 @@ impl PeerEvent {
 /// ```
 #[derive(Clone, Debug)]
 pub struct Registry {
-    peers: Arc<RwLock<HashMap<ConnectionId, Peer>>>,
+    table: Arc<RwLock<Table<Peer>>>,
     events: broadcast::Sender<PeerEvent>,
+}
+
+/// What the registry's table needs of an entry (a [`Peer`]; the tests list
+/// lighter ones).
+pub(crate) trait Entry: Clone {
+    fn id(&self) -> ConnectionId;
+    fn labels(&self) -> &Labels;
+}
+
+impl Entry for Peer {
+    fn id(&self) -> ConnectionId {
+        self.connection_id()
+    }
+
+    fn labels(&self) -> &Labels {
+        Peer::labels(self)
+    }
+}
+
+/// The entries by id, their ids in order, and for every label `key=value`
+/// the ordered ids of the entries carrying it.
+#[derive(Debug)]
+pub(crate) struct Table<E> {
+    by_id: HashMap<ConnectionId, E>,
+    order: BTreeSet<ConnectionId>,
+    by_label: HashMap<String, HashMap<String, BTreeSet<ConnectionId>>>,
+}
+
+impl<E> Default for Table<E> {
+    fn default() -> Self {
+        Table {
+            by_id: HashMap::new(),
+            order: BTreeSet::new(),
+            by_label: HashMap::new(),
+        }
+    }
+}
+
+impl<E: Entry> Table<E> {
+    pub(crate) fn insert(&mut self, entry: E) {
+        let id = entry.id();
+        // Ids are never reused; should one be, the old entry goes first.
+        self.remove(id);
+        for (key, value) in entry.labels() {
+            self.by_label
+                .entry(key.clone())
+                .or_default()
+                .entry(value.clone())
+                .or_default()
+                .insert(id);
+        }
+        self.order.insert(id);
+        self.by_id.insert(id, entry);
+    }
+
+    pub(crate) fn remove(&mut self, id: ConnectionId) -> Option<E> {
+        let entry = self.by_id.remove(&id)?;
+        self.order.remove(&id);
+        for (key, value) in entry.labels() {
+            if let Some(values) = self.by_label.get_mut(key) {
+                if let Some(ids) = values.get_mut(value) {
+                    ids.remove(&id);
+                    if ids.is_empty() {
+                        values.remove(value);
+                    }
+                }
+                if values.is_empty() {
+                    self.by_label.remove(key);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    pub(crate) fn get(&self, id: ConnectionId) -> Option<&E> {
+        self.by_id.get(&id)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Up to `limit` entries after `after` (from the start with `None`), in
+    /// id order.
+    pub(crate) fn page(&self, after: Option<ConnectionId>, limit: usize) -> Vec<E> {
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        self.order
+            .range((start, Bound::Unbounded))
+            .take(limit)
+            .filter_map(|id| self.by_id.get(id).cloned())
+            .collect()
+    }
+
+    /// The ordered ids of the entries carrying every label of `labels`
+    /// (all ids for none), read from the smallest of their index sets.
+    pub(crate) fn ids_with(&self, labels: &Labels) -> Vec<ConnectionId> {
+        let mut sets = Vec::with_capacity(labels.len());
+        for (key, value) in labels {
+            match self.by_label.get(key).and_then(|values| values.get(value)) {
+                Some(ids) => sets.push(ids),
+                None => return Vec::new(),
+            }
+        }
+        sets.sort_by_key(|ids| ids.len());
+        match sets.split_first() {
+            None => self.order.iter().copied().collect(),
+            Some((smallest, rest)) => smallest
+                .iter()
+                .filter(|id| rest.iter().all(|ids| ids.contains(id)))
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// The entries carrying every label of `labels`, in id order.
+    pub(crate) fn with_labels(&self, labels: &Labels) -> Vec<E> {
+        self.ids_with(labels)
+            .iter()
+            .filter_map(|id| self.by_id.get(id).cloned())
+            .collect()
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &E> {
+        self.order.iter().filter_map(|id| self.by_id.get(id))
+    }
 }
 
 impl Registry {
@@ -65,62 +198,105 @@ impl Registry {
     /// behind before they miss some.
     pub(crate) fn new(capacity: usize) -> Self {
         Registry {
-            peers: Arc::default(),
+            table: Arc::default(),
             events: broadcast::Sender::new(capacity.max(1)),
         }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ConnectionId, Peer>> {
-        // A panic while holding the lock cannot leave the map half-updated
-        // (insert/remove are single operations), so a poisoned lock is still usable.
-        self.peers.read().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn read(&self) -> std::sync::RwLockReadGuard<'_, Table<Peer>> {
+        // A panic while holding the lock cannot leave the table half-updated
+        // (insert and remove do not call out), so a poisoned lock is still usable.
+        self.table.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ConnectionId, Peer>> {
-        self.peers.write().unwrap_or_else(|e| e.into_inner())
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table<Peer>> {
+        self.table.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every connected peer, ordered by connection id.
+    /// Every connected peer, ordered by connection id. This clones every
+    /// handle: with a large fleet, go through [`page`](Self::page) instead.
     pub fn list(&self) -> Vec<Peer> {
-        self.select(|_| true)
+        self.read().values().cloned().collect()
+    }
+
+    /// Up to `limit` connected peers with ids after `after` (from the first
+    /// with `None`), ordered by connection id: pass the last id of one page
+    /// to get the next. Peers that connect or leave between pages are seen
+    /// or not by id order; no peer is listed twice.
+    ///
+    /// ```no_run
+    /// # fn run(server: &brpc_server::Server) {
+    /// let mut after = None;
+    /// loop {
+    ///     let page = server.peers().page(after, 1000);
+    ///     let Some(last) = page.last() else { break };
+    ///     after = Some(last.connection_id());
+    ///     for peer in &page { println!("{} {}", peer.connection_id(), peer.name()); }
+    /// }
+    /// # }
+    /// ```
+    pub fn page(&self, after: Option<ConnectionId>, limit: usize) -> Vec<Peer> {
+        self.read().page(after, limit)
     }
 
     /// The peer with this connection id, if still connected.
     pub fn get(&self, id: ConnectionId) -> Option<Peer> {
-        self.read().get(&id).cloned()
+        self.read().get(id).cloned()
     }
 
-    /// Peers for which `filter` holds, ordered by connection id.
+    /// Peers for which `filter` holds, ordered by connection id. This looks
+    /// at every peer; to select by labels, [`select_labels`](Self::select_labels)
+    /// reads an index instead.
     pub fn select(&self, mut filter: impl FnMut(&Peer) -> bool) -> Vec<Peer> {
-        let mut peers: Vec<Peer> = self
-            .read()
+        self.read()
             .values()
             .filter(|p| filter(p))
             .cloned()
-            .collect();
-        peers.sort_by_key(Peer::connection_id);
-        peers
+            .collect()
     }
 
-    /// The `turn`-th (modulo their number) of the peers for which `filter`
-    /// holds, in the map's order, which stays the same while nobody connects
-    /// or leaves; cloning only that one. `None` if none matches.
-    pub(crate) fn nth_matching(&self, filter: impl Fn(&Peer) -> bool, turn: usize) -> Option<Peer> {
-        let peers = self.read();
-        let count = peers.values().filter(|p| filter(p)).count();
+    /// The `turn`-th (modulo their number) of the peers with all of
+    /// `labels` for which `filter` holds, in id order; cloning only that one.
+    /// `None` if none matches.
+    pub(crate) fn nth_matching(
+        &self,
+        labels: &Labels,
+        filter: impl Fn(&Peer) -> bool,
+        turn: usize,
+    ) -> Option<Peer> {
+        let table = self.read();
+        let ids = table.ids_with(labels);
+        let matching = || {
+            ids.iter()
+                .filter_map(|id| table.get(*id))
+                .filter(|p| filter(p))
+        };
+        let count = matching().count();
         if count == 0 {
             return None;
         }
-        peers
-            .values()
-            .filter(|p| filter(p))
-            .nth(turn % count)
-            .cloned()
+        matching().nth(turn % count).cloned()
     }
 
-    /// Peers whose label `key` equals `value`.
+    /// Peers whose label `key` equals `value`, ordered by connection id
+    /// (read from the label index).
     pub fn select_label(&self, key: &str, value: &str) -> Vec<Peer> {
-        self.select(|p| p.label(key) == Some(value))
+        let labels = Labels::from([(key.to_owned(), value.to_owned())]);
+        self.read().with_labels(&labels)
+    }
+
+    /// Peers carrying every one of `labels`, ordered by connection id (read
+    /// from the label index).
+    pub fn select_labels<K, V>(&self, labels: impl IntoIterator<Item = (K, V)>) -> Vec<Peer>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let labels: Labels = labels
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self.read().with_labels(&labels)
     }
 
     /// Number of connected peers.
@@ -130,27 +306,143 @@ impl Registry {
 
     /// Whether no peer is connected.
     pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
+        self.read().len() == 0
     }
 
     /// Connect and disconnect events from now on, each exactly once. A
     /// subscriber that falls more than the server's `event_capacity` behind
-    /// gets `RecvError::Lagged` and misses the oldest.
+    /// gets `RecvError::Lagged` and misses the oldest; sending never waits
+    /// for a subscriber.
     pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
         self.events.subscribe()
     }
 
     pub(crate) fn insert(&self, peer: Peer) {
-        self.write().insert(peer.connection_id(), peer.clone());
+        self.write().insert(peer.clone());
         metrics::gauge!("brpc_connected_peers").increment(1.0);
         let _ = self.events.send(PeerEvent::Connected(peer));
     }
 
     pub(crate) fn remove(&self, id: ConnectionId, reason: ConnectionError) {
-        let removed = self.write().remove(&id);
+        let removed = self.write().remove(id);
         if let Some(peer) = removed {
             metrics::gauge!("brpc_connected_peers").decrement(1.0);
             let _ = self.events.send(PeerEvent::Disconnected { peer, reason });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listed entry without a connection.
+    #[derive(Clone, Debug)]
+    struct Fake {
+        id: ConnectionId,
+        labels: Labels,
+    }
+
+    impl Entry for Fake {
+        fn id(&self) -> ConnectionId {
+            self.id
+        }
+
+        fn labels(&self) -> &Labels {
+            &self.labels
+        }
+    }
+
+    const REGIONS: [&str; 4] = ["eu", "us", "ap", "sa"];
+
+    /// Entry `i`: region by `i % 4`, role db for every tenth, the rest app.
+    fn fake(i: u64) -> Fake {
+        let role = if i % 10 == 0 { "db" } else { "app" };
+        Fake {
+            id: ConnectionId(i),
+            labels: Labels::from([
+                ("region".to_owned(), REGIONS[(i % 4) as usize].to_owned()),
+                ("role".to_owned(), role.to_owned()),
+            ]),
+        }
+    }
+
+    fn ids(entries: &[Fake]) -> Vec<u64> {
+        entries.iter().map(|e| e.id.0).collect()
+    }
+
+    fn label(key: &str, value: &str) -> Labels {
+        Labels::from([(key.to_owned(), value.to_owned())])
+    }
+
+    #[test]
+    fn ten_thousand_entries_are_selected_by_label_and_listed_in_pages() {
+        let mut table = Table::default();
+        // Inserted out of order: listing is by id whatever the order.
+        for i in (1..=10_000).rev() {
+            table.insert(fake(i));
+        }
+        assert_eq!(table.len(), 10_000);
+        assert_eq!(table.get(ConnectionId(4242)).map(|e| e.id.0), Some(4242));
+        assert!(table.get(ConnectionId(10_001)).is_none());
+
+        let eu = table.with_labels(&label("region", "eu"));
+        let want: Vec<u64> = (1..=10_000).filter(|i| i % 4 == 0).collect();
+        assert_eq!(ids(&eu), want);
+
+        let both = Labels::from([
+            ("region".to_owned(), "eu".to_owned()),
+            ("role".to_owned(), "db".to_owned()),
+        ]);
+        let want: Vec<u64> = (1..=10_000).filter(|i| i % 20 == 0).collect();
+        assert_eq!(ids(&table.with_labels(&both)), want);
+        assert!(table.with_labels(&label("region", "mars")).is_empty());
+        assert!(table.with_labels(&label("zone", "eu")).is_empty());
+        assert_eq!(table.with_labels(&Labels::new()).len(), 10_000);
+
+        // Pages of 999 cover every id once, in order.
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = table.page(after, 999);
+            assert!(page.len() <= 999);
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            listed.extend(ids(&page));
+        }
+        assert_eq!(listed, (1..=10_000).collect::<Vec<_>>());
+        assert_eq!(
+            ids(&table.page(Some(ConnectionId(9_998)), 10)),
+            [9_999, 10_000]
+        );
+    }
+
+    #[test]
+    fn removed_entries_leave_the_index_and_the_pages() {
+        let mut table = Table::default();
+        for i in 1..=10_000 {
+            table.insert(fake(i));
+        }
+        // Every even id leaves.
+        for i in (2..=10_000).step_by(2) {
+            assert!(table.remove(ConnectionId(i)).is_some());
+        }
+        assert!(table.remove(ConnectionId(2)).is_none());
+        assert_eq!(table.len(), 5_000);
+        // Region eu (i % 4 == 0) held only even ids: its index entry is gone.
+        assert!(table.with_labels(&label("region", "eu")).is_empty());
+        assert!(!table.by_label["region"].contains_key("eu"));
+        let us = table.with_labels(&label("region", "us"));
+        assert_eq!(
+            ids(&us),
+            (1..=10_000).filter(|i| i % 4 == 1).collect::<Vec<_>>()
+        );
+        let listed = table.page(None, usize::MAX);
+        assert_eq!(ids(&listed), (1..=10_000).step_by(2).collect::<Vec<_>>());
+        for i in (1..=10_000).step_by(2) {
+            table.remove(ConnectionId(i));
+        }
+        assert!(table.by_label.is_empty());
+        assert!(table.order.is_empty());
     }
 }

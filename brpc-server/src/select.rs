@@ -31,16 +31,37 @@ impl Registry {
     /// Waits until a peer for which `filter` holds is connected and returns
     /// it (at once if one already is).
     pub async fn wait_for(&self, filter: impl Fn(&Peer) -> bool) -> Peer {
+        self.wait_for_matching(&Labels::new(), filter).await
+    }
+
+    /// Waits until a peer with all these labels is connected (looked up in
+    /// the label index, then watched for among the connect events).
+    pub async fn wait_for_labels<K, V>(&self, labels: impl IntoIterator<Item = (K, V)>) -> Peer
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        self.wait_for_matching(&collect(labels), |_| true).await
+    }
+
+    /// Waits until a usable peer with all of `labels` for which `filter`
+    /// holds is connected.
+    pub(crate) async fn wait_for_matching(
+        &self,
+        labels: &Labels,
+        filter: impl Fn(&Peer) -> bool,
+    ) -> Peer {
+        let wanted = |p: &Peer| p.is_usable() && filter(p);
         let mut events = self.subscribe();
         loop {
             // Subscribed before looking, so a peer connecting in between is
             // seen as an event.
-            if let Some(peer) = self.nth_matching(|p| filter(p) && p.is_usable(), 0) {
+            if let Some(peer) = self.nth_matching(labels, wanted, 0) {
                 return peer;
             }
             loop {
                 match events.recv().await {
-                    Ok(PeerEvent::Connected(peer)) if filter(&peer) && peer.is_usable() => {
+                    Ok(PeerEvent::Connected(peer)) if matches(&peer, labels) && wanted(&peer) => {
                         return peer;
                     }
                     Ok(_) => {}
@@ -52,16 +73,6 @@ impl Registry {
                 }
             }
         }
-    }
-
-    /// Waits until a peer with all these labels is connected.
-    pub async fn wait_for_labels<K, V>(&self, labels: impl IntoIterator<Item = (K, V)>) -> Peer
-    where
-        K: Into<String>,
-        V: Into<String>,
-    {
-        let labels = collect(labels);
-        self.wait_for(|p| matches(p, &labels)).await
     }
 
     /// A channel over every peer with all these labels: each call goes to
@@ -124,7 +135,7 @@ impl LabelChannel {
     pub fn pick(&self) -> Option<Peer> {
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         self.registry
-            .nth_matching(|p| matches(p, &self.labels) && p.is_usable(), turn)
+            .nth_matching(&self.labels, Peer::is_usable, turn)
     }
 
     async fn resolve(&self, timeout: Option<Duration>) -> Result<Peer, Status> {
@@ -140,7 +151,7 @@ impl LabelChannel {
         if !self.wait_for_ready {
             return Err(none());
         }
-        let wait = self.registry.wait_for(|p| matches(p, &self.labels));
+        let wait = self.registry.wait_for_matching(&self.labels, |_| true);
         match timeout {
             None => Ok(wait.await),
             Some(limit) => tokio::time::timeout(limit, wait).await.map_err(|_| {

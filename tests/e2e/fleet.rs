@@ -73,6 +73,30 @@ async fn two_hundred_agents_registry_selection_and_broadcast() {
             % 4
             == 0
     }));
+    // Two labels at once, from the index: agent 8 is the one in eu with index 8.
+    let eight = server
+        .peers()
+        .select_labels([("region", "eu"), ("index", "8")]);
+    assert_eq!(eight.len(), 1);
+    assert_eq!(eight[0].connection_id(), agents[8].connection_id());
+    assert!(
+        server
+            .peers()
+            .select_labels([("region", "us"), ("index", "8")])
+            .is_empty()
+    );
+    // Pages of 64 list every agent once, in id order, as list() does.
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let page = server.peers().page(after, 64);
+        let Some(last) = page.last() else { break };
+        after = Some(last.connection_id());
+        paged.extend(page.iter().map(brpc::Peer::connection_id));
+    }
+    let all: Vec<_> = listed.iter().map(brpc::Peer::connection_id).collect();
+    assert_eq!(paged, all);
+    assert!(all.windows(2).all(|w| w[0] < w[1]));
 
     let options = BroadcastOptions {
         concurrency: 64,
