@@ -291,6 +291,7 @@ pub struct Builder {
     reconnect: bool,
     backoff_min: Duration,
     backoff_max: Duration,
+    local_address: Option<SocketAddr>,
 }
 
 impl Default for Builder {
@@ -309,6 +310,7 @@ impl Default for Builder {
             reconnect: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            local_address: None,
         }
     }
 }
@@ -445,6 +447,15 @@ impl Builder {
         self
     }
 
+    /// The local address the client's UDP socket binds to (default: the
+    /// unspecified address of the server's family, port 0, and the OS picks
+    /// the source). E.g. spread many agents on one host over several source
+    /// addresses, or pick the interface a multi-homed host dials from.
+    pub fn local_address(mut self, addr: SocketAddr) -> Self {
+        self.local_address = Some(addr);
+        self
+    }
+
     /// Dials `addr`, completes TLS and Hello, and starts serving this side's
     /// services. The first connection must succeed; later drops reconnect.
     /// For an agent that may start before its server, see
@@ -537,14 +548,16 @@ impl Builder {
         let crypto = tls::client_crypto_with_identity(roots, self.identity.take())?;
         let mut config = quinn::ClientConfig::new(crypto);
         config.transport_config(brpc_core::conn::transport_config(&self.options.transport));
-        let local = SocketAddr::new(
-            if remote.is_ipv6() {
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-            } else {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-            },
-            0,
-        );
+        let local = self.local_address.unwrap_or_else(|| {
+            SocketAddr::new(
+                if remote.is_ipv6() {
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                },
+                0,
+            )
+        });
         let mut endpoint = brpc_core::conn::endpoint(local, None, &self.options.transport, None)
             .map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);

@@ -21,6 +21,15 @@ fn agent_builder(server: &brpc::Server, i: usize, hang: bool) -> brpc::client::B
     common::client_builder(server, &format!("agent-{i}"), echo)
         .label("region", if i % 4 == 0 { "eu" } else { "us" })
         .label("index", i.to_string())
+        .local_address(agent_source(i))
+}
+
+/// Agent `i` dials from one of three loopback addresses (all of 127/8 is
+/// loopback on Linux), as a large fleet on one host must to get past one
+/// address's port range.
+fn agent_source(i: usize) -> std::net::SocketAddr {
+    let last = 2 + (i % 3) as u8;
+    std::net::SocketAddr::from(([127, 0, 0, last], 0))
 }
 
 async fn connect_all(
@@ -39,8 +48,8 @@ async fn connect_all(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_agents_registry_selection_and_broadcast() {
-    const N: usize = 200;
+async fn three_hundred_agents_on_three_addresses_registry_selection_and_broadcast() {
+    const N: usize = 300;
     const HUNG: usize = 17;
     let server = common::server();
     let builders = (0..N)
@@ -62,6 +71,7 @@ async fn two_hundred_agents_registry_selection_and_broadcast() {
             Some(if i % 4 == 0 { "eu" } else { "us" })
         );
         assert_eq!(agents[i].connection_id(), peer.connection_id());
+        assert_eq!(peer.remote_address().ip(), agent_source(i).ip());
     }
     let eu = server.peers().select_label("region", "eu");
     assert_eq!(eu.len(), N / 4);
