@@ -711,17 +711,60 @@ fn rustls_der(
 }
 
 /// Server RSS growth per idle connected client, clients in a separate process.
-/// Agents per child process: each brpc `Client` has its own UDP socket, and a
-/// process may hold only so many descriptors (20 000 here).
+/// Agents per child process: each brpc `Client` has its own UDP socket, so
+/// a process holds one descriptor per agent (see [`raise_descriptor_limit`]).
+/// Each child dials from a loopback address of its own (127.0.0.2, .3, ...:
+/// all of 127/8 is loopback on Linux), so one address's port range does not
+/// cap the fleet.
 const AGENTS_PER_PROCESS: usize = 10_000;
 
-/// `agents ADDR N CERT`: N brpc clients hosting Echo, connected 64 at a time;
-/// prints "ready" and holds them until stdin closes.
+/// Raises this process's open-file limit to its hard limit, where the OS
+/// allows; returns the soft limit in effect.
+fn raise_descriptor_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    #[allow(unsafe_code)]
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// The source address of the `index`-th agent process: 127.0.0.2 onwards.
+fn agent_source(index: usize) -> std::net::IpAddr {
+    let n = 2 + index as u32;
+    std::net::IpAddr::from([127, (n >> 16) as u8, (n >> 8) as u8, n as u8])
+}
+
+/// `agents ADDR N CERT SOURCE`: N brpc clients hosting Echo, dialling from
+/// the address SOURCE, connected 64 at a time; prints "ready" and holds them
+/// until stdin closes.
 async fn hold_agents(
     addr: SocketAddr,
     n: usize,
     cert: &std::path::Path,
+    source: std::net::IpAddr,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let limit = raise_descriptor_limit();
+    if (limit as usize) < n + 64 {
+        return Err(
+            format!("{n} agents need {n} descriptors; this process may open {limit}").into(),
+        );
+    }
     let der = rustls_der(cert)?;
     let mut clients = Vec::with_capacity(n);
     let mut pending = futures_util::stream::iter(0..n)
@@ -736,6 +779,7 @@ async fn hold_agents(
                     match Client::builder()
                         .add_service(EchoServer::new(EchoService))
                         .pin_certificate(der.clone())
+                        .local_address(SocketAddr::new(source, 0))
                         .connect(addr)
                         .await
                     {
@@ -805,6 +849,7 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     while left > 0 {
         let share = left.min(AGENTS_PER_PROCESS);
         left -= share;
+        let source = agent_source(children.len());
         children.push(
             std::process::Command::new(std::env::current_exe()?)
                 .args([
@@ -812,6 +857,7 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
                     &server.local_addr().to_string(),
                     &share.to_string(),
                     &cert.display().to_string(),
+                    &source.to_string(),
                 ])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
@@ -1019,6 +1065,7 @@ enum Command {
         addr: SocketAddr,
         n: usize,
         cert: std::path::PathBuf,
+        source: std::net::IpAddr,
     },
     /// Instructions per 16-byte unary call at concurrency 64, client and
     /// server together, counted by valgrind's callgrind: each stack runs
@@ -1068,7 +1115,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             n,
             cert,
         }) => return hold_clients(&stack, addr, n, &cert).await,
-        Some(Command::Agents { addr, n, cert }) => return hold_agents(addr, n, &cert).await,
+        Some(Command::Agents {
+            addr,
+            n,
+            cert,
+            source,
+        }) => return hold_agents(addr, n, &cert, source).await,
         Some(Command::Fleet { sizes }) => {
             for n in sizes {
                 let f = fleet(n).await?;
