@@ -1,14 +1,15 @@
 //! The fleet: one server and N agents (default 200), each agent its own QUIC
 //! endpoint and connection, all in one process over loopback. The server lists
 //! the fleet, selects by label, broadcasts `Agent/Facts` to every agent, then
-//! restarts and watches every agent reconnect.
+//! restarts and watches every agent reconnect. Live progress (agents
+//! connected, broadcast answers, reconnects) is drawn on the terminal with
+//! `indicatif`; the summary goes to standard output.
 //!
 //! ```text
 //! cargo run --release --example fleet
 //! cargo run --release --example fleet -- --agents 1000
 //! ```
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use brpc::tls::DevCertificate;
 use brpc::{BroadcastOptions, Client, ClientState, Server, broadcast};
 use futures_util::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::{Request, Response, Status};
 
@@ -93,63 +95,80 @@ async fn restart_server(
     }
 }
 
-fn progress(label: &str, done: usize, total: usize) {
-    const WIDTH: usize = 40;
-    let filled = (done * WIDTH)
-        .checked_div(total)
-        .unwrap_or(WIDTH)
-        .min(WIDTH);
-    print!(
-        "\r{label:<12} [{}{}] {done:>6}/{total}",
-        "#".repeat(filled),
-        ".".repeat(WIDTH - filled)
+/// A progress bar of `total` steps under `bars`, labelled `label`.
+fn bar(bars: &MultiProgress, label: &str, total: usize) -> ProgressBar {
+    let bar = bars.add(ProgressBar::new(total as u64));
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:<12} [{bar:40}] {pos:>6}/{len} {msg} ({elapsed})")
+            .expect("a valid template")
+            .progress_chars("#>."),
     );
-    let _ = std::io::stdout().flush();
+    bar.set_prefix(label.to_owned());
+    bar
 }
 
-/// Shows a progress bar of `count()` until it reaches `total` or `limit` passes.
-async fn wait_with_progress(
-    label: &str,
-    total: usize,
-    limit: Duration,
-    count: impl Fn() -> usize,
-) -> bool {
+/// Shows `count()` on `bar` until it reaches the bar's length or `limit`
+/// passes; says which.
+async fn wait_with_progress(bar: &ProgressBar, limit: Duration, count: impl Fn() -> usize) -> bool {
+    let total = bar.length().unwrap_or(0) as usize;
     let started = Instant::now();
     loop {
         let done = count();
-        progress(label, done, total);
+        bar.set_position(done as u64);
         if done >= total {
-            println!("  ({:.2?})", started.elapsed());
+            bar.finish();
+            println!(
+                "{}: {done}/{total} in {:.2?}",
+                bar.prefix(),
+                started.elapsed()
+            );
             return true;
         }
         if started.elapsed() > limit {
-            println!("  timed out");
+            bar.abandon_with_message("timed out");
+            println!("{}: {done}/{total}, timed out", bar.prefix());
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Broadcasts `Facts` to every connected agent and prints a summary row.
-async fn broadcast_facts(server: &Server, round: &str) -> (usize, usize) {
+/// Broadcasts `Facts` to every connected agent, answers counted live on a
+/// bar, and prints a summary row.
+async fn broadcast_facts(server: &Server, bars: &MultiProgress, round: &str) -> (usize, usize) {
     let peers = server.peers().list();
+    let progress = bar(bars, round, peers.len());
     let started = Instant::now();
     let options = BroadcastOptions {
         concurrency: 512,
         timeout: Duration::from_secs(5),
     };
+    let mut failed = 0;
     let results: Vec<_> = broadcast(peers, options, |peer| async move {
         let facts = peer.client(AgentClient::new).facts(FactsRequest {}).await?;
         Ok(facts.into_inner())
     })
+    .inspect(|r| {
+        if r.result.is_err() {
+            failed += 1;
+            progress.set_message(format!("{failed} failed"));
+        }
+        progress.inc(1);
+    })
     .collect()
     .await;
+    progress.finish();
     let total = started.elapsed();
-    // Latencies in µs, to 3 significant digits.
+    print_table_header();
+    // Latencies in µs, to 3 significant digits. The histogram resizes to
+    // take any value with `record` (`saturating_record` would clamp every
+    // value to its initial range, 2 µs).
     let mut latencies = hdrhistogram::Histogram::<u64>::new(3).expect("valid precision");
     for r in results.iter().filter(|r| r.result.is_ok()) {
         let micros = u64::try_from(r.elapsed.as_micros()).unwrap_or(u64::MAX);
-        latencies.saturating_record(micros);
+        latencies
+            .record(micros.max(1))
+            .expect("an auto-resizing histogram takes any value");
     }
     let percentile = |p: f64| Duration::from_micros(latencies.value_at_quantile(p / 100.0));
     let failures = results.len() - latencies.len() as usize;
@@ -210,8 +229,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             client
         });
     }
+    // Bars go to standard error, and only to a terminal.
+    let bars = MultiProgress::new();
     let registry = server.peers().clone();
-    wait_with_progress("connecting", n, Duration::from_secs(120), || registry.len()).await;
+    let connecting_bar = bar(&bars, "connected", n);
+    wait_with_progress(&connecting_bar, Duration::from_secs(120), || registry.len()).await;
     let mut agents = Vec::with_capacity(n);
     while let Some(joined) = connecting.join_next().await {
         agents.push(joined??);
@@ -239,28 +261,57 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         server.peers().select_label("tier", "canary").len()
     );
 
-    print_table_header();
-    let (first_count, first_failures) = broadcast_facts(&server, "broadcast").await;
+    let (first_count, first_failures) = broadcast_facts(&server, &bars, "broadcast").await;
     let old_ids: Vec<_> = agents.iter().map(Client::connection_id).collect();
 
+    // Every agent's state changes are watched from before the restart: how
+    // often agents went to Reconnecting (each failed attempt is one more),
+    // shown live beside the count of agents back.
+    let reconnects = Arc::new(AtomicUsize::new(0));
+    let watchers: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let mut state = agent.watch_state();
+            let reconnects = reconnects.clone();
+            tokio::spawn(async move {
+                while state.changed().await.is_ok() {
+                    let now = state.borrow_and_update().clone();
+                    if matches!(now, ClientState::Reconnecting { .. }) {
+                        reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
     println!("\nrestarting the server on {addr}");
     server.close();
     server.wait_idle().await;
     drop(server);
     let server = restart_server(&credentials, addr).await?;
     let registry = server.peers().clone();
-    let back = wait_with_progress("reconnecting", n, Duration::from_secs(120), || {
+    let back_bar = bar(&bars, "reconnected", n);
+    let back = wait_with_progress(&back_bar, Duration::from_secs(120), || {
+        back_bar.set_message(format!(
+            "{} Reconnecting states seen",
+            reconnects.load(Ordering::Relaxed)
+        ));
         registry.len()
     })
     .await;
+    for watcher in watchers {
+        watcher.abort();
+    }
     let renewed = agents
         .iter()
         .zip(&old_ids)
         .filter(|(agent, old)| matches!(agent.state(), ClientState::Connected { connection_id } if connection_id != **old))
         .count();
     println!("{renewed}/{n} agents reconnected with a new connection id");
-    print_table_header();
-    let (second_count, second_failures) = broadcast_facts(&server, "restarted").await;
+    println!(
+        "reconnecting states seen: {} (one per agent, plus one per failed attempt)",
+        reconnects.load(Ordering::Relaxed)
+    );
+    let (second_count, second_failures) = broadcast_facts(&server, &bars, "restarted").await;
 
     for agent in &agents {
         agent.close();
