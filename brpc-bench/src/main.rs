@@ -650,7 +650,16 @@ fn machine() -> String {
 }
 
 fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    rss_of("/proc/self/statm")
+}
+
+/// Resident bytes of the process `pid` (0 if it is gone).
+fn process_rss(pid: u32) -> u64 {
+    rss_of(&format!("/proc/{pid}/statm"))
+}
+
+fn rss_of(statm: &str) -> u64 {
+    let statm = std::fs::read_to_string(statm).unwrap_or_default();
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)
@@ -809,14 +818,16 @@ struct Fleet {
     p50: Duration,
     p99: Duration,
     failures: usize,
+    agent_rss: f64,
+    server_cpu_per_call: Duration,
 }
 
 impl Fleet {
-    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures |\n|---:|---:|---:|---:|---:|---:|---:|---:|";
+    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures | agent-side RSS per agent | server CPU per broadcast call |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
     fn row(&self) -> String {
         format!(
-            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} |",
+            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} | {:.1} KB | {:.0} µs |",
             self.agents,
             self.connected,
             self.connect.as_secs_f64(),
@@ -824,7 +835,9 @@ impl Fleet {
             self.broadcast.as_secs_f64() * 1e3,
             self.p50.as_secs_f64() * 1e3,
             self.p99.as_secs_f64() * 1e3,
-            self.failures
+            self.failures,
+            self.agent_rss / 1000.0,
+            self.server_cpu_per_call.as_secs_f64() * 1e6,
         )
     }
 }
@@ -872,6 +885,13 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     let connected = server.peers().len();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_per_agent = rss_bytes().saturating_sub(rss_before) as f64 / connected.max(1) as f64;
+    // What the agents cost on their side: their processes' RSS (runtime and
+    // binary included) over the agents they hold.
+    let agent_rss = children
+        .iter()
+        .map(|child| process_rss(child.id()))
+        .sum::<u64>() as f64
+        / connected.max(1) as f64;
 
     let payload = vec![7u8; 16];
     // The default concurrency (256). Far more at once overflows the server's
@@ -882,6 +902,9 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
         ..Default::default()
     };
     let started = Instant::now();
+    // This process is the server (and the broadcast's caller): its CPU time
+    // over the broadcast is the server's cost of it.
+    let cpu_before = cpu_seconds();
     let results: Vec<_> = brpc::broadcast(server.peers().list(), options, |peer| {
         let blob = payload.clone();
         async move {
@@ -898,6 +921,8 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     .collect()
     .await;
     let broadcast = started.elapsed();
+    let server_cpu_per_call =
+        Duration::from_secs_f64((cpu_seconds() - cpu_before) / results.len().max(1) as f64);
     let mut latencies = Latencies::default();
     for r in results.iter().filter(|r| r.result.is_ok()) {
         latencies.record(r.elapsed);
@@ -918,6 +943,8 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
         p50: latencies.percentile(50.0),
         p99: latencies.percentile(99.0),
         failures,
+        agent_rss,
+        server_cpu_per_call,
     })
 }
 
@@ -1572,7 +1599,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process; then the server broadcasts a 16-byte Echo call to every client through its \
-         peer handle, 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected.\n\n{header}\n{fleet_row}\n\n\
+         peer handle, 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
+         agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
+         (the server's) user+system time over the broadcast divided by its calls. Each agent process dials from its own loopback address (127.0.0.2 onwards).\n\n{header}\n{fleet_row}\n\n\
          ## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
         header = Fleet::HEADER,
         machine = machine()
