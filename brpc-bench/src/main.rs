@@ -1,9 +1,10 @@
-//! Side-by-side benchmark of one Echo call on seven stacks, same process, same
+//! Side-by-side benchmark of one Echo call on ten stacks, same process, same
 //! payloads, same tokio runtime, one after another:
-//! tonic over HTTP/2 (TCP loopback), raw quinn (stream per call, 4-byte length
+//! tonic over HTTP/2 (TCP loopback) in clear and over TLS 1.3, raw quinn (stream per call, 4-byte length
 //! prefix) with default sockets and with brpc's socket buffers, brpc over QUIC
 //! client→server and server→client, ttrpc-rust over a Unix socket, and brpc
-//! over a Unix socket. Then idle memory per client, a fleet of 10 000 agents
+//! over a Unix socket, each brpc stack on the tonic path and on brpc-build's
+//! direct path. Then idle memory per client, a fleet of 10 000 agents
 //! and the minimal server's binary size.
 //!
 //! ```text
@@ -214,6 +215,43 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                     .serve_with_incoming(incoming),
             );
             let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?;
+            Running {
+                caller: Caller::Tonic(EchoClient::new(channel)),
+                _guards: vec![Box::new(AbortOnDrop::new(server))],
+            }
+        }
+        "tonic-tls" => {
+            // gRPC over HTTP/2 over TLS 1.3 (rustls with ring, as brpc): the
+            // encrypted stack brpc replaces. TCP_NODELAY as above.
+            let key = rcgen::KeyPair::generate()?;
+            let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
+            let cert = params.self_signed(&key)?;
+            let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
+                |stream: std::io::Result<tokio::net::TcpStream>| {
+                    if let Ok(stream) = &stream {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    stream
+                },
+            );
+            let tls = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
+            let server = tokio::spawn(
+                tonic::transport::Server::builder()
+                    .tls_config(tls)?
+                    .add_service(EchoServer::new(EchoService).max_decoding_message_size(4 << 20))
+                    .serve_with_incoming(incoming),
+            );
+            let trust = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
+                .domain_name("localhost");
+            let channel = tonic::transport::Channel::from_shared(format!("https://{addr}"))?
+                .tls_config(trust)?
                 .connect()
                 .await?;
             Running {
@@ -1120,8 +1158,9 @@ enum Command {
     },
 }
 
-const STACKS: [&str; 9] = [
+const STACKS: [&str; 10] = [
     "tonic",
+    "tonic-tls",
     "quinn",
     "quinn-buf",
     "brpc",
@@ -1273,6 +1312,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "brpc-direct",
             "brpc",
             "tonic",
+            "tonic-tls",
             "ttrpc-unix",
             "brpc-direct-unix",
             "brpc-unix",
@@ -1390,6 +1430,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         get("brpc-unix"),
     );
     let (direct, direct_unix) = (get("brpc-direct"), get("brpc-direct-unix"));
+    let tonic_tls = get("tonic-tls");
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     // No figure (a stack failed): NaN, which meets no target.
     let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { a / b } else { f64::NAN };
@@ -1452,9 +1493,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             0.85,
         ),
         at_least(
-            "brpc-direct 16 B c=64 ≥ 1.6× tonic (h2c here; no tonic+TLS stack)",
+            "brpc-direct 16 B c=64 ≥ 1.6× tonic+TLS",
             direct.c64_calls,
-            tonic.c64_calls,
+            tonic_tls.c64_calls,
             1.6,
         ),
         at_most(
@@ -1476,9 +1517,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             1.0,
         ),
         at_least(
-            "brpc-direct 1 MiB echo ≥ 1.0× tonic (TCP_NODELAY)",
+            "brpc-direct 1 MiB echo ≥ 1.0× tonic+TLS (TCP_NODELAY)",
             direct.mib_mbps,
-            tonic.mib_mbps,
+            tonic_tls.mib_mbps,
             1.0,
         ),
         at_least(
@@ -1586,7 +1627,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          All stacks run in one process on one tokio runtime with 2 worker threads; client and server share the machine's cores,\n\
          so CPU time per call covers both ends. Each figure is the median of three measured rounds after a warm-up; every round measures all\n\
          stacks one after another, so slow drifts in the machine's speed hit every stack alike.\n\
-         tonic uses its own HTTP/2 transport over TCP loopback (plaintext); raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
+         tonic uses its own HTTP/2 transport over TCP loopback (plaintext); tonic-tls the same over TLS 1.3 (tonic's `tls-ring`: rustls with ring, as brpc; a self-signed certificate); raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
          and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers; brpc-reverse is the server calling the client\n\
          through the peer handle; brpc, brpc-reverse and brpc-unix use tonic's generated client and server (the tonic path), brpc-direct and brpc-direct-unix\n\
          brpc-build's (the direct path); tonic's server sets TCP_NODELAY as its own `serve` does; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
