@@ -797,14 +797,15 @@ fn agent_source(index: usize) -> std::net::IpAddr {
     std::net::IpAddr::from([127, (n >> 16) as u8, (n >> 8) as u8, n as u8])
 }
 
-/// `agents ADDR N CERT SOURCE`: N brpc clients hosting Echo, dialling from
-/// the address SOURCE, connected 64 at a time; prints "ready" and holds them
-/// until stdin closes.
+/// `agents ADDR N CERT SOURCE CONCURRENCY`: N brpc clients hosting Echo,
+/// dialling from the address SOURCE, CONCURRENCY connecting at a time;
+/// prints "ready" and holds them until stdin closes.
 async fn hold_agents(
     addr: SocketAddr,
     n: usize,
     cert: &std::path::Path,
     source: std::net::IpAddr,
+    concurrency: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let limit = raise_descriptor_limit();
     if (limit as usize) < n + 64 {
@@ -836,11 +837,20 @@ async fn hold_agents(
                 }
             }
         })
-        .buffer_unordered(64);
+        .buffer_unordered(concurrency.max(1));
+    // An agent that could not connect is counted, not fatal: the others
+    // stay connected, and the fleet's row shows how many made it.
+    let mut failed = 0;
     while let Some(client) = pending.next().await {
-        clients.push(client?);
+        match client {
+            Ok(client) => clients.push(client),
+            Err(e) => {
+                failed += 1;
+                eprintln!("agent gave up: {e}");
+            }
+        }
     }
-    println!("ready");
+    println!("ready: {} agents, {failed} gave up", clients.len());
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     Ok(())
@@ -897,6 +907,11 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut children = Vec::new();
     let mut left = n;
+    let processes = n.div_ceil(AGENTS_PER_PROCESS).max(1);
+    // Handshakes in flight across all agent processes: about 256, however
+    // many processes share them (at 64 each, ten processes' 640 handshakes
+    // at once on two cores made thousands time out).
+    let concurrency = (256 / processes).clamp(16, 64);
     while left > 0 {
         let share = left.min(AGENTS_PER_PROCESS);
         left -= share;
@@ -909,6 +924,7 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
                     &share.to_string(),
                     &cert.display().to_string(),
                     &source.to_string(),
+                    &concurrency.to_string(),
                 ])
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::null())
@@ -1131,6 +1147,7 @@ enum Command {
         n: usize,
         cert: std::path::PathBuf,
         source: std::net::IpAddr,
+        concurrency: usize,
     },
     /// Instructions per 16-byte unary call at concurrency 64, client and
     /// server together, counted by valgrind's callgrind: each stack runs
@@ -1186,7 +1203,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             n,
             cert,
             source,
-        }) => return hold_agents(addr, n, &cert, source).await,
+            concurrency,
+        }) => return hold_agents(addr, n, &cert, source, concurrency).await,
         Some(Command::Fleet { sizes }) => {
             for n in sizes {
                 let f = fleet(n).await?;
@@ -1639,7 +1657,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          raw quinn and ttrpc echo raw bytes (no protobuf).\n\n{instruction_table}\n\
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
-         (one UDP socket each), connecting 64 at a time per process; then the server broadcasts a 16-byte Echo call to every client through its \
+         (one UDP socket each), connecting about 256 at a time across the processes (64 per process at most); then the server broadcasts a 16-byte Echo call to every client through its \
          peer handle, 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
          (the server's) user+system time over the broadcast divided by its calls. Each agent process dials from its own loopback address (127.0.0.2 onwards).\n\n{header}\n{fleet_row}\n\n\
