@@ -1657,7 +1657,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          raw quinn and ttrpc echo raw bytes (no protobuf).\n\n{instruction_table}\n\
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
-         (one UDP socket each), connecting about 256 at a time across the processes (64 per process at most); then the server broadcasts a 16-byte Echo call to every client through its \
+         (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
          peer handle, 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
          (the server's) user+system time over the broadcast divided by its calls. Each agent process dials from its own loopback address (127.0.0.2 onwards).\n\n{header}\n{fleet_row}\n\n\

@@ -450,7 +450,10 @@ impl Builder {
     /// The local address the client's UDP socket binds to (default: the
     /// unspecified address of the server's family, port 0, and the OS picks
     /// the source). E.g. spread many agents on one host over several source
-    /// addresses, or pick the interface a multi-homed host dials from.
+    /// addresses, or pick the interface a multi-homed host dials from. It
+    /// must be of the server's address family (an IPv4 socket cannot dial
+    /// an IPv6 server: connecting fails with [`ConnectError::Connect`]), and
+    /// it does not apply to [`connect_unix`](Self::connect_unix).
     pub fn local_address(mut self, addr: SocketAddr) -> Self {
         self.local_address = Some(addr);
         self
@@ -862,7 +865,16 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
     }
     // Serving stops when the connection ends: how it ended is known (or
     // about to be).
-    let end = peer.closed().await;
+    let end = tokio::select! {
+        () = shared.closing() => return Ended::Closing,
+        end = tokio::time::timeout(Duration::from_secs(5), peer.closed()) => end,
+    };
+    let Ok(end) = end else {
+        // Serving stopped and the connection does not say it ended: end it
+        // here, and reconnect.
+        peer.close(codes::CONN_NORMAL, "the connection stopped being served");
+        return Ended::Lost(Disconnect::Connection(peer.closed().await));
+    };
     if end.is_unauthorized() {
         Ended::Refused(Disconnect::Connection(end))
     } else if end.is_local() {

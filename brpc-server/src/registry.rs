@@ -255,9 +255,10 @@ impl Registry {
             .collect()
     }
 
-    /// The `turn`-th (modulo their number) of the peers with all of
-    /// `labels` for which `filter` holds, in id order; cloning only that one.
-    /// `None` if none matches.
+    /// A peer with all of `labels` for which `filter` holds: the first at
+    /// or after position `turn` (modulo their number) among the peers with
+    /// those labels in id order, cloning only that one; successive turns go
+    /// round them. `None` if none matches.
     pub(crate) fn nth_matching(
         &self,
         labels: &Labels,
@@ -266,16 +267,16 @@ impl Registry {
     ) -> Option<Peer> {
         let table = self.read();
         let ids = table.ids_with(labels);
-        let matching = || {
-            ids.iter()
-                .filter_map(|id| table.get(*id))
-                .filter(|p| filter(p))
-        };
-        let count = matching().count();
-        if count == 0 {
+        if ids.is_empty() {
             return None;
         }
-        matching().nth(turn % count).cloned()
+        let (after, before) = ids.split_at(turn % ids.len());
+        before
+            .iter()
+            .chain(after)
+            .filter_map(|id| table.get(*id))
+            .find(|p| filter(p))
+            .cloned()
     }
 
     /// Peers whose label `key` equals `value`, ordered by connection id

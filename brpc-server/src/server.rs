@@ -651,6 +651,9 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
     };
     // A handle for the Hello call alone, its frames capped at the Hello
     // limit; the peer listed once Hello is done is made with what it said.
+    // Its frames are not charged to the budget admitted peers share: a
+    // crowd of clients stalling their Hellos must not take that from them
+    // (before Hello, QUIC's 16 KiB receive window bounds each connection).
     let greeter = session::greeter(
         connection.clone(),
         Side::Acceptor,
@@ -659,7 +662,7 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
             idle_timeout: None,
             ..shared.limits
         },
-        shared.buffer_total.clone(),
+        brpc_core::conn::MemoryBudget::new(usize::MAX),
     );
     let hello = match tokio::time::timeout_at(deadline, session::receive_hello(&greeter)).await {
         Ok(Ok(hello)) => hello,

@@ -134,16 +134,17 @@ async fn a_vanished_server_fails_the_clients_calls_within_the_idle_timeout() {
         .expect("state")
         .clone();
     // The first reason given is how the connection ended: it timed out.
-    if let ClientState::Reconnecting {
+    let ClientState::Reconnecting {
         attempt: 0,
         last_error,
     } = &state
-    {
-        let timed_out = last_error
-            .connection_error()
-            .is_some_and(|e| e.is_timeout());
-        assert!(timed_out, "{last_error:?}");
-    }
+    else {
+        panic!("expected the first Reconnecting state, got {state:?}");
+    };
+    let timed_out = last_error
+        .connection_error()
+        .is_some_and(|e| e.is_timeout());
+    assert!(timed_out, "{last_error:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

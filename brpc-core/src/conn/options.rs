@@ -10,8 +10,8 @@ use super::quic::TransportOptions;
 
 /// The limits and QUIC transport settings of each connection, the same on
 /// both sides: the server's builder and the client's hold one each, and
-/// [`options`](ConnectionOptions) on either takes a whole set (e.g. one
-/// shared by a fleet's configuration code).
+/// `options(..)` on either takes a whole set (e.g. one shared by a fleet's
+/// configuration code).
 ///
 /// ```
 /// use std::time::Duration;
