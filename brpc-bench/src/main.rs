@@ -195,7 +195,7 @@ struct Running {
 
 async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn std::error::Error>> {
     Ok(match stack {
-        "tonic" => {
+        "tonic" | "tonic-tls" => {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             // TCP_NODELAY on every accepted connection, as tonic's own
@@ -209,51 +209,32 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                     stream
                 },
             );
-            let server = tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(EchoServer::new(EchoService).max_decoding_message_size(4 << 20))
-                    .serve_with_incoming(incoming),
-            );
-            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?;
-            Running {
-                caller: Caller::Tonic(EchoClient::new(channel)),
-                _guards: vec![Box::new(AbortOnDrop::new(server))],
+            let mut server = tonic::transport::Server::builder();
+            let mut endpoint = tonic::transport::Channel::from_shared(format!("http://{addr}"))?;
+            if stack == "tonic-tls" {
+                // gRPC over HTTP/2 over TLS 1.3 (rustls with ring, as
+                // brpc): the encrypted stack brpc replaces.
+                let key = rcgen::KeyPair::generate()?;
+                let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
+                let cert = params.self_signed(&key)?;
+                let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+                server = server.tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem)),
+                )?;
+                endpoint = tonic::transport::Channel::from_shared(format!("https://{addr}"))?
+                    .tls_config(
+                        tonic::transport::ClientTlsConfig::new()
+                            .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
+                            .domain_name("localhost"),
+                    )?;
             }
-        }
-        "tonic-tls" => {
-            // gRPC over HTTP/2 over TLS 1.3 (rustls with ring, as brpc): the
-            // encrypted stack brpc replaces. TCP_NODELAY as above.
-            let key = rcgen::KeyPair::generate()?;
-            let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()])?;
-            let cert = params.self_signed(&key)?;
-            let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(
-                |stream: std::io::Result<tokio::net::TcpStream>| {
-                    if let Ok(stream) = &stream {
-                        let _ = stream.set_nodelay(true);
-                    }
-                    stream
-                },
-            );
-            let tls = tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(&cert_pem, &key_pem));
             let server = tokio::spawn(
-                tonic::transport::Server::builder()
-                    .tls_config(tls)?
+                server
                     .add_service(EchoServer::new(EchoService).max_decoding_message_size(4 << 20))
                     .serve_with_incoming(incoming),
             );
-            let trust = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&cert_pem))
-                .domain_name("localhost");
-            let channel = tonic::transport::Channel::from_shared(format!("https://{addr}"))?
-                .tls_config(trust)?
-                .connect()
-                .await?;
+            let channel = endpoint.connect().await?;
             Running {
                 caller: Caller::Tonic(EchoClient::new(channel)),
                 _guards: vec![Box::new(AbortOnDrop::new(server))],

@@ -205,9 +205,6 @@ pub struct HelloCall {
     reply: Reply,
 }
 
-/// How long a refusal waits to be delivered before the connection closes.
-const REFUSAL_DELIVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Acceptor: reads the connection's first call, which must be Hello,
 /// through `greeter` (see [`greeter`]) and the engine's serving half like
 /// any other call.
@@ -237,7 +234,7 @@ pub async fn receive_hello(greeter: &Peer) -> Result<HelloCall, Status> {
         Ok(request) => Ok(HelloCall { request, reply }),
         Err(status) => {
             reply.status(status.clone()).await;
-            reply.delivered(REFUSAL_DELIVERY).await;
+            reply.delivered().await;
             Err(status)
         }
     }
@@ -267,7 +264,7 @@ impl HelloCall {
     /// has the answer so that closing the connection next does not discard it.
     pub async fn reject(mut self, status: Status) {
         self.reply.status(status).await;
-        self.reply.delivered(REFUSAL_DELIVERY).await;
+        self.reply.delivered().await;
     }
 }
 

@@ -161,8 +161,11 @@ impl<E: Entry> Table<E> {
 
     /// The ordered ids of the entries carrying every label of `labels`
     /// (all ids for none), read from the smallest of their index sets.
-    pub(crate) fn ids_with(&self, labels: &Labels) -> Vec<ConnectionId> {
-        let mut sets = Vec::with_capacity(labels.len());
+    pub(crate) fn ids_with<'a>(
+        &self,
+        labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<ConnectionId> {
+        let mut sets = Vec::new();
         for (key, value) in labels {
             match self.by_label.get(key).and_then(|values| values.get(value)) {
                 Some(ids) => sets.push(ids),
@@ -181,7 +184,10 @@ impl<E: Entry> Table<E> {
     }
 
     /// The entries carrying every label of `labels`, in id order.
-    pub(crate) fn with_labels(&self, labels: &Labels) -> Vec<E> {
+    pub(crate) fn with_labels<'a>(
+        &self,
+        labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Vec<E> {
         self.ids_with(labels)
             .iter()
             .filter_map(|id| self.by_id.get(id).cloned())
@@ -191,6 +197,11 @@ impl<E: Entry> Table<E> {
     pub(crate) fn values(&self) -> impl Iterator<Item = &E> {
         self.order.iter().filter_map(|id| self.by_id.get(id))
     }
+}
+
+/// `labels` as the string pairs the table looks up.
+fn pairs(labels: &Labels) -> impl Iterator<Item = (&str, &str)> {
+    labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))
 }
 
 impl Registry {
@@ -266,14 +277,13 @@ impl Registry {
         turn: usize,
     ) -> Option<Peer> {
         let table = self.read();
-        let ids = table.ids_with(labels);
+        let ids = table.ids_with(pairs(labels));
         if ids.is_empty() {
             return None;
         }
-        let (after, before) = ids.split_at(turn % ids.len());
-        before
-            .iter()
-            .chain(after)
+        let (before, from) = ids.split_at(turn % ids.len());
+        from.iter()
+            .chain(before)
             .filter_map(|id| table.get(*id))
             .find(|p| filter(p))
             .cloned()
@@ -282,8 +292,7 @@ impl Registry {
     /// Peers whose label `key` equals `value`, ordered by connection id
     /// (read from the label index).
     pub fn select_label(&self, key: &str, value: &str) -> Vec<Peer> {
-        let labels = Labels::from([(key.to_owned(), value.to_owned())]);
-        self.read().with_labels(&labels)
+        self.read().with_labels([(key, value)])
     }
 
     /// Peers carrying every one of `labels`, ordered by connection id (read
@@ -293,11 +302,8 @@ impl Registry {
         K: Into<String>,
         V: Into<String>,
     {
-        let labels: Labels = labels
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
-        self.read().with_labels(&labels)
+        let labels = crate::select::collect(labels);
+        self.read().with_labels(pairs(&labels))
     }
 
     /// Number of connected peers.
@@ -372,10 +378,6 @@ mod tests {
         entries.iter().map(|e| e.id.0).collect()
     }
 
-    fn label(key: &str, value: &str) -> Labels {
-        Labels::from([(key.to_owned(), value.to_owned())])
-    }
-
     #[test]
     fn ten_thousand_entries_are_selected_by_label_and_listed_in_pages() {
         let mut table = Table::default();
@@ -387,7 +389,7 @@ mod tests {
         assert_eq!(table.get(ConnectionId(4242)).map(|e| e.id.0), Some(4242));
         assert!(table.get(ConnectionId(10_001)).is_none());
 
-        let eu = table.with_labels(&label("region", "eu"));
+        let eu = table.with_labels([("region", "eu")]);
         let want: Vec<u64> = (1..=10_000).filter(|i| i % 4 == 0).collect();
         assert_eq!(ids(&eu), want);
 
@@ -396,10 +398,10 @@ mod tests {
             ("role".to_owned(), "db".to_owned()),
         ]);
         let want: Vec<u64> = (1..=10_000).filter(|i| i % 20 == 0).collect();
-        assert_eq!(ids(&table.with_labels(&both)), want);
-        assert!(table.with_labels(&label("region", "mars")).is_empty());
-        assert!(table.with_labels(&label("zone", "eu")).is_empty());
-        assert_eq!(table.with_labels(&Labels::new()).len(), 10_000);
+        assert_eq!(ids(&table.with_labels(pairs(&both))), want);
+        assert!(table.with_labels([("region", "mars")]).is_empty());
+        assert!(table.with_labels([("zone", "eu")]).is_empty());
+        assert_eq!(table.with_labels(pairs(&Labels::new())).len(), 10_000);
 
         // Pages of 999 cover every id once, in order.
         let mut listed = Vec::new();
@@ -431,9 +433,9 @@ mod tests {
         assert!(table.remove(ConnectionId(2)).is_none());
         assert_eq!(table.len(), 5_000);
         // Region eu (i % 4 == 0) held only even ids: its index entry is gone.
-        assert!(table.with_labels(&label("region", "eu")).is_empty());
+        assert!(table.with_labels([("region", "eu")]).is_empty());
         assert!(!table.by_label["region"].contains_key("eu"));
-        let us = table.with_labels(&label("region", "us"));
+        let us = table.with_labels([("region", "us")]);
         assert_eq!(
             ids(&us),
             (1..=10_000).filter(|i| i % 4 == 1).collect::<Vec<_>>()

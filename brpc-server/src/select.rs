@@ -94,7 +94,9 @@ impl Registry {
     }
 }
 
-fn collect<K: Into<String>, V: Into<String>>(labels: impl IntoIterator<Item = (K, V)>) -> Labels {
+pub(crate) fn collect<K: Into<String>, V: Into<String>>(
+    labels: impl IntoIterator<Item = (K, V)>,
+) -> Labels {
     labels
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))

@@ -163,7 +163,7 @@ impl Router {
     }
 
     /// Whether every call runs as a task of its own.
-    pub fn has_task_per_call(&self) -> bool {
+    pub(crate) fn has_task_per_call(&self) -> bool {
         self.task_per_call
     }
 

@@ -63,6 +63,27 @@ pub struct Incoming {
     pub input: Input,
 }
 
+impl Incoming {
+    /// The call of `peer` whose Request is `request`, with `timeout` left
+    /// and its request messages as `input`.
+    fn new(peer: Peer, request: Request, timeout: Option<Duration>, input: Input) -> Self {
+        let Request {
+            service,
+            method,
+            metadata,
+            ..
+        } = request;
+        Incoming {
+            peer,
+            service,
+            method,
+            metadata,
+            timeout,
+            input,
+        }
+    }
+}
+
 /// A served call's request messages.
 #[derive(Debug)]
 pub enum Input {
@@ -135,17 +156,8 @@ async fn serve_call<H: Handler>(
 ) {
     let stopped = send.stopped();
     tokio::pin!(stopped);
-    let record = peer.record_call(true);
-    let span = record.span().clone();
-    let call = Call::callee(stream_id, peer.call_config(), now());
-    let mut out = Reply {
-        send,
-        call: CallCell::Alone(call),
-        writing: false,
-        record,
-        ended: false,
-    };
-    let quic = peer.quic_connection().is_some();
+    let mut out = Reply::new(&peer, send, stream_id);
+    let span = out.record.span().clone();
     let draining = peer.clone();
     let answered = {
         // Pinned in place and polled by reference: a future moved by value
@@ -173,12 +185,11 @@ async fn serve_call<H: Handler>(
         }
         None => false,
     };
-    if answered && quic && draining.is_draining() {
+    if answered && draining.is_draining() {
         // A graceful shutdown closes the connection once no call is in
         // flight, and a QUIC close discards data not yet delivered: stay in
-        // flight until the caller has the answer (it acknowledged the
-        // stream), for at most a second.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stopped).await;
+        // flight until the caller has the answer.
+        Box::pin(out.delivered()).await;
     }
     if !answered {
         let abort = out.with(|call| call.abort(Failure::Cancelled));
@@ -236,32 +247,13 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
     // Only streamed input can go bad after the handler starts.
     let (input, mut failed) = if streaming {
         let (fail, failed) = oneshot::channel();
-        let input = Input::Stream(MessageStream {
-            reader,
-            call: out.call.share(),
-            first: first_message,
-            failed: false,
-            fail: Some(fail),
-        });
+        let input = Input::Stream(MessageStream::new(reader, out, first_message, Some(fail)));
         (input, Some(failed))
     } else {
         (Input::Single(first_message.unwrap_or_default()), None)
     };
     let outcome = {
-        let Request {
-            service,
-            method,
-            metadata,
-            ..
-        } = request;
-        let incoming = Incoming {
-            peer,
-            service,
-            method,
-            metadata,
-            timeout,
-            input,
-        };
+        let incoming = Incoming::new(peer, request, timeout, input);
         // Each future pinned in place and polled by reference: moved by
         // value into the next, it would take its room here twice.
         let handled = std::pin::pin!(async {
@@ -324,9 +316,7 @@ async fn read_request(
                 // The idle limit, before or in the middle of the Request.
                 if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
                     tracing::debug!(status = %abort.status, "call stalled before its Request");
-                    let status = abort.status.clone();
-                    Box::pin(out.carry_out(Some(reader), abort)).await;
-                    return Err(Some(status));
+                    return Err(Some(Box::pin(out.carry_out(Some(reader), abort)).await));
                 }
                 continue;
             }
@@ -335,9 +325,7 @@ async fn read_request(
                     return Err(None);
                 };
                 let abort = out.with(|call| call.abort(failure));
-                let status = abort.status.clone();
-                Box::pin(out.carry_out(Some(reader), abort)).await;
-                return Err(Some(status));
+                return Err(Some(Box::pin(out.carry_out(Some(reader), abort)).await));
             }
         };
         match out.with(|call| call.recv(frame, now())) {
@@ -349,9 +337,7 @@ async fn read_request(
             Ok(_) => continue,
             Err(status) => {
                 let abort = out.with(|call| call.abort(Failure::Protocol(status)));
-                let status = abort.status.clone();
-                Box::pin(out.carry_out(Some(reader), abort)).await;
-                return Err(Some(status));
+                return Err(Some(Box::pin(out.carry_out(Some(reader), abort)).await));
             }
         }
     }
@@ -369,53 +355,25 @@ async fn read_request(
 /// status; `Err(None)`: the connection is gone.
 pub(crate) async fn accept_one(peer: &Peer) -> Result<(Incoming, Reply), Option<Status>> {
     let (send, mut reader, stream_id) = peer.accept_call().await.ok_or(None)?;
-    let record = peer.record_call(true);
-    let call = Call::callee(stream_id, peer.call_config(), now());
-    let mut out = Reply {
-        send,
-        call: CallCell::Alone(call),
-        writing: false,
-        record,
-        ended: false,
-    };
+    let mut out = Reply::new(peer, send, stream_id);
     let (request, first_message, streaming) = match read_request(&mut out, &mut reader).await {
         Ok(request) => request,
         Err(status) => {
             // The caller of this is about to close the connection, which
             // would discard an answer not yet delivered.
             if status.is_some() {
-                out.delivered(Duration::from_secs(1)).await;
+                out.delivered().await;
             }
             return Err(status);
         }
     };
     out.record.named(&request.service, &request.method);
     let input = if streaming {
-        Input::Stream(MessageStream {
-            reader,
-            call: out.call.share(),
-            first: first_message,
-            failed: false,
-            fail: None,
-        })
+        Input::Stream(MessageStream::new(reader, &mut out, first_message, None))
     } else {
         Input::Single(first_message.unwrap_or_default())
     };
-    let Request {
-        service,
-        method,
-        metadata,
-        ..
-    } = request;
-    let incoming = Incoming {
-        peer: peer.clone(),
-        service,
-        method,
-        metadata,
-        timeout: None,
-        input,
-    };
-    Ok((incoming, out))
+    Ok((Incoming::new(peer.clone(), request, None, input), out))
 }
 
 /// Request messages still arriving as Data frames. A bad one (oversized,
@@ -439,6 +397,24 @@ impl std::fmt::Debug for MessageStream {
 }
 
 impl MessageStream {
+    /// The messages after `first` (the Request's own, if any), read from
+    /// `reader` through the machine of the call `reply` answers; a failure
+    /// is reported through `fail`.
+    fn new(
+        reader: CallReader,
+        reply: &mut Reply,
+        first: Option<Bytes>,
+        fail: Option<oneshot::Sender<Abort>>,
+    ) -> Self {
+        MessageStream {
+            reader,
+            call: reply.call.share(),
+            first,
+            failed: false,
+            fail,
+        }
+    }
+
     /// Ends the call for `failure`: the machine picks the codes, the reader
     /// is stopped here and the rest is carried out by `answer`.
     fn fail(&mut self, failure: Failure) -> Status {
@@ -557,6 +533,18 @@ impl Drop for Reply {
 }
 
 impl Reply {
+    /// The answering half of the call `peer` opened as `stream_id`, sent
+    /// through `send`; the call is recorded from now.
+    fn new(peer: &Peer, send: CallWriter, stream_id: u32) -> Self {
+        Reply {
+            send,
+            call: CallCell::Alone(Call::callee(stream_id, peer.call_config(), now())),
+            writing: false,
+            record: peer.record_call(true),
+            ended: false,
+        }
+    }
+
     fn with<T>(&mut self, f: impl FnOnce(&mut Call) -> T) -> T {
         self.call.with(f)
     }
@@ -593,7 +581,8 @@ impl Reply {
 
     /// Carries out what the machine said to end the call early: stop the
     /// reader (if this side still holds it), then answer or reset.
-    async fn carry_out(&mut self, reader: Option<&mut CallReader>, abort: Abort) {
+    /// Returns the status the call ended with.
+    async fn carry_out(&mut self, reader: Option<&mut CallReader>, abort: Abort) -> Status {
         if let (Some(reader), Some(code)) = (reader, abort.stop) {
             reader.stop(code);
         }
@@ -602,6 +591,7 @@ impl Reply {
             (None, Some(code)) => self.reset(code),
             (None, None) => {}
         }
+        abort.status
     }
 
     /// One reply message. An oversized one ends the call with
@@ -689,13 +679,13 @@ impl Reply {
         }
     }
 
-    /// Waits, at most `limit`, until the caller has everything sent on this
-    /// call (QUIC acknowledged it). Closing the connection right after an
-    /// answer would discard what was not yet delivered. Over a byte stream,
-    /// whose writer flushes before it closes, it returns at once.
-    pub async fn delivered(&self, limit: Duration) {
+    /// Waits, at most a second, until the caller has everything sent on
+    /// this call (QUIC acknowledged it). Closing the connection right after
+    /// an answer would discard what was not yet delivered. Over a byte
+    /// stream, whose writer flushes before it closes, it returns at once.
+    pub async fn delivered(&self) {
         if let CallWriter::Quic(_) = &self.send {
-            let _ = tokio::time::timeout(limit, self.send.stopped()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.send.stopped()).await;
         }
     }
 
