@@ -8,13 +8,21 @@
 //! ```text
 //! cargo run --release --example fleet
 //! cargo run --release --example fleet -- --agents 1000
+//! RUST_LOG=brpc=debug cargo run --example fleet -- --stay --admin-token secret
 //! ```
+//!
+//! What an operator wires up on day one is here too: Prometheus metrics on
+//! a loopback HTTP port (`--metrics`, default `127.0.0.1:9464`, at
+//! `/metrics`), a `tracing-subscriber` filtered by `RUST_LOG` (default
+//! `warn`), and with `--stay` the fleet stays up after its story, its
+//! admin service on (`--admin-token`), for `brpcctl` to look at.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use brpc::server::AdminAccess;
 use brpc::tls::DevCertificate;
 use brpc::{BroadcastOptions, Client, ClientState, Server, broadcast};
 use futures_util::StreamExt;
@@ -67,13 +75,16 @@ struct Credentials {
 fn start_server(
     credentials: &Credentials,
     addr: SocketAddr,
+    admin_token: Option<&str>,
 ) -> Result<Server, brpc::server::BindError> {
-    Server::builder()
-        .certificate(
-            vec![credentials.certificate.clone()],
-            credentials.key.clone_key(),
-        )
-        .bind(addr)
+    let mut builder = Server::builder().certificate(
+        vec![credentials.certificate.clone()],
+        credentials.key.clone_key(),
+    );
+    if let Some(token) = admin_token {
+        builder = builder.admin(AdminAccess::new().token(token));
+    }
+    builder.bind(addr)
 }
 
 /// Binds `addr` again after a restart: the old socket closes once the old
@@ -81,10 +92,11 @@ fn start_server(
 async fn restart_server(
     credentials: &Credentials,
     addr: SocketAddr,
+    admin_token: Option<&str>,
 ) -> Result<Server, Box<dyn std::error::Error>> {
     let started = Instant::now();
     loop {
-        match start_server(credentials, addr) {
+        match start_server(credentials, addr, admin_token) {
             Ok(server) => return Ok(server),
             Err(e) if started.elapsed() < Duration::from_secs(10) => {
                 let _ = e;
@@ -192,19 +204,63 @@ struct Args {
     /// How many agents dial the server.
     #[arg(long, default_value_t = 200)]
     agents: usize,
+    /// Where Prometheus scrapes the metrics (`/metrics`); `off` for nowhere.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics: String,
+    /// After the story, keep the server and agents up until Ctrl-C.
+    #[arg(long)]
+    stay: bool,
+    /// Turn the server's admin service on for callers with this token
+    /// (what `brpcctl --token` sends).
+    #[arg(long)]
+    admin_token: Option<String>,
+}
+
+/// Installs the `metrics` recorder that Prometheus scrapes over HTTP at
+/// `addr`, and a `tracing` subscriber filtered by `RUST_LOG`: the lines an
+/// operator adds to a server (README: "Operate a fleet").
+fn observability(metrics: &str) -> Result<Option<SocketAddr>, Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if metrics == "off" {
+        return Ok(None);
+    }
+    let addr: SocketAddr = metrics.parse()?;
+    match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+    {
+        Ok(()) => Ok(Some(addr)),
+        // Another fleet may hold the port: the story goes on without.
+        Err(e) => {
+            eprintln!("metrics not exported on {addr}: {e}");
+            Ok(None)
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let n = <Args as clap::Parser>::parse().agents;
+    let args = <Args as clap::Parser>::parse();
+    let n = args.agents;
+    let admin_token = args.admin_token.as_deref();
+    let metrics = observability(&args.metrics)?;
     let dev = DevCertificate::generate()?;
     let credentials = Credentials {
         certificate: dev.certificate().clone(),
         key: dev.private_key(),
     };
-    let server = start_server(&credentials, "127.0.0.1:0".parse()?)?;
+    let server = start_server(&credentials, "127.0.0.1:0".parse()?, admin_token)?;
     let addr = server.local_addr();
     println!("server listening on {addr}; starting {n} agents");
+    if let Some(metrics) = metrics {
+        println!("metrics: http://{metrics}/metrics");
+    }
 
     // Agents connect concurrently, each on its own endpoint (own UDP socket).
     let connected = Arc::new(AtomicUsize::new(0));
@@ -287,7 +343,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     server.close();
     server.wait_idle().await;
     drop(server);
-    let server = restart_server(&credentials, addr).await?;
+    let server = restart_server(&credentials, addr, admin_token).await?;
     let registry = server.peers().clone();
     let back_bar = bar(&bars, "reconnected", n);
     let back = wait_with_progress(&back_bar, Duration::from_secs(120), || {
@@ -313,6 +369,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let (second_count, second_failures) = broadcast_facts(&server, &bars, "restarted").await;
 
+    if args.stay {
+        stay(&server, &dev, admin_token).await?;
+    }
     for agent in &agents {
         agent.close();
     }
@@ -327,6 +386,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("the fleet did not come through whole; see the tables above".into());
     }
     println!("\nall {n} agents answered before and after the restart");
+    Ok(())
+}
+
+/// Keeps the fleet up until Ctrl-C, saying how to look at it.
+async fn stay(
+    server: &Server,
+    dev: &DevCertificate,
+    admin_token: Option<&str>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let pin = std::env::temp_dir().join(format!("brpc-fleet-{}.pem", std::process::id()));
+    std::fs::write(&pin, dev.certificate_pem())?;
+    println!(
+        "\nstaying up until Ctrl-C; the server's certificate is in {}",
+        pin.display()
+    );
+    match admin_token {
+        Some(token) => println!(
+            "try: brpcctl --server {} --pin {} --token {token} agents",
+            server.local_addr(),
+            pin.display()
+        ),
+        None => println!("(start with --admin-token TOKEN to let brpcctl in)"),
+    }
+    tokio::signal::ctrl_c().await?;
+    let _ = std::fs::remove_file(&pin);
     Ok(())
 }
 

@@ -20,6 +20,7 @@
 
 #![deny(rustdoc::broken_intra_doc_links)]
 
+pub mod admin;
 mod broadcast;
 mod registry;
 mod select;
@@ -27,6 +28,7 @@ mod server;
 mod state;
 mod unix;
 
+pub use admin::AdminAccess;
 pub use broadcast::{BroadcastOptions, BroadcastResult, broadcast};
 pub use brpc_core::{ConnectionId, Peer, Router};
 pub use registry::{PeerEvent, Registry};

@@ -21,6 +21,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use crate::Registry;
+use crate::admin::{Admin, AdminAccess, ServerHandler};
 use crate::state::{Admission, Authorize, Counted, CredentialCheck, Listed, Shared};
 
 /// Why [`Builder::bind`] failed.
@@ -91,6 +92,7 @@ pub struct Builder {
     buffer_total: usize,
     reset_secret: Option<Vec<u8>>,
     unix_check: Option<CredentialCheck>,
+    admin: Option<AdminAccess>,
 }
 
 impl Default for Builder {
@@ -108,6 +110,7 @@ impl Default for Builder {
             buffer_total: brpc_core::conn::DEFAULT_BUFFER_TOTAL,
             reset_secret: None,
             unix_check: None,
+            admin: None,
         }
     }
 }
@@ -229,6 +232,15 @@ impl Builder {
         self
     }
 
+    /// Turns on the admin service (`brpc.admin.v1.Admin` and the relay of
+    /// calls to agents; see [`crate::admin`]) for the connections `access`
+    /// authorises; everyone else gets `PERMISSION_DENIED`. Off by default.
+    /// This is what `brpcctl` talks to.
+    pub fn admin(mut self, access: AdminAccess) -> Self {
+        self.admin = Some(access);
+        self
+    }
+
     /// How far a [`Registry::subscribe`] subscriber may fall behind before it
     /// misses events (default 4096).
     pub fn event_capacity(mut self, events: usize) -> Self {
@@ -345,9 +357,17 @@ impl Builder {
             .as_ref()
             .and_then(|e| e.local_addr().ok())
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let registry = Registry::new(self.event_capacity);
+        let admin = self.admin.map(|access| {
+            Arc::new(Admin {
+                access,
+                registry: registry.clone(),
+            })
+        });
         let shared = Arc::new(Shared {
             endpoint,
-            registry: Registry::new(self.event_capacity),
+            registry,
+            admin,
             shutting_down: AtomicBool::new(false),
             router: self.router,
             hello_timeout: self.hello_timeout,
@@ -761,7 +781,11 @@ async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Count
     let span = tracing::info_span!("brpc.connection", id = %peer.connection_id(), name = peer.name(), %remote);
     async {
         tracing::debug!("peer connected");
-        brpc_core::serve(peer.clone(), shared.router.clone()).await;
+        let handler = ServerHandler {
+            router: shared.router.clone(),
+            admin: shared.admin.clone(),
+        };
+        brpc_core::serve(peer.clone(), handler).await;
         tracing::debug!(reason = ?peer.quic_connection().and_then(quinn::Connection::close_reason), "peer disconnected");
     }
     .instrument(span)

@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     /// The QUIC endpoint (`None`: a server on Unix sockets only).
     pub(crate) endpoint: Option<Endpoint>,
     pub(crate) registry: Registry,
+    /// The admin service, when enabled.
+    pub(crate) admin: Option<Arc<crate::admin::Admin>>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) router: Router,
     pub(crate) hello_timeout: Duration,

@@ -141,7 +141,7 @@ fn streaming_example_streams_both_ways() {
 #[test]
 fn fleet_example_with_200_agents_restarts_and_exits_0() {
     let child = Command::new(example_binary("fleet"))
-        .args(["--agents", "200"])
+        .args(["--agents", "200", "--metrics", "off"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -157,6 +157,69 @@ fn fleet_example_with_200_agents_restarts_and_exits_0() {
         out.contains("all 200 agents answered before and after the restart"),
         "{out}"
     );
+}
+
+/// The fleet example's Prometheus endpoint, scraped over loopback HTTP
+/// while the fleet stays up: brpc's metrics are there with values.
+#[test]
+fn fleet_example_exports_prometheus_metrics() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let metrics = format!("127.0.0.1:{port}");
+    let mut child = KillOnDrop(
+        Command::new(example_binary("fleet"))
+            .args(["--agents", "20", "--stay", "--metrics", &metrics])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut out = String::new();
+    loop {
+        let line = seen
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("the fleet did not come up; output so far:\n{out}"));
+        out += &line;
+        out += "\n";
+        if line.starts_with("staying up") {
+            break;
+        }
+    }
+    assert!(
+        out.contains(&format!("metrics: http://{metrics}/metrics")),
+        "{out}"
+    );
+    let mut stream = std::net::TcpStream::connect(&metrics).expect("connect to the exporter");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    std::io::Write::write_all(
+        &mut stream,
+        format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .expect("request");
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut body).expect("response");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    // 20 agents are connected now; each answered two broadcasts.
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(value("brpc_connected_peers"), 20.0, "{body}");
+    assert!(body.contains("brpc_calls_total{"), "{body}");
+    assert!(value("brpc_calls_total{") >= 40.0, "{body}");
 }
 
 /// README's "Use it in your crate" shows exactly the dependency block and

@@ -11,6 +11,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod admin_relay;
 mod call_window;
 mod cancellation;
 mod deadlines;

@@ -17,6 +17,7 @@ mod options;
 mod outgoing;
 mod peer;
 mod quic;
+mod relay;
 mod transport;
 
 pub use budget::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_BUFFER_TOTAL, MemoryBudget};
@@ -33,6 +34,7 @@ pub use quic::{
     TransportOptions, admit, endpoint, server_transport_config, stable_endpoint_config,
     transport_config,
 };
+pub use relay::relay;
 pub(crate) use transport::{
     BoxFuture, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError, RequestBuilder,
     SendError,

@@ -1,0 +1,358 @@
+//! brpcctl as an operator runs it: a server with the admin service on, two
+//! agents, and the built `brpcctl` binary run as a subprocess against them.
+
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use brpc::core::conn::{RequestBody, ResponseEvent};
+use brpc::core::wire::KeyValue;
+use brpc::server::AdminAccess;
+use brpc::server::admin::{ADMIN_SERVICE, ListAgentsRequest, RELAY_TO};
+use brpc::{Client, Server};
+use bytes::Bytes;
+use prost::Message;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tonic::{Code, Request, Response, Status};
+
+#[allow(missing_docs, clippy::unwrap_used)]
+mod proto {
+    include!(concat!(env!("OUT_DIR"), "/fleet.v1.rs"));
+}
+use proto::agent_server::{Agent, AgentServer};
+use proto::{Facts, FactsRequest};
+
+const TOKEN: &str = "op-token-for-tests";
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// An agent that says who it is.
+struct Named(&'static str);
+
+#[tonic::async_trait]
+impl Agent for Named {
+    async fn facts(&self, _: Request<FactsRequest>) -> Result<Response<Facts>, Status> {
+        Ok(Response::new(Facts {
+            hostname: self.0.into(),
+            os: "linux".into(),
+            cores: 4,
+            load: 0.5,
+        }))
+    }
+}
+
+struct Setup {
+    server: Server,
+    pin: PathBuf,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(tag: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("brpcctl-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    TempDir(dir)
+}
+
+async fn server(tag: &str, admin: bool) -> Setup {
+    let dir = temp_dir(tag);
+    let pin = dir.0.join("server.pem");
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let mut builder = Server::builder()
+        .dev_certificate_file(&pin)
+        .add_service(health);
+    if admin {
+        builder = builder.admin(AdminAccess::new().token(TOKEN));
+    }
+    let server = builder.bind("127.0.0.1:0").expect("bind");
+    Setup {
+        server,
+        pin,
+        _dir: dir,
+    }
+}
+
+async fn agent(setup: &Setup, name: &'static str, region: &str) -> Client {
+    Client::builder()
+        .name(name)
+        .label("region", region)
+        .pin_certificate_file(&setup.pin)
+        .expect("pin")
+        .add_service(AgentServer::new(Named(name)))
+        .connect(setup.server.local_addr().to_string())
+        .await
+        .expect("agent connects")
+}
+
+fn brpcctl(setup: &Setup, token: bool, args: &[&str]) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_brpcctl"));
+    command
+        .arg("--server")
+        .arg(setup.server.local_addr().to_string())
+        .arg("--pin")
+        .arg(&setup.pin)
+        .env_remove("BRPC_ADMIN_TOKEN")
+        .kill_on_drop(true);
+    if token {
+        command.args(["--token", TOKEN]);
+    }
+    command.args(args);
+    command
+}
+
+async fn run(setup: &Setup, args: &[&str]) -> Output {
+    run_with(setup, true, args).await
+}
+
+async fn run_with(setup: &Setup, token: bool, args: &[&str]) -> Output {
+    let output = tokio::time::timeout(LIMIT, brpcctl(setup, token, args).output())
+        .await
+        .expect("brpcctl finished in time")
+        .expect("brpcctl runs");
+    eprintln!(
+        "brpcctl {args:?} -> {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+fn stdout_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+fn agent_proto() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/agent.proto").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_call_watch_and_health_through_brpcctl() {
+    let setup = server("main", true).await;
+    let eu = agent(&setup, "agent-eu", "eu").await;
+    let us = agent(&setup, "agent-us", "us").await;
+
+    // agents: both, with their labels, as JSON.
+    let out = run(&setup, &["agents", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let list: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("agents --json is a JSON array");
+    let mut seen: Vec<(String, String, u64)> = list
+        .iter()
+        .map(|a| {
+            (
+                a["name"].as_str().expect("name").to_owned(),
+                a["labels"]["region"].as_str().expect("label").to_owned(),
+                a["id"].as_u64().expect("id"),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("agent-eu".into(), "eu".into(), eu.connection_id().0),
+            ("agent-us".into(), "us".into(), us.connection_id().0),
+        ]
+    );
+    // The table form names them too, and a label filter picks one.
+    let out = run(&setup, &["agents", "--label", "region=eu"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(
+        table.contains("agent-eu") && !table.contains("agent-us"),
+        "{table}"
+    );
+
+    // call --label: the us agent only, its reply as JSON.
+    let proto = agent_proto();
+    let out = run(
+        &setup,
+        &[
+            "call",
+            "--label",
+            "region=us",
+            "fleet.v1.Agent/Facts",
+            "--proto",
+            &proto,
+            "-d",
+            "{}",
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let lines = stdout_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["agent"].as_u64(), Some(us.connection_id().0));
+    assert_eq!(lines[0]["code"], "OK");
+    assert_eq!(lines[0]["reply"]["hostname"], "agent-us");
+    assert_eq!(lines[0]["reply"]["cores"], 4);
+
+    // call --agent: one agent, the reply pretty-printed.
+    let id = eu.connection_id().0.to_string();
+    let out = run(
+        &setup,
+        &[
+            "call",
+            "--agent",
+            &id,
+            "fleet.v1.Agent/Facts",
+            "--proto",
+            &proto,
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON reply");
+    assert_eq!(reply["hostname"], "agent-eu");
+
+    // call --all: one result per agent.
+    let out = run(
+        &setup,
+        &["call", "--all", "fleet.v1.Agent/Facts", "--proto", &proto],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    let mut hosts: Vec<String> = stdout_lines(&out)
+        .iter()
+        .map(|l| {
+            l["reply"]["hostname"]
+                .as_str()
+                .expect("hostname")
+                .to_owned()
+        })
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, ["agent-eu", "agent-us"]);
+
+    // A call to an agent that is not there: NOT_FOUND, exit 3.
+    let out = run(
+        &setup,
+        &[
+            "call",
+            "--agent",
+            "1",
+            "fleet.v1.Agent/Facts",
+            "--proto",
+            &proto,
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
+
+    // watch: a third agent joining is printed.
+    let mut watcher = brpcctl(&setup, true, &["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watch runs");
+    let mut stderr = BufReader::new(watcher.stderr.take().expect("stderr")).lines();
+    let mut stdout = BufReader::new(watcher.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(LIMIT, stderr.next_line())
+        .await
+        .expect("watch says it is watching")
+        .expect("stderr")
+        .expect("a line");
+    assert!(ready.starts_with("watching"), "{ready}");
+    let third = agent(&setup, "agent-ap", "ap").await;
+    let line = tokio::time::timeout(LIMIT, stdout.next_line())
+        .await
+        .expect("an event in time")
+        .expect("stdout")
+        .expect("a line");
+    let event: serde_json::Value = serde_json::from_str(&line).expect("JSON event");
+    assert_eq!(event["event"], "connected");
+    assert_eq!(event["agent"]["name"], "agent-ap");
+    assert_eq!(event["agent"]["id"].as_u64(), Some(third.connection_id().0));
+    drop(watcher);
+
+    // health: SERVING exits 0; an unknown service does not.
+    let out = run(&setup, &["health"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "status: SERVING"
+    );
+    let out = run(&setup, &["health", "no.such.Service"]).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
+
+    // Without the token brpcctl is refused.
+    let out = run_with(&setup, false, &["agents"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"));
+}
+
+/// One raw call on `client`'s connection to the server; its end status.
+async fn raw_call(
+    client: &Client,
+    service: &str,
+    method: &str,
+    metadata: Vec<KeyValue>,
+    message: Bytes,
+) -> Status {
+    let peer = client.peer().expect("connected");
+    let mut call = peer
+        .start_call(
+            service,
+            method,
+            metadata,
+            None,
+            RequestBody::<futures_util::stream::Empty<Result<Bytes, Status>>>::Single(message),
+        )
+        .await
+        .expect("call starts");
+    loop {
+        if let ResponseEvent::End { status, .. } = call.next_event().await {
+            return status;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_is_refused_the_admin_service_and_the_relay() {
+    let setup = server("denied", true).await;
+    let mallory = agent(&setup, "mallory", "eu").await;
+    let victim = agent(&setup, "victim", "eu").await;
+    let list = ListAgentsRequest::default().encode_to_vec().into();
+    let status = raw_call(&mallory, ADMIN_SERVICE, "ListAgents", Vec::new(), list).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // Asking the server to relay to another agent: refused too.
+    let relay = vec![KeyValue {
+        key: RELAY_TO.into(),
+        value: victim.connection_id().0.to_string(),
+    }];
+    let status = raw_call(&mallory, "fleet.v1.Agent", "Facts", relay, Bytes::new()).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // A wrong token is no better than none.
+    let wrong = vec![KeyValue {
+        key: brpc::server::admin::ADMIN_TOKEN.into(),
+        value: "op-token-for-tesTs".into(),
+    }];
+    let list = ListAgentsRequest::default().encode_to_vec().into();
+    let status = raw_call(&mallory, ADMIN_SERVICE, "ListAgents", wrong, list).await;
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_service_is_off_by_default() {
+    let setup = server("off", false).await;
+    let _agent = agent(&setup, "agent", "eu").await;
+    let out = run(&setup, &["agents"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNIMPLEMENTED"));
+    // The server's own services still answer brpcctl.
+    let out = run(&setup, &["health"]).await;
+    assert_eq!(out.status.code(), Some(0));
+}
