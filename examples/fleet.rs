@@ -77,10 +77,14 @@ fn start_server(
     addr: SocketAddr,
     admin_token: Option<&str>,
 ) -> Result<Server, brpc::server::BindError> {
-    let mut builder = Server::builder().certificate(
-        vec![credentials.certificate.clone()],
-        credentials.key.clone_key(),
-    );
+    // The standard gRPC health service, as with tonic (`brpcctl health`).
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let mut builder = Server::builder()
+        .certificate(
+            vec![credentials.certificate.clone()],
+            credentials.key.clone_key(),
+        )
+        .add_service(health);
     if let Some(token) = admin_token {
         builder = builder.admin(AdminAccess::new().token(token));
     }

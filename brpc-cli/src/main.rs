@@ -38,6 +38,17 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 use tonic::Status;
 
+/// Writes a line to standard output. A reader that went away (`brpcctl
+/// agents | head`) ends brpcctl quietly, as it would a C tool.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 /// The label brpcctl announces in Hello, so that listings and broadcasts
 /// leave operators' own connections out.
 const CLI_LABEL: &str = "brpc.cli";
@@ -402,7 +413,7 @@ async fn agents(
     let agents = session.list(&labels).await?;
     if json {
         let list: Vec<_> = agents.iter().map(agent_json).collect();
-        println!("{}", serde_json::Value::Array(list));
+        out!("{}", serde_json::Value::Array(list));
         return Ok(0);
     }
     let now = SystemTime::now();
@@ -473,6 +484,14 @@ async fn watch(
                     eprintln!("brpcctl: an event that does not decode; skipped");
                     continue;
                 };
+                // Operators' own connections (this one's included) come and go: not agents.
+                if event
+                    .agent
+                    .as_ref()
+                    .is_some_and(|a| a.labels.contains_key(CLI_LABEL))
+                {
+                    continue;
+                }
                 print_event(&event, json);
             }
             ResponseEvent::End { status, .. } => {
@@ -502,7 +521,7 @@ fn print_event(event: &AgentEvent, json: bool) {
         if event.missed > 0 {
             line["missed"] = event.missed.into();
         }
-        println!("{line}");
+        out!("{line}");
         return;
     }
     match &event.agent {
@@ -522,9 +541,9 @@ fn print_event(event: &AgentEvent, json: bool) {
             if !event.reason.is_empty() {
                 line += &format!(" ({})", event.reason);
             }
-            println!("{line}");
+            out!("{line}");
         }
-        None => println!("! missed {} events (watching too slowly)", event.missed),
+        None => out!("! missed {} events (watching too slowly)", event.missed),
     }
 }
 
@@ -626,7 +645,7 @@ impl PreparedCall {
                 self.body(),
                 Some(session.timeout),
                 |bytes| match decode_json(&self.output, bytes, &options) {
-                    Ok(json) => println!(
+                    Ok(json) => out!(
                         "{}",
                         serde_json::to_string_pretty(&json).unwrap_or_default()
                     ),
@@ -697,7 +716,7 @@ impl PreparedCall {
             } else if let Some(reply) = replies.into_iter().next() {
                 line["reply"] = reply;
             }
-            println!("{line}");
+            out!("{line}");
         }
         if failed > 0 {
             eprintln!("{failed} of {} agents failed", agents.len());
@@ -792,7 +811,7 @@ async fn health(session: &Session, service: String, agent: Option<u64>) -> Resul
         3 => "SERVICE_UNKNOWN",
         _ => "UNKNOWN",
     };
-    println!("status: {name}");
+    out!("status: {name}");
     Ok(if reply.status == 1 { 0 } else { 4 })
 }
 
@@ -865,7 +884,7 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
             .zip(widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", text.join("  ").trim_end());
+        out!("{}", text.join("  ").trim_end());
     };
     line(header.to_vec());
     for row in rows {

@@ -498,3 +498,87 @@ async fn a_persisted_dev_certificate_survives_restarts_and_a_changed_one_is_name
     assert!(err.to_string().contains("garbage.pem"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The admin service authorises by mutual-TLS identity: an operator whose
+/// certificate names an allowed identity reaches an agent through the
+/// relay with no token; an agent, verified but not allowed, is refused.
+#[tokio::test]
+async fn the_admin_service_answers_an_allowed_mtls_identity_only() {
+    let authority = ca("fleet root");
+    let server_leaf = leaf(
+        &authority,
+        "control plane",
+        vec![dns("localhost")],
+        false,
+        false,
+    );
+    let server = brpc::Server::builder()
+        .certificate(server_leaf.chain.clone(), server_leaf.key.clone_key())
+        .client_ca(roots(&authority))
+        .admin(brpc::server::AdminAccess::new().identity("spiffe://fleet/operator"))
+        .bind("localhost:0")
+        .expect("bind");
+    let connect = |who: Leaf, name: &'static str| {
+        let server = &server;
+        let roots = roots(&authority);
+        async move {
+            brpc::Client::builder()
+                .name(name)
+                .trust_roots(roots)
+                .identity(who.chain, who.key)
+                .add_service(common::echo::echo_server::EchoServer::new(
+                    EchoService::new(name),
+                ))
+                .reconnect(false)
+                .connect(localhost(server))
+                .await
+                .expect("connects")
+        }
+    };
+    let agent_cert = leaf(
+        &authority,
+        "agent-7",
+        vec![dns("agent-7.fleet.local")],
+        true,
+        false,
+    );
+    let operator_cert = leaf(
+        &authority,
+        "alice",
+        vec![SanType::URI(
+            "spiffe://fleet/operator".try_into().expect("uri"),
+        )],
+        true,
+        false,
+    );
+    let agent = connect(agent_cert, "agent-7").await;
+    let operator = connect(operator_cert, "operator").await;
+
+    let relay_to = |target: &brpc::Client| {
+        let id = target.connection_id().0.to_string();
+        move |mut request: tonic::Request<()>| {
+            let value = id.parse().map_err(|_| Status::internal("id"))?;
+            request
+                .metadata_mut()
+                .insert(brpc::server::admin::RELAY_TO, value);
+            Ok(request)
+        }
+    };
+    let mut through = EchoClient::with_interceptor(operator.channel(), relay_to(&agent));
+    let reply = through
+        .unary(EchoRequest {
+            text: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the operator reaches the agent");
+    assert_eq!(reply.get_ref().answered_by, "agent-7");
+
+    // The agent, verified by the same CA but not an allowed identity.
+    let mut back = EchoClient::with_interceptor(agent.channel(), relay_to(&operator));
+    let status = back
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+}
