@@ -204,7 +204,16 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap would exit with 2 for bad arguments; brpcctl's 2 means "cannot
+    // connect", so usage errors exit 1 as documented.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -227,7 +236,9 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
     let timeout = Duration::try_from_secs_f64(cli.connection.timeout)
-        .map_err(|_| Failure::usage("--timeout must be a positive number of seconds"))?;
+        .ok()
+        .filter(|t| !t.is_zero())
+        .ok_or_else(|| Failure::usage("--timeout must be a positive number of seconds"))?;
     // The proto is checked before connecting: a typo should not wait on the network.
     let call = match &cli.command {
         Command::Call(args) => Some(PreparedCall::new(args)?),
@@ -242,17 +253,19 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         token: cli.connection.token.clone(),
         timeout,
     };
-    let code = match cli.command {
-        Command::Agents { labels, json } => agents(&session, labels, json).await?,
-        Command::Watch { labels, json } => watch(&session, labels, json).await?,
+    let outcome = match cli.command {
+        Command::Agents { labels, json } => agents(&session, labels, json).await,
+        Command::Watch { labels, json } => watch(&session, labels, json).await,
         Command::Call(args) => match call {
-            Some(call) => call.run(&session, &args).await?,
-            None => return Err(Failure::usage("internal: call not prepared")),
+            Some(call) => call.run(&session, &args).await,
+            None => Err(Failure::usage("internal: call not prepared")),
         },
-        Command::Health { service, agent } => health(&session, service, agent).await?,
+        Command::Health { service, agent } => health(&session, service, agent).await,
     };
+    // Closed either way, so that the server lets go of the connection now
+    // rather than at its idle timeout.
     client.shutdown(Duration::from_millis(500)).await;
-    Ok(code)
+    outcome
 }
 
 async fn connect(options: &Connection, timeout: Duration) -> Result<Client, Failure> {
@@ -706,6 +719,11 @@ impl PreparedCall {
             if status.code() != tonic::Code::Ok {
                 failed += 1;
                 line["error"] = status.message().into();
+            }
+            let undecodable = replies.iter().any(Result::is_err);
+            if undecodable && status.code() == tonic::Code::Ok {
+                failed += 1;
+                line["error"] = "a reply did not decode as the proto's output message".into();
             }
             let replies: Vec<serde_json::Value> = replies
                 .into_iter()

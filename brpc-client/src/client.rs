@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -531,29 +531,27 @@ impl Builder {
     }
 
     /// Everything up to the first dial: trust, address, local endpoint.
-    async fn prepare<A>(mut self, addr: A) -> Result<Arc<Shared>, ConnectError>
+    async fn prepare<A>(self, addr: A) -> Result<Arc<Shared>, ConnectError>
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
-        let shown = addr.to_string();
+        let server = resolve(addr).await?;
+        self.prepare_all(vec![server])
+    }
+
+    /// [`Builder::prepare`] for several servers, dialled in turn.
+    fn prepare_all(mut self, servers: Vec<QuicServer>) -> Result<Arc<Shared>, ConnectError> {
         let roots = self.roots.clone().ok_or(ConnectError::NoTrust)?;
-        let remote = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|source| ConnectError::Resolve {
-                addr: shown.clone(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| ConnectError::Resolve {
-                addr: shown.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-            })?;
+        let first = servers.first().map_or_else(
+            || SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            |s| s.remote,
+        );
         let crypto = tls::client_crypto_with_identity(roots, self.identity.take())?;
         let mut config = quinn::ClientConfig::new(crypto);
         config.transport_config(brpc_core::conn::transport_config(&self.options.transport));
         let local = self.local_address.unwrap_or_else(|| {
             SocketAddr::new(
-                if remote.is_ipv6() {
+                if first.is_ipv6() {
                     IpAddr::V6(Ipv6Addr::UNSPECIFIED)
                 } else {
                     IpAddr::V4(Ipv4Addr::UNSPECIFIED)
@@ -564,15 +562,64 @@ impl Builder {
         let mut endpoint = brpc_core::conn::endpoint(local, None, &self.options.transport, None)
             .map_err(ConnectError::Endpoint)?;
         endpoint.set_default_client_config(config);
-        let server_name = self
-            .server_name
-            .clone()
-            .unwrap_or_else(|| host_of(&shown).to_owned());
+        let servers = servers
+            .into_iter()
+            .map(|mut server| {
+                if let Some(name) = &self.server_name {
+                    server.server_name.clone_from(name);
+                }
+                server
+            })
+            .collect();
         Ok(self.into_shared(Dial::Quic {
             endpoint,
-            remote,
-            server_name,
+            servers,
+            turn: AtomicUsize::new(0),
         }))
+    }
+
+    /// Like [`Builder::connect`], with several servers that can each serve
+    /// this client (the nodes of a cluster, say): the first that answers
+    /// is used. When the connection is lost, each reconnect attempt dials
+    /// the next server in turn, so a client whose server went away fails
+    /// over to another one. The addresses must be of one family (the
+    /// client has one UDP socket); each is checked against its own host
+    /// name unless [`Builder::server_name`] is set.
+    ///
+    /// # Errors
+    /// [`ConnectError`] of the last server tried when none answered, or the
+    /// first error that trying another server cannot fix (a refusal by the
+    /// server's authorization, say); [`ConnectError::Resolve`] when an
+    /// address does not resolve or none is given.
+    pub async fn connect_any<I>(self, addrs: I) -> Result<Client, ConnectError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let mut servers = Vec::new();
+        for addr in addrs {
+            servers.push(resolve(addr.as_ref()).await?);
+        }
+        if servers.is_empty() {
+            return Err(ConnectError::Resolve {
+                addr: String::new(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no server address given",
+                ),
+            });
+        }
+        let tries = servers.len();
+        let shared = self.prepare_all(servers)?;
+        let mut last = None;
+        for _ in 0..tries {
+            match connect_once(&shared).await {
+                Ok(peer) => return Ok(Client::start(shared, Some(peer))),
+                Err(e) if e.is_final(shared.retry_certificate_mismatch) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(ConnectError::NoTrust))
     }
 
     /// Connects to the brpc server (or plain ttrpc server) listening on the
@@ -626,11 +673,11 @@ impl Builder {
 
 /// Where and how the client dials.
 enum Dial {
-    /// QUIC, with TLS checked against `server_name`.
+    /// QUIC to one of `servers`: the one at `turn` (modulo their number).
     Quic {
         endpoint: Endpoint,
-        remote: SocketAddr,
-        server_name: String,
+        servers: Vec<QuicServer>,
+        turn: AtomicUsize,
     },
     /// A Unix socket (ttrpc over a byte stream).
     Unix(std::path::PathBuf),
@@ -639,13 +686,64 @@ enum Dial {
 impl std::fmt::Display for Dial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Dial::Quic { remote, .. } => write!(f, "{remote}"),
+            Dial::Quic { .. } => match self.server() {
+                Some(server) => write!(f, "{}", server.remote),
+                None => f.write_str("no server"),
+            },
             Dial::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
 }
 
+/// A server a QUIC client may dial, with the name its certificate must carry.
+#[derive(Debug, Clone)]
+struct QuicServer {
+    remote: SocketAddr,
+    server_name: String,
+}
+
+/// `addr` resolved (its first address), with the host name it was given by.
+async fn resolve<A>(addr: A) -> Result<QuicServer, ConnectError>
+where
+    A: tokio::net::ToSocketAddrs + std::fmt::Display,
+{
+    let shown = addr.to_string();
+    let remote = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            addr: shown.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ConnectError::Resolve {
+            addr: shown.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
+    Ok(QuicServer {
+        remote,
+        server_name: host_of(&shown).to_owned(),
+    })
+}
+
 impl Dial {
+    /// The server the next attempt dials (QUIC only).
+    fn server(&self) -> Option<&QuicServer> {
+        match self {
+            Dial::Quic { servers, turn, .. } if !servers.is_empty() => {
+                Some(&servers[turn.load(Ordering::Relaxed) % servers.len()])
+            }
+            _ => None,
+        }
+    }
+
+    /// Moves on to the next server (after a failed attempt or a lost
+    /// connection); nothing changes with one server.
+    fn next_server(&self) {
+        if let Dial::Quic { turn, .. } = self {
+            turn.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn endpoint(&self) -> Option<&Endpoint> {
         match self {
             Dial::Quic { endpoint, .. } => Some(endpoint),
@@ -745,15 +843,31 @@ fn hello(shared: &Shared) -> HelloRequest {
     }
 }
 
+/// A failed attempt moves on to the next server, if there are several.
 async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
+    let result = Box::pin(connect_attempt(shared)).await;
+    if result.is_err() {
+        shared.dial.next_server();
+    }
+    result
+}
+
+async fn connect_attempt(shared: &Shared) -> Result<Peer, ConnectError> {
     let timeout = shared.connect_timeout;
-    let (endpoint, remote, server_name) = match &shared.dial {
-        Dial::Quic {
-            endpoint,
-            remote,
-            server_name,
-        } => (endpoint, *remote, server_name),
-        Dial::Unix(path) => {
+    let (endpoint, remote, server_name) = match (&shared.dial, shared.dial.server()) {
+        (Dial::Quic { endpoint, .. }, Some(server)) => {
+            (endpoint, server.remote, server.server_name.as_str())
+        }
+        (Dial::Quic { .. }, None) => {
+            return Err(ConnectError::Resolve {
+                addr: String::new(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no server address given",
+                ),
+            });
+        }
+        (Dial::Unix(path), _) => {
             let unix_error = |source| ConnectError::Unix {
                 path: path.clone(),
                 source,
@@ -904,6 +1018,8 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
         };
         shared.current.send_replace(None);
         tracing::info!(%reason, "brpc connection lost");
+        // With several servers, the first attempt goes to the next one.
+        shared.dial.next_server();
         if !shared.reconnect || shared.is_closing() || shared.stopping.load(Ordering::SeqCst) {
             shared.state.send_replace(ClientState::Closed { reason });
             return;

@@ -354,12 +354,33 @@ pub fn server_crypto_mtls(
     key: PrivateKeyDer<'static>,
     client_roots: RootCertStore,
 ) -> Result<Arc<QuicServerConfig>, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    server_crypto_client_auth(chain, key, client_roots, true)
+}
+
+/// quinn server crypto verifying client certificates against
+/// `client_roots`; with `required` false a client may also present none
+/// (and then has no identity), but one it presents must verify.
+///
+/// # Errors
+/// [`TlsError`] if rustls refuses the chain, key or roots.
+pub fn server_crypto_client_auth(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_roots: RootCertStore,
+    required: bool,
+) -> Result<Arc<QuicServerConfig>, TlsError> {
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(client_roots),
         crypto_provider(),
-    )
-    .build()
-    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    );
+    let builder = if required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

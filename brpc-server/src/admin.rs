@@ -216,7 +216,7 @@ impl AdminAccess {
     fn token_allowed(&self, metadata: &[KeyValue]) -> bool {
         metadata
             .iter()
-            .filter(|kv| kv.key == ADMIN_TOKEN)
+            .filter(|kv| kv.key.eq_ignore_ascii_case(ADMIN_TOKEN))
             .any(|kv| {
                 self.tokens
                     .iter()
@@ -274,14 +274,16 @@ impl Handler for ServerHandler {
 fn relay_target(call: &Incoming) -> Option<&str> {
     call.metadata
         .iter()
-        .find(|kv| kv.key == RELAY_TO)
+        .find(|kv| kv.key.eq_ignore_ascii_case(RELAY_TO))
         .map(|kv| kv.value.as_str())
 }
 
 impl Admin {
     async fn serve(&self, call: Incoming, reply: &mut Reply) {
         if let Err(status) = self.access.check(&call) {
-            tracing::warn!(
+            // Debug, not warn: a peer repeating refused calls must not be
+            // able to fill the server's logs.
+            tracing::debug!(
                 peer = %call.peer.connection_id(),
                 service = %call.service,
                 method = %call.method,
@@ -301,7 +303,7 @@ impl Admin {
                 Err(status) => reply.status(status).await,
             },
             "Watch" => match decode::<WatchRequest>(&call) {
-                Ok(request) => self.watch(&request, reply).await,
+                Ok(request) => self.watch(&call.peer, &request, reply).await,
                 Err(status) => reply.status(status).await,
             },
             other => {
@@ -339,7 +341,7 @@ impl Admin {
         ListAgentsResponse { agents, next_after }
     }
 
-    async fn watch(&self, request: &WatchRequest, reply: &mut Reply) {
+    async fn watch(&self, call_peer: &Peer, request: &WatchRequest, reply: &mut Reply) {
         let mut events = self.registry.subscribe();
         // An empty header set tells the caller the watch is on: events from
         // here on will reach it.
@@ -352,8 +354,19 @@ impl Admin {
                 .iter()
                 .all(|(k, v)| peer.label(k) == Some(v.as_str()))
         };
+        let peer = call_peer.clone();
         loop {
-            let event = match events.recv().await {
+            let received = tokio::select! {
+                biased;
+                // A graceful shutdown: end the watch cleanly instead of
+                // holding the drain for its whole grace period.
+                () = peer.draining() => {
+                    reply.close().await;
+                    return;
+                }
+                received = events.recv() => received,
+            };
+            let event = match received {
                 Ok(PeerEvent::Connected(peer)) if matches(&peer) => AgentEvent {
                     kind: EVENT_CONNECTED,
                     agent: Some(AgentInfo::of(&peer)),
@@ -404,7 +417,9 @@ impl Admin {
         let metadata: Vec<KeyValue> = call
             .metadata
             .iter()
-            .filter(|kv| kv.key != RELAY_TO && kv.key != ADMIN_TOKEN)
+            .filter(|kv| {
+                !kv.key.eq_ignore_ascii_case(RELAY_TO) && !kv.key.eq_ignore_ascii_case(ADMIN_TOKEN)
+            })
             .cloned()
             .collect();
         tracing::info!(

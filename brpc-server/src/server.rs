@@ -93,6 +93,8 @@ pub struct Builder {
     reset_secret: Option<Vec<u8>>,
     unix_check: Option<CredentialCheck>,
     admin: Option<AdminAccess>,
+    node_id: u16,
+    client_certificate_required: bool,
 }
 
 impl Default for Builder {
@@ -111,6 +113,8 @@ impl Default for Builder {
             reset_secret: None,
             unix_check: None,
             admin: None,
+            node_id: 0,
+            client_certificate_required: true,
         }
     }
 }
@@ -201,6 +205,19 @@ impl Builder {
     /// The verified identity is on the client's [`Peer::identity`].
     pub fn client_ca(mut self, roots: RootCertStore) -> Self {
         self.client_roots = Some(roots);
+        self.client_certificate_required = true;
+        self
+    }
+
+    /// Verifies the certificate a client presents against `roots`, but lets
+    /// clients present none: those connect as usual, with no identity. For
+    /// a server whose agents use no client certificates while some callers
+    /// do (the nodes of a cluster, operators) and are told apart by it
+    /// ([`Peer::identity`], [`AdminAccess::identity`]). A certificate that
+    /// does not verify still fails the handshake.
+    pub fn optional_client_ca(mut self, roots: RootCertStore) -> Self {
+        self.client_roots = Some(roots);
+        self.client_certificate_required = false;
         self
     }
 
@@ -229,6 +246,15 @@ impl Builder {
     /// (`0x05`) and the reason "server at its connection limit".
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections;
+        self
+    }
+
+    /// The node id of this server in a cluster (default 0): the top 16 bits
+    /// of every connection id it assigns, so that ids are unique across the
+    /// cluster's nodes and name the node an agent is connected to
+    /// ([`ConnectionId::node`]). Give every node of a cluster its own.
+    pub fn node_id(mut self, node: u16) -> Self {
+        self.node_id = node;
         self
     }
 
@@ -321,7 +347,9 @@ impl Builder {
             TlsError::Rustls(rustls::Error::General("empty certificate chain".into()))
         })?;
         let crypto = match self.client_roots.take() {
-            Some(roots) => tls::server_crypto_mtls(chain, key, roots)?,
+            Some(roots) => {
+                tls::server_crypto_client_auth(chain, key, roots, self.client_certificate_required)?
+            }
             None => tls::server_crypto(chain, key)?,
         };
         let mut config = quinn::ServerConfig::with_crypto(crypto);
@@ -373,7 +401,9 @@ impl Builder {
             hello_timeout: self.hello_timeout,
             max_hello_size: self.max_hello_size,
             limits: self.options.limits,
-            next_id: AtomicU64::new(first_connection_id()),
+            next_id: AtomicU64::new(
+                (u64::from(self.node_id) << ConnectionId::NODE_SHIFT) | first_connection_id(),
+            ),
             authorize: self.authorize,
             max_connections: self.max_connections,
             connections: Arc::new(AtomicUsize::new(0)),

@@ -25,9 +25,22 @@ use crate::wire::{Call, CallConfig, RequestShape};
 use bytes::Bytes;
 
 /// The id the server assigns to each connection during Hello. Unique for the
-/// life of one server; a reconnecting client gets a new one.
+/// life of one server; a reconnecting client gets a new one. In a cluster the
+/// top 16 bits name the node that assigned it ([`ConnectionId::node`]), so
+/// ids are unique across the cluster and say where the connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionId(pub u64);
+
+impl ConnectionId {
+    /// Bits of the id below the node id.
+    pub const NODE_SHIFT: u32 = 48;
+
+    /// The node that assigned the id (its top 16 bits; 0 for a server
+    /// that was given no node id).
+    pub fn node(self) -> u16 {
+        (self.0 >> Self::NODE_SHIFT) as u16
+    }
+}
 
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -526,6 +539,13 @@ impl Peer {
     /// Whether this side refuses new calls from the peer.
     pub fn is_draining(&self) -> bool {
         *self.shared.draining.borrow()
+    }
+
+    /// Waits until this side starts draining ([`Peer::start_draining`]): how
+    /// a long-lived call it serves (a watch, a subscription) learns to end
+    /// so that a graceful shutdown need not wait out its grace period.
+    pub async fn draining(&self) {
+        let _ = self.shared.draining.subscribe().wait_for(|d| *d).await;
     }
 
     /// Whether the peer announced it is going away (GoAway): new calls to it

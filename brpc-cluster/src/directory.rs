@@ -1,0 +1,476 @@
+//! The directory on Redis. Keys, for cluster `c` and node `n` (all with the
+//! node's TTL, refreshed by its heartbeat):
+//!
+//! - `c:nodes`: a set of node ids that have joined (a reader keeps those
+//!   whose `c:node:n` exists);
+//! - `c:node:n`: the node's address, JSON `{"addr","server_name"}`;
+//! - `c:node:n:agents`: a hash, connection id → JSON `{"name","labels","identity"}`;
+//! - `c:node:n:label:<key length>:<key>=<value>`: a set of the connection ids
+//!   carrying that label (the label index);
+//! - channel `c:events`: JSON `{"event":"connected"|"disconnected","node","id","name","labels"}`.
+//!
+//! One task per node writes (connects and disconnects as they happen, and
+//! the heartbeat); after any failure, or events missed, the next heartbeat
+//! rewrites the node's entries whole, atomically.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use brpc_core::{ConnectionId, Labels, Peer};
+use brpc_server::PeerEvent;
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use tokio::sync::broadcast::Receiver;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::Status;
+
+use crate::{ClusterError, ClusterEvent, Inner, is_agent};
+
+/// Where a node is dialled.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeAddress {
+    pub(crate) addr: String,
+    pub(crate) server_name: String,
+}
+
+/// An agent as the directory lists it.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) id: ConnectionId,
+    pub(crate) name: String,
+    pub(crate) labels: Labels,
+}
+
+pub(crate) struct Directory {
+    client: redis::Client,
+    redis: ConnectionManager,
+    prefix: String,
+    node: u16,
+    ttl: Duration,
+    address: NodeAddress,
+    /// The label keys of this node's index that exist (as far as this node
+    /// wrote them): refreshed by the heartbeat, removed on leaving.
+    label_keys: std::sync::Mutex<HashSet<String>>,
+}
+
+fn unavailable(error: &redis::RedisError) -> Status {
+    Status::unavailable(format!(
+        "the cluster directory (Redis) cannot be reached: {error}; calls to this node's own agents still work"
+    ))
+}
+
+impl Directory {
+    pub(crate) async fn connect(
+        url: &str,
+        cluster: &str,
+        node: u16,
+        ttl: Duration,
+        address: NodeAddress,
+    ) -> Result<Directory, ClusterError> {
+        let client = redis::Client::open(url).map_err(|source| ClusterError::RedisUrl {
+            url: url.to_owned(),
+            source,
+        })?;
+        let unreachable = |source| ClusterError::RedisUnreachable {
+            url: url.to_owned(),
+            source,
+        };
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let mut redis = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unreachable)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut redis)
+            .await
+            .map_err(unreachable)?;
+        Ok(Directory {
+            client,
+            redis,
+            prefix: cluster.to_owned(),
+            node,
+            ttl,
+            address,
+            label_keys: std::sync::Mutex::default(),
+        })
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX)
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    fn node_key(&self, node: u16) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+
+    fn agents_key(&self, node: u16) -> String {
+        format!("{}:node:{node}:agents", self.prefix)
+    }
+
+    fn label_key(&self, node: u16, key: &str, value: &str) -> String {
+        format!(
+            "{}:node:{node}:label:{}:{key}={value}",
+            self.prefix,
+            key.len()
+        )
+    }
+
+    fn events_channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    fn label_keys(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.label_keys.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn address_json(&self) -> String {
+        serde_json::json!({
+            "addr": self.address.addr,
+            "server_name": self.address.server_name,
+        })
+        .to_string()
+    }
+
+    /// Adds the node's own keys (address, membership) to `pipe`, with the TTL.
+    fn heartbeat_into(&self, pipe: &mut redis::Pipeline) {
+        pipe.cmd("SET")
+            .arg(self.node_key(self.node))
+            .arg(self.address_json())
+            .arg("EX")
+            .arg(self.ttl_secs())
+            .ignore();
+        pipe.sadd(self.nodes_key(), self.node).ignore();
+    }
+
+    /// Rewrites this node's entries to be exactly `agents`, atomically.
+    pub(crate) async fn full_sync(&self, agents: &[Peer]) -> Result<(), redis::RedisError> {
+        let ttl = self.ttl_secs();
+        let agents_key = self.agents_key(self.node);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let old: Vec<String> = self.label_keys().iter().cloned().collect();
+        pipe.del(&agents_key).ignore();
+        for key in &old {
+            pipe.del(key).ignore();
+        }
+        let mut new = HashSet::new();
+        for peer in agents {
+            pipe.hset(&agents_key, peer.connection_id().0, entry_json(peer))
+                .ignore();
+            for (k, v) in peer.labels() {
+                let key = self.label_key(self.node, k, v);
+                pipe.sadd(&key, peer.connection_id().0).ignore();
+                new.insert(key);
+            }
+        }
+        pipe.expire(&agents_key, ttl).ignore();
+        for key in &new {
+            pipe.expire(key, ttl).ignore();
+        }
+        self.heartbeat_into(&mut pipe);
+        let mut redis = self.redis.clone();
+        pipe.query_async::<()>(&mut redis).await?;
+        *self.label_keys() = new;
+        Ok(())
+    }
+
+    /// Keeps this node's entries alive for another TTL.
+    async fn refresh(&self) -> Result<(), redis::RedisError> {
+        let ttl = self.ttl_secs();
+        let mut pipe = redis::pipe();
+        pipe.expire(self.agents_key(self.node), ttl).ignore();
+        for key in self.label_keys().iter() {
+            pipe.expire(key, ttl).ignore();
+        }
+        self.heartbeat_into(&mut pipe);
+        let mut redis = self.redis.clone();
+        pipe.query_async(&mut redis).await
+    }
+
+    /// Lists one agent that connected, and tells the cluster.
+    async fn add(&self, peer: &Peer) -> Result<(), redis::RedisError> {
+        let ttl = self.ttl_secs();
+        let agents_key = self.agents_key(self.node);
+        let id = peer.connection_id().0;
+        let mut pipe = redis::pipe();
+        pipe.hset(&agents_key, id, entry_json(peer))
+            .ignore()
+            .expire(&agents_key, ttl)
+            .ignore();
+        let mut keys = Vec::new();
+        for (k, v) in peer.labels() {
+            let key = self.label_key(self.node, k, v);
+            pipe.sadd(&key, id).ignore().expire(&key, ttl).ignore();
+            keys.push(key);
+        }
+        pipe.publish(self.events_channel(), event_json(self.node, peer, true))
+            .ignore();
+        let mut redis = self.redis.clone();
+        pipe.query_async::<()>(&mut redis).await?;
+        self.label_keys().extend(keys);
+        Ok(())
+    }
+
+    /// Unlists one agent that disconnected, and tells the cluster.
+    async fn remove(&self, peer: &Peer) -> Result<(), redis::RedisError> {
+        let id = peer.connection_id().0;
+        let mut pipe = redis::pipe();
+        pipe.hdel(self.agents_key(self.node), id).ignore();
+        for (k, v) in peer.labels() {
+            pipe.srem(self.label_key(self.node, k, v), id).ignore();
+        }
+        pipe.publish(self.events_channel(), event_json(self.node, peer, false))
+            .ignore();
+        let mut redis = self.redis.clone();
+        pipe.query_async(&mut redis).await
+    }
+
+    /// Removes this node and its agents from the directory.
+    pub(crate) async fn remove_node(&self) -> Result<(), redis::RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.del(self.node_key(self.node)).ignore();
+        pipe.del(self.agents_key(self.node)).ignore();
+        for key in self.label_keys().iter() {
+            pipe.del(key).ignore();
+        }
+        pipe.srem(self.nodes_key(), self.node).ignore();
+        let mut redis = self.redis.clone();
+        pipe.query_async(&mut redis).await
+    }
+
+    /// The nodes alive now (their address key exists), with their addresses.
+    pub(crate) async fn live_nodes(&self) -> Result<Vec<(u16, NodeAddress)>, Status> {
+        let mut redis = self.redis.clone();
+        let nodes: BTreeSet<u16> = redis
+            .smembers(self.nodes_key())
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = nodes.iter().map(|n| self.node_key(*n)).collect();
+        let addresses: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(nodes
+            .into_iter()
+            .zip(addresses)
+            .filter_map(|(node, address)| Some((node, parse_address(&address?)?)))
+            .collect())
+    }
+
+    /// Node `node`'s address (if it is alive) and its entry for `id` (if listed).
+    pub(crate) async fn lookup(
+        &self,
+        node: u16,
+        id: ConnectionId,
+    ) -> Result<(Option<NodeAddress>, Option<Entry>), Status> {
+        let mut redis = self.redis.clone();
+        let (address, entry): (Option<String>, Option<String>) = redis::pipe()
+            .get(self.node_key(node))
+            .hget(self.agents_key(node), id.0)
+            .query_async(&mut redis)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok((
+            address.as_deref().and_then(parse_address),
+            entry.as_deref().and_then(|e| parse_entry(id, e)),
+        ))
+    }
+
+    /// Node `node`'s agents with all of `labels`, through its label index.
+    pub(crate) async fn select(
+        &self,
+        node: u16,
+        labels: &[(&str, &str)],
+    ) -> Result<Vec<Entry>, Status> {
+        let mut redis = self.redis.clone();
+        let agents_key = self.agents_key(node);
+        let pairs: Vec<(u64, String)> = if labels.is_empty() {
+            redis
+                .hgetall::<_, Vec<(u64, String)>>(&agents_key)
+                .await
+                .map_err(|e| unavailable(&e))?
+        } else {
+            let keys: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| self.label_key(node, k, v))
+                .collect();
+            let ids: Vec<u64> = redis.sinter(&keys).await.map_err(|e| unavailable(&e))?;
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let entries: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(&agents_key)
+                .arg(&ids)
+                .query_async(&mut redis)
+                .await
+                .map_err(|e| unavailable(&e))?;
+            ids.into_iter()
+                .zip(entries)
+                .filter_map(|(id, e)| Some((id, e?)))
+                .collect()
+        };
+        let mut entries: Vec<Entry> = pairs
+            .into_iter()
+            .filter_map(|(id, json)| parse_entry(ConnectionId(id), &json))
+            .collect();
+        entries.sort_by_key(|e| e.id);
+        Ok(entries)
+    }
+}
+
+fn labels_json(labels: &Labels) -> serde_json::Value {
+    labels
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+fn entry_json(peer: &Peer) -> String {
+    serde_json::json!({
+        "name": peer.name(),
+        "labels": labels_json(peer.labels()),
+        "identity": peer.identity().map(|i| i.subject.clone()).unwrap_or_default(),
+    })
+    .to_string()
+}
+
+fn event_json(node: u16, peer: &Peer, connected: bool) -> String {
+    serde_json::json!({
+        "event": if connected { "connected" } else { "disconnected" },
+        "node": node,
+        "id": peer.connection_id().0,
+        "name": peer.name(),
+        "labels": labels_json(peer.labels()),
+    })
+    .to_string()
+}
+
+fn parse_labels(value: Option<&serde_json::Value>) -> Labels {
+    value
+        .and_then(serde_json::Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parse_entry(id: ConnectionId, json: &str) -> Option<Entry> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(Entry {
+        id,
+        name: value.get("name")?.as_str()?.to_owned(),
+        labels: parse_labels(value.get("labels")),
+    })
+}
+
+fn parse_address(json: &str) -> Option<NodeAddress> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(NodeAddress {
+        addr: value.get("addr")?.as_str()?.to_owned(),
+        server_name: value.get("server_name")?.as_str()?.to_owned(),
+    })
+}
+
+fn parse_event(json: &str) -> Option<ClusterEvent> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(ClusterEvent {
+        connected: value.get("event")?.as_str()? == "connected",
+        node: u16::try_from(value.get("node")?.as_u64()?).ok()?,
+        id: ConnectionId(value.get("id")?.as_u64()?),
+        name: value.get("name")?.as_str()?.to_owned(),
+        labels: parse_labels(value.get("labels")),
+    })
+}
+
+/// The node's writer: this node's connects and disconnects as they happen,
+/// and a heartbeat every third of the TTL. After a failure (Redis away) or
+/// missed events, the next heartbeat rewrites the node's entries whole;
+/// until then changes wait for it.
+pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
+    let directory = &inner.directory;
+    let mut beat = tokio::time::interval(directory.ttl / 3);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stale = false;
+    loop {
+        tokio::select! {
+            event = local.recv() => {
+                let result = match event {
+                    Ok(PeerEvent::Connected(peer)) if is_agent(&peer) && !stale => directory.add(&peer).await,
+                    Ok(PeerEvent::Disconnected { peer, .. }) if is_agent(&peer) && !stale => directory.remove(&peer).await,
+                    Ok(_) => Ok(()),
+                    Err(RecvError::Lagged(_)) => {
+                        stale = true;
+                        Ok(())
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "cluster directory update failed; the next heartbeat rewrites this node's entries");
+                    stale = true;
+                }
+            }
+            _ = beat.tick() => {
+                let result = if stale {
+                    directory.full_sync(&crate::agents_of(&inner.registry)).await
+                } else {
+                    directory.refresh().await
+                };
+                match result {
+                    Ok(()) => {
+                        if stale {
+                            tracing::info!("cluster directory rewritten for this node");
+                        }
+                        stale = false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster heartbeat failed");
+                        stale = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Passes the cluster's events (Redis pub/sub) to [`crate::Cluster::subscribe`]rs,
+/// subscribing again whenever the subscription is lost.
+pub(crate) async fn listen(inner: Arc<Inner>) {
+    let directory = &inner.directory;
+    loop {
+        match directory.client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(directory.events_channel()).await.is_ok() {
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        let Ok(payload) = message.get_payload::<String>() else {
+                            continue;
+                        };
+                        if let Some(event) = parse_event(&payload) {
+                            let _ = inner.events.send(event);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cluster events: Redis not reachable"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,631 @@
+//! brpc-cluster: several brpc servers (nodes) serve one fleet. Each node
+//! registers itself and its agents in a directory on Redis, and any node
+//! can call any agent: a call to an agent on another node goes over a brpc
+//! link to that node, whose admin relay carries it on to the agent frame by
+//! frame (nothing is decoded on the way).
+//!
+//! - Connection ids name their node in the top 16 bits
+//!   ([`ConnectionId::node`]), so routing a call by id needs no lookup.
+//! - The directory holds, per node, its address and its agents (id, name,
+//!   labels, identity) with a label index, all with a TTL the node refreshes
+//!   (default 15 s): a node that dies silently is gone from it within the
+//!   TTL; [`Cluster::leave`] removes it at once. Connects and disconnects
+//!   are published on Redis pub/sub ([`Cluster::subscribe`]).
+//! - Node-to-node links are brpc clients with mutual TLS: each node presents
+//!   a certificate from the cluster CA naming the node identity, which the
+//!   other nodes' admin service authorises.
+//! - [`Cluster::peer`], [`Cluster::select`] and [`Cluster::broadcast`] give
+//!   [`ClusterPeer`]s, whose typed clients (`peer.client(AgentClient::new)`)
+//!   are the same whether the agent is local or not.
+//!
+//! Why the `redis` crate: it is the most used Rust Redis client, kept by
+//! the redis-rs project, and its `ConnectionManager` reconnects on its own,
+//! which is what lets a node ride out a Redis restart.
+//!
+//! ```no_run
+//! # async fn run(tls: brpc_cluster::NodeTls) -> Result<(), Box<dyn std::error::Error>> {
+//! use brpc_cluster::{Cluster, ClusterConfig};
+//! let config = ClusterConfig::new(1, "redis://127.0.0.1:6379/", tls);
+//! let server = config
+//!     .server_builder(brpc::Server::builder())
+//!     .bind("0.0.0.0:4433")?;
+//! let cluster = Cluster::join(&server, config).await?;
+//! for agent in cluster.select(&[("region", "eu")]).await? {
+//!     // let facts = agent.client(AgentClient::new).facts(FactsRequest {}).await?;
+//!     println!("{} on node {}", agent.name(), agent.node());
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The Redis keys are described in README ("Cluster").
+
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod directory;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use brpc_client::Client;
+use brpc_core::{Channel, ConnectionId, Labels, Peer};
+use brpc_server::admin::RELAY_TO;
+use brpc_server::{AdminAccess, BroadcastOptions, Registry, Server};
+use futures_util::StreamExt;
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::broadcast;
+use tonic::Status;
+use tonic::body::Body;
+
+use directory::Directory;
+
+/// The label a node's link announces in Hello (its node id): links are not
+/// agents, and are left out of the directory.
+pub const NODE_LABEL: &str = "brpc.node";
+
+/// How the nodes of a cluster know each other: the cluster CA, and this
+/// node's certificate from it, which must carry `identity` (its common
+/// name, a DNS name or a URI, e.g. `spiffe://fleet/node`) and be valid for
+/// both server and client use.
+pub struct NodeTls {
+    /// Trusted to issue node certificates (and, as agents see it, the
+    /// nodes' server certificates).
+    pub roots: RootCertStore,
+    /// This node's certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Its private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The identity every node certificate carries.
+    pub identity: String,
+}
+
+impl Clone for NodeTls {
+    fn clone(&self) -> Self {
+        NodeTls {
+            roots: self.roots.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            identity: self.identity.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One node's cluster settings.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    name: String,
+    node_id: u16,
+    redis_url: String,
+    advertise: Option<SocketAddr>,
+    server_name: Option<String>,
+    ttl: Duration,
+    tls: NodeTls,
+    admin: AdminAccess,
+}
+
+impl ClusterConfig {
+    /// Node `node_id` (unique in the cluster, not 0) of the cluster whose
+    /// directory is the Redis at `redis_url` (`redis://host:port/`).
+    pub fn new(node_id: u16, redis_url: impl Into<String>, tls: NodeTls) -> Self {
+        ClusterConfig {
+            name: "brpc".into(),
+            node_id,
+            redis_url: redis_url.into(),
+            advertise: None,
+            server_name: None,
+            ttl: Duration::from_secs(15),
+            admin: AdminAccess::new(),
+            tls,
+        }
+    }
+
+    /// The cluster's name, the prefix of its Redis keys (default `brpc`):
+    /// several clusters can share one Redis.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// How long a node's directory entries outlive its last heartbeat
+    /// (default 15 s; heartbeats every third of it).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The address other nodes dial this one at (default: the server's own
+    /// local address, right when it is bound to a specific address).
+    pub fn advertise(mut self, addr: SocketAddr) -> Self {
+        self.advertise = Some(addr);
+        self
+    }
+
+    /// The name other nodes check this node's certificate against (default:
+    /// the advertised IP address).
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Who else may use this node's admin service (operators, brpcctl);
+    /// the other nodes always may.
+    pub fn admin(mut self, access: AdminAccess) -> Self {
+        self.admin = access;
+        self
+    }
+
+    /// What the node's server needs to be part of the cluster: its node id
+    /// (connection ids name it), client certificates verified against the
+    /// cluster CA when presented (nodes present one; agents need not), and
+    /// the admin service open to the other nodes, whose relay carries their
+    /// calls to this node's agents. Replaces an earlier `admin` setting:
+    /// give operators' access to [`ClusterConfig::admin`].
+    pub fn server_builder(&self, builder: brpc_server::Builder) -> brpc_server::Builder {
+        builder
+            .node_id(self.node_id)
+            .certificate(self.tls.chain.clone(), self.tls.key.clone_key())
+            .optional_client_ca(self.tls.roots.clone())
+            .admin(self.admin.clone().identity(self.tls.identity.clone()))
+    }
+}
+
+/// What went wrong joining a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The Redis URL does not parse.
+    #[error("bad Redis URL {url:?}: {source}")]
+    RedisUrl {
+        /// The URL given.
+        url: String,
+        /// What the client said.
+        source: redis::RedisError,
+    },
+    /// Redis did not answer.
+    #[error(
+        "cannot reach the cluster directory at {url}: {source}; start Redis there \
+         (e.g. `redis-server --port 6379`) or fix the URL"
+    )]
+    RedisUnreachable {
+        /// The URL given.
+        url: String,
+        /// What the client said.
+        source: redis::RedisError,
+    },
+    /// Node id 0 is the id of a server outside any cluster.
+    #[error("node id 0 is reserved; give every node of the cluster its own id from 1")]
+    NodeIdZero,
+    /// The server listens on an unspecified address and none was advertised.
+    #[error(
+        "the server listens on {0}, which other nodes cannot dial: set ClusterConfig::advertise"
+    )]
+    NoAdvertiseAddress(SocketAddr),
+}
+
+/// A connect or disconnect anywhere in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterEvent {
+    /// Whether the agent connected (`true`) or disconnected.
+    pub connected: bool,
+    /// The node it is (was) connected to.
+    pub node: u16,
+    /// Its connection id.
+    pub id: ConnectionId,
+    /// Its name.
+    pub name: String,
+    /// Its labels.
+    pub labels: Labels,
+}
+
+/// This node's membership of a cluster. Dropping it stops the heartbeats
+/// (as a crash would: the node's entries expire after the TTL);
+/// [`Cluster::leave`] removes them at once.
+pub struct Cluster {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.inner.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    node_id: u16,
+    registry: Registry,
+    directory: Directory,
+    tls: NodeTls,
+    links: tokio::sync::Mutex<HashMap<u16, Link>>,
+    events: broadcast::Sender<ClusterEvent>,
+}
+
+/// A brpc client to another node.
+struct Link {
+    addr: String,
+    client: Client,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Cluster {
+    /// Joins the cluster as the node `server` runs (built with
+    /// [`ClusterConfig::server_builder`]): registers the node and its
+    /// agents in Redis, keeps them there, and starts listening for the
+    /// other nodes' events.
+    ///
+    /// # Errors
+    /// [`ClusterError`]: Redis unreachable, a bad URL, node id 0, no
+    /// address to advertise.
+    pub async fn join(server: &Server, config: ClusterConfig) -> Result<Cluster, ClusterError> {
+        if config.node_id == 0 {
+            return Err(ClusterError::NodeIdZero);
+        }
+        let advertise = config.advertise.unwrap_or_else(|| server.local_addr());
+        if advertise.ip().is_unspecified() {
+            return Err(ClusterError::NoAdvertiseAddress(advertise));
+        }
+        let server_name = config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| advertise.ip().to_string());
+        let directory = Directory::connect(
+            &config.redis_url,
+            &config.name,
+            config.node_id,
+            config.ttl,
+            directory::NodeAddress {
+                addr: advertise.to_string(),
+                server_name,
+            },
+        )
+        .await?;
+        let (events, _) = broadcast::channel(4096);
+        let inner = Arc::new(Inner {
+            node_id: config.node_id,
+            registry: server.peers().clone(),
+            directory,
+            tls: config.tls,
+            links: tokio::sync::Mutex::default(),
+            events,
+        });
+        // Subscribed before the first sync, so no connect is missed.
+        let local = inner.registry.subscribe();
+        inner
+            .directory
+            .full_sync(&agents_of(&inner.registry))
+            .await
+            .map_err(|source| ClusterError::RedisUnreachable {
+                url: config.redis_url.clone(),
+                source,
+            })?;
+        let tasks = vec![
+            tokio::spawn(directory::keep(inner.clone(), local)),
+            tokio::spawn(directory::listen(inner.clone())),
+        ];
+        tracing::info!(node = config.node_id, %advertise, "joined the cluster");
+        Ok(Cluster { inner, tasks })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u16 {
+        self.inner.node_id
+    }
+
+    /// Leaves the cluster: this node and its agents are removed from the
+    /// directory now (other nodes stop routing to it at once).
+    pub async fn leave(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Err(e) = self.inner.directory.remove_node().await {
+            tracing::warn!(error = %e, "leaving the cluster: could not remove this node from Redis; it expires after the TTL");
+        }
+    }
+
+    /// Connects and disconnects anywhere in the cluster (this node's too),
+    /// as published through Redis.
+    pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// The agent with connection id `id`, wherever it is connected.
+    ///
+    /// # Errors
+    /// `NOT_FOUND` when no node lists it; `UNAVAILABLE` when the directory
+    /// (for an agent of another node) or the link to its node cannot be
+    /// reached.
+    pub async fn peer(&self, id: ConnectionId) -> Result<ClusterPeer, Status> {
+        let node = id.node();
+        if node == self.inner.node_id {
+            return self
+                .inner
+                .registry
+                .get(id)
+                .filter(is_agent)
+                .map(ClusterPeer::local)
+                .ok_or_else(|| not_found(id));
+        }
+        let (address, entry) = self.inner.directory.lookup(node, id).await?;
+        let (Some(address), Some(entry)) = (address, entry) else {
+            return Err(not_found(id));
+        };
+        let link = self.inner.link(node, &address).await?;
+        Ok(ClusterPeer::remote(entry, link))
+    }
+
+    /// Every agent in the cluster with all of `labels` (all agents if
+    /// empty), those of this node first.
+    ///
+    /// # Errors
+    /// `UNAVAILABLE` when the directory cannot be read (this node's agents
+    /// alone are still in [`Server::peers`]).
+    pub async fn select(&self, labels: &[(&str, &str)]) -> Result<Vec<ClusterPeer>, Status> {
+        let mut peers: Vec<ClusterPeer> = self
+            .inner
+            .registry
+            .select_labels(labels.iter().copied())
+            .into_iter()
+            .filter(is_agent)
+            .map(ClusterPeer::local)
+            .collect();
+        for (node, address) in self.inner.directory.live_nodes().await? {
+            if node == self.inner.node_id {
+                continue;
+            }
+            let entries = self.inner.directory.select(node, labels).await?;
+            if entries.is_empty() {
+                continue;
+            }
+            match self.inner.link(node, &address).await {
+                Ok(link) => peers.extend(
+                    entries
+                        .into_iter()
+                        .map(|entry| ClusterPeer::remote(entry, link.clone())),
+                ),
+                Err(status) => {
+                    tracing::warn!(node, %status, "a node's agents are left out: its link is down");
+                }
+            }
+        }
+        Ok(peers)
+    }
+
+    /// Calls `call` on every agent in the cluster with all of `labels`,
+    /// at most `options.concurrency` at once, each within
+    /// `options.timeout`; a result per agent, in the order they finish.
+    ///
+    /// # Errors
+    /// What [`Cluster::select`] fails with.
+    pub async fn broadcast<T, F, Fut>(
+        &self,
+        labels: &[(&str, &str)],
+        options: BroadcastOptions,
+        call: F,
+    ) -> Result<Vec<ClusterResult<T>>, Status>
+    where
+        F: Fn(ClusterPeer) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let peers = self.select(labels).await?;
+        let call = &call;
+        let results = futures_util::stream::iter(peers.into_iter().map(|peer| async move {
+            let started = Instant::now();
+            let (id, name, node) = (peer.id(), peer.name().to_owned(), peer.node());
+            let result = match tokio::time::timeout(options.timeout, call(peer)).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer within the broadcast's {:?}",
+                    options.timeout
+                ))),
+            };
+            ClusterResult {
+                id,
+                name,
+                node,
+                result,
+                elapsed: started.elapsed(),
+            }
+        }))
+        .buffer_unordered(options.concurrency.max(1))
+        .collect()
+        .await;
+        Ok(results)
+    }
+}
+
+/// One agent's outcome of a [`Cluster::broadcast`].
+#[derive(Debug)]
+pub struct ClusterResult<T> {
+    /// The agent's connection id.
+    pub id: ConnectionId,
+    /// Its name.
+    pub name: String,
+    /// The node it is connected to.
+    pub node: u16,
+    /// What the call returned.
+    pub result: Result<T, Status>,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+fn not_found(id: ConnectionId) -> Status {
+    Status::not_found(format!(
+        "no agent with connection id {} in the cluster",
+        id.0
+    ))
+}
+
+/// Peers that are agents: not other nodes' links, not operators' tools.
+fn is_agent(peer: &Peer) -> bool {
+    peer.label(NODE_LABEL).is_none() && peer.label("brpc.cli").is_none()
+}
+
+fn agents_of(registry: &Registry) -> Vec<Peer> {
+    registry.select(is_agent)
+}
+
+impl Inner {
+    /// The link to node `node` at `address`, connecting it if need be.
+    async fn link(&self, node: u16, address: &directory::NodeAddress) -> Result<Channel, Status> {
+        let mut links = self.links.lock().await;
+        if let Some(link) = links.get(&node)
+            && link.addr == address.addr
+            && link.client.peer().is_some_and(|p| p.is_usable())
+        {
+            return Ok(link.client.channel());
+        }
+        let client = Client::builder()
+            .name(format!("brpc-node-{}", self.node_id))
+            .label(NODE_LABEL, self.node_id.to_string())
+            .trust_roots(self.tls.roots.clone())
+            .identity(self.tls.chain.clone(), self.tls.key.clone_key())
+            .server_name(address.server_name.clone())
+            .connect_timeout(Duration::from_secs(5))
+            .connect(address.addr.as_str())
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("cannot reach node {node} at {}: {e}", address.addr))
+            })?;
+        let channel = client.channel();
+        links.insert(
+            node,
+            Link {
+                addr: address.addr.clone(),
+                client,
+            },
+        );
+        Ok(channel)
+    }
+}
+
+/// An agent somewhere in the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterPeer {
+    id: ConnectionId,
+    name: String,
+    labels: Labels,
+    route: Route,
+}
+
+#[derive(Debug, Clone)]
+enum Route {
+    /// Connected to this node.
+    Local(Peer),
+    /// Connected to another node, reached over the link to it.
+    Remote(Channel),
+}
+
+impl ClusterPeer {
+    fn local(peer: Peer) -> Self {
+        ClusterPeer {
+            id: peer.connection_id(),
+            name: peer.name().to_owned(),
+            labels: peer.labels().clone(),
+            route: Route::Local(peer),
+        }
+    }
+
+    fn remote(entry: directory::Entry, link: Channel) -> Self {
+        ClusterPeer {
+            id: entry.id,
+            name: entry.name,
+            labels: entry.labels,
+            route: Route::Remote(link),
+        }
+    }
+
+    /// Its connection id.
+    pub fn id(&self) -> ConnectionId {
+        self.id
+    }
+
+    /// The node it is connected to.
+    pub fn node(&self) -> u16 {
+        self.id.node()
+    }
+
+    /// The name it gave in Hello.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The labels it gave in Hello.
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    /// Its handle, when it is connected to this node.
+    pub fn local_peer(&self) -> Option<&Peer> {
+        match &self.route {
+            Route::Local(peer) => Some(peer),
+            Route::Remote(_) => None,
+        }
+    }
+
+    /// A channel to the services it hosts.
+    pub fn channel(&self) -> ClusterChannel {
+        match &self.route {
+            Route::Local(peer) => ClusterChannel {
+                channel: peer.channel(),
+                relay_to: None,
+            },
+            Route::Remote(link) => ClusterChannel {
+                channel: link.clone(),
+                relay_to: http::HeaderValue::from_str(&self.id.0.to_string()).ok(),
+            },
+        }
+    }
+
+    /// A typed client of a service it hosts, e.g.
+    /// `peer.client(AgentClient::new)`, whichever node it is on.
+    pub fn client<C>(&self, make: impl FnOnce(ClusterChannel) -> C) -> C {
+        make(self.channel())
+    }
+}
+
+/// A channel to an agent anywhere in the cluster: its own connection when
+/// it is connected to this node, else the link to its node with the call
+/// marked for the relay. Takes any tonic-generated client.
+#[derive(Debug, Clone)]
+pub struct ClusterChannel {
+    channel: Channel,
+    relay_to: Option<http::HeaderValue>,
+}
+
+impl tower_service::Service<http::Request<Body>> for ClusterChannel {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = <Channel as tower_service::Service<http::Request<Body>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.channel.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if let Some(id) = &self.relay_to {
+            request.headers_mut().insert(RELAY_TO, id.clone());
+        }
+        self.channel.call(request)
+    }
+}

@@ -1,0 +1,549 @@
+//! Three nodes in one process over a real `redis-server` (started here on a
+//! free loopback port; `.ci/run` installs Debian's package), agents on each:
+//! calls from node A reach agents on node C by id and by label, with
+//! metadata, deadlines and cancellation across the hop; a broadcast reaches
+//! every agent; node C dies and its agents move; Redis goes away and comes
+//! back.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use brpc::{Client, ConnectionId, Server};
+use brpc_cluster::{Cluster, ClusterConfig, ClusterError, NodeTls};
+use brpc_server::BroadcastOptions;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+#[allow(missing_docs, clippy::unwrap_used)]
+mod echo {
+    include!(concat!(env!("OUT_DIR"), "/test.echo.v1.rs"));
+}
+use echo::echo_client::EchoClient;
+use echo::echo_server::{Echo, EchoServer};
+use echo::{EchoReply, EchoRequest, FailRequest, Number, RangeRequest, SleepRequest};
+
+const NODE_IDENTITY: &str = "spiffe://test-cluster/node";
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// A `redis-server` on a free loopback port, stopped when dropped.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("redis-server cannot be started ({e}); install it: apt-get install -y redis-server")
+            });
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < LIMIT, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { port, child }
+    }
+
+    fn start() -> Redis {
+        Redis::start_on(free_tcp_port())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_tcp_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// The cluster CA and a node certificate from it.
+struct Pki {
+    issuer: Issuer<'static, KeyPair>,
+    ca: CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "test cluster CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("self-signed");
+        Pki {
+            ca: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        brpc::tls::pinned_roots(&self.ca).expect("roots")
+    }
+
+    fn node(&self, name: &str) -> NodeTls {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.subject_alt_names = vec![
+            SanType::IpAddress("127.0.0.1".parse().expect("ip")),
+            SanType::URI(NODE_IDENTITY.try_into().expect("uri")),
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        NodeTls {
+            roots: self.roots(),
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            identity: NODE_IDENTITY.into(),
+        }
+    }
+}
+
+/// What an agent's Echo saw.
+#[derive(Default)]
+struct Probe {
+    in_flight: AtomicUsize,
+    dropped: AtomicUsize,
+}
+
+struct Agent {
+    name: String,
+    probe: Arc<Probe>,
+}
+
+struct Running(Arc<Probe>, bool);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.1 {
+            self.0.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+type Replies = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Echo for Agent {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        let trace = request
+            .metadata()
+            .get("x-trace")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let relayed = request.metadata().get("brpc-relay-to").is_some();
+        let r = request.into_inner();
+        Ok(Response::new(EchoReply {
+            text: format!("{}|trace={trace}|relay-key-seen={relayed}", r.text),
+            seq: r.seq,
+            answered_by: self.name.clone(),
+            ..Default::default()
+        }))
+    }
+
+    async fn fail(&self, r: Request<FailRequest>) -> Result<Response<EchoReply>, Status> {
+        let r = r.into_inner();
+        Err(Status::new(Code::from_i32(r.code), r.message))
+    }
+
+    async fn sleep(&self, r: Request<SleepRequest>) -> Result<Response<EchoReply>, Status> {
+        self.probe.in_flight.fetch_add(1, Ordering::SeqCst);
+        let mut running = Running(self.probe.clone(), false);
+        tokio::time::sleep(Duration::from_millis(r.into_inner().millis)).await;
+        running.1 = true;
+        Ok(Response::new(EchoReply::default()))
+    }
+
+    type RangeStream = Replies;
+
+    async fn range(&self, r: Request<RangeRequest>) -> Result<Response<Replies>, Status> {
+        let RangeRequest { from, to } = r.into_inner();
+        let name = self.name.clone();
+        Ok(Response::new(Box::pin(tokio_stream::iter(from..to).map(
+            move |seq| {
+                Ok(EchoReply {
+                    seq,
+                    answered_by: name.clone(),
+                    ..Default::default()
+                })
+            },
+        ))))
+    }
+
+    async fn sum(&self, r: Request<Streaming<Number>>) -> Result<Response<Number>, Status> {
+        let mut input = r.into_inner();
+        let mut value = 0;
+        while let Some(n) = input.next().await {
+            value += n?.value;
+        }
+        Ok(Response::new(Number { value }))
+    }
+
+    type BidiStream = Replies;
+
+    async fn bidi(&self, r: Request<Streaming<EchoRequest>>) -> Result<Response<Replies>, Status> {
+        let name = self.name.clone();
+        Ok(Response::new(Box::pin(r.into_inner().map(move |m| {
+            m.map(|m| EchoReply {
+                seq: m.seq,
+                text: m.text,
+                answered_by: name.clone(),
+                ..Default::default()
+            })
+        }))))
+    }
+
+    async fn sink(&self, _: Request<Streaming<EchoRequest>>) -> Result<Response<Number>, Status> {
+        Err(Status::unimplemented("sink"))
+    }
+}
+
+struct Node {
+    server: Server,
+    cluster: Option<Cluster>,
+}
+
+async fn node(pki: &Pki, id: u16, redis: &Redis, ttl: Duration) -> Node {
+    let config = ClusterConfig::new(id, redis.url(), pki.node(&format!("node-{id}")))
+        .name("test")
+        .ttl(ttl);
+    let server = config
+        .server_builder(Server::builder())
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let cluster = Cluster::join(&server, config).await.expect("joins");
+    Node {
+        server,
+        cluster: Some(cluster),
+    }
+}
+
+impl Node {
+    fn cluster(&self) -> &Cluster {
+        self.cluster.as_ref().expect("in the cluster")
+    }
+}
+
+/// An agent named `name` on the first of `servers` that answers, failing
+/// over to the others in turn.
+async fn agent(pki: &Pki, name: &str, node: &str, servers: &[SocketAddr]) -> (Client, Arc<Probe>) {
+    let probe = Arc::new(Probe::default());
+    let client = Client::builder()
+        .name(name)
+        .label("node", node)
+        .label("agent", name)
+        .trust_roots(pki.roots())
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .add_service(EchoServer::new(Agent {
+            name: name.into(),
+            probe: probe.clone(),
+        }))
+        .connect_any(servers.iter().map(ToString::to_string))
+        .await
+        .expect("agent connects");
+    (client, probe)
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < LIMIT, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_route_calls_broadcast_and_survive_a_node_dying() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(3);
+    let a = node(&pki, 1, &redis, ttl).await;
+    let b = node(&pki, 2, &redis, ttl).await;
+    let mut c = node(&pki, 3, &redis, ttl).await;
+    let (aa, ba, ca) = (
+        a.server.local_addr(),
+        b.server.local_addr(),
+        c.server.local_addr(),
+    );
+    let mut events = a.cluster().subscribe();
+    let (a1, _) = agent(&pki, "a1", "a", &[aa, ba, ca]).await;
+    let (_b1, _) = agent(&pki, "b1", "b", &[ba, ca, aa]).await;
+    let (c1, c1_probe) = agent(&pki, "c1", "c", &[ca, aa, ba]).await;
+    let (_c2, _) = agent(&pki, "c2", "c", &[ca, ba, aa]).await;
+    assert_eq!(c1.connection_id().node(), 3, "ids name their node");
+    assert_eq!(a1.connection_id().node(), 1);
+
+    // Connect events from every node reach A through Redis.
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 4 {
+        let event = tokio::time::timeout(LIMIT, events.recv())
+            .await
+            .expect("events in time")
+            .expect("event");
+        assert!(event.connected);
+        seen.insert((event.node, event.name));
+    }
+    assert!(seen.contains(&(3, "c1".to_owned())), "{seen:?}");
+
+    // From A, c1 by id: unary with metadata; the relay's own key stays on A.
+    let cluster = a.cluster();
+    let c1_peer = cluster.peer(c1.connection_id()).await.expect("c1 found");
+    assert!(c1_peer.local_peer().is_none());
+    assert_eq!((c1_peer.name(), c1_peer.node()), ("c1", 3));
+    let mut echo = c1_peer.client(EchoClient::new);
+    let mut request = Request::new(EchoRequest {
+        text: "hello".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-trace", "t-42".parse().expect("ascii"));
+    let reply = echo.unary(request).await.expect("unary across nodes");
+    assert_eq!(reply.get_ref().answered_by, "c1");
+    assert_eq!(
+        reply.get_ref().text,
+        "hello|trace=t-42|relay-key-seen=false"
+    );
+
+    // By label, and a bidi stream across the hop.
+    let found = cluster.select(&[("agent", "c1")]).await.expect("select");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].id(), c1.connection_id());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut replies = found[0]
+        .client(EchoClient::new)
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("bidi")
+        .into_inner();
+    for seq in 0..3 {
+        tx.send(EchoRequest {
+            seq,
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+        let reply = replies.next().await.expect("reply").expect("ok");
+        assert_eq!((reply.seq, reply.answered_by.as_str()), (seq, "c1"));
+    }
+    drop(tx);
+    assert!(replies.next().await.is_none());
+    let range: Vec<u64> = echo
+        .range(RangeRequest { from: 0, to: 4 })
+        .await
+        .expect("range")
+        .into_inner()
+        .map(|r| r.expect("ok").seq)
+        .collect()
+        .await;
+    assert_eq!(range, [0, 1, 2, 3]);
+    let status = echo
+        .fail(FailRequest {
+            code: Code::AlreadyExists as i32,
+            message: "c1 says so".into(),
+        })
+        .await
+        .expect_err("fails");
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::AlreadyExists, "c1 says so")
+    );
+
+    // A deadline that runs out across the hop: DEADLINE_EXCEEDED, and the
+    // agent's handler is dropped.
+    let mut request = Request::new(SleepRequest { millis: 60_000 });
+    request.set_timeout(Duration::from_millis(300));
+    let status = echo.sleep(request).await.expect_err("times out");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    eventually("c1's handler dropped at the deadline", || async {
+        c1_probe.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    // Cancellation across the hop: the caller drops its call.
+    let mut cancelled = echo.clone();
+    let call = tokio::spawn(async move { cancelled.sleep(SleepRequest { millis: 60_000 }).await });
+    eventually("c1's handler running", || async {
+        c1_probe.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    call.abort();
+    eventually("c1's handler dropped on cancel", || async {
+        c1_probe.dropped.load(Ordering::SeqCst) == 2
+    })
+    .await;
+
+    // A broadcast from A reaches every agent on A, B and C.
+    let results = cluster
+        .broadcast(&[], BroadcastOptions::default(), |peer| async move {
+            let reply = peer
+                .client(EchoClient::new)
+                .unary(EchoRequest::default())
+                .await?;
+            Ok(reply.into_inner().answered_by)
+        })
+        .await
+        .expect("broadcast");
+    let mut answered: Vec<(u16, String)> = results
+        .into_iter()
+        .map(|r| (r.node, r.result.expect("each agent answers")))
+        .collect();
+    answered.sort();
+    assert_eq!(
+        answered,
+        [
+            (1, "a1".to_owned()),
+            (2, "b1".to_owned()),
+            (3, "c1".to_owned()),
+            (3, "c2".to_owned())
+        ]
+    );
+
+    // Node C dies: its heartbeat stops (the Cluster is dropped without
+    // leaving) and its server goes. Its agents' entries expire within the
+    // TTL, the agents fail over to A or B, and calls reach them again.
+    let old_c1 = c1.connection_id();
+    drop(c.cluster.take());
+    c.server.close();
+    let died = Instant::now();
+    eventually("c1 back on another node", || async {
+        matches!(c1.state(), brpc::ClientState::Connected { connection_id } if connection_id.node() != 3)
+    })
+    .await;
+    eventually("node C's entries gone from the directory", || async {
+        cluster
+            .peer(old_c1)
+            .await
+            .is_err_and(|s| s.code() == Code::NotFound)
+            && cluster
+                .select(&[("node", "c")])
+                .await
+                .is_ok_and(|peers| peers.iter().all(|p| p.node() != 3))
+    })
+    .await;
+    assert!(
+        died.elapsed() < ttl + Duration::from_secs(10),
+        "{:?}",
+        died.elapsed()
+    );
+    let moved = cluster.select(&[("agent", "c1")]).await.expect("select");
+    assert_eq!(moved.len(), 1);
+    assert!(moved[0].node() == 1 || moved[0].node() == 2);
+    let reply = moved[0]
+        .client(EchoClient::new)
+        .unary(EchoRequest::default())
+        .await
+        .expect("c1 answers on its new node");
+    assert_eq!(reply.get_ref().answered_by, "c1");
+    let _ = ConnectionId(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_away_at_start_and_while_running() {
+    let pki = Pki::new();
+    // Nothing listens on this port: joining fails, saying what to do.
+    let port = free_tcp_port();
+    let config = ClusterConfig::new(1, format!("redis://127.0.0.1:{port}/"), pki.node("node-1"));
+    let server = config
+        .server_builder(Server::builder())
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let error = Cluster::join(&server, config).await.expect_err("no Redis");
+    assert!(
+        matches!(error, ClusterError::RedisUnreachable { .. }),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("cannot reach the cluster directory"),
+        "{error}"
+    );
+    drop(server);
+
+    let mut redis = Redis::start();
+    let ttl = Duration::from_secs(3);
+    let a = node(&pki, 1, &redis, ttl).await;
+    let b = node(&pki, 2, &redis, ttl).await;
+    let (a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
+    let (b1, _) = agent(&pki, "b1", "b", &[b.server.local_addr()]).await;
+    let cluster = a.cluster();
+    cluster
+        .peer(b1.connection_id())
+        .await
+        .expect("b1 through the directory");
+
+    // Redis goes away: calls to A's own agents still work, calls that need
+    // the directory fail with UNAVAILABLE.
+    redis.stop();
+    let local = cluster.peer(a1.connection_id()).await.expect("a1 is local");
+    local
+        .client(EchoClient::new)
+        .unary(EchoRequest::default())
+        .await
+        .expect("a local call without Redis");
+    let status = cluster
+        .peer(b1.connection_id())
+        .await
+        .expect_err("the directory is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = cluster
+        .select(&[])
+        .await
+        .expect_err("the directory is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Redis returns (empty: it kept nothing): the nodes write their entries
+    // again, and cluster calls work again.
+    let _redis = Redis::start_on(redis.port);
+    eventually("b1 listed again", || async {
+        cluster.peer(b1.connection_id()).await.is_ok()
+    })
+    .await;
+    let reply = cluster
+        .peer(b1.connection_id())
+        .await
+        .expect("b1")
+        .client(EchoClient::new)
+        .unary(EchoRequest::default())
+        .await
+        .expect("a cluster call after Redis came back");
+    assert_eq!(reply.get_ref().answered_by, "b1");
+}
