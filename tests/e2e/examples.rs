@@ -159,6 +159,31 @@ fn fleet_example_with_200_agents_restarts_and_exits_0() {
     );
 }
 
+/// The cluster example: three nodes over a redis-server it starts itself
+/// (`.ci/run` installs the package), a broadcast across them, node 3 dying.
+#[test]
+fn cluster_example_spans_three_nodes_and_survives_one_dying() {
+    let child = Command::new(example_binary("cluster"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let (ok, out) = output_within(child, Duration::from_secs(120));
+    assert!(ok, "cluster example failed:\n{out}");
+    assert!(
+        out.contains("broadcast from node 1: 12 agents answered"),
+        "{out}"
+    );
+    assert!(
+        out.contains("(node 1: 4, node 2: 4, node 3: 4), 0 failed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("every agent answered, before and after node 3 died"),
+        "{out}"
+    );
+}
+
 /// The fleet example's Prometheus endpoint, scraped over loopback HTTP
 /// while the fleet stays up: brpc's metrics are there with values.
 #[test]
