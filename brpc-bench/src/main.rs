@@ -33,6 +33,7 @@ use brpc::{Client, Server};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 #[allow(missing_docs, clippy::all)]
@@ -115,6 +116,22 @@ enum Caller {
     Direct(proto::echo_brpc::EchoClient),
     Quinn(quinn::Connection),
     Ttrpc(ttrpc_gen::echo_ttrpc::EchoClient),
+    /// Through a node link and the relay of the agent's node (a cluster's
+    /// cross-node call).
+    Relay(EchoClient<InterceptedService<brpc::Channel, RelayTo>>),
+}
+
+/// Marks every call for the relay to one agent.
+#[derive(Clone)]
+struct RelayTo(tonic::metadata::AsciiMetadataValue);
+
+impl tonic::service::Interceptor for RelayTo {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert(brpc::server::admin::RELAY_TO, self.0.clone());
+        Ok(request)
+    }
 }
 
 fn echo_request(payload: &Bytes) -> EchoRequest {
@@ -139,6 +156,7 @@ impl Caller {
                 Caller::Tonic(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Brpc(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Direct(mut c) => echoed(c.unary(echo_request(&payload)).await),
+                Caller::Relay(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Quinn(conn) => quinn_call(&conn, payload).await.map_err(|e| e.to_string()),
                 Caller::Ttrpc(c) => {
                     let mut req = ttrpc_gen::echo::EchoRequest::new();
@@ -314,6 +332,33 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             Running {
                 caller: Caller::Brpc(caller),
                 _guards: vec![Box::new(server), Box::new(client)],
+            }
+        }
+        "brpc-relay" => {
+            // A cluster's cross-node call path: node A's link (a brpc
+            // client presenting the node certificate) to node C, whose admin
+            // relay carries each call on to C's agent; compare brpc-reverse,
+            // node C calling its agent itself. (The directory lookup of
+            // Cluster::peer, one Redis round trip, is not in it.)
+            let node = brpc::tls::DevCertificate::generate_for(["brpc-node"])?;
+            let server = Server::builder()
+                .optional_client_ca(brpc::tls::pinned_roots(node.certificate())?)
+                .admin(brpc::server::AdminAccess::new().identity("brpc-node"))
+                .bind("127.0.0.1:0")?;
+            let agent = Client::builder()
+                .add_service(EchoServer::new(EchoService))
+                .pin_certificate(server.certificate().clone())
+                .connect(server.local_addr())
+                .await?;
+            let link = Client::builder()
+                .identity(vec![node.certificate().clone()], node.private_key())
+                .pin_certificate(server.certificate().clone())
+                .connect(server.local_addr())
+                .await?;
+            let to = RelayTo(agent.connection_id().0.to_string().parse()?);
+            Running {
+                caller: Caller::Relay(EchoClient::with_interceptor(link.channel(), to)),
+                _guards: vec![Box::new(server), Box::new(agent), Box::new(link)],
             }
         }
         "brpc-direct" => {
@@ -1156,7 +1201,7 @@ enum Command {
     },
 }
 
-const STACKS: [&str; 10] = [
+const STACKS: [&str; 11] = [
     "tonic",
     "tonic-tls",
     "quinn",
@@ -1164,6 +1209,7 @@ const STACKS: [&str; 10] = [
     "brpc",
     "brpc-direct",
     "brpc-reverse",
+    "brpc-relay",
     "ttrpc-unix",
     "brpc-unix",
     "brpc-direct-unix",
@@ -1315,6 +1361,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "ttrpc-unix",
             "brpc-direct-unix",
             "brpc-unix",
+            "brpc-reverse",
+            "brpc-relay",
         ] {
             eprintln!("instructions: {stack} ...");
             match instructions_per_call(stack, 3000) {
@@ -1635,7 +1683,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          ## Instructions per call\n\n`valgrind --tool=callgrind` over 3000 and then 6000 16-byte unary calls at c=64 (one-thread runtime, fresh process each), \
          the difference of the two totals divided by 3000: client and server together, user space. brpc-direct is the direct path \
          (brpc-build's dispatcher and client); brpc the tonic path (tonic's generated client and server over `Channel`/`Router`). \
-         raw quinn and ttrpc echo raw bytes (no protobuf).\n\n{instruction_table}\n\
+         raw quinn and ttrpc echo raw bytes (no protobuf). brpc-reverse is the server calling its agent; brpc-relay a cluster's cross-node call (node A's link, node C's relay, C's agent).\n\n{instruction_table}\n\
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
