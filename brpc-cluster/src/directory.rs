@@ -3,7 +3,7 @@
 //!
 //! - `c:nodes`: a set of node ids that have joined (a reader keeps those
 //!   whose `c:node:n` exists);
-//! - `c:node:n`: the node's address, JSON `{"addr","server_name"}`;
+//! - `c:node:n`: the node's address, JSON `{"addr","server_name","identity"}`;
 //! - `c:node:n:agents`: a hash, connection id → JSON `{"name","labels","identity"}`;
 //! - `c:node:n:label:<key length>:<key>=<value>`: a set of the connection ids
 //!   carrying that label (the label index);
@@ -33,6 +33,8 @@ use crate::{ClusterError, ClusterEvent, Inner, is_agent};
 pub(crate) struct NodeAddress {
     pub(crate) addr: String,
     pub(crate) server_name: String,
+    /// The identity its node certificate carries.
+    pub(crate) identity: String,
 }
 
 /// An agent as the directory lists it.
@@ -137,6 +139,7 @@ impl Directory {
         serde_json::json!({
             "addr": self.address.addr,
             "server_name": self.address.server_name,
+            "identity": self.address.identity,
         })
         .to_string()
     }
@@ -386,6 +389,11 @@ fn parse_address(json: &str) -> Option<NodeAddress> {
     Some(NodeAddress {
         addr: value.get("addr")?.as_str()?.to_owned(),
         server_name: value.get("server_name")?.as_str()?.to_owned(),
+        identity: value
+            .get("identity")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
     })
 }
 

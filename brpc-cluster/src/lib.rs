@@ -297,6 +297,7 @@ impl Cluster {
             directory::NodeAddress {
                 addr: advertise.to_string(),
                 server_name,
+                identity: config.tls.identity.clone(),
             },
         )
         .await?;

@@ -546,4 +546,19 @@ async fn redis_away_at_start_and_while_running() {
         .await
         .expect("a cluster call after Redis came back");
     assert_eq!(reply.get_ref().answered_by, "b1");
+
+    // A clean shutdown: node B leaves, and its agents are gone from the
+    // directory at once, not after the TTL.
+    let mut b = b;
+    b.cluster.take().expect("b in the cluster").leave().await;
+    let status = cluster.peer(b1.connection_id()).await.expect_err("b left");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let everyone = cluster.select(&[]).await.expect("select");
+    assert_eq!(
+        everyone
+            .iter()
+            .map(|p| p.name().to_owned())
+            .collect::<Vec<_>>(),
+        ["a1"]
+    );
 }
