@@ -257,7 +257,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{total} agents connected\n");
 
     let cluster = clusters.first().ok_or("node 1 is in the cluster")?;
-    let everyone = cluster.select(&[]).await?;
+    // Each node writes its agents to Redis as they connect: wait until
+    // node 1 sees them all.
+    let started = Instant::now();
+    let everyone = loop {
+        let everyone = cluster.select(&[]).await?;
+        if everyone.len() == total || started.elapsed() > Duration::from_secs(30) {
+            break everyone;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     println!("node 1 sees {} agents in the cluster:", everyone.len());
     for peer in everyone.iter().take(6) {
         println!(

@@ -355,4 +355,9 @@ async fn the_admin_service_is_off_by_default() {
     // The server's own services still answer brpcctl.
     let out = run(&setup, &["health"]).await;
     assert_eq!(out.status.code(), Some(0));
+    // Bad arguments exit 1 (2 is "cannot connect"), before any network.
+    let out = run(&setup, &["agents", "--label", "no-equals-sign"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let out = run(&setup, &["--timeout", "0", "agents"]).await;
+    assert_eq!(out.status.code(), Some(1));
 }

@@ -587,10 +587,11 @@ impl Builder {
     /// name unless [`Builder::server_name`] is set.
     ///
     /// # Errors
-    /// [`ConnectError`] of the last server tried when none answered, or the
-    /// first error that trying another server cannot fix (a refusal by the
-    /// server's authorization, say); [`ConnectError::Resolve`] when an
-    /// address does not resolve or none is given.
+    /// [`ConnectError`] of the last server tried when none of them let this
+    /// client in (each is tried once); [`ConnectError::Resolve`] when an
+    /// address does not resolve or none is given. Later, while
+    /// reconnecting, the client gives up only when every server in a row
+    /// failed with an error retrying cannot fix.
     pub async fn connect_any<I>(self, addrs: I) -> Result<Client, ConnectError>
     where
         I: IntoIterator,
@@ -613,9 +614,10 @@ impl Builder {
         let shared = self.prepare_all(servers)?;
         let mut last = None;
         for _ in 0..tries {
+            // Even an error that retrying cannot fix (a certificate one
+            // server gets wrong, a refusal) leaves the other servers to try.
             match connect_once(&shared).await {
                 Ok(peer) => return Ok(Client::start(shared, Some(peer))),
-                Err(e) if e.is_final(shared.retry_certificate_mismatch) => return Err(e),
                 Err(e) => last = Some(e),
             }
         }
@@ -733,6 +735,14 @@ impl Dial {
                 Some(&servers[turn.load(Ordering::Relaxed) % servers.len()])
             }
             _ => None,
+        }
+    }
+
+    /// How many servers there are to try.
+    fn server_count(&self) -> usize {
+        match self {
+            Dial::Quic { servers, .. } => servers.len().max(1),
+            Dial::Unix(_) => 1,
         }
     }
 
@@ -1041,6 +1051,9 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
 async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
     let mut delays = shared.backoff.build();
     let mut attempt = 0u32;
+    // Errors retrying cannot fix, in a row: with several servers, the
+    // client gives up only once every one of them failed that way.
+    let mut finals = 0;
     let peer = loop {
         if !(immediately && attempt == 0) {
             let delay = delays.next().unwrap_or(Duration::from_secs(5));
@@ -1056,7 +1069,12 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
         };
         match result {
             Ok(peer) => break peer,
-            Err(e) if e.is_final(shared.retry_certificate_mismatch) => {
+            Err(e)
+                if e.is_final(shared.retry_certificate_mismatch) && {
+                    finals += 1;
+                    finals >= shared.dial.server_count()
+                } =>
+            {
                 tracing::warn!(error = %e, "giving up: retrying cannot fix this");
                 shared.state.send_replace(ClientState::Closed {
                     reason: Disconnect::Connect(Arc::new(e)),
@@ -1064,6 +1082,9 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
                 return None;
             }
             Err(e) => {
+                if !e.is_final(shared.retry_certificate_mismatch) {
+                    finals = 0;
+                }
                 tracing::debug!(attempt, error = %e, "reconnect failed");
                 shared.state.send_replace(ClientState::Reconnecting {
                     attempt,

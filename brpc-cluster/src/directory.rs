@@ -2,7 +2,7 @@
 //! node's TTL, refreshed by its heartbeat):
 //!
 //! - `c:nodes`: a set of node ids that have joined (a reader keeps those
-//!   whose `c:node:n` exists);
+//!   whose `c:node:n` exists), with the TTL of the last node's heartbeat;
 //! - `c:node:n`: the node's address, JSON `{"addr","server_name","identity"}`;
 //! - `c:node:n:agents`: a hash, connection id → JSON `{"name","labels","identity"}`;
 //! - `c:node:n:label:<key length>:<key>=<value>`: a set of the connection ids
@@ -103,8 +103,9 @@ impl Directory {
         })
     }
 
-    fn ttl_secs(&self) -> i64 {
-        i64::try_from(self.ttl.as_secs().max(1)).unwrap_or(i64::MAX)
+    /// The TTL in milliseconds (PX / PEXPIRE: a TTL of 1.9 s is not 1 s).
+    fn ttl_ms(&self) -> i64 {
+        i64::try_from(self.ttl.as_millis().max(1000)).unwrap_or(i64::MAX)
     }
 
     fn nodes_key(&self) -> String {
@@ -149,15 +150,18 @@ impl Directory {
         pipe.cmd("SET")
             .arg(self.node_key(self.node))
             .arg(self.address_json())
-            .arg("EX")
-            .arg(self.ttl_secs())
+            .arg("PX")
+            .arg(self.ttl_ms())
             .ignore();
-        pipe.sadd(self.nodes_key(), self.node).ignore();
+        pipe.sadd(self.nodes_key(), self.node)
+            .ignore()
+            .pexpire(self.nodes_key(), self.ttl_ms())
+            .ignore();
     }
 
     /// Rewrites this node's entries to be exactly `agents`, atomically.
     pub(crate) async fn full_sync(&self, agents: &[Peer]) -> Result<(), redis::RedisError> {
-        let ttl = self.ttl_secs();
+        let ttl = self.ttl_ms();
         let agents_key = self.agents_key(self.node);
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -176,9 +180,9 @@ impl Directory {
                 new.insert(key);
             }
         }
-        pipe.expire(&agents_key, ttl).ignore();
+        pipe.pexpire(&agents_key, ttl).ignore();
         for key in &new {
-            pipe.expire(key, ttl).ignore();
+            pipe.pexpire(key, ttl).ignore();
         }
         self.heartbeat_into(&mut pipe);
         let mut redis = self.redis.clone();
@@ -187,22 +191,35 @@ impl Directory {
         Ok(())
     }
 
-    /// Keeps this node's entries alive for another TTL.
-    async fn refresh(&self) -> Result<(), redis::RedisError> {
-        let ttl = self.ttl_secs();
+    /// Keeps this node's entries alive for another TTL: those of `agents`,
+    /// whose label keys are the ones kept (keys no agent has any more are
+    /// left to expire). `Ok(false)`: the node's own key was gone (Redis
+    /// restarted empty, or a heartbeat came later than the TTL), so its
+    /// entries must be written whole.
+    async fn refresh(&self, agents: &[Peer]) -> Result<bool, redis::RedisError> {
+        let ttl = self.ttl_ms();
+        let keys: HashSet<String> = agents
+            .iter()
+            .flat_map(|p| p.labels().iter())
+            .map(|(k, v)| self.label_key(self.node, k, v))
+            .collect();
         let mut pipe = redis::pipe();
-        pipe.expire(self.agents_key(self.node), ttl).ignore();
-        for key in self.label_keys().iter() {
-            pipe.expire(key, ttl).ignore();
+        // First, and read: whether the node's key was still there.
+        pipe.pexpire(self.node_key(self.node), ttl);
+        pipe.pexpire(self.agents_key(self.node), ttl).ignore();
+        for key in &keys {
+            pipe.pexpire(key, ttl).ignore();
         }
         self.heartbeat_into(&mut pipe);
         let mut redis = self.redis.clone();
-        pipe.query_async(&mut redis).await
+        let (alive,): (bool,) = pipe.query_async(&mut redis).await?;
+        *self.label_keys() = keys;
+        Ok(alive)
     }
 
     /// Lists one agent that connected, and tells the cluster.
     async fn add(&self, peer: &Peer) -> Result<(), redis::RedisError> {
-        let ttl = self.ttl_secs();
+        let ttl = self.ttl_ms();
         let agents_key = self.agents_key(self.node);
         let id = peer.connection_id().0;
         let mut pipe = redis::pipe();
@@ -213,7 +230,7 @@ impl Directory {
         let mut keys = Vec::new();
         for (k, v) in peer.labels() {
             let key = self.label_key(self.node, k, v);
-            pipe.sadd(&key, id).ignore().expire(&key, ttl).ignore();
+            pipe.sadd(&key, id).ignore().pexpire(&key, ttl).ignore();
             keys.push(key);
         }
         pipe.publish(self.events_channel(), event_json(self.node, peer, true))
@@ -436,10 +453,15 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
                 }
             }
             _ = beat.tick() => {
+                let agents = crate::agents_of(&inner.registry);
                 let result = if stale {
-                    directory.full_sync(&crate::agents_of(&inner.registry)).await
+                    directory.full_sync(&agents).await
                 } else {
-                    directory.refresh().await
+                    match directory.refresh(&agents).await {
+                        // The node's key was gone: write everything again.
+                        Ok(false) => directory.full_sync(&agents).await,
+                        other => other.map(|_| ()),
+                    }
                 };
                 match result {
                     Ok(()) => {
@@ -460,12 +482,16 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
 
 /// Passes the cluster's events (Redis pub/sub) to [`crate::Cluster::subscribe`]rs,
 /// subscribing again whenever the subscription is lost.
-pub(crate) async fn listen(inner: Arc<Inner>) {
+pub(crate) async fn listen(inner: Arc<Inner>, subscribed: tokio::sync::oneshot::Sender<()>) {
     let directory = &inner.directory;
+    let mut subscribed = Some(subscribed);
     loop {
         match directory.client.get_async_pubsub().await {
             Ok(mut pubsub) => {
                 if pubsub.subscribe(directory.events_channel()).await.is_ok() {
+                    if let Some(subscribed) = subscribed.take() {
+                        let _ = subscribed.send(());
+                    }
                     let mut messages = pubsub.on_message();
                     while let Some(message) = messages.next().await {
                         let Ok(payload) = message.get_payload::<String>() else {

@@ -172,7 +172,10 @@ impl ClusterConfig {
     /// cluster CA when presented (nodes present one; agents need not), and
     /// the admin service open to the other nodes, whose relay carries their
     /// calls to this node's agents. Replaces an earlier `admin` setting:
-    /// give operators' access to [`ClusterConfig::admin`].
+    /// give operators' access to [`ClusterConfig::admin`]. It also replaces
+    /// an earlier `client_ca`: client certificates become optional, checked
+    /// against the cluster CA (agents that must present one need it from
+    /// that CA, and an `authorize` hook to insist on it).
     pub fn server_builder(&self, builder: brpc_server::Builder) -> brpc_server::Builder {
         builder
             .node_id(self.node_id)
@@ -250,14 +253,14 @@ struct Inner {
     registry: Registry,
     directory: Directory,
     tls: NodeTls,
-    links: tokio::sync::Mutex<HashMap<u16, Link>>,
+    links: std::sync::Mutex<HashMap<u16, Link>>,
     events: broadcast::Sender<ClusterEvent>,
 }
 
 /// A brpc client to another node.
 struct Link {
     addr: String,
-    client: Client,
+    client: Arc<Client>,
 }
 
 impl Drop for Cluster {
@@ -307,7 +310,7 @@ impl Cluster {
             registry: server.peers().clone(),
             directory,
             tls: config.tls,
-            links: tokio::sync::Mutex::default(),
+            links: std::sync::Mutex::default(),
             events,
         });
         // Subscribed before the first sync, so no connect is missed.
@@ -320,10 +323,14 @@ impl Cluster {
                 url: config.redis_url.clone(),
                 source,
             })?;
+        let (subscribed, listening) = tokio::sync::oneshot::channel();
         let tasks = vec![
             tokio::spawn(directory::keep(inner.clone(), local)),
-            tokio::spawn(directory::listen(inner.clone())),
+            tokio::spawn(directory::listen(inner.clone(), subscribed)),
         ];
+        // Events from the other nodes reach subscribers from here on (the
+        // subscription is retried in the background if this takes long).
+        let _ = tokio::time::timeout(Duration::from_secs(2), listening).await;
         tracing::info!(node = config.node_id, %advertise, "joined the cluster");
         Ok(Cluster { inner, tasks })
     }
@@ -335,9 +342,12 @@ impl Cluster {
 
     /// Leaves the cluster: this node and its agents are removed from the
     /// directory now (other nodes stop routing to it at once).
-    pub async fn leave(self) {
-        for task in &self.tasks {
+    pub async fn leave(mut self) {
+        // Stopped, and waited for: a heartbeat under way must not write the
+        // node back after it is removed.
+        for task in std::mem::take(&mut self.tasks) {
             task.abort();
+            let _ = task.await;
         }
         if let Err(e) = self.inner.directory.remove_node().await {
             tracing::warn!(error = %e, "leaving the cluster: could not remove this node from Redis; it expires after the TTL");
@@ -390,24 +400,31 @@ impl Cluster {
             .filter(is_agent)
             .map(ClusterPeer::local)
             .collect();
-        for (node, address) in self.inner.directory.live_nodes().await? {
-            if node == self.inner.node_id {
-                continue;
-            }
-            let entries = self.inner.directory.select(node, labels).await?;
-            if entries.is_empty() {
-                continue;
-            }
-            match self.inner.link(node, &address).await {
-                Ok(link) => peers.extend(
-                    entries
-                        .into_iter()
-                        .map(|entry| ClusterPeer::remote(entry, link.clone())),
-                ),
-                Err(status) => {
-                    tracing::warn!(node, %status, "a node's agents are left out: its link is down");
+        let nodes = self.inner.directory.live_nodes().await?;
+        self.inner.prune_links(&nodes);
+        // The other nodes at once: one that is slow to answer (its link
+        // reconnecting) holds up only its own agents.
+        let remote = nodes
+            .into_iter()
+            .filter(|(node, _)| *node != self.inner.node_id)
+            .map(|(node, address)| async move {
+                let entries = self.inner.directory.select(node, labels).await?;
+                if entries.is_empty() {
+                    return Ok::<_, Status>(Vec::new());
                 }
-            }
+                match self.inner.link(node, &address).await {
+                    Ok(link) => Ok(entries
+                        .into_iter()
+                        .map(|entry| ClusterPeer::remote(entry, link.clone()))
+                        .collect()),
+                    Err(status) => {
+                        tracing::warn!(node, %status, "a node's agents are left out: its link is down");
+                        Ok(Vec::new())
+                    }
+                }
+            });
+        for found in futures_util::future::join_all(remote).await {
+            peers.extend(found?);
         }
         Ok(peers)
     }
@@ -487,14 +504,21 @@ fn agents_of(registry: &Registry) -> Vec<Peer> {
 }
 
 impl Inner {
-    /// The link to node `node` at `address`, connecting it if need be.
-    async fn link(&self, node: u16, address: &directory::NodeAddress) -> Result<Channel, Status> {
-        let mut links = self.links.lock().await;
-        if let Some(link) = links.get(&node)
+    /// The link to node `node` at `address`, connecting it if need be. The
+    /// map is locked only to look and to insert, never across a connect, so
+    /// a node that is slow to answer holds up only calls to itself. A link
+    /// is kept while its node keeps its address (the client reconnects by
+    /// itself); a new address replaces it.
+    async fn link(
+        &self,
+        node: u16,
+        address: &directory::NodeAddress,
+    ) -> Result<RemoteLink, Status> {
+        if let Some(link) = self.lock_links().get(&node)
             && link.addr == address.addr
-            && link.client.peer().is_some_and(|p| p.is_usable())
+            && !matches!(link.client.state(), brpc_client::ClientState::Closed { .. })
         {
-            return Ok(link.client.channel());
+            return Ok(RemoteLink::of(&link.client));
         }
         let client = Client::builder()
             .name(format!("brpc-node-{}", self.node_id))
@@ -508,15 +532,51 @@ impl Inner {
             .map_err(|e| {
                 Status::unavailable(format!("cannot reach node {node} at {}: {e}", address.addr))
             })?;
-        let channel = client.channel();
+        let client = Arc::new(client);
+        let mut links = self.lock_links();
+        // Another call may have connected meanwhile: keep the first.
+        if let Some(link) = links.get(&node)
+            && link.addr == address.addr
+            && !matches!(link.client.state(), brpc_client::ClientState::Closed { .. })
+        {
+            return Ok(RemoteLink::of(&link.client));
+        }
         links.insert(
             node,
             Link {
                 addr: address.addr.clone(),
-                client,
+                client: client.clone(),
             },
         );
-        Ok(channel)
+        Ok(RemoteLink::of(&client))
+    }
+
+    /// Drops the links to nodes that are no longer in the directory (calls
+    /// still holding one keep it until they end).
+    fn prune_links(&self, live: &[(u16, directory::NodeAddress)]) {
+        self.lock_links()
+            .retain(|node, _| live.iter().any(|(n, _)| n == node));
+    }
+
+    fn lock_links(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Link>> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A link as a route to an agent: its channel, and the client kept alive
+/// for as long as a peer or channel uses it.
+#[derive(Debug, Clone)]
+struct RemoteLink {
+    channel: Channel,
+    _client: Arc<Client>,
+}
+
+impl RemoteLink {
+    fn of(client: &Arc<Client>) -> Self {
+        RemoteLink {
+            channel: client.channel(),
+            _client: client.clone(),
+        }
     }
 }
 
@@ -534,7 +594,7 @@ enum Route {
     /// Connected to this node.
     Local(Peer),
     /// Connected to another node, reached over the link to it.
-    Remote(Channel),
+    Remote(RemoteLink),
 }
 
 impl ClusterPeer {
@@ -547,7 +607,7 @@ impl ClusterPeer {
         }
     }
 
-    fn remote(entry: directory::Entry, link: Channel) -> Self {
+    fn remote(entry: directory::Entry, link: RemoteLink) -> Self {
         ClusterPeer {
             id: entry.id,
             name: entry.name,
@@ -590,10 +650,12 @@ impl ClusterPeer {
             Route::Local(peer) => ClusterChannel {
                 channel: peer.channel(),
                 relay_to: None,
+                _link: None,
             },
             Route::Remote(link) => ClusterChannel {
-                channel: link.clone(),
+                channel: link.channel.clone(),
                 relay_to: http::HeaderValue::from_str(&self.id.0.to_string()).ok(),
+                _link: Some(link._client.clone()),
             },
         }
     }
@@ -612,6 +674,8 @@ impl ClusterPeer {
 pub struct ClusterChannel {
     channel: Channel,
     relay_to: Option<http::HeaderValue>,
+    /// The link the channel goes over, kept open while the channel lives.
+    _link: Option<Arc<Client>>,
 }
 
 impl tower_service::Service<http::Request<Body>> for ClusterChannel {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use brpc::{Client, ConnectionId, Server};
+use brpc::{Client, Server};
 use brpc_cluster::{Cluster, ClusterConfig, ClusterError, NodeTls};
 use brpc_server::BroadcastOptions;
 use rcgen::{
@@ -410,6 +410,19 @@ async fn three_nodes_route_calls_broadcast_and_survive_a_node_dying() {
     })
     .await;
 
+    // An agent (no node certificate) asking node A to relay to c1: refused.
+    let c1_id = c1.connection_id().0.to_string();
+    let mut sneaky = EchoClient::with_interceptor(a1.channel(), move |mut request: Request<()>| {
+        let id = c1_id.parse().map_err(|_| Status::internal("id"))?;
+        request.metadata_mut().insert("brpc-relay-to", id);
+        Ok(request)
+    });
+    let status = sneaky
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+
     // A broadcast from A reaches every agent on A, B and C.
     let results = cluster
         .broadcast(&[], BroadcastOptions::default(), |peer| async move {
@@ -472,7 +485,6 @@ async fn three_nodes_route_calls_broadcast_and_survive_a_node_dying() {
         .await
         .expect("c1 answers on its new node");
     assert_eq!(reply.get_ref().answered_by, "c1");
-    let _ = ConnectionId(0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,10 +517,10 @@ async fn redis_away_at_start_and_while_running() {
     let (a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
     let (b1, _) = agent(&pki, "b1", "b", &[b.server.local_addr()]).await;
     let cluster = a.cluster();
-    cluster
-        .peer(b1.connection_id())
-        .await
-        .expect("b1 through the directory");
+    eventually("b1 in the directory", || async {
+        cluster.peer(b1.connection_id()).await.is_ok()
+    })
+    .await;
 
     // Redis goes away: calls to A's own agents still work, calls that need
     // the directory fail with UNAVAILABLE.
@@ -546,6 +558,12 @@ async fn redis_away_at_start_and_while_running() {
         .await
         .expect("a cluster call after Redis came back");
     assert_eq!(reply.get_ref().answered_by, "b1");
+    // And the other way: B, which reads nothing itself, wrote A's entries
+    // again too (A's heartbeat found its key gone).
+    eventually("a1 listed again, seen from B", || async {
+        b.cluster().peer(a1.connection_id()).await.is_ok()
+    })
+    .await;
 
     // A clean shutdown: node B leaves, and its agents are gone from the
     // directory at once, not after the TTL.

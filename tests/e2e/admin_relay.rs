@@ -257,3 +257,46 @@ async fn relay_errors_say_what_is_wrong() {
         .expect_err("agent gone");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
 }
+
+/// A graceful shutdown ends an operator's watch cleanly (OK) instead of
+/// holding the drain open for its whole grace period.
+#[tokio::test]
+async fn a_watch_ends_ok_when_the_server_drains() {
+    use brpc::core::conn::{RequestBody, ResponseEvent};
+    use brpc::server::admin::{ADMIN_SERVICE, WatchRequest};
+    use prost::Message;
+
+    let server = std::sync::Arc::new(admin_server());
+    let operator = common::client(&server, "operator").await;
+    let peer = operator.peer().expect("connected");
+    let token = vec![brpc::core::wire::KeyValue {
+        key: ADMIN_TOKEN.into(),
+        value: TOKEN.into(),
+    }];
+    let mut watch = peer
+        .start_call(
+            ADMIN_SERVICE,
+            "Watch",
+            token,
+            None,
+            RequestBody::<futures_util::stream::Empty<Result<bytes::Bytes, tonic::Status>>>::Single(
+                WatchRequest::default().encode_to_vec().into(),
+            ),
+        )
+        .await
+        .expect("watch starts");
+    assert!(matches!(
+        watch.next_event().await,
+        ResponseEvent::Headers(_)
+    ));
+    let draining = server.clone();
+    let shutdown = tokio::spawn(async move { draining.shutdown(Duration::from_secs(3600)).await });
+    match watch.next_event().await {
+        ResponseEvent::End { status, .. } => assert_eq!(status.code(), Code::Ok, "{status:?}"),
+        other => panic!("expected the end of the watch, got {other:?}"),
+    }
+    tokio::time::timeout(Duration::from_secs(60), shutdown)
+        .await
+        .expect("the shutdown did not wait out its grace period")
+        .expect("shutdown task");
+}
