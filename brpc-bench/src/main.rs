@@ -877,9 +877,240 @@ async fn hold_agents(
         }
     }
     println!("ready: {} agents, {failed} gave up", clients.len());
+    // Connection attempts after the first connection (a restart storm's
+    // reconnects): each failed attempt is a Reconnecting state with
+    // attempt > 0, each success one more.
+    let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watchers: Vec<_> = clients
+        .iter()
+        .map(|client| {
+            let mut state = client.watch_state();
+            let attempts = attempts.clone();
+            tokio::spawn(async move {
+                let mut was_connected = true;
+                while state.changed().await.is_ok() {
+                    let now = state.borrow_and_update().clone();
+                    match now {
+                        brpc::ClientState::Reconnecting { attempt, .. } if attempt > 0 => {
+                            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        brpc::ClientState::Connected { .. } if !was_connected => {
+                            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            was_connected = true;
+                        }
+                        brpc::ClientState::Reconnecting { .. } => was_connected = false,
+                        _ => {}
+                    }
+                }
+            })
+        })
+        .collect();
     let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line);
+    let _ = tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await;
+    let gave_up = clients
+        .iter()
+        .filter(|c| matches!(c.state(), brpc::ClientState::Closed { .. }))
+        .count();
+    println!(
+        "attempts: {} gave-up: {gave_up}",
+        attempts.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for watcher in watchers {
+        watcher.abort();
+    }
     Ok(())
+}
+
+/// A restart storm: `n` agents connected to a server in a child process;
+/// that process is killed (SIGKILL: no GoAway, no CONNECTION_CLOSE) and a
+/// new one started on the same address with the same certificate and reset
+/// secret, as a supervisor restarts a crashed server. The agents learn of it
+/// from the new server's stateless resets (answering their next packet:
+/// keep-alive) and reconnect with their backoff. Figures: the time from the
+/// new server's start until every agent is back, the agents' connection
+/// attempts, and the new server process's CPU over that time.
+async fn storm(n: usize) -> Result<String, Box<dyn std::error::Error>> {
+    eprintln!("storm: {n} agents ...");
+    let dir = std::env::temp_dir().join(format!("brpc-storm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let pem = dir.join("server.pem");
+    let (mut server, peers) = storm_server("127.0.0.1:0".parse()?, &pem)?;
+    let addr = wait_for_address(&peers)?;
+    let cert = dir.join("server.der");
+    std::fs::write(&cert, brpc::tls::load_certificate_file(&pem)?)?;
+    let mut children = Vec::new();
+    let mut left = n;
+    let processes = n.div_ceil(AGENTS_PER_PROCESS).max(1);
+    let concurrency = (256 / processes).clamp(16, 64);
+    while left > 0 {
+        let share = left.min(AGENTS_PER_PROCESS);
+        left -= share;
+        let source = agent_source(children.len());
+        children.push(
+            std::process::Command::new(std::env::current_exe()?)
+                .args([
+                    "agents",
+                    &addr.to_string(),
+                    &share.to_string(),
+                    &cert.display().to_string(),
+                    &source.to_string(),
+                    &concurrency.to_string(),
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()?,
+        );
+    }
+    let started = Instant::now();
+    let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
+    while peers.count() < n && started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = peers.count();
+    server.kill()?;
+    let _ = server.wait();
+    let restarted = Instant::now();
+    let (mut server, peers) = storm_server(addr, &pem)?;
+    let limit = Duration::from_secs(120);
+    while peers.count() < before && restarted.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let back_after = restarted.elapsed();
+    let back = peers.count();
+    let cpu = process_cpu_seconds(server.id());
+    let (mut attempts, mut gave_up) = (0u64, 0u64);
+    for mut child in children {
+        drop(child.stdin.take());
+        let output = child.wait_with_output()?;
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let mut words = line.split_whitespace();
+            if words.next() == Some("attempts:") {
+                attempts += words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+                let _ = words.next();
+                gave_up += words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            }
+        }
+    }
+    server.kill()?;
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(format!(
+        "| {n} | {before} | {back} | {:.1} s | {attempts} ({:.2} per agent) | {gave_up} | {:.1} s ({:.0} µs per agent back) |",
+        back_after.as_secs_f64(),
+        attempts as f64 / before.max(1) as f64,
+        cpu,
+        cpu / back.max(1) as f64 * 1e6,
+    ))
+}
+
+/// What a storm server process reports: its address, then its peer count.
+#[derive(Clone, Default)]
+struct Reported {
+    addr: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    peers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Reported {
+    fn count(&self) -> usize {
+        self.peers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+fn wait_for_address(reported: &Reported) -> Result<SocketAddr, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    loop {
+        if let Some(addr) = *reported.addr.lock().map_err(|_| "lock")? {
+            return Ok(addr);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err("the storm server did not start".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts a storm server process on `addr` with the dev certificate kept in
+/// `pem`; a thread follows what it reports.
+fn storm_server(
+    addr: SocketAddr,
+    pem: &std::path::Path,
+) -> Result<(std::process::Child, Reported), Box<dyn std::error::Error>> {
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "storm-server",
+            &addr.to_string(),
+            &pem.display().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let reported = Reported::default();
+    let follow = reported.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.strip_prefix("addr ") {
+                if let (Ok(mut slot), Ok(addr)) = (follow.addr.lock(), addr.parse()) {
+                    *slot = Some(addr);
+                }
+            } else if let Some(count) = line.strip_prefix("peers ") {
+                follow.peers.store(
+                    count.parse().unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+        }
+    });
+    Ok((child, reported))
+}
+
+/// The storm server: binds `addr` (retrying while the killed one's socket
+/// is still there), then prints its peer count every 20 ms.
+async fn serve_storm(
+    addr: SocketAddr,
+    pem: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    raise_descriptor_limit();
+    let started = Instant::now();
+    let server = loop {
+        match Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .dev_certificate_file(pem)
+            .bind(addr)
+        {
+            Ok(server) => break server,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    println!("addr {}", server.local_addr());
+    loop {
+        println!("peers {}", server.peers().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A process's user + system CPU time so far, from /proc (0 if unreadable).
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
 }
 
 /// One fleet run's figures.
@@ -1158,6 +1389,19 @@ enum Command {
         #[arg(required = true)]
         sizes: Vec<usize>,
     },
+    /// Restart storms: N agents connected, the server restarted on the same
+    /// address; one table row per size, nothing written.
+    Storm {
+        /// Agents per run.
+        #[arg(required = true)]
+        sizes: Vec<usize>,
+    },
+    /// (Internal) a storm's server process.
+    #[command(hide = true, name = "storm-server")]
+    StormServer {
+        addr: SocketAddr,
+        pem: std::path::PathBuf,
+    },
     /// (Internal) hold N idle clients of a stack for the memory figure.
     #[command(hide = true)]
     Clients {
@@ -1232,6 +1476,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             source,
             concurrency,
         }) => return hold_agents(addr, n, &cert, source, concurrency).await,
+        Some(Command::StormServer { addr, pem }) => return serve_storm(addr, &pem).await,
+        Some(Command::Storm { sizes }) => {
+            println!(
+                "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm |\n|---:|---:|---:|---:|---:|---:|---:|"
+            );
+            for n in sizes {
+                println!("{}", storm(n).await?);
+            }
+            return Ok(());
+        }
         Some(Command::Fleet { sizes }) => {
             for n in sizes {
                 let f = fleet(n).await?;
