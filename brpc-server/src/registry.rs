@@ -199,6 +199,16 @@ impl<E: Entry> Table<E> {
     }
 }
 
+/// Label pairs of any string types as [`Labels`].
+pub(crate) fn collect<K: Into<String>, V: Into<String>>(
+    labels: impl IntoIterator<Item = (K, V)>,
+) -> Labels {
+    labels
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect()
+}
+
 /// `labels` as the string pairs the table looks up.
 fn pairs(labels: &Labels) -> impl Iterator<Item = (&str, &str)> {
     labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))
@@ -302,7 +312,7 @@ impl Registry {
         K: Into<String>,
         V: Into<String>,
     {
-        let labels = crate::select::collect(labels);
+        let labels = collect(labels);
         self.read().with_labels(pairs(&labels))
     }
 

@@ -18,7 +18,7 @@ use tonic::Status;
 use tonic::body::Body;
 use tower_service::Service;
 
-use crate::registry::{PeerEvent, Registry};
+use crate::registry::{PeerEvent, Registry, collect};
 
 /// Whether `peer` carries every label of `labels` with the same value.
 pub(crate) fn matches(peer: &Peer, labels: &Labels) -> bool {
@@ -92,15 +92,6 @@ impl Registry {
             wait_for_ready: false,
         }
     }
-}
-
-pub(crate) fn collect<K: Into<String>, V: Into<String>>(
-    labels: impl IntoIterator<Item = (K, V)>,
-) -> Labels {
-    labels
-        .into_iter()
-        .map(|(k, v)| (k.into(), v.into()))
-        .collect()
 }
 
 /// Calls a service on whichever connected peer matches a set of labels,
