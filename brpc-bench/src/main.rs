@@ -938,29 +938,7 @@ async fn storm(n: usize) -> Result<String, Box<dyn std::error::Error>> {
     let addr = wait_for_address(&peers)?;
     let cert = dir.join("server.der");
     std::fs::write(&cert, brpc::tls::load_certificate_file(&pem)?)?;
-    let mut children = Vec::new();
-    let mut left = n;
-    let processes = n.div_ceil(AGENTS_PER_PROCESS).max(1);
-    let concurrency = (256 / processes).clamp(16, 64);
-    while left > 0 {
-        let share = left.min(AGENTS_PER_PROCESS);
-        left -= share;
-        let source = agent_source(children.len());
-        children.push(
-            std::process::Command::new(std::env::current_exe()?)
-                .args([
-                    "agents",
-                    &addr.to_string(),
-                    &share.to_string(),
-                    &cert.display().to_string(),
-                    &source.to_string(),
-                    &concurrency.to_string(),
-                ])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()?,
-        );
-    }
+    let children = spawn_agents(addr, n, &cert, true)?;
     let started = Instant::now();
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while peers.count() < n && started.elapsed() < limit {
@@ -1113,6 +1091,50 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// `n` agents of `addr` in child processes of at most [`AGENTS_PER_PROCESS`]
+/// each, pinning the certificate in `cert` (DER), each process dialling
+/// from its own loopback address; with `report`, their standard output
+/// (what they report on exit) is piped back. Closing a child's standard
+/// input ends it.
+fn spawn_agents(
+    addr: SocketAddr,
+    n: usize,
+    cert: &std::path::Path,
+    report: bool,
+) -> Result<Vec<std::process::Child>, Box<dyn std::error::Error>> {
+    let mut children = Vec::new();
+    let mut left = n;
+    let processes = n.div_ceil(AGENTS_PER_PROCESS).max(1);
+    // Handshakes in flight across all agent processes: about 256, however
+    // many processes share them (at 64 each, ten processes' 640 handshakes
+    // at once on two cores made thousands time out).
+    let concurrency = (256 / processes).clamp(16, 64);
+    while left > 0 {
+        let share = left.min(AGENTS_PER_PROCESS);
+        left -= share;
+        let source = agent_source(children.len());
+        children.push(
+            std::process::Command::new(std::env::current_exe()?)
+                .args([
+                    "agents",
+                    &addr.to_string(),
+                    &share.to_string(),
+                    &cert.display().to_string(),
+                    &source.to_string(),
+                    &concurrency.to_string(),
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(if report {
+                    std::process::Stdio::piped()
+                } else {
+                    std::process::Stdio::null()
+                })
+                .spawn()?,
+        );
+    }
+    Ok(children)
+}
+
 /// One fleet run's figures.
 struct Fleet {
     agents: usize,
@@ -1162,32 +1184,7 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = rss_bytes();
     let started = Instant::now();
-    let mut children = Vec::new();
-    let mut left = n;
-    let processes = n.div_ceil(AGENTS_PER_PROCESS).max(1);
-    // Handshakes in flight across all agent processes: about 256, however
-    // many processes share them (at 64 each, ten processes' 640 handshakes
-    // at once on two cores made thousands time out).
-    let concurrency = (256 / processes).clamp(16, 64);
-    while left > 0 {
-        let share = left.min(AGENTS_PER_PROCESS);
-        left -= share;
-        let source = agent_source(children.len());
-        children.push(
-            std::process::Command::new(std::env::current_exe()?)
-                .args([
-                    "agents",
-                    &server.local_addr().to_string(),
-                    &share.to_string(),
-                    &cert.display().to_string(),
-                    &source.to_string(),
-                    &concurrency.to_string(),
-                ])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .spawn()?,
-        );
-    }
+    let children = spawn_agents(server.local_addr(), n, &cert, false)?;
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while server.peers().len() < n && started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -367,6 +367,39 @@ impl Session {
         }
     }
 
+    /// A unary call whose answer is one `M`.
+    async fn unary<M: Message + Default>(
+        &self,
+        service: &str,
+        method: &str,
+        metadata: Vec<KeyValue>,
+        request: &impl Message,
+    ) -> Result<M, Failure> {
+        let mut reply = None;
+        let status = self
+            .call(
+                service,
+                method,
+                metadata,
+                Body::Single(request.encode_to_vec().into()),
+                Some(self.timeout),
+                |bytes| reply = Some(M::decode(bytes)),
+            )
+            .await;
+        if status.code() != tonic::Code::Ok {
+            return Err(Failure::call(&status));
+        }
+        match reply {
+            Some(Ok(reply)) => Ok(reply),
+            Some(Err(e)) => Err(Failure::call(&Status::internal(format!(
+                "{service}/{method} answered a message that does not decode: {e}"
+            )))),
+            None => Err(Failure::call(&Status::internal(format!(
+                "{service}/{method} answered no message"
+            )))),
+        }
+    }
+
     /// Every agent with `labels` (all of them if none), paging through the
     /// admin service; operators' own connections are left out.
     async fn list(&self, labels: &[(String, String)]) -> Result<Vec<AgentInfo>, Failure> {
@@ -378,28 +411,14 @@ impl Session {
                 after,
                 limit: 0,
             };
-            let mut page = None;
-            let status = self
-                .call(
+            let page: ListAgentsResponse = self
+                .unary(
                     ADMIN_SERVICE,
                     "ListAgents",
                     self.admin_metadata(None),
-                    Body::Single(request.encode_to_vec().into()),
-                    Some(self.timeout),
-                    |bytes| page = Some(ListAgentsResponse::decode(bytes)),
+                    &request,
                 )
-                .await;
-            if status.code() != tonic::Code::Ok {
-                return Err(Failure::call(&status));
-            }
-            let page = match page {
-                Some(Ok(page)) => page,
-                _ => {
-                    return Err(Failure::call(&Status::internal(
-                        "ListAgents answered no page",
-                    )));
-                }
-            };
+                .await?;
             agents.extend(
                 page.agents
                     .into_iter()
@@ -413,6 +432,7 @@ impl Session {
     }
 }
 
+#[derive(Clone)]
 enum Body {
     Single(Bytes),
     Stream(Vec<Bytes>),
@@ -633,13 +653,6 @@ impl PreparedCall {
         })
     }
 
-    fn body(&self) -> Body {
-        match &self.body {
-            Body::Single(m) => Body::Single(m.clone()),
-            Body::Stream(ms) => Body::Stream(ms.clone()),
-        }
-    }
-
     async fn run(&self, session: &Session, args: &CallArgs) -> Result<u8, Failure> {
         let options = SerializeOptions::new().skip_default_fields(!args.emit_defaults);
         if args.all || !args.labels.is_empty() {
@@ -655,7 +668,7 @@ impl PreparedCall {
                 &self.service,
                 &self.method,
                 metadata,
-                self.body(),
+                self.body.clone(),
                 Some(session.timeout),
                 |bytes| match decode_json(&self.output, bytes, &options) {
                     Ok(json) => out!(
@@ -700,7 +713,7 @@ impl PreparedCall {
                     &self.service,
                     &self.method,
                     metadata,
-                    self.body(),
+                    self.body.clone(),
                     Some(session.timeout),
                     |bytes| {
                         replies.push(decode_json(&self.output, bytes, options));
@@ -804,25 +817,9 @@ async fn health(session: &Session, service: String, agent: Option<u64>) -> Resul
     } else {
         Vec::new()
     };
-    let mut reply = None;
-    let status = session
-        .call(
-            "grpc.health.v1.Health",
-            "Check",
-            metadata,
-            Body::Single(request.encode_to_vec().into()),
-            Some(session.timeout),
-            |bytes| reply = Some(HealthCheckResponse::decode(bytes)),
-        )
-        .await;
-    if status.code() != tonic::Code::Ok {
-        return Err(Failure::call(&status));
-    }
-    let Some(Ok(reply)) = reply else {
-        return Err(Failure::call(&Status::internal(
-            "the health check answered no message",
-        )));
-    };
+    let reply: HealthCheckResponse = session
+        .unary("grpc.health.v1.Health", "Check", metadata, &request)
+        .await?;
     let name = match reply.status {
         1 => "SERVING",
         2 => "NOT_SERVING",

@@ -354,13 +354,12 @@ impl Admin {
                 .iter()
                 .all(|(k, v)| peer.label(k) == Some(v.as_str()))
         };
-        let peer = call_peer.clone();
         loop {
             let received = tokio::select! {
                 biased;
                 // A graceful shutdown: end the watch cleanly instead of
                 // holding the drain for its whole grace period.
-                () = peer.draining() => {
+                () = call_peer.draining() => {
                     reply.close().await;
                     return;
                 }
