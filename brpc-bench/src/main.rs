@@ -845,22 +845,21 @@ async fn hold_agents(
         .map(|_| {
             let der = der.clone();
             async move {
-                // A handshake can time out while tens of thousands of others
-                // queue on two cores; an agent tries again, as a real one would.
-                let mut attempt = 0;
-                loop {
-                    attempt += 1;
-                    match Client::builder()
+                // A busy server makes a handshake wait, or refuses it; an
+                // agent retries with its backoff, as a real one would.
+                tokio::time::timeout(
+                    Duration::from_secs(600),
+                    Client::builder()
                         .add_service(EchoServer::new(EchoService))
                         .pin_certificate(der.clone())
                         .local_address(SocketAddr::new(source, 0))
-                        .connect(addr)
-                        .await
-                    {
-                        Err(e) if attempt < 5 => eprintln!("agent connect attempt {attempt}: {e}"),
-                        result => break result,
-                    }
-                }
+                        .connect_with_retry(addr),
+                )
+                .await
+                .unwrap_or_else(|_| Err(brpc::ConnectError::Timeout {
+                    addr,
+                    after: Duration::from_secs(600),
+                }))
             }
         })
         .buffer_unordered(concurrency.max(1));

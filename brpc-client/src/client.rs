@@ -112,11 +112,18 @@ pub enum ConnectError {
     },
 }
 
-/// "; what to check" for a certificate failure, or nothing.
+/// "; what to check" for a certificate failure or a refusal, or nothing.
 fn hint(error: &str) -> String {
-    tls::explain_certificate_error(error)
-        .map(|h| format!(" ({h})"))
-        .unwrap_or_default()
+    if let Some(h) = tls::explain_certificate_error(error) {
+        return format!(" ({h})");
+    }
+    // quinn's text for the transport error CONNECTION_REFUSED (0x2).
+    if error.contains("refused to accept a new connection") {
+        return " (the server is busy with other clients' handshakes, or shutting down: \
+                retry later; reconnect does so with its backoff)"
+            .to_owned();
+    }
+    String::new()
 }
 
 impl ConnectError {

@@ -16,6 +16,7 @@ use brpc_core::{
 use quinn::{Endpoint, Incoming, VarInt};
 use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tonic::Status;
 use tracing::Instrument;
@@ -60,6 +61,9 @@ enum Certificate {
     Chain(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
 }
 
+/// Default for [`Builder::max_handshakes`].
+const DEFAULT_MAX_HANDSHAKES: usize = 128;
+
 /// Configures and binds a [`Server`].
 ///
 /// ```no_run
@@ -89,6 +93,7 @@ pub struct Builder {
     client_roots: Option<RootCertStore>,
     authorize: Option<Authorize>,
     max_connections: usize,
+    max_handshakes: usize,
     buffer_total: usize,
     reset_secret: Option<Vec<u8>>,
     unix_check: Option<CredentialCheck>,
@@ -109,6 +114,7 @@ impl Default for Builder {
             client_roots: None,
             authorize: None,
             max_connections: 100_000,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
             buffer_total: brpc_core::conn::DEFAULT_BUFFER_TOTAL,
             reset_secret: None,
             unix_check: None,
@@ -246,6 +252,20 @@ impl Builder {
     /// (`0x05`) and the reason "server at its connection limit".
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections;
+        self
+    }
+
+    /// Most TLS handshakes in progress at once (default 128). A handshake is
+    /// where a new connection costs the server CPU (key exchange, signing);
+    /// when a whole fleet reconnects at once (a restart), starting them all
+    /// would leave each one too little CPU to finish before its client gives
+    /// up and starts again. Further clients wait their turn, in order: up to
+    /// 16 × this many, each for at most half the [`Builder::hello_timeout`].
+    /// A client past that is refused at once with QUIC's `CONNECTION_REFUSED`
+    /// (no handshake, no CPU spent on it) and retries after its backoff.
+    /// Connections already admitted are not affected. At least 1.
+    pub fn max_handshakes(mut self, handshakes: usize) -> Self {
+        self.max_handshakes = handshakes.max(1);
         self
     }
 
@@ -407,6 +427,9 @@ impl Builder {
             authorize: self.authorize,
             max_connections: self.max_connections,
             connections: Arc::new(AtomicUsize::new(0)),
+            handshakes: Arc::new(Semaphore::new(self.max_handshakes)),
+            max_waiting: self.max_handshakes.saturating_mul(16),
+            waiting: Arc::new(AtomicUsize::new(0)),
             transport: self.options.transport,
             buffer_total: self.options.limits.total_budget(self.buffer_total),
             unix_check: self.unix_check,
@@ -656,7 +679,19 @@ async fn accept_loop(shared: Arc<Shared>) {
                     let admitted = shared.connections.fetch_add(1, Ordering::SeqCst) < shared.max_connections;
                     let counted = Counted(shared.connections.clone());
                     if admitted {
-                        connections.spawn(run_connection(shared.clone(), incoming, counted));
+                        match shared.handshakes.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                connections.spawn(run_connection(shared.clone(), incoming, permit, counted));
+                            }
+                            Err(_) if shared.waiting.load(Ordering::SeqCst) < shared.max_waiting => {
+                                let waiting = Counted::new(&shared.waiting);
+                                connections.spawn(wait_for_handshake(shared.clone(), incoming, waiting, counted));
+                            }
+                            Err(_) => {
+                                tracing::debug!(remote = %incoming.remote_address(), "connection refused: too many handshakes waiting");
+                                incoming.refuse();
+                            }
+                        }
                     } else {
                         connections.spawn(turn_away(incoming, shared.max_connections, counted));
                     }
@@ -667,6 +702,29 @@ async fn accept_loop(shared: Arc<Shared>) {
         }
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// A client that arrived while [`Builder::max_handshakes`] handshakes were
+/// in progress: its turn, or refused when it waited half the Hello limit.
+async fn wait_for_handshake(
+    shared: Arc<Shared>,
+    incoming: Incoming,
+    waiting: Counted,
+    counted: Counted,
+) {
+    let turn = tokio::time::timeout(
+        shared.hello_timeout / 2,
+        shared.handshakes.clone().acquire_owned(),
+    )
+    .await;
+    drop(waiting);
+    match turn {
+        Ok(Ok(permit)) => Box::pin(run_connection(shared, incoming, permit, counted)).await,
+        _ => {
+            tracing::debug!(remote = %incoming.remote_address(), "connection refused: no handshake slot within half the Hello limit");
+            incoming.refuse();
+        }
+    }
 }
 
 /// A client over the connection limit: finish the handshake so it can be told
@@ -683,10 +741,17 @@ async fn turn_away(incoming: Incoming, limit: usize, _counted: Counted) {
 
 /// TLS handshake, Hello, admission, listing and the Hello answer: the peer,
 /// listed, or `None` if the client was turned away or went away.
-async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
+/// The handshake permit is given back once the TLS handshake is over.
+async fn admit(
+    shared: &Shared,
+    incoming: Incoming,
+    permit: OwnedSemaphorePermit,
+) -> Option<Listed<'_>> {
     let remote = incoming.remote_address();
     let deadline = tokio::time::Instant::now() + shared.hello_timeout;
-    let connection = match tokio::time::timeout_at(deadline, incoming).await {
+    let handshake = tokio::time::timeout_at(deadline, incoming).await;
+    drop(permit);
+    let connection = match handshake {
         Ok(Ok(connection)) => connection,
         Ok(Err(e)) => {
             let error = e.to_string();
@@ -800,11 +865,16 @@ async fn admit(shared: &Shared, incoming: Incoming) -> Option<Listed<'_>> {
     Some(listed)
 }
 
-async fn run_connection(shared: Arc<Shared>, incoming: Incoming, _counted: Counted) {
+async fn run_connection(
+    shared: Arc<Shared>,
+    incoming: Incoming,
+    permit: OwnedSemaphorePermit,
+    _counted: Counted,
+) {
     let remote = incoming.remote_address();
     // Boxed: the handshake's futures are freed when it ends instead of
     // sizing this task's future for the whole life of the connection.
-    let Some(listed) = Box::pin(admit(&shared, incoming)).await else {
+    let Some(listed) = Box::pin(admit(&shared, incoming, permit)).await else {
         return;
     };
     let peer = listed.peer.clone();

@@ -50,6 +50,12 @@ pub(crate) struct Shared {
     pub(crate) max_connections: usize,
     /// Connections past the accept step and not yet ended.
     pub(crate) connections: Arc<AtomicUsize>,
+    /// Permits for TLS handshakes in progress (`Builder::max_handshakes`).
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// Most connections waiting for a handshake permit.
+    pub(crate) max_waiting: usize,
+    /// Connections waiting for a handshake permit.
+    pub(crate) waiting: Arc<AtomicUsize>,
     pub(crate) transport: TransportOptions,
     /// Inbound bytes being received, across all connections.
     pub(crate) buffer_total: MemoryBudget,
@@ -79,8 +85,17 @@ impl Drop for Listed<'_> {
     }
 }
 
-/// Holds one place in the connection count for as long as it lives.
+/// Holds one place in a count (connections, waiting handshakes) for as
+/// long as it lives.
 pub(crate) struct Counted(pub(crate) Arc<AtomicUsize>);
+
+impl Counted {
+    /// Takes a place in `count`.
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Counted {
+        count.fetch_add(1, Ordering::SeqCst);
+        Counted(count.clone())
+    }
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {

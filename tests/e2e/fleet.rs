@@ -715,3 +715,92 @@ async fn serve_with_shutdown_stops_on_the_signal_with_a_readable_reason() {
         "the server closed the connection (going away, code 0x1): server shutting down"
     );
 }
+
+/// A server with `max_handshakes` and `hello_timeout`, hosting Echo.
+fn bounded_server(max_handshakes: usize, hello_timeout: Duration) -> brpc::Server {
+    brpc::Server::builder()
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .max_handshakes(max_handshakes)
+        .hello_timeout(hello_timeout)
+        .bind("127.0.0.1:0")
+        .expect("bind")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_past_the_handshake_bound_wait_their_turn() {
+    // Two handshakes at a time, thirty clients at once: each waits its
+    // turn (up to 32 may wait) and all are admitted.
+    const N: usize = 30;
+    let server = bounded_server(2, Duration::from_secs(20));
+    let builders = (0..N).map(|i| agent_builder(&server, i, false)).collect();
+    let agents = connect_all(builders, server.local_addr()).await;
+    assert_eq!(server.peers().len(), N);
+    for agent in &agents {
+        let reply = EchoClient::new(agent.channel())
+            .unary(EchoRequest::default())
+            .await
+            .expect("admitted agent calls");
+        assert_eq!(reply.into_inner().answered_by, "server");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_starved() {
+    let server = bounded_server(1, Duration::from_secs(4));
+    let early = common::client(&server, "early").await;
+
+    // A handshake the server starts and the client never finishes (its
+    // datagrams after the first are lost) holds the one slot until the
+    // Hello limit.
+    let relay = common::relay::Relay::start(server.local_addr()).await;
+    relay.pass_from_client(1);
+    let stalled = common::client_builder(&server, "stalled", EchoService::new("stalled"))
+        .connect_timeout(Duration::from_secs(30))
+        .connect(relay.addr());
+    let stalled = tokio::spawn(stalled);
+    eventually(
+        Duration::from_secs(10),
+        "server answered the stalled Initial",
+        || relay.forwarded_from_server() > 0,
+    )
+    .await;
+
+    // The next client waits half the Hello limit for the slot, then is
+    // refused without a handshake and told why.
+    let started = tokio::time::Instant::now();
+    let refused = common::client_builder(&server, "late", EchoService::new("late"))
+        .connect_timeout(Duration::from_secs(30))
+        .connect(server.local_addr())
+        .await
+        .err()
+        .expect("refused while the slot is held");
+    let waited = started.elapsed();
+    assert!(
+        matches!(refused, brpc::client::ConnectError::Handshake(_)),
+        "{refused:?}"
+    );
+    let message = refused.to_string();
+    assert!(message.contains("busy"), "{message}");
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "refused after {waited:?}"
+    );
+
+    // Already admitted agents are served meanwhile.
+    let reply = EchoClient::new(early.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("admitted client served");
+    assert_eq!(reply.into_inner().answered_by, "server");
+
+    // Once the stalled handshake times out, the slot is free again.
+    let after = common::client_builder(&server, "after", EchoService::new("after"))
+        .connect_timeout(Duration::from_secs(30))
+        .connect_with_retry(server.local_addr())
+        .await
+        .expect("admitted once the slot is free");
+    assert!(after.connection_id() != early.connection_id());
+    stalled.abort();
+}
