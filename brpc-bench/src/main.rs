@@ -856,10 +856,12 @@ async fn hold_agents(
                         .connect_with_retry(addr),
                 )
                 .await
-                .unwrap_or_else(|_| Err(brpc::ConnectError::Timeout {
-                    addr,
-                    after: Duration::from_secs(600),
-                }))
+                .unwrap_or_else(|_| {
+                    Err(brpc::ConnectError::Timeout {
+                        addr,
+                        after: Duration::from_secs(600),
+                    })
+                })
             }
         })
         .buffer_unordered(concurrency.max(1));

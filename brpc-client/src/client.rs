@@ -434,6 +434,10 @@ impl Builder {
     }
 
     /// Time allowed for the QUIC/TLS handshake and Hello (default 10 s).
+    /// When attempts that retry (reconnect, [`Builder::connect_with_retry`])
+    /// run out of it, each next one gets twice as long, up to 4× this: a
+    /// server busy with a whole fleet's handshakes finishes the one it
+    /// started instead of seeing it abandoned and started again.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -478,7 +482,7 @@ impl Builder {
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
         let shared = self.prepare(addr).await?;
-        let peer = connect_once(&shared).await?;
+        let peer = connect_once(&shared, shared.connect_timeout).await?;
         Ok(Client::start(shared, Some(peer)))
     }
 
@@ -498,9 +502,12 @@ impl Builder {
         let shared = self.prepare(addr).await?;
         let mut delays = shared.backoff.build();
         let mut attempt = 0u32;
+        let mut timeout = shared.connect_timeout;
         loop {
             attempt += 1;
-            match connect_once(&shared).await {
+            let result = connect_once(&shared, timeout).await;
+            timeout = grown_timeout(&shared, timeout, &result);
+            match result {
                 Ok(peer) => return Ok(Client::start(shared, Some(peer))),
                 Err(e) if e.is_final(shared.retry_certificate_mismatch) => return Err(e),
                 Err(e) => {
@@ -623,7 +630,7 @@ impl Builder {
         for _ in 0..tries {
             // Even an error that retrying cannot fix (a certificate one
             // server gets wrong, a refusal) leaves the other servers to try.
-            match connect_once(&shared).await {
+            match connect_once(&shared, shared.connect_timeout).await {
                 Ok(peer) => return Ok(Client::start(shared, Some(peer))),
                 Err(e) => last = Some(e),
             }
@@ -645,7 +652,7 @@ impl Builder {
         path: impl AsRef<std::path::Path>,
     ) -> Result<Client, ConnectError> {
         let shared = self.into_shared(Dial::Unix(path.as_ref().to_path_buf()));
-        let peer = connect_once(&shared).await?;
+        let peer = connect_once(&shared, shared.connect_timeout).await?;
         Ok(Client::start(shared, Some(peer)))
     }
 
@@ -861,16 +868,33 @@ fn hello(shared: &Shared) -> HelloRequest {
 }
 
 /// A failed attempt moves on to the next server, if there are several.
-async fn connect_once(shared: &Shared) -> Result<Peer, ConnectError> {
-    let result = Box::pin(connect_attempt(shared)).await;
+///
+/// `timeout` bounds the handshake and Hello: the connect timeout, grown by
+/// [`grown_timeout`] after attempts that ran out of time.
+async fn connect_once(shared: &Shared, timeout: Duration) -> Result<Peer, ConnectError> {
+    let result = Box::pin(connect_attempt(shared, timeout)).await;
     if result.is_err() {
         shared.dial.next_server();
     }
     result
 }
 
-async fn connect_attempt(shared: &Shared) -> Result<Peer, ConnectError> {
-    let timeout = shared.connect_timeout;
+/// The time the next attempt gets after one that ended with `result`: a
+/// server so busy that handshakes time out (a fleet reconnecting at once)
+/// gets twice as long each time, up to four times the connect timeout, so
+/// the handshake it started is not thrown away and started again.
+fn grown_timeout(
+    shared: &Shared,
+    timeout: Duration,
+    result: &Result<Peer, ConnectError>,
+) -> Duration {
+    match result {
+        Err(ConnectError::Timeout { .. }) => (timeout * 2).min(shared.connect_timeout * 4),
+        _ => timeout,
+    }
+}
+
+async fn connect_attempt(shared: &Shared, timeout: Duration) -> Result<Peer, ConnectError> {
     let (endpoint, remote, server_name) = match (&shared.dial, shared.dial.server()) {
         (Dial::Quic { endpoint, .. }, Some(server)) => {
             (endpoint, server.remote, server.server_name.as_str())
@@ -1061,6 +1085,7 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
     // Errors retrying cannot fix, in a row: with several servers, the
     // client gives up only once every one of them failed that way.
     let mut finals = 0;
+    let mut timeout = shared.connect_timeout;
     let peer = loop {
         if !(immediately && attempt == 0) {
             let delay = delays.next().unwrap_or(Duration::from_secs(5));
@@ -1071,9 +1096,10 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
         }
         attempt += 1;
         let result = tokio::select! {
-            result = connect_once(shared) => result,
+            result = connect_once(shared, timeout) => result,
             () = shared.closing() => return None,
         };
+        timeout = grown_timeout(shared, timeout, &result);
         match result {
             Ok(peer) => break peer,
             Err(e)

@@ -260,7 +260,7 @@ impl Builder {
     /// when a whole fleet reconnects at once (a restart), starting them all
     /// would leave each one too little CPU to finish before its client gives
     /// up and starts again. Further clients wait their turn, in order: up to
-    /// 16 × this many, each for at most half the [`Builder::hello_timeout`].
+    /// 64 × this many, each for at most half the [`Builder::hello_timeout`].
     /// A client past that is refused at once with QUIC's `CONNECTION_REFUSED`
     /// (no handshake, no CPU spent on it) and retries after its backoff.
     /// Connections already admitted are not affected. At least 1.
@@ -428,7 +428,7 @@ impl Builder {
             max_connections: self.max_connections,
             connections: Arc::new(AtomicUsize::new(0)),
             handshakes: Arc::new(Semaphore::new(self.max_handshakes)),
-            max_waiting: self.max_handshakes.saturating_mul(16),
+            max_waiting: self.max_handshakes.saturating_mul(64),
             waiting: Arc::new(AtomicUsize::new(0)),
             transport: self.options.transport,
             buffer_total: self.options.limits.total_budget(self.buffer_total),
