@@ -55,13 +55,11 @@ impl Relay {
     /// Forwards only the client's next `n` datagrams, then drops the
     /// client's (the server's still pass): with 1, a handshake the server
     /// has started and the client never finishes.
-    #[allow(dead_code)]
     pub fn pass_from_client(&self, n: usize) {
         self.shared.client_budget.store(n, Ordering::SeqCst);
     }
 
     /// Datagrams forwarded from the server to the client so far.
-    #[allow(dead_code)]
     pub fn forwarded_from_server(&self) -> usize {
         self.shared.from_server.load(Ordering::SeqCst)
     }
