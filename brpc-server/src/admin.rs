@@ -256,12 +256,18 @@ pub(crate) struct Admin {
 }
 
 impl Handler for ServerHandler {
-    async fn serve(&self, call: Incoming, reply: &mut Reply) {
+    // Not an `async fn`, which would hold `call` beside the router's future
+    // made from it (and every served call's future would carry both).
+    fn serve<'a>(
+        &'a self,
+        call: Incoming,
+        reply: &'a mut Reply,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
         match &self.admin {
             Some(admin) if call.service == ADMIN_SERVICE || relay_target(&call).is_some() => {
-                Box::pin(admin.serve(call, reply)).await;
+                futures_util::future::Either::Left(Box::pin(admin.serve(call, reply)))
             }
-            _ => Handler::serve(&self.router, call, reply).await,
+            _ => futures_util::future::Either::Right(Handler::serve(&self.router, call, reply)),
         }
     }
 

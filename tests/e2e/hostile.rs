@@ -426,3 +426,48 @@ async fn the_server_refuses_clients_over_its_connection_limit() {
     }
     assert_eq!(server.peers().len(), 2);
 }
+
+/// A Request whose frame arrives in pieces (the header cut in two, the
+/// header alone, the data cut in two) is read whole and answered: the
+/// reader's zero-copy path for a header and data that come as one chunk
+/// each falls back to buffering when they do not.
+#[tokio::test]
+async fn a_request_arriving_in_pieces_is_read_whole() {
+    let server = common::server();
+    let (conn, _id) = common::raw_client(&server, "pieces").await;
+    let message = EchoRequest {
+        seq: 9,
+        blob: vec![7u8; 3000],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for cut in [4, wire::HEADER_LEN, wire::HEADER_LEN + 1500] {
+        let (mut send, mut recv) = conn.open_bi().await.expect("open");
+        let stream_id = wire::stream_id(send.id().index(), true);
+        let bytes = frame(
+            stream_id,
+            FrameType::Request,
+            Flags::EMPTY,
+            echo_request(message.clone()),
+        );
+        send.write_all(&bytes[..cut]).await.expect("write");
+        // Let the first piece go out (and be read) on its own.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send.write_all(&bytes[cut..]).await.expect("write");
+        let _ = send.finish();
+        let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        let mut buf = BytesMut::from(&answer[..]);
+        let response = FrameDecoder::new(1 << 20)
+            .decode(&mut buf)
+            .expect("frame")
+            .expect("a whole frame");
+        assert_eq!(response.kind, FrameType::Response, "cut at {cut}");
+        let response = Response::decode(response.payload).expect("response");
+        assert_eq!(response.status.expect("status").code, 0, "cut at {cut}");
+        let reply = EchoReply::decode(response.payload).expect("reply");
+        assert_eq!((reply.seq, reply.blob.len()), (9, 3000), "cut at {cut}");
+    }
+}

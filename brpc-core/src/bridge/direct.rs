@@ -99,10 +99,14 @@ fn tonic_request<T>(
 
 /// The one request message of a unary or server-streaming call. A peer may
 /// send it as a stream of one (Request with remote-open, one Data frame).
-async fn single_message(input: Input) -> Result<Bytes, Status> {
+///
+/// Not an `async fn`: the stream's future is large and rare, so it is boxed,
+/// and the common case is a ready value that sizes no one's future.
+fn single_message(input: Input) -> impl Future<Output = Result<Bytes, Status>> + Send {
+    use futures_util::future::Either;
     match input {
-        Input::Single(message) => Ok(message),
-        Input::Stream(mut messages) => {
+        Input::Single(message) => Either::Left(std::future::ready(Ok(message))),
+        Input::Stream(mut messages) => Either::Right(Box::pin(async move {
             let first = messages
                 .next()
                 .await
@@ -114,7 +118,7 @@ async fn single_message(input: Input) -> Result<Bytes, Status> {
                     "more than one request message for a method that takes one",
                 )),
             }
-        }
+        })),
     }
 }
 
@@ -137,10 +141,12 @@ fn request_stream<T: Message + Default + Send + 'static>(input: Input) -> Stream
     Streaming::new_request(ProstDecoder::<T>(PhantomData), body, None, Some(usize::MAX))
 }
 
-/// The handler's request of a unary or server-streaming call.
-async fn single_request<Req: Message + Default>(
+/// The handler's request of a unary or server-streaming call. Not an
+/// `async fn`: the call is taken apart before the future is made, so the
+/// future holds only what it needs.
+fn single_request<Req: Message + Default>(
     call: Incoming,
-) -> Result<tonic::Request<Req>, Status> {
+) -> impl Future<Output = Result<tonic::Request<Req>, Status>> {
     let Incoming {
         peer,
         metadata,
@@ -148,8 +154,11 @@ async fn single_request<Req: Message + Default>(
         input,
         ..
     } = call;
-    let message = Req::decode(single_message(input).await?).map_err(decode_error)?;
-    tonic_request(message, peer, metadata, timeout)
+    let message = single_message(input);
+    async move {
+        let message = Req::decode(message.await?).map_err(decode_error)?;
+        tonic_request(message, peer, metadata, timeout)
+    }
 }
 
 /// The handler's request of a client-streaming or bidi call.
@@ -175,8 +184,31 @@ async fn fail(reply: &mut Reply, status: Status) {
 }
 
 /// Answers with a unary handler's result: headers (if any), then one
-/// Response frame carrying the reply.
-async fn respond_unary<R: Message>(reply: &mut Reply, result: Result<tonic::Response<R>, Status>) {
+/// Response frame carrying the reply. Not an `async fn`: the common answer
+/// (a reply, no metadata) is encoded at once and only its write is held;
+/// the others are boxed, so they size no call's future.
+fn respond_unary<'a, R: Message + 'a>(
+    reply: &'a mut Reply,
+    result: Result<tonic::Response<R>, Status>,
+) -> impl Future<Output = ()> + Send + 'a {
+    use futures_util::future::Either;
+    match result {
+        Ok(response) if response.metadata().is_empty() => {
+            Either::Left(reply.ok_message(response.get_ref()))
+        }
+        result => {
+            let answering: Pin<Box<dyn Future<Output = ()> + Send + 'a>> =
+                Box::pin(respond_unary_slowly(reply, result));
+            Either::Right(answering)
+        }
+    }
+}
+
+/// [`respond_unary`] with response metadata, or a failure.
+async fn respond_unary_slowly<R: Message>(
+    reply: &mut Reply,
+    result: Result<tonic::Response<R>, Status>,
+) {
     match result {
         Ok(response) => {
             let headers = metadata::to_key_values(response.metadata().as_ref());
@@ -226,66 +258,97 @@ where
     }
 }
 
+// The four serving helpers below are not `async fn`s: one would hold the
+// `Incoming` it is given for the whole call, beside the request made from it.
+
 /// Serves a unary method: decode, call `handler`, answer.
-pub async fn unary<Req, Resp, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+pub fn unary<'a, Req, Resp, F, Fut>(
+    call: Incoming,
+    reply: &'a mut Reply,
+    handler: F,
+) -> impl Future<Output = ()> + 'a
 where
-    Req: Message + Default,
+    Req: Message + Default + 'a,
     Resp: Message,
-    F: FnOnce(tonic::Request<Req>) -> Fut,
+    F: FnOnce(tonic::Request<Req>) -> Fut + 'a,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let result = match single_request(call).await {
-        Ok(request) => handler(request).await,
-        Err(status) => Err(status),
-    };
-    respond_unary(reply, result).await;
+    let request = single_request::<Req>(call);
+    async move {
+        let result = match request.await {
+            Ok(request) => handler(request).await,
+            Err(status) => Err(status),
+        };
+        respond_unary(reply, result).await;
+    }
 }
 
 /// Serves a server-streaming method.
-pub async fn server_streaming<Req, Resp, S, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+pub fn server_streaming<'a, Req, Resp, S, F, Fut>(
+    call: Incoming,
+    reply: &'a mut Reply,
+    handler: F,
+) -> impl Future<Output = ()> + 'a
 where
-    Req: Message + Default,
+    Req: Message + Default + 'a,
     Resp: Message,
     S: Stream<Item = Result<Resp, Status>> + Send,
-    F: FnOnce(tonic::Request<Req>) -> Fut,
+    F: FnOnce(tonic::Request<Req>) -> Fut + 'a,
     Fut: Future<Output = Result<tonic::Response<S>, Status>>,
 {
-    let result = match single_request(call).await {
-        Ok(request) => handler(request).await,
-        Err(status) => Err(status),
-    };
-    respond_stream(reply, result).await;
+    let request = single_request::<Req>(call);
+    async move {
+        let result = match request.await {
+            Ok(request) => handler(request).await,
+            Err(status) => Err(status),
+        };
+        respond_stream(reply, result).await;
+    }
 }
 
 /// Serves a client-streaming method.
-pub async fn client_streaming<Req, Resp, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+pub fn client_streaming<'a, Req, Resp, F, Fut>(
+    call: Incoming,
+    reply: &'a mut Reply,
+    handler: F,
+) -> impl Future<Output = ()> + 'a
 where
     Req: Message + Default + Send + 'static,
     Resp: Message,
-    F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut,
+    F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut + 'a,
     Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
 {
-    let result = match streamed_request(call) {
-        Ok(request) => handler(request).await,
-        Err(status) => Err(status),
-    };
-    respond_unary(reply, result).await;
+    let request = streamed_request(call);
+    async move {
+        let result = match request {
+            Ok(request) => handler(request).await,
+            Err(status) => Err(status),
+        };
+        respond_unary(reply, result).await;
+    }
 }
 
 /// Serves a bidi-streaming method.
-pub async fn streaming<Req, Resp, S, F, Fut>(call: Incoming, reply: &mut Reply, handler: F)
+pub fn streaming<'a, Req, Resp, S, F, Fut>(
+    call: Incoming,
+    reply: &'a mut Reply,
+    handler: F,
+) -> impl Future<Output = ()> + 'a
 where
     Req: Message + Default + Send + 'static,
     Resp: Message,
     S: Stream<Item = Result<Resp, Status>> + Send,
-    F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut,
+    F: FnOnce(tonic::Request<Streaming<Req>>) -> Fut + 'a,
     Fut: Future<Output = Result<tonic::Response<S>, Status>>,
 {
-    let result = match streamed_request(call) {
-        Ok(request) => handler(request).await,
-        Err(status) => Err(status),
-    };
-    respond_stream(reply, result).await;
+    let request = streamed_request(call);
+    async move {
+        let result = match request {
+            Ok(request) => handler(request).await,
+            Err(status) => Err(status),
+        };
+        respond_stream(reply, result).await;
+    }
 }
 
 /// Answers a method the service does not have with `UNIMPLEMENTED`.

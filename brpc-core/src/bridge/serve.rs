@@ -2,6 +2,7 @@
 //! http request into the tonic-generated server it names, and the server's
 //! http response becomes frames through the call's [`Reply`].
 
+use futures_util::future::Either;
 use futures_util::stream;
 use http_body::Frame as BodyFrame;
 use http_body_util::StreamBody;
@@ -16,11 +17,16 @@ use crate::metadata;
 impl Handler for Router {
     // Direct services first. The http path's future is large and boxed: held
     // inline it would make every served call's future that large, and that
-    // future is copied on its way into the connection's set of calls.
-    async fn serve(&self, call: Incoming, reply: &mut Reply) {
+    // future is copied on its way into the connection's set of calls. Not an
+    // `async fn`, which would hold `call` beside the future made from it.
+    fn serve<'a>(
+        &'a self,
+        call: Incoming,
+        reply: &'a mut Reply,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
         match self.direct(&call.service) {
-            Some(service) => service.serve(call, reply).await,
-            None => Box::pin(handle(self, call, reply)).await,
+            Some(service) => Either::Left(service.serve(call, reply)),
+            None => Either::Right(Box::pin(handle(self, call, reply))),
         }
     }
 

@@ -124,13 +124,17 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
             accepted = peer.accept_call() => match accepted {
                 Some((send, recv, stream_id)) => {
                     streak += 1;
-                    let call = serve_call(peer.clone(), handler.clone(), send, recv, stream_id);
                     // A panic anywhere in the call (a handler's Drop, say)
-                    // ends that call only.
-                    let call = std::panic::AssertUnwindSafe(call).catch_unwind().map(|outcome| {
-                        if outcome.is_err() {
-                            tracing::error!("a call panicked while ending; it was dropped");
-                        }
+                    // ends that call only. Built in its box: the call's
+                    // future is large, and `FuturesUnordered::push` (or a
+                    // spawn) would copy it by value several times.
+                    let call = boxed(|| {
+                        let call = serve_call(peer.clone(), handler.clone(), send, recv, stream_id);
+                        std::panic::AssertUnwindSafe(call).catch_unwind().map(|outcome| {
+                            if outcome.is_err() {
+                                tracing::error!("a call panicked while ending; it was dropped");
+                            }
+                        })
                     });
                     if spawn {
                         tasks.spawn(call);
@@ -147,53 +151,62 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     }
 }
 
-async fn serve_call<H: Handler>(
+/// `make()`'s future in a box of its own.
+fn boxed<F: Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::pin(make())
+}
+
+/// One served call, from its Request to its end. Not an `async fn`: that
+/// would hold every argument twice (as given and as moved into its body).
+fn serve_call<H: Handler>(
     peer: Peer,
     handler: H,
     send: CallWriter,
     recv: CallReader,
     stream_id: u32,
-) {
+) -> impl Future<Output = ()> + Send {
     let stopped = send.stopped();
-    tokio::pin!(stopped);
     let mut out = Reply::new(&peer, send, stream_id);
-    let span = out.record.span().clone();
-    let draining = peer.clone();
-    let answered = {
-        // Pinned in place and polled by reference: a future moved by value
-        // into `select!` would take its room in this one twice.
-        let answering = std::pin::pin!(
-            std::panic::AssertUnwindSafe(answer(peer, &handler, &mut out, recv))
-                .catch_unwind()
-                .instrument(span)
-        );
-        tokio::select! {
-            biased;
-            outcome = answering => Some(outcome.is_ok()),
-            // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
-            () = &mut stopped => None,
+    async move {
+        tokio::pin!(stopped);
+        let span = out.record.span().clone();
+        let draining = peer.clone();
+        let answered = {
+            // Pinned in place and polled by reference: a future moved by value
+            // into `select!` would take its room in this one twice.
+            let answering = std::pin::pin!(
+                std::panic::AssertUnwindSafe(answer(peer, &handler, &mut out, recv))
+                    .catch_unwind()
+                    .instrument(span)
+            );
+            tokio::select! {
+                biased;
+                outcome = answering => Some(outcome.is_ok()),
+                // The caller stopped reading: it cancelled. Dropping `answer` drops the handler.
+                () = &mut stopped => None,
+            }
+        };
+        let answered = match answered {
+            Some(true) => true,
+            Some(false) => {
+                // The handler (or anything under it) panicked: its call fails,
+                // the connection's other calls go on.
+                tracing::error!("a handler panicked; its call ends with INTERNAL");
+                Box::pin(out.status(Status::internal("the handler panicked"))).await;
+                true
+            }
+            None => false,
+        };
+        if answered && draining.is_draining() {
+            // A graceful shutdown closes the connection once no call is in
+            // flight, and a QUIC close discards data not yet delivered: stay in
+            // flight until the caller has the answer.
+            Box::pin(out.delivered()).await;
         }
-    };
-    let answered = match answered {
-        Some(true) => true,
-        Some(false) => {
-            // The handler (or anything under it) panicked: its call fails,
-            // the connection's other calls go on.
-            tracing::error!("a handler panicked; its call ends with INTERNAL");
-            Box::pin(out.status(Status::internal("the handler panicked"))).await;
-            true
+        if !answered {
+            let abort = out.with(|call| call.abort(Failure::Cancelled));
+            Box::pin(out.carry_out(None, abort)).await;
         }
-        None => false,
-    };
-    if answered && draining.is_draining() {
-        // A graceful shutdown closes the connection once no call is in
-        // flight, and a QUIC close discards data not yet delivered: stay in
-        // flight until the caller has the answer.
-        Box::pin(out.delivered()).await;
-    }
-    if !answered {
-        let abort = out.with(|call| call.abort(Failure::Cancelled));
-        Box::pin(out.carry_out(None, abort)).await;
     }
 }
 
@@ -252,18 +265,14 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
     } else {
         (Input::Single(first_message.unwrap_or_default()), None)
     };
+    // `Some(None)`: the handler returned; `Some(Some(abort))`: the input
+    // failed; `None`: the deadline passed.
     let outcome = {
-        let incoming = Incoming::new(peer, request, timeout, input);
-        // Each future pinned in place and polled by reference: moved by
-        // value into the next, it would take its room here twice.
-        let handled = std::pin::pin!(async {
-            handler.serve(incoming, &mut *out).await;
-            // A handler that returned without ending the call.
-            if !out.is_ended() {
-                Box::pin(out.status(Status::internal("the handler returned without answering")))
-                    .await;
-            }
-        });
+        // The handler's future is made here, not in the block below, which
+        // would hold the `Incoming` beside it for the whole call. Each future
+        // is pinned in place and polled by reference: moved by value into the
+        // next, it would take its room here twice.
+        let serving = handler.serve(Incoming::new(peer, request, timeout, input), &mut *out);
         let guarded = std::pin::pin!(async {
             tokio::select! {
                 biased;
@@ -273,19 +282,26 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
                         None => None,
                     }
                 } => Some(abort),
-                () = handled => None,
+                () = serving => None,
             }
         });
         match deadline {
-            None => guarded.await,
+            None => Some(guarded.await),
             Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), guarded)
                 .await
-                .unwrap_or(None),
+                .ok(),
         }
     };
+    if let Some(None) = outcome
+        && !out.is_ended()
+    {
+        // A handler that returned without ending the call.
+        Box::pin(out.status(Status::internal("the handler returned without answering"))).await;
+    }
     // The input failed (perhaps while the handler was finishing), or the
     // deadline passed: the machine says how the call ends.
     let abort = outcome
+        .flatten()
         .or_else(|| failed.as_mut().and_then(|f| f.try_recv().ok()))
         .or_else(|| out.with(|call| call.handle_timeout(now())));
     if let Some(abort) = abort {
@@ -559,23 +575,48 @@ impl Reply {
         self.ended
     }
 
-    async fn write(&mut self, frame: Frame) -> Result<(), CallEnded> {
+    /// Writes one frame of the call. This and `write_last` are not `async
+    /// fn`s, which would hold the frame beside the writer's future made from
+    /// it (and they sit inside every call's future).
+    fn write(&mut self, frame: Frame) -> impl Future<Output = Result<(), CallEnded>> + Send + '_ {
         self.writing = true;
-        let result = self.send.write_frame(frame).await;
-        self.writing = false;
-        result.map_err(|_| CallEnded)
+        let Reply { send, writing, .. } = self;
+        let sending = send.write_frame(frame);
+        async move {
+            let result = sending.await;
+            *writing = false;
+            result.map_err(|_| CallEnded)
+        }
     }
 
     /// Writes the call's final frame and ends the stream.
-    async fn write_last(&mut self, code: tonic::Code, frame: Frame) {
+    fn write_last(
+        &mut self,
+        code: tonic::Code,
+        frame: Frame,
+    ) -> impl Future<Output = ()> + Send + '_ {
         self.record.finish(code);
-        if self.writing {
+        let refused = self.writing;
+        if refused {
             self.reset(codes::STREAM_CANCELLED);
-            return;
         }
-        if self.write(frame).await.is_ok() {
-            self.send.finish();
-            self.ended = true;
+        let Reply {
+            send,
+            writing,
+            ended,
+            ..
+        } = self;
+        async move {
+            if refused {
+                return;
+            }
+            *writing = true;
+            let result = send.write_frame(frame).await;
+            *writing = false;
+            if result.is_ok() {
+                send.finish();
+                *ended = true;
+            }
         }
     }
 
@@ -673,9 +714,16 @@ impl Reply {
 
     /// Ends the call OK with a Response frame carrying `message`, encoded
     /// straight into the frame.
-    pub async fn ok_message(&mut self, message: &impl prost::Message) {
-        if let Ok((frame, code)) = self.with(|call| call.send_ok_message(message)) {
-            self.write_last(code, frame).await;
+    ///
+    /// The message is encoded when this is called: the future holds only
+    /// the frame's write, not the message.
+    pub fn ok_message<M: prost::Message>(
+        &mut self,
+        message: &M,
+    ) -> impl Future<Output = ()> + Send + use<'_, M> {
+        match self.with(|call| call.send_ok_message(message)) {
+            Ok((frame, code)) => futures_util::future::Either::Left(self.write_last(code, frame)),
+            Err(_) => futures_util::future::Either::Right(std::future::ready(())),
         }
     }
 

@@ -15,6 +15,10 @@ use crate::wire::{Frame, FrameDecoder, FrameHeader, HEADER_LEN};
 pub(crate) struct FrameReader {
     recv: RecvStream,
     buf: BytesMut,
+    /// A header that arrived as a chunk of its own while `buf` was empty,
+    /// held here so a frame whose data then arrives in one chunk is never
+    /// copied into `buf` (which would allocate it).
+    head: Option<FrameHeader>,
     decoder: FrameDecoder,
     finished: bool,
     /// No frame has arrived yet (the budget refuses rather than waits for
@@ -39,6 +43,7 @@ impl FrameReader {
         FrameReader {
             recv,
             buf: BytesMut::new(),
+            head: None,
             decoder: FrameDecoder::new(max_message_size),
             finished: false,
             awaiting_first: false,
@@ -72,8 +77,10 @@ impl FrameReader {
                 return Err(ReadError::Exhausted(budgets.exhausted_message(length)));
             }
             // Not idle: the data may well be waiting in QUIC's buffers; it is
-            // this side that has no room yet.
-            budgets.reserve(length).await;
+            // this side that has no room yet. Boxed: rare, and its future
+            // would size every call's.
+            let waiting = Box::pin(budgets.reserve(length));
+            waiting.await;
         }
         self.reserved = length;
         Ok(())
@@ -95,6 +102,12 @@ impl FrameReader {
         timer: &mut impl CallTimer,
     ) -> Result<Option<Frame>, ReadError> {
         loop {
+            if let Some(h) = self.head {
+                if let Some(frame) = self.data_of(h, timer).await? {
+                    return Ok(Some(frame));
+                }
+                continue;
+            }
             match self.decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
                     self.release();
@@ -127,17 +140,18 @@ impl FrameReader {
             // data becomes the frame's payload without being copied.
             let header_only = header.filter(|_| self.buf.len() == HEADER_LEN);
             let mid_frame = !self.buf.is_empty() || self.decoder.skipping() > 0;
-            timer.progress(mid_frame);
-            let read = self.recv.read_chunk(wanted, true);
-            let chunk = match timer.timeout() {
-                Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), read)
-                    .await
-                    .map_err(|_| ReadError::Timeout)??,
-                None => read.await?,
-            };
-            match chunk {
+            match self.read_chunk(wanted, mid_frame, timer).await? {
                 Some(chunk) => {
-                    super::observe::bytes_received(chunk.bytes.len());
+                    if self.buf.is_empty()
+                        && self.decoder.skipping() == 0
+                        && chunk.bytes.len() == HEADER_LEN
+                        && let Some(h) = FrameHeader::parse(&chunk.bytes)
+                        && h.length > 0
+                        && h.length as usize <= self.decoder.max_message_size()
+                    {
+                        self.head = Some(h);
+                        continue;
+                    }
                     if let Some(h) = header_only
                         && chunk.bytes.len() == h.length as usize
                         && h.length as usize <= self.decoder.max_message_size()
@@ -159,6 +173,62 @@ impl FrameReader {
         }
     }
 
+    /// One chunk of at most `wanted` bytes, within the call's timeout.
+    async fn read_chunk(
+        &mut self,
+        wanted: usize,
+        mid_frame: bool,
+        timer: &mut impl CallTimer,
+    ) -> Result<Option<quinn::Chunk>, ReadError> {
+        timer.progress(mid_frame);
+        let read = self.recv.read_chunk(wanted, true);
+        let chunk = match timer.timeout() {
+            Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), read)
+                .await
+                .map_err(|_| ReadError::Timeout)??,
+            None => read.await?,
+        };
+        if let Some(chunk) = &chunk {
+            super::observe::bytes_received(chunk.bytes.len());
+        }
+        Ok(chunk)
+    }
+
+    /// Reads the data of the frame whose header `h` is held in `head`: the
+    /// frame when its data arrives as one chunk; otherwise header and data
+    /// go to `buf` (`Ok(None)`) for the decoder to finish.
+    async fn data_of(
+        &mut self,
+        h: FrameHeader,
+        timer: &mut impl CallTimer,
+    ) -> Result<Option<Frame>, ReadError> {
+        if self.reserved == 0 {
+            self.reserve(h.length as usize).await?;
+        }
+        let chunk = self.read_chunk(h.length as usize, true, timer).await?;
+        self.head = None;
+        match chunk {
+            Some(chunk) if chunk.bytes.len() == h.length as usize => {
+                self.release();
+                self.awaiting_first = false;
+                Ok(Some(Frame {
+                    stream_id: h.stream_id,
+                    kind: h.kind,
+                    flags: h.flags,
+                    payload: chunk.bytes,
+                }))
+            }
+            chunk => {
+                self.buf.extend_from_slice(&h.to_bytes());
+                match chunk {
+                    Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
+                    None => self.finished = true,
+                }
+                Ok(None)
+            }
+        }
+    }
+
     /// Tells the peer to stop sending (STOP_SENDING with `code`).
     pub(crate) fn stop(&mut self, code: u32) {
         if !self.finished {
@@ -176,11 +246,13 @@ pub(crate) trait CallTimer {
     fn progress(&mut self, mid_frame: bool);
 }
 
-/// Writes one frame; the data is sent without being copied.
-pub(crate) async fn write_frame(
+/// Writes one frame; the data is sent without being copied. Not an `async
+/// fn`: the frame is taken apart first, so the future holds only the two
+/// chunks it sends (it sits inside every call's future).
+pub(crate) fn write_frame(
     send: &mut SendStream,
     frame: Frame,
-) -> Result<(), quinn::WriteError> {
+) -> impl Future<Output = Result<(), quinn::WriteError>> + Send + '_ {
     let Frame {
         stream_id,
         kind,
@@ -196,10 +268,7 @@ pub(crate) async fn write_frame(
         kind,
         flags,
     };
-    if payload.is_empty() {
-        send.write_all(&header.to_bytes()).await
-    } else {
-        let mut chunks = [Bytes::copy_from_slice(&header.to_bytes()), payload];
-        send.write_all_chunks(&mut chunks).await
-    }
+    let parts = if payload.is_empty() { 1 } else { 2 };
+    let mut chunks = [Bytes::copy_from_slice(&header.to_bytes()), payload];
+    async move { send.write_all_chunks(&mut chunks[..parts]).await }
 }

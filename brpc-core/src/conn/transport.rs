@@ -199,14 +199,24 @@ pub(crate) enum CallWriter {
 
 impl CallWriter {
     /// Writes one frame; over QUIC its data is sent without being copied.
-    pub(crate) async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {
+    /// Over a byte stream the frame is queued at once when there is room
+    /// (before the future is polled). Not an `async fn`, which would hold
+    /// the frame beside the future made from it.
+    pub(crate) fn write_frame(
+        &mut self,
+        frame: Frame,
+    ) -> impl Future<Output = Result<(), SendError>> + Send + '_ {
+        use futures_util::FutureExt;
         match self {
-            CallWriter::Quic(send) => Ok(write_frame(send, frame).await?),
-            CallWriter::Mux(sink) => match sink.try_write(frame)? {
-                None => Ok(()),
+            CallWriter::Quic(send) => {
+                Either::Left(write_frame(send, frame).map(|r| r.map_err(SendError::from)))
+            }
+            CallWriter::Mux(sink) => Either::Right(match sink.try_write(frame) {
+                Err(e) => Either::Left(std::future::ready(Err(e))),
+                Ok(None) => Either::Left(std::future::ready(Ok(()))),
                 // The connection's queue is full: wait for room.
-                Some(frame) => sink.write(frame).await,
-            },
+                Ok(Some(frame)) => Either::Right(sink.write(frame)),
+            }),
         }
     }
 
@@ -231,13 +241,13 @@ impl CallWriter {
     /// peer has everything. Over a byte stream never: ttrpc cannot cancel a
     /// call, and when the connection ends the engine drops every call it
     /// serves there ([`serve`](super::serve) returns and its tasks go).
-    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + use<> {
         match self {
             CallWriter::Quic(send) => {
-                let stopped = send.stopped();
-                Either::Left(async move {
-                    let _ = stopped.await;
-                })
+                use futures_util::FutureExt;
+                // Mapped, not awaited in an async block (which would hold
+                // quinn's future twice).
+                Either::Left(send.stopped().map(|_| ()))
             }
             CallWriter::Mux(_) => Either::Right(std::future::pending()),
         }
