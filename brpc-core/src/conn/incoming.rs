@@ -165,17 +165,19 @@ fn serve_call<H: Handler>(
     recv: CallReader,
     stream_id: u32,
 ) -> impl Future<Output = ()> + Send {
-    let stopped = send.stopped();
+    // Boxed: held inline, quinn's future would take its room twice (as
+    // given to the block and pinned in it) in every call's future.
+    let mut stopped = Box::pin(send.stopped());
     let mut out = Reply::new(&peer, send, stream_id);
+    let mut recv = Some(recv);
     async move {
-        tokio::pin!(stopped);
         let span = out.record.span().clone();
         let draining = peer.clone();
         let answered = {
             // Pinned in place and polled by reference: a future moved by value
             // into `select!` would take its room in this one twice.
             let answering = std::pin::pin!(
-                std::panic::AssertUnwindSafe(answer(peer, &handler, &mut out, recv))
+                std::panic::AssertUnwindSafe(answer(peer, &handler, &mut out, &mut recv))
                     .catch_unwind()
                     .instrument(span)
             );
@@ -231,8 +233,23 @@ fn read_failure(error: ReadError) -> Option<Failure> {
 /// The end of a call that went wrong (`carry_out`, `status`) is awaited
 /// boxed: those futures are large, and held inline they would size every
 /// call's future for a path few calls take.
-async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader: CallReader) {
-    let Ok((request, first_message, streaming)) = read_request(out, &mut reader).await else {
+///
+/// The reader is lent in its slot (and taken from it for a streamed
+/// request): an `async fn` holds a reader given by value twice.
+async fn answer<H: Handler>(
+    peer: Peer,
+    handler: &H,
+    out: &mut Reply,
+    slot: &mut Option<CallReader>,
+) {
+    let Some(reader) = slot.as_mut() else {
+        return;
+    };
+    // Boxed: the read is over before the handler runs, and held inline it
+    // would size the whole call's future (which then no longer fits the
+    // allocator's fast path for small blocks).
+    let reading = Box::pin(read_request(out, reader));
+    let Ok((request, first_message, streaming)) = reading.await else {
         return;
     };
     out.record.named(&request.service, &request.method);
@@ -244,13 +261,13 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
                 "this side is shutting down and takes no new calls; reconnect and retry",
             )))
         });
-        Box::pin(out.carry_out(Some(&mut reader), abort)).await;
+        Box::pin(out.carry_out(Some(reader), abort)).await;
         return;
     }
     // A deadline that is already over (ttrpc's negative timeout_nano) ends
     // the call before the handler runs.
     if let Some(abort) = out.with(|call| call.handle_timeout(now())) {
-        Box::pin(out.carry_out(Some(&mut reader), abort)).await;
+        Box::pin(out.carry_out(Some(reader), abort)).await;
         return;
     }
     let deadline = out.with(|call| call.deadline());
@@ -260,6 +277,9 @@ async fn answer<H: Handler>(peer: Peer, handler: &H, out: &mut Reply, mut reader
     // Only streamed input can go bad after the handler starts.
     let (input, mut failed) = if streaming {
         let (fail, failed) = oneshot::channel();
+        let Some(reader) = slot.take() else {
+            return;
+        };
         let input = Input::Stream(MessageStream::new(reader, out, first_message, Some(fail)));
         (input, Some(failed))
     } else {
