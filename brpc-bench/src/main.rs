@@ -755,7 +755,11 @@ async fn hold_clients(
         "quinn" => {
             let crypto = brpc::tls::client_crypto(brpc::tls::pinned_roots(&der)?)?;
             let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-            endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+            let mut config = quinn::ClientConfig::new(crypto);
+            config.transport_config(brpc::core::conn::transport_config(
+                &brpc::core::conn::TransportOptions::default(),
+            ));
+            endpoint.set_default_client_config(config);
             for _ in 0..n {
                 held.push(Box::new(endpoint.connect(addr, "localhost")?.await?));
             }
@@ -1289,10 +1293,14 @@ async fn memory_per_client(
             std::fs::write(&cert_path, dev.certificate())?;
             let crypto =
                 brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
-            let endpoint = quinn::Endpoint::server(
-                quinn::ServerConfig::with_crypto(crypto),
-                "127.0.0.1:0".parse()?,
-            )?;
+            // brpc's transport settings (call window, no unidirectional
+            // streams, keep-alives, idle timeout): quinn's own floor for
+            // what a brpc connection is.
+            let mut config = quinn::ServerConfig::with_crypto(crypto);
+            config.transport_config(brpc::core::conn::transport_config(
+                &brpc::core::conn::TransportOptions::default(),
+            ));
+            let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse()?)?;
             let addr = endpoint.local_addr()?;
             let accept = endpoint.clone();
             guards.push(Box::new(AbortOnDrop::new(tokio::spawn(async move {
@@ -1936,7 +1944,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          the difference of the two totals divided by 3000: client and server together, user space. brpc-direct is the direct path \
          (brpc-build's dispatcher and client); brpc the tonic path (tonic's generated client and server over `Channel`/`Router`). \
          raw quinn and ttrpc echo raw bytes (no protobuf). brpc-reverse is the server calling its agent; brpc-relay a cluster's cross-node call (node A's link, node C's relay, C's agent).\n\n{instruction_table}\n\
-         ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint; tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
+         ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint, both ends with brpc's transport settings (call window, keep-alives, idle timeout); tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
          peer handle, 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \

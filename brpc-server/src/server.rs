@@ -743,10 +743,10 @@ async fn turn_away(incoming: Incoming, limit: usize, _counted: Counted) {
 /// listed, or `None` if the client was turned away or went away.
 /// The handshake permit is given back once the TLS handshake is over.
 async fn admit(
-    shared: &Shared,
+    shared: Arc<Shared>,
     incoming: Incoming,
     permit: OwnedSemaphorePermit,
-) -> Option<Listed<'_>> {
+) -> Option<Listed> {
     let remote = incoming.remote_address();
     let deadline = tokio::time::Instant::now() + shared.hello_timeout;
     let handshake = tokio::time::timeout_at(deadline, incoming).await;
@@ -851,7 +851,7 @@ async fn admit(
     }
     // Admitted: open the call window and the receive window.
     brpc_core::conn::admit(&connection, &shared.transport);
-    let peer = new_peer(shared, &connection, &hello, identity);
+    let peer = new_peer(&shared, &connection, &hello, identity);
     // Listed before the answer goes out: once the client knows its id, the
     // registry already has it. The guard unlists it however this task ends.
     shared.registry.insert(peer.clone());
@@ -865,31 +865,40 @@ async fn admit(
     Some(listed)
 }
 
-async fn run_connection(
+/// A connection's task: admission, then serving it until it ends.
+///
+/// A plain fn, not an `async fn`: an `async fn` keeps its arguments for its
+/// whole life, and `incoming` alone is 384 bytes. Here admission is boxed
+/// with everything it takes, so the task that lives as long as the
+/// connection holds only what serving needs (brpc-bench: about 800 bytes
+/// less per idle connection).
+fn run_connection(
     shared: Arc<Shared>,
     incoming: Incoming,
     permit: OwnedSemaphorePermit,
-    _counted: Counted,
-) {
+    counted: Counted,
+) -> impl Future<Output = ()> {
     let remote = incoming.remote_address();
-    // Boxed: the handshake's futures are freed when it ends instead of
-    // sizing this task's future for the whole life of the connection.
-    let Some(listed) = Box::pin(admit(&shared, incoming, permit)).await else {
-        return;
-    };
-    let peer = listed.peer.clone();
-    let span = tracing::info_span!("brpc.connection", id = %peer.connection_id(), name = peer.name(), %remote);
-    async {
-        tracing::debug!("peer connected");
-        let handler = ServerHandler {
-            router: shared.router.clone(),
-            admin: shared.admin.clone(),
+    let admission = Box::pin(admit(shared, incoming, permit));
+    async move {
+        let _counted = counted;
+        let Some(listed) = admission.await else {
+            return;
         };
-        brpc_core::serve(peer.clone(), handler).await;
-        tracing::debug!(reason = ?peer.quic_connection().and_then(quinn::Connection::close_reason), "peer disconnected");
+        let peer = listed.peer.clone();
+        let span = tracing::info_span!("brpc.connection", id = %peer.connection_id(), name = peer.name(), %remote);
+        async {
+            tracing::debug!("peer connected");
+            let handler = ServerHandler {
+                router: listed.shared.router.clone(),
+                admin: listed.shared.admin.clone(),
+            };
+            brpc_core::serve(peer.clone(), handler).await;
+            tracing::debug!(reason = ?peer.quic_connection().and_then(quinn::Connection::close_reason), "peer disconnected");
+        }
+        .instrument(span)
+        .await;
     }
-    .instrument(span)
-    .await;
 }
 
 fn new_peer(

@@ -64,12 +64,12 @@ pub(crate) struct Shared {
 }
 
 /// Removes a peer from the registry however its task ends (even if aborted).
-pub(crate) struct Listed<'a> {
-    pub(crate) shared: &'a Shared,
+pub(crate) struct Listed {
+    pub(crate) shared: Arc<Shared>,
     pub(crate) peer: Peer,
 }
 
-impl Drop for Listed<'_> {
+impl Drop for Listed {
     fn drop(&mut self) {
         // A task that ends before its connection (the server stopped
         // serving it) closes it, so that the event says how it ended.

@@ -105,14 +105,14 @@ async fn run_connection(
     let peer = bytestream::accept(stream, id, shared.limits, credentials);
     shared.registry.insert(peer.clone());
     // Unlists the peer however this task ends.
-    let _listed = Listed {
-        shared: &shared,
+    let listed = Listed {
+        shared,
         peer: peer.clone(),
     };
     let span = tracing::info_span!("brpc.connection", id = %id, unix = true);
     async {
         tracing::debug!(?credentials, "Unix client connected");
-        brpc_core::serve(peer.clone(), shared.router.clone()).await;
+        brpc_core::serve(peer.clone(), listed.shared.router.clone()).await;
         tracing::debug!(reason = ?peer.close_reason(), "Unix client disconnected");
     }
     .instrument(span)

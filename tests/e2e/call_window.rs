@@ -1,5 +1,5 @@
 //! How many calls a peer may have open at once: a connection starts by
-//! allowing `INITIAL_CALL_WINDOW` (16) and widens to `max_concurrent_calls`
+//! allowing `INITIAL_CALL_WINDOW` (8) and widens to `max_concurrent_calls`
 //! under load, in both directions; an explicit lower limit makes further
 //! calls wait for a free slot rather than fail.
 

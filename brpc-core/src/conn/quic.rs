@@ -12,7 +12,7 @@ pub const DEFAULT_MAX_CONCURRENT_CALLS: u32 = 100;
 /// Calls a peer may open at once on a new connection, before the window widens
 /// to `max_concurrent_calls` (see [`CallLimits`](super::CallLimits)). quinn keeps
 /// state for every stream it allows, so idle connections stay small.
-pub const INITIAL_CALL_WINDOW: u32 = 16;
+pub const INITIAL_CALL_WINDOW: u32 = 8;
 
 pub(crate) fn initial_call_window(max_concurrent_calls: u32) -> u32 {
     max_concurrent_calls.min(INITIAL_CALL_WINDOW)
