@@ -51,6 +51,16 @@ pub enum ConnectError {
     /// pinned one shows here as an invalid peer certificate.
     #[error("handshake with the server failed: {source}{hint}", source = .0, hint = hint(&.0.to_string()))]
     Handshake(quinn::ConnectionError),
+    /// The server refused to start a handshake (QUIC `CONNECTION_REFUSED`):
+    /// it had more clients waiting for a handshake than it queues
+    /// (`Server::builder().max_handshakes(..)`), or it is shutting down.
+    /// Transient: reconnect and `connect_with_retry` retry with backoff.
+    #[error(
+        "the server is busy with other clients' handshakes, or shutting down, and refused this \
+         one before starting it: retry later; reconnect and connect_with_retry do so with \
+         their backoff ({0})"
+    )]
+    Busy(quinn::ConnectionError),
     /// The server's certificate is valid, but not for the name checked
     /// (the host dialled, or [`Builder::server_name`](crate::Builder::server_name)).
     #[error(
@@ -112,18 +122,11 @@ pub enum ConnectError {
     },
 }
 
-/// "; what to check" for a certificate failure or a refusal, or nothing.
+/// " (what to check)" for a certificate failure, or nothing.
 fn hint(error: &str) -> String {
-    if let Some(h) = tls::explain_certificate_error(error) {
-        return format!(" ({h})");
-    }
-    // quinn's text for the transport error CONNECTION_REFUSED (0x2).
-    if error.contains("refused to accept a new connection") {
-        return " (the server is busy with other clients' handshakes, or shutting down: \
-                retry later; reconnect does so with its backoff)"
-            .to_owned();
-    }
-    String::new()
+    tls::explain_certificate_error(error)
+        .map(|h| format!(" ({h})"))
+        .unwrap_or_default()
 }
 
 impl ConnectError {
@@ -146,6 +149,7 @@ impl ConnectError {
             // A certificate may be fixed on the server side (rotation), and
             // other handshake failures are transient: keep trying.
             ConnectError::Handshake(_)
+            | ConnectError::Busy(_)
             | ConnectError::Resolve { .. }
             | ConnectError::Endpoint(_)
             | ConnectError::Unix { .. }
@@ -835,6 +839,11 @@ fn host_of(addr: &str) -> &str {
 fn handshake_error(error: quinn::ConnectionError, server_name: &str, pinned: bool) -> ConnectError {
     let reason = match &error {
         quinn::ConnectionError::TransportError(e) => e.reason.as_str(),
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            return ConnectError::Busy(error);
+        }
         _ => "",
     };
     // A certificate other than the pinned one fails as a bad signature (the

@@ -528,6 +528,12 @@ impl Server {
         self.shared.buffer_total.in_use()
     }
 
+    /// Clients waiting for a handshake slot right now (see
+    /// [`Builder::max_handshakes`]): a restart storm's queue.
+    pub fn handshakes_waiting(&self) -> usize {
+        self.shared.waiting.load(Ordering::SeqCst)
+    }
+
     /// Stops accepting and closes every connection now; calls in flight fail.
     /// Clients see close code `CONN_NORMAL` and reconnect with backoff.
     pub fn close(&self) {

@@ -747,6 +747,56 @@ async fn clients_past_the_handshake_bound_wait_their_turn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_the_bound_waits_until_the_handshake_ahead_of_it_ends() {
+    // One handshake slot, held by a handshake whose client datagrams are
+    // lost after the first; a long Hello limit, so nobody times out.
+    let server = bounded_server(1, Duration::from_secs(60));
+    let relay = common::relay::Relay::start(server.local_addr()).await;
+    relay.pass_from_client(1);
+    let stalled = tokio::spawn(
+        common::client_builder(&server, "stalled", EchoService::new("stalled"))
+            .connect_timeout(Duration::from_secs(60))
+            .connect(relay.addr()),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "server answered the stalled Initial",
+        || relay.forwarded_from_server() > 0,
+    )
+    .await;
+
+    // The next client is queued by the server, not handshaken, not refused.
+    let late = tokio::spawn(
+        common::client_builder(&server, "late", EchoService::new("late"))
+            .connect_timeout(Duration::from_secs(60))
+            .connect(server.local_addr()),
+    );
+    eventually(Duration::from_secs(10), "late client queued", || {
+        server.handshakes_waiting() == 1
+    })
+    .await;
+    assert!(!late.is_finished() && !stalled.is_finished());
+    assert_eq!(server.peers().len(), 0);
+
+    // The stalled handshake goes through; then the queued one gets the slot.
+    relay.pass_from_client(usize::MAX);
+    let stalled = stalled
+        .await
+        .expect("join")
+        .expect("stalled client admitted");
+    let late = late.await.expect("join").expect("queued client admitted");
+    assert_eq!(server.handshakes_waiting(), 0);
+    assert_eq!(server.peers().len(), 2);
+    for client in [&stalled, &late] {
+        let reply = EchoClient::new(client.channel())
+            .unary(EchoRequest::default())
+            .await
+            .expect("admitted client served");
+        assert_eq!(reply.into_inner().answered_by, "server");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_starved() {
     let server = bounded_server(1, Duration::from_secs(4));
     let early = common::client(&server, "early").await;
@@ -780,7 +830,7 @@ async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_st
     };
     let waited = started.elapsed();
     assert!(
-        matches!(refused, brpc::client::ConnectError::Handshake(_)),
+        matches!(refused, brpc::client::ConnectError::Busy(_)),
         "{refused:?}"
     );
     let message = refused.to_string();
