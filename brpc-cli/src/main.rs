@@ -361,7 +361,7 @@ impl Session {
                     if let Some(message) = message {
                         on_message(message);
                     }
-                    return status;
+                    return status.err().unwrap_or_else(|| Status::ok(""));
                 }
             }
         }
@@ -528,10 +528,10 @@ async fn watch(
                 print_event(&event, json);
             }
             ResponseEvent::End { status, .. } => {
-                if status.code() == tonic::Code::Ok {
-                    return Ok(0);
-                }
-                return Err(Failure::call(&status));
+                return match status {
+                    Ok(()) => Ok(0),
+                    Err(status) => Err(Failure::call(&status)),
+                };
             }
         }
     }

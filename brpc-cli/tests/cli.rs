@@ -315,7 +315,7 @@ async fn raw_call(
         .expect("call starts");
     loop {
         if let ResponseEvent::End { status, .. } = call.next_event().await {
-            return status;
+            return status.err().unwrap_or_else(|| Status::ok(""));
         }
     }
 }

@@ -68,9 +68,14 @@ async fn session_call(peer: &Peer, method: &str, payload: Bytes) -> Result<Bytes
     loop {
         match call.next_event().await {
             ResponseEvent::End {
-                status, message, ..
-            } if status.code() == tonic::Code::Ok => return Ok(message.unwrap_or_default()),
-            ResponseEvent::End { status, .. } => return Err(status),
+                status: Ok(()),
+                message,
+                ..
+            } => return Ok(message.unwrap_or_default()),
+            ResponseEvent::End {
+                status: Err(status),
+                ..
+            } => return Err(status),
             ResponseEvent::Headers(_) => {}
             ResponseEvent::Message(_) => {
                 return Err(Status::internal(format!(

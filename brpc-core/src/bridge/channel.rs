@@ -247,10 +247,10 @@ async fn start_call(
             }
             ResponseEvent::Message(m) => state.pending_message = Some(m),
             ResponseEvent::End {
-                status,
+                status: Err(status),
                 message: None,
                 trailers,
-            } if status.code() != tonic::Code::Ok => {
+            } => {
                 // Trailers-only: tonic returns this status from the call itself.
                 return Err(with_trailers(status, trailers));
             }
@@ -340,8 +340,19 @@ impl ResponseBody {
 
     /// The call ended: its last message (if any), then trailers carrying
     /// `status`, are what the body yields next.
-    fn end(&mut self, status: Status, last: Option<Bytes>, trailers: Vec<KeyValue>) {
+    fn end(&mut self, status: Result<(), Status>, last: Option<Bytes>, trailers: Vec<KeyValue>) {
         self.pending_message = last;
-        self.pending_trailers = Some(trailers_for(&with_trailers(status, trailers)));
+        self.pending_trailers = Some(match status {
+            // The common end, without building a `Status` (an allocation).
+            Ok(()) if trailers.is_empty() => {
+                let mut map = http::HeaderMap::new();
+                map.insert("grpc-status", http::HeaderValue::from_static("0"));
+                map
+            }
+            status => trailers_for(&with_trailers(
+                status.err().unwrap_or_else(|| Status::ok("")),
+                trailers,
+            )),
+        });
     }
 }

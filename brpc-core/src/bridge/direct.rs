@@ -33,7 +33,7 @@ use super::Channel;
 use super::channel::with_trailers;
 use super::grpc::frame_message;
 use crate::conn::Peer;
-use crate::conn::{Incoming, Input, MessageStream, Reply, RequestBody, ResponseEvent};
+use crate::conn::{Incoming, Input, MessageStream, Reply, ResponseEvent};
 use crate::metadata;
 
 /// The future a [`DirectService`] serves one call with.
@@ -388,14 +388,13 @@ impl Channel {
             .and_then(metadata::parse_grpc_timeout)
             .map(|timeout| Instant::now() + timeout);
         let peer = self.resolve(deadline).await?;
-        let body = RequestBody::<stream::Empty<Result<Bytes, Status>>>::Single(encode(&message));
         let entries = if headers.is_empty() {
             Vec::new()
         } else {
             metadata::to_key_values(&headers)
         };
         let mut call = peer
-            .start_call(service, method, entries, deadline, body)
+            .start_call_with_message(service, method, entries, deadline, &message)
             .await?;
         let mut response_headers = http::HeaderMap::new();
         let mut reply = None;
@@ -416,7 +415,7 @@ impl Channel {
                     message,
                     trailers,
                 } => {
-                    if status.code() != tonic::Code::Ok {
+                    if let Err(status) = status {
                         return Err(with_trailers(status, trailers));
                     }
                     let payload = match (message, reply) {

@@ -19,7 +19,10 @@ use super::observe::CallRecord;
 use super::peer::Peer;
 use super::transport::{CallReader, CallWriter, ReadError, SendError};
 use crate::metadata;
-use crate::wire::{Failure, Inbound, KeyValue, RequestParts, RequestShape, encode_request_parts};
+use crate::wire::{
+    Failure, Inbound, KeyValue, RequestParts, RequestShape, encode_request_message,
+    encode_request_parts,
+};
 
 /// A call's request messages: one, inside the Request (unary and
 /// server-streaming calls), or a stream of them sent as Data frames after a
@@ -42,8 +45,9 @@ pub enum ResponseEvent {
     /// The call ended with `status`, after `message` (the one reply of an OK
     /// Response) and with the callee's `trailers`. Nothing follows.
     End {
-        /// How the call ended.
-        status: Status,
+        /// How the call ended: `Ok` for an OK status (no `tonic::Status` is
+        /// built for it: one is an allocation), else the error status.
+        status: Result<(), Status>,
         /// The last reply message, carried by an OK Response.
         message: Option<Bytes>,
         /// The callee's response trailers.
@@ -106,22 +110,70 @@ impl Peer {
     where
         S: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static,
     {
+        let (payload, messages, shape) = match body {
+            RequestBody::Single(message) => (message, None, RequestShape::Single),
+            RequestBody::Stream(messages) => (Bytes::new(), Some(messages), RequestShape::Stream),
+        };
+        let parts = request_parts(service, method, &payload, &metadata, deadline);
+        let encoded = encode_request_parts(&parts, self.max_message_size());
+        self.open_traced(service, method, encoded, messages, shape, deadline)
+    }
+
+    /// [`Peer::start_call`] for a call with one request message (unary and
+    /// server-streaming), encoded straight into the Request: no buffer of
+    /// its own, no copy.
+    ///
+    /// # Errors
+    /// As [`Peer::start_call`].
+    pub fn start_call_with_message<'a, M: prost::Message>(
+        &'a self,
+        service: &'a str,
+        method: &'a str,
+        metadata: Vec<KeyValue>,
+        deadline: Option<Instant>,
+        message: &M,
+    ) -> impl Future<Output = Result<OutgoingCall, Status>> + Send + 'a {
+        let parts = request_parts(service, method, &[], &metadata, deadline);
+        let encoded = encode_request_message(&parts, message, self.max_message_size());
+        self.open_traced::<futures_util::stream::Empty<Result<Bytes, Status>>>(
+            service,
+            method,
+            encoded,
+            None,
+            RequestShape::Single,
+            deadline,
+        )
+    }
+
+    /// The call's record and span, around [`Peer::open_outgoing`]. The
+    /// Request is encoded before: the future holds only what it awaits.
+    fn open_traced<'a, S>(
+        &'a self,
+        service: &str,
+        method: &str,
+        encoded: Result<Bytes, Status>,
+        messages: Option<S>,
+        shape: RequestShape,
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Result<OutgoingCall, Status>> + Send + 'a
+    where
+        S: Stream<Item = Result<Bytes, Status>> + Send + Unpin + 'static,
+    {
         let record = self.record_call(false);
         record.named(service, method);
         let span = record.span().clone();
         // One future, not a wrapper around another: futures are moved by
         // value at every level, and this one is large.
-        self.open_outgoing(service, method, metadata, deadline, body, record)
+        self.open_outgoing(encoded, messages, shape, deadline, record)
             .instrument(span)
     }
 
     async fn open_outgoing<S>(
         &self,
-        service: &str,
-        method: &str,
-        metadata: Vec<KeyValue>,
+        encoded: Result<Bytes, Status>,
+        messages: Option<S>,
+        shape: RequestShape,
         deadline: Option<Instant>,
-        body: RequestBody<S>,
         mut record: CallRecord,
     ) -> Result<OutgoingCall, Status>
     where
@@ -138,19 +190,7 @@ impl Peer {
                 Status::unavailable("the peer is going away (it sent GoAway); reconnect and retry"),
             ));
         }
-        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let (payload, messages, shape) = match body {
-            RequestBody::Single(message) => (message, None, RequestShape::Single),
-            RequestBody::Stream(messages) => (Bytes::new(), Some(messages), RequestShape::Stream),
-        };
-        let envelope = RequestParts {
-            service,
-            method,
-            payload: &payload,
-            timeout_nano: metadata::to_timeout_nano(timeout),
-            metadata: &metadata,
-        };
-        let encoded = match encode_request_parts(&envelope, self.max_message_size()) {
+        let encoded = match encoded {
             Ok(encoded) => encoded,
             Err(status) => return Err(fail(&mut record, status)),
         };
@@ -200,6 +240,24 @@ impl Peer {
             done: false,
             pump,
         })
+    }
+}
+
+/// The Request's parts; its timeout is what is left of `deadline` now.
+fn request_parts<'p>(
+    service: &'p str,
+    method: &'p str,
+    payload: &'p [u8],
+    metadata: &'p [KeyValue],
+    deadline: Option<Instant>,
+) -> RequestParts<'p> {
+    let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+    RequestParts {
+        service,
+        method,
+        payload,
+        timeout_nano: metadata::to_timeout_nano(timeout),
+        metadata,
     }
 }
 
@@ -308,7 +366,7 @@ impl OutgoingCall {
     /// the end, it returns an `End` with `INTERNAL`.
     pub async fn next_event(&mut self) -> ResponseEvent {
         if self.done {
-            return self.end(Status::internal("the call already ended"), None);
+            return self.end(Err(Status::internal("the call already ended")), None);
         }
         let deadline = self.call.read(crate::wire::Call::deadline);
         let result = match deadline {
@@ -333,14 +391,18 @@ impl OutgoingCall {
             self.reader.stop(code);
         }
         self.pump.take();
-        self.end(abort.status, None)
+        self.end(Err(abort.status), None)
     }
 
     /// The call ended: records its outcome and hands over the trailers.
-    fn end(&mut self, status: Status, message: Option<Bytes>) -> ResponseEvent {
+    fn end(&mut self, status: Result<(), Status>, message: Option<Bytes>) -> ResponseEvent {
         self.done = true;
         if let Some(record) = self.record.as_mut() {
-            record.finish(status.code());
+            record.finish(
+                status
+                    .as_ref()
+                    .map_or_else(Status::code, |()| tonic::Code::Ok),
+            );
         }
         ResponseEvent::End {
             status,
@@ -392,7 +454,7 @@ impl OutgoingCall {
                 Inbound::Message(m) => return Ok(ResponseEvent::Message(m)),
                 Inbound::Closed => {
                     return Ok(ResponseEvent::End {
-                        status: Status::ok(""),
+                        status: Ok(()),
                         message: None,
                         trailers: Vec::new(),
                     });

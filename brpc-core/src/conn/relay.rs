@@ -79,6 +79,7 @@ pub async fn relay(
                 message,
                 trailers,
             } => {
+                let status = status.err().unwrap_or_else(|| Status::ok(""));
                 match message {
                     Some(message) if status.code() == tonic::Code::Ok => {
                         if reply.trailers(trailers).await.is_ok() {

@@ -48,8 +48,10 @@ pub enum Inbound {
     Closed,
     /// Caller: the final Response.
     Finished {
-        /// The call's status.
-        status: Status,
+        /// The call's status: `Ok` for an OK Response (whose message, if
+        /// any, is dropped: tonic's clients ignore it too), without
+        /// building a `tonic::Status`, which allocates.
+        status: Result<(), Status>,
         /// The reply message carried by an OK Response.
         message: Option<Bytes>,
     },
@@ -90,7 +92,12 @@ impl PartialEq for Inbound {
                     status: x,
                     message: y,
                 },
-            ) => a.code() == x.code() && a.message() == x.message() && b == y,
+            ) => {
+                let code = |s: &Result<(), Status>| {
+                    s.as_ref().err().map(|s| (s.code(), s.message().to_owned()))
+                };
+                code(a) == code(x) && b == y
+            }
             _ => false,
         }
     }
@@ -180,7 +187,23 @@ pub fn encode_request_parts(
     request: &RequestParts<'_>,
     max_message_size: usize,
 ) -> Result<Bytes, Status> {
-    let encoded = request.encode_to_bytes();
+    checked_size(request.encode_to_bytes(), max_message_size)
+}
+
+/// [`encode_request_parts`] with `message` encoded straight into the
+/// Request's payload (`request.payload` is not used).
+///
+/// # Errors
+/// `RESOURCE_EXHAUSTED` when the encoded Request is over `max_message_size`.
+pub fn encode_request_message(
+    request: &RequestParts<'_>,
+    message: &impl prost::Message,
+    max_message_size: usize,
+) -> Result<Bytes, Status> {
+    checked_size(request.encode_with_message(message), max_message_size)
+}
+
+fn checked_size(encoded: Bytes, max_message_size: usize) -> Result<Bytes, Status> {
     if encoded.len() > max_message_size {
         return Err(too_large(encoded.len(), max_message_size));
     }
@@ -491,8 +514,11 @@ impl Call {
                 let response = Response::decode(frame.payload).map_err(|e| {
                     Status::internal(format!("peer sent an undecodable Response: {e}"))
                 })?;
-                let status = from_wire(response.status.unwrap_or_default());
-                let message = (status.code() == Code::Ok).then_some(response.payload);
+                let status = match response.status {
+                    Some(status) if status.code != Code::Ok as i32 => Err(from_wire(status)),
+                    _ => Ok(()),
+                };
+                let message = status.is_ok().then_some(response.payload);
                 Ok(Inbound::Finished { status, message })
             }
             (CallRole::Caller, _, _) => Err(self.violation("a Request frame from the callee")),
@@ -966,7 +992,7 @@ mod tests {
         assert_eq!(
             deliver(&mut a, vec![reply]),
             vec![Inbound::Finished {
-                status: Status::ok(""),
+                status: Ok(()),
                 message: Some(Bytes::from_static(b"ok"))
             }]
         );
@@ -1037,7 +1063,7 @@ mod tests {
             vec![
                 Inbound::Trailers(trailers),
                 Inbound::Finished {
-                    status: Status::ok(""),
+                    status: Ok(()),
                     message: Some(Bytes::from_static(b"sum"))
                 }
             ]
@@ -1068,7 +1094,7 @@ mod tests {
         // ends the whole call, the request side included.
         match a.recv(end, t0()).unwrap() {
             Inbound::Finished { status, message } => {
-                assert_eq!(status.code(), Code::NotFound);
+                assert_eq!(status.unwrap_err().code(), Code::NotFound);
                 assert_eq!(message, None);
             }
             other => panic!("{other:?}"),
@@ -1602,6 +1628,7 @@ mod tests {
             .unwrap()
         {
             Inbound::Finished { status, message } => {
+                let status = status.unwrap_err();
                 assert_eq!(status.code(), Code::NotFound);
                 assert_eq!(status.message(), "nope");
                 assert_eq!(message, None);

@@ -83,7 +83,22 @@ impl RequestParts<'_> {
     /// The encoded envelope: the same bytes as encoding the equivalent
     /// [`Request`].
     pub fn encode_to_bytes(&self) -> Bytes {
-        use prost::encoding::{encoded_len_varint, int64, key_len, message};
+        self.encode_around(self.payload.len(), |buf| buf.put_slice(self.payload))
+    }
+
+    /// The encoded envelope with `message` encoded straight into its payload
+    /// field (`self.payload` is not used): one buffer, no copy of the
+    /// message's bytes.
+    pub fn encode_with_message(&self, message: &impl prost::Message) -> Bytes {
+        self.encode_around(message.encoded_len(), |buf| message.encode_raw(buf))
+    }
+
+    /// The envelope around a payload of `payload_len` bytes that `put`
+    /// writes.
+    fn encode_around(&self, payload_len: usize, put: impl FnOnce(&mut BytesMut)) -> Bytes {
+        use prost::encoding::{
+            WireType, encode_key, encode_varint, encoded_len_varint, int64, key_len, message,
+        };
         let field = |len: usize| {
             if len == 0 {
                 0
@@ -93,7 +108,7 @@ impl RequestParts<'_> {
         };
         let len = field(self.service.len())
             + field(self.method.len())
-            + field(self.payload.len())
+            + field(payload_len)
             + if self.timeout_nano != 0 {
                 int64::encoded_len(4, &self.timeout_nano)
             } else {
@@ -104,7 +119,11 @@ impl RequestParts<'_> {
         // A string field is written as a bytes field is.
         encode_bytes_field(1, self.service.as_bytes(), &mut buf);
         encode_bytes_field(2, self.method.as_bytes(), &mut buf);
-        encode_bytes_field(3, self.payload, &mut buf);
+        if payload_len != 0 {
+            encode_key(3, WireType::LengthDelimited, &mut buf);
+            encode_varint(payload_len as u64, &mut buf);
+            put(&mut buf);
+        }
         if self.timeout_nano != 0 {
             int64::encode(4, &self.timeout_nano, &mut buf);
         }
@@ -249,6 +268,33 @@ mod tests {
             payload: Bytes::new(),
         };
         assert_eq!(ok.encode_to_bytes(), ok.encode_to_vec());
+    }
+
+    #[test]
+    fn a_message_encoded_into_the_request_matches_prost() {
+        // The message is encoded straight into the payload field: the same
+        // bytes as encoding it first and carrying it, empty or not.
+        for inner in [
+            KeyValue::new("key", "value"),
+            KeyValue::new("", ""),
+            KeyValue::new("k", "v".repeat(300)),
+        ] {
+            let request = Request {
+                service: "a.B".into(),
+                method: "M".into(),
+                payload: inner.encode_to_vec().into(),
+                timeout_nano: 7,
+                metadata: vec![KeyValue::new("k", "v")],
+            };
+            let parts = RequestParts {
+                service: "a.B",
+                method: "M",
+                payload: &[],
+                timeout_nano: 7,
+                metadata: &request.metadata,
+            };
+            assert_eq!(parts.encode_with_message(&inner), request.encode_to_vec());
+        }
     }
 
     #[test]

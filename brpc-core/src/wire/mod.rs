@@ -11,7 +11,7 @@ pub mod status;
 
 pub use call::{
     Abort, Call, CallConfig, CallRole, Failure, Inbound, RequestShape, encode_request,
-    encode_request_parts,
+    encode_request_message, encode_request_parts,
 };
 pub use envelope::{
     HelloRequest, HelloResponse, KeyValue, Metadata, Request, RequestParts, Response, Status,
