@@ -1152,14 +1152,18 @@ struct Fleet {
     failures: usize,
     agent_rss: f64,
     server_cpu_per_call: Duration,
+    /// The server's CPU while the fleet is connected and idle, in cores.
+    idle_cpu: f64,
+    /// Datagrams dropped on the server's socket over the run.
+    drops: u64,
 }
 
 impl Fleet {
-    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures | agent-side RSS per agent | server CPU per broadcast call |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures | agent-side RSS per agent | server CPU per broadcast call | server CPU while idle | datagrams dropped at the server |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
     fn row(&self) -> String {
         format!(
-            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} | {:.1} KB | {:.0} µs |",
+            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} | {:.1} KB | {:.0} µs | {:.0}% of a core | {} |",
             self.agents,
             self.connected,
             self.connect.as_secs_f64(),
@@ -1170,6 +1174,8 @@ impl Fleet {
             self.failures,
             self.agent_rss / 1000.0,
             self.server_cpu_per_call.as_secs_f64() * 1e6,
+            self.idle_cpu * 100.0,
+            self.drops,
         )
     }
 }
@@ -1188,6 +1194,7 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     std::fs::write(&cert, server.certificate())?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = rss_bytes();
+    let drops_before = udp_drops(server.local_addr().port());
     let started = Instant::now();
     let children = spawn_agents(server.local_addr(), n, &cert, false)?;
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
@@ -1198,6 +1205,11 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
     let connected = server.peers().len();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_per_agent = rss_bytes().saturating_sub(rss_before) as f64 / connected.max(1) as f64;
+    // What the connected fleet costs the server while nobody calls:
+    // keep-alives and their acknowledgements.
+    let idle_started = (Instant::now(), cpu_seconds());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_cpu = (cpu_seconds() - idle_started.1) / idle_started.0.elapsed().as_secs_f64();
     // What the agents cost on their side: their processes' RSS (runtime and
     // binary included) over the agents they hold.
     let agent_rss = children
@@ -1241,6 +1253,7 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
         latencies.record(r.elapsed);
     }
     let failures = results.len() - latencies.len() as usize + (n - connected);
+    let drops = udp_drops(server.local_addr().port()).saturating_sub(drops_before);
     for mut child in children {
         drop(child.stdin.take());
         let _ = child.wait();
@@ -1258,7 +1271,28 @@ async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
         failures,
         agent_rss,
         server_cpu_per_call,
+        idle_cpu,
+        drops,
     })
+}
+
+/// Datagrams the kernel dropped on the UDP socket bound to `port` on this
+/// machine (its receive buffer was full), from /proc/net/udp; 0 if unknown.
+fn udp_drops(port: u16) -> u64 {
+    let Ok(table) = std::fs::read_to_string("/proc/net/udp") else {
+        return 0;
+    };
+    let port = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .is_some_and(|local| local.ends_with(&port))
+        })
+        .filter_map(|line| line.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Bytes of heap in use (glibc's count of allocated bytes).
@@ -1949,7 +1983,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
          peer handle, 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
-         (the server's) user+system time over the broadcast divided by its calls. Each agent process dials from its own loopback address (127.0.0.2 onwards).\n\n{header}\n{fleet_row}\n\n\
+         (the server's) user+system time over the broadcast divided by its calls; CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements); drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards).\n\n{header}\n{fleet_row}\n\n\
          ## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
         header = Fleet::HEADER,
         machine = machine()

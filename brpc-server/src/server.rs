@@ -109,7 +109,13 @@ impl Default for Builder {
             certificate: Certificate::Dev(None),
             hello_timeout: Duration::from_secs(10),
             max_hello_size: session::DEFAULT_MAX_HELLO_SIZE,
-            options: ConnectionOptions::default(),
+            // No keep-alives from the server: its clients send theirs (every
+            // 3 s by default), each answered with an ACK, which keeps both
+            // sides' idle timers running and NAT bindings open. Pinging from
+            // both ends doubled the packets an idle fleet costs the server:
+            // at 50 000 agents its socket dropped datagrams faster than it
+            // read them (brpc-bench fleet, BENCHMARKS.md).
+            options: ConnectionOptions::default().keep_alive_interval(None),
             event_capacity: 4096,
             client_roots: None,
             authorize: None,

@@ -209,3 +209,43 @@ async fn a_server_replaced_with_the_same_key_is_noticed_by_stateless_reset() {
     assert_eq!(reply.into_inner().text, "again");
     drop(first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_connection_outlives_the_idle_timeout_on_the_clients_keep_alives_alone() {
+    // The server's builder sends no keep-alives of its own; the client's
+    // PINGs, each acknowledged, must keep both sides' idle timers running.
+    let server = brpc::Server::builder()
+        .idle_timeout(IDLE)
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+        .idle_timeout(IDLE)
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let id = client.connection_id();
+    let mut events = server.peers().subscribe();
+    // Three idle timeouts of silence from the calls' point of view.
+    tokio::time::sleep(IDLE * 3).await;
+    assert!(
+        events.try_recv().is_err(),
+        "no registry event: the peer never left"
+    );
+    assert_eq!(client.connection_id(), id, "never reconnected");
+    let peer = server.peers().get(id).expect("still listed");
+    let reply = peer
+        .client(common::echo::echo_client::EchoClient::new)
+        .unary(EchoRequest::default())
+        .await
+        .expect("server calls the client");
+    assert_eq!(reply.into_inner().answered_by, "agent");
+    let reply = EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("client calls the server");
+    assert_eq!(reply.into_inner().answered_by, "server");
+}

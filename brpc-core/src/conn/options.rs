@@ -41,7 +41,7 @@ impl ConnectionOptions {
     }
 
     /// Most calls the other side may have open to this one at once (default
-    /// 100). A connection starts by allowing 16 and widens to this once 12
+    /// 100). A connection starts by allowing 8 and widens to this once 6
     /// are in use: quinn keeps state for every stream it allows.
     #[must_use]
     pub fn max_concurrent_calls(mut self, calls: u32) -> Self {
@@ -73,7 +73,10 @@ impl ConnectionOptions {
 
     /// Send a QUIC keep-alive this often while a connection is quiet
     /// (default 3 s; `None` disables). Keep it well below both sides' idle
-    /// timeouts.
+    /// timeouts. A server's builder starts with `None`: the client's
+    /// keep-alives, each acknowledged, keep a connection alive for both
+    /// sides, and a server pinging its whole fleet too would double what an
+    /// idle fleet costs it. Set one on a server whose clients send none.
     #[must_use]
     pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
         self.transport.keep_alive_interval = interval;
@@ -175,7 +178,7 @@ macro_rules! builder_setters {
             idle_timeout(timeout: std::time::Duration):
                 "Close a connection that has received nothing for this long (default 10 s).";
             keep_alive_interval(interval: Option<std::time::Duration>):
-                "Send a QUIC keep-alive this often while a connection is quiet (default 3 s).";
+                "Send a QUIC keep-alive this often while a connection is quiet (default 3 s on a client, none on a server).";
             receive_window(bytes: u64):
                 "Most unread bytes the other side may have in flight to this one (default 4 MiB).";
             buffer_per_connection(bytes: usize):

@@ -56,9 +56,11 @@ pub struct TransportOptions {
     /// is down for the whole period) reaches it.
     pub idle_timeout: Duration,
     /// Send a keep-alive (QUIC PING) this often while idle (`None`: never).
-    /// Default 3 s on both sides: often enough that the idle timeout never
-    /// fires on a live but quiet connection and that NAT bindings (often
-    /// 30 s for UDP) stay open; about 40 bytes each way per period.
+    /// Default 3 s (a server's builder starts with `None`: the dialer's
+    /// PINGs and the ACKs they draw keep both sides' idle timers running):
+    /// often enough that the idle timeout never fires on a live but quiet
+    /// connection and that NAT bindings (often 30 s for UDP) stay open;
+    /// about 40 bytes each way per period.
     pub keep_alive_interval: Option<Duration>,
     /// Most bytes the peer may have sent on a connection that this side has
     /// not yet read, across all its calls (QUIC connection flow control;
