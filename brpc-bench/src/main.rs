@@ -795,6 +795,10 @@ fn rustls_der(
 /// cap the fleet.
 const AGENTS_PER_PROCESS: usize = 10_000;
 
+/// Set for agent processes to the keep-alive in seconds they use (empty:
+/// brpc's default); their idle timeout is three times it.
+const KEEP_ALIVE_VAR: &str = "BRPC_BENCH_KEEP_ALIVE";
+
 /// Raises this process's open-file limit to its hard limit, where the OS
 /// allows; returns the soft limit in effect.
 fn raise_descriptor_limit() -> u64 {
@@ -837,6 +841,10 @@ async fn hold_agents(
     source: std::net::IpAddr,
     concurrency: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let keep_alive = std::env::var(KEEP_ALIVE_VAR)
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .map(Duration::from_secs);
     let limit = raise_descriptor_limit();
     if (limit as usize) < n + 64 {
         return Err(
@@ -853,11 +861,18 @@ async fn hold_agents(
                 // agent retries with its backoff, as a real one would.
                 tokio::time::timeout(
                     Duration::from_secs(600),
-                    Client::builder()
-                        .add_service(EchoServer::new(EchoService))
-                        .pin_certificate(der.clone())
-                        .local_address(SocketAddr::new(source, 0))
-                        .connect_with_retry(addr),
+                    {
+                        let mut builder = Client::builder()
+                            .add_service(EchoServer::new(EchoService))
+                            .pin_certificate(der.clone())
+                            .local_address(SocketAddr::new(source, 0));
+                        if let Some(keep_alive) = keep_alive {
+                            builder = builder
+                                .keep_alive_interval(Some(keep_alive))
+                                .idle_timeout(keep_alive * 3);
+                        }
+                        builder.connect_with_retry(addr)
+                    },
                 )
                 .await
                 .unwrap_or_else(|_| {
@@ -943,7 +958,7 @@ async fn storm(n: usize) -> Result<String, Box<dyn std::error::Error>> {
     let addr = wait_for_address(&peers)?;
     let cert = dir.join("server.der");
     std::fs::write(&cert, brpc::tls::load_certificate_file(&pem)?)?;
-    let children = spawn_agents(addr, n, &cert, true)?;
+    let children = spawn_agents(addr, n, &cert, true, None)?;
     let started = Instant::now();
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while peers.count() < n && started.elapsed() < limit {
@@ -1106,6 +1121,7 @@ fn spawn_agents(
     n: usize,
     cert: &std::path::Path,
     report: bool,
+    keep_alive: Option<Duration>,
 ) -> Result<Vec<std::process::Child>, Box<dyn std::error::Error>> {
     let mut children = Vec::new();
     let mut left = n;
@@ -1128,6 +1144,10 @@ fn spawn_agents(
                     &source.to_string(),
                     &concurrency.to_string(),
                 ])
+                .env(
+                    KEEP_ALIVE_VAR,
+                    keep_alive.map_or(String::new(), |k| k.as_secs().to_string()),
+                )
                 .stdin(std::process::Stdio::piped())
                 .stdout(if report {
                     std::process::Stdio::piped()
@@ -1183,20 +1203,25 @@ impl Fleet {
 /// N agents (in child processes) connect to one server; then the server
 /// broadcasts a 16-byte Echo call to every one of them (256 at a time, 5 s
 /// timeout each).
-async fn fleet(n: usize) -> Result<Fleet, Box<dyn std::error::Error>> {
+async fn fleet(
+    n: usize,
+    keep_alive: Option<Duration>,
+) -> Result<Fleet, Box<dyn std::error::Error>> {
     eprintln!("fleet: {n} agents ...");
     let dir = std::env::temp_dir().join(format!("brpc-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let server = Server::builder()
-        .add_service(EchoServer::new(EchoService))
-        .bind("127.0.0.1:0")?;
+    let mut builder = Server::builder().add_service(EchoServer::new(EchoService));
+    if let Some(keep_alive) = keep_alive {
+        builder = builder.idle_timeout(keep_alive * 3);
+    }
+    let server = builder.bind("127.0.0.1:0")?;
     let cert = dir.join("server.der");
     std::fs::write(&cert, server.certificate())?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = rss_bytes();
     let drops_before = udp_drops(server.local_addr().port());
     let started = Instant::now();
-    let children = spawn_agents(server.local_addr(), n, &cert, false)?;
+    let children = spawn_agents(server.local_addr(), n, &cert, false, keep_alive)?;
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while server.peers().len() < n && started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1428,6 +1453,10 @@ enum Command {
         /// Agents per run.
         #[arg(required = true)]
         sizes: Vec<usize>,
+        /// The agents' keep-alive interval in seconds (default: brpc's,
+        /// 3 s); both sides' idle timeout is set to three times it.
+        #[arg(long)]
+        keep_alive: Option<u64>,
     },
     /// Restart storms: N agents connected, the server restarted on the same
     /// address; one table row per size, nothing written.
@@ -1526,9 +1555,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             return Ok(());
         }
-        Some(Command::Fleet { sizes }) => {
+        Some(Command::Fleet { sizes, keep_alive }) => {
             for n in sizes {
-                let f = fleet(n).await?;
+                let f = fleet(n, keep_alive.map(Duration::from_secs)).await?;
                 println!("{}", f.row());
             }
             return Ok(());
