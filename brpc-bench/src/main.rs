@@ -799,6 +799,14 @@ const AGENTS_PER_PROCESS: usize = 10_000;
 /// brpc's default); their idle timeout is three times it.
 const KEEP_ALIVE_VAR: &str = "BRPC_BENCH_KEEP_ALIVE";
 
+/// The keep-alive a parent bench process set in [`KEEP_ALIVE_VAR`].
+fn keep_alive_from_env() -> Option<Duration> {
+    std::env::var(KEEP_ALIVE_VAR)
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .map(Duration::from_secs)
+}
+
 /// Raises this process's open-file limit to its hard limit, where the OS
 /// allows; returns the soft limit in effect.
 fn raise_descriptor_limit() -> u64 {
@@ -841,10 +849,7 @@ async fn hold_agents(
     source: std::net::IpAddr,
     concurrency: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let keep_alive = std::env::var(KEEP_ALIVE_VAR)
-        .ok()
-        .and_then(|secs| secs.parse().ok())
-        .map(Duration::from_secs);
+    let keep_alive = keep_alive_from_env();
     let limit = raise_descriptor_limit();
     if (limit as usize) < n + 64 {
         return Err(
@@ -949,16 +954,19 @@ async fn hold_agents(
 /// keep-alive) and reconnect with their backoff. Figures: the time from the
 /// new server's start until every agent is back, the agents' connection
 /// attempts, and the new server process's CPU over that time.
-async fn storm(n: usize) -> Result<String, Box<dyn std::error::Error>> {
+async fn storm(
+    n: usize,
+    keep_alive: Option<Duration>,
+) -> Result<String, Box<dyn std::error::Error>> {
     eprintln!("storm: {n} agents ...");
     let dir = std::env::temp_dir().join(format!("brpc-storm-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pem = dir.join("server.pem");
-    let (mut server, peers) = storm_server("127.0.0.1:0".parse()?, &pem)?;
+    let (mut server, peers) = storm_server("127.0.0.1:0".parse()?, &pem, keep_alive)?;
     let addr = wait_for_address(&peers)?;
     let cert = dir.join("server.der");
     std::fs::write(&cert, brpc::tls::load_certificate_file(&pem)?)?;
-    let children = spawn_agents(addr, n, &cert, true, None)?;
+    let children = spawn_agents(addr, n, &cert, true, keep_alive)?;
     let started = Instant::now();
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while peers.count() < n && started.elapsed() < limit {
@@ -968,7 +976,7 @@ async fn storm(n: usize) -> Result<String, Box<dyn std::error::Error>> {
     server.kill()?;
     let _ = server.wait();
     let restarted = Instant::now();
-    let (mut server, peers) = storm_server(addr, &pem)?;
+    let (mut server, peers) = storm_server(addr, &pem, keep_alive)?;
     let limit = Duration::from_secs(120);
     while peers.count() < before && restarted.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1032,6 +1040,7 @@ fn wait_for_address(reported: &Reported) -> Result<SocketAddr, Box<dyn std::erro
 fn storm_server(
     addr: SocketAddr,
     pem: &std::path::Path,
+    keep_alive: Option<Duration>,
 ) -> Result<(std::process::Child, Reported), Box<dyn std::error::Error>> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args([
@@ -1039,6 +1048,10 @@ fn storm_server(
             &addr.to_string(),
             &pem.display().to_string(),
         ])
+        .env(
+            KEEP_ALIVE_VAR,
+            keep_alive.map_or(String::new(), |k| k.as_secs().to_string()),
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
@@ -1073,12 +1086,15 @@ async fn serve_storm(
 ) -> Result<(), Box<dyn std::error::Error>> {
     raise_descriptor_limit();
     let started = Instant::now();
+    let idle_timeout = keep_alive_from_env().map(|k| k * 3);
     let server = loop {
-        match Server::builder()
+        let mut builder = Server::builder()
             .add_service(EchoServer::new(EchoService))
-            .dev_certificate_file(pem)
-            .bind(addr)
-        {
+            .dev_certificate_file(pem);
+        if let Some(idle) = idle_timeout {
+            builder = builder.idle_timeout(idle);
+        }
+        match builder.bind(addr) {
             Ok(server) => break server,
             Err(_) if started.elapsed() < Duration::from_secs(10) => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1464,6 +1480,10 @@ enum Command {
         /// Agents per run.
         #[arg(required = true)]
         sizes: Vec<usize>,
+        /// The agents' keep-alive interval in seconds (default: brpc's,
+        /// 3 s); both sides' idle timeout is set to three times it.
+        #[arg(long)]
+        keep_alive: Option<u64>,
     },
     /// (Internal) a storm's server process.
     #[command(hide = true, name = "storm-server")]
@@ -1546,12 +1566,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             concurrency,
         }) => return hold_agents(addr, n, &cert, source, concurrency).await,
         Some(Command::StormServer { addr, pem }) => return serve_storm(addr, &pem).await,
-        Some(Command::Storm { sizes }) => {
+        Some(Command::Storm { sizes, keep_alive }) => {
             println!(
                 "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm |\n|---:|---:|---:|---:|---:|---:|---:|"
             );
             for n in sizes {
-                println!("{}", storm(n).await?);
+                println!("{}", storm(n, keep_alive.map(Duration::from_secs)).await?);
             }
             return Ok(());
         }
