@@ -214,6 +214,8 @@ async fn a_server_replaced_with_the_same_key_is_noticed_by_stateless_reset() {
 async fn a_quiet_connection_outlives_the_idle_timeout_on_the_clients_keep_alives_alone() {
     // The server's builder sends no keep-alives of its own; the client's
     // PINGs, each acknowledged, must keep both sides' idle timers running.
+    // Eight PINGs per idle period: a loaded machine must not lose them all.
+    const IDLE: Duration = Duration::from_secs(2);
     let server = brpc::Server::builder()
         .idle_timeout(IDLE)
         .add_service(common::echo::echo_server::EchoServer::new(
