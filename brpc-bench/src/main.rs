@@ -864,21 +864,18 @@ async fn hold_agents(
             async move {
                 // A busy server makes a handshake wait, or refuses it; an
                 // agent retries with its backoff, as a real one would.
-                tokio::time::timeout(
-                    Duration::from_secs(600),
-                    {
-                        let mut builder = Client::builder()
-                            .add_service(EchoServer::new(EchoService))
-                            .pin_certificate(der.clone())
-                            .local_address(SocketAddr::new(source, 0));
-                        if let Some(keep_alive) = keep_alive {
-                            builder = builder
-                                .keep_alive_interval(Some(keep_alive))
-                                .idle_timeout(keep_alive * 3);
-                        }
-                        builder.connect_with_retry(addr)
-                    },
-                )
+                tokio::time::timeout(Duration::from_secs(600), {
+                    let mut builder = Client::builder()
+                        .add_service(EchoServer::new(EchoService))
+                        .pin_certificate(der.clone())
+                        .local_address(SocketAddr::new(source, 0));
+                    if let Some(keep_alive) = keep_alive {
+                        builder = builder
+                            .keep_alive_interval(Some(keep_alive))
+                            .idle_timeout(keep_alive * 3);
+                    }
+                    builder.connect_with_retry(addr)
+                })
                 .await
                 .unwrap_or_else(|_| {
                     Err(brpc::ConnectError::Timeout {
