@@ -361,7 +361,7 @@ impl Session {
                     if let Some(message) = message {
                         on_message(message);
                     }
-                    return status.err().unwrap_or_else(|| Status::ok(""));
+                    return brpc_core::conn::end_status(status);
                 }
             }
         }

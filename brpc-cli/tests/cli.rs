@@ -315,7 +315,7 @@ async fn raw_call(
         .expect("call starts");
     loop {
         if let ResponseEvent::End { status, .. } = call.next_event().await {
-            return status.err().unwrap_or_else(|| Status::ok(""));
+            return brpc::core::conn::end_status(status);
         }
     }
 }

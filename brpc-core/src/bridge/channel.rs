@@ -21,7 +21,7 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
-use crate::conn::{OutgoingCall, Peer, RequestBody, ResponseEvent};
+use crate::conn::{OutgoingCall, Peer, RequestBody, ResponseEvent, end_status};
 use crate::metadata;
 use crate::wire::KeyValue;
 
@@ -349,10 +349,7 @@ impl ResponseBody {
                 map.insert("grpc-status", http::HeaderValue::from_static("0"));
                 map
             }
-            status => trailers_for(&with_trailers(
-                status.err().unwrap_or_else(|| Status::ok("")),
-                trailers,
-            )),
+            status => trailers_for(&with_trailers(end_status(status), trailers)),
         });
     }
 }

@@ -26,7 +26,7 @@ pub(crate) use incoming::accept_one;
 pub use incoming::{CallEnded, Handler, Incoming, Input, MessageStream, Reply, serve};
 pub use observe::code_name;
 pub use options::ConnectionOptions;
-pub use outgoing::{OutgoingCall, RequestBody, ResponseEvent};
+pub use outgoing::{OutgoingCall, RequestBody, ResponseEvent, end_status};
 pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, UnixCredentials};
 pub use quic::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_MAX_CONCURRENT_CALLS,

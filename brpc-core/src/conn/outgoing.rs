@@ -55,6 +55,12 @@ pub enum ResponseEvent {
     },
 }
 
+/// An [`End`](ResponseEvent::End)'s status as a `tonic::Status` (built for
+/// an OK end only when asked for: it is an allocation).
+pub fn end_status(status: Result<(), Status>) -> Status {
+    status.err().unwrap_or_else(|| Status::ok(""))
+}
+
 /// A call this side opened, from its Request on. Dropping it before its end
 /// cancels the call (STOP_SENDING, and a reset of a streamed request).
 pub struct OutgoingCall {

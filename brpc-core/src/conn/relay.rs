@@ -79,7 +79,7 @@ pub async fn relay(
                 message,
                 trailers,
             } => {
-                let status = status.err().unwrap_or_else(|| Status::ok(""));
+                let status = super::end_status(status);
                 match message {
                     Some(message) if status.code() == tonic::Code::Ok => {
                         if reply.trailers(trailers).await.is_ok() {
