@@ -383,16 +383,17 @@ impl Channel {
     {
         let (request_metadata, _, message) = request.into_parts();
         let headers = request_metadata.into_headers();
-        let deadline = headers
-            .get("grpc-timeout")
-            .and_then(metadata::parse_grpc_timeout)
-            .map(|timeout| Instant::now() + timeout);
-        let peer = self.resolve(deadline).await?;
-        let entries = if headers.is_empty() {
-            Vec::new()
+        // Most calls carry no metadata: then not even the deadline is looked up.
+        let (deadline, entries) = if headers.is_empty() {
+            (None, Vec::new())
         } else {
-            metadata::to_key_values(&headers)
+            let deadline = headers
+                .get("grpc-timeout")
+                .and_then(metadata::parse_grpc_timeout)
+                .map(|timeout| Instant::now() + timeout);
+            (deadline, metadata::to_key_values(&headers))
         };
+        let peer = self.resolve(deadline).await?;
         let mut call = peer
             .start_call_with_message(service, method, entries, deadline, &message)
             .await?;

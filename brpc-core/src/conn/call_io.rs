@@ -55,7 +55,7 @@ impl super::io::CallTimer for CallCell {
     }
 
     fn progress(&mut self, mid_frame: bool) {
-        self.with(|call| call.note_bytes(now(), mid_frame));
+        self.with(|call| call.note_bytes_then(now, mid_frame));
     }
 }
 
@@ -65,7 +65,7 @@ impl super::io::CallTimer for SharedCall {
     }
 
     fn progress(&mut self, mid_frame: bool) {
-        lock(self).note_bytes(now(), mid_frame);
+        lock(self).note_bytes_then(now, mid_frame);
     }
 }
 

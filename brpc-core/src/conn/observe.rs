@@ -97,7 +97,9 @@ pub(crate) fn direction(served: bool) -> &'static str {
 pub(crate) struct CallRecord {
     _in_flight: InFlight,
     span: Span,
-    started: Instant,
+    /// When the call started, if anyone listens for its duration (the span
+    /// or the "call ended" event): the clock is not read for nobody.
+    started: Option<Instant>,
     served: bool,
     code: Option<Code>,
 }
@@ -115,10 +117,11 @@ impl CallRecord {
             code = Empty,
             duration_ms = Empty,
         );
+        let timed = !span.is_disabled() || tracing::enabled!(tracing::Level::DEBUG);
         CallRecord {
             _in_flight: InFlight::enter(counts, served),
             span,
-            started: Instant::now(),
+            started: timed.then(Instant::now),
             served,
             code: None,
         }
@@ -143,21 +146,20 @@ impl Drop for CallRecord {
     fn drop(&mut self) {
         // A call dropped before any outcome was cancelled.
         let code = self.code.unwrap_or(Code::Cancelled);
-        let elapsed = self.started.elapsed();
-        self.span.record("code", code_name(code));
-        self.span.record("duration_ms", elapsed.as_secs_f64() * 1e3);
         let name = code_name(code);
         let (side, index) = (usize::from(self.served), code as usize);
         counter(&CALLS_TOTAL[side][index]).increment(1);
         if code != Code::Ok {
             counter(&CALL_ERRORS_TOTAL[side][index]).increment(1);
         }
+        let Some(started) = self.started else {
+            return;
+        };
+        let duration_ms = started.elapsed().as_secs_f64() * 1e3;
+        self.span.record("code", name);
+        self.span.record("duration_ms", duration_ms);
         let _entered = self.span.enter();
-        tracing::debug!(
-            code = name,
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            "call ended"
-        );
+        tracing::debug!(code = name, duration_ms, "call ended");
     }
 }
 

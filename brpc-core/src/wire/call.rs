@@ -336,16 +336,19 @@ impl Call {
     /// completing a frame (`mid_frame`), or that the receive buffer is empty
     /// again: the idle limit runs only while a frame is half received.
     pub fn note_bytes(&mut self, now: Instant, mid_frame: bool) {
-        if self.recv == RecvPhase::AwaitRequest {
-            // Before the Request the limit always runs (a stream that
-            // brings nothing is reset too); bytes arriving restart it.
-            self.idle_at = self.config.idle_limit.map(|limit| now + limit);
-            return;
-        }
-        self.idle_at = if mid_frame && self.recv == RecvPhase::Open {
-            self.config.idle_limit.map(|limit| now + limit)
-        } else {
-            None
+        self.note_bytes_then(|| now, mid_frame);
+    }
+
+    /// [`note_bytes`](Self::note_bytes) reading the clock (`now`) only when
+    /// the idle limit runs: most reads start between frames.
+    pub(crate) fn note_bytes_then(&mut self, now: impl FnOnce() -> Instant, mid_frame: bool) {
+        // Before the Request the limit always runs (a stream that brings
+        // nothing is reset too); bytes arriving restart it.
+        let runs =
+            self.recv == RecvPhase::AwaitRequest || (mid_frame && self.recv == RecvPhase::Open);
+        self.idle_at = match self.config.idle_limit {
+            Some(limit) if runs => Some(now() + limit),
+            _ => None,
         };
     }
 
@@ -1307,6 +1310,40 @@ mod tests {
         let abort = a.handle_timeout(at(6)).unwrap();
         assert_eq!(abort.status.code(), Code::DeadlineExceeded);
         assert_eq!(abort.stop, Some(codes::STREAM_CANCELLED));
+    }
+
+    #[test]
+    fn the_clock_is_read_only_when_the_idle_limit_runs() {
+        let mut b = callee();
+        let mut reads = 0;
+        b.note_bytes_then(
+            || {
+                reads += 1;
+                at(1)
+            },
+            false,
+        );
+        assert_eq!(reads, 1, "before the Request the limit always runs");
+        assert_eq!(b.poll_timeout(), Some(at(6)));
+        open(b.recv(request(Flags::REMOTE_OPEN, b""), at(1)).unwrap());
+        b.note_bytes_then(
+            || {
+                reads += 1;
+                at(2)
+            },
+            false,
+        );
+        assert_eq!(reads, 1, "between frames the clock is not read");
+        assert_eq!(b.poll_timeout(), None);
+        b.note_bytes_then(
+            || {
+                reads += 1;
+                at(3)
+            },
+            true,
+        );
+        assert_eq!(reads, 2);
+        assert_eq!(b.poll_timeout(), Some(at(8)));
     }
 
     #[test]
