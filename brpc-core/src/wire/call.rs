@@ -200,7 +200,9 @@ pub fn encode_request_message(
     message: &impl prost::Message,
     max_message_size: usize,
 ) -> Result<Bytes, Status> {
-    checked_size(request.encode_with_message(message), max_message_size)
+    request
+        .encode_with_message_within(message, max_message_size)
+        .map_err(|len| too_large(len, max_message_size))
 }
 
 fn checked_size(encoded: Bytes, max_message_size: usize) -> Result<Bytes, Status> {
@@ -1709,6 +1711,33 @@ mod tests {
         assert_eq!(
             response.status.expect("status").code,
             Code::ResourceExhausted as i32
+        );
+    }
+
+    #[test]
+    fn a_request_message_over_the_limit_is_refused_with_its_size() {
+        let parts = RequestParts {
+            service: "s.S",
+            method: "M",
+            payload: b"",
+            timeout_nano: 0,
+            metadata: &[],
+        };
+        let message = Request {
+            service: "a message of some forty bytes or so".into(),
+            ..Default::default()
+        };
+        let whole = parts.encode_with_message(&message);
+        assert_eq!(
+            encode_request_message(&parts, &message, whole.len()).expect("fits"),
+            whole
+        );
+        let refused =
+            encode_request_message(&parts, &message, whole.len() - 1).expect_err("one byte over");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(
+            refused.message(),
+            too_large_message(whole.len(), whole.len() - 1)
         );
     }
 }

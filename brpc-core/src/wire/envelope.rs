@@ -83,22 +83,38 @@ impl RequestParts<'_> {
     /// The encoded envelope: the same bytes as encoding the equivalent
     /// [`Request`].
     pub fn encode_to_bytes(&self) -> Bytes {
-        self.encode_around(self.payload.len(), |buf| buf.put_slice(self.payload))
+        let len = self.encoded_len_around(self.payload.len());
+        self.encode_around(len, self.payload.len(), |buf| buf.put_slice(self.payload))
     }
 
     /// The encoded envelope with `message` encoded straight into its payload
     /// field (`self.payload` is not used): one buffer, no copy of the
     /// message's bytes.
     pub fn encode_with_message(&self, message: &impl prost::Message) -> Bytes {
-        self.encode_around(message.encoded_len(), |buf| message.encode_raw(buf))
+        let payload_len = message.encoded_len();
+        let len = self.encoded_len_around(payload_len);
+        self.encode_around(len, payload_len, |buf| message.encode_raw(buf))
     }
 
-    /// The envelope around a payload of `payload_len` bytes that `put`
-    /// writes.
-    fn encode_around(&self, payload_len: usize, put: impl FnOnce(&mut BytesMut)) -> Bytes {
-        use prost::encoding::{
-            WireType, encode_key, encode_varint, encoded_len_varint, int64, key_len, message,
-        };
+    /// [`encode_with_message`](Self::encode_with_message), unless the
+    /// envelope would be over `max` bytes: then nothing is encoded and the
+    /// error is the size it would have had.
+    pub(crate) fn encode_with_message_within(
+        &self,
+        message: &impl prost::Message,
+        max: usize,
+    ) -> Result<Bytes, usize> {
+        let payload_len = message.encoded_len();
+        let len = self.encoded_len_around(payload_len);
+        if len > max {
+            return Err(len);
+        }
+        Ok(self.encode_around(len, payload_len, |buf| message.encode_raw(buf)))
+    }
+
+    /// The encoded envelope's size around a payload of `payload_len` bytes.
+    fn encoded_len_around(&self, payload_len: usize) -> usize {
+        use prost::encoding::{encoded_len_varint, int64, key_len, message};
         let field = |len: usize| {
             if len == 0 {
                 0
@@ -106,7 +122,7 @@ impl RequestParts<'_> {
                 key_len(1) + encoded_len_varint(len as u64) + len
             }
         };
-        let len = field(self.service.len())
+        field(self.service.len())
             + field(self.method.len())
             + field(payload_len)
             + if self.timeout_nano != 0 {
@@ -114,7 +130,18 @@ impl RequestParts<'_> {
             } else {
                 0
             }
-            + message::encoded_len_repeated(5, self.metadata);
+            + message::encoded_len_repeated(5, self.metadata)
+    }
+
+    /// The envelope, `len` bytes, around a payload of `payload_len` bytes
+    /// that `put` writes.
+    fn encode_around(
+        &self,
+        len: usize,
+        payload_len: usize,
+        put: impl FnOnce(&mut BytesMut),
+    ) -> Bytes {
+        use prost::encoding::{WireType, encode_key, encode_varint, int64, message};
         let mut buf = BytesMut::with_capacity(len);
         // A string field is written as a bytes field is.
         encode_bytes_field(1, self.service.as_bytes(), &mut buf);
