@@ -525,9 +525,15 @@ impl Latencies {
 }
 
 /// Exactly `calls` calls of `payload`, 64 at a time; the first error ends it.
-async fn count_calls(caller: &Caller, payload: Bytes, calls: u64) -> Result<(), String> {
-    let per_task = calls.div_ceil(64);
-    let tasks: Vec<_> = (0..64)
+async fn count_calls(
+    caller: &Caller,
+    payload: Bytes,
+    calls: u64,
+    width: u64,
+) -> Result<(), String> {
+    let width = width.max(1);
+    let per_task = calls.div_ceil(width);
+    let tasks: Vec<_> = (0..width)
         .map(|i| {
             let caller = caller.clone();
             let payload = payload.clone();
@@ -1519,9 +1525,19 @@ enum Command {
         stacks: Vec<String>,
     },
     /// (Internal) make exactly N calls at concurrency 64 after a warm-up,
-    /// for `instructions` to count under callgrind.
+    /// for `instructions` to count under callgrind (by hand: `--bytes` and
+    /// `--tasks` for other shapes, e.g. 1 MiB at 8).
     #[command(hide = true)]
-    Count { stack: String, calls: u64 },
+    Count {
+        stack: String,
+        calls: u64,
+        /// Message size.
+        #[arg(long, default_value_t = 16)]
+        bytes: usize,
+        /// Calls at once.
+        #[arg(long, default_value_t = 64)]
+        tasks: u64,
+    },
     /// (Internal) measure a stack's memory per idle client in a fresh process.
     #[command(hide = true)]
     Memory {
@@ -1600,7 +1616,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             return Ok(());
         }
-        Some(Command::Count { stack, calls }) => {
+        Some(Command::Count {
+            stack,
+            calls,
+            bytes,
+            tasks,
+        }) => {
             // On a runtime of one thread of its own: the scheduling, and so
             // the count, varies much less from run to run than on two.
             let counted = std::thread::spawn(move || -> Result<(), String> {
@@ -1614,8 +1635,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
                     let running = start(&stack, &dir).await.map_err(|e| e.to_string())?;
                     let small = Bytes::from(vec![7u8; 16]);
-                    count_calls(&running.caller, small.clone(), 256).await?;
-                    count_calls(&running.caller, small, calls).await?;
+                    count_calls(&running.caller, small, 256, 64).await?;
+                    let payload = Bytes::from(vec![7u8; bytes]);
+                    count_calls(&running.caller, payload, calls, tasks).await?;
                     drop(running);
                     let _ = std::fs::remove_dir_all(&dir);
                     Ok(())

@@ -166,6 +166,9 @@ impl FrameReader {
                             payload: chunk.bytes,
                         }));
                     }
+                    if let Some(h) = header {
+                        self.make_room(h);
+                    }
                     self.buf.extend_from_slice(&chunk.bytes);
                 }
                 None => self.finished = true,
@@ -219,6 +222,7 @@ impl FrameReader {
                 }))
             }
             chunk => {
+                self.make_room(h);
                 self.buf.extend_from_slice(&h.to_bytes());
                 match chunk {
                     Some(chunk) => self.buf.extend_from_slice(&chunk.bytes),
@@ -226,6 +230,18 @@ impl FrameReader {
                 }
                 Ok(None)
             }
+        }
+    }
+
+    /// Room in `buf` for the whole of the frame whose header is `h`, made
+    /// once its data starts to arrive: growing the buffer chunk by chunk
+    /// would copy a large message several times over. The length is within
+    /// the largest message and already reserved from the budgets; the
+    /// allocator gives a large buffer pages only as the bytes fill them.
+    fn make_room(&mut self, h: FrameHeader) {
+        let whole = HEADER_LEN + h.length as usize;
+        if let Some(more) = whole.checked_sub(self.buf.len()) {
+            self.buf.reserve(more);
         }
     }
 
