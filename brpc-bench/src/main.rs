@@ -1,6 +1,7 @@
-//! Side-by-side benchmark of one Echo call on ten stacks, same process, same
+//! Side-by-side benchmark of one Echo call on twelve stacks, same process, same
 //! payloads, same tokio runtime, one after another:
-//! tonic over HTTP/2 (TCP loopback) in clear and over TLS 1.3, raw quinn (stream per call, 4-byte length
+//! tonic over HTTP/2 (TCP loopback) in clear and over TLS 1.3, tonic over
+//! HTTP/3 (tonic-h3 on quinn), raw quinn (stream per call, 4-byte length
 //! prefix) with default sockets and with brpc's socket buffers, brpc over QUIC
 //! client→server and server→client, ttrpc-rust over a Unix socket, and brpc
 //! over a Unix socket, each brpc stack on the tonic path and on brpc-build's
@@ -119,6 +120,8 @@ enum Caller {
     /// Through a node link and the relay of the agent's node (a cluster's
     /// cross-node call).
     Relay(EchoClient<InterceptedService<brpc::Channel, RelayTo>>),
+    /// gRPC over HTTP/3 (tonic-h3 on quinn).
+    TonicH3(EchoClient<tonic_h3::H3Channel<tonic_h3::quinn::H3QuinnConnector>>),
 }
 
 /// Marks every call for the relay to one agent.
@@ -157,6 +160,7 @@ impl Caller {
                 Caller::Brpc(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Direct(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Relay(mut c) => echoed(c.unary(echo_request(&payload)).await),
+                Caller::TonicH3(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Quinn(conn) => quinn_call(&conn, payload).await.map_err(|e| e.to_string()),
                 Caller::Ttrpc(c) => {
                     let mut req = ttrpc_gen::echo::EchoRequest::new();
@@ -256,6 +260,66 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             Running {
                 caller: Caller::Tonic(EchoClient::new(channel)),
                 _guards: vec![Box::new(AbortOnDrop::new(server))],
+            }
+        }
+        "tonic-h3" => {
+            // gRPC over HTTP/3 (tonic-h3 0.0.6 on quinn, as brpc's QUIC):
+            // the gRPC-over-QUIC peer. TLS 1.3 with ring and ALPN h3; both
+            // endpoints on UDP sockets with brpc's buffer size; quinn's
+            // default transport settings (plus the client's keep-alive), as
+            // the raw quinn stacks.
+            use brpc::core::rustls;
+            use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+            let dev = brpc::tls::DevCertificate::generate()?;
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_no_client_auth()
+                .with_single_cert(vec![dev.certificate().clone()], dev.private_key())?;
+            server_tls.alpn_protocols = vec![b"h3".to_vec()];
+            let buffers = TransportOptions::default();
+            let endpoint = brpc::core::conn::endpoint(
+                "127.0.0.1:0".parse()?,
+                Some(quinn::ServerConfig::with_crypto(Arc::new(
+                    QuicServerConfig::try_from(server_tls)?,
+                ))),
+                &buffers,
+                None,
+            )?;
+            let addr: SocketAddr = endpoint.local_addr()?;
+            let routes = tonic::service::Routes::builder()
+                .add_service(EchoServer::new(EchoService).max_decoding_message_size(4 << 20))
+                .clone()
+                .routes();
+            let acceptor = tonic_h3::quinn::H3QuinnAcceptor::new(endpoint.clone());
+            let server = tokio::spawn(async move {
+                let _ = tonic_h3::server::H3Router::new(routes)
+                    .serve(acceptor)
+                    .await;
+            });
+            let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(brpc::tls::pinned_roots(dev.certificate())?)
+                .with_no_client_auth();
+            client_tls.alpn_protocols = vec![b"h3".to_vec()];
+            let mut client =
+                brpc::core::conn::endpoint("127.0.0.1:0".parse()?, None, &buffers, None)?;
+            let mut transport = quinn::TransportConfig::default();
+            transport.keep_alive_interval(Some(Duration::from_secs(5)));
+            let mut config =
+                quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls)?));
+            config.transport_config(Arc::new(transport));
+            client.set_default_client_config(config);
+            // An address, not a name: "localhost" may resolve to ::1 first.
+            let uri: http::Uri = format!("https://{addr}").parse()?;
+            let connector =
+                tonic_h3::quinn::H3QuinnConnector::new(uri.clone(), "localhost".into(), client);
+            let channel = tonic_h3::H3Channel::new(connector, uri, None);
+            Running {
+                caller: Caller::TonicH3(
+                    EchoClient::new(channel).max_decoding_message_size(4 << 20),
+                ),
+                _guards: vec![Box::new(AbortOnDrop::new(server)), Box::new(endpoint)],
             }
         }
         "quinn" | "quinn-buf" => {
@@ -1547,9 +1611,10 @@ enum Command {
     },
 }
 
-const STACKS: [&str; 11] = [
+const STACKS: [&str; 12] = [
     "tonic",
     "tonic-tls",
+    "tonic-h3",
     "quinn",
     "quinn-buf",
     "brpc",
@@ -1720,6 +1785,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "brpc",
             "tonic",
             "tonic-tls",
+            "tonic-h3",
             "ttrpc-unix",
             "brpc-direct-unix",
             "brpc-unix",
@@ -1839,7 +1905,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         get("brpc-unix"),
     );
     let (direct, direct_unix) = (get("brpc-direct"), get("brpc-direct-unix"));
-    let tonic_tls = get("tonic-tls");
+    let (tonic_tls, tonic_h3) = (get("tonic-tls"), get("tonic-h3"));
     let check = |ok: bool| if ok { "met" } else { "NOT met" };
     // No figure (a stack failed): NaN, which meets no target.
     let ratio = |a: f64, b: f64| if a > 0.0 && b > 0.0 { a / b } else { f64::NAN };
@@ -1906,6 +1972,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             direct.c64_calls,
             tonic_tls.c64_calls,
             1.6,
+        ),
+        at_least(
+            "brpc-direct 16 B c=64 ≥ 2× tonic-h3 (gRPC over QUIC)",
+            direct.c64_calls,
+            tonic_h3.c64_calls,
+            2.0,
         ),
         at_most(
             "brpc-direct c=1 p50 ≤ 1.15× raw quinn",
@@ -2036,7 +2108,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          All stacks run in one process on one tokio runtime with 2 worker threads; client and server share the machine's cores,\n\
          so CPU time per call covers both ends. Each figure is the median of three measured rounds after a warm-up; every round measures all\n\
          stacks one after another, so slow drifts in the machine's speed hit every stack alike.\n\
-         tonic uses its own HTTP/2 transport over TCP loopback (plaintext); tonic-tls the same over TLS 1.3 (tonic's `tls-ring`: rustls with ring, as brpc; a self-signed certificate); raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
+         tonic uses its own HTTP/2 transport over TCP loopback (plaintext); tonic-tls the same over TLS 1.3 (tonic's `tls-ring`: rustls with ring, as brpc; a self-signed certificate); tonic-h3 is gRPC over HTTP/3 (tonic-h3 0.0.6 on quinn, TLS 1.3 with ring, quinn's default settings on UDP sockets with brpc's buffer size); raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
          and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers; brpc-reverse is the server calling the client\n\
          through the peer handle; brpc, brpc-reverse and brpc-unix use tonic's generated client and server (the tonic path), brpc-direct and brpc-direct-unix\n\
          brpc-build's (the direct path); tonic's server sets TCP_NODELAY as its own `serve` does; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
