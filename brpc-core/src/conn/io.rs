@@ -236,8 +236,9 @@ impl FrameReader {
     /// Room in `buf` for the whole of the frame whose header is `h`, made
     /// once its data starts to arrive: growing the buffer chunk by chunk
     /// would copy a large message several times over. The length is within
-    /// the largest message and already reserved from the budgets; the
-    /// allocator gives a large buffer pages only as the bytes fill them.
+    /// the largest message and already reserved from the budgets (memory
+    /// the allocator has not handed out before takes pages only as the
+    /// bytes fill it).
     fn make_room(&mut self, h: FrameHeader) {
         let whole = HEADER_LEN + h.length as usize;
         if let Some(more) = whole.checked_sub(self.buf.len()) {

@@ -97,8 +97,8 @@ pub(crate) fn direction(served: bool) -> &'static str {
 pub(crate) struct CallRecord {
     _in_flight: InFlight,
     span: Span,
-    /// When the call started, if anyone listens for its duration (the span
-    /// or the "call ended" event): the clock is not read for nobody.
+    /// When the call started, if anyone may listen for its duration (the
+    /// span or the "call ended" event): the clock is not read for nobody.
     started: Option<Instant>,
     served: bool,
     code: Option<Code>,
@@ -117,7 +117,12 @@ impl CallRecord {
             code = Empty,
             duration_ms = Empty,
         );
-        let timed = !span.is_disabled() || tracing::enabled!(tracing::Level::DEBUG);
+        // With tracing's `log` feature (some dependency may turn it on) and
+        // no tracing subscriber, spans and events go to `log` instead.
+        let timed = !span.is_disabled()
+            || tracing::enabled!(tracing::Level::DEBUG)
+            || (!tracing::dispatcher::has_been_set()
+                && log::max_level() >= log::LevelFilter::Debug);
         CallRecord {
             _in_flight: InFlight::enter(counts, served),
             span,
