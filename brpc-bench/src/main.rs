@@ -11,6 +11,7 @@
 //! ```text
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml            # about 3 minutes (+ first min-size build)
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # a smoke run, under a minute: figures not for quoting
+//! cargo run --release --manifest-path brpc-bench/Cargo.toml --features tonic-h3 # with the tonic-h3 stack (see STACKS)
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
 //! brpc-bench --stack brpc --c64-only        # 10 s at c=64 (or --c1-only), for a profiler
 //! brpc-bench instructions brpc quinn        # instructions per call, counted by callgrind
