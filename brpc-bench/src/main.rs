@@ -1,4 +1,5 @@
-//! Side-by-side benchmark of one Echo call on twelve stacks, same process, same
+//! Side-by-side benchmark of one Echo call on eleven stacks (twelve with
+//! `--features tonic-h3`), same process, same
 //! payloads, same tokio runtime, one after another:
 //! tonic over HTTP/2 (TCP loopback) in clear and over TLS 1.3, tonic over
 //! HTTP/3 (tonic-h3 on quinn), raw quinn (stream per call, 4-byte length
@@ -592,7 +593,8 @@ impl Latencies {
     }
 }
 
-/// Exactly `calls` calls of `payload`, 64 at a time; the first error ends it.
+/// Exactly `calls` calls of `payload`, `width` at a time; the first error
+/// ends it.
 async fn count_calls(
     caller: &Caller,
     payload: Bytes,

@@ -187,7 +187,11 @@ pub fn encode_request_parts(
     request: &RequestParts<'_>,
     max_message_size: usize,
 ) -> Result<Bytes, Status> {
-    checked_size(request.encode_to_bytes(), max_message_size)
+    let len = request.encoded_len();
+    if len > max_message_size {
+        return Err(too_large(len, max_message_size));
+    }
+    Ok(request.encode_to_bytes())
 }
 
 /// [`encode_request_parts`] with `message` encoded straight into the
@@ -203,13 +207,6 @@ pub fn encode_request_message(
     request
         .encode_with_message_within(message, max_message_size)
         .map_err(|len| too_large(len, max_message_size))
-}
-
-fn checked_size(encoded: Bytes, max_message_size: usize) -> Result<Bytes, Status> {
-    if encoded.len() > max_message_size {
-        return Err(too_large(encoded.len(), max_message_size));
-    }
-    Ok(encoded)
 }
 
 /// The receive half's progress.
@@ -1735,6 +1732,22 @@ mod tests {
         let refused =
             encode_request_message(&parts, &message, whole.len() - 1).expect_err("one byte over");
         assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert_eq!(
+            refused.message(),
+            too_large_message(whole.len(), whole.len() - 1)
+        );
+        // The same envelope with the message already encoded.
+        let payload = message.encode_to_vec();
+        let with_payload = RequestParts {
+            payload: &payload,
+            ..parts
+        };
+        assert_eq!(
+            encode_request_parts(&with_payload, whole.len()).expect("fits"),
+            whole
+        );
+        let refused =
+            encode_request_parts(&with_payload, whole.len() - 1).expect_err("one byte over");
         assert_eq!(
             refused.message(),
             too_large_message(whole.len(), whole.len() - 1)

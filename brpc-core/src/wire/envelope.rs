@@ -83,8 +83,14 @@ impl RequestParts<'_> {
     /// The encoded envelope: the same bytes as encoding the equivalent
     /// [`Request`].
     pub fn encode_to_bytes(&self) -> Bytes {
-        let len = self.encoded_len_around(self.payload.len());
-        self.encode_around(len, self.payload.len(), |buf| buf.put_slice(self.payload))
+        self.encode_around(self.encoded_len(), self.payload.len(), |buf| {
+            buf.put_slice(self.payload)
+        })
+    }
+
+    /// The encoded envelope's size.
+    pub(crate) fn encoded_len(&self) -> usize {
+        self.encoded_len_around(self.payload.len())
     }
 
     /// The encoded envelope with `message` encoded straight into its payload
