@@ -1314,34 +1314,20 @@ mod tests {
     #[test]
     fn the_clock_is_read_only_when_the_idle_limit_runs() {
         let mut b = callee();
-        let mut reads = 0;
-        b.note_bytes_then(
-            || {
-                reads += 1;
-                at(1)
-            },
-            false,
-        );
-        assert_eq!(reads, 1, "before the Request the limit always runs");
+        let reads = std::cell::Cell::new(0);
+        let clock = |secs| {
+            reads.set(reads.get() + 1);
+            at(secs)
+        };
+        b.note_bytes_then(|| clock(1), false);
+        assert_eq!(reads.get(), 1, "before the Request the limit always runs");
         assert_eq!(b.poll_timeout(), Some(at(6)));
         open(b.recv(request(Flags::REMOTE_OPEN, b""), at(1)).unwrap());
-        b.note_bytes_then(
-            || {
-                reads += 1;
-                at(2)
-            },
-            false,
-        );
-        assert_eq!(reads, 1, "between frames the clock is not read");
+        b.note_bytes_then(|| clock(2), false);
+        assert_eq!(reads.get(), 1, "between frames the clock is not read");
         assert_eq!(b.poll_timeout(), None);
-        b.note_bytes_then(
-            || {
-                reads += 1;
-                at(3)
-            },
-            true,
-        );
-        assert_eq!(reads, 2);
+        b.note_bytes_then(|| clock(3), true);
+        assert_eq!(reads.get(), 2);
         assert_eq!(b.poll_timeout(), Some(at(8)));
     }
 
