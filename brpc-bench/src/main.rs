@@ -142,7 +142,7 @@ impl tonic::service::Interceptor for RelayTo {
 
 fn echo_request(payload: &Bytes) -> EchoRequest {
     EchoRequest {
-        blob: payload.to_vec(),
+        blob: payload.clone(),
         ..Default::default()
     }
 }
@@ -942,7 +942,7 @@ async fn hold_agents(
                 // agent retries with its backoff, as a real one would.
                 tokio::time::timeout(Duration::from_secs(600), {
                     let mut builder = Client::builder()
-                        .add_service(EchoServer::new(EchoService))
+                        .add_direct(proto::echo_brpc::EchoService::new(EchoService))
                         .pin_certificate(der.clone())
                         .local_address(SocketAddr::new(source, 0));
                     if let Some(keep_alive) = keep_alive {
@@ -1291,7 +1291,8 @@ impl Fleet {
 
 /// N agents (in child processes) connect to one server; then the server
 /// broadcasts a 16-byte Echo call to every one of them (256 at a time, 5 s
-/// timeout each).
+/// timeout each), through the direct path on both ends (the agents serve
+/// Echo with `add_direct`, the server calls with brpc-build's client).
 async fn fleet(
     n: usize,
     keep_alive: Option<Duration>,
@@ -1332,7 +1333,7 @@ async fn fleet(
         .sum::<u64>() as f64
         / connected.max(1) as f64;
 
-    let payload = vec![7u8; 16];
+    let payload = Bytes::from(vec![7u8; 16]);
     // The default concurrency (256). Far more at once overflows the server's
     // one UDP socket with answers: at 2048, 7 125 datagrams were dropped and
     // the broadcast took 2.1 s instead of 0.7–0.9 s.
@@ -1340,6 +1341,7 @@ async fn fleet(
         timeout: Duration::from_secs(5),
         ..Default::default()
     };
+    eprintln!("fleet: {connected} connected in {connect:.1?}; broadcasting ...");
     let started = Instant::now();
     // This process is the server (and the broadcast's caller): its CPU time
     // over the broadcast is the server's cost of it.
@@ -1348,7 +1350,7 @@ async fn fleet(
         let blob = payload.clone();
         async move {
             let reply = peer
-                .client(EchoClient::new)
+                .client(proto::echo_brpc::EchoClient::new)
                 .unary(EchoRequest {
                     blob,
                     ..Default::default()
@@ -1360,6 +1362,7 @@ async fn fleet(
     .collect()
     .await;
     let broadcast = started.elapsed();
+    eprintln!("fleet: broadcast done in {broadcast:.1?}");
     let server_cpu_per_call =
         Duration::from_secs_f64((cpu_seconds() - cpu_before) / results.len().max(1) as f64);
     let mut latencies = Latencies::default();
@@ -2138,7 +2141,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          tonic uses its own HTTP/2 transport over TCP loopback (plaintext); tonic-tls the same over TLS 1.3 (tonic's `tls-ring`: rustls with ring, as brpc; a self-signed certificate); {h3}raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
          and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers; brpc-reverse is the server calling the client\n\
          through the peer handle; brpc, brpc-reverse and brpc-unix use tonic's generated client and server (the tonic path), brpc-direct and brpc-direct-unix\n\
-         brpc-build's (the direct path); tonic's server sets TCP_NODELAY as its own `serve` does; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
+         brpc-build's (the direct path); the prost stacks (brpc, tonic, tonic-h3) share one generated Echo whose `bytes` fields are `bytes::Bytes` (prost's `bytes([\".\"])`), so a received \
+         blob is a slice of the received buffer, not a copy (ttrpc-rust's rust-protobuf code copies it into a `Vec<u8>`); tonic's server sets TCP_NODELAY as its own `serve` does; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\
          receive buffer during that stack's measured rounds (machine-wide `RcvbufErrors`).\n\n\
          {table}\n![calls per second by stack and concurrency](benchmarks.svg)\n\n\
          ## Instructions per call\n\n`valgrind --tool=callgrind` over 3000 and then 6000 16-byte unary calls at c=64 (one-thread runtime, fresh process each), \
@@ -2148,7 +2152,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint, both ends with brpc's transport settings (call window, keep-alives, idle timeout); tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
-         peer handle, 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
+         peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
          (the server's) user+system time over the broadcast divided by its calls; CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements); drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards).\n\n{header}\n{fleet_row}\n\n\
          ## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
