@@ -1610,6 +1610,10 @@ enum Command {
         /// Calls at once.
         #[arg(long, default_value_t = 64)]
         tasks: u64,
+        /// Worker threads: 1 (the default) runs a current-thread runtime,
+        /// more a multi-thread one (as the side-by-side run uses 2).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// (Internal) measure a stack's memory per idle client in a fresh process.
     #[command(hide = true)]
@@ -1699,14 +1703,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             calls,
             bytes,
             tasks,
+            threads,
         }) => {
-            // On a runtime of one thread of its own: the scheduling, and so
-            // the count, varies much less from run to run than on two.
+            // By default on a runtime of one thread of its own: the
+            // scheduling, and so the count, varies much less from run to run
+            // than on two.
             let counted = std::thread::spawn(move || -> Result<(), String> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
+                let runtime = if threads > 1 {
+                    tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(threads)
+                        .enable_all()
+                        .build()
+                } else {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                }
+                .map_err(|e| e.to_string())?;
                 runtime.block_on(async {
                     let dir =
                         std::env::temp_dir().join(format!("brpc-count-{}", std::process::id()));
