@@ -1541,6 +1541,9 @@ struct Cli {
 #[derive(clap::Subcommand)]
 enum Command {
     /// One fleet run per size, printed as a table row; nothing written.
+    /// With several sizes, each runs in a fresh process: memory an earlier
+    /// fleet freed would otherwise stay resident and hide a later one's
+    /// growth in RSS.
     Fleet {
         /// Agents per run.
         #[arg(required = true)]
@@ -1667,6 +1670,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             for n in sizes {
                 println!("{}", storm(n, keep_alive.map(Duration::from_secs)).await?);
+            }
+            return Ok(());
+        }
+        Some(Command::Fleet { sizes, keep_alive }) if sizes.len() > 1 => {
+            for n in sizes {
+                let mut child = std::process::Command::new(std::env::current_exe()?);
+                child.args(["fleet", &n.to_string()]);
+                if let Some(k) = keep_alive {
+                    child.args(["--keep-alive", &k.to_string()]);
+                }
+                let status = child.status()?;
+                if !status.success() {
+                    return Err(format!("the fleet of {n} failed: {status}").into());
+                }
             }
             return Ok(());
         }

@@ -187,11 +187,9 @@ pub fn encode_request_parts(
     request: &RequestParts<'_>,
     max_message_size: usize,
 ) -> Result<Bytes, Status> {
-    let len = request.encoded_len();
-    if len > max_message_size {
-        return Err(too_large(len, max_message_size));
-    }
-    Ok(request.encode_to_bytes())
+    request
+        .encode_to_bytes_within(max_message_size)
+        .map_err(|len| too_large(len, max_message_size))
 }
 
 /// [`encode_request_parts`] with `message` encoded straight into the

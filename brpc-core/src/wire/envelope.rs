@@ -83,14 +83,16 @@ impl RequestParts<'_> {
     /// The encoded envelope: the same bytes as encoding the equivalent
     /// [`Request`].
     pub fn encode_to_bytes(&self) -> Bytes {
-        self.encode_around(self.encoded_len(), self.payload.len(), |buf| {
-            buf.put_slice(self.payload)
-        })
+        let payload_len = self.payload.len();
+        let len = self.encoded_len_around(payload_len);
+        self.encode_around(len, payload_len, |buf| buf.put_slice(self.payload))
     }
 
-    /// The encoded envelope's size.
-    pub(crate) fn encoded_len(&self) -> usize {
-        self.encoded_len_around(self.payload.len())
+    /// [`encode_to_bytes`](Self::encode_to_bytes), unless the envelope would
+    /// be over `max` bytes: then nothing is encoded and the error is the
+    /// size it would have had.
+    pub(crate) fn encode_to_bytes_within(&self, max: usize) -> Result<Bytes, usize> {
+        self.encode_within(self.payload.len(), max, |buf| buf.put_slice(self.payload))
     }
 
     /// The encoded envelope with `message` encoded straight into its payload
@@ -103,19 +105,30 @@ impl RequestParts<'_> {
     }
 
     /// [`encode_with_message`](Self::encode_with_message), unless the
-    /// envelope would be over `max` bytes: then nothing is encoded and the
-    /// error is the size it would have had.
+    /// envelope would be over `max` bytes (as
+    /// [`encode_to_bytes_within`](Self::encode_to_bytes_within)).
     pub(crate) fn encode_with_message_within(
         &self,
         message: &impl prost::Message,
         max: usize,
     ) -> Result<Bytes, usize> {
-        let payload_len = message.encoded_len();
+        self.encode_within(message.encoded_len(), max, |buf| message.encode_raw(buf))
+    }
+
+    /// The envelope around a payload of `payload_len` bytes that `put`
+    /// writes, unless it would be over `max` bytes (the error: its size).
+    /// Its length is computed once, for the check and the buffer.
+    fn encode_within(
+        &self,
+        payload_len: usize,
+        max: usize,
+        put: impl FnOnce(&mut BytesMut),
+    ) -> Result<Bytes, usize> {
         let len = self.encoded_len_around(payload_len);
         if len > max {
             return Err(len);
         }
-        Ok(self.encode_around(len, payload_len, |buf| message.encode_raw(buf)))
+        Ok(self.encode_around(len, payload_len, put))
     }
 
     /// The encoded envelope's size around a payload of `payload_len` bytes.
