@@ -1249,6 +1249,18 @@ fn spawn_agents(
     Ok(children)
 }
 
+/// `brpc-bench fleet n` as a process of its own: heap that earlier runs in
+/// this process freed stays resident and would hide, in the RSS figure,
+/// what the fleet's connections cost.
+fn fleet_process(n: usize, keep_alive: Option<u64>) -> std::io::Result<std::process::Command> {
+    let mut child = std::process::Command::new(std::env::current_exe()?);
+    child.args(["fleet", &n.to_string()]);
+    if let Some(k) = keep_alive {
+        child.args(["--keep-alive", &k.to_string()]);
+    }
+    Ok(child)
+}
+
 /// One fleet run's figures.
 struct Fleet {
     agents: usize,
@@ -1673,24 +1685,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             return Ok(());
         }
-        Some(Command::Fleet { sizes, keep_alive }) if sizes.len() > 1 => {
-            for n in sizes {
-                let mut child = std::process::Command::new(std::env::current_exe()?);
-                child.args(["fleet", &n.to_string()]);
-                if let Some(k) = keep_alive {
-                    child.args(["--keep-alive", &k.to_string()]);
-                }
-                let status = child.status()?;
-                if !status.success() {
-                    return Err(format!("the fleet of {n} failed: {status}").into());
-                }
-            }
-            return Ok(());
-        }
         Some(Command::Fleet { sizes, keep_alive }) => {
-            for n in sizes {
+            if let [n] = sizes[..] {
                 let f = fleet(n, keep_alive.map(Duration::from_secs)).await?;
                 println!("{}", f.row());
+            } else {
+                for n in sizes {
+                    let status = fleet_process(n, keep_alive)?.status()?;
+                    if !status.success() {
+                        return Err(format!("the fleet of {n} failed: {status}").into());
+                    }
+                }
             }
             return Ok(());
         }
@@ -1726,17 +1731,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             // scheduling, and so the count, varies much less from run to run
             // than on two.
             let counted = std::thread::spawn(move || -> Result<(), String> {
-                let runtime = if threads > 1 {
-                    tokio::runtime::Builder::new_multi_thread()
-                        .worker_threads(threads)
-                        .enable_all()
-                        .build()
+                let mut builder = if threads > 1 {
+                    let mut builder = tokio::runtime::Builder::new_multi_thread();
+                    builder.worker_threads(threads);
+                    builder
                 } else {
                     tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                }
-                .map_err(|e| e.to_string())?;
+                };
+                let runtime = builder.enable_all().build().map_err(|e| e.to_string())?;
                 runtime.block_on(async {
                     let dir =
                         std::env::temp_dir().join(format!("brpc-count-{}", std::process::id()));
@@ -1891,12 +1893,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("{memory_table}");
 
-    // Fleet scale in a fresh process, so no freed heap from the runs above
-    // hides what the connections cost.
     let fleet_n = if quick { 1000 } else { 10_000 };
     eprintln!("fleet: {fleet_n} agents ...");
-    let fleet_row = std::process::Command::new(std::env::current_exe()?)
-        .args(["fleet", &fleet_n.to_string()])
+    let fleet_row = fleet_process(fleet_n, None)?
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
         .unwrap_or_default();
