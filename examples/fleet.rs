@@ -363,11 +363,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for watcher in watchers {
         watcher.abort();
     }
-    let renewed = agents
-        .iter()
-        .zip(&old_ids)
-        .filter(|(agent, old)| matches!(agent.state(), ClientState::Connected { connection_id } if connection_id != **old))
-        .count();
+    // The server lists an agent when it answers the agent's Hello; the agent
+    // turns Connected when that answer arrives, a moment later.
+    let mut renewed = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for (agent, old) in agents.iter().zip(&old_ids) {
+        let mut state = agent.watch_state();
+        let connected = tokio::time::timeout_at(
+            deadline,
+            state.wait_for(
+                |s| matches!(s, ClientState::Connected { connection_id } if connection_id != old),
+            ),
+        )
+        .await;
+        if matches!(connected, Ok(Ok(_))) {
+            renewed += 1;
+        }
+    }
     println!("{renewed}/{n} agents reconnected with a new connection id");
     println!(
         "reconnecting states seen: {} (one per agent, plus one per failed attempt)",

@@ -281,8 +281,19 @@ async fn agents_reconnect_to_a_restarted_server() {
     .await;
     println!("all {N} agents reconnected in {:?}", restarted.elapsed());
     for (agent, old) in agents.iter().zip(&old_ids) {
-        let ClientState::Connected { connection_id } = agent.state() else {
-            panic!("agent not connected: {:?}", agent.state());
+        // The server lists a peer when it answers its Hello; the agent turns
+        // Connected when that answer arrives, a moment later.
+        let mut state = agent.watch_state();
+        let connected = tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| matches!(s, ClientState::Connected { .. })),
+        )
+        .await
+        .expect("agent connected")
+        .expect("watch")
+        .clone();
+        let ClientState::Connected { connection_id } = connected else {
+            unreachable!("waited for Connected");
         };
         assert_ne!(connection_id, *old, "a new connection id");
         let peer = second
