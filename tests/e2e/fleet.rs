@@ -459,7 +459,18 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
         .await
         .expect("join")
         .expect("the call in flight finished successfully");
-    match client.state() {
+    // The GoAway reached the client before the call's answer; wait on its
+    // state rather than read it, so a slow machine cannot race the two.
+    let mut state = client.watch_state();
+    let state = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| !matches!(s, ClientState::Connected { .. })),
+    )
+    .await
+    .expect("left Connected")
+    .expect("watch")
+    .clone();
+    match state {
         ClientState::Reconnecting { last_error, .. } => {
             assert!(last_error.is_going_away(), "{last_error}");
             assert!(
