@@ -144,8 +144,22 @@ where
 
 /// The status an http response's trailers (or trailers-only headers) carry.
 pub(crate) fn status_from_trailers(trailers: &HeaderMap) -> Status {
+    if is_bare_ok(trailers) {
+        return Status::ok("");
+    }
     Status::from_header_map(trailers)
         .unwrap_or_else(|| Status::internal("handler response ended without a grpc-status"))
+}
+
+/// Whether `trailers` hold `grpc-status: 0` and nothing else: how tonic's
+/// server ends an OK reply without trailing metadata, the common end. Read
+/// without a header lookup; `Status::from_header_map` clones the whole map.
+fn is_bare_ok(trailers: &HeaderMap) -> bool {
+    trailers.len() == 1
+        && trailers
+            .iter()
+            .next()
+            .is_some_and(|(name, value)| name == "grpc-status" && value == "0")
 }
 
 /// Trailers carrying `status`.
@@ -220,6 +234,32 @@ mod tests {
         let mut r = MessageReader::new(body_of(vec![frame_message(b"m")], None), 8);
         assert!(matches!(r.next_now(), Some(Ok(BodyEvent::Message(_)))));
         assert!(matches!(r.next_now(), Some(Ok(BodyEvent::End))));
+    }
+
+    #[test]
+    fn the_bare_ok_shortcut_reads_only_a_lone_ok_status() {
+        let map = |entries: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (k, v) in entries {
+                map.append(*k, http::HeaderValue::from_static(v));
+            }
+            map
+        };
+        let ok = status_from_trailers(&map(&[("grpc-status", "0")]));
+        assert_eq!((ok.code(), ok.message()), (tonic::Code::Ok, ""));
+        let with_metadata = status_from_trailers(&map(&[("grpc-status", "0"), ("x-k", "v")]));
+        assert_eq!(with_metadata.code(), tonic::Code::Ok);
+        assert_eq!(with_metadata.metadata().get("x-k").unwrap(), "v");
+        let not_found = status_from_trailers(&map(&[("grpc-status", "5")]));
+        assert_eq!(not_found.code(), tonic::Code::NotFound);
+        let no_status = status_from_trailers(&map(&[("x-status", "0")]));
+        assert_eq!(no_status.code(), tonic::Code::Internal);
+        let twice = status_from_trailers(&map(&[("grpc-status", "0"), ("grpc-status", "2")]));
+        assert_eq!(
+            twice.code(),
+            tonic::Code::Ok,
+            "the first value, as tonic reads it"
+        );
     }
 
     #[test]

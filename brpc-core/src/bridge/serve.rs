@@ -46,9 +46,9 @@ async fn handle(router: &Router, call: Incoming, out: &mut Reply) {
         timeout,
         input,
     } = call;
-    let uri = match http::Uri::try_from(format!("/{service}/{method}")) {
-        Ok(uri) => uri,
-        Err(_) => {
+    let uri = match path_uri(&service, &method) {
+        Some(uri) => uri,
+        None => {
             out.status(Status::invalid_argument(format!(
                 "service {service:?} / method {method:?} is not a valid name"
             )))
@@ -86,6 +86,21 @@ async fn handle(router: &Router, call: Incoming, out: &mut Reply) {
 
     let response = router.call(http_request).await;
     respond(out, response).await;
+}
+
+/// The uri `/{service}/{method}`, as `http::Uri::try_from` would parse it,
+/// built without the formatter and without parsing it as a whole uri (the
+/// path is all there is).
+fn path_uri(service: &str, method: &str) -> Option<http::Uri> {
+    let mut path = Vec::with_capacity(2 + service.len() + method.len());
+    path.push(b'/');
+    path.extend_from_slice(service.as_bytes());
+    path.push(b'/');
+    path.extend_from_slice(method.as_bytes());
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query =
+        Some(http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(path)).ok()?);
+    http::Uri::from_parts(parts).ok()
 }
 
 /// Sends the handler's http response as ttrpc frames. One message followed at
@@ -187,5 +202,27 @@ async fn respond(out: &mut Reply, response: http::Response<Body>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_uri;
+
+    #[test]
+    fn a_path_uri_is_the_uri_parsed_from_the_same_path() {
+        for (service, method) in [
+            ("test.echo.v1.Echo", "Unary"),
+            ("a", "b"),
+            ("svc", "m?q=1"),
+            ("spaced name", "m"),
+            ("svc", "m\u{e9}"),
+        ] {
+            let parsed = http::Uri::try_from(format!("/{service}/{method}")).ok();
+            assert_eq!(path_uri(service, method), parsed, "{service:?} {method:?}");
+        }
+        let uri = path_uri("test.echo.v1.Echo", "Unary").unwrap();
+        assert_eq!(uri.path(), "/test.echo.v1.Echo/Unary");
+        assert!(uri.scheme().is_none() && uri.authority().is_none());
     }
 }
