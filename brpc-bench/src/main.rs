@@ -14,6 +14,7 @@
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # a smoke run, under a minute: figures not for quoting
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml --features tonic-h3 # with the tonic-h3 stack (see STACKS)
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
+//! brpc-bench --fleet 10000 100000 --storm 10000 --fleet-keep-alive 10 # the full run with those fleet rows and restart storm rows
 //! brpc-bench --stack brpc --c64-only        # 10 s at c=64 (or --c1-only), for a profiler
 //! brpc-bench instructions brpc quinn        # instructions per call, counted by callgrind
 //! ```
@@ -1082,6 +1083,9 @@ async fn storm(
     ))
 }
 
+/// The columns of a restart storm's row.
+const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm |\n|---:|---:|---:|---:|---:|---:|---:|";
+
 /// What a storm server process reports: its address, then its peer count.
 #[derive(Clone, Default)]
 struct Reported {
@@ -1548,6 +1552,20 @@ struct Cli {
     /// With --stack: 10 s of 16-byte calls at concurrency 1 and nothing else.
     #[arg(long, requires = "stack")]
     c1_only: bool,
+    /// Fleet sizes for the full run's "Fleet scale" rows, each in a fresh
+    /// process (default 10000; 1000 with --quick). The first size is the one
+    /// the targets table judges.
+    #[arg(long, num_args = 1.., value_name = "N")]
+    fleet: Vec<usize>,
+    /// Restart storms for the full run's "Restart storm" rows, one per size
+    /// (default: none).
+    #[arg(long, num_args = 1.., value_name = "N")]
+    storm: Vec<usize>,
+    /// The agents' keep-alive interval in seconds for the full run's fleets
+    /// and storms (default: brpc's, 3 s); both sides' idle timeout is three
+    /// times it.
+    #[arg(long, value_name = "SECONDS")]
+    fleet_keep_alive: Option<u64>,
 }
 
 #[derive(clap::Subcommand)]
@@ -1677,9 +1695,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }) => return hold_agents(addr, n, &cert, source, concurrency).await,
         Some(Command::StormServer { addr, pem }) => return serve_storm(addr, &pem).await,
         Some(Command::Storm { sizes, keep_alive }) => {
-            println!(
-                "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm |\n|---:|---:|---:|---:|---:|---:|---:|"
-            );
+            println!("{STORM_HEADER}");
             for n in sizes {
                 println!("{}", storm(n, keep_alive.map(Duration::from_secs)).await?);
             }
@@ -1893,14 +1909,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("{memory_table}");
 
-    let fleet_n = if quick { 1000 } else { 10_000 };
-    eprintln!("fleet: {fleet_n} agents ...");
-    let fleet_row = fleet_process(fleet_n, None)?
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let fleet_sizes = if !cli.fleet.is_empty() {
+        cli.fleet.clone()
+    } else if quick {
+        vec![1000]
+    } else {
+        vec![10_000]
+    };
+    let fleet_n = fleet_sizes[0];
+    let mut fleet_rows = Vec::new();
+    for &n in &fleet_sizes {
+        eprintln!("fleet: {n} agents ...");
+        let row = fleet_process(n, cli.fleet_keep_alive)?
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .unwrap_or_default();
+        fleet_rows.push(if row.is_empty() {
+            format!("| {n} | the fleet run failed (see stderr) |")
+        } else {
+            row
+        });
+    }
+    let fleet_row = fleet_rows.join("\n");
     let fleet_cell = |i: usize| {
-        fleet_row
+        fleet_rows[0]
             .split('|')
             .map(str::trim)
             .filter(|c| !c.is_empty())
@@ -1909,6 +1941,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .to_owned()
     };
     println!("{}\n{fleet_row}", Fleet::HEADER);
+
+    let mut storm_rows = Vec::new();
+    for &n in &cli.storm {
+        let row = storm(n, cli.fleet_keep_alive.map(Duration::from_secs))
+            .await
+            .unwrap_or_else(|e| format!("| {n} | the storm failed: {e} |"));
+        println!("{STORM_HEADER}\n{row}");
+        storm_rows.push(row);
+    }
 
     let binary = if quick {
         Err("not measured in --quick mode".to_owned())
@@ -2162,6 +2203,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         "tonic-h3 (gRPC over HTTP/3) runs only in a bench built with `--features tonic-h3`; "
     };
+    let sizes = |sizes: &[usize]| {
+        sizes
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let keep_alive_flag = cli
+        .fleet_keep_alive
+        .map_or(String::new(), |k| format!(" --keep-alive {k}"));
+    let fleet_command = format!(
+        "`brpc-bench fleet {}{keep_alive_flag}`",
+        sizes(&fleet_sizes)
+    );
+    let keep_alive_line = match cli.fleet_keep_alive {
+        Some(k) => format!(
+            "The agents send a keep-alive every {k} s and both sides' idle timeout is {} s (`--fleet-keep-alive {k}`).",
+            3 * k
+        ),
+        None => {
+            "The agents keep brpc's default keep-alive (3 s) and idle timeout (10 s).".to_owned()
+        }
+    };
+    let storm_part = if storm_rows.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "## Restart storm\n\n`brpc-bench storm {}{keep_alive_flag}`: N agents (child processes as above) connected to a server in a child process; that process is killed \
+             (SIGKILL: no GoAway, no CONNECTION_CLOSE) and a new one started on the same address with the same certificate and reset secret. \
+             The agents learn of it from the new server's stateless resets and reconnect with their backoff. \"time until all back\" runs from the new server's start; \
+             attempts are the agents' connection attempts after their first connection (each failed one and each success); CPU is the new server process's over that time.\n\n\
+             {STORM_HEADER}\n{}\n\n",
+            sizes(&cli.storm),
+            storm_rows.join("\n")
+        )
+    };
     let generated = format!(
         "# Benchmarks\n\n{BEGIN}\n\nMeasured by `cargo run --release --manifest-path brpc-bench/Cargo.toml` ({mode}) on {machine}.\n\
          All stacks run in one process on one tokio runtime with 2 worker threads; client and server share the machine's cores,\n\
@@ -2179,12 +2256,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          (brpc-build's dispatcher and client); brpc the tonic path (tonic's generated client and server over `Channel`/`Router`). \
          raw quinn and ttrpc echo raw bytes (no protobuf). brpc-reverse is the server calling its agent; brpc-relay a cluster's cross-node call (node A's link, node C's relay, C's agent).\n\n{instruction_table}\n\
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint, both ends with brpc's transport settings (call window, keep-alives, idle timeout); tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
-         ## Fleet scale\n\n`brpc-bench fleet {fleet_n}` in a fresh process: one server; {fleet_n} brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
+         ## Fleet scale\n\n{fleet_command}, each size in a fresh process: one server; that many brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
          peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
-         (the server's) user+system time over the broadcast divided by its calls; CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements); drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards).\n\n{header}\n{fleet_row}\n\n\
-         ## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
+         (the server's) user+system time over the broadcast divided by its calls; CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements); drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards). {keep_alive_line}\n\n{header}\n{fleet_row}\n\n\
+         {storm_part}## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
         header = Fleet::HEADER,
         machine = machine()
     );
