@@ -459,8 +459,9 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
         .await
         .expect("join")
         .expect("the call in flight finished successfully");
-    // The GoAway reached the client before the call's answer; wait on its
-    // state rather than read it, so a slow machine cannot race the two.
+    // The client leaves Connected when the server's GoAway arrives, on its
+    // own task: wait for that rather than read the state once, so a slow
+    // machine cannot race the two.
     let mut state = client.watch_state();
     let state = tokio::time::timeout(
         Duration::from_secs(10),
