@@ -310,6 +310,21 @@ pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut()
     }
 }
 
+/// Waits up to `limit` for the client state behind `state` to satisfy
+/// `condition`, and returns that state; panics naming `what` after `limit`.
+pub async fn state_becomes(
+    state: &mut tokio::sync::watch::Receiver<brpc::ClientState>,
+    limit: Duration,
+    what: &str,
+    condition: impl FnMut(&brpc::ClientState) -> bool,
+) -> brpc::ClientState {
+    tokio::time::timeout(limit, state.wait_for(condition))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for: {what}"))
+        .expect("the client's state channel closed")
+        .clone()
+}
+
 /// A raw QUIC connection to `server` (TLS pinned), speaking no brpc yet.
 pub async fn raw_connection(server: &Server) -> quinn::Connection {
     let roots = brpc::tls::pinned_roots(server.certificate()).expect("roots");

@@ -256,13 +256,13 @@ async fn agents_reconnect_to_a_restarted_server() {
     drop(first);
     for agent in &agents {
         let mut state = agent.watch_state();
-        tokio::time::timeout(
+        common::state_becomes(
+            &mut state,
             Duration::from_secs(10),
-            state.wait_for(|s| matches!(s, ClientState::Reconnecting { .. })),
+            "noticed the drop",
+            |s| matches!(s, ClientState::Reconnecting { .. }),
         )
-        .await
-        .expect("noticed the drop")
-        .expect("watch");
+        .await;
     }
     // Calls while disconnected fail fast.
     let err = EchoClient::new(agents[0].channel())
@@ -284,14 +284,13 @@ async fn agents_reconnect_to_a_restarted_server() {
         // The server lists a peer when it answers its Hello; the agent turns
         // Connected when that answer arrives, a moment later.
         let mut state = agent.watch_state();
-        let connected = tokio::time::timeout(
+        let connected = common::state_becomes(
+            &mut state,
             Duration::from_secs(10),
-            state.wait_for(|s| matches!(s, ClientState::Connected { .. })),
+            "agent connected",
+            |s| matches!(s, ClientState::Connected { .. }),
         )
-        .await
-        .expect("agent connected")
-        .expect("watch")
-        .clone();
+        .await;
         let ClientState::Connected { connection_id } = connected else {
             unreachable!("waited for Connected");
         };
@@ -463,14 +462,10 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
     // own task: wait for that rather than read the state once, so a slow
     // machine cannot race the two.
     let mut state = client.watch_state();
-    let state = tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|s| !matches!(s, ClientState::Connected { .. })),
-    )
-    .await
-    .expect("left Connected")
-    .expect("watch")
-    .clone();
+    let state = common::state_becomes(&mut state, Duration::from_secs(10), "left Connected", |s| {
+        !matches!(s, ClientState::Connected { .. })
+    })
+    .await;
     match state {
         ClientState::Reconnecting { last_error, .. } => {
             assert!(last_error.is_going_away(), "{last_error}");
@@ -613,13 +608,13 @@ async fn an_agent_started_before_its_server_connects_once_it_appears() {
         .expect("join")
         .expect("connect_with_retry");
     let mut state = lazy.watch_state();
-    tokio::time::timeout(
+    common::state_becomes(
+        &mut state,
         Duration::from_secs(20),
-        state.wait_for(|s| matches!(s, ClientState::Connected { .. })),
+        "lazy client connected",
+        |s| matches!(s, ClientState::Connected { .. }),
     )
-    .await
-    .expect("lazy client connected")
-    .expect("state");
+    .await;
     for client in [&patient, &lazy] {
         let reply = EchoClient::new(client.channel())
             .unary(EchoRequest {

@@ -124,15 +124,13 @@ async fn a_vanished_server_fails_the_clients_calls_within_the_idle_timeout() {
     .await;
     let failed_after = vanish_and_fail(&relay, call).await;
     println!("vanished server: call failed after {failed_after:?}");
-    let reconnecting = tokio::time::timeout(
+    let state = common::state_becomes(
+        &mut state,
         NOTICED_WITHIN,
-        state.wait_for(|s| !matches!(s, ClientState::Connected { .. })),
+        "client noticed the loss in time",
+        |s| !matches!(s, ClientState::Connected { .. }),
     )
     .await;
-    let state = reconnecting
-        .expect("client noticed the loss in time")
-        .expect("state")
-        .clone();
     // The first reason given is how the connection ended: it timed out.
     let ClientState::Reconnecting {
         attempt: 0,
@@ -178,26 +176,21 @@ async fn a_server_replaced_with_the_same_key_is_noticed_by_stateless_reset() {
     let second = bind();
     relay.retarget(second.local_addr());
     let replaced = Instant::now();
-    tokio::time::timeout(
+    common::state_becomes(
+        &mut state,
         NOTICED_WITHIN,
-        state.wait_for(
-            |s| !matches!(s, ClientState::Connected { connection_id } if *connection_id == old_id),
-        ),
+        "client noticed the replaced server",
+        |s| !matches!(s, ClientState::Connected { connection_id } if *connection_id == old_id),
     )
-    .await
-    .expect("client noticed the replaced server")
-    .expect("state");
+    .await;
     let noticed = replaced.elapsed();
     println!("replaced server noticed after {noticed:?}");
     // Far below any timeout in play: only the stateless reset explains it.
     assert!(noticed < Duration::from_secs(3), "took {noticed:?}");
-    tokio::time::timeout(
-        NOTICED_WITHIN,
-        state.wait_for(|s| matches!(s, ClientState::Connected { .. })),
-    )
-    .await
-    .expect("reconnected in time")
-    .expect("state");
+    common::state_becomes(&mut state, NOTICED_WITHIN, "reconnected in time", |s| {
+        matches!(s, ClientState::Connected { .. })
+    })
+    .await;
     assert!(second.peers().get(client.connection_id()).is_some());
     let reply = EchoClient::new(client.channel())
         .unary(EchoRequest {

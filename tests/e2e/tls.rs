@@ -451,28 +451,25 @@ async fn a_persisted_dev_certificate_survives_restarts_and_a_changed_one_is_name
     let second = bind(brpc::Server::builder().dev_certificate_file(&path));
     relay.retarget(second.local_addr());
     drop(first);
-    tokio::time::timeout(
+    common::state_becomes(
+        &mut state,
         Duration::from_secs(10),
-        state.wait_for(
-            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != old),
-        ),
+        "reconnected to the restarted server",
+        |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != old),
     )
-    .await
-    .expect("reconnected to the restarted server")
-    .expect("state");
+    .await;
     assert!(second.peers().get(client.connection_id()).is_some());
 
     // Replaced by a server with a fresh certificate: named, and final.
     let third = bind(brpc::Server::builder());
     relay.retarget(third.local_addr());
-    let closed = tokio::time::timeout(
+    let closed = common::state_becomes(
+        &mut state,
         Duration::from_secs(15),
-        state.wait_for(|s| matches!(s, ClientState::Closed { .. })),
+        "the client gave up",
+        |s| matches!(s, ClientState::Closed { .. }),
     )
-    .await
-    .expect("the client gave up")
-    .expect("state")
-    .clone();
+    .await;
     let ClientState::Closed { reason } = closed else {
         unreachable!()
     };
