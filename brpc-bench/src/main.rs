@@ -1924,13 +1924,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .output()
             .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
             .unwrap_or_default();
-        fleet_rows.push(if row.is_empty() {
-            format!("| {n} | the fleet run failed (see stderr) |")
-        } else {
-            row
-        });
+        fleet_rows.push(row);
     }
-    let fleet_row = fleet_rows.join("\n");
+    // A fleet that failed (no row printed) is named in the table; the
+    // targets table then has no fleet row.
+    let fleet_row = fleet_sizes
+        .iter()
+        .zip(&fleet_rows)
+        .map(|(n, row)| {
+            if row.is_empty() {
+                format!("| {n} | the fleet run failed (see stderr) |")
+            } else {
+                row.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
     let fleet_cell = |i: usize| {
         fleet_rows[0]
             .split('|')
@@ -2150,7 +2159,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             rss <= 30_000.0,
         ));
     }
-    if !fleet_row.is_empty() {
+    if !fleet_rows[0].is_empty() {
         let broadcast_ms: f64 = fleet_cell(4)
             .trim_end_matches(" ms")
             .parse()
