@@ -884,6 +884,20 @@ fn keep_alive_from_env() -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// For comparing by hand: agents' busy backoff as "MIN_MS,MAX_MS" (e.g.
+/// "100,5000", the reconnect backoff, as before there was a busy backoff);
+/// inherited by the agent processes. Default: brpc's.
+const BUSY_BACKOFF_VAR: &str = "BRPC_BENCH_BUSY_BACKOFF";
+
+fn busy_backoff_from_env() -> Option<(Duration, Duration)> {
+    let value = std::env::var(BUSY_BACKOFF_VAR).ok()?;
+    let (min, max) = value.split_once(',')?;
+    Some((
+        Duration::from_millis(min.trim().parse().ok()?),
+        Duration::from_millis(max.trim().parse().ok()?),
+    ))
+}
+
 /// Raises this process's open-file limit to its hard limit, where the OS
 /// allows; returns the soft limit in effect.
 fn raise_descriptor_limit() -> u64 {
@@ -927,6 +941,7 @@ async fn hold_agents(
     concurrency: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let keep_alive = keep_alive_from_env();
+    let busy_backoff = busy_backoff_from_env();
     let limit = raise_descriptor_limit();
     if (limit as usize) < n + 64 {
         return Err(
@@ -950,6 +965,9 @@ async fn hold_agents(
                         builder = builder
                             .keep_alive_interval(Some(keep_alive))
                             .idle_timeout(keep_alive * 3);
+                    }
+                    if let Some((min, max)) = busy_backoff {
+                        builder = builder.busy_backoff(min, max);
                     }
                     builder.connect_with_retry(addr)
                 })
@@ -979,19 +997,32 @@ async fn hold_agents(
     // Connection attempts after the first connection (a restart storm's
     // reconnects): each failed attempt is a Reconnecting state with
     // attempt > 0, each success one more.
+    // Failed attempts are also counted by kind: refused by a busy server,
+    // timed out.
     let attempts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let timed_out = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watchers: Vec<_> = clients
         .iter()
         .map(|client| {
             let mut state = client.watch_state();
-            let attempts = attempts.clone();
+            let (attempts, busy, timed_out) = (attempts.clone(), busy.clone(), timed_out.clone());
             tokio::spawn(async move {
                 let mut was_connected = true;
                 while state.changed().await.is_ok() {
                     let now = state.borrow_and_update().clone();
                     match now {
-                        brpc::ClientState::Reconnecting { attempt, .. } if attempt > 0 => {
+                        brpc::ClientState::Reconnecting {
+                            attempt,
+                            last_error,
+                        } if attempt > 0 => {
                             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            match last_error.connect_error() {
+                                Some(brpc::client::ConnectError::Busy(_)) => &busy,
+                                Some(brpc::client::ConnectError::Timeout { .. }) => &timed_out,
+                                _ => continue,
+                            }
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         brpc::ClientState::Connected { .. } if !was_connected => {
                             attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1010,13 +1041,47 @@ async fn hold_agents(
         .iter()
         .filter(|c| matches!(c.state(), brpc::ClientState::Closed { .. }))
         .count();
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "attempts: {} gave-up: {gave_up}",
-        attempts.load(std::sync::atomic::Ordering::Relaxed)
+        "attempts: {} gave-up: {gave_up} busy: {} timed-out: {}",
+        count(&attempts),
+        count(&busy),
+        count(&timed_out),
     );
     for watcher in watchers {
         watcher.abort();
     }
+    Ok(())
+}
+
+/// `dial ADDR CERT N [--fresh]`: N QUIC handshakes with the server at ADDR,
+/// one after another, from one endpoint with brpc's client TLS settings,
+/// each connection closed once the handshake is done. A client config is
+/// made once and used for every handshake (as a brpc `Client` does for its
+/// reconnects: it resumes sessions when the server allows), or with
+/// `fresh`, a new one for each (every handshake a full one).
+async fn dial(
+    addr: SocketAddr,
+    cert: &std::path::Path,
+    n: usize,
+    fresh: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let der = rustls_der(cert)?;
+    let config = || -> Result<quinn::ClientConfig, Box<dyn std::error::Error>> {
+        let crypto = brpc::tls::client_crypto(brpc::tls::pinned_roots(&der)?)?;
+        Ok(quinn::ClientConfig::new(crypto))
+    };
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let shared = config()?;
+    for _ in 0..n {
+        let config = if fresh { config()? } else { shared.clone() };
+        let connection = endpoint.connect_with(config, addr, "127.0.0.1")?.await?;
+        // The server's session tickets follow its handshake messages: a
+        // connection closed at once would often not have them.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        connection.close(0u32.into(), b"done");
+    }
+    endpoint.wait_idle().await;
     Ok(())
 }
 
@@ -1051,23 +1116,28 @@ async fn storm(
     let _ = server.wait();
     let restarted = Instant::now();
     let (mut server, peers) = storm_server(addr, &pem, keep_alive)?;
-    let limit = Duration::from_secs(120);
+    // 120 s, or 3 ms per agent for larger fleets (300 s for 100 000).
+    let limit = Duration::from_secs(120).max(Duration::from_millis(3 * n as u64));
     while peers.count() < before && restarted.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let back_after = restarted.elapsed();
     let back = peers.count();
     let cpu = process_cpu_seconds(server.id());
-    let (mut attempts, mut gave_up) = (0u64, 0u64);
+    let (mut attempts, mut gave_up, mut busy, mut timed_out) = (0u64, 0u64, 0u64, 0u64);
     for mut child in children {
         drop(child.stdin.take());
         let output = child.wait_with_output()?;
         for line in String::from_utf8_lossy(&output.stdout).lines() {
-            let mut words = line.split_whitespace();
-            if words.next() == Some("attempts:") {
-                attempts += words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-                let _ = words.next();
-                gave_up += words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+            // "attempts: A gave-up: G busy: B timed-out: T"
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.first() == Some(&"attempts:") {
+                let number =
+                    |i: usize| -> u64 { words.get(i).and_then(|w| w.parse().ok()).unwrap_or(0) };
+                attempts += number(1);
+                gave_up += number(3);
+                busy += number(5);
+                timed_out += number(7);
             }
         }
     }
@@ -1075,7 +1145,7 @@ async fn storm(
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(
-        "| {n} | {before} | {back} | {:.1} s | {attempts} ({:.2} per agent) | {gave_up} | {:.1} s ({:.0} µs per agent back) |",
+        "| {n} | {before} | {back} | {:.1} s | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) |",
         back_after.as_secs_f64(),
         attempts as f64 / before.max(1) as f64,
         cpu,
@@ -1648,6 +1718,19 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         threads: usize,
     },
+    /// (Internal) N QUIC handshakes in a row with the server at ADDR,
+    /// pinning CERT (DER): for counting what a handshake costs either end
+    /// under callgrind (the server, e.g. a `storm-server`, in another
+    /// process).
+    #[command(hide = true)]
+    Dial {
+        addr: SocketAddr,
+        cert: std::path::PathBuf,
+        n: usize,
+        /// A new client config for each handshake (no session resumption).
+        #[arg(long)]
+        fresh: bool,
+    },
     /// (Internal) measure a stack's memory per idle client in a fresh process.
     #[command(hide = true)]
     Memory {
@@ -1694,6 +1777,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             concurrency,
         }) => return hold_agents(addr, n, &cert, source, concurrency).await,
         Some(Command::StormServer { addr, pem }) => return serve_storm(addr, &pem).await,
+        Some(Command::Dial {
+            addr,
+            cert,
+            n,
+            fresh,
+        }) => return dial(addr, &cert, n, fresh).await,
         Some(Command::Storm { sizes, keep_alive }) => {
             println!("{STORM_HEADER}");
             for n in sizes {

@@ -302,6 +302,8 @@ pub struct Builder {
     reconnect: bool,
     backoff_min: Duration,
     backoff_max: Duration,
+    busy_backoff_min: Duration,
+    busy_backoff_max: Duration,
     local_address: Option<SocketAddr>,
 }
 
@@ -321,6 +323,8 @@ impl Default for Builder {
             reconnect: true,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            busy_backoff_min: Duration::from_secs(1),
+            busy_backoff_max: Duration::from_secs(30),
             local_address: None,
         }
     }
@@ -462,6 +466,21 @@ impl Builder {
         self
     }
 
+    /// Delays after the server refused a handshake for load
+    /// ([`ConnectError::Busy`]): exponential from `min` to `max`, each with
+    /// up to 100% random jitter added (defaults 1 s and 30 s), used instead
+    /// of the [reconnect backoff](Builder::reconnect_backoff) for the next
+    /// attempt. A server refuses only when more clients wait for a handshake
+    /// than it queues: a whole fleet coming back at once. Retrying it at the
+    /// reconnect backoff's pace (every 5–10 s per client) would keep it busy
+    /// refusing (and the clients busy starting handshakes) instead of
+    /// finishing the handshakes it admitted.
+    pub fn busy_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.busy_backoff_min = min;
+        self.busy_backoff_max = max.max(min);
+        self
+    }
+
     /// The local address the client's UDP socket binds to (default: the
     /// unspecified address of the server's family, port 0, and the OS picks
     /// the source). E.g. spread many agents on one host over several source
@@ -504,13 +523,14 @@ impl Builder {
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
         let shared = self.prepare(addr).await?;
-        let mut delays = shared.backoff.build();
+        let mut delays = Delays::new(&shared);
         let mut attempt = 0u32;
         let mut timeout = shared.connect_timeout;
         loop {
             attempt += 1;
             let result = connect_once(&shared, timeout).await;
             timeout = grown_timeout(&shared, timeout, &result);
+            let delay = delays.after(&result);
             match result {
                 Ok(peer) => return Ok(Client::start(shared, Some(peer))),
                 Err(e) if e.is_final(shared.retry_certificate_mismatch) => return Err(e),
@@ -522,7 +542,6 @@ impl Builder {
                     });
                 }
             }
-            let delay = delays.next().unwrap_or(Duration::from_secs(5));
             tokio::time::sleep(delay).await;
         }
     }
@@ -674,6 +693,11 @@ impl Builder {
                 .with_max_delay(self.backoff_max)
                 .with_jitter()
                 .without_max_times(),
+            busy_backoff: ExponentialBuilder::default()
+                .with_min_delay(self.busy_backoff_min)
+                .with_max_delay(self.busy_backoff_max)
+                .with_jitter()
+                .without_max_times(),
             current: watch::Sender::new(None),
             state: watch::Sender::new(ClientState::Closed {
                 reason: Disconnect::NotConnectedYet,
@@ -789,6 +813,7 @@ struct Shared {
     limits: CallLimits,
     reconnect: bool,
     backoff: ExponentialBuilder,
+    busy_backoff: ExponentialBuilder,
     current: watch::Sender<Option<Peer>>,
     state: watch::Sender<ClientState>,
     closing: watch::Sender<bool>,
@@ -886,6 +911,36 @@ async fn connect_once(shared: &Shared, timeout: Duration) -> Result<Peer, Connec
         shared.dial.next_server();
     }
     result
+}
+
+/// The delays between connection attempts: the reconnect backoff's, or the
+/// busy backoff's after the server refused a handshake for load.
+struct Delays {
+    normal: backon::ExponentialBackoff,
+    busy: backon::ExponentialBackoff,
+}
+
+impl Delays {
+    fn new(shared: &Shared) -> Self {
+        Delays {
+            normal: shared.backoff.build(),
+            busy: shared.busy_backoff.build(),
+        }
+    }
+
+    /// The delay before the first attempt of a reconnect.
+    fn first(&mut self) -> Duration {
+        self.normal.next().unwrap_or(Duration::from_secs(5))
+    }
+
+    /// The delay before the attempt after one that ended with `result`.
+    fn after(&mut self, result: &Result<Peer, ConnectError>) -> Duration {
+        match result {
+            Err(ConnectError::Busy(_)) => self.busy.next(),
+            _ => self.normal.next(),
+        }
+        .unwrap_or(Duration::from_secs(5))
+    }
 }
 
 /// The time the next attempt gets after one that ended with `result`: a
@@ -1089,15 +1144,19 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
 /// cannot fix closed it). With `immediately`, the first attempt is not
 /// delayed.
 async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
-    let mut delays = shared.backoff.build();
+    let mut delays = Delays::new(shared);
     let mut attempt = 0u32;
     // Errors retrying cannot fix, in a row: with several servers, the
     // client gives up only once every one of them failed that way.
     let mut finals = 0;
     let mut timeout = shared.connect_timeout;
+    let mut delay = if immediately {
+        Duration::ZERO
+    } else {
+        delays.first()
+    };
     let peer = loop {
         if !(immediately && attempt == 0) {
-            let delay = delays.next().unwrap_or(Duration::from_secs(5));
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = shared.closing() => return None,
@@ -1109,6 +1168,7 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
             () = shared.closing() => return None,
         };
         timeout = grown_timeout(shared, timeout, &result);
+        delay = delays.after(&result);
         match result {
             Ok(peer) => break peer,
             Err(e)

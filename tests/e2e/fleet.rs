@@ -874,3 +874,66 @@ async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_st
     assert!(after.connection_id() != early.connection_id());
     stalled.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refused_for_load_waits_its_busy_backoff_before_trying_again() {
+    // A QUIC endpoint that refuses every handshake with CONNECTION_REFUSED,
+    // as a brpc server does when more clients wait for a handshake than it
+    // queues; it notes when each attempt arrives.
+    let certificate = brpc::tls::DevCertificate::generate().expect("dev certificate");
+    let crypto = brpc::tls::server_crypto(
+        vec![certificate.certificate().clone()],
+        certificate.private_key(),
+    )
+    .expect("server crypto");
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(crypto),
+        "127.0.0.1:0".parse().expect("addr"),
+    )
+    .expect("endpoint");
+    let addr = endpoint.local_addr().expect("address");
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let refusing = tokio::spawn({
+        let arrivals = arrivals.clone();
+        async move {
+            while let Some(incoming) = endpoint.accept().await {
+                arrivals
+                    .lock()
+                    .expect("lock")
+                    .push(tokio::time::Instant::now());
+                incoming.refuse();
+            }
+        }
+    });
+
+    // Reconnect backoff 10 ms, busy backoff 700 ms: a refused client waits
+    // the busy one.
+    const BUSY: Duration = Duration::from_millis(700);
+    let client = Client::builder()
+        .pin_certificate(certificate.certificate().clone())
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .busy_backoff(BUSY, BUSY)
+        .connect_lazy(addr)
+        .await
+        .expect("client");
+    eventually(Duration::from_secs(30), "three attempts refused", || {
+        arrivals.lock().expect("lock").len() >= 3
+    })
+    .await;
+    let arrivals = arrivals.lock().expect("lock").clone();
+    for pair in arrivals.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(gap >= BUSY, "attempts {gap:?} apart: {arrivals:?}");
+    }
+    match &*client.watch_state().borrow() {
+        ClientState::Reconnecting { last_error, .. } => assert!(
+            matches!(
+                last_error.connect_error(),
+                Some(brpc::client::ConnectError::Busy(_))
+            ),
+            "{last_error:?}"
+        ),
+        other => panic!("not reconnecting: {other:?}"),
+    }
+    refusing.abort();
+}
