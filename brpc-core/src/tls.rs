@@ -325,7 +325,10 @@ pub fn load_certificate_file(path: impl AsRef<Path>) -> Result<CertificateDer<'s
     }
 }
 
-/// quinn server crypto: TLS 1.3, ALPN `brpc/1`, no client certificates.
+/// quinn server crypto: TLS 1.3, ALPN `brpc/1`, no client certificates;
+/// session tickets whose key is derived from `key` and `chain` (and changes
+/// every 6 hours), so a server restarted with the same certificate and key
+/// resumes the sessions of its predecessor's clients (PROTOCOL.md §1).
 ///
 /// # Errors
 /// [`TlsError`] if rustls refuses the chain or key.
@@ -333,14 +336,203 @@ pub fn server_crypto(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<QuicServerConfig>, TlsError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    quic_server_config(server_rustls(chain, key, None)?)
+}
+
+/// The rustls config of a brpc server: TLS 1.3, ALPN `brpc/1`, no early
+/// data, [`StableTickets`]; with `client_auth`, client certificates
+/// verified against its roots (required, or optional).
+fn server_rustls(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    client_auth: Option<(RootCertStore, bool)>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let tickets = StableTickets::new(&chain, &key, client_auth.as_ref().map(|(roots, _)| roots));
+    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let mut config = match client_auth {
+        None => builder.with_no_client_auth().with_single_cert(chain, key)?,
+        Some((roots, required)) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                crypto_provider(),
+            );
+            let verifier = if required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, key)?
+        }
+    };
     config.alpn_protocols = vec![ALPN.to_vec()];
     config.max_early_data_size = 0;
+    config.ticketer = Arc::new(tickets);
+    Ok(config)
+}
+
+fn quic_server_config(config: rustls::ServerConfig) -> Result<Arc<QuicServerConfig>, TlsError> {
     let quic = QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
     Ok(Arc::new(quic))
+}
+
+/// Session tickets a restarted server still accepts: TLS 1.3 resumption
+/// lets a client that connected before skip the certificate exchange
+/// (the server's signature, the client's verification of the chain and of
+/// that signature), which is what a fleet reconnecting to a restarted
+/// server does all at once.
+///
+/// The ticket key is derived from the server's private key and certificate
+/// chain (and, with client certificates, from the roots they are verified
+/// against) and from the time: a new key every [`TICKET_EPOCH_SECS`], the
+/// previous one still accepted. So a server restarted with the same
+/// certificate, key and client roots resumes its predecessor's sessions; one
+/// with any of them changed cannot decrypt their tickets and makes a full
+/// handshake (a pinned client then sees the new certificate). Resumption
+/// in TLS 1.3 as rustls does it always makes a fresh key exchange
+/// (`psk_dhe_ke`), and brpc accepts no early data, so a leaked ticket key
+/// does not expose any connection's traffic. A resumed session keeps the
+/// identity of its first handshake (the client certificate a server saw,
+/// the server certificate a client verified) for at most the ticket's life.
+#[derive(Debug)]
+struct StableTickets {
+    /// What every epoch's key is derived from.
+    secret: ring::digest::Digest,
+}
+
+/// How long one ticket key is used for new tickets; a ticket stays valid for
+/// the rest of that epoch and the next one.
+const TICKET_EPOCH_SECS: u64 = 6 * 60 * 60;
+
+/// Tickets longer than this are refused before decrypting (a ticket holds
+/// the session's secrets and the client's certificate chain, if any).
+const MAX_TICKET_LEN: usize = 16 * 1024;
+
+const TICKET_AEAD: &ring::aead::Algorithm = &ring::aead::CHACHA20_POLY1305;
+
+impl StableTickets {
+    fn new(
+        chain: &[CertificateDer<'_>],
+        key: &PrivateKeyDer<'_>,
+        client_roots: Option<&RootCertStore>,
+    ) -> Self {
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        digest.update(b"brpc session ticket secret v1\0");
+        digest.update(key.secret_der());
+        for certificate in chain {
+            digest.update(&(certificate.len() as u64).to_be_bytes());
+            digest.update(certificate);
+        }
+        for root in client_roots.iter().flat_map(|roots| roots.roots.iter()) {
+            for part in [
+                root.subject.as_ref(),
+                root.subject_public_key_info.as_ref(),
+                root.name_constraints.as_deref().unwrap_or_default(),
+            ] {
+                digest.update(&(part.len() as u64).to_be_bytes());
+                digest.update(part);
+            }
+        }
+        StableTickets {
+            secret: digest.finish(),
+        }
+    }
+
+    /// The epoch of the time now (0 if the clock is before 1970).
+    fn epoch_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs() / TICKET_EPOCH_SECS)
+    }
+
+    /// The key of `epoch` and its 16-byte name (sent in the clear at the
+    /// ticket's start, to pick the key).
+    fn key(&self, epoch: u64) -> Option<(ring::aead::LessSafeKey, [u8; 16])> {
+        let derive = |label: &[u8]| {
+            let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+            digest.update(label);
+            digest.update(self.secret.as_ref());
+            digest.update(&epoch.to_be_bytes());
+            digest.finish()
+        };
+        let key = derive(b"key");
+        let name = derive(b"name");
+        let mut key_name = [0u8; 16];
+        key_name.copy_from_slice(&name.as_ref()[..16]);
+        // A SHA-256 digest is a ChaCha20-Poly1305 key: this does not fail.
+        let key = ring::aead::UnboundKey::new(TICKET_AEAD, key.as_ref()).ok()?;
+        Some((ring::aead::LessSafeKey::new(key), key_name))
+    }
+
+    /// A ticket for `plain` under the key of `epoch`.
+    fn encrypt_in(&self, epoch: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        use ring::rand::SecureRandom;
+        let (key, key_name) = self.key(epoch)?;
+        // A random nonce: a counter would tell clients how many tickets
+        // this server issued, and would repeat after a restart.
+        let mut nonce = [0u8; 12];
+        ring::rand::SystemRandom::new().fill(&mut nonce).ok()?;
+        // key name (16) | nonce (12) | sealed session (plain + 16-byte tag)
+        let mut ticket = Vec::with_capacity(16 + 12 + plain.len() + TICKET_AEAD.tag_len());
+        ticket.extend_from_slice(&key_name);
+        ticket.extend_from_slice(&nonce);
+        ticket.extend_from_slice(plain);
+        let tag = key
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(key_name),
+                &mut ticket[28..],
+            )
+            .ok()?;
+        ticket.extend_from_slice(tag.as_ref());
+        Some(ticket)
+    }
+}
+
+impl rustls::server::ProducesTickets for StableTickets {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        TICKET_EPOCH_SECS as u32
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.encrypt_in(Self::epoch_now(), plain)
+    }
+
+    fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
+        if ticket.len() > MAX_TICKET_LEN || ticket.len() < 28 + TICKET_AEAD.tag_len() {
+            return None;
+        }
+        let (name, rest) = ticket.split_at(16);
+        let (nonce, sealed) = rest.split_at(12);
+        let now = Self::epoch_now();
+        // This epoch's key, or the previous one's.
+        let (key, key_name) = [now, now.saturating_sub(1)]
+            .into_iter()
+            .filter_map(|epoch| self.key(epoch))
+            // The name is no secret (every ticket carries it in the clear);
+            // the AEAD tag is what authenticates.
+            .find(|(_, key_name)| key_name[..] == *name)?;
+        let mut plain = sealed.to_vec();
+        let opened = key
+            .open_in_place(
+                ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?,
+                ring::aead::Aad::from(key_name),
+                &mut plain,
+            )
+            .ok()?
+            .len();
+        plain.truncate(opened);
+        Some(plain)
+    }
 }
 
 /// quinn server crypto for mutual TLS: like [`server_crypto`], and every client
@@ -369,26 +561,7 @@ pub fn server_crypto_client_auth(
     client_roots: RootCertStore,
     required: bool,
 ) -> Result<Arc<QuicServerConfig>, TlsError> {
-    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(client_roots),
-        crypto_provider(),
-    );
-    let builder = if required {
-        builder
-    } else {
-        builder.allow_unauthenticated()
-    };
-    let verifier = builder
-        .build()
-        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
-    config.max_early_data_size = 0;
-    let quic = QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
-    Ok(Arc::new(quic))
+    quic_server_config(server_rustls(chain, key, Some((client_roots, required)))?)
 }
 
 /// quinn client crypto trusting `roots`: TLS 1.3, ALPN `brpc/1`, full webpki
@@ -524,6 +697,201 @@ pub fn pinned_roots(certificate: &CertificateDer<'_>) -> Result<RootCertStore, T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::server::ProducesTickets;
+
+    /// Runs a TLS handshake between `client` and `server` in memory, and the
+    /// server's session tickets after it.
+    fn handshake(
+        client: &mut rustls::ClientConnection,
+        server: &mut rustls::ServerConnection,
+    ) -> Result<(), rustls::Error> {
+        fn pass(
+            from: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+            to: &mut impl std::ops::DerefMut<Target = rustls::ConnectionCommon<impl Sized>>,
+        ) -> Result<bool, rustls::Error> {
+            let mut bytes = Vec::new();
+            while from.wants_write() {
+                from.write_tls(&mut bytes)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+            }
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                to.read_tls(&mut rest)
+                    .map_err(|e| rustls::Error::General(e.to_string()))?;
+                to.process_new_packets()?;
+            }
+            Ok(!bytes.is_empty())
+        }
+        for _ in 0..10 {
+            let sent = pass(client, server)?;
+            let answered = pass(server, client)?;
+            if !sent && !answered && !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("the handshake did not end".into()))
+    }
+
+    fn client_config(trusted: &DevCertificate) -> Arc<rustls::ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(trusted.certificate().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        Arc::new(config)
+    }
+
+    /// One connection from `client` to a server with `server`'s config:
+    /// whether it resumed a session.
+    fn connect(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> Result<rustls::HandshakeKind, rustls::Error> {
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client.clone(), name)?;
+        let mut server = rustls::ServerConnection::new(server.clone())?;
+        handshake(&mut client, &mut server)?;
+        Ok(client.handshake_kind().unwrap())
+    }
+
+    fn server_config(dev: &DevCertificate) -> Arc<rustls::ServerConfig> {
+        Arc::new(server_rustls(vec![dev.certificate().clone()], dev.private_key(), None).unwrap())
+    }
+
+    #[test]
+    fn a_server_restarted_with_the_same_certificate_resumes_its_predecessors_sessions() {
+        let dev = DevCertificate::generate().unwrap();
+        let client = client_config(&dev);
+        let first = server_config(&dev);
+        assert_eq!(
+            connect(&client, &first).unwrap(),
+            rustls::HandshakeKind::Full
+        );
+        // The same process's server, then a new one (a restart: a config
+        // built again from the same certificate and key).
+        assert_eq!(
+            connect(&client, &first).unwrap(),
+            rustls::HandshakeKind::Resumed
+        );
+        let restarted = server_config(&dev);
+        assert_eq!(
+            connect(&client, &restarted).unwrap(),
+            rustls::HandshakeKind::Resumed
+        );
+    }
+
+    #[test]
+    fn a_server_with_another_key_makes_a_full_handshake_and_a_pinned_client_refuses_it() {
+        let dev = DevCertificate::generate().unwrap();
+        let client = client_config(&dev);
+        assert_eq!(
+            connect(&client, &server_config(&dev)).unwrap(),
+            rustls::HandshakeKind::Full
+        );
+        // A new dev certificate: its tickets key differs, so the client's
+        // ticket is not accepted and the certificate is checked again.
+        let other = DevCertificate::generate().unwrap();
+        let refused = connect(&client, &server_config(&other)).unwrap_err();
+        assert!(
+            matches!(refused, rustls::Error::InvalidCertificate(_)),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_resumed_session_keeps_the_client_certificate_of_its_first_handshake() {
+        let server_dev = DevCertificate::generate().unwrap();
+        let client_dev = DevCertificate::generate().unwrap();
+        let mut client_roots = RootCertStore::empty();
+        client_roots.add(client_dev.certificate().clone()).unwrap();
+        let server = Arc::new(
+            server_rustls(
+                vec![server_dev.certificate().clone()],
+                server_dev.private_key(),
+                Some((client_roots.clone(), true)),
+            )
+            .unwrap(),
+        );
+        let mut roots = RootCertStore::empty();
+        roots.add(server_dev.certificate().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![client_dev.certificate().clone()],
+                client_dev.private_key(),
+            )
+            .unwrap();
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let client = Arc::new(client);
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        for expected in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+            let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            handshake(&mut c, &mut s).unwrap();
+            assert_eq!(c.handshake_kind(), Some(expected));
+            assert_eq!(
+                s.peer_certificates().unwrap(),
+                std::slice::from_ref(client_dev.certificate())
+            );
+        }
+        // Other client roots (the same server certificate and key): the
+        // ticket is not accepted.
+        let other_roots = {
+            let other = DevCertificate::generate().unwrap();
+            let mut roots = RootCertStore::empty();
+            roots.add(other.certificate().clone()).unwrap();
+            roots
+        };
+        let a = StableTickets::new(
+            &[server_dev.certificate().clone()],
+            &server_dev.private_key(),
+            Some(&client_roots),
+        );
+        let b = StableTickets::new(
+            &[server_dev.certificate().clone()],
+            &server_dev.private_key(),
+            Some(&other_roots),
+        );
+        let ticket = a.encrypt(b"session").unwrap();
+        assert_eq!(a.decrypt(&ticket).as_deref(), Some(&b"session"[..]));
+        assert_eq!(b.decrypt(&ticket), None);
+    }
+
+    #[test]
+    fn tickets_are_accepted_for_two_epochs_and_refused_when_altered() {
+        let dev = DevCertificate::generate().unwrap();
+        let tickets = StableTickets::new(&[dev.certificate().clone()], &dev.private_key(), None);
+        let now = StableTickets::epoch_now();
+        let plain = b"a session's secrets";
+        for (epoch, accepted) in [
+            (now, true),
+            (now - 1, true),
+            (now - 2, false),
+            (now + 1, false),
+        ] {
+            let ticket = tickets.encrypt_in(epoch, plain).unwrap();
+            assert_eq!(
+                tickets.decrypt(&ticket).as_deref(),
+                accepted.then_some(&plain[..]),
+                "epoch {epoch} (now {now})"
+            );
+        }
+        let ticket = tickets.encrypt(plain).unwrap();
+        for at in [0, 16, 28, ticket.len() - 1] {
+            let mut altered = ticket.clone();
+            altered[at] ^= 1;
+            assert_eq!(tickets.decrypt(&altered), None, "byte {at} altered");
+        }
+        assert_eq!(tickets.decrypt(&ticket[..ticket.len() - 1]), None);
+        assert_eq!(tickets.decrypt(&ticket[..20]), None);
+        assert_eq!(tickets.decrypt(&[]), None);
+        assert_eq!(tickets.decrypt(&vec![0; MAX_TICKET_LEN + 1]), None);
+    }
 
     #[test]
     fn a_dev_certificate_file_is_created_once_and_reused() {
