@@ -1118,10 +1118,26 @@ async fn storm(
     let (mut server, peers) = storm_server(addr, &pem, keep_alive)?;
     // 120 s, or 3 ms per agent for larger fleets (300 s for 100 000).
     let limit = Duration::from_secs(120).max(Duration::from_millis(3 * n as u64));
+    // When half, 90% and 99% of the fleet were back.
+    let mut milestones = [(50, None), (90, None), (99, None)];
     while peers.count() < before && restarted.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let count = peers.count();
+        for (percent, at) in &mut milestones {
+            if at.is_none() && count * 100 >= before * *percent {
+                *at = Some(restarted.elapsed());
+            }
+        }
     }
     let back_after = restarted.elapsed();
+    let milestones = milestones
+        .iter()
+        .map(|(percent, at)| match at {
+            Some(at) => format!("{percent}%: {:.1} s", at.as_secs_f64()),
+            None => format!("{percent}%: not reached"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     let back = peers.count();
     let cpu = process_cpu_seconds(server.id());
     let (mut attempts, mut gave_up, mut busy, mut timed_out) = (0u64, 0u64, 0u64, 0u64);
@@ -1145,7 +1161,7 @@ async fn storm(
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(
-        "| {n} | {before} | {back} | {:.1} s | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) |",
+        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) |",
         back_after.as_secs_f64(),
         attempts as f64 / before.max(1) as f64,
         cpu,
@@ -2330,8 +2346,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         format!(
             "## Restart storm\n\n`brpc-bench storm {}{keep_alive_flag}`: N agents (child processes as above) connected to a server in a child process; that process is killed \
              (SIGKILL: no GoAway, no CONNECTION_CLOSE) and a new one started on the same address with the same certificate and reset secret. \
-             The agents learn of it from the new server's stateless resets and reconnect with their backoff. \"time until all back\" runs from the new server's start; \
-             attempts are the agents' connection attempts after their first connection (each failed one and each success); CPU is the new server process's over that time.\n\n\
+             The agents learn of it from the new server's stateless resets and reconnect with their backoff (a longer one after a refusal by the busy server), resuming their TLS sessions. \"time until all back\" runs from the new server's start, \
+             to the limit of 120 s or 3 ms per agent (with when half, 90% and 99% were back); \
+             attempts are the agents' connection attempts after their first connection (each failed one and each success; of the failed ones, those refused by the busy server and those timed out); CPU is the new server process's over that time.\n\n\
              {STORM_HEADER}\n{}\n\n",
             sizes(&cli.storm),
             storm_rows.join("\n")
