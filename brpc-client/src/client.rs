@@ -459,7 +459,9 @@ impl Builder {
 
     /// Reconnect delays: exponential from `min` to `max`, each with up to 100%
     /// random jitter added (defaults 100 ms and 5 s), so a fleet that lost its
-    /// server does not return all at once.
+    /// server does not return all at once. After the server refused a
+    /// handshake as busy, the [busy backoff](Builder::busy_backoff) applies
+    /// instead.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.backoff_min = min;
         self.backoff_max = max.max(min);

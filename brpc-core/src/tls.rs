@@ -358,7 +358,7 @@ fn server_rustls(
     key: PrivateKeyDer<'static>,
     client_auth: Option<(RootCertStore, bool)>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let tickets = StableTickets::new(&chain, &key, client_auth.as_ref().map(|(roots, _)| roots));
+    let tickets = StableTickets::new(&chain, &key, client_auth.as_ref());
     let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let mut config = match client_auth {
@@ -406,8 +406,10 @@ fn quic_server_config(config: rustls::ServerConfig) -> Result<Arc<QuicServerConf
 /// with any of them changed cannot decrypt their tickets and makes a full
 /// handshake (a pinned client then sees the new certificate). Resumption
 /// in TLS 1.3 as rustls does it always makes a fresh key exchange
-/// (`psk_dhe_ke`), and brpc accepts no early data, so a leaked ticket key
-/// does not expose any connection's traffic. A resumed session keeps the
+/// (`psk_dhe_ke`), and brpc accepts no early data, so whoever learns a
+/// ticket key cannot read connections by watching them; they could pose as
+/// the server to clients resuming with its tickets, as anyone holding the
+/// private key the ticket key comes from could. A resumed session keeps the
 /// identity of its first handshake (the client certificate a server saw,
 /// the server certificate a client verified) for at most the ticket's life.
 #[derive(Debug)]
@@ -427,10 +429,13 @@ const MAX_TICKET_LEN: usize = 16 * 1024;
 const TICKET_AEAD: &ring::aead::Algorithm = &ring::aead::CHACHA20_POLY1305;
 
 impl StableTickets {
+    /// The tickets of a server with this chain and key, and `client_auth`:
+    /// the roots client certificates are verified against and whether one
+    /// is required (a session resumed under other rules would skip them).
     fn new(
         chain: &[CertificateDer<'_>],
         key: &PrivateKeyDer<'_>,
-        client_roots: Option<&RootCertStore>,
+        client_auth: Option<&(RootCertStore, bool)>,
     ) -> Self {
         let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
         digest.update(b"brpc session ticket secret v1\0");
@@ -439,7 +444,13 @@ impl StableTickets {
             digest.update(&(certificate.len() as u64).to_be_bytes());
             digest.update(certificate);
         }
-        for root in client_roots.iter().flat_map(|roots| roots.roots.iter()) {
+        // No client certificates, optional ones, required ones.
+        digest.update(&[match client_auth {
+            None => 0,
+            Some((_, false)) => 1,
+            Some((_, true)) => 2,
+        }]);
+        for root in client_auth.iter().flat_map(|(roots, _)| roots.roots.iter()) {
             for part in [
                 root.subject.as_ref(),
                 root.subject_public_key_info.as_ref(),
@@ -868,27 +879,32 @@ mod tests {
                 std::slice::from_ref(client_dev.certificate())
             );
         }
-        // Other client roots (the same server certificate and key): the
-        // ticket is not accepted.
+        // The same server certificate and key under other client
+        // certificate rules: the ticket is not accepted.
         let other_roots = {
             let other = DevCertificate::generate().unwrap();
             let mut roots = RootCertStore::empty();
             roots.add(other.certificate().clone()).unwrap();
             roots
         };
-        let a = StableTickets::new(
-            &[server_dev.certificate().clone()],
-            &server_dev.private_key(),
-            Some(&client_roots),
-        );
-        let b = StableTickets::new(
-            &[server_dev.certificate().clone()],
-            &server_dev.private_key(),
-            Some(&other_roots),
-        );
-        let ticket = a.encrypt(b"session").unwrap();
-        assert_eq!(a.decrypt(&ticket).as_deref(), Some(&b"session"[..]));
-        assert_eq!(b.decrypt(&ticket), None);
+        let tickets = |client_auth: Option<&(RootCertStore, bool)>| {
+            StableTickets::new(
+                &[server_dev.certificate().clone()],
+                &server_dev.private_key(),
+                client_auth,
+            )
+        };
+        let required = tickets(Some(&(client_roots.clone(), true)));
+        let ticket = required.encrypt(b"session").unwrap();
+        assert_eq!(required.decrypt(&ticket).as_deref(), Some(&b"session"[..]));
+        // Other roots, certificates made optional, or none asked for.
+        for other in [
+            tickets(Some(&(other_roots, true))),
+            tickets(Some(&(client_roots, false))),
+            tickets(None),
+        ] {
+            assert_eq!(other.decrypt(&ticket), None);
+        }
     }
 
     #[test]
