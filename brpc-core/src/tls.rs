@@ -604,6 +604,17 @@ pub fn client_crypto_with_identity(
     roots: RootCertStore,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<QuicClientConfig>, TlsError> {
+    let config = client_rustls(roots, identity)?;
+    let quic = QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
+    Ok(Arc::new(quic))
+}
+
+/// The rustls config of a brpc client: TLS 1.3, ALPN `brpc/1`, trusting
+/// `roots`, presenting `identity` if given.
+fn client_rustls(
+    roots: RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots);
@@ -612,8 +623,7 @@ pub fn client_crypto_with_identity(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))?;
-    Ok(Arc::new(quic))
+    Ok(config)
 }
 
 /// The public web's root CAs (Mozilla's list, from `webpki-roots`), for
@@ -754,16 +764,22 @@ mod tests {
         Err(rustls::Error::General("the handshake did not end".into()))
     }
 
+    /// A brpc client's rustls config pinning `trusted`.
     fn client_config(trusted: &DevCertificate) -> Arc<rustls::ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots.add(trusted.certificate().clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = vec![ALPN.to_vec()];
-        Arc::new(config)
+        Arc::new(client_rustls(pinned_roots(trusted.certificate()).unwrap(), None).unwrap())
+    }
+
+    /// One connection from `client` to a server with `server`'s config,
+    /// after its handshake.
+    fn connection(
+        client: &Arc<rustls::ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), rustls::Error> {
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(client.clone(), name)?;
+        let mut server = rustls::ServerConnection::new(server.clone())?;
+        handshake(&mut client, &mut server)?;
+        Ok((client, server))
     }
 
     /// One connection from `client` to a server with `server`'s config:
@@ -772,10 +788,7 @@ mod tests {
         client: &Arc<rustls::ClientConfig>,
         server: &Arc<rustls::ServerConfig>,
     ) -> Result<rustls::HandshakeKind, rustls::Error> {
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut client = rustls::ClientConnection::new(client.clone(), name)?;
-        let mut server = rustls::ServerConnection::new(server.clone())?;
-        handshake(&mut client, &mut server)?;
+        let (client, _) = connection(client, server)?;
         Ok(client.handshake_kind().unwrap())
     }
 
@@ -808,10 +821,7 @@ mod tests {
     #[test]
     fn brpc_peers_negotiate_aes_128_gcm() {
         let dev = DevCertificate::generate().unwrap();
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut client = rustls::ClientConnection::new(client_config(&dev), name).unwrap();
-        let mut server = rustls::ServerConnection::new(server_config(&dev)).unwrap();
-        handshake(&mut client, &mut server).unwrap();
+        let (client, server) = connection(&client_config(&dev), &server_config(&dev)).unwrap();
         for suite in [
             client.negotiated_cipher_suite(),
             server.negotiated_cipher_suite(),
@@ -845,8 +855,7 @@ mod tests {
     fn a_resumed_session_keeps_the_client_certificate_of_its_first_handshake() {
         let server_dev = DevCertificate::generate().unwrap();
         let client_dev = DevCertificate::generate().unwrap();
-        let mut client_roots = RootCertStore::empty();
-        client_roots.add(client_dev.certificate().clone()).unwrap();
+        let client_roots = pinned_roots(client_dev.certificate()).unwrap();
         let server = Arc::new(
             server_rustls(
                 vec![server_dev.certificate().clone()],
@@ -855,24 +864,18 @@ mod tests {
             )
             .unwrap(),
         );
-        let mut roots = RootCertStore::empty();
-        roots.add(server_dev.certificate().clone()).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![client_dev.certificate().clone()],
-                client_dev.private_key(),
+        let client = Arc::new(
+            client_rustls(
+                pinned_roots(server_dev.certificate()).unwrap(),
+                Some((
+                    vec![client_dev.certificate().clone()],
+                    client_dev.private_key(),
+                )),
             )
-            .unwrap();
-        client.alpn_protocols = vec![ALPN.to_vec()];
-        let client = Arc::new(client);
-        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            .unwrap(),
+        );
         for expected in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
-            let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
-            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
-            handshake(&mut c, &mut s).unwrap();
+            let (c, s) = connection(&client, &server).unwrap();
             assert_eq!(c.handshake_kind(), Some(expected));
             assert_eq!(
                 s.peer_certificates().unwrap(),
@@ -881,12 +884,7 @@ mod tests {
         }
         // The same server certificate and key under other client
         // certificate rules: the ticket is not accepted.
-        let other_roots = {
-            let other = DevCertificate::generate().unwrap();
-            let mut roots = RootCertStore::empty();
-            roots.add(other.certificate().clone()).unwrap();
-            roots
-        };
+        let other_roots = pinned_roots(DevCertificate::generate().unwrap().certificate()).unwrap();
         let tickets = |client_auth: Option<&(RootCertStore, bool)>| {
             StableTickets::new(
                 &[server_dev.certificate().clone()],
