@@ -147,12 +147,8 @@ fn clamp_varint(value: u64) -> quinn::VarInt {
 /// their idle timeout. (quinn's default draws both keys at random per
 /// endpoint, and drops packets with ids it did not issue.)
 pub fn stable_endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
-    let derive =
-        |label: &[u8]| ring::digest::digest(&ring::digest::SHA256, &[label, secret].concat());
-    let reset = derive(b"brpc stateless reset key v1\0");
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset.as_ref());
-    let cid = derive(b"brpc connection id key v2\0");
-    let cid_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, cid.as_ref());
+    let reset_key = derived_key(b"brpc stateless reset key v1\0", secret);
+    let ids = SignedConnectionIds::for_secret(secret);
     let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
     // quinn sends at most one stateless reset per 20 ms by default (and one
     // per batch of datagrams received at once): after a restart under a
@@ -162,8 +158,14 @@ pub fn stable_endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
     // that caused it, and none is sent for packets too small to carry one,
     // so answering every stray packet amplifies nothing and cannot loop.
     config.min_reset_interval(Duration::ZERO);
-    config.cid_generator(move || Box::new(SignedConnectionIds::new(cid_key.clone())));
+    config.cid_generator(move || Box::new(ids.clone()));
     config
+}
+
+/// An HMAC-SHA256 key for `label`'s use, derived from `secret`.
+fn derived_key(label: &[u8], secret: &[u8]) -> ring::hmac::Key {
+    let digest = ring::digest::digest(&ring::digest::SHA256, &[label, secret].concat());
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref())
 }
 
 /// Connection ids a server issues and can tell from others after a restart:
@@ -180,6 +182,7 @@ pub fn stable_endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
 /// instead of 10 s; quinn gives a connection up to 8 ids, so 100 000 of
 /// them hold up to 800 000 of the 16.7 million). 8 random bytes make that
 /// overlap negligible.
+#[derive(Clone)]
 struct SignedConnectionIds {
     key: ring::hmac::Key,
 }
@@ -192,8 +195,11 @@ const CID_NONCE_LEN: usize = 8;
 const CID_SIGNATURE_LEN: usize = 4;
 
 impl SignedConnectionIds {
-    fn new(key: ring::hmac::Key) -> Self {
-        Self { key }
+    /// The ids of a server with this stable secret.
+    fn for_secret(secret: &[u8]) -> Self {
+        Self {
+            key: derived_key(b"brpc connection id key v2\0", secret),
+        }
     }
 
     fn signature(&self, nonce: &[u8]) -> ring::hmac::Tag {
@@ -294,16 +300,12 @@ mod tests {
         assert!(raised.1 > default.1, "send {raised:?} vs {default:?}");
     }
 
-    fn connection_ids(secret: &[u8]) -> SignedConnectionIds {
-        SignedConnectionIds::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
-    }
-
     #[test]
     fn a_server_with_the_same_secret_recognises_its_connection_ids() {
         use quinn_proto::ConnectionIdGenerator;
-        let mut before = connection_ids(b"secret");
-        let after = connection_ids(b"secret");
-        let other = connection_ids(b"another secret");
+        let mut before = SignedConnectionIds::for_secret(b"secret");
+        let after = SignedConnectionIds::for_secret(b"secret");
+        let other = SignedConnectionIds::for_secret(b"another secret");
         for _ in 0..100 {
             let id = before.generate_cid();
             assert_eq!(id.len(), before.cid_len());
@@ -326,7 +328,7 @@ mod tests {
     #[test]
     fn connection_ids_do_not_repeat_across_a_fleet() {
         use quinn_proto::ConnectionIdGenerator;
-        let mut ids = connection_ids(b"secret");
+        let mut ids = SignedConnectionIds::for_secret(b"secret");
         let mut seen = std::collections::HashSet::new();
         let repeated = (0..200_000)
             .filter(|_| !seen.insert(ids.generate_cid()))
