@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brpc::core::conn::{DEFAULT_SOCKET_BUFFER, TransportOptions};
+use brpc::core::conn::{DEFAULT_SOCKET_BUFFER, LOOPBACK_MAX_UDP_PAYLOAD, TransportOptions};
 use brpc::{Client, Server};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -331,20 +331,42 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
         "quinn" | "quinn-buf" => {
             // quinn-buf: the same default quinn settings, on UDP sockets with
             // the buffer size brpc asks for (`TransportOptions::socket_buffer`).
+            // quinn-buf also accepts and probes for loopback-sized datagrams
+            // as the brpc stacks do (`max_udp_payload`).
+            let buf = stack == "quinn-buf";
             let buffers = TransportOptions {
-                socket_buffer: if stack == "quinn" {
-                    0
+                socket_buffer: if buf { DEFAULT_SOCKET_BUFFER } else { 0 },
+                max_udp_payload: if buf {
+                    LOOPBACK_MAX_UDP_PAYLOAD
                 } else {
-                    DEFAULT_SOCKET_BUFFER
+                    TransportOptions::default().max_udp_payload
                 },
                 ..TransportOptions::default()
+            };
+            // quinn's defaults, plus a keep-alive: the connection sits idle
+            // while the other stacks are measured, longer than the 30 s
+            // idle timeout; quinn-buf with path-MTU discovery up to the
+            // datagram size its endpoints accept, one datagram per write
+            // (as brpc configures quinn for it).
+            let transport = || {
+                let mut transport = quinn::TransportConfig::default();
+                transport.keep_alive_interval(Some(Duration::from_secs(5)));
+                if buf {
+                    let mut discovery = quinn::MtuDiscoveryConfig::default();
+                    discovery.upper_bound(LOOPBACK_MAX_UDP_PAYLOAD);
+                    transport.mtu_discovery_config(Some(discovery));
+                    transport.enable_segmentation_offload(false);
+                }
+                Arc::new(transport)
             };
             let dev = brpc::tls::DevCertificate::generate()?;
             let crypto =
                 brpc::tls::server_crypto(vec![dev.certificate().clone()], dev.private_key())?;
+            let mut server_config = quinn::ServerConfig::with_crypto(crypto);
+            server_config.transport_config(transport());
             let endpoint = brpc::core::conn::endpoint(
                 "127.0.0.1:0".parse()?,
-                Some(quinn::ServerConfig::with_crypto(crypto)),
+                Some(server_config),
                 &buffers,
                 None,
             )?;
@@ -363,13 +385,8 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                 brpc::tls::client_crypto(brpc::tls::pinned_roots(dev.certificate())?)?;
             let mut client =
                 brpc::core::conn::endpoint("127.0.0.1:0".parse()?, None, &buffers, None)?;
-            // quinn's defaults, plus a keep-alive: the connection sits idle
-            // while the other stacks are measured, longer than the 30 s
-            // idle timeout.
-            let mut transport = quinn::TransportConfig::default();
-            transport.keep_alive_interval(Some(Duration::from_secs(5)));
             let mut config = quinn::ClientConfig::new(client_crypto);
-            config.transport_config(Arc::new(transport));
+            config.transport_config(transport());
             client.set_default_client_config(config);
             let conn = client.connect(addr, "localhost")?.await?;
             Running {
@@ -383,9 +400,11 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
         }
         "brpc" | "brpc-reverse" => {
             let server = Server::builder()
+                .max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)
                 .add_service(EchoServer::new(EchoService))
                 .bind("127.0.0.1:0")?;
             let client = Client::builder()
+                .max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)
                 .add_service(EchoServer::new(EchoService))
                 .pin_certificate(server.certificate().clone())
                 .connect(server.local_addr())
@@ -412,15 +431,18 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
             // Cluster::peer, one Redis round trip, is not in it.)
             let node = brpc::tls::DevCertificate::generate_for(["brpc-node"])?;
             let server = Server::builder()
+                .max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)
                 .optional_client_ca(brpc::tls::pinned_roots(node.certificate())?)
                 .admin(brpc::server::AdminAccess::new().identity("brpc-node"))
                 .bind("127.0.0.1:0")?;
             let agent = Client::builder()
+                .max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)
                 .add_service(EchoServer::new(EchoService))
                 .pin_certificate(server.certificate().clone())
                 .connect(server.local_addr())
                 .await?;
             let link = Client::builder()
+                .max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)
                 .identity(vec![node.certificate().clone()], node.private_key())
                 .pin_certificate(server.certificate().clone())
                 .connect(server.local_addr())
@@ -434,9 +456,11 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
         "brpc-direct" => {
             // Both ends on the direct path (brpc-build's dispatcher and client).
             let server = Server::builder()
+                .max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)
                 .add_direct(proto::echo_brpc::EchoService::new(EchoService))
                 .bind("127.0.0.1:0")?;
             let client = Client::builder()
+                .max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)
                 .pin_certificate(server.certificate().clone())
                 .connect(server.local_addr())
                 .await?;
@@ -2360,7 +2384,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          so CPU time per call covers both ends. Each figure is the median of three measured rounds after a warm-up; every round measures all\n\
          stacks one after another, so slow drifts in the machine's speed hit every stack alike.\n\
          tonic uses its own HTTP/2 transport over TCP loopback (plaintext); tonic-tls the same over TLS 1.3 (tonic's `tls-ring`: rustls with ring, as brpc; a self-signed certificate); {h3}raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
-         and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers; brpc-reverse is the server calling the client\n\
+         and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers and loopback-sized packets (path-MTU discovery up to 32 KiB, one datagram per write, as brpc does with `max_udp_payload`); the brpc QUIC stacks set `max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)` on both sides (default 1452: the fleet, storm and memory figures keep it); brpc-reverse is the server calling the client\n\
          through the peer handle; brpc, brpc-reverse and brpc-unix use tonic's generated client and server (the tonic path), brpc-direct and brpc-direct-unix\n\
          brpc-build's (the direct path); the prost stacks (brpc, tonic, tonic-h3) share one generated Echo whose `bytes` fields are `bytes::Bytes` (prost's `bytes([\".\"])`), so a received \
          blob is a slice of the received buffer, not a copy (ttrpc-rust's rust-protobuf code copies it into a `Vec<u8>`); tonic's server sets TCP_NODELAY as its own `serve` does; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\

@@ -14,6 +14,7 @@ mod common;
 mod admin_relay;
 mod call_window;
 mod cancellation;
+mod datagrams;
 mod deadlines;
 mod direct;
 mod examples;

@@ -60,6 +60,18 @@ impl ConnectionOptions {
         self
     }
 
+    /// Largest UDP payload this side sends and accepts (default 1452, an
+    /// Ethernet path's). Set it on both sides to let QUIC path-MTU discovery
+    /// grow a connection's packets where its path carries them: loopback
+    /// ([`LOOPBACK_MAX_UDP_PAYLOAD`](super::LOOPBACK_MAX_UDP_PAYLOAD), about
+    /// 2.5 times the bulk throughput there) or jumbo frames (8952). See
+    /// [`TransportOptions::max_udp_payload`] for what it costs.
+    #[must_use]
+    pub fn max_udp_payload(mut self, bytes: u16) -> Self {
+        self.transport.max_udp_payload = bytes;
+        self
+    }
+
     /// Close a connection that has received nothing for this long, failing
     /// its calls with `UNAVAILABLE` (default 10 s; the shorter of the two
     /// sides' values applies). A server drops the peer from its registry; a
@@ -175,6 +187,8 @@ macro_rules! builder_setters {
                 "Most calls the other side may have open to this one at once (default 100).";
             socket_buffer(bytes: usize):
                 "Bytes asked of the kernel for the UDP socket's buffers (default 4 MiB).";
+            max_udp_payload(bytes: u16):
+                "Largest UDP payload this side sends and accepts (default 1452; loopback: `LOOPBACK_MAX_UDP_PAYLOAD`).";
             idle_timeout(timeout: std::time::Duration):
                 "Close a connection that has received nothing for this long (default 10 s).";
             keep_alive_interval(interval: Option<std::time::Duration>):
