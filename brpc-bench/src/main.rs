@@ -1139,6 +1139,7 @@ async fn storm(
     server.kill()?;
     let _ = server.wait();
     let restarted = Instant::now();
+    let agents_cpu_before: f64 = children.iter().map(|c| process_cpu_seconds(c.id())).sum();
     let (mut server, peers) = storm_server(addr, &pem, keep_alive)?;
     // 120 s, or 3 ms per agent for larger fleets (300 s for 100 000).
     let limit = Duration::from_secs(120).max(Duration::from_millis(3 * n as u64));
@@ -1164,6 +1165,12 @@ async fn storm(
         .join(", ");
     let back = peers.count();
     let cpu = process_cpu_seconds(server.id());
+    let agents_cpu = children
+        .iter()
+        .map(|c| process_cpu_seconds(c.id()))
+        .sum::<f64>()
+        - agents_cpu_before;
+    let admission = peers.admission();
     let (mut attempts, mut gave_up, mut busy, mut timed_out) = (0u64, 0u64, 0u64, 0u64);
     for mut child in children {
         drop(child.stdin.take());
@@ -1185,27 +1192,43 @@ async fn storm(
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(
-        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) |",
+        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) | {} started ({} timed out, {} failed); {} refused (queue full {}, after waiting {}); {} admitted | {:.1} s |",
         back_after.as_secs_f64(),
         attempts as f64 / before.max(1) as f64,
         cpu,
         cpu / back.max(1) as f64 * 1e6,
+        admission[2],
+        admission[4],
+        admission[3],
+        admission[0] + admission[1],
+        admission[0],
+        admission[1],
+        admission[5],
+        agents_cpu,
     ))
 }
 
 /// The columns of a restart storm's row.
-const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm |\n|---:|---:|---:|---:|---:|---:|---:|";
+const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm | the new server's handshakes and refusals | agents' CPU during the storm |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 /// What a storm server process reports: its address, then its peer count.
 #[derive(Clone, Default)]
 struct Reported {
     addr: Arc<std::sync::Mutex<Option<SocketAddr>>>,
     peers: Arc<std::sync::atomic::AtomicUsize>,
+    /// The server's admission counts: refused with the queue full, refused
+    /// after waiting, handshakes started, failed, timed out, sessions
+    /// admitted.
+    admission: Arc<std::sync::Mutex<[u64; 6]>>,
 }
 
 impl Reported {
     fn count(&self) -> usize {
         self.peers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn admission(&self) -> [u64; 6] {
+        self.admission.lock().map(|a| *a).unwrap_or_default()
     }
 }
 
@@ -1254,6 +1277,14 @@ fn storm_server(
                 if let (Ok(mut slot), Ok(addr)) = (follow.addr.lock(), addr.parse()) {
                     *slot = Some(addr);
                 }
+            } else if let Some(counts) = line.strip_prefix("admission ") {
+                let mut parsed = [0u64; 6];
+                for (slot, word) in parsed.iter_mut().zip(counts.split_whitespace()) {
+                    *slot = word.parse().unwrap_or(0);
+                }
+                if let Ok(mut slot) = follow.admission.lock() {
+                    *slot = parsed;
+                }
             } else if let Some(count) = line.strip_prefix("peers ") {
                 follow.peers.store(
                     count.parse().unwrap_or(0),
@@ -1291,6 +1322,16 @@ async fn serve_storm(
     };
     println!("addr {}", server.local_addr());
     loop {
+        let a = server.admission_stats();
+        println!(
+            "admission {} {} {} {} {} {}",
+            a.refused_queue_full,
+            a.refused_after_waiting,
+            a.handshakes_started,
+            a.handshakes_failed,
+            a.handshakes_timed_out,
+            a.admitted,
+        );
         println!("peers {}", server.peers().len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -2372,7 +2413,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              (SIGKILL: no GoAway, no CONNECTION_CLOSE) and a new one started on the same address with the same certificate and reset secret. \
              The agents learn of it from the new server's stateless resets and reconnect with their backoff (a longer one after a refusal by the busy server), resuming their TLS sessions. \"time until all back\" runs from the new server's start, \
              to the limit of 120 s or 3 ms per agent (with when half, 90% and 99% were back); \
-             attempts are the agents' connection attempts after their first connection (each failed one and each success; of the failed ones, those refused by the busy server and those timed out); CPU is the new server process's over that time.\n\n\
+             attempts are the agents' connection attempts after their first connection (each failed one and each success; of the failed ones, those refused by the busy server and those timed out); CPU is the new server process's over that time. \
+             The new server's counts are its `Server::admission_stats()` at the end: TLS handshakes it started (of which not finished within its 10 s Hello limit, and failed), \
+             clients refused with `CONNECTION_REFUSED` and no handshake (more waiting than it queues, or no handshake slot within half the Hello limit), sessions admitted. \
+             The agents' CPU is their processes' user + system time over the same span.\n\n\
              {STORM_HEADER}\n{}\n\n",
             sizes(&cli.storm),
             storm_rows.join("\n")

@@ -34,4 +34,4 @@ pub use brpc_core::{ConnectionId, Peer, Router};
 pub use registry::{PeerEvent, Registry};
 pub use select::LabelChannel;
 pub use server::{BindError, Builder, Server};
-pub use state::Admission;
+pub use state::{Admission, AdmissionStats};

@@ -23,7 +23,10 @@ use tracing::Instrument;
 
 use crate::Registry;
 use crate::admin::{Admin, AdminAccess, ServerHandler};
-use crate::state::{Admission, Authorize, Counted, CredentialCheck, Listed, Shared};
+use crate::state::{
+    Admission, AdmissionCounters, AdmissionStats, Authorize, Counted, CredentialCheck, Listed,
+    Shared,
+};
 
 /// Why [`Builder::bind`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -439,6 +442,7 @@ impl Builder {
             transport: self.options.transport,
             buffer_total: self.options.limits.total_budget(self.buffer_total),
             unix_check: self.unix_check,
+            admission: AdmissionCounters::default(),
         });
         let accept = shared
             .endpoint
@@ -538,6 +542,13 @@ impl Server {
     /// [`Builder::max_handshakes`]): a restart storm's queue.
     pub fn handshakes_waiting(&self) -> usize {
         self.shared.waiting.load(Ordering::SeqCst)
+    }
+
+    /// What became of the QUIC clients that reached this server since it was
+    /// bound: refused for load, handshakes started, failed and timed out,
+    /// sessions admitted. See [`AdmissionStats`].
+    pub fn admission_stats(&self) -> AdmissionStats {
+        self.shared.admission.snapshot()
     }
 
     /// Stops accepting and closes every connection now; calls in flight fail.
@@ -686,7 +697,10 @@ async fn accept_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
-                Some(incoming) if shared.shutting_down.load(Ordering::SeqCst) => incoming.refuse(),
+                Some(incoming) if shared.shutting_down.load(Ordering::SeqCst) => {
+                    AdmissionCounters::add(&shared.admission.refused_closing);
+                    incoming.refuse();
+                }
                 Some(incoming) => {
                     let admitted = shared.connections.fetch_add(1, Ordering::SeqCst) < shared.max_connections;
                     let counted = Counted(shared.connections.clone());
@@ -701,10 +715,12 @@ async fn accept_loop(shared: Arc<Shared>) {
                             }
                             Err(_) => {
                                 tracing::debug!(remote = %incoming.remote_address(), "connection refused: too many handshakes waiting");
+                                AdmissionCounters::add(&shared.admission.refused_queue_full);
                                 incoming.refuse();
                             }
                         }
                     } else {
+                        AdmissionCounters::add(&shared.admission.turned_away);
                         connections.spawn(turn_away(incoming, shared.max_connections, counted));
                     }
                 }
@@ -734,6 +750,7 @@ async fn wait_for_handshake(
         Ok(Ok(permit)) => Box::pin(run_connection(shared, incoming, permit, counted)).await,
         _ => {
             tracing::debug!(remote = %incoming.remote_address(), "connection refused: no handshake slot within half the Hello limit");
+            AdmissionCounters::add(&shared.admission.refused_after_waiting);
             incoming.refuse();
         }
     }
@@ -761,6 +778,8 @@ async fn admit(
 ) -> Option<Listed> {
     let remote = incoming.remote_address();
     let deadline = tokio::time::Instant::now() + shared.hello_timeout;
+    let counts = &shared.admission;
+    AdmissionCounters::add(&counts.handshakes_started);
     let handshake = tokio::time::timeout_at(deadline, incoming).await;
     drop(permit);
     let connection = match handshake {
@@ -769,13 +788,35 @@ async fn admit(
             let error = e.to_string();
             let hint = tls::explain_certificate_error(&error).unwrap_or("");
             tracing::info!(%remote, %error, hint, "handshake refused");
+            AdmissionCounters::add(&counts.handshakes_failed);
             return None;
         }
         Err(_) => {
             tracing::info!(%remote, "handshake refused: it did not finish within the Hello limit");
+            AdmissionCounters::add(&counts.handshakes_timed_out);
             return None;
         }
     };
+    let admission = shared.clone();
+    let listed = session(shared, connection, remote, deadline).await;
+    let counts = &admission.admission;
+    AdmissionCounters::add(if listed.is_some() {
+        &counts.admitted
+    } else {
+        &counts.sessions_refused
+    });
+    listed
+}
+
+/// Hello, admission, listing and the Hello answer on a handshaken
+/// connection: the peer, listed, or `None` if the client was turned away or
+/// went away.
+async fn session(
+    shared: Arc<Shared>,
+    connection: quinn::Connection,
+    remote: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<Listed> {
     // A handle for the Hello call alone, its frames capped at the Hello
     // limit; the peer listed once Hello is done is made with what it said.
     // Its frames are not charged to the budget admitted peers share: a

@@ -61,6 +61,85 @@ pub(crate) struct Shared {
     pub(crate) buffer_total: MemoryBudget,
     /// Which Unix clients are admitted.
     pub(crate) unix_check: Option<CredentialCheck>,
+    /// What became of the QUIC clients that knocked.
+    pub(crate) admission: AdmissionCounters,
+}
+
+/// The counts behind [`AdmissionStats`].
+#[derive(Default)]
+pub(crate) struct AdmissionCounters {
+    pub(crate) refused_queue_full: AtomicU64,
+    pub(crate) refused_after_waiting: AtomicU64,
+    pub(crate) refused_closing: AtomicU64,
+    pub(crate) turned_away: AtomicU64,
+    pub(crate) handshakes_started: AtomicU64,
+    pub(crate) handshakes_failed: AtomicU64,
+    pub(crate) handshakes_timed_out: AtomicU64,
+    pub(crate) sessions_refused: AtomicU64,
+    pub(crate) admitted: AtomicU64,
+}
+
+impl AdmissionCounters {
+    /// Adds one to `count`.
+    pub(crate) fn add(count: &AtomicU64) {
+        count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> AdmissionStats {
+        let get = |count: &AtomicU64| count.load(Ordering::Relaxed);
+        AdmissionStats {
+            refused_queue_full: get(&self.refused_queue_full),
+            refused_after_waiting: get(&self.refused_after_waiting),
+            refused_closing: get(&self.refused_closing),
+            turned_away: get(&self.turned_away),
+            handshakes_started: get(&self.handshakes_started),
+            handshakes_failed: get(&self.handshakes_failed),
+            handshakes_timed_out: get(&self.handshakes_timed_out),
+            sessions_refused: get(&self.sessions_refused),
+            admitted: get(&self.admitted),
+        }
+    }
+}
+
+/// What became of the QUIC clients that reached a server since it was bound
+/// ([`Server::admission_stats`](crate::Server::admission_stats)): counts
+/// that only grow. A client that retries is counted at each attempt.
+///
+/// Read twice and subtract to see a restart storm's shape: refusals while
+/// the handshake queue is full (the clients come back after their busy
+/// backoff), handshakes the server started and the client did not finish
+/// (its CPU spent for nothing: the client gave up or went away), and
+/// sessions admitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AdmissionStats {
+    /// Refused at once with `CONNECTION_REFUSED`, no handshake: more clients
+    /// were waiting for a handshake slot than the server queues (64 ×
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)).
+    pub refused_queue_full: u64,
+    /// Refused with `CONNECTION_REFUSED` after waiting half the Hello limit
+    /// for a handshake slot, no handshake.
+    pub refused_after_waiting: u64,
+    /// Refused with `CONNECTION_REFUSED` because the server was shutting down.
+    pub refused_closing: u64,
+    /// Handshaken and closed with `CONN_TOO_MANY`: the server was at
+    /// [`Builder::max_connections`](crate::Builder::max_connections).
+    pub turned_away: u64,
+    /// TLS handshakes started (a handshake slot taken).
+    pub handshakes_started: u64,
+    /// Handshakes that failed: a certificate refused by either side, a
+    /// protocol error, or the client closing or resetting mid-way.
+    pub handshakes_failed: u64,
+    /// Handshakes not finished within the Hello limit
+    /// ([`Builder::hello_timeout`](crate::Builder::hello_timeout)): usually a
+    /// client that gave up waiting, or one too starved of CPU to answer.
+    pub handshakes_timed_out: u64,
+    /// Clients handshaken and then refused: a bad or late Hello, an
+    /// unsupported protocol version, not authorised, or the server shutting
+    /// down.
+    pub sessions_refused: u64,
+    /// Sessions admitted and listed in the registry.
+    pub admitted: u64,
 }
 
 /// Removes a peer from the registry however its task ends (even if aborted).

@@ -805,6 +805,17 @@ async fn a_client_past_the_bound_waits_until_the_handshake_ahead_of_it_ends() {
     let late = late.await.expect("join").expect("queued client admitted");
     assert_eq!(server.handshakes_waiting(), 0);
     assert_eq!(server.peers().len(), 2);
+    let stats = server.admission_stats();
+    assert_eq!(
+        (stats.handshakes_started, stats.admitted),
+        (2, 2),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.refused_queue_full + stats.refused_after_waiting + stats.handshakes_timed_out,
+        0,
+        "{stats:?}"
+    );
     for client in [&stalled, &late] {
         let reply = EchoClient::new(client.channel())
             .unary(EchoRequest::default())
@@ -873,6 +884,20 @@ async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_st
         .expect("admitted once the slot is free");
     assert!(after.connection_id() != early.connection_id());
     stalled.abort();
+    // Counted: the late client's refusal (one or more: `after` may have been
+    // refused too while the slot was still held), the stalled handshake's
+    // timeout, and the two admitted.
+    let stats = server.admission_stats();
+    assert!(stats.refused_after_waiting >= 1, "{stats:?}");
+    assert_eq!(
+        (
+            stats.handshakes_timed_out,
+            stats.admitted,
+            stats.handshakes_started
+        ),
+        (1, 2, 3),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,6 +77,17 @@ async fn a_wrong_pinned_certificate_fails_to_connect_clearly() {
     let text = err.to_string();
     assert!(text.contains("certificate"), "{text}");
     assert!(server.peers().is_empty());
+    // The server counts a handshake started and failed (the client's alert).
+    common::eventually(Duration::from_secs(10), "handshake counted failed", || {
+        server.admission_stats().handshakes_failed == 1
+    })
+    .await;
+    let stats = server.admission_stats();
+    assert_eq!(
+        (stats.handshakes_started, stats.admitted),
+        (1, 0),
+        "{stats:?}"
+    );
 
     let err = Client::builder()
         .connect(server.local_addr())
@@ -123,6 +134,20 @@ async fn a_raw_hello_gets_an_id_and_the_peer_is_listed() {
     assert_eq!(answer.protocol_version, session::PROTOCOL_VERSION);
     let id = brpc::ConnectionId(answer.connection_id);
     assert_eq!(server.peers().get(id).expect("listed").name(), "raw");
+    common::eventually(Duration::from_secs(10), "session counted admitted", || {
+        server.admission_stats().admitted == 1
+    })
+    .await;
+    let stats = server.admission_stats();
+    assert_eq!(
+        (
+            stats.handshakes_started,
+            stats.handshakes_failed,
+            stats.sessions_refused
+        ),
+        (1, 0, 0),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]
@@ -134,6 +159,11 @@ async fn a_wrong_protocol_version_is_refused() {
     assert_eq!(status.code, Code::FailedPrecondition as i32);
     assert!(status.message.contains("version 99"), "{}", status.message);
     assert!(server.peers().is_empty());
+    common::eventually(Duration::from_secs(10), "session counted refused", || {
+        server.admission_stats().sessions_refused == 1
+    })
+    .await;
+    assert_eq!(server.admission_stats().admitted, 0);
 }
 
 #[tokio::test]
