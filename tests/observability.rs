@@ -153,6 +153,16 @@ async fn calls_have_spans_and_metrics() {
     assert!(value("brpc_bytes_sent_total", &[]).expect("bytes sent") > 0.0);
     assert!(value("brpc_bytes_received_total", &[]).expect("bytes received") > 0.0);
     assert_eq!(value("brpc_connected_peers", &[]), Some(1.0));
+    // What became of the two clients that knocked: one admitted, one whose
+    // handshake failed (it refused the certificate), as
+    // `Server::admission_stats` counts them.
+    let admission = |event: &str| value("brpc_admission_events_total", &[("event", event)]);
+    assert_eq!(admission("handshakes_started"), Some(2.0));
+    assert_eq!(admission("admitted"), Some(1.0));
+    assert_eq!(admission("handshakes_failed"), Some(1.0));
+    assert_eq!(admission("refused_queue_full"), None);
+    let stats = server.admission_stats();
+    assert_eq!((stats.admitted, stats.handshakes_failed), (1, 1));
     assert_eq!(
         value("brpc_calls_in_flight", &[("direction", "inbound")]),
         Some(0.0)

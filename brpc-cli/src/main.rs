@@ -12,6 +12,7 @@
 //! brpcctl ... call --agent 4711 fleet.v1.Agent/Facts --proto agent.proto -d '{}'
 //! brpcctl ... call --all fleet.v1.Agent/Facts --proto agent.proto
 //! brpcctl ... health
+//! brpcctl ... stats
 //! ```
 //!
 //! Exit codes: 0 success; 1 bad arguments or proto; 2 could not connect;
@@ -29,7 +30,7 @@ use brpc_core::conn::{RequestBody, ResponseEvent};
 use brpc_core::wire::KeyValue;
 use brpc_server::admin::{
     ADMIN_SERVICE, ADMIN_TOKEN, AgentEvent, AgentInfo, EVENT_CONNECTED, EVENT_DISCONNECTED,
-    ListAgentsRequest, ListAgentsResponse, RELAY_TO, WatchRequest,
+    ListAgentsRequest, ListAgentsResponse, RELAY_TO, StatsRequest, StatsResponse, WatchRequest,
 };
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
@@ -123,6 +124,13 @@ enum Command {
     },
     /// Call a method, on the server itself or (relayed by the server) on agents.
     Call(CallArgs),
+    /// The server's load and what became of the clients that reached it
+    /// (refused for load, handshakes failed or timed out, admitted).
+    Stats {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// The standard gRPC health check (grpc.health.v1.Health/Check).
     Health {
         /// The service to check (empty: the server as a whole).
@@ -260,6 +268,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Some(call) => call.run(&session, &args).await,
             None => Err(Failure::usage("internal: call not prepared")),
         },
+        Command::Stats { json } => stats(&session, json).await,
         Command::Health { service, agent } => health(&session, service, agent).await,
     };
     // Closed either way, so that the server lets go of the connection now
@@ -828,6 +837,45 @@ async fn health(session: &Session, service: String, agent: Option<u64>) -> Resul
     };
     out!("status: {name}");
     Ok(if reply.status == 1 { 0 } else { 4 })
+}
+
+async fn stats(session: &Session, json: bool) -> Result<u8, Failure> {
+    let s: StatsResponse = session
+        .unary(
+            ADMIN_SERVICE,
+            "Stats",
+            session.admin_metadata(None),
+            &StatsRequest {},
+        )
+        .await?;
+    let rows = [
+        ("connected", s.connected),
+        ("handshakes_in_progress", s.handshakes_in_progress),
+        ("handshakes_waiting", s.handshakes_waiting),
+        ("buffered_bytes", s.buffered_bytes),
+        ("refused_queue_full", s.refused_queue_full),
+        ("refused_after_waiting", s.refused_after_waiting),
+        ("refused_closing", s.refused_closing),
+        ("turned_away", s.turned_away),
+        ("handshakes_started", s.handshakes_started),
+        ("handshakes_failed", s.handshakes_failed),
+        ("handshakes_timed_out", s.handshakes_timed_out),
+        ("sessions_refused", s.sessions_refused),
+        ("admitted", s.admitted),
+    ];
+    if json {
+        let object: serde_json::Map<String, serde_json::Value> = rows
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).into()))
+            .collect();
+        out!("{}", serde_json::Value::Object(object));
+        return Ok(0);
+    }
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    for (name, value) in rows {
+        out!("{name:<width$}  {value}");
+    }
+    Ok(0)
 }
 
 fn agent_json(a: &AgentInfo) -> serde_json::Value {

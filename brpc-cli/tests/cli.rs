@@ -361,3 +361,79 @@ async fn the_admin_service_is_off_by_default() {
     let out = run(&setup, &["--timeout", "0", "agents"]).await;
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_what_became_of_the_clients() {
+    let setup = server("stats", true).await;
+    let _eu = agent(&setup, "agent-eu", "eu").await;
+    let _us = agent(&setup, "agent-us", "us").await;
+    // brpcctl trusting another certificate: it cannot connect (exit 2), and
+    // the server counts a handshake started and failed.
+    let other = setup._dir.0.join("other.pem");
+    let pem = brpc::core::tls::DevCertificate::generate()
+        .expect("cert")
+        .certificate_pem();
+    std::fs::write(&other, pem).expect("write other.pem");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_brpcctl"))
+        .arg("--server")
+        .arg(setup.server.local_addr().to_string())
+        .arg("--pin")
+        .arg(&other)
+        .args(["--token", TOKEN, "stats"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(LIMIT, out)
+        .await
+        .expect("brpcctl finished in time")
+        .expect("brpcctl runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while setup.server.admission_stats().handshakes_failed == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the failed handshake was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Two agents and brpcctl itself admitted; one handshake failed.
+    let out = run(&setup, &["stats", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stats --json is a JSON object");
+    assert_eq!(stats["admitted"], 3, "{stats}");
+    assert_eq!(stats["connected"], 3, "{stats}");
+    assert_eq!(stats["handshakes_started"], 4, "{stats}");
+    assert_eq!(stats["handshakes_failed"], 1, "{stats}");
+    for zero in [
+        "handshakes_in_progress",
+        "handshakes_waiting",
+        "refused_queue_full",
+        "refused_after_waiting",
+        "refused_closing",
+        "turned_away",
+        "handshakes_timed_out",
+        "sessions_refused",
+    ] {
+        assert_eq!(stats[zero], 0, "{zero}: {stats}");
+    }
+    // The same as the library says (the second brpcctl counted too).
+    let library = setup.server.admission_stats();
+    assert_eq!(library.admitted, 3);
+    assert_eq!(library.handshakes_failed, 1);
+
+    // The text form: one name and value a line; a third brpcctl admitted.
+    let out = run(&setup, &["stats"]).await;
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let admitted = text
+        .lines()
+        .find_map(|l| l.strip_prefix("admitted"))
+        .expect("an admitted line");
+    assert_eq!(admitted.trim(), "4", "{text}");
+
+    // Without the token: refused like the rest of the admin service.
+    let out = run_with(&setup, false, &["stats"]).await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"));
+}

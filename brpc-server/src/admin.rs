@@ -1,11 +1,14 @@
 //! The admin service: what `brpcctl` (or any operator's tool) talks to.
 //! Off by default; on, it answers only the connections an [`AdminAccess`]
-//! authorises, and gives them three things:
+//! authorises, and gives them four things:
 //!
 //! - `brpc.admin.v1.Admin/ListAgents`: the connected peers, a page at a
 //!   time, optionally those with given labels;
 //! - `brpc.admin.v1.Admin/Watch`: connect and disconnect events as they
 //!   happen (server-streaming);
+//! - `brpc.admin.v1.Admin/Stats`: the server's load (peers connected,
+//!   handshakes in progress and waiting) and its admission counts (what
+//!   [`Server::admission_stats`](crate::Server::admission_stats) returns);
 //! - the relay: any call carrying the metadata entry `brpc-relay-to: <id>`
 //!   is carried on to the connected peer with that id, as the same service
 //!   and method, its messages passed through as bytes (the server decodes
@@ -17,7 +20,8 @@
 //! PROTOCOL.md ("Admin service").
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::UNIX_EPOCH;
 
 use brpc_core::conn::{Handler, Incoming, Input, Reply};
@@ -28,6 +32,7 @@ use prost::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
 
+use crate::state::Shared;
 use crate::{PeerEvent, Registry};
 
 /// The admin service's proto name.
@@ -117,6 +122,60 @@ pub struct AgentEvent {
     /// How many events were missed (kind 3).
     #[prost(uint64, tag = "4")]
     pub missed: u64,
+}
+
+/// `Stats`' request (no fields yet).
+#[derive(Clone, PartialEq, Message)]
+pub struct StatsRequest {}
+
+/// `Stats`' answer: the server's load now, and what became of the QUIC
+/// clients that reached it since it was bound (the counts of
+/// [`AdmissionStats`](crate::AdmissionStats), which only grow: read twice and
+/// subtract to see a restart storm's shape).
+#[derive(Clone, PartialEq, Message)]
+pub struct StatsResponse {
+    /// Peers in the registry (sessions admitted and not ended).
+    #[prost(uint64, tag = "1")]
+    pub connected: u64,
+    /// TLS handshakes in progress (at most
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)).
+    #[prost(uint64, tag = "2")]
+    pub handshakes_in_progress: u64,
+    /// Clients waiting for a handshake slot.
+    #[prost(uint64, tag = "3")]
+    pub handshakes_waiting: u64,
+    /// Bytes of partly received frames held, all connections.
+    #[prost(uint64, tag = "4")]
+    pub buffered_bytes: u64,
+    /// Refused at once: the handshake queue was full.
+    #[prost(uint64, tag = "5")]
+    pub refused_queue_full: u64,
+    /// Refused after waiting half the Hello limit for a handshake slot.
+    #[prost(uint64, tag = "6")]
+    pub refused_after_waiting: u64,
+    /// Refused: the server was shutting down.
+    #[prost(uint64, tag = "7")]
+    pub refused_closing: u64,
+    /// Handshaken and closed: the server was at its connection limit.
+    #[prost(uint64, tag = "8")]
+    pub turned_away: u64,
+    /// TLS handshakes started.
+    #[prost(uint64, tag = "9")]
+    pub handshakes_started: u64,
+    /// Handshakes that failed (a certificate refused, a protocol error, the
+    /// client going away).
+    #[prost(uint64, tag = "10")]
+    pub handshakes_failed: u64,
+    /// Handshakes not finished within the Hello limit.
+    #[prost(uint64, tag = "11")]
+    pub handshakes_timed_out: u64,
+    /// Clients handshaken and then refused (bad or late Hello, version, not
+    /// authorised, shutting down).
+    #[prost(uint64, tag = "12")]
+    pub sessions_refused: u64,
+    /// Sessions admitted.
+    #[prost(uint64, tag = "13")]
+    pub admitted: u64,
 }
 
 /// [`AgentEvent::kind`]: a peer connected.
@@ -253,6 +312,8 @@ pub(crate) struct ServerHandler {
 pub(crate) struct Admin {
     pub(crate) access: AdminAccess,
     pub(crate) registry: Registry,
+    /// The server it belongs to, for `Stats`.
+    pub(crate) server: Weak<Shared>,
 }
 
 impl Handler for ServerHandler {
@@ -308,6 +369,17 @@ impl Admin {
                 Ok(request) => reply.ok_message(&self.list(&request)).await,
                 Err(status) => reply.status(status).await,
             },
+            "Stats" => match decode::<StatsRequest>(&call) {
+                Ok(StatsRequest {}) => match self.stats() {
+                    Some(stats) => reply.ok_message(&stats).await,
+                    None => {
+                        reply
+                            .status(Status::unavailable("the server is shutting down"))
+                            .await;
+                    }
+                },
+                Err(status) => reply.status(status).await,
+            },
             "Watch" => match decode::<WatchRequest>(&call) {
                 Ok(request) => self.watch(&call.peer, &request, reply).await,
                 Err(status) => reply.status(status).await,
@@ -345,6 +417,32 @@ impl Admin {
             _ => 0,
         };
         ListAgentsResponse { agents, next_after }
+    }
+
+    /// The server's load and admission counts (`None`: the server is gone).
+    fn stats(&self) -> Option<StatsResponse> {
+        let server = self.server.upgrade()?;
+        let counts = server.admission.snapshot();
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Some(StatsResponse {
+            connected: wide(server.registry.len()),
+            handshakes_in_progress: wide(
+                server
+                    .max_handshakes
+                    .saturating_sub(server.handshakes.available_permits()),
+            ),
+            handshakes_waiting: wide(server.waiting.load(Ordering::SeqCst)),
+            buffered_bytes: wide(server.buffer_total.in_use()),
+            refused_queue_full: counts.refused_queue_full,
+            refused_after_waiting: counts.refused_after_waiting,
+            refused_closing: counts.refused_closing,
+            turned_away: counts.turned_away,
+            handshakes_started: counts.handshakes_started,
+            handshakes_failed: counts.handshakes_failed,
+            handshakes_timed_out: counts.handshakes_timed_out,
+            sessions_refused: counts.sessions_refused,
+            admitted: counts.admitted,
+        })
     }
 
     async fn watch(&self, call_peer: &Peer, request: &WatchRequest, reply: &mut Reply) {

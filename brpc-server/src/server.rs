@@ -24,8 +24,8 @@ use tracing::Instrument;
 use crate::Registry;
 use crate::admin::{Admin, AdminAccess, ServerHandler};
 use crate::state::{
-    Admission, AdmissionCounters, AdmissionStats, Authorize, Counted, CredentialCheck, Listed,
-    Shared,
+    Admission, AdmissionCounters, AdmissionEvent, AdmissionStats, Authorize, Counted,
+    CredentialCheck, Listed, Shared,
 };
 
 /// Why [`Builder::bind`] failed.
@@ -415,16 +415,19 @@ impl Builder {
             .and_then(|e| e.local_addr().ok())
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let registry = Registry::new(self.event_capacity);
-        let admin = self.admin.map(|access| {
-            Arc::new(Admin {
-                access,
-                registry: registry.clone(),
-            })
-        });
-        let shared = Arc::new(Shared {
+        let admin_access = self.admin;
+        // The admin service reads the server's counts (its `Stats`) through
+        // a weak reference: the server owns it, not the other way round.
+        let shared = Arc::new_cyclic(|shared| Shared {
             endpoint,
+            admin: admin_access.map(|access| {
+                Arc::new(Admin {
+                    access,
+                    registry: registry.clone(),
+                    server: shared.clone(),
+                })
+            }),
             registry,
-            admin,
             shutting_down: AtomicBool::new(false),
             router: self.router,
             hello_timeout: self.hello_timeout,
@@ -437,6 +440,7 @@ impl Builder {
             max_connections: self.max_connections,
             connections: Arc::new(AtomicUsize::new(0)),
             handshakes: Arc::new(Semaphore::new(self.max_handshakes)),
+            max_handshakes: self.max_handshakes,
             max_waiting: self.max_handshakes.saturating_mul(64),
             waiting: Arc::new(AtomicUsize::new(0)),
             transport: self.options.transport,
@@ -698,7 +702,7 @@ async fn accept_loop(shared: Arc<Shared>) {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) if shared.shutting_down.load(Ordering::SeqCst) => {
-                    AdmissionCounters::add(&shared.admission.refused_closing);
+                    shared.admission.count(AdmissionEvent::RefusedClosing);
                     incoming.refuse();
                 }
                 Some(incoming) => {
@@ -715,12 +719,12 @@ async fn accept_loop(shared: Arc<Shared>) {
                             }
                             Err(_) => {
                                 tracing::debug!(remote = %incoming.remote_address(), "connection refused: too many handshakes waiting");
-                                AdmissionCounters::add(&shared.admission.refused_queue_full);
+                                shared.admission.count(AdmissionEvent::RefusedQueueFull);
                                 incoming.refuse();
                             }
                         }
                     } else {
-                        AdmissionCounters::add(&shared.admission.turned_away);
+                        shared.admission.count(AdmissionEvent::TurnedAway);
                         connections.spawn(turn_away(incoming, shared.max_connections, counted));
                     }
                 }
@@ -750,7 +754,7 @@ async fn wait_for_handshake(
         Ok(Ok(permit)) => Box::pin(run_connection(shared, incoming, permit, counted)).await,
         _ => {
             tracing::debug!(remote = %incoming.remote_address(), "connection refused: no handshake slot within half the Hello limit");
-            AdmissionCounters::add(&shared.admission.refused_after_waiting);
+            shared.admission.count(AdmissionEvent::RefusedAfterWaiting);
             incoming.refuse();
         }
     }
@@ -779,7 +783,7 @@ async fn admit(
     let remote = incoming.remote_address();
     let deadline = tokio::time::Instant::now() + shared.hello_timeout;
     let counts = &shared.admission;
-    AdmissionCounters::add(&counts.handshakes_started);
+    counts.count(AdmissionEvent::HandshakeStarted);
     let handshake = tokio::time::timeout_at(deadline, incoming).await;
     drop(permit);
     let connection = match handshake {
@@ -787,23 +791,22 @@ async fn admit(
         Ok(Err(e)) => {
             let error = e.to_string();
             let hint = tls::explain_certificate_error(&error).unwrap_or("");
+            counts.count(AdmissionEvent::HandshakeFailed);
             tracing::info!(%remote, %error, hint, "handshake refused");
-            AdmissionCounters::add(&counts.handshakes_failed);
             return None;
         }
         Err(_) => {
             tracing::info!(%remote, "handshake refused: it did not finish within the Hello limit");
-            AdmissionCounters::add(&counts.handshakes_timed_out);
+            counts.count(AdmissionEvent::HandshakeTimedOut);
             return None;
         }
     };
     let admission = shared.clone();
     let listed = session(shared, connection, remote, deadline).await;
-    let counts = &admission.admission;
-    AdmissionCounters::add(if listed.is_some() {
-        &counts.admitted
+    admission.admission.count(if listed.is_some() {
+        AdmissionEvent::Admitted
     } else {
-        &counts.sessions_refused
+        AdmissionEvent::SessionRefused
     });
     listed
 }

@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub(crate) connections: Arc<AtomicUsize>,
     /// Permits for TLS handshakes in progress (`Builder::max_handshakes`).
     pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
+    /// `Builder::max_handshakes`: the permits `handshakes` started with.
+    pub(crate) max_handshakes: usize,
     /// Most connections waiting for a handshake permit.
     pub(crate) max_waiting: usize,
     /// Connections waiting for a handshake permit.
@@ -65,38 +67,66 @@ pub(crate) struct Shared {
     pub(crate) admission: AdmissionCounters,
 }
 
-/// The counts behind [`AdmissionStats`].
-#[derive(Default)]
-pub(crate) struct AdmissionCounters {
-    pub(crate) refused_queue_full: AtomicU64,
-    pub(crate) refused_after_waiting: AtomicU64,
-    pub(crate) refused_closing: AtomicU64,
-    pub(crate) turned_away: AtomicU64,
-    pub(crate) handshakes_started: AtomicU64,
-    pub(crate) handshakes_failed: AtomicU64,
-    pub(crate) handshakes_timed_out: AtomicU64,
-    pub(crate) sessions_refused: AtomicU64,
-    pub(crate) admitted: AtomicU64,
+/// Something that became of a QUIC client that reached the server: one
+/// count of [`AdmissionStats`] each.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AdmissionEvent {
+    RefusedQueueFull,
+    RefusedAfterWaiting,
+    RefusedClosing,
+    TurnedAway,
+    HandshakeStarted,
+    HandshakeFailed,
+    HandshakeTimedOut,
+    SessionRefused,
+    Admitted,
 }
 
+impl AdmissionEvent {
+    const COUNT: usize = 9;
+
+    /// Its name: the field of [`AdmissionStats`] and the `event` label of
+    /// `brpc_admission_events_total`.
+    fn name(self) -> &'static str {
+        match self {
+            AdmissionEvent::RefusedQueueFull => "refused_queue_full",
+            AdmissionEvent::RefusedAfterWaiting => "refused_after_waiting",
+            AdmissionEvent::RefusedClosing => "refused_closing",
+            AdmissionEvent::TurnedAway => "turned_away",
+            AdmissionEvent::HandshakeStarted => "handshakes_started",
+            AdmissionEvent::HandshakeFailed => "handshakes_failed",
+            AdmissionEvent::HandshakeTimedOut => "handshakes_timed_out",
+            AdmissionEvent::SessionRefused => "sessions_refused",
+            AdmissionEvent::Admitted => "admitted",
+        }
+    }
+}
+
+/// The counts behind [`AdmissionStats`], one per [`AdmissionEvent`].
+#[derive(Default)]
+pub(crate) struct AdmissionCounters([AtomicU64; AdmissionEvent::COUNT]);
+
 impl AdmissionCounters {
-    /// Adds one to `count`.
-    pub(crate) fn add(count: &AtomicU64) {
-        count.fetch_add(1, Ordering::Relaxed);
+    /// Counts one `event`, here and in the metric
+    /// `brpc_admission_events_total{event}`. Once per client at most a few
+    /// times (not per call), so the metric's label may be built each time.
+    pub(crate) fn count(&self, event: AdmissionEvent) {
+        self.0[event as usize].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("brpc_admission_events_total", "event" => event.name()).increment(1);
     }
 
     pub(crate) fn snapshot(&self) -> AdmissionStats {
-        let get = |count: &AtomicU64| count.load(Ordering::Relaxed);
+        let get = |event: AdmissionEvent| self.0[event as usize].load(Ordering::Relaxed);
         AdmissionStats {
-            refused_queue_full: get(&self.refused_queue_full),
-            refused_after_waiting: get(&self.refused_after_waiting),
-            refused_closing: get(&self.refused_closing),
-            turned_away: get(&self.turned_away),
-            handshakes_started: get(&self.handshakes_started),
-            handshakes_failed: get(&self.handshakes_failed),
-            handshakes_timed_out: get(&self.handshakes_timed_out),
-            sessions_refused: get(&self.sessions_refused),
-            admitted: get(&self.admitted),
+            refused_queue_full: get(AdmissionEvent::RefusedQueueFull),
+            refused_after_waiting: get(AdmissionEvent::RefusedAfterWaiting),
+            refused_closing: get(AdmissionEvent::RefusedClosing),
+            turned_away: get(AdmissionEvent::TurnedAway),
+            handshakes_started: get(AdmissionEvent::HandshakeStarted),
+            handshakes_failed: get(AdmissionEvent::HandshakeFailed),
+            handshakes_timed_out: get(AdmissionEvent::HandshakeTimedOut),
+            sessions_refused: get(AdmissionEvent::SessionRefused),
+            admitted: get(AdmissionEvent::Admitted),
         }
     }
 }
@@ -110,6 +140,10 @@ impl AdmissionCounters {
 /// backoff), handshakes the server started and the client did not finish
 /// (its CPU spent for nothing: the client gave up or went away), and
 /// sessions admitted.
+///
+/// The same counts are the metric `brpc_admission_events_total{event}` (the
+/// event named as the field) and, with the admin service on, the answer to
+/// `brpc.admin.v1.Admin/Stats` (`brpcctl stats`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AdmissionStats {

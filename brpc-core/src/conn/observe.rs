@@ -4,7 +4,8 @@
 //! Metric names: `brpc_calls_total{direction,code}`,
 //! `brpc_call_errors_total{direction,code}`, `brpc_calls_in_flight{direction}`,
 //! `brpc_bytes_sent_total`, `brpc_bytes_received_total`,
-//! `brpc_connected_peers` (server).
+//! `brpc_connected_peers` (server); brpc-server adds
+//! `brpc_admission_events_total{event}`.
 
 use std::fmt;
 use std::sync::Arc;
