@@ -15,6 +15,7 @@
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml --features tonic-h3 # with the tonic-h3 stack (see STACKS)
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
 //! brpc-bench --fleet 10000 100000 --storm 10000 --fleet-keep-alive 10 # the full run with those fleet rows and restart storm rows
+//! brpc-bench storm 100000 --keep-alive 10 --agents-nice 10 # a restart storm, the agents yielding the CPU to the server
 //! brpc-bench --stack brpc --c64-only        # 10 s at c=64 (or --c1-only), for a profiler
 //! brpc-bench instructions brpc quinn        # instructions per call, counted by callgrind
 //! ```
@@ -1120,16 +1121,19 @@ async fn dial(
 async fn storm(
     n: usize,
     keep_alive: Option<Duration>,
+    nice: u8,
+    max_handshakes: Option<usize>,
 ) -> Result<String, Box<dyn std::error::Error>> {
     eprintln!("storm: {n} agents ...");
     let dir = std::env::temp_dir().join(format!("brpc-storm-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pem = dir.join("server.pem");
-    let (mut server, peers) = storm_server("127.0.0.1:0".parse()?, &pem, keep_alive)?;
+    let (mut server, peers) =
+        storm_server("127.0.0.1:0".parse()?, &pem, keep_alive, max_handshakes)?;
     let addr = wait_for_address(&peers)?;
     let cert = dir.join("server.der");
     std::fs::write(&cert, brpc::tls::load_certificate_file(&pem)?)?;
-    let children = spawn_agents(addr, n, &cert, true, keep_alive)?;
+    let children = spawn_agents(addr, n, &cert, true, keep_alive, nice)?;
     let started = Instant::now();
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while peers.count() < n && started.elapsed() < limit {
@@ -1140,7 +1144,8 @@ async fn storm(
     let _ = server.wait();
     let restarted = Instant::now();
     let agents_cpu_before: f64 = children.iter().map(|c| process_cpu_seconds(c.id())).sum();
-    let (mut server, peers) = storm_server(addr, &pem, keep_alive)?;
+    let machine_drops_before = udp_receive_buffer_drops();
+    let (mut server, peers) = storm_server(addr, &pem, keep_alive, max_handshakes)?;
     // 120 s, or 3 ms per agent for larger fleets (300 s for 100 000).
     let limit = Duration::from_secs(120).max(Duration::from_millis(3 * n as u64));
     // When half, 90% and 99% of the fleet were back.
@@ -1164,6 +1169,9 @@ async fn storm(
         .collect::<Vec<_>>()
         .join(", ");
     let back = peers.count();
+    // The new server's socket is the only one bound to its port.
+    let server_drops = udp_drops(addr.port());
+    let machine_drops = udp_receive_buffer_drops().saturating_sub(machine_drops_before);
     let cpu = process_cpu_seconds(server.id());
     let agents_cpu = children
         .iter()
@@ -1192,7 +1200,7 @@ async fn storm(
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(
-        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) | {} started ({} timed out, {} failed); {} refused (queue full {}, after waiting {}); {} admitted | {:.1} s |",
+        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) | {} started ({} timed out, {} failed); {} refused (queue full {}, after waiting {}); {} admitted | {:.1} s | {server_drops} at the server, {} at the agents |",
         back_after.as_secs_f64(),
         attempts as f64 / before.max(1) as f64,
         cpu,
@@ -1205,11 +1213,12 @@ async fn storm(
         admission[1],
         admission[5],
         agents_cpu,
+        machine_drops.saturating_sub(server_drops),
     ))
 }
 
 /// The columns of a restart storm's row.
-const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm | the new server's handshakes and refusals | agents' CPU during the storm |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm | the new server's handshakes and refusals | agents' CPU during the storm | datagrams dropped for a full receive buffer |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 /// What a storm server process reports: its address, then its peer count.
 #[derive(Clone, Default)]
@@ -1251,6 +1260,7 @@ fn storm_server(
     addr: SocketAddr,
     pem: &std::path::Path,
     keep_alive: Option<Duration>,
+    max_handshakes: Option<usize>,
 ) -> Result<(std::process::Child, Reported), Box<dyn std::error::Error>> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args([
@@ -1261,6 +1271,10 @@ fn storm_server(
         .env(
             KEEP_ALIVE_VAR,
             keep_alive.map_or(String::new(), |k| k.as_secs().to_string()),
+        )
+        .env(
+            MAX_HANDSHAKES_VAR,
+            max_handshakes.map_or(String::new(), |n| n.to_string()),
         )
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -1296,6 +1310,10 @@ fn storm_server(
     Ok((child, reported))
 }
 
+/// The environment variable giving a storm server's
+/// `Builder::max_handshakes` (unset: brpc's default).
+const MAX_HANDSHAKES_VAR: &str = "BRPC_BENCH_MAX_HANDSHAKES";
+
 /// The storm server: binds `addr` (retrying while the killed one's socket
 /// is still there), then prints its peer count every 20 ms.
 async fn serve_storm(
@@ -1311,6 +1329,12 @@ async fn serve_storm(
             .dev_certificate_file(pem);
         if let Some(idle) = idle_timeout {
             builder = builder.idle_timeout(idle);
+        }
+        if let Some(n) = std::env::var(MAX_HANDSHAKES_VAR)
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            builder = builder.max_handshakes(n);
         }
         match builder.bind(addr) {
             Ok(server) => break server,
@@ -1366,6 +1390,7 @@ fn spawn_agents(
     cert: &std::path::Path,
     report: bool,
     keep_alive: Option<Duration>,
+    nice: u8,
 ) -> Result<Vec<std::process::Child>, Box<dyn std::error::Error>> {
     let mut children = Vec::new();
     let mut left = n;
@@ -1378,8 +1403,19 @@ fn spawn_agents(
         let share = left.min(AGENTS_PER_PROCESS);
         left -= share;
         let source = agent_source(children.len());
-        children.push(
+        // `nice` runs the agents at a lower priority (it execs them: the
+        // child's pid is the agents' process).
+        let mut command = if nice > 0 {
+            let mut command = std::process::Command::new("nice");
+            command
+                .args(["-n", &nice.to_string()])
+                .arg(std::env::current_exe()?);
+            command
+        } else {
             std::process::Command::new(std::env::current_exe()?)
+        };
+        children.push(
+            command
                 .args([
                     "agents",
                     &addr.to_string(),
@@ -1478,7 +1514,7 @@ async fn fleet(
     let rss_before = rss_bytes();
     let drops_before = udp_drops(server.local_addr().port());
     let started = Instant::now();
-    let children = spawn_agents(server.local_addr(), n, &cert, false, keep_alive)?;
+    let children = spawn_agents(server.local_addr(), n, &cert, false, keep_alive, 0)?;
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while server.peers().len() < n && started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1744,6 +1780,14 @@ enum Command {
         /// 3 s); both sides' idle timeout is set to three times it.
         #[arg(long)]
         keep_alive: Option<u64>,
+        /// Run the agents' processes at this `nice` value (0: as the
+        /// server), so that the server gets the CPU it asks for first, as
+        /// it would with the agents on other machines.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
+        agents_nice: u8,
+        /// The server's `Builder::max_handshakes` (default: brpc's).
+        #[arg(long)]
+        max_handshakes: Option<usize>,
     },
     /// (Internal) a storm's server process.
     #[command(hide = true, name = "storm-server")]
@@ -1864,10 +1908,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             n,
             fresh,
         }) => return dial(addr, &cert, n, fresh).await,
-        Some(Command::Storm { sizes, keep_alive }) => {
+        Some(Command::Storm {
+            sizes,
+            keep_alive,
+            agents_nice,
+            max_handshakes,
+        }) => {
             println!("{STORM_HEADER}");
             for n in sizes {
-                println!("{}", storm(n, keep_alive.map(Duration::from_secs)).await?);
+                let keep_alive = keep_alive.map(Duration::from_secs);
+                let row = storm(n, keep_alive, agents_nice, max_handshakes).await?;
+                println!("{row}");
             }
             return Ok(());
         }
@@ -2123,7 +2174,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut storm_rows = Vec::new();
     for &n in &cli.storm {
-        let row = storm(n, cli.fleet_keep_alive.map(Duration::from_secs))
+        let row = storm(n, cli.fleet_keep_alive.map(Duration::from_secs), 0, None)
             .await
             .unwrap_or_else(|e| format!("| {n} | the storm failed: {e} |"));
         println!("{STORM_HEADER}\n{row}");
@@ -2416,7 +2467,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              attempts are the agents' connection attempts after their first connection (each failed one and each success; of the failed ones, those refused by the busy server and those timed out); CPU is the new server process's over that time. \
              The new server's counts are its `Server::admission_stats()` at the end: TLS handshakes it started (of which not finished within its 10 s Hello limit, and failed), \
              clients refused with `CONNECTION_REFUSED` and no handshake (more waiting than it queues, or no handshake slot within half the Hello limit), sessions admitted. \
-             The agents' CPU is their processes' user + system time over the same span.\n\n\
+             The agents' CPU is their processes' user + system time over the same span. \
+             Drops are datagrams the kernel dropped over the same span because a UDP socket's receive buffer was full: on the new server's socket (`/proc/net/udp`), \
+             and the rest of the machine's (`RcvbufErrors` in /proc/net/snmp; the agents' sockets, unless something else on the machine dropped some).\n\n\
              {STORM_HEADER}\n{}\n\n",
             sizes(&cli.storm),
             storm_rows.join("\n")
