@@ -15,7 +15,7 @@
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml --features tonic-h3 # with the tonic-h3 stack (see STACKS)
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
 //! brpc-bench --fleet 10000 100000 --storm 10000 --fleet-keep-alive 10 # the full run with those fleet rows and restart storm rows
-//! brpc-bench storm 100000 --keep-alive 10 --agents-nice 10 # a restart storm, the agents yielding the CPU to the server
+//! brpc-bench storm 100000 --keep-alive 10 --agents-idle # a restart storm, the agents on the cores the server leaves free
 //! brpc-bench --stack brpc --c64-only        # 10 s at c=64 (or --c1-only), for a profiler
 //! brpc-bench instructions brpc quinn        # instructions per call, counted by callgrind
 //! ```
@@ -1121,7 +1121,7 @@ async fn dial(
 async fn storm(
     n: usize,
     keep_alive: Option<Duration>,
-    nice: u8,
+    priority: AgentPriority,
     max_handshakes: Option<usize>,
 ) -> Result<String, Box<dyn std::error::Error>> {
     eprintln!("storm: {n} agents ...");
@@ -1133,7 +1133,7 @@ async fn storm(
     let addr = wait_for_address(&peers)?;
     let cert = dir.join("server.der");
     std::fs::write(&cert, brpc::tls::load_certificate_file(&pem)?)?;
-    let children = spawn_agents(addr, n, &cert, true, keep_alive, nice)?;
+    let children = spawn_agents(addr, n, &cert, true, keep_alive, priority)?;
     let started = Instant::now();
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while peers.count() < n && started.elapsed() < limit {
@@ -1169,8 +1169,7 @@ async fn storm(
         .collect::<Vec<_>>()
         .join(", ");
     let back = peers.count();
-    // The new server's socket is the only one bound to its port.
-    let server_drops = udp_drops(addr.port());
+    let server_drops = udp_drops(addr);
     let machine_drops = udp_receive_buffer_drops().saturating_sub(machine_drops_before);
     let cpu = process_cpu_seconds(server.id());
     let agents_cpu = children
@@ -1200,7 +1199,7 @@ async fn storm(
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(
-        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) | {} started ({} timed out, {} failed); {} refused (queue full {}, after waiting {}); {} admitted | {:.1} s | {server_drops} at the server, {} at the agents |",
+        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) | {} started ({} timed out, {} failed); {} refused (queue full {}, after waiting {}); {} admitted | {:.1} s | {server_drops} at the server; {} elsewhere |",
         back_after.as_secs_f64(),
         attempts as f64 / before.max(1) as f64,
         cpu,
@@ -1213,12 +1212,14 @@ async fn storm(
         admission[1],
         admission[5],
         agents_cpu,
-        machine_drops.saturating_sub(server_drops),
+        // Signed: the two counts are kept apart by the kernel and need not
+        // agree (the socket's own count is not only full buffers).
+        machine_drops as i64 - server_drops as i64,
     ))
 }
 
 /// The columns of a restart storm's row.
-const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm | the new server's handshakes and refusals | agents' CPU during the storm | datagrams dropped for a full receive buffer |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm | the new server's handshakes and refusals | agents' CPU during the storm | datagrams dropped |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 /// What a storm server process reports: its address, then its peer count.
 #[derive(Clone, Default)]
@@ -1314,6 +1315,18 @@ fn storm_server(
 /// `Builder::max_handshakes` (unset: brpc's default).
 const MAX_HANDSHAKES_VAR: &str = "BRPC_BENCH_MAX_HANDSHAKES";
 
+/// How the agents' processes are scheduled beside the server.
+#[derive(Clone, Copy, Debug)]
+enum AgentPriority {
+    /// As the server.
+    Normal,
+    /// At this `nice` value: a smaller share of the CPU when both want it.
+    Nice(u8),
+    /// `SCHED_IDLE`: only when the server's threads (and everything else)
+    /// leave a core free.
+    Idle,
+}
+
 /// The storm server: binds `addr` (retrying while the killed one's socket
 /// is still there), then prints its peer count every 20 ms.
 async fn serve_storm(
@@ -1390,7 +1403,7 @@ fn spawn_agents(
     cert: &std::path::Path,
     report: bool,
     keep_alive: Option<Duration>,
-    nice: u8,
+    priority: AgentPriority,
 ) -> Result<Vec<std::process::Child>, Box<dyn std::error::Error>> {
     let mut children = Vec::new();
     let mut left = n;
@@ -1403,16 +1416,22 @@ fn spawn_agents(
         let share = left.min(AGENTS_PER_PROCESS);
         left -= share;
         let source = agent_source(children.len());
-        // `nice` runs the agents at a lower priority (it execs them: the
-        // child's pid is the agents' process).
-        let mut command = if nice > 0 {
-            let mut command = std::process::Command::new("nice");
-            command
-                .args(["-n", &nice.to_string()])
-                .arg(std::env::current_exe()?);
-            command
-        } else {
-            std::process::Command::new(std::env::current_exe()?)
+        // `nice` and `chrt` run the agents at a lower priority (they exec
+        // them: the child's pid is the agents' process).
+        let mut command = match priority {
+            AgentPriority::Normal => std::process::Command::new(std::env::current_exe()?),
+            AgentPriority::Nice(n) => {
+                let mut command = std::process::Command::new("nice");
+                command
+                    .args(["-n", &n.to_string()])
+                    .arg(std::env::current_exe()?);
+                command
+            }
+            AgentPriority::Idle => {
+                let mut command = std::process::Command::new("chrt");
+                command.args(["--idle", "0"]).arg(std::env::current_exe()?);
+                command
+            }
         };
         children.push(
             command
@@ -1512,9 +1531,16 @@ async fn fleet(
     std::fs::write(&cert, server.certificate())?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = rss_bytes();
-    let drops_before = udp_drops(server.local_addr().port());
+    let drops_before = udp_drops(server.local_addr());
     let started = Instant::now();
-    let children = spawn_agents(server.local_addr(), n, &cert, false, keep_alive, 0)?;
+    let children = spawn_agents(
+        server.local_addr(),
+        n,
+        &cert,
+        false,
+        keep_alive,
+        AgentPriority::Normal,
+    )?;
     let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while server.peers().len() < n && started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1573,7 +1599,7 @@ async fn fleet(
         latencies.record(r.elapsed);
     }
     let failures = results.len() - latencies.len() as usize + (n - connected);
-    let drops = udp_drops(server.local_addr().port()).saturating_sub(drops_before);
+    let drops = udp_drops(server.local_addr()).saturating_sub(drops_before);
     for mut child in children {
         drop(child.stdin.take());
         let _ = child.wait();
@@ -1596,21 +1622,28 @@ async fn fleet(
     })
 }
 
-/// Datagrams the kernel dropped on the UDP socket bound to `port` on this
-/// machine (its receive buffer was full), from /proc/net/udp; 0 if unknown.
-fn udp_drops(port: u16) -> u64 {
+/// Datagrams the kernel dropped on the UDP socket bound to `addr` (an IPv4
+/// address) on this machine, from /proc/net/udp (the socket's own count:
+/// mostly a full receive buffer); 0 if unknown. The whole local address is
+/// matched: agents on other loopback addresses may have the same port.
+fn udp_drops(addr: SocketAddr) -> u64 {
     let Ok(table) = std::fs::read_to_string("/proc/net/udp") else {
         return 0;
     };
-    let port = format!(":{port:04X}");
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        return 0;
+    };
+    // The kernel prints the address as the u32 it holds (network order
+    // bytes, read in the host's order) in hex, then the port.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(ip.octets()),
+        addr.port()
+    );
     table
         .lines()
         .skip(1)
-        .filter(|line| {
-            line.split_whitespace()
-                .nth(1)
-                .is_some_and(|local| local.ends_with(&port))
-        })
+        .filter(|line| line.split_whitespace().nth(1) == Some(local.as_str()))
         .filter_map(|line| line.split_whitespace().last()?.parse::<u64>().ok())
         .sum()
 }
@@ -1781,10 +1814,14 @@ enum Command {
         #[arg(long)]
         keep_alive: Option<u64>,
         /// Run the agents' processes at this `nice` value (0: as the
-        /// server), so that the server gets the CPU it asks for first, as
-        /// it would with the agents on other machines.
+        /// server): a smaller share of the CPU when the server wants it too.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=19))]
         agents_nice: u8,
+        /// Run the agents' processes as `SCHED_IDLE` (`chrt --idle 0`): on
+        /// a core only when the server leaves it free, the closest this
+        /// machine comes to agents on machines of their own.
+        #[arg(long, conflicts_with = "agents_nice")]
+        agents_idle: bool,
         /// The server's `Builder::max_handshakes` (default: brpc's).
         #[arg(long)]
         max_handshakes: Option<usize>,
@@ -1912,12 +1949,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             sizes,
             keep_alive,
             agents_nice,
+            agents_idle,
             max_handshakes,
         }) => {
+            let priority = match (agents_idle, agents_nice) {
+                (true, _) => AgentPriority::Idle,
+                (false, 0) => AgentPriority::Normal,
+                (false, n) => AgentPriority::Nice(n),
+            };
             println!("{STORM_HEADER}");
             for n in sizes {
                 let keep_alive = keep_alive.map(Duration::from_secs);
-                let row = storm(n, keep_alive, agents_nice, max_handshakes).await?;
+                let row = storm(n, keep_alive, priority, max_handshakes).await?;
                 println!("{row}");
             }
             return Ok(());
@@ -2174,7 +2217,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut storm_rows = Vec::new();
     for &n in &cli.storm {
-        let row = storm(n, cli.fleet_keep_alive.map(Duration::from_secs), 0, None)
+        let keep_alive = cli.fleet_keep_alive.map(Duration::from_secs);
+        let row = storm(n, keep_alive, AgentPriority::Normal, None)
             .await
             .unwrap_or_else(|e| format!("| {n} | the storm failed: {e} |"));
         println!("{STORM_HEADER}\n{row}");
@@ -2468,8 +2512,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              The new server's counts are its `Server::admission_stats()` at the end: TLS handshakes it started (of which not finished within its 10 s Hello limit, and failed), \
              clients refused with `CONNECTION_REFUSED` and no handshake (more waiting than it queues, or no handshake slot within half the Hello limit), sessions admitted. \
              The agents' CPU is their processes' user + system time over the same span. \
-             Drops are datagrams the kernel dropped over the same span because a UDP socket's receive buffer was full: on the new server's socket (`/proc/net/udp`), \
-             and the rest of the machine's (`RcvbufErrors` in /proc/net/snmp; the agents' sockets, unless something else on the machine dropped some).\n\n\
+             Drops are datagrams the kernel dropped over the same span: on the new server's socket (its own count in `/proc/net/udp`, mostly a full receive buffer), \
+             and elsewhere: the machine's full-buffer drops (`RcvbufErrors` in /proc/net/snmp) less the server's (the agents' sockets, unless something else on the machine dropped some).\n\n\
              {STORM_HEADER}\n{}\n\n",
             sizes(&cli.storm),
             storm_rows.join("\n")

@@ -137,8 +137,9 @@ pub struct StatsResponse {
     /// Peers in the registry (sessions admitted and not ended).
     #[prost(uint64, tag = "1")]
     pub connected: u64,
-    /// TLS handshakes in progress (at most
-    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes)).
+    /// TLS handshakes in progress holding a handshake slot (at most
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes); clients
+    /// over the connection limit are handshaken without one, to be told so).
     #[prost(uint64, tag = "2")]
     pub handshakes_in_progress: u64,
     /// Clients waiting for a handshake slot.

@@ -83,7 +83,21 @@ pub(crate) enum AdmissionEvent {
 }
 
 impl AdmissionEvent {
-    const COUNT: usize = 9;
+    /// Every event, in the order of their counts.
+    #[cfg(test)]
+    const ALL: [AdmissionEvent; AdmissionEvent::COUNT] = [
+        AdmissionEvent::RefusedQueueFull,
+        AdmissionEvent::RefusedAfterWaiting,
+        AdmissionEvent::RefusedClosing,
+        AdmissionEvent::TurnedAway,
+        AdmissionEvent::HandshakeStarted,
+        AdmissionEvent::HandshakeFailed,
+        AdmissionEvent::HandshakeTimedOut,
+        AdmissionEvent::SessionRefused,
+        AdmissionEvent::Admitted,
+    ];
+    /// How many there are (`Admitted` is the last).
+    const COUNT: usize = AdmissionEvent::Admitted as usize + 1;
 
     /// Its name: the field of [`AdmissionStats`] and the `event` label of
     /// `brpc_admission_events_total`.
@@ -213,5 +227,39 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_admission_event_counts_in_its_own_field() {
+        // One of each event, counted (i + 1) times: every field of the
+        // snapshot must hold its own event's count, named as the field.
+        let counters = AdmissionCounters::default();
+        for (i, event) in AdmissionEvent::ALL.into_iter().enumerate() {
+            assert_eq!(event as usize, i);
+            for _ in 0..=i {
+                counters.count(event);
+            }
+        }
+        let stats = counters.snapshot();
+        let fields = [
+            ("refused_queue_full", stats.refused_queue_full),
+            ("refused_after_waiting", stats.refused_after_waiting),
+            ("refused_closing", stats.refused_closing),
+            ("turned_away", stats.turned_away),
+            ("handshakes_started", stats.handshakes_started),
+            ("handshakes_failed", stats.handshakes_failed),
+            ("handshakes_timed_out", stats.handshakes_timed_out),
+            ("sessions_refused", stats.sessions_refused),
+            ("admitted", stats.admitted),
+        ];
+        for (event, (name, count)) in AdmissionEvent::ALL.into_iter().zip(fields) {
+            assert_eq!(event.name(), name);
+            assert_eq!(count, event as u64 + 1, "{name}");
+        }
     }
 }
