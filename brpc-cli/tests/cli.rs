@@ -91,12 +91,22 @@ async fn agent(setup: &Setup, name: &'static str, region: &str) -> Client {
 }
 
 fn brpcctl(setup: &Setup, token: bool, args: &[&str]) -> tokio::process::Command {
+    brpcctl_pinned(setup, &setup.pin, token, args)
+}
+
+/// brpcctl trusting the certificate in `pin` (the server's, or another).
+fn brpcctl_pinned(
+    setup: &Setup,
+    pin: &std::path::Path,
+    token: bool,
+    args: &[&str],
+) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_brpcctl"));
     command
         .arg("--server")
         .arg(setup.server.local_addr().to_string())
         .arg("--pin")
-        .arg(&setup.pin)
+        .arg(pin)
         .env_remove("BRPC_ADMIN_TOKEN")
         .kill_on_drop(true);
     if token {
@@ -374,14 +384,7 @@ async fn stats_count_what_became_of_the_clients() {
         .expect("cert")
         .certificate_pem();
     std::fs::write(&other, pem).expect("write other.pem");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_brpcctl"))
-        .arg("--server")
-        .arg(setup.server.local_addr().to_string())
-        .arg("--pin")
-        .arg(&other)
-        .args(["--token", TOKEN, "stats"])
-        .kill_on_drop(true)
-        .output();
+    let out = brpcctl_pinned(&setup, &other, true, &["stats"]).output();
     let out = tokio::time::timeout(LIMIT, out)
         .await
         .expect("brpcctl finished in time")

@@ -20,8 +20,7 @@
 //! PROTOCOL.md ("Admin service").
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use brpc_core::conn::{Handler, Incoming, Input, Reply};
@@ -32,7 +31,6 @@ use prost::Message;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
 
-use crate::state::Shared;
 use crate::{PeerEvent, Registry};
 
 /// The admin service's proto name.
@@ -313,8 +311,9 @@ pub(crate) struct ServerHandler {
 pub(crate) struct Admin {
     pub(crate) access: AdminAccess,
     pub(crate) registry: Registry,
-    /// The server it belongs to, for `Stats`.
-    pub(crate) server: Weak<Shared>,
+    /// The server's load and admission counts, for `Stats` (`None`: the
+    /// server is gone).
+    pub(crate) stats: Box<dyn Fn() -> Option<StatsResponse> + Send + Sync>,
 }
 
 impl Handler for ServerHandler {
@@ -371,7 +370,7 @@ impl Admin {
                 Err(status) => reply.status(status).await,
             },
             "Stats" => match decode::<StatsRequest>(&call) {
-                Ok(StatsRequest {}) => match self.stats() {
+                Ok(StatsRequest {}) => match (self.stats)() {
                     Some(stats) => reply.ok_message(&stats).await,
                     None => {
                         reply
@@ -418,32 +417,6 @@ impl Admin {
             _ => 0,
         };
         ListAgentsResponse { agents, next_after }
-    }
-
-    /// The server's load and admission counts (`None`: the server is gone).
-    fn stats(&self) -> Option<StatsResponse> {
-        let server = self.server.upgrade()?;
-        let counts = server.admission.snapshot();
-        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
-        Some(StatsResponse {
-            connected: wide(server.registry.len()),
-            handshakes_in_progress: wide(
-                server
-                    .max_handshakes
-                    .saturating_sub(server.handshakes.available_permits()),
-            ),
-            handshakes_waiting: wide(server.waiting.load(Ordering::SeqCst)),
-            buffered_bytes: wide(server.buffer_total.in_use()),
-            refused_queue_full: counts.refused_queue_full,
-            refused_after_waiting: counts.refused_after_waiting,
-            refused_closing: counts.refused_closing,
-            turned_away: counts.turned_away,
-            handshakes_started: counts.handshakes_started,
-            handshakes_failed: counts.handshakes_failed,
-            handshakes_timed_out: counts.handshakes_timed_out,
-            sessions_refused: counts.sessions_refused,
-            admitted: counts.admitted,
-        })
     }
 
     async fn watch(&self, call_peer: &Peer, request: &WatchRequest, reply: &mut Reply) {

@@ -418,13 +418,14 @@ impl Builder {
         let admin_access = self.admin;
         // The admin service reads the server's counts (its `Stats`) through
         // a weak reference: the server owns it, not the other way round.
-        let shared = Arc::new_cyclic(|shared| Shared {
+        let shared = Arc::new_cyclic(|shared: &std::sync::Weak<Shared>| Shared {
             endpoint,
             admin: admin_access.map(|access| {
+                let server = shared.clone();
                 Arc::new(Admin {
                     access,
                     registry: registry.clone(),
-                    server: shared.clone(),
+                    stats: Box::new(move || server.upgrade().map(|s| s.stats())),
                 })
             }),
             registry,
@@ -441,7 +442,6 @@ impl Builder {
             connections: Arc::new(AtomicUsize::new(0)),
             handshakes: Arc::new(Semaphore::new(self.max_handshakes)),
             max_handshakes: self.max_handshakes,
-            max_waiting: self.max_handshakes.saturating_mul(64),
             waiting: Arc::new(AtomicUsize::new(0)),
             transport: self.options.transport,
             buffer_total: self.options.limits.total_budget(self.buffer_total),
@@ -713,7 +713,7 @@ async fn accept_loop(shared: Arc<Shared>) {
                             Ok(permit) => {
                                 connections.spawn(run_connection(shared.clone(), incoming, permit, counted));
                             }
-                            Err(_) if shared.waiting.load(Ordering::SeqCst) < shared.max_waiting => {
+                            Err(_) if shared.waiting.load(Ordering::SeqCst) < shared.max_waiting() => {
                                 let waiting = Counted::new(&shared.waiting);
                                 connections.spawn(wait_for_handshake(shared.clone(), incoming, waiting, counted));
                             }

@@ -14,6 +14,7 @@ use quinn::Endpoint;
 use tonic::Status;
 
 use crate::Registry;
+use crate::admin::{Admin, StatsResponse};
 
 /// A check of a Unix peer's credentials (see [`Builder::require_unix_credentials`]).
 pub(crate) type CredentialCheck = Arc<dyn Fn(&UnixCredentials) -> bool + Send + Sync>;
@@ -39,7 +40,7 @@ pub(crate) struct Shared {
     pub(crate) endpoint: Option<Endpoint>,
     pub(crate) registry: Registry,
     /// The admin service, when enabled.
-    pub(crate) admin: Option<Arc<crate::admin::Admin>>,
+    pub(crate) admin: Option<Arc<Admin>>,
     pub(crate) shutting_down: AtomicBool,
     pub(crate) router: Router,
     pub(crate) hello_timeout: Duration,
@@ -54,8 +55,6 @@ pub(crate) struct Shared {
     pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
     /// `Builder::max_handshakes`: the permits `handshakes` started with.
     pub(crate) max_handshakes: usize,
-    /// Most connections waiting for a handshake permit.
-    pub(crate) max_waiting: usize,
     /// Connections waiting for a handshake permit.
     pub(crate) waiting: Arc<AtomicUsize>,
     pub(crate) transport: TransportOptions,
@@ -66,6 +65,43 @@ pub(crate) struct Shared {
     /// What became of the QUIC clients that knocked.
     pub(crate) admission: AdmissionCounters,
 }
+
+impl Shared {
+    /// The server's load now and its admission counts: the admin service's
+    /// `Stats`.
+    pub(crate) fn stats(&self) -> StatsResponse {
+        let counts = self.admission.snapshot();
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        StatsResponse {
+            connected: wide(self.registry.len()),
+            handshakes_in_progress: wide(
+                self.max_handshakes
+                    .saturating_sub(self.handshakes.available_permits()),
+            ),
+            handshakes_waiting: wide(self.waiting.load(Ordering::SeqCst)),
+            buffered_bytes: wide(self.buffer_total.in_use()),
+            refused_queue_full: counts.refused_queue_full,
+            refused_after_waiting: counts.refused_after_waiting,
+            refused_closing: counts.refused_closing,
+            turned_away: counts.turned_away,
+            handshakes_started: counts.handshakes_started,
+            handshakes_failed: counts.handshakes_failed,
+            handshakes_timed_out: counts.handshakes_timed_out,
+            sessions_refused: counts.sessions_refused,
+            admitted: counts.admitted,
+        }
+    }
+
+    /// Most clients waiting for a handshake slot: [`WAITING_PER_HANDSHAKE`]
+    /// for each slot.
+    pub(crate) fn max_waiting(&self) -> usize {
+        self.max_handshakes.saturating_mul(WAITING_PER_HANDSHAKE)
+    }
+}
+
+/// Clients a server queues for each handshake slot
+/// ([`Builder::max_handshakes`](crate::Builder::max_handshakes)).
+const WAITING_PER_HANDSHAKE: usize = 64;
 
 /// Something that became of a QUIC client that reached the server: one
 /// count of [`AdmissionStats`] each.

@@ -735,15 +735,54 @@ async fn serve_with_shutdown_stops_on_the_signal_with_a_readable_reason() {
 }
 
 /// A server with `max_handshakes` and `hello_timeout`, hosting Echo.
+/// The admin token of [`bounded_server`]s.
+const ADMIN_TOKEN: &str = "fleet-admin";
+
 fn bounded_server(max_handshakes: usize, hello_timeout: Duration) -> brpc::Server {
     brpc::Server::builder()
         .add_service(common::echo::echo_server::EchoServer::new(
             EchoService::new("server"),
         ))
+        .admin(brpc::server::AdminAccess::new().token(ADMIN_TOKEN))
         .max_handshakes(max_handshakes)
         .hello_timeout(hello_timeout)
         .bind("127.0.0.1:0")
         .expect("bind")
+}
+
+/// The server's answer to `brpc.admin.v1.Admin/Stats`, asked by `client`.
+async fn admin_stats(client: &Client) -> brpc::server::admin::StatsResponse {
+    use brpc::core::conn::{RequestBody, ResponseEvent};
+    use brpc::server::admin::{ADMIN_SERVICE, StatsRequest, StatsResponse};
+    use prost::Message;
+    let token = vec![brpc::core::wire::KeyValue {
+        key: brpc::server::admin::ADMIN_TOKEN.into(),
+        value: ADMIN_TOKEN.into(),
+    }];
+    let request =
+        RequestBody::<futures_util::stream::Empty<Result<bytes::Bytes, tonic::Status>>>::Single(
+            StatsRequest {}.encode_to_vec().into(),
+        );
+    let peer = client.peer().expect("connected");
+    let mut call = peer
+        .start_call(ADMIN_SERVICE, "Stats", token, None, request)
+        .await
+        .expect("Stats call starts");
+    let mut answer = None;
+    loop {
+        match call.next_event().await {
+            ResponseEvent::Message(message) => answer = Some(message),
+            ResponseEvent::End {
+                status, message, ..
+            } => {
+                let status = brpc::core::conn::end_status(status);
+                assert_eq!(status.code(), Code::Ok, "{status:?}");
+                let message = message.or(answer).expect("Stats answered a message");
+                return StatsResponse::decode(message).expect("a StatsResponse");
+            }
+            ResponseEvent::Headers(_) => {}
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -846,14 +885,29 @@ async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_st
     )
     .await;
 
+    // The admin service sees the one slot held.
+    let stats = admin_stats(&early).await;
+    assert_eq!(stats.handshakes_in_progress, 1, "{stats:?}");
+    assert_eq!(stats.connected, 1, "{stats:?}");
+
     // The next client waits half the Hello limit for the slot, then is
     // refused without a handshake and told why.
     let started = tokio::time::Instant::now();
-    let refused = match common::client_builder(&server, "late", EchoService::new("late"))
+    let late = common::client_builder(&server, "late", EchoService::new("late"))
         .connect_timeout(Duration::from_secs(30))
-        .connect(server.local_addr())
-        .await
-    {
+        .connect(server.local_addr());
+    let late = tokio::spawn(late);
+    eventually(Duration::from_secs(10), "the late client queued", || {
+        server.handshakes_waiting() == 1
+    })
+    .await;
+    let stats = admin_stats(&early).await;
+    assert_eq!(
+        (stats.handshakes_in_progress, stats.handshakes_waiting),
+        (1, 1),
+        "{stats:?}"
+    );
+    let refused = match late.await.expect("late client task") {
         Ok(_) => panic!("admitted while the one slot is held"),
         Err(e) => e,
     };
