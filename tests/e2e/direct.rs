@@ -129,6 +129,84 @@ async fn every_shape_both_directions() {
     all_shapes(peer.client(EchoClient::new), "agent-1").await;
 }
 
+/// Calls that end normally end their streams on both sides without a
+/// STOP_SENDING: each side reads the stream's end, which came with the call's
+/// last frame, instead of dropping the stream unread (for which quinn tells
+/// the peer to stop sending: a frame, and on an idle connection a datagram
+/// of its own and its acknowledgement, on every call).
+#[tokio::test]
+async fn finished_calls_send_no_stop_sending() {
+    let server = direct_server(EchoService::new("server"));
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let peer = server
+        .peers()
+        .get(client.connection_id())
+        .expect("registered");
+    let request = || EchoRequest {
+        text: "hi".into(),
+        ..Default::default()
+    };
+    let range = || RangeRequest { from: 0, to: 3 };
+    for _ in 0..5 {
+        let mut forward = EchoClient::new(client.channel());
+        forward.unary(request()).await.expect("forward unary");
+        let numbers: Vec<_> = forward
+            .range(range())
+            .await
+            .expect("forward range")
+            .into_inner()
+            .collect()
+            .await;
+        assert_eq!(numbers.len(), 3);
+        TonicEchoClient::new(client.channel())
+            .unary(request())
+            .await
+            .expect("tonic unary");
+        let mut reverse = peer.client(EchoClient::new);
+        reverse.unary(request()).await.expect("reverse unary");
+        let numbers: Vec<_> = reverse
+            .range(range())
+            .await
+            .expect("reverse range")
+            .into_inner()
+            .collect()
+            .await;
+        assert_eq!(numbers.len(), 3);
+    }
+    // A last call each way: whatever the calls before queued for the peer
+    // went out with it or before it.
+    EchoClient::new(client.channel())
+        .unary(request())
+        .await
+        .expect("last forward");
+    peer.client(EchoClient::new)
+        .unary(request())
+        .await
+        .expect("last reverse");
+    let client_side = client.peer().expect("connected");
+    let sides = [
+        (
+            "client",
+            client_side.quic_connection().expect("quic").stats(),
+        ),
+        ("server", peer.quic_connection().expect("quic").stats()),
+    ];
+    for (side, stats) in sides {
+        // The counts are live: each side sent a stream frame per call.
+        assert!(stats.frame_tx.stream >= 21, "{side}: {:?}", stats.frame_tx);
+        assert_eq!(
+            stats.frame_tx.stop_sending, 0,
+            "{side}: {:?}",
+            stats.frame_tx
+        );
+        assert_eq!(
+            stats.frame_tx.reset_stream, 0,
+            "{side}: {:?}",
+            stats.frame_tx
+        );
+    }
+}
+
 #[tokio::test]
 async fn errors_carry_code_message_and_trailers() {
     let server = direct_server(EchoService::new("server"));

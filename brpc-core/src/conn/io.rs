@@ -2,6 +2,7 @@
 //! writer that sends header and data without copying the data.
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use quinn::{RecvStream, SendStream, VarInt};
 
 use super::budget::Budgets;
@@ -35,6 +36,7 @@ pub(crate) struct FrameReader {
 impl Drop for FrameReader {
     fn drop(&mut self) {
         self.release();
+        self.read_end();
     }
 }
 
@@ -243,6 +245,24 @@ impl FrameReader {
         let whole = HEADER_LEN + h.length as usize;
         if let Some(more) = whole.checked_sub(self.buf.len()) {
             self.buf.reserve(more);
+        }
+    }
+
+    /// Reads the end of the stream if it has already arrived, without
+    /// waiting. A call's last frame usually comes with the stream's end
+    /// (FIN), but the reader stops at the frame; a QUIC receive stream
+    /// dropped before its end was read sends the peer a STOP_SENDING (quinn
+    /// cannot tell that nothing more was coming) and wakes the connection to
+    /// send it: a frame, a datagram of its own on an otherwise idle
+    /// connection and the peer's acknowledgement of it, on every call.
+    /// Anything but the end (data the peer should not have sent) is left
+    /// for the drop to stop.
+    fn read_end(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(Ok(None)) = self.recv.read_chunk(1, true).now_or_never() {
+            self.finished = true;
         }
     }
 
