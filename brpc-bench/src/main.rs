@@ -909,6 +909,18 @@ fn keep_alive_from_env() -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// For comparing by hand: the largest UDP payload (`max_udp_payload`) of the
+/// fleet and storm servers and their agents, in bytes; inherited by the
+/// child processes. Default: brpc's.
+const MAX_UDP_PAYLOAD_VAR: &str = "BRPC_BENCH_MAX_UDP_PAYLOAD";
+
+/// The largest UDP payload set in [`MAX_UDP_PAYLOAD_VAR`].
+fn max_udp_payload_from_env() -> Option<u16> {
+    std::env::var(MAX_UDP_PAYLOAD_VAR)
+        .ok()
+        .and_then(|bytes| bytes.parse().ok())
+}
+
 /// For comparing by hand: agents' busy backoff as "MIN_MS,MAX_MS" (e.g.
 /// "100,5000", the reconnect backoff, as before there was a busy backoff);
 /// inherited by the agent processes. Default: brpc's.
@@ -993,6 +1005,9 @@ async fn hold_agents(
                     }
                     if let Some((min, max)) = busy_backoff {
                         builder = builder.busy_backoff(min, max);
+                    }
+                    if let Some(bytes) = max_udp_payload_from_env() {
+                        builder = builder.max_udp_payload(bytes);
                     }
                     builder.connect_with_retry(addr)
                 })
@@ -1343,6 +1358,9 @@ async fn serve_storm(
         if let Some(idle) = idle_timeout {
             builder = builder.idle_timeout(idle);
         }
+        if let Some(bytes) = max_udp_payload_from_env() {
+            builder = builder.max_udp_payload(bytes);
+        }
         if let Some(n) = std::env::var(MAX_HANDSHAKES_VAR)
             .ok()
             .and_then(|v| v.parse().ok())
@@ -1525,6 +1543,9 @@ async fn fleet(
     let mut builder = Server::builder().add_service(EchoServer::new(EchoService));
     if let Some(keep_alive) = keep_alive {
         builder = builder.idle_timeout(keep_alive * 3);
+    }
+    if let Some(bytes) = max_udp_payload_from_env() {
+        builder = builder.max_udp_payload(bytes);
     }
     let server = builder.bind("127.0.0.1:0")?;
     let cert = dir.join("server.der");
@@ -2525,7 +2546,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          so CPU time per call covers both ends. Each figure is the median of three measured rounds after a warm-up; every round measures all\n\
          stacks one after another, so slow drifts in the machine's speed hit every stack alike.\n\
          tonic uses its own HTTP/2 transport over TCP loopback (plaintext); tonic-tls the same over TLS 1.3 (tonic's `tls-ring`: rustls with ring, as brpc; a self-signed certificate); {h3}raw quinn opens one bidirectional stream per call with a 4-byte length prefix\n\
-         and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers and loopback-sized packets (path-MTU discovery up to 32 KiB, one datagram per write, as brpc does with `max_udp_payload`); the brpc QUIC stacks set `max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)` on both sides (default 1452: the fleet, storm and memory figures keep it); brpc-reverse is the server calling the client\n\
+         and default quinn settings (plus a 5 s keep-alive); quinn-buf is the same on UDP sockets with brpc's 4 MiB socket buffers and loopback-sized packets (path-MTU discovery up to 32 KiB, one datagram per write, as brpc does with `max_udp_payload`); the brpc QUIC stacks set `max_udp_payload(LOOPBACK_MAX_UDP_PAYLOAD)` on both sides (default 1200, no path-MTU search: the fleet, storm and memory figures keep it); brpc-reverse is the server calling the client\n\
          through the peer handle; brpc, brpc-reverse and brpc-unix use tonic's generated client and server (the tonic path), brpc-direct and brpc-direct-unix\n\
          brpc-build's (the direct path); the prost stacks (brpc, tonic, tonic-h3) share one generated Echo whose `bytes` fields are `bytes::Bytes` (prost's `bytes([\".\"])`), so a received \
          blob is a slice of the received buffer, not a copy (ttrpc-rust's rust-protobuf code copies it into a `Vec<u8>`); tonic's server sets TCP_NODELAY as its own `serve` does; the Unix stacks use a socket in the temp dir. \"UDP drops\" counts datagrams the kernel dropped for a full socket\n\

@@ -2,7 +2,8 @@
 //! loopback's `LOOPBACK_MAX_UDP_PAYLOAD`), path-MTU discovery grows a
 //! connection's packets past Ethernet's size and calls of either direction
 //! stay intact; with the default on either side, packets stay at most what
-//! a default endpoint accepts (1472 bytes, quinn's default).
+//! a default endpoint accepts (1472 bytes, quinn's default); with the
+//! default on both, connections send no path-MTU probes at all.
 
 use crate::common;
 
@@ -130,5 +131,29 @@ async fn one_side_at_the_default_keeps_both_at_its_size() {
                 "{side} (server {server_payload}, client {client_payload}): {mtu} bytes"
             );
         }
+    }
+}
+
+/// At the defaults a connection stays at QUIC's 1200 bytes and sends no
+/// path-MTU probes (each a full-size datagram drawing an acknowledgement),
+/// bulk calls or not; at Ethernet's 1452 on both sides it probes and grows.
+#[tokio::test]
+async fn at_the_defaults_connections_send_no_path_mtu_probes() {
+    let (_server, client, _peer, conns) =
+        pair(DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_MAX_UDP_PAYLOAD).await;
+    let calls = bulk_calls(&client, &conns).await;
+    assert_eq!(calls, 40, "packets grew at the defaults");
+    for (side, conn) in ["server", "client"].iter().zip(&conns) {
+        let path = conn.stats().path;
+        assert_eq!(path.current_mtu, 1200, "{side}");
+        assert_eq!(path.sent_plpmtud_probes, 0, "{side} probed its path");
+    }
+
+    let (_server, client, _peer, conns) = pair(1452, 1452).await;
+    bulk_calls(&client, &conns).await;
+    for (side, conn) in ["server", "client"].iter().zip(&conns) {
+        let path = conn.stats().path;
+        assert!(path.sent_plpmtud_probes > 0, "{side} did not probe at 1452");
+        assert!(path.current_mtu > 1200, "{side}: {}", path.current_mtu);
     }
 }
