@@ -60,8 +60,9 @@ impl ConnectionOptions {
         self
     }
 
-    /// Largest UDP payload this side sends and accepts (default 1200,
-    /// QUIC's minimum: connections do not probe their path for more). Set
+    /// Largest UDP payload this side sends (default 1200, QUIC's minimum:
+    /// connections do not probe their path for more) and accepts (this, and
+    /// at least 1472). Set
     /// it on both sides to let QUIC path-MTU discovery grow a connection's
     /// packets where its path carries them: Ethernet (1452), loopback
     /// ([`LOOPBACK_MAX_UDP_PAYLOAD`](super::LOOPBACK_MAX_UDP_PAYLOAD), about
@@ -189,7 +190,7 @@ macro_rules! builder_setters {
             socket_buffer(bytes: usize):
                 "Bytes asked of the kernel for the UDP socket's buffers (default 4 MiB).";
             max_udp_payload(bytes: u16):
-                "Largest UDP payload this side sends and accepts (default 1200, no path-MTU search; Ethernet 1452, loopback `LOOPBACK_MAX_UDP_PAYLOAD`).";
+                "Largest UDP payload this side sends (default 1200, no path-MTU search; Ethernet 1452, loopback `LOOPBACK_MAX_UDP_PAYLOAD`) and accepts (at least 1472).";
             idle_timeout(timeout: std::time::Duration):
                 "Close a connection that has received nothing for this long (default 10 s).";
             keep_alive_interval(interval: Option<std::time::Duration>):

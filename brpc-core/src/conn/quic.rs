@@ -56,7 +56,7 @@ pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1200;
 /// A [`TransportOptions::max_udp_payload`] for peers on one host, talking
 /// over loopback (whose MTU is 65 536 bytes; TCP over it moves segments of
 /// up to 64 KiB). `brpc-bench --stack quinn-buf`, 1 MiB echo at c=4, two
-/// interleaved runs: 246 and 257 MB/s at the default, 610 and 681 MB/s at
+/// interleaved runs: 246 and 257 MB/s at 1452, 610 and 681 MB/s at
 /// this; larger values gained nothing more there.
 pub const LOOPBACK_MAX_UDP_PAYLOAD: u16 = 32 * 1024;
 
@@ -119,7 +119,8 @@ pub struct TransportOptions {
     /// ([`LOOPBACK_MAX_UDP_PAYLOAD`], 2.5 times the throughput there) or
     /// jumbo-frame networks (8952). Each connection that reaches the size
     /// keeps a send buffer of it, and each endpoint a receive buffer of 2048
-    /// times it (address space, touched only by datagrams that arrive);
+    /// times what it accepts (address space, touched only by datagrams that
+    /// arrive);
     /// above 6500 bytes datagrams are written one at a time. Values outside
     /// QUIC's range count as its bounds, 1200 and 65 527.
     pub max_udp_payload: u16,
@@ -323,7 +324,8 @@ pub fn endpoint(
     let runtime =
         quinn::default_runtime().ok_or_else(|| io::Error::other("no async runtime found"))?;
     let mut config = config.unwrap_or_default();
-    // quinn's default (1472) is above its discovery bound, 1452.
+    // quinn's default (1472, an Ethernet frame's over IPv4) is above brpc's
+    // default, 1200: peers configured higher may send up to it.
     let default = u16::try_from(config.get_max_udp_payload_size()).unwrap_or(MAX_UDP_PAYLOAD);
     let accepted = max_udp_payload(options).max(default);
     config
