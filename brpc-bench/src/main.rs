@@ -979,6 +979,7 @@ async fn hold_agents(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let keep_alive = keep_alive_from_env();
     let busy_backoff = busy_backoff_from_env();
+    let max_udp_payload = max_udp_payload_from_env();
     let limit = raise_descriptor_limit();
     if (limit as usize) < n + 64 {
         return Err(
@@ -1006,7 +1007,7 @@ async fn hold_agents(
                     if let Some((min, max)) = busy_backoff {
                         builder = builder.busy_backoff(min, max);
                     }
-                    if let Some(bytes) = max_udp_payload_from_env() {
+                    if let Some(bytes) = max_udp_payload {
                         builder = builder.max_udp_payload(bytes);
                     }
                     builder.connect_with_retry(addr)

@@ -148,30 +148,23 @@ async fn finished_calls_send_no_stop_sending() {
     };
     let range = || RangeRequest { from: 0, to: 3 };
     for _ in 0..5 {
-        let mut forward = EchoClient::new(client.channel());
-        forward.unary(request()).await.expect("forward unary");
-        let numbers: Vec<_> = forward
-            .range(range())
-            .await
-            .expect("forward range")
-            .into_inner()
-            .collect()
-            .await;
-        assert_eq!(numbers.len(), 3);
+        let forward = EchoClient::new(client.channel());
+        let reverse = peer.client(EchoClient::new);
+        for (way, mut echo) in [("forward", forward), ("reverse", reverse)] {
+            echo.unary(request()).await.expect(way);
+            let numbers: Vec<_> = echo
+                .range(range())
+                .await
+                .expect(way)
+                .into_inner()
+                .collect()
+                .await;
+            assert_eq!(numbers.len(), 3, "{way}");
+        }
         TonicEchoClient::new(client.channel())
             .unary(request())
             .await
             .expect("tonic unary");
-        let mut reverse = peer.client(EchoClient::new);
-        reverse.unary(request()).await.expect("reverse unary");
-        let numbers: Vec<_> = reverse
-            .range(range())
-            .await
-            .expect("reverse range")
-            .into_inner()
-            .collect()
-            .await;
-        assert_eq!(numbers.len(), 3);
     }
     // A last call each way: whatever the calls before queued for the peer
     // went out with it or before it.

@@ -734,10 +734,11 @@ async fn serve_with_shutdown_stops_on_the_signal_with_a_readable_reason() {
     );
 }
 
-/// A server with `max_handshakes` and `hello_timeout`, hosting Echo.
 /// The admin token of [`bounded_server`]s.
 const ADMIN_TOKEN: &str = "fleet-admin";
 
+/// A server with `max_handshakes` and `hello_timeout`, hosting Echo, its
+/// admin service open to [`ADMIN_TOKEN`].
 fn bounded_server(max_handshakes: usize, hello_timeout: Duration) -> brpc::Server {
     brpc::Server::builder()
         .add_service(common::echo::echo_server::EchoServer::new(
@@ -752,37 +753,18 @@ fn bounded_server(max_handshakes: usize, hello_timeout: Duration) -> brpc::Serve
 
 /// The server's answer to `brpc.admin.v1.Admin/Stats`, asked by `client`.
 async fn admin_stats(client: &Client) -> brpc::server::admin::StatsResponse {
-    use brpc::core::conn::{RequestBody, ResponseEvent};
-    use brpc::server::admin::{ADMIN_SERVICE, StatsRequest, StatsResponse};
-    use prost::Message;
-    let token = vec![brpc::core::wire::KeyValue {
-        key: brpc::server::admin::ADMIN_TOKEN.into(),
-        value: ADMIN_TOKEN.into(),
-    }];
-    let request =
-        RequestBody::<futures_util::stream::Empty<Result<bytes::Bytes, tonic::Status>>>::Single(
-            StatsRequest {}.encode_to_vec().into(),
-        );
-    let peer = client.peer().expect("connected");
-    let mut call = peer
-        .start_call(ADMIN_SERVICE, "Stats", token, None, request)
+    use brpc::server::admin::{ADMIN_SERVICE, StatsRequest};
+    let mut request = tonic::Request::new(StatsRequest {});
+    request.metadata_mut().insert(
+        brpc::server::admin::ADMIN_TOKEN,
+        ADMIN_TOKEN.parse().expect("a metadata value"),
+    );
+    client
+        .channel()
+        .unary(request, ADMIN_SERVICE, "Stats")
         .await
-        .expect("Stats call starts");
-    let mut answer = None;
-    loop {
-        match call.next_event().await {
-            ResponseEvent::Message(message) => answer = Some(message),
-            ResponseEvent::End {
-                status, message, ..
-            } => {
-                let status = brpc::core::conn::end_status(status);
-                assert_eq!(status.code(), Code::Ok, "{status:?}");
-                let message = message.or(answer).expect("Stats answered a message");
-                return StatsResponse::decode(message).expect("a StatsResponse");
-            }
-            ResponseEvent::Headers(_) => {}
-        }
-    }
+        .expect("Stats answered")
+        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -62,9 +62,9 @@ impl ConnectionOptions {
 
     /// Largest UDP payload this side sends (default 1200, QUIC's minimum:
     /// connections do not probe their path for more) and accepts (this, and
-    /// at least 1472). Set
-    /// it on both sides to let QUIC path-MTU discovery grow a connection's
-    /// packets where its path carries them: Ethernet (1452), loopback
+    /// at least 1472). Set it on both sides to let QUIC path-MTU discovery
+    /// grow a connection's packets where its path carries them: Ethernet
+    /// (1452), loopback
     /// ([`LOOPBACK_MAX_UDP_PAYLOAD`](super::LOOPBACK_MAX_UDP_PAYLOAD), about
     /// 2.5 times the bulk throughput there) or jumbo frames (8952). See
     /// [`TransportOptions::max_udp_payload`] for what it costs.

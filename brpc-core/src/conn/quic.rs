@@ -47,10 +47,10 @@ pub const PRE_HELLO_RECEIVE_WINDOW: u32 = 16 * 1024;
 /// way and their acknowledgements, more than half the datagrams of its
 /// start (a connection and its Hello over loopback: 24 datagrams, 15.9 KB
 /// at 1452 on both sides; 11, 4.5 KB at 1200); a fleet reconnecting at once
-/// pays that for every agent (a
-/// 30 000-agent restart storm, `brpc-bench storm`, two interleaved runs
-/// each: all back in 24.9 and 26.7 s at this value, 40.2 and 41.2 s at
-/// 1452). Raise it for bulk transfer where paths carry more.
+/// pays that for every agent (a 30 000-agent restart storm,
+/// `brpc-bench storm`, two interleaved runs each: all back in 24.9 and
+/// 26.7 s at this value, 40.2 and 41.2 s at 1452). Raise it for bulk
+/// transfer where paths carry more.
 pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 1200;
 
 /// A [`TransportOptions::max_udp_payload`] for peers on one host, talking
@@ -120,8 +120,7 @@ pub struct TransportOptions {
     /// jumbo-frame networks (8952). Each connection that reaches the size
     /// keeps a send buffer of it, and each endpoint a receive buffer of 2048
     /// times what it accepts (address space, touched only by datagrams that
-    /// arrive);
-    /// above 6500 bytes datagrams are written one at a time. Values outside
+    /// arrive); above 6500 bytes datagrams are written one at a time. Values outside
     /// QUIC's range count as its bounds, 1200 and 65 527.
     pub max_udp_payload: u16,
 }
