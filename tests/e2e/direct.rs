@@ -520,3 +520,147 @@ async fn with_a_task_per_call_a_blocking_handler_holds_up_no_other_call() {
     release.send(()).expect("release");
     blocked.await.expect("join").expect("first call");
 }
+
+/// Greets; a greeting of [`LARGE_GREETING`] bytes or more blocks its thread
+/// until released.
+struct BlockingGreeter {
+    gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    entered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Larger than the frames that move a served call to a task of its own
+/// (64 KiB).
+const LARGE_GREETING: usize = 256 * 1024;
+
+#[tonic::async_trait]
+impl Greeter for BlockingGreeter {
+    async fn greet(&self, request: Request<GreetRequest>) -> Result<Response<GreetReply>, Status> {
+        let greeting = request.into_inner().greeting;
+        if greeting.len() >= LARGE_GREETING {
+            let gate = self.gate.lock().expect("lock").take();
+            if let Some(gate) = gate {
+                self.entered.fetch_add(1, Ordering::SeqCst);
+                // Blocks its thread, as a handler that computes for long
+                // over a large message would.
+                let _ = gate.recv();
+            }
+        }
+        Ok(Response::new(GreetReply {
+            message: greeting.len().to_string(),
+        }))
+    }
+}
+
+/// A call whose request is a large frame leaves the connection's task (on
+/// which a connection's calls are served by default) for a task of its own:
+/// while its handler blocks a thread, a small call on the same connection is
+/// still answered. Without the move the blocked handler would hold the
+/// connection's task, and the small call would wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_with_a_large_request_runs_beside_the_connections_other_calls() {
+    let (release, gate) = std::sync::mpsc::channel();
+    let entered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = Server::builder()
+        .add_direct(GreeterService::new(BlockingGreeter {
+            gate: std::sync::Mutex::new(Some(gate)),
+            entered: entered.clone(),
+        }))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let channel = client.channel();
+    let large = tokio::spawn(async move {
+        GreeterClient::new(channel)
+            .greet(GreetRequest {
+                greeting: "x".repeat(LARGE_GREETING),
+            })
+            .await
+    });
+    eventually(
+        Duration::from_secs(20),
+        "the large call's handler blocking",
+        || entered.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    let small = tokio::time::timeout(
+        Duration::from_secs(20),
+        GreeterClient::new(client.channel()).greet(GreetRequest {
+            greeting: "hi".into(),
+        }),
+    )
+    .await
+    .expect("the small call was held up by the large call's blocked handler")
+    .expect("small call");
+    assert_eq!(small.into_inner().message, "2");
+    release.send(()).expect("release");
+    let large = large.await.expect("join").expect("large call");
+    assert_eq!(large.into_inner().message, LARGE_GREETING.to_string());
+}
+
+/// Never answers; counts its handlers entered and dropped.
+#[derive(Default, Clone)]
+struct PendingGreeter {
+    entered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct CountsDrop(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for CountsDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tonic::async_trait]
+impl Greeter for PendingGreeter {
+    async fn greet(&self, _: Request<GreetRequest>) -> Result<Response<GreetReply>, Status> {
+        let _guard = CountsDrop(self.dropped.clone());
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// A call that moved to a task of its own (its request was a large frame)
+/// still ends with its connection: the handler is dropped when the client
+/// goes, as one served on the connection's task is.
+#[tokio::test]
+async fn a_large_call_on_its_own_task_ends_with_its_connection() {
+    let greeter = PendingGreeter::default();
+    let server = Server::builder()
+        .add_direct(GreeterService::new(greeter.clone()))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let channel = client.channel();
+    let calls: Vec<_> = [LARGE_GREETING, 16]
+        .into_iter()
+        .map(|len| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                GreeterClient::new(channel)
+                    .greet(GreetRequest {
+                        greeting: "x".repeat(len),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "both handlers running", || {
+        greeter.entered.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    assert_eq!(greeter.dropped.load(Ordering::SeqCst), 0);
+    client.close();
+    eventually(Duration::from_secs(20), "both handlers dropped", || {
+        greeter.dropped.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    for call in calls {
+        let status = call
+            .await
+            .expect("join")
+            .expect_err("the connection closed");
+        assert_ne!(status.code(), Code::Ok);
+    }
+}

@@ -6,8 +6,9 @@
 //!
 //! A call ends when its answer is sent, when the caller cancels
 //! (STOP_SENDING or a reset), at its deadline, or when the connection closes:
-//! the calls are futures owned by [`serve`] (no task each), so none outlives
-//! the connection.
+//! the calls are futures owned by [`serve`] (no task each; a call that moved
+//! to a task of its own for a large frame is aborted with them), so none
+//! outlives the connection.
 
 use std::future::Future;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tonic::Status;
 use tracing::Instrument;
 
 use super::call_io::{CallCell, SharedCall, lock, now};
+use super::io::large_frame;
 use super::observe::CallRecord;
 use super::transport::{CallReader, CallWriter, ReadError};
 use super::{Peer, codes};
@@ -98,12 +100,14 @@ pub enum Input {
 ///
 /// By default the calls of one connection are polled on the task running
 /// `serve` (no task per call: spawning copies a call's large future in and
-/// out of the runtime several times). A handler that blocks its thread or
-/// computes for long then holds up the other calls of its connection: hand
-/// such work to `tokio::task::spawn_blocking` or a task of its own, or have
-/// the handler ask for a task per call ([`Handler::task_per_call`]; the
-/// builders' `task_per_call(true)`). A handler that panics fails its own
-/// call (`INTERNAL`), not the connection.
+/// out of the runtime several times), until a call reads or writes a frame
+/// of 64 KiB or more: that call moves to a task of its own. A handler of
+/// small messages that blocks its thread or computes for long holds up the
+/// other calls of its connection: hand such work to
+/// `tokio::task::spawn_blocking` or a task of its own, or have the handler
+/// ask for a task per call ([`Handler::task_per_call`]; the builders'
+/// `task_per_call(true)`). A handler that panics fails its own call
+/// (`INTERNAL`), not the connection.
 pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     /// New calls accepted in a row before the calls under way are polled
     /// (so a flood of new calls cannot starve them).
@@ -139,7 +143,7 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
                     if spawn {
                         tasks.spawn(call);
                     } else {
-                        calls.push(call);
+                        calls.push(Served::Here(call));
                     }
                     peer.widen_call_window(calls.len() + tasks.len());
                 }
@@ -147,6 +151,56 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
             },
             Some(()) = calls.next(), if !calls.is_empty() => streak = 0,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => streak = 0,
+        }
+    }
+}
+
+/// A call served on its connection's task, until it moves a large frame: then
+/// on a task of its own, so that copying, decoding and encoding large
+/// messages runs beside the connection's other calls (and on another core)
+/// instead of in turn with them. Small calls stay on the connection's task,
+/// where a call costs no spawn and wakes no other thread. Dropped (the
+/// connection ended), a moved call's task is aborted: no call outlives its
+/// connection either way.
+enum Served<F> {
+    Here(std::pin::Pin<Box<F>>),
+    Moved(MovedCall),
+    Over,
+}
+
+/// The task of a moved call, aborted when dropped.
+struct MovedCall(tokio::task::JoinHandle<()>);
+
+impl Drop for MovedCall {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<F: Future<Output = ()> + Send + 'static> Future for Served<F> {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Served::Here(call) = this {
+            large_frame::clear();
+            let poll = call.as_mut().poll(cx);
+            if poll.is_ready() || !large_frame::take() {
+                return poll;
+            }
+            if let Served::Here(call) = std::mem::replace(this, Served::Over) {
+                *this = Served::Moved(MovedCall(tokio::spawn(call)));
+            }
+        }
+        match this {
+            // A moved call catches its own panics (`serve`): an error here
+            // is its abort, when this is dropped.
+            Served::Moved(task) => std::pin::Pin::new(&mut task.0).poll(cx).map(|_| ()),
+            Served::Here(_) | Served::Over => Poll::Ready(()),
         }
     }
 }
@@ -252,6 +306,12 @@ async fn answer<H: Handler>(
     let Ok((request, first_message, streaming)) = reading.await else {
         return;
     };
+    if large_frame::seen() {
+        // The Request was a large frame, read without a pause: wait once, so
+        // that the call moves to a task of its own (`Served`) before its
+        // handler runs.
+        tokio::task::yield_now().await;
+    }
     out.record.named(&request.service, &request.method);
     // The session service (Hello, GoAway) keeps answering while draining:
     // it is how a draining side says goodbye.

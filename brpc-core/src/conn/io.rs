@@ -240,12 +240,14 @@ impl FrameReader {
     /// would copy a large message several times over. The length is within
     /// the largest message and already reserved from the budgets (memory
     /// the allocator has not handed out before takes pages only as the
-    /// bytes fill it).
+    /// bytes fill it). A frame large enough moves a served call to a task
+    /// of its own (`large_frame::note`).
     fn make_room(&mut self, h: FrameHeader) {
         let whole = HEADER_LEN + h.length as usize;
         if let Some(more) = whole.checked_sub(self.buf.len()) {
             self.buf.reserve(more);
         }
+        large_frame::note(h.length as usize);
     }
 
     /// Reads the end of the stream if it has already arrived, without
@@ -320,6 +322,7 @@ pub(crate) fn write_frame(
         payload,
     } = frame;
     super::observe::bytes_sent(HEADER_LEN + payload.len());
+    large_frame::note(payload.len());
     // The call's machine keeps every payload within the maximum message
     // size, far below the u32 the header holds.
     let header = FrameHeader {
@@ -331,6 +334,42 @@ pub(crate) fn write_frame(
     let parts = if payload.is_empty() { 1 } else { 2 };
     let mut chunks = [header_bytes(&header.to_bytes()), payload];
     async move { send.write_all_chunks(&mut chunks[..parts]).await }
+}
+
+/// Whether the call being polled on this thread read or wrote a large frame:
+/// the task serving a connection polls its calls itself and hands one that
+/// did to a task of its own (`incoming::Served`).
+pub(crate) mod large_frame {
+    /// Frames of at least this many bytes (64 KiB) are large.
+    pub(crate) const LARGE: usize = 64 * 1024;
+
+    thread_local! {
+        /// Set on this thread when a frame of at least [`LARGE`] bytes is
+        /// read or written.
+        static SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A frame of `length` bytes is being read or written on this thread.
+    pub(crate) fn note(length: usize) {
+        if length >= LARGE {
+            SEEN.set(true);
+        }
+    }
+
+    /// Forgets frames seen so far (before a call is polled).
+    pub(crate) fn clear() {
+        SEEN.set(false);
+    }
+
+    /// Whether a large frame was seen since the last [`clear`] or [`take`].
+    pub(crate) fn seen() -> bool {
+        SEEN.get()
+    }
+
+    /// [`seen`], and forgets it.
+    pub(crate) fn take() -> bool {
+        SEEN.replace(false)
+    }
 }
 
 #[cfg(test)]

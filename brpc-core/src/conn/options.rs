@@ -166,7 +166,9 @@ macro_rules! builder_setters {
         /// own (as tonic's server runs each request), for handlers that block
         /// their thread or compute for long. By default the calls of one
         /// connection are polled by the task serving it: cheaper per call,
-        /// but a blocking handler holds up the connection's other calls.
+        /// but a blocking handler holds up the connection's other calls
+        /// (unless its call moved to a task of its own, as a call does
+        /// once it reads or writes a frame of 64 KiB or more).
         pub fn task_per_call(mut self, yes: bool) -> Self {
             self.router = self.router.task_per_call(yes);
             self
