@@ -382,7 +382,8 @@ fn after_hello_stalled_frames_stay_within_the_budgets() {
                 .decode(&mut bytes::BytesMut::from(&answer[..]))
                 .ok()??;
             let response =
-                <brpc::core::wire::Response as prost::Message>::decode(frame.payload).ok()?;
+                <brpc::core::wire::Response as prost::Message>::decode(frame.payload.into_bytes())
+                    .ok()?;
             response.status.map(|s| (s.code, s.message))
         };
         let mut tasks = Vec::new();

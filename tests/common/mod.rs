@@ -390,7 +390,7 @@ async fn raw_call_inner(
         .expect("whole frame");
     assert_eq!(frame.kind, wire::FrameType::Response);
     assert_eq!(frame.stream_id, stream_id);
-    wire::Response::decode(frame.payload).expect("response")
+    wire::Response::decode(frame.payload.into_bytes()).expect("response")
 }
 
 /// A Hello request as the wire carries it.

@@ -169,7 +169,7 @@ async fn a_streamed_message_stalled_mid_frame_ends_the_call_with_deadline_exceed
     }
     let frame = last.expect("a frame");
     assert_eq!(frame.kind, FrameType::Response);
-    let status = wire::Response::decode(frame.payload)
+    let status = wire::Response::decode(frame.payload.into_bytes())
         .expect("response")
         .status
         .expect("status");

@@ -7,7 +7,7 @@ use quinn::{RecvStream, SendStream, VarInt};
 
 use super::budget::Budgets;
 use super::error::ReadError;
-use crate::wire::{Frame, FrameDecoder, FrameHeader, HEADER_LEN};
+use crate::wire::{Frame, FrameDecoder, FrameHeader, HEADER_LEN, Payload};
 
 /// Reads whole frames from a QUIC receive stream.
 ///
@@ -165,7 +165,7 @@ impl FrameReader {
                             stream_id: h.stream_id,
                             kind: h.kind,
                             flags: h.flags,
-                            payload: chunk.bytes,
+                            payload: chunk.bytes.into(),
                         }));
                     }
                     if let Some(h) = header {
@@ -220,7 +220,7 @@ impl FrameReader {
                     stream_id: h.stream_id,
                     kind: h.kind,
                     flags: h.flags,
-                    payload: chunk.bytes,
+                    payload: chunk.bytes.into(),
                 }))
             }
             chunk => {
@@ -308,9 +308,9 @@ fn header_bytes(header: &[u8; HEADER_LEN]) -> Bytes {
     })
 }
 
-/// Writes one frame; the data is sent without being copied. Not an `async
-/// fn`: the frame is taken apart first, so the future holds only the two
-/// chunks it sends (it sits inside every call's future).
+/// Writes one frame; the data (or each of its pieces) is sent without being
+/// copied. Not an `async fn`: the frame is taken apart first, so the future
+/// holds only the chunks it sends (it sits inside every call's future).
 pub(crate) fn write_frame(
     send: &mut SendStream,
     frame: Frame,
@@ -321,19 +321,31 @@ pub(crate) fn write_frame(
         flags,
         payload,
     } = frame;
-    super::observe::bytes_sent(HEADER_LEN + payload.len());
-    large_frame::note(payload.len());
+    let length = payload.len();
+    super::observe::bytes_sent(HEADER_LEN + length);
+    large_frame::note(length);
     // The call's machine keeps every payload within the maximum message
     // size, far below the u32 the header holds.
     let header = FrameHeader {
-        length: payload.len() as u32,
+        length: length as u32,
         stream_id,
         kind,
         flags,
     };
-    let parts = if payload.is_empty() { 1 } else { 2 };
-    let mut chunks = [header_bytes(&header.to_bytes()), payload];
-    async move { send.write_all_chunks(&mut chunks[..parts]).await }
+    let header = header_bytes(&header.to_bytes());
+    let mut chunks = match payload {
+        Payload::Whole(payload) => Chunks::Two([header, payload]),
+        // The pieces of a large message, each sent as it is.
+        Payload::Pieces(pieces) => Chunks::Many(std::iter::once(header).chain(pieces).collect()),
+    };
+    async move {
+        let chunks = match &mut chunks {
+            Chunks::Two(two) if two[1].is_empty() => &mut two[..1],
+            Chunks::Two(two) => &mut two[..],
+            Chunks::Many(many) => &mut many[..],
+        };
+        send.write_all_chunks(chunks).await
+    }
 }
 
 /// Whether the call being polled on this thread read or wrote a large frame:
@@ -370,6 +382,13 @@ pub(crate) mod large_frame {
     pub(crate) fn take() -> bool {
         SEEN.replace(false)
     }
+}
+
+/// A frame's chunks as [`write_frame`] hands them to quinn: header and data,
+/// or header and the data's pieces.
+enum Chunks {
+    Two([Bytes; 2]),
+    Many(Vec<Bytes>),
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::peer::Peer;
 use super::transport::{CallReader, CallWriter, ReadError, SendError};
 use crate::metadata;
 use crate::wire::{
-    Failure, Inbound, KeyValue, RequestParts, RequestShape, encode_request_message,
+    Failure, Inbound, KeyValue, Payload, RequestParts, RequestShape, encode_request_message,
     encode_request_parts,
 };
 
@@ -121,7 +121,7 @@ impl Peer {
             RequestBody::Stream(messages) => (Bytes::new(), Some(messages), RequestShape::Stream),
         };
         let parts = request_parts(service, method, &payload, &metadata, deadline);
-        let encoded = encode_request_parts(&parts, self.max_message_size());
+        let encoded = encode_request_parts(&parts, self.max_message_size()).map(Payload::Whole);
         self.open_traced(service, method, encoded, messages, shape, deadline)
     }
 
@@ -157,7 +157,7 @@ impl Peer {
         &'a self,
         service: &str,
         method: &str,
-        encoded: Result<Bytes, Status>,
+        encoded: Result<Payload, Status>,
         messages: Option<S>,
         shape: RequestShape,
         deadline: Option<Instant>,
@@ -176,7 +176,7 @@ impl Peer {
 
     async fn open_outgoing<S>(
         &self,
-        encoded: Result<Bytes, Status>,
+        encoded: Result<Payload, Status>,
         messages: Option<S>,
         shape: RequestShape,
         deadline: Option<Instant>,

@@ -21,8 +21,7 @@ use crate::tls::PeerIdentity;
 use super::budget::{Budgets, MemoryBudget};
 use super::io::FrameReader;
 use super::transport::{CallReader, CallWriter, Multiplexer, SendError, Transport};
-use crate::wire::{Call, CallConfig, RequestShape};
-use bytes::Bytes;
+use crate::wire::{Call, CallConfig, Payload, RequestShape};
 
 /// The id the server assigns to each connection during Hello. Unique for the
 /// life of one server; a reconnecting client gets a new one. In a cluster the
@@ -347,7 +346,7 @@ impl Peer {
     /// at once still answers on the reader.
     pub(crate) async fn open_call(
         &self,
-        request: Bytes,
+        request: Payload,
         shape: RequestShape,
     ) -> Result<OpenedCall, Status> {
         let limits = self.shared.limits;

@@ -17,7 +17,7 @@ use tonic::{Code, Status};
 
 use super::codes;
 use super::envelope::{KeyValue, Metadata, Request, RequestParts, Response};
-use super::frame::{Flags, Frame, FrameType};
+use super::frame::{Flags, Frame, FrameType, PIECE_BUFFER, PIECE_MIN, Payload, PieceWriter};
 use super::status::{from_wire, to_wire, too_large, too_large_message};
 
 /// Which end of the call this machine sits on.
@@ -201,7 +201,7 @@ pub fn encode_request_message(
     request: &RequestParts<'_>,
     message: &impl prost::Message,
     max_message_size: usize,
-) -> Result<Bytes, Status> {
+) -> Result<Payload, Status> {
     request
         .encode_with_message_within(message, max_message_size)
         .map_err(|len| too_large(len, max_message_size))
@@ -490,7 +490,7 @@ impl Call {
                     return Err(self.violation("Headers frame after the reply started"));
                 }
                 self.before_reply = false;
-                Ok(Inbound::Headers(self.metadata(frame.payload)?))
+                Ok(Inbound::Headers(self.metadata(frame.payload.into_bytes())?))
             }
             (CallRole::Caller, _, FrameType::Trailers) => {
                 if self.trailers_seen {
@@ -498,7 +498,9 @@ impl Call {
                 }
                 self.trailers_seen = true;
                 self.before_reply = false;
-                Ok(Inbound::Trailers(self.metadata(frame.payload)?))
+                Ok(Inbound::Trailers(
+                    self.metadata(frame.payload.into_bytes())?,
+                ))
             }
             (CallRole::Caller, _, FrameType::Data) => {
                 self.before_reply = false;
@@ -511,7 +513,7 @@ impl Call {
                 self.recv = RecvPhase::Done;
                 // The callee is done: whatever this side still sends is unread.
                 self.send = SendPhase::Done;
-                let response = Response::decode(frame.payload).map_err(|e| {
+                let response = Response::decode(frame.payload.into_bytes()).map_err(|e| {
                     Status::internal(format!("peer sent an undecodable Response: {e}"))
                 })?;
                 let status = match response.status {
@@ -538,7 +540,7 @@ impl Call {
                 "Request flags {flags:?} both open and close the stream"
             )));
         }
-        let mut request = Request::decode(frame.payload)
+        let mut request = Request::decode(frame.payload.into_bytes())
             .map_err(|e| self.violation(format!("undecodable Request: {e}")))?;
         if request.service.is_empty() || request.method.is_empty() {
             return Err(self.violation(format!(
@@ -590,13 +592,18 @@ impl Call {
         if frame.flags.contains(Flags::NO_DATA) {
             return Ok(Inbound::Ignored);
         }
-        Ok(Inbound::Message(frame.payload))
+        Ok(Inbound::Message(frame.payload.into_bytes()))
     }
 
     // ---- sending ----
 
-    fn frame(&self, kind: FrameType, flags: Flags, payload: Bytes) -> Frame {
-        Frame::new(self.stream_id, kind, flags, payload)
+    fn frame(&self, kind: FrameType, flags: Flags, payload: impl Into<Payload>) -> Frame {
+        Frame {
+            stream_id: self.stream_id,
+            kind,
+            flags,
+            payload: payload.into(),
+        }
     }
 
     fn misuse(&self, what: &str) -> Status {
@@ -613,7 +620,12 @@ impl Call {
     /// `RESOURCE_EXHAUSTED` when the encoded Request exceeds the maximum
     /// message size (nothing may be sent; the call is over); `INTERNAL` when
     /// a Request was already sent or this side is the callee.
-    pub fn send_request(&mut self, encoded: Bytes, shape: RequestShape) -> Result<Frame, Status> {
+    pub fn send_request(
+        &mut self,
+        encoded: impl Into<Payload>,
+        shape: RequestShape,
+    ) -> Result<Frame, Status> {
+        let encoded = encoded.into();
         if self.role != CallRole::Caller || self.send != SendPhase::Start {
             return Err(self.misuse("a Request"));
         }
@@ -700,7 +712,7 @@ impl Call {
         Ok(Some(self.frame(
             FrameType::Headers,
             Flags::EMPTY,
-            data.into(),
+            Bytes::from(data),
         )))
     }
 
@@ -722,7 +734,7 @@ impl Call {
         Ok(Some(self.frame(
             FrameType::Trailers,
             Flags::EMPTY,
-            data.into(),
+            Bytes::from(data),
         )))
     }
 
@@ -763,7 +775,7 @@ impl Call {
     /// # Errors
     /// `INTERNAL` after the end was sent.
     pub fn send_ok_message(&mut self, message: &impl Message) -> Result<(Frame, Code), Status> {
-        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        use prost::encoding::{encoded_len_varint, key_len};
         if self.role != CallRole::Callee || self.send == SendPhase::Done {
             return Err(self.misuse("a Response"));
         }
@@ -786,16 +798,28 @@ impl Call {
                 Code::ResourceExhausted,
             ));
         }
-        let mut buf = bytes::BytesMut::with_capacity(total);
-        encode_key(1, WireType::LengthDelimited, &mut buf);
-        encode_varint(0, &mut buf);
-        if len != 0 {
-            encode_key(2, WireType::LengthDelimited, &mut buf);
-            encode_varint(len as u64, &mut buf);
-            message.encode_raw(&mut buf);
+        fn encode(message: &impl Message, len: usize, buf: &mut impl bytes::BufMut) {
+            use prost::encoding::{WireType, encode_key, encode_varint};
+            encode_key(1, WireType::LengthDelimited, buf);
+            encode_varint(0, buf);
+            if len != 0 {
+                encode_key(2, WireType::LengthDelimited, buf);
+                encode_varint(len as u64, buf);
+                message.encode_raw(buf);
+            }
         }
+        let payload = if len < PIECE_MIN {
+            let mut buf = bytes::BytesMut::with_capacity(total);
+            encode(message, len, &mut buf);
+            Payload::Whole(buf.freeze())
+        } else {
+            // Large `bytes::Bytes` fields are sent as they are.
+            let mut buf = PieceWriter::with_capacity(PIECE_BUFFER);
+            encode(message, len, &mut buf);
+            buf.finish()
+        };
         Ok((
-            self.frame(FrameType::Response, Flags::EMPTY, buf.freeze()),
+            self.frame(FrameType::Response, Flags::EMPTY, payload),
             Code::Ok,
         ))
     }
@@ -956,7 +980,7 @@ mod tests {
 
     fn decode_response(frame: &Frame) -> (Code, String, Bytes) {
         assert_eq!(frame.kind, FrameType::Response);
-        let r = Response::decode(frame.payload.clone()).unwrap();
+        let r = Response::decode(frame.payload.clone().into_bytes()).unwrap();
         let s = r.status.unwrap_or_default();
         (Code::from_i32(s.code), s.message, r.payload)
     }
@@ -1688,7 +1712,7 @@ mod tests {
             })
             .expect("send");
         assert_eq!(code, Code::ResourceExhausted);
-        let response = Response::decode(frame.payload).expect("response");
+        let response = Response::decode(frame.payload.into_bytes()).expect("response");
         assert_eq!(
             response.status.expect("status").code,
             Code::ResourceExhausted as i32
@@ -1736,5 +1760,112 @@ mod tests {
             refused.message(),
             too_large_message(whole.len(), whole.len() - 1)
         );
+    }
+
+    /// A call config that takes messages of a few hundred KiB.
+    const LARGE: CallConfig = CallConfig {
+        max_message_size: 4 << 20,
+        ..CONFIG
+    };
+
+    /// A message with large and small `bytes::Bytes` fields around others.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Blobs {
+        #[prost(string, tag = "1")]
+        name: String,
+        #[prost(bytes = "bytes", tag = "2")]
+        big: Bytes,
+        #[prost(uint64, tag = "3")]
+        n: u64,
+        #[prost(bytes = "bytes", tag = "4")]
+        small: Bytes,
+        #[prost(bytes = "bytes", tag = "5")]
+        other: Bytes,
+    }
+
+    fn blobs(big: usize) -> Blobs {
+        Blobs {
+            name: "blobs".into(),
+            big: Bytes::from(vec![7u8; big]),
+            n: 42,
+            small: Bytes::from_static(b"small"),
+            other: Bytes::from(vec![9u8; PIECE_MIN]),
+        }
+    }
+
+    /// Whether one of `payload`'s pieces is `field`'s own buffer.
+    fn sent_as_is(payload: &Payload, field: &Bytes) -> bool {
+        payload
+            .pieces()
+            .iter()
+            .any(|p| p.as_ptr() == field.as_ptr() && p.len() == field.len())
+    }
+
+    #[test]
+    fn a_large_reply_goes_out_in_pieces_holding_its_bytes_fields_as_they_are() {
+        let m = blobs(100 * 1024);
+        let mut a = Call::callee(1, LARGE, Instant::now());
+        let (frame, code) = a.send_ok_message(&m).expect("send");
+        assert_eq!(code, Code::Ok);
+        assert!(matches!(frame.payload, Payload::Pieces(_)), "{frame:?}");
+        assert!(sent_as_is(&frame.payload, &m.big));
+        assert!(sent_as_is(&frame.payload, &m.other));
+        assert!(
+            !sent_as_is(&frame.payload, &m.small),
+            "a small field is copied"
+        );
+        // The same bytes as the Response built from the encoded message.
+        let mut b = Call::callee(1, LARGE, Instant::now());
+        let built = b
+            .send_response(&Status::ok(""), m.encode_to_vec().into())
+            .expect("send");
+        assert_eq!(frame, built);
+        assert_eq!(
+            frame.payload.clone().into_bytes(),
+            built.payload.into_bytes()
+        );
+        let mut wire = bytes::BytesMut::new();
+        frame.encode(&mut wire).expect("encode");
+        let mut decoder = crate::wire::FrameDecoder::new(LARGE.max_message_size);
+        let decoded = decoder.decode(&mut wire).expect("decode").expect("a frame");
+        assert_eq!(decoded, frame);
+        let response = Response::decode(decoded.payload.into_bytes()).expect("response");
+        assert_eq!(Blobs::decode(response.payload).expect("message"), m);
+
+        // Below PIECE_MIN in all: one buffer.
+        let mut c = Call::callee(1, LARGE, Instant::now());
+        let small = Blobs {
+            other: Bytes::new(),
+            ..blobs(100)
+        };
+        let (frame, _) = c.send_ok_message(&small).expect("send");
+        assert!(matches!(frame.payload, Payload::Whole(_)), "{frame:?}");
+    }
+
+    #[test]
+    fn a_large_request_goes_out_in_pieces_holding_its_bytes_fields_as_they_are() {
+        let metadata = [KeyValue {
+            key: "k".into(),
+            value: "v".into(),
+        }];
+        let parts = RequestParts {
+            service: "s.S",
+            method: "M",
+            payload: b"",
+            timeout_nano: 5,
+            metadata: &metadata,
+        };
+        let m = blobs(300 * 1024);
+        let pieces = encode_request_message(&parts, &m, LARGE.max_message_size).expect("fits");
+        assert!(matches!(pieces, Payload::Pieces(_)), "{pieces:?}");
+        assert!(sent_as_is(&pieces, &m.big));
+        assert!(sent_as_is(&pieces, &m.other));
+        let whole = parts.encode_with_message(&m);
+        assert_eq!(pieces, whole);
+        let request = Request::decode(pieces.into_bytes()).expect("request");
+        assert_eq!(request.metadata, metadata);
+        assert_eq!(Blobs::decode(request.payload).expect("message"), m);
+        let refused = encode_request_message(&parts, &m, whole.len() - 1).expect_err("over");
+        assert_eq!(refused.code(), Code::ResourceExhausted);
     }
 }

@@ -4,6 +4,8 @@
 //! Written as prost derives so the core crate needs no build step.
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use super::frame::{PIECE_BUFFER, PIECE_MIN, Payload, PieceWriter};
 use prost::Message as _;
 
 /// `ttrpc.Request`: opens a call.
@@ -39,7 +41,7 @@ pub struct Response {
 
 /// A `bytes` field written by hand: prost's own encoding of a `Bytes` field
 /// clones it, and cloning a `Bytes` made from a `Vec` allocates.
-fn encode_bytes_field(tag: u32, bytes: &[u8], buf: &mut BytesMut) {
+fn encode_bytes_field(tag: u32, bytes: &[u8], buf: &mut impl BufMut) {
     use prost::encoding::{WireType, encode_key, encode_varint};
     if !bytes.is_empty() {
         encode_key(tag, WireType::LengthDelimited, buf);
@@ -107,12 +109,29 @@ impl RequestParts<'_> {
     /// [`encode_with_message`](Self::encode_with_message), unless the
     /// envelope would be over `max` bytes (as
     /// [`encode_to_bytes_within`](Self::encode_to_bytes_within)).
+    /// A message of [`PIECE_MIN`] bytes or more is encoded into a
+    /// [`PieceWriter`]: its large `bytes::Bytes` fields are sent as they
+    /// are, not copied.
     pub(crate) fn encode_with_message_within(
         &self,
         message: &impl prost::Message,
         max: usize,
-    ) -> Result<Bytes, usize> {
-        self.encode_within(message.encoded_len(), max, |buf| message.encode_raw(buf))
+    ) -> Result<Payload, usize> {
+        let payload_len = message.encoded_len();
+        if payload_len < PIECE_MIN {
+            return self
+                .encode_within(payload_len, max, |buf| message.encode_raw(buf))
+                .map(Payload::Whole);
+        }
+        let len = self.encoded_len_around(payload_len);
+        if len > max {
+            return Err(len);
+        }
+        // The buffers between pieces hold only the envelope and the
+        // message's small fields.
+        let mut buf = PieceWriter::with_capacity(PIECE_BUFFER);
+        self.encode_into(&mut buf, payload_len, |buf| message.encode_raw(buf));
+        Ok(buf.finish())
     }
 
     /// The envelope around a payload of `payload_len` bytes that `put`
@@ -160,23 +179,29 @@ impl RequestParts<'_> {
         payload_len: usize,
         put: impl FnOnce(&mut BytesMut),
     ) -> Bytes {
-        use prost::encoding::{WireType, encode_key, encode_varint, int64, message};
         let mut buf = BytesMut::with_capacity(len);
+        self.encode_into(&mut buf, payload_len, put);
+        buf.freeze()
+    }
+
+    /// Writes the envelope into `buf` around a payload of `payload_len`
+    /// bytes that `put` writes.
+    fn encode_into<B: BufMut>(&self, buf: &mut B, payload_len: usize, put: impl FnOnce(&mut B)) {
+        use prost::encoding::{WireType, encode_key, encode_varint, int64, message};
         // A string field is written as a bytes field is.
-        encode_bytes_field(1, self.service.as_bytes(), &mut buf);
-        encode_bytes_field(2, self.method.as_bytes(), &mut buf);
+        encode_bytes_field(1, self.service.as_bytes(), buf);
+        encode_bytes_field(2, self.method.as_bytes(), buf);
         if payload_len != 0 {
-            encode_key(3, WireType::LengthDelimited, &mut buf);
-            encode_varint(payload_len as u64, &mut buf);
-            put(&mut buf);
+            encode_key(3, WireType::LengthDelimited, buf);
+            encode_varint(payload_len as u64, buf);
+            put(buf);
         }
         if self.timeout_nano != 0 {
-            int64::encode(4, &self.timeout_nano, &mut buf);
+            int64::encode(4, &self.timeout_nano, buf);
         }
         for entry in self.metadata {
-            message::encode(5, entry, &mut buf);
+            message::encode(5, entry, buf);
         }
-        buf.freeze()
     }
 }
 
@@ -362,7 +387,7 @@ mod tests {
             .expect("whole frame");
         assert_eq!(decoded, frame);
         assert_eq!(
-            Request::decode(decoded.payload).expect("request"),
+            Request::decode(decoded.payload.into_bytes()).expect("request"),
             golden_request()
         );
     }

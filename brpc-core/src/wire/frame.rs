@@ -166,7 +166,173 @@ pub struct Frame {
     /// The flags.
     pub flags: Flags,
     /// The frame data (an encoded envelope or a message).
-    pub payload: Bytes,
+    pub payload: Payload,
+}
+
+/// A frame's data: one buffer, or (in a frame being sent) several pieces that
+/// follow each other on the wire, so that a large `bytes` field of a message
+/// is sent as the buffer it is, not copied into the frame's.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// The data in one buffer (every received frame).
+    Whole(Bytes),
+    /// The data in pieces, in order.
+    Pieces(Vec<Bytes>),
+}
+
+impl Payload {
+    /// The data's length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Whole(bytes) => bytes.len(),
+            Payload::Pieces(pieces) => pieces.iter().map(Bytes::len).sum(),
+        }
+    }
+
+    /// Whether there is no data.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The data in one buffer (pieces are copied into one).
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Whole(bytes) => bytes,
+            Payload::Pieces(pieces) => {
+                let mut whole = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+                for piece in &pieces {
+                    whole.put_slice(piece);
+                }
+                whole.freeze()
+            }
+        }
+    }
+
+    /// The data's pieces, in order (one for a whole buffer).
+    pub fn pieces(&self) -> &[Bytes] {
+        match self {
+            Payload::Whole(bytes) => std::slice::from_ref(bytes),
+            Payload::Pieces(pieces) => pieces,
+        }
+    }
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Payload::Whole(Bytes::new())
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Self {
+        Payload::Whole(bytes)
+    }
+}
+
+/// Equal when the data is, however it is cut.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len()
+            && self
+                .pieces()
+                .iter()
+                .flat_map(|p| p.iter())
+                .eq(other.pieces().iter().flat_map(|p| p.iter()))
+    }
+}
+
+impl Eq for Payload {}
+
+impl PartialEq<Bytes> for Payload {
+    fn eq(&self, other: &Bytes) -> bool {
+        match self {
+            Payload::Whole(bytes) => bytes == other,
+            Payload::Pieces(_) => *self == Payload::Whole(other.clone()),
+        }
+    }
+}
+
+/// A buffer to encode a message into that keeps each large `Bytes` put into
+/// it (prost puts a `bytes::Bytes` field's value as it is) as a piece of its
+/// own instead of copying it: pieces of [`PIECE_MIN`] bytes or more.
+/// Everything else is copied into buffers between those pieces.
+#[derive(Debug, Default)]
+pub struct PieceWriter {
+    pieces: Vec<Bytes>,
+    buf: BytesMut,
+}
+
+/// The smallest `Bytes` a [`PieceWriter`] keeps as a piece of its own: below
+/// it, copying costs less than a piece (which quinn keeps and sends as a
+/// chunk of its own).
+pub const PIECE_MIN: usize = 16 * 1024;
+
+/// What a [`PieceWriter`]'s first buffer starts with room for: an envelope
+/// and a message's small fields (it grows if they are larger).
+pub(crate) const PIECE_BUFFER: usize = 512;
+
+impl PieceWriter {
+    /// A writer whose buffers start with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        PieceWriter {
+            pieces: Vec::new(),
+            buf: BytesMut::with_capacity(capacity),
+        }
+    }
+
+    /// What was written: one buffer when nothing was large enough to be a
+    /// piece of its own.
+    pub fn finish(mut self) -> Payload {
+        if self.pieces.is_empty() {
+            return Payload::Whole(self.buf.freeze());
+        }
+        if !self.buf.is_empty() {
+            self.pieces.push(self.buf.freeze());
+        }
+        Payload::Pieces(self.pieces)
+    }
+}
+
+// SAFETY: every method hands on to the `BytesMut`, whose implementation
+// upholds `BufMut`'s contract; `put` only adds pieces after the bytes
+// already written. (The one unsafe block of the library: `BufMut` is an
+// unsafe trait, and prost encodes only into a `BufMut`.)
+#[allow(unsafe_code)]
+unsafe impl BufMut for PieceWriter {
+    fn remaining_mut(&self) -> usize {
+        self.buf.remaining_mut()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        // SAFETY: the caller's promise (`cnt` bytes of `chunk_mut`
+        // initialised) is about the `BytesMut`'s chunk.
+        unsafe { self.buf.advance_mut(cnt) }
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        self.buf.chunk_mut()
+    }
+
+    fn put_slice(&mut self, src: &[u8]) {
+        self.buf.put_slice(src);
+    }
+
+    fn put<T: bytes::Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        let len = src.remaining();
+        if len < PIECE_MIN {
+            self.buf.put(src);
+            return;
+        }
+        if !self.buf.is_empty() {
+            let before = self.buf.split();
+            self.pieces.push(before.freeze());
+        }
+        // A `Bytes` hands over its own buffer here, without a copy.
+        self.pieces.push(src.copy_to_bytes(len));
+    }
 }
 
 impl Frame {
@@ -176,7 +342,7 @@ impl Frame {
             stream_id,
             kind,
             flags,
-            payload,
+            payload: Payload::Whole(payload),
         }
     }
 
@@ -208,9 +374,11 @@ impl Frame {
     /// [`FrameError::TooLarge`] if the payload does not fit the u32 length field.
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), FrameError> {
         let header = self.header()?;
-        dst.reserve(HEADER_LEN + self.payload.len());
+        dst.reserve(HEADER_LEN + header.length as usize);
         dst.put_slice(&header.to_bytes());
-        dst.put_slice(&self.payload);
+        for piece in self.payload.pieces() {
+            dst.put_slice(piece);
+        }
         Ok(())
     }
 }
@@ -316,7 +484,7 @@ impl FrameDecoder {
             stream_id: header.stream_id,
             kind: header.kind,
             flags: header.flags,
-            payload,
+            payload: Payload::Whole(payload),
         }))
     }
 }
