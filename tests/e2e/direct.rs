@@ -666,8 +666,8 @@ async fn a_large_call_on_its_own_task_ends_with_its_connection() {
 }
 
 /// Large messages on the direct path, which sends the large `bytes` fields
-/// of a message as pieces of their own: over QUIC both ways and over a Unix
-/// socket, every reply comes back intact.
+/// of a message as pieces of their own: over QUIC both ways (unary and
+/// streamed replies) and over a Unix socket, every reply comes back intact.
 #[tokio::test]
 async fn large_messages_on_the_direct_path_arrive_intact() {
     let blob: Vec<u8> = (0..(300 << 10)).map(|i| (i % 251) as u8).collect();
@@ -693,6 +693,18 @@ async fn large_messages_on_the_direct_path_arrive_intact() {
                 .into_inner(),
         );
     }
+    // Streamed replies (the direct dispatcher's reply stream).
+    let mut replies = forward
+        .bidi(tokio_stream::iter([request(), request(), request()]))
+        .await
+        .expect("bidi")
+        .into_inner();
+    let mut streamed = 0;
+    while let Some(reply) = replies.next().await {
+        check(reply.expect("streamed reply"));
+        streamed += 1;
+    }
+    assert_eq!(streamed, 3);
     let peer = server
         .peers()
         .get(client.connection_id())

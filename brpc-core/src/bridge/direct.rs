@@ -19,7 +19,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt, stream};
 use http_body_util::StreamBody;
 use prost::Message;
@@ -66,13 +66,6 @@ impl<T: Message + Default> Decoder for ProstDecoder<T> {
 
 fn decode_error(e: prost::DecodeError) -> Status {
     Status::internal(format!("failed to decode the message: {e}"))
-}
-
-fn encode<T: Message>(message: &T) -> Bytes {
-    let mut buf = BytesMut::with_capacity(message.encoded_len());
-    // Cannot fail: the buffer has room for the whole message.
-    let _ = message.encode(&mut buf);
-    buf.freeze()
 }
 
 /// The handler's `tonic::Request`: `message`, the caller's metadata (and
@@ -248,7 +241,11 @@ where
         };
         match item {
             Some(Ok(message)) => {
-                if reply.message(encode(&message)).await.is_err() {
+                if reply
+                    .message_payload(crate::wire::encode_message(&message))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -25,7 +25,7 @@ use super::io::large_frame;
 use super::observe::CallRecord;
 use super::transport::{CallReader, CallWriter, ReadError};
 use super::{Peer, codes};
-use crate::wire::{Abort, Call, Failure, Frame, Inbound, KeyValue, Request};
+use crate::wire::{Abort, Call, Failure, Frame, Inbound, KeyValue, Payload, Request};
 
 /// What answers the calls a peer opens. The engine reads each call's
 /// Request, then hands it to the handler with a [`Reply`] to answer through;
@@ -721,6 +721,18 @@ impl Reply {
     /// # Errors
     /// [`CallEnded`] when the call is over (including by this message).
     pub async fn message(&mut self, message: Bytes) -> Result<(), CallEnded> {
+        match self.with(|call| call.send_message(message)) {
+            Ok(frame) => self.write(frame).await,
+            Err(status) => {
+                self.status(status).await;
+                Err(CallEnded)
+            }
+        }
+    }
+
+    /// [`message`](Self::message) for a message encoded by
+    /// [`encode_message`](crate::wire::encode_message), perhaps in pieces.
+    pub(crate) async fn message_payload(&mut self, message: Payload) -> Result<(), CallEnded> {
         match self.with(|call| call.send_message(message)) {
             Ok(frame) => self.write(frame).await,
             Err(status) => {

@@ -207,6 +207,21 @@ pub fn encode_request_message(
         .map_err(|len| too_large(len, max_message_size))
 }
 
+/// `message` encoded for a Data frame: in one buffer, or, at [`PIECE_MIN`]
+/// bytes or more, in pieces that hold its large `bytes::Bytes` fields as
+/// they are (see [`PieceWriter`]).
+pub fn encode_message(message: &impl Message) -> Payload {
+    let len = message.encoded_len();
+    if len < PIECE_MIN {
+        let mut buf = bytes::BytesMut::with_capacity(len);
+        message.encode_raw(&mut buf);
+        return Payload::Whole(buf.freeze());
+    }
+    let mut buf = PieceWriter::with_capacity(PIECE_BUFFER);
+    message.encode_raw(&mut buf);
+    buf.finish()
+}
+
 /// The receive half's progress.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RecvPhase {
@@ -650,7 +665,8 @@ impl Call {
     /// must end (a callee answers with that status, see
     /// [`send_response`](Self::send_response); a caller aborts with
     /// [`Failure::Local`]). `INTERNAL` when no message may be sent now.
-    pub fn send_message(&mut self, message: Bytes) -> Result<Frame, Status> {
+    pub fn send_message(&mut self, message: impl Into<Payload>) -> Result<Frame, Status> {
+        let message = message.into();
         let allowed = match self.role {
             CallRole::Caller => self.send == SendPhase::Open,
             CallRole::Callee => matches!(self.send, SendPhase::Start | SendPhase::Open),
@@ -1867,5 +1883,26 @@ mod tests {
         assert_eq!(Blobs::decode(request.payload).expect("message"), m);
         let refused = encode_request_message(&parts, &m, whole.len() - 1).expect_err("over");
         assert_eq!(refused.code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn a_large_streamed_message_is_encoded_in_pieces_holding_its_bytes_fields() {
+        let m = blobs(64 * 1024);
+        let encoded = encode_message(&m);
+        assert!(matches!(encoded, Payload::Pieces(_)), "{encoded:?}");
+        assert!(sent_as_is(&encoded, &m.big));
+        assert_eq!(encoded, Bytes::from(m.encode_to_vec()));
+        let small = encode_message(&blobs(10));
+        assert!(matches!(small, Payload::Pieces(_)), "the 16 KiB field");
+        let tiny = Blobs {
+            other: Bytes::new(),
+            ..blobs(10)
+        };
+        let whole = encode_message(&tiny);
+        assert!(matches!(whole, Payload::Whole(_)), "{whole:?}");
+        assert_eq!(whole, Bytes::from(tiny.encode_to_vec()));
+        let mut callee = Call::callee(1, LARGE, Instant::now());
+        let frame = callee.send_message(encoded.clone()).expect("send");
+        assert_eq!(frame.payload, encoded);
     }
 }
