@@ -541,8 +541,11 @@ impl Greeter for BlockingGreeter {
             if let Some(gate) = gate {
                 self.entered.fetch_add(1, Ordering::SeqCst);
                 // Blocks its thread, as a handler that computes for long
-                // over a large message would.
-                let _ = gate.recv();
+                // over a large message would. In place: the rest of the
+                // worker's queue goes on on another thread, so only the task
+                // running this handler waits (the connection's task, were
+                // the call still on it).
+                let _ = tokio::task::block_in_place(|| gate.recv());
             }
         }
         Ok(Response::new(GreetReply {
@@ -622,8 +625,10 @@ impl Greeter for PendingGreeter {
 }
 
 /// A call that moved to a task of its own (its request was a large frame)
-/// still ends with its connection: the handler is dropped when the client
-/// goes, as one served on the connection's task is.
+/// still ends with its connection, as one served on the connection's task
+/// does: both handlers are dropped when the client goes. (That the moved
+/// call's task is aborted when `serve` drops it is the unit test
+/// `a_moved_call_is_aborted_when_its_connection_drops_it`.)
 #[tokio::test]
 async fn a_large_call_on_its_own_task_ends_with_its_connection() {
     let greeter = PendingGreeter::default();

@@ -101,13 +101,13 @@ pub enum Input {
 /// By default the calls of one connection are polled on the task running
 /// `serve` (no task per call: spawning copies a call's large future in and
 /// out of the runtime several times), until a call reads or writes a frame
-/// of 64 KiB or more: that call moves to a task of its own. A handler of
-/// small messages that blocks its thread or computes for long holds up the
-/// other calls of its connection: hand such work to
-/// `tokio::task::spawn_blocking` or a task of its own, or have the handler
-/// ask for a task per call ([`Handler::task_per_call`]; the builders'
-/// `task_per_call(true)`). A handler that panics fails its own call
-/// (`INTERNAL`), not the connection.
+/// of 64 KiB or more over QUIC: that call moves to a task of its own (before
+/// its handler runs when the Request was that frame). A handler that blocks
+/// its thread or computes for long holds up the other calls of its
+/// connection: hand such work to `tokio::task::spawn_blocking` or a task of
+/// its own, or have the handler ask for a task per call
+/// ([`Handler::task_per_call`]; the builders' `task_per_call(true)`). A
+/// handler that panics fails its own call (`INTERNAL`), not the connection.
 pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     /// New calls accepted in a row before the calls under way are polled
     /// (so a flood of new calls cannot starve them).
@@ -141,7 +141,7 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
                         })
                     });
                     if spawn {
-                        tasks.spawn(call);
+                        tasks.spawn(call.in_current_span());
                     } else {
                         calls.push(Served::Here(call));
                     }
@@ -155,13 +155,14 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     }
 }
 
-/// A call served on its connection's task, until it moves a large frame: then
-/// on a task of its own, so that copying, decoding and encoding large
-/// messages runs beside the connection's other calls (and on another core)
-/// instead of in turn with them. Small calls stay on the connection's task,
-/// where a call costs no spawn and wakes no other thread. Dropped (the
-/// connection ended), a moved call's task is aborted: no call outlives its
-/// connection either way.
+/// A call served on its connection's task, until it reads or writes a large
+/// frame over QUIC (`large_frame`): then on a task of its own, so that
+/// copying, decoding and encoding large messages runs beside the
+/// connection's other calls (and on another core) instead of in turn with
+/// them. Small calls stay on the connection's task, where a call costs no
+/// spawn and wakes no other thread. Dropped (the connection ended, or
+/// `serve` was dropped), a moved call's task is aborted: no call outlives
+/// its connection either way.
 enum Served<F> {
     Here(std::pin::Pin<Box<F>>),
     Moved(MovedCall),
@@ -187,13 +188,14 @@ impl<F: Future<Output = ()> + Send + 'static> Future for Served<F> {
         use std::task::Poll;
         let this = &mut *self;
         if let Served::Here(call) = this {
-            large_frame::clear();
+            large_frame::serving();
             let poll = call.as_mut().poll(cx);
-            if poll.is_ready() || !large_frame::take() {
+            if !large_frame::served() || poll.is_ready() {
                 return poll;
             }
             if let Served::Here(call) = std::mem::replace(this, Served::Over) {
-                *this = Served::Moved(MovedCall(tokio::spawn(call)));
+                // In the connection's span, as it was polled until now.
+                *this = Served::Moved(MovedCall(tokio::spawn(call.in_current_span())));
             }
         }
         match this {
@@ -307,9 +309,9 @@ async fn answer<H: Handler>(
         return;
     };
     if large_frame::seen() {
-        // The Request was a large frame, read without a pause: wait once, so
-        // that the call moves to a task of its own (`Served`) before its
-        // handler runs.
+        // The Request was a large frame, read in this poll of the
+        // connection's task: wait once, so that the call moves to a task of
+        // its own (`Served`) before its handler runs.
         tokio::task::yield_now().await;
     }
     out.record.named(&request.service, &request.method);
@@ -833,5 +835,67 @@ impl Reply {
         self.record.finish(tonic::Code::Cancelled);
         self.send.reset(code);
         self.ended = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends on its channel when dropped.
+    struct DropSignal(Option<oneshot::Sender<()>>);
+
+    impl Drop for DropSignal {
+        fn drop(&mut self) {
+            if let Some(signal) = self.0.take() {
+                let _ = signal.send(());
+            }
+        }
+    }
+
+    /// A call that never ends, holding `signal`; `large`: it reads or writes
+    /// a large frame first.
+    fn call(
+        signal: DropSignal,
+        large: bool,
+    ) -> std::pin::Pin<Box<impl Future<Output = ()> + Send + 'static>> {
+        Box::pin(async move {
+            let _signal = signal;
+            large_frame::note(if large { large_frame::LARGE } else { 16 });
+            std::future::pending::<()>().await;
+        })
+    }
+
+    #[tokio::test]
+    async fn a_call_moves_to_a_task_of_its_own_only_after_a_large_frame() {
+        let (small_signal, mut small_dropped) = oneshot::channel();
+        let mut small = Served::Here(call(DropSignal(Some(small_signal)), false));
+        assert!((&mut small).now_or_never().is_none());
+        assert!(matches!(small, Served::Here(_)), "a small call stays");
+        let (large_signal, _large_dropped) = oneshot::channel();
+        let mut large = Served::Here(call(DropSignal(Some(large_signal)), true));
+        assert!((&mut large).now_or_never().is_none());
+        assert!(matches!(large, Served::Moved(_)), "a large call moves");
+        // Outside a connection task's poll, a large frame marks nothing.
+        large_frame::note(large_frame::LARGE);
+        assert!(!large_frame::seen());
+        drop(small);
+        assert!(small_dropped.try_recv().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_moved_call_is_aborted_when_its_connection_drops_it() {
+        let (signal, dropped) = oneshot::channel();
+        let mut served = Served::Here(call(DropSignal(Some(signal)), true));
+        assert!((&mut served).now_or_never().is_none());
+        assert!(matches!(served, Served::Moved(_)));
+        // The connection's task drops its calls (the connection is over, or
+        // `serve` itself was dropped): the moved call's task is aborted, and
+        // its future dropped rather than left running.
+        drop(served);
+        tokio::time::timeout(Duration::from_secs(10), dropped)
+            .await
+            .expect("the moved call was not dropped: its task outlived the connection")
+            .expect("dropped, not leaked");
     }
 }

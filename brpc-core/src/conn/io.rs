@@ -69,8 +69,11 @@ impl FrameReader {
         }
     }
 
-    /// Reserves the announced length of the frame whose header is buffered.
+    /// Reserves the announced length of the frame whose header is buffered
+    /// (and marks a large frame for the call being served, whichever way
+    /// its data then arrives: `large_frame::note`).
     async fn reserve(&mut self, length: usize) -> Result<(), ReadError> {
+        large_frame::note(length);
         let Some(budgets) = &self.budgets else {
             return Ok(());
         };
@@ -240,14 +243,12 @@ impl FrameReader {
     /// would copy a large message several times over. The length is within
     /// the largest message and already reserved from the budgets (memory
     /// the allocator has not handed out before takes pages only as the
-    /// bytes fill it). A frame large enough moves a served call to a task
-    /// of its own (`large_frame::note`).
+    /// bytes fill it).
     fn make_room(&mut self, h: FrameHeader) {
         let whole = HEADER_LEN + h.length as usize;
         if let Some(more) = whole.checked_sub(self.buf.len()) {
             self.buf.reserve(more);
         }
-        large_frame::note(h.length as usize);
     }
 
     /// Reads the end of the stream if it has already arrived, without
@@ -348,39 +349,47 @@ pub(crate) fn write_frame(
     }
 }
 
-/// Whether the call being polled on this thread read or wrote a large frame:
-/// the task serving a connection polls its calls itself and hands one that
-/// did to a task of its own (`incoming::Served`).
+/// Whether the call being served on this thread read or wrote a large frame
+/// (QUIC only): the task serving a connection polls its calls itself and
+/// hands one that did to a task of its own (`incoming::Served`).
 pub(crate) mod large_frame {
     /// Frames of at least this many bytes (64 KiB) are large.
     pub(crate) const LARGE: usize = 64 * 1024;
 
+    /// Nothing is being served on this thread by a connection's task.
+    const OUTSIDE: u8 = 0;
+    /// A connection's task is polling a call: no large frame yet.
+    const SERVING: u8 = 1;
+    /// ... and the call read or wrote a large frame.
+    const SEEN: u8 = 2;
+
     thread_local! {
-        /// Set on this thread when a frame of at least [`LARGE`] bytes is
-        /// read or written.
-        static SEEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        static STATE: std::cell::Cell<u8> = const { std::cell::Cell::new(OUTSIDE) };
     }
 
-    /// A frame of `length` bytes is being read or written on this thread.
+    /// A frame of `length` bytes is being read or written on this thread:
+    /// noted only while a connection's task polls a call (elsewhere nothing
+    /// asks, and nothing stale is left for the next call).
     pub(crate) fn note(length: usize) {
-        if length >= LARGE {
-            SEEN.set(true);
+        if length >= LARGE && STATE.get() == SERVING {
+            STATE.set(SEEN);
         }
     }
 
-    /// Forgets frames seen so far (before a call is polled).
-    pub(crate) fn clear() {
-        SEEN.set(false);
+    /// A connection's task starts polling a call.
+    pub(crate) fn serving() {
+        STATE.set(SERVING);
     }
 
-    /// Whether a large frame was seen since the last [`clear`] or [`take`].
+    /// The poll is over: whether the call read or wrote a large frame in it.
+    pub(crate) fn served() -> bool {
+        STATE.replace(OUTSIDE) == SEEN
+    }
+
+    /// Whether the call being polled by its connection's task read or wrote
+    /// a large frame in this poll so far.
     pub(crate) fn seen() -> bool {
-        SEEN.get()
-    }
-
-    /// [`seen`], and forgets it.
-    pub(crate) fn take() -> bool {
-        SEEN.replace(false)
+        STATE.get() == SEEN
     }
 }
 

@@ -167,8 +167,9 @@ macro_rules! builder_setters {
         /// their thread or compute for long. By default the calls of one
         /// connection are polled by the task serving it: cheaper per call,
         /// but a blocking handler holds up the connection's other calls
-        /// (unless its call moved to a task of its own, as a call does
-        /// once it reads or writes a frame of 64 KiB or more).
+        /// (a call that reads or writes a frame of 64 KiB or more over QUIC
+        /// moves to a task of its own, but blocking work belongs in
+        /// `spawn_blocking` all the same).
         pub fn task_per_call(mut self, yes: bool) -> Self {
             self.router = self.router.task_per_call(yes);
             self

@@ -17,7 +17,7 @@ use tonic::{Code, Status};
 
 use super::codes;
 use super::envelope::{KeyValue, Metadata, Request, RequestParts, Response};
-use super::frame::{Flags, Frame, FrameType, PIECE_BUFFER, PIECE_MIN, Payload, PieceWriter};
+use super::frame::{Flags, Frame, FrameType, PIECE_MIN, Payload, PieceWriter};
 use super::status::{from_wire, to_wire, too_large, too_large_message};
 
 /// Which end of the call this machine sits on.
@@ -207,9 +207,9 @@ pub fn encode_request_message(
         .map_err(|len| too_large(len, max_message_size))
 }
 
-/// `message` encoded for a Data frame: in one buffer, or, at [`PIECE_MIN`]
-/// bytes or more, in pieces that hold its large `bytes::Bytes` fields as
-/// they are (see [`PieceWriter`]).
+/// `message` encoded for a Data frame: in one buffer, or, at 16 KiB or
+/// more, in pieces that hold its `bytes::Bytes` fields of 16 KiB or more as
+/// they are, not copied.
 pub fn encode_message(message: &impl Message) -> Payload {
     let len = message.encoded_len();
     if len < PIECE_MIN {
@@ -217,7 +217,7 @@ pub fn encode_message(message: &impl Message) -> Payload {
         message.encode_raw(&mut buf);
         return Payload::Whole(buf.freeze());
     }
-    let mut buf = PieceWriter::with_capacity(PIECE_BUFFER);
+    let mut buf = PieceWriter::new(len);
     message.encode_raw(&mut buf);
     buf.finish()
 }
@@ -830,7 +830,7 @@ impl Call {
             Payload::Whole(buf.freeze())
         } else {
             // Large `bytes::Bytes` fields are sent as they are.
-            let mut buf = PieceWriter::with_capacity(PIECE_BUFFER);
+            let mut buf = PieceWriter::new(total);
             encode(message, len, &mut buf);
             buf.finish()
         };

@@ -5,7 +5,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::frame::{PIECE_BUFFER, PIECE_MIN, Payload, PieceWriter};
+use super::frame::{PIECE_MIN, Payload, PieceWriter};
 use prost::Message as _;
 
 /// `ttrpc.Request`: opens a call.
@@ -129,7 +129,7 @@ impl RequestParts<'_> {
         }
         // The buffers between pieces hold only the envelope and the
         // message's small fields.
-        let mut buf = PieceWriter::with_capacity(PIECE_BUFFER);
+        let mut buf = PieceWriter::new(len);
         self.encode_into(&mut buf, payload_len, |buf| message.encode_raw(buf));
         Ok(buf.finish())
     }

@@ -173,6 +173,7 @@ pub struct Frame {
 /// follow each other on the wire, so that a large `bytes` field of a message
 /// is sent as the buffer it is, not copied into the frame's.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Payload {
     /// The data in one buffer (every received frame).
     Whole(Bytes),
@@ -255,34 +256,41 @@ impl PartialEq<Bytes> for Payload {
 /// A buffer to encode a message into that keeps each large `Bytes` put into
 /// it (prost puts a `bytes::Bytes` field's value as it is) as a piece of its
 /// own instead of copying it: pieces of [`PIECE_MIN`] bytes or more.
-/// Everything else is copied into buffers between those pieces.
-#[derive(Debug, Default)]
-pub struct PieceWriter {
+/// Everything else is copied into buffers between those pieces. (A large
+/// `Vec<u8>` field is copied into a piece of its own: one copy, as into the
+/// buffer.)
+#[derive(Debug)]
+pub(crate) struct PieceWriter {
     pieces: Vec<Bytes>,
     buf: BytesMut,
+    /// Bytes of the message not written yet: when the buffer must grow, it
+    /// grows to hold them all (never by more), so a message of many small
+    /// fields is not copied over and over as its buffer doubles.
+    left: usize,
 }
 
 /// The smallest `Bytes` a [`PieceWriter`] keeps as a piece of its own: below
 /// it, copying costs less than a piece (which quinn keeps and sends as a
 /// chunk of its own).
-pub const PIECE_MIN: usize = 16 * 1024;
+pub(crate) const PIECE_MIN: usize = 16 * 1024;
 
-/// What a [`PieceWriter`]'s first buffer starts with room for: an envelope
-/// and a message's small fields (it grows if they are larger).
-pub(crate) const PIECE_BUFFER: usize = 512;
+/// What a [`PieceWriter`]'s buffer starts with room for: an envelope and a
+/// message's small fields (it grows if they are larger).
+const PIECE_BUFFER: usize = 512;
 
 impl PieceWriter {
-    /// A writer whose buffers start with room for `capacity` bytes.
-    pub fn with_capacity(capacity: usize) -> Self {
+    /// A writer for `len` bytes of encoded message (and envelope).
+    pub(crate) fn new(len: usize) -> Self {
         PieceWriter {
             pieces: Vec::new(),
-            buf: BytesMut::with_capacity(capacity),
+            buf: BytesMut::with_capacity(len.min(PIECE_BUFFER)),
+            left: len,
         }
     }
 
     /// What was written: one buffer when nothing was large enough to be a
     /// piece of its own.
-    pub fn finish(mut self) -> Payload {
+    pub(crate) fn finish(mut self) -> Payload {
         if self.pieces.is_empty() {
             return Payload::Whole(self.buf.freeze());
         }
@@ -291,12 +299,20 @@ impl PieceWriter {
         }
         Payload::Pieces(self.pieces)
     }
+
+    /// Room in the buffer for `more` bytes.
+    fn room_for(&mut self, more: usize) {
+        if self.buf.capacity() - self.buf.len() < more {
+            self.buf.reserve(more.max(self.left));
+        }
+    }
 }
 
 // SAFETY: every method hands on to the `BytesMut`, whose implementation
-// upholds `BufMut`'s contract; `put` only adds pieces after the bytes
-// already written. (The one unsafe block of the library: `BufMut` is an
-// unsafe trait, and prost encodes only into a `BufMut`.)
+// upholds `BufMut`'s contract (`room_for` only reserves more room in it);
+// `put` only adds pieces after the bytes already written. (The one unsafe
+// impl of the library: `BufMut` is an unsafe trait, and prost encodes only
+// into a `BufMut`.)
 #[allow(unsafe_code)]
 unsafe impl BufMut for PieceWriter {
     fn remaining_mut(&self) -> usize {
@@ -304,17 +320,21 @@ unsafe impl BufMut for PieceWriter {
     }
 
     unsafe fn advance_mut(&mut self, cnt: usize) {
+        self.left = self.left.saturating_sub(cnt);
         // SAFETY: the caller's promise (`cnt` bytes of `chunk_mut`
         // initialised) is about the `BytesMut`'s chunk.
         unsafe { self.buf.advance_mut(cnt) }
     }
 
     fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        self.room_for(64);
         self.buf.chunk_mut()
     }
 
     fn put_slice(&mut self, src: &[u8]) {
+        self.room_for(src.len());
         self.buf.put_slice(src);
+        self.left = self.left.saturating_sub(src.len());
     }
 
     fn put<T: bytes::Buf>(&mut self, mut src: T)
@@ -323,13 +343,19 @@ unsafe impl BufMut for PieceWriter {
     {
         let len = src.remaining();
         if len < PIECE_MIN {
-            self.buf.put(src);
+            while src.has_remaining() {
+                let chunk = src.chunk();
+                let n = chunk.len();
+                self.put_slice(chunk);
+                src.advance(n);
+            }
             return;
         }
         if !self.buf.is_empty() {
             let before = self.buf.split();
             self.pieces.push(before.freeze());
         }
+        self.left = self.left.saturating_sub(len);
         // A `Bytes` hands over its own buffer here, without a copy.
         self.pieces.push(src.copy_to_bytes(len));
     }

@@ -18,7 +18,7 @@ pub use envelope::{
 };
 pub use frame::{
     DEFAULT_MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType,
-    HEADER_LEN, PIECE_MIN, Payload, PieceWriter,
+    HEADER_LEN, Payload,
 };
 
 /// The fully qualified name of brpc's built-in session service (Hello,
