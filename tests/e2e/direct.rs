@@ -470,34 +470,59 @@ async fn streaming_calls_end_at_their_deadline_and_when_dropped() {
     .await;
 }
 
-/// Blocks its thread in the first call until released.
-struct BlockingNamer {
-    gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+/// Blocks the thread of the first handler that passes it until released;
+/// later ones pass at once.
+#[derive(Clone)]
+struct Gate {
+    gate: std::sync::Arc<std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>>,
     entered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
+
+impl Gate {
+    /// A closed gate and what opens it.
+    fn new() -> (Gate, std::sync::mpsc::Sender<()>) {
+        let (release, gate) = std::sync::mpsc::channel();
+        let gate = Gate {
+            gate: std::sync::Arc::new(std::sync::Mutex::new(Some(gate))),
+            entered: std::sync::Arc::default(),
+        };
+        (gate, release)
+    }
+
+    /// Blocks the first caller's thread, as a handler that computes for long
+    /// would. In place: the rest of the worker's queue goes on on another
+    /// thread, so only the task running the handler waits.
+    fn pass(&self) {
+        let gate = self.gate.lock().expect("lock").take();
+        if let Some(gate) = gate {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let _ = tokio::task::block_in_place(|| gate.recv());
+        }
+    }
+
+    /// Whether a handler is blocked at the gate (or was).
+    fn entered(&self) -> bool {
+        self.entered.load(Ordering::SeqCst) == 1
+    }
+}
+
+/// Blocks its thread in the first call until released.
+struct BlockingNamer(Gate);
 
 #[tonic::async_trait]
 impl Namer for BlockingNamer {
     async fn name(&self, _: Request<NameRequest>) -> Result<Response<NameReply>, Status> {
-        let gate = self.gate.lock().expect("lock").take();
-        if let Some(gate) = gate {
-            self.entered.fetch_add(1, Ordering::SeqCst);
-            // A handler that blocks its thread (what task_per_call is for).
-            let _ = gate.recv();
-        }
+        // A handler that blocks its thread (what task_per_call is for).
+        self.0.pass();
         Ok(Response::new(NameReply { name: "x".into() }))
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_a_task_per_call_a_blocking_handler_holds_up_no_other_call() {
-    let (release, gate) = std::sync::mpsc::channel();
-    let entered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (gate, release) = Gate::new();
     let server = Server::builder()
-        .add_direct(NamerService::new(BlockingNamer {
-            gate: std::sync::Mutex::new(Some(gate)),
-            entered: entered.clone(),
-        }))
+        .add_direct(NamerService::new(BlockingNamer(gate.clone())))
         .task_per_call(true)
         .bind("127.0.0.1:0")
         .expect("bind");
@@ -505,7 +530,7 @@ async fn with_a_task_per_call_a_blocking_handler_holds_up_no_other_call() {
     let channel = client.channel();
     let blocked = tokio::spawn(async move { NamerClient::new(channel).name(NameRequest {}).await });
     eventually(Duration::from_secs(10), "first handler blocking", || {
-        entered.load(Ordering::SeqCst) == 1
+        gate.entered()
     })
     .await;
     // Same connection, while the first handler still blocks its thread.
@@ -521,12 +546,9 @@ async fn with_a_task_per_call_a_blocking_handler_holds_up_no_other_call() {
     blocked.await.expect("join").expect("first call");
 }
 
-/// Greets; a greeting of [`LARGE_GREETING`] bytes or more blocks its thread
-/// until released.
-struct BlockingGreeter {
-    gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
-    entered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
+/// Greets; the first greeting of [`LARGE_GREETING`] bytes or more blocks its
+/// thread until released.
+struct BlockingGreeter(Gate);
 
 /// Larger than the frames that move a served call to a task of its own
 /// (64 KiB).
@@ -537,16 +559,9 @@ impl Greeter for BlockingGreeter {
     async fn greet(&self, request: Request<GreetRequest>) -> Result<Response<GreetReply>, Status> {
         let greeting = request.into_inner().greeting;
         if greeting.len() >= LARGE_GREETING {
-            let gate = self.gate.lock().expect("lock").take();
-            if let Some(gate) = gate {
-                self.entered.fetch_add(1, Ordering::SeqCst);
-                // Blocks its thread, as a handler that computes for long
-                // over a large message would. In place: the rest of the
-                // worker's queue goes on on another thread, so only the task
-                // running this handler waits (the connection's task, were
-                // the call still on it).
-                let _ = tokio::task::block_in_place(|| gate.recv());
-            }
+            // Only the task running this handler waits: the connection's
+            // task, were the call still on it.
+            self.0.pass();
         }
         Ok(Response::new(GreetReply {
             message: greeting.len().to_string(),
@@ -561,13 +576,9 @@ impl Greeter for BlockingGreeter {
 /// connection's task, and the small call would wait for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_with_a_large_request_runs_beside_the_connections_other_calls() {
-    let (release, gate) = std::sync::mpsc::channel();
-    let entered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (gate, release) = Gate::new();
     let server = Server::builder()
-        .add_direct(GreeterService::new(BlockingGreeter {
-            gate: std::sync::Mutex::new(Some(gate)),
-            entered: entered.clone(),
-        }))
+        .add_direct(GreeterService::new(BlockingGreeter(gate.clone())))
         .bind("127.0.0.1:0")
         .expect("bind");
     let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
@@ -582,7 +593,7 @@ async fn a_call_with_a_large_request_runs_beside_the_connections_other_calls() {
     eventually(
         Duration::from_secs(20),
         "the large call's handler blocking",
-        || entered.load(Ordering::SeqCst) == 1,
+        || gate.entered(),
     )
     .await;
     let small = tokio::time::timeout(

@@ -722,14 +722,11 @@ impl Reply {
     ///
     /// # Errors
     /// [`CallEnded`] when the call is over (including by this message).
-    pub async fn message(&mut self, message: Bytes) -> Result<(), CallEnded> {
-        match self.with(|call| call.send_message(message)) {
-            Ok(frame) => self.write(frame).await,
-            Err(status) => {
-                self.status(status).await;
-                Err(CallEnded)
-            }
-        }
+    pub fn message(
+        &mut self,
+        message: Bytes,
+    ) -> impl Future<Output = Result<(), CallEnded>> + Send + '_ {
+        self.message_payload(Payload::Whole(message))
     }
 
     /// [`message`](Self::message) for a message encoded by

@@ -271,7 +271,10 @@ pub(crate) struct PieceWriter {
 
 /// The smallest `Bytes` a [`PieceWriter`] keeps as a piece of its own: below
 /// it, copying costs less than a piece (which quinn keeps and sends as a
-/// chunk of its own).
+/// chunk of its own). A message smaller than this cannot hold a piece, and
+/// its encoders write it into a plain `BytesMut` instead: through a
+/// `PieceWriter` a 16-byte echo cost about 1k more instructions per call
+/// (callgrind, both ends).
 pub(crate) const PIECE_MIN: usize = 16 * 1024;
 
 /// What a [`PieceWriter`]'s buffer starts with room for: an envelope and a
