@@ -1,6 +1,7 @@
 //! Side-by-side benchmark of one Echo call on eleven stacks (twelve with
-//! `--features tonic-h3`), same process, same
-//! payloads, same tokio runtime, one after another:
+//! tonic-h3, which runs in a child process of a bench binary built with
+//! `--features tonic-h3` when there is one: see `h3_binary`), same process,
+//! same payloads, same tokio runtime, one after another:
 //! tonic over HTTP/2 (TCP loopback) in clear and over TLS 1.3, tonic over
 //! HTTP/3 (tonic-h3 on quinn), raw quinn (stream per call, 4-byte length
 //! prefix) with default sockets and with brpc's socket buffers, brpc over QUIC
@@ -12,7 +13,8 @@
 //! ```text
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml            # about 3 minutes (+ first min-size build)
 //! cargo run --release --manifest-path brpc-bench/Cargo.toml -- --quick # a smoke run, under a minute: figures not for quoting
-//! cargo run --release --manifest-path brpc-bench/Cargo.toml --features tonic-h3 # with the tonic-h3 stack (see STACKS)
+//! cargo build --release --manifest-path brpc-bench/Cargo.toml --features tonic-h3 --target-dir brpc-bench/target-h3 # then every run has tonic-h3, in a child process
+//! cargo run --release --manifest-path brpc-bench/Cargo.toml --features tonic-h3 # tonic-h3 in the same process (every stack's count then pays for tracing's `log`)
 //! brpc-bench fleet 20000 50000              # larger fleets, one fresh process each
 //! brpc-bench --fleet 10000 100000 --storm 10000 --fleet-keep-alive 10 # the full run with those fleet rows and restart storm rows
 //! brpc-bench storm 100000 --keep-alive 10 --agents-idle # a restart storm, the agents on the cores the server leaves free
@@ -753,6 +755,42 @@ impl Samples {
         self.udp_drops += udp_receive_buffer_drops().saturating_sub(drops_before);
     }
 
+    /// This one-round sample as a line for a parent process (see
+    /// [`ChildStack`]).
+    fn round_line(&self) -> String {
+        let last = |v: &[f64]| v.last().copied().unwrap_or(0.0);
+        format!(
+            "round {} {} {} {} {} {} {} {}",
+            last(&self.c1),
+            last(&self.p50),
+            last(&self.p99),
+            last(&self.c64),
+            last(&self.mib),
+            last(&self.cpu),
+            self.errors,
+            self.udp_drops
+        )
+    }
+
+    /// Adds a round a child process reported with [`Samples::round_line`].
+    fn add_round_line(&mut self, line: &str) -> Result<(), String> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let bad = || format!("not a round: {line:?}");
+        if fields.len() != 9 || fields[0] != "round" {
+            return Err(bad());
+        }
+        let number = |i: usize| fields[i].parse::<f64>().map_err(|_| bad());
+        self.c1.push(number(1)?);
+        self.p50.push(number(2)?);
+        self.p99.push(number(3)?);
+        self.c64.push(number(4)?);
+        self.mib.push(number(5)?);
+        self.cpu.push(number(6)?);
+        self.errors += fields[7].parse::<u64>().map_err(|_| bad())?;
+        self.udp_drops += fields[8].parse::<u64>().map_err(|_| bad())?;
+        Ok(())
+    }
+
     fn figures(self) -> Figures {
         Figures {
             c1_calls: median(self.c1),
@@ -771,26 +809,42 @@ impl Samples {
 /// each round going through all stacks: the machine's slow drifts (other
 /// tenants, here up to ±30% over minutes) then hit every stack alike, and the
 /// ratios between stacks are fairer than if each were measured in one block.
+/// A stack named in `children` runs in a child process of `child_binary`
+/// (see [`ChildStack`]), its rounds in turn with the others'.
 async fn bench_stacks<'a>(
     stacks: &[&'a str],
+    children: &[&str],
+    child_binary: Option<&std::path::Path>,
     dir: &std::path::Path,
     phase: Duration,
     repeats: usize,
 ) -> Result<Vec<(&'a str, Figures)>, Box<dyn std::error::Error>> {
+    enum Runner {
+        Here(Running),
+        Child(ChildStack),
+    }
     let mut running = Vec::new();
     for stack in stacks {
         eprintln!("starting and warming up {stack} ...");
-        let r = start(stack, dir).await?;
-        // Warm-up: connections, allocator, caches.
-        measure(&r.caller, Bytes::from(vec![7u8; 16]), 64, phase / 2).await;
-        measure(&r.caller, Bytes::from(vec![9u8; 1 << 20]), 4, phase / 2).await;
-        running.push(r);
+        running.push(match child_binary {
+            Some(binary) if children.contains(stack) => {
+                Runner::Child(ChildStack::start(binary, stack, phase).await?)
+            }
+            _ => {
+                let r = start(stack, dir).await?;
+                warm_up(&r, phase).await;
+                Runner::Here(r)
+            }
+        });
     }
     let mut samples: Vec<Samples> = stacks.iter().map(|_| Samples::default()).collect();
     for round in 0..repeats {
-        for ((stack, r), s) in stacks.iter().zip(&running).zip(&mut samples) {
+        for ((stack, r), s) in stacks.iter().zip(&mut running).zip(&mut samples) {
             eprintln!("round {}/{repeats}: {stack} ...", round + 1);
-            s.round(&r.caller, phase).await;
+            match r {
+                Runner::Here(r) => s.round(&r.caller, phase).await,
+                Runner::Child(child) => child.round(s).await?,
+            }
         }
     }
     Ok(stacks
@@ -798,6 +852,115 @@ async fn bench_stacks<'a>(
         .copied()
         .zip(samples.into_iter().map(Samples::figures))
         .collect())
+}
+
+/// Warm-up before the measured rounds: connections, allocator, caches.
+async fn warm_up(r: &Running, phase: Duration) {
+    measure(&r.caller, Bytes::from(vec![7u8; 16]), 64, phase / 2).await;
+    measure(&r.caller, Bytes::from(vec![9u8; 1 << 20]), 4, phase / 2).await;
+}
+
+/// The environment variable naming a bench binary built with
+/// `--features tonic-h3`, for the tonic-h3 stack's child process.
+const H3_BINARY_VAR: &str = "BRPC_BENCH_H3_BINARY";
+
+/// A bench binary with the tonic-h3 stack, to run it in a child process:
+/// `BRPC_BENCH_H3_BINARY`, or the one `cargo build --release --manifest-path
+/// brpc-bench/Cargo.toml --features tonic-h3 --target-dir
+/// brpc-bench/target-h3` leaves. `None` if there is none, or if this binary
+/// has the stack itself. Its dependencies turn on tracing's `log` feature
+/// for a whole binary, which adds instructions to every stack's calls; in a
+/// process of its own it costs the others nothing.
+fn h3_binary() -> Option<std::path::PathBuf> {
+    if cfg!(feature = "tonic-h3") {
+        return None;
+    }
+    let path = std::env::var_os(H3_BINARY_VAR)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target-h3/release/brpc-bench")
+        });
+    path.is_file().then_some(path)
+}
+
+/// A stack measured in a child process (`rounds-child`), one round at a
+/// time when the parent asks, so that its rounds interleave with the
+/// parent's stacks. The child starts and warms up the stack, says `ready`,
+/// then answers each `round` line on its standard input with the round's
+/// figures (see [`Samples::round_line`]); it ends when its input closes.
+struct ChildStack {
+    child: tokio::process::Child,
+    input: tokio::process::ChildStdin,
+    output: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl ChildStack {
+    async fn start(
+        binary: &std::path::Path,
+        stack: &str,
+        phase: Duration,
+    ) -> Result<ChildStack, Box<dyn std::error::Error>> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(binary)
+            .args(["rounds-child", stack, "--phase-ms"])
+            .arg(phase.as_millis().to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", binary.display()))?;
+        let input = child.stdin.take().ok_or("no stdin")?;
+        let output = tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+        let mut started = ChildStack {
+            child,
+            input,
+            output,
+        };
+        match started.output.next_line().await? {
+            Some(line) if line == "ready" => Ok(started),
+            other => Err(format!("{stack} in {}: {other:?}", binary.display()).into()),
+        }
+    }
+
+    /// One round, added to `samples`.
+    async fn round(&mut self, samples: &mut Samples) -> Result<(), Box<dyn std::error::Error>> {
+        use tokio::io::AsyncWriteExt;
+        self.input.write_all(b"round\n").await?;
+        self.input.flush().await?;
+        let line = self
+            .output
+            .next_line()
+            .await?
+            .ok_or("the child stack ended")?;
+        samples.add_round_line(&line)?;
+        Ok(())
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// The child side of [`ChildStack`].
+async fn rounds_child(stack: &str, phase: Duration) -> Result<(), Box<dyn std::error::Error>> {
+    use tokio::io::AsyncBufReadExt;
+    let dir = std::env::temp_dir().join(format!("brpc-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let running = start(stack, &dir).await?;
+    warm_up(&running, phase).await;
+    println!("ready");
+    let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = input.next_line().await? {
+        if line == "round" {
+            let mut samples = Samples::default();
+            samples.round(&running.caller, phase).await;
+            println!("{}", samples.round_line());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 fn machine() -> String {
@@ -1915,6 +2078,17 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
+    /// (Internal) run one stack and measure a round of it each time a
+    /// `round` line arrives on standard input (the tonic-h3 stack of a full
+    /// run, in a binary built with `--features tonic-h3`).
+    #[command(hide = true, name = "rounds-child")]
+    RoundsChild {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(STACKS.iter().copied()))]
+        stack: String,
+        /// Length of each of a round's three phases.
+        #[arg(long)]
+        phase_ms: u64,
+    },
     /// (Internal) measure a stack's memory per idle client in a fresh process.
     #[command(hide = true)]
     Memory {
@@ -1961,6 +2135,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             concurrency,
         }) => return hold_agents(addr, n, &cert, source, concurrency).await,
         Some(Command::StormServer { addr, pem }) => return serve_storm(addr, &pem).await,
+        Some(Command::RoundsChild { stack, phase_ms }) => {
+            return rounds_child(&stack, Duration::from_millis(phase_ms)).await;
+        }
         Some(Command::Dial {
             addr,
             cert,
@@ -2112,7 +2289,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
-    let results = bench_stacks(&stacks, &dir, phase, repeats).await?;
+    // tonic-h3 in a child process of its own binary, when there is one
+    // and this binary lacks the stack (see `h3_binary`).
+    let h3_child = h3_binary();
+    let mut stacks = stacks;
+    if h3_child.is_some() && only.is_none() {
+        let at = stacks
+            .iter()
+            .position(|s| *s == "tonic-tls")
+            .map_or(stacks.len(), |i| i + 1);
+        stacks.insert(at, "tonic-h3");
+    }
+    let results = bench_stacks(
+        &stacks,
+        &["tonic-h3"],
+        h3_child.as_deref(),
+        &dir,
+        phase,
+        repeats,
+    )
+    .await?;
     if let Some(stack) = only {
         for (_, f) in &results {
             println!(
@@ -2355,7 +2551,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tonic_tls.c64_calls,
             1.6,
         ),
-        if cfg!(feature = "tonic-h3") {
+        if tonic_h3.c64_calls > 0.0 {
             at_least(
                 "brpc-direct 16 B c=64 ≥ 2× tonic-h3 (gRPC over QUIC)",
                 direct.c64_calls,
@@ -2365,7 +2561,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             (
                 "brpc-direct 16 B c=64 ≥ 2× tonic-h3 (gRPC over QUIC)".to_owned(),
-                "not in this run (`--features tonic-h3`)".to_owned(),
+                "not in this run (no bench binary with `--features tonic-h3`: see README)"
+                    .to_owned(),
                 false,
             )
         },
@@ -2496,8 +2693,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let h3 = if cfg!(feature = "tonic-h3") {
         "tonic-h3 is gRPC over HTTP/3 (tonic-h3 0.0.6 on quinn, TLS 1.3 with ring, quinn's default settings on UDP sockets with brpc's buffer size; \
          built with `--features tonic-h3`, whose dependencies turn on tracing's `log` feature for the whole binary, adding instructions to every stack's count); "
+    } else if h3_child.is_some() {
+        "tonic-h3 is gRPC over HTTP/3 (tonic-h3 0.0.6 on quinn, TLS 1.3 with ring, quinn's default settings on UDP sockets with brpc's buffer size), \
+         client and server in a child process of a bench binary built with `--features tonic-h3` (whose dependencies turn on tracing's `log` feature for a whole binary: \
+         in a process of its own it adds nothing to the other stacks' calls), its rounds taken in turn with the other stacks'; "
     } else {
-        "tonic-h3 (gRPC over HTTP/3) runs only in a bench built with `--features tonic-h3`; "
+        "tonic-h3 (gRPC over HTTP/3) runs only with a bench binary built with `--features tonic-h3` (see README); "
     };
     let sizes = |sizes: &[usize]| {
         sizes
