@@ -14,14 +14,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, stream};
 use http_body::Frame as BodyFrame;
-use http_body_util::StreamBody;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 
 use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
-use crate::conn::{OutgoingCall, Peer, RequestBody, ResponseEvent, end_status};
+use crate::conn::{BoxFuture, OutgoingCall, Peer, RequestBody, ResponseEvent, end_status};
 use crate::metadata;
 use crate::wire::KeyValue;
 
@@ -236,12 +235,15 @@ async fn start_call(
     // ttrpc callee sends no Headers, so its calls start at once.
     let mut headers = http::HeaderMap::new();
     let mut state = ResponseBody {
-        call,
+        call: Some(call),
+        waiting: None,
         pending_message: None,
         pending_trailers: None,
     };
-    if peer.remote_is_brpc() {
-        match state.call.next_event().await {
+    if peer.remote_is_brpc()
+        && let Some(call) = state.call.as_mut()
+    {
+        match call.next_event().await {
             ResponseEvent::Headers(entries) => {
                 metadata::append_key_values(&mut headers, entries)?;
             }
@@ -261,8 +263,7 @@ async fn start_call(
             } => state.end(status, message, trailers),
         }
     }
-    let body = StreamBody::new(stream::unfold(state, ResponseBody::next_frame));
-    let mut response = http::Response::new(Body::new(body));
+    let mut response = http::Response::new(Body::new(state));
     *response.headers_mut() = headers;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -301,8 +302,16 @@ pub(super) fn with_trailers(mut status: Status, trailers: Vec<KeyValue>) -> Stat
 /// The caller's view of the response as an http body: the engine's events
 /// in, gRPC-framed messages and trailers out. Dropping it before the call
 /// ended cancels the call (the engine's [`OutgoingCall`] does).
+///
+/// A unary answer has usually ended by the time the body is made (its one
+/// frame carries the message and the status), so the body only hands over
+/// what it holds; an event still to come is awaited in a boxed future that
+/// owns the call meanwhile.
 struct ResponseBody {
-    call: OutgoingCall,
+    /// The call, while no event is being awaited.
+    call: Option<OutgoingCall>,
+    /// The next event being awaited, with the call it comes from.
+    waiting: Option<BoxFuture<'static, (OutgoingCall, ResponseEvent)>>,
     /// A message read but not yet handed to tonic (at most one is ever
     /// waiting: the body yields it before reading on).
     pending_message: Option<Bytes>,
@@ -312,32 +321,59 @@ struct ResponseBody {
 
 type BodyItem = Result<BodyFrame<Bytes>, Status>;
 
-impl ResponseBody {
-    async fn next_frame(mut self) -> Option<(BodyItem, Self)> {
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BodyItem>> {
+        let this = self.get_mut();
         loop {
-            if let Some(m) = self.pending_message.take() {
-                return Some((Ok(BodyFrame::data(frame_message(&m))), self));
+            if let Some(m) = this.pending_message.take() {
+                return Poll::Ready(Some(Ok(BodyFrame::data(frame_message(&m)))));
             }
-            if let Some(trailers) = self.pending_trailers.take() {
-                return Some((Ok(BodyFrame::trailers(trailers)), self));
+            if let Some(trailers) = this.pending_trailers.take() {
+                return Poll::Ready(Some(Ok(BodyFrame::trailers(trailers))));
             }
-            if self.call.is_done() {
-                return None;
-            }
-            match self.call.next_event().await {
+            let waiting = match &mut this.waiting {
+                Some(waiting) => waiting,
+                None => match this.call.take() {
+                    Some(call) if !call.is_done() => this.waiting.insert(Box::pin(async move {
+                        let mut call = call;
+                        let event = call.next_event().await;
+                        (call, event)
+                    })),
+                    done => {
+                        this.call = done;
+                        return Poll::Ready(None);
+                    }
+                },
+            };
+            let (call, event) = std::task::ready!(waiting.as_mut().poll(cx));
+            this.waiting = None;
+            this.call = Some(call);
+            match event {
                 ResponseEvent::Headers(_) => continue,
                 ResponseEvent::Message(m) => {
-                    return Some((Ok(BodyFrame::data(frame_message(&m))), self));
+                    return Poll::Ready(Some(Ok(BodyFrame::data(frame_message(&m)))));
                 }
                 ResponseEvent::End {
                     status,
                     message,
                     trailers,
-                } => self.end(status, message, trailers),
+                } => this.end(status, message, trailers),
             }
         }
     }
 
+    fn is_end_stream(&self) -> bool {
+        self.pending_message.is_none()
+            && self.pending_trailers.is_none()
+            && self.waiting.is_none()
+            && self.call.as_ref().is_none_or(OutgoingCall::is_done)
+    }
+}
+
+impl ResponseBody {
     /// The call ended: its last message (if any), then trailers carrying
     /// `status`, are what the body yields next.
     fn end(&mut self, status: Result<(), Status>, last: Option<Bytes>, trailers: Vec<KeyValue>) {
