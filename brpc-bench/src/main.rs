@@ -809,12 +809,12 @@ impl Samples {
 /// each round going through all stacks: the machine's slow drifts (other
 /// tenants, here up to ±30% over minutes) then hit every stack alike, and the
 /// ratios between stacks are fairer than if each were measured in one block.
-/// A stack named in `children` runs in a child process of `child_binary`
-/// (see [`ChildStack`]), its rounds in turn with the others'.
+/// With `child` (a stack and a bench binary), that stack runs in a child
+/// process of the binary (see [`ChildStack`]), its rounds in turn with the
+/// others'.
 async fn bench_stacks<'a>(
     stacks: &[&'a str],
-    children: &[&str],
-    child_binary: Option<&std::path::Path>,
+    child: Option<(&str, &std::path::Path)>,
     dir: &std::path::Path,
     phase: Duration,
     repeats: usize,
@@ -826,8 +826,8 @@ async fn bench_stacks<'a>(
     let mut running = Vec::new();
     for stack in stacks {
         eprintln!("starting and warming up {stack} ...");
-        running.push(match child_binary {
-            Some(binary) if children.contains(stack) => {
+        running.push(match child {
+            Some((name, binary)) if name == *stack => {
                 Runner::Child(ChildStack::start(binary, stack, phase).await?)
             }
             _ => {
@@ -889,7 +889,8 @@ fn h3_binary() -> Option<std::path::PathBuf> {
 /// then answers each `round` line on its standard input with the round's
 /// figures (see [`Samples::round_line`]); it ends when its input closes.
 struct ChildStack {
-    child: tokio::process::Child,
+    /// Killed when dropped (`kill_on_drop`).
+    _child: tokio::process::Child,
     input: tokio::process::ChildStdin,
     output: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
 }
@@ -912,7 +913,7 @@ impl ChildStack {
         let input = child.stdin.take().ok_or("no stdin")?;
         let output = tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
         let mut started = ChildStack {
-            child,
+            _child: child,
             input,
             output,
         };
@@ -934,12 +935,6 @@ impl ChildStack {
             .ok_or("the child stack ended")?;
         samples.add_round_line(&line)?;
         Ok(())
-    }
-}
-
-impl Drop for ChildStack {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
     }
 }
 
@@ -2300,15 +2295,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map_or(stacks.len(), |i| i + 1);
         stacks.insert(at, "tonic-h3");
     }
-    let results = bench_stacks(
-        &stacks,
-        &["tonic-h3"],
-        h3_child.as_deref(),
-        &dir,
-        phase,
-        repeats,
-    )
-    .await?;
+    let child = h3_child.as_deref().map(|binary| ("tonic-h3", binary));
+    let results = bench_stacks(&stacks, child, &dir, phase, repeats).await?;
     if let Some(stack) = only {
         for (_, f) in &results {
             println!(

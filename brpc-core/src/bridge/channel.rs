@@ -227,12 +227,17 @@ async fn start_call(
         }
     };
     let metadata = metadata::to_key_values(&parts.headers);
-    let call = peer
+    let mut call = peer
         .start_call(service, method, metadata, deadline, request_body)
         .await?;
     // Wait for the callee's first answer, as an HTTP/2 client waits for the
     // response headers: a Headers frame, a first message, or the end. A plain
     // ttrpc callee sends no Headers, so its calls start at once.
+    let first = if peer.remote_is_brpc() {
+        Some(call.next_event().await)
+    } else {
+        None
+    };
     let mut headers = http::HeaderMap::new();
     let mut state = ResponseBody {
         call: Some(call),
@@ -240,28 +245,25 @@ async fn start_call(
         pending_message: None,
         pending_trailers: None,
     };
-    if peer.remote_is_brpc()
-        && let Some(call) = state.call.as_mut()
-    {
-        match call.next_event().await {
-            ResponseEvent::Headers(entries) => {
-                metadata::append_key_values(&mut headers, entries)?;
-            }
-            ResponseEvent::Message(m) => state.pending_message = Some(m),
-            ResponseEvent::End {
-                status: Err(status),
-                message: None,
-                trailers,
-            } => {
-                // Trailers-only: tonic returns this status from the call itself.
-                return Err(with_trailers(status, trailers));
-            }
-            ResponseEvent::End {
-                status,
-                message,
-                trailers,
-            } => state.end(status, message, trailers),
+    match first {
+        None => {}
+        Some(ResponseEvent::Headers(entries)) => {
+            metadata::append_key_values(&mut headers, entries)?;
         }
+        Some(ResponseEvent::Message(m)) => state.pending_message = Some(m),
+        Some(ResponseEvent::End {
+            status: Err(status),
+            message: None,
+            trailers,
+        }) => {
+            // Trailers-only: tonic returns this status from the call itself.
+            return Err(with_trailers(status, trailers));
+        }
+        Some(ResponseEvent::End {
+            status,
+            message,
+            trailers,
+        }) => state.end(status, message, trailers),
     }
     let mut response = http::Response::new(Body::new(state));
     *response.headers_mut() = headers;
@@ -337,11 +339,12 @@ impl http_body::Body for ResponseBody {
             let waiting = match &mut this.waiting {
                 Some(waiting) => waiting,
                 None => match this.call.take() {
-                    Some(call) if !call.is_done() => this.waiting.insert(Box::pin(async move {
-                        let mut call = call;
-                        let event = call.next_event().await;
-                        (call, event)
-                    })),
+                    Some(mut call) if !call.is_done() => {
+                        this.waiting.insert(Box::pin(async move {
+                            let event = call.next_event().await;
+                            (call, event)
+                        }))
+                    }
                     done => {
                         this.call = done;
                         return Poll::Ready(None);
@@ -363,13 +366,6 @@ impl http_body::Body for ResponseBody {
                 } => this.end(status, message, trailers),
             }
         }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.pending_message.is_none()
-            && self.pending_trailers.is_none()
-            && self.waiting.is_none()
-            && self.call.as_ref().is_none_or(OutgoingCall::is_done)
     }
 }
 
