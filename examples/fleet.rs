@@ -57,7 +57,7 @@ impl Agent for Host {
                 self.index,
                 REGIONS[self.index % REGIONS.len()]
             ),
-            os: if self.index % 5 == 0 {
+            os: if self.index.is_multiple_of(5) {
                 "freebsd"
             } else {
                 "linux"

@@ -374,7 +374,7 @@ mod tests {
 
     /// Entry `i`: region by `i % 4`, role db for every tenth, the rest app.
     fn fake(i: u64) -> Fake {
-        let role = if i % 10 == 0 { "db" } else { "app" };
+        let role = if i.is_multiple_of(10) { "db" } else { "app" };
         Fake {
             id: ConnectionId(i),
             labels: Labels::from([

@@ -19,7 +19,7 @@ fn agent_builder(server: &brpc::Server, i: usize, hang: bool) -> brpc::client::B
     let echo = EchoService::new(&format!("agent-{i}"));
     echo.probe.hang.store(hang, Ordering::SeqCst);
     common::client_builder(server, &format!("agent-{i}"), echo)
-        .label("region", if i % 4 == 0 { "eu" } else { "us" })
+        .label("region", if i.is_multiple_of(4) { "eu" } else { "us" })
         .label("index", i.to_string())
         .local_address(agent_source(i))
 }
@@ -68,7 +68,7 @@ async fn three_hundred_agents_on_three_addresses_registry_selection_and_broadcas
         assert_eq!(peer.name(), format!("agent-{i}"));
         assert_eq!(
             peer.label("region"),
-            Some(if i % 4 == 0 { "eu" } else { "us" })
+            Some(if i.is_multiple_of(4) { "eu" } else { "us" })
         );
         assert_eq!(agents[i].connection_id(), peer.connection_id());
         assert_eq!(peer.remote_address().ip(), agent_source(i).ip());
