@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::grpc::{BodyEvent, MessageReader, frame_message, trailers_for};
+use super::grpc::{BodyEvent, MessageReader, message_prefix, trailers_for};
 use crate::conn::{BoxFuture, OutgoingCall, Peer, RequestBody, ResponseEvent, end_status};
 use crate::metadata;
 use crate::wire::KeyValue;
@@ -242,6 +242,7 @@ async fn start_call(
     let mut state = ResponseBody {
         call: Some(call),
         waiting: None,
+        pending_chunk: None,
         pending_message: None,
         pending_trailers: None,
     };
@@ -314,6 +315,8 @@ struct ResponseBody {
     call: Option<OutgoingCall>,
     /// The next event being awaited, with the call it comes from.
     waiting: Option<BoxFuture<'static, (OutgoingCall, ResponseEvent)>>,
+    /// A message whose prefix has gone out, to go out next as it is.
+    pending_chunk: Option<Bytes>,
     /// A message read but not yet handed to tonic (at most one is ever
     /// waiting: the body yields it before reading on).
     pending_message: Option<Bytes>,
@@ -323,6 +326,8 @@ struct ResponseBody {
 
 type BodyItem = Result<BodyFrame<Bytes>, Status>;
 
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = Status;
@@ -330,8 +335,11 @@ impl http_body::Body for ResponseBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BodyItem>> {
         let this = self.get_mut();
         loop {
+            if let Some(chunk) = this.pending_chunk.take() {
+                return Poll::Ready(Some(Ok(BodyFrame::data(chunk))));
+            }
             if let Some(m) = this.pending_message.take() {
-                return Poll::Ready(Some(Ok(BodyFrame::data(frame_message(&m)))));
+                return Poll::Ready(Some(Ok(this.prefix_of(m))));
             }
             if let Some(trailers) = this.pending_trailers.take() {
                 return Poll::Ready(Some(Ok(BodyFrame::trailers(trailers))));
@@ -356,9 +364,7 @@ impl http_body::Body for ResponseBody {
             this.call = Some(call);
             match event {
                 ResponseEvent::Headers(_) => continue,
-                ResponseEvent::Message(m) => {
-                    return Poll::Ready(Some(Ok(BodyFrame::data(frame_message(&m)))));
-                }
+                ResponseEvent::Message(m) => return Poll::Ready(Some(Ok(this.prefix_of(m)))),
                 ResponseEvent::End {
                     status,
                     message,
@@ -370,15 +376,27 @@ impl http_body::Body for ResponseBody {
 }
 
 impl ResponseBody {
+    /// The gRPC prefix of `message`, which goes out next.
+    fn prefix_of(&mut self, message: Bytes) -> BodyFrame<Bytes> {
+        let prefix = message_prefix(message.len());
+        if !message.is_empty() {
+            self.pending_chunk = Some(message);
+        }
+        BodyFrame::data(prefix)
+    }
+
     /// The call ended: its last message (if any), then trailers carrying
-    /// `status`, are what the body yields next.
+    /// `status`, are what the body yields next. Even an OK end has trailers:
+    /// tonic (0.14.9 on) reads a body that ends without `grpc-status` as
+    /// `UNKNOWN`, as grpc-go does.
     fn end(&mut self, status: Result<(), Status>, last: Option<Bytes>, trailers: Vec<KeyValue>) {
         self.pending_message = last;
         self.pending_trailers = Some(match status {
-            // The common end, without building a `Status` (an allocation).
+            // The common end, without building a `Status` (an allocation),
+            // and with a static name (a name made from a `&str` is copied).
             Ok(()) if trailers.is_empty() => {
                 let mut map = http::HeaderMap::new();
-                map.insert("grpc-status", http::HeaderValue::from_static("0"));
+                map.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
                 map
             }
             status => trailers_for(&with_trailers(end_status(status), trailers)),

@@ -20,20 +20,18 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, Stream, StreamExt, stream};
-use http_body_util::StreamBody;
+use futures_util::{FutureExt, Stream, StreamExt};
 use prost::Message;
 use tokio::time::Instant;
 use tonic::Status;
-use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
 use tonic::metadata::MetadataMap;
 
 use super::Channel;
 use super::channel::with_trailers;
-use super::grpc::frame_message;
+use super::grpc::request_body;
 use crate::conn::Peer;
-use crate::conn::{Incoming, Input, MessageStream, Reply, ResponseEvent};
+use crate::conn::{Incoming, Input, Reply, ResponseEvent};
 use crate::metadata;
 
 /// The future a [`DirectService`] serves one call with.
@@ -118,20 +116,12 @@ fn single_message(input: Input) -> impl Future<Output = Result<Bytes, Status>> +
 /// A `tonic::codec::Streaming` of the request messages of a
 /// client-streaming or bidi call.
 fn request_stream<T: Message + Default + Send + 'static>(input: Input) -> Streaming<T> {
-    let body = match input {
-        Input::Single(message) => Body::new(http_body_util::Full::new(frame_message(&message))),
-        Input::Stream(messages) => Body::new(StreamBody::new(stream::unfold(
-            messages,
-            |mut messages: MessageStream| async move {
-                let item = messages.next().await?;
-                Some((
-                    item.map(|m| http_body::Frame::data(frame_message(&m))),
-                    messages,
-                ))
-            },
-        ))),
-    };
-    Streaming::new_request(ProstDecoder::<T>(PhantomData), body, None, Some(usize::MAX))
+    Streaming::new_request(
+        ProstDecoder::<T>(PhantomData),
+        request_body(input),
+        None,
+        Some(usize::MAX),
+    )
 }
 
 /// The handler's request of a unary or server-streaming call. Not an

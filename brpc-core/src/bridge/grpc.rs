@@ -7,20 +7,84 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream;
 use http::HeaderMap;
-use http_body::Body;
+use http_body::Frame as BodyFrame;
+use http_body_util::StreamBody;
 use tonic::Status;
+use tonic::body::Body;
+
+use crate::conn::{Input, MessageStream};
 
 /// Length of the gRPC message prefix: compressed flag and u32 length.
 const PREFIX_LEN: usize = 5;
 
-/// One gRPC length-prefixed message, as tonic expects in an http body.
-pub(crate) fn frame_message(message: &[u8]) -> Bytes {
+/// Messages shorter than this get their gRPC prefix from a static table.
+const STATIC_PREFIXES: usize = 256;
+
+/// `[0, 0, 0, 0, len]` for every `len` below [`STATIC_PREFIXES`].
+static PREFIXES: [[u8; PREFIX_LEN]; STATIC_PREFIXES] = {
+    let mut table = [[0u8; PREFIX_LEN]; STATIC_PREFIXES];
+    let mut len = 0;
+    while len < STATIC_PREFIXES {
+        table[len][PREFIX_LEN - 1] = len as u8;
+        len += 1;
+    }
+    table
+};
+
+/// The gRPC prefix (uncompressed flag, u32 length) of a message of `len`
+/// bytes, as a chunk of its own: tonic's decoder copies the chunks of a body
+/// into its buffer anyway, so the prefix and the message go as two chunks
+/// rather than one copied together. Small lengths, the common ones, cost no
+/// allocation.
+pub(crate) fn message_prefix(len: usize) -> Bytes {
+    match PREFIXES.get(len) {
+        Some(prefix) => Bytes::from_static(prefix),
+        None => {
+            let mut prefix = [0u8; PREFIX_LEN];
+            prefix[1..].copy_from_slice(&(len as u32).to_be_bytes());
+            Bytes::copy_from_slice(&prefix)
+        }
+    }
+}
+
+/// The request body a tonic server reads for a served call's `input`: each
+/// message as its prefix and then itself (see [`message_prefix`]).
+pub(crate) fn request_body(input: Input) -> Body {
+    match input {
+        Input::Single(message) => {
+            let prefix = message_prefix(message.len());
+            let chunks: [BodyItem; 2] = [Ok(BodyFrame::data(prefix)), Ok(BodyFrame::data(message))];
+            Body::new(StreamBody::new(stream::iter(chunks)))
+        }
+        Input::Stream(messages) => Body::new(StreamBody::new(stream::unfold(
+            (messages, None),
+            |(mut messages, rest): (MessageStream, Option<Bytes>)| async move {
+                if let Some(message) = rest {
+                    return Some((Ok(BodyFrame::data(message)), (messages, None)));
+                }
+                Some(match messages.next().await? {
+                    Ok(message) => (
+                        Ok(BodyFrame::data(message_prefix(message.len()))),
+                        (messages, Some(message)),
+                    ),
+                    Err(status) => (Err(status), (messages, None)),
+                })
+            },
+        ))),
+    }
+}
+
+type BodyItem = Result<BodyFrame<Bytes>, Status>;
+
+/// One gRPC length-prefixed message in one buffer.
+#[cfg(test)]
+fn frame_message(message: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(PREFIX_LEN + message.len());
-    buf.put_u8(0);
-    buf.put_u32(message.len() as u32);
-    buf.put_slice(message);
+    buf.extend_from_slice(&message_prefix(message.len()));
+    buf.extend_from_slice(message);
     buf.freeze()
 }
 
@@ -45,7 +109,7 @@ pub(crate) struct MessageReader<B> {
 
 impl<B> MessageReader<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     pub(crate) fn new(body: B, max_message_size: usize) -> Self {
@@ -154,7 +218,7 @@ pub(crate) fn status_from_trailers(trailers: &HeaderMap) -> Status {
 /// Whether `trailers` hold `grpc-status: 0` and nothing else: how tonic's
 /// server ends an OK reply without trailing metadata, the common end. Read
 /// without a header lookup; `Status::from_header_map` clones the whole map.
-fn is_bare_ok(trailers: &HeaderMap) -> bool {
+pub(crate) fn is_bare_ok(trailers: &HeaderMap) -> bool {
     trailers.len() == 1
         && trailers
             .iter()
@@ -227,6 +291,28 @@ mod tests {
         );
         let mut r = MessageReader::new(body_of(vec![Bytes::from_static(&[0, 0, 0])], None), 8);
         assert_eq!(r.next().await.unwrap_err().code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn a_prefix_is_the_flag_and_the_big_endian_length_from_the_table_or_not() {
+        for len in [0usize, 1, 16, 255, 256, 257, 70_000, u32::MAX as usize] {
+            let mut want = vec![0u8];
+            want.extend_from_slice(&(len as u32).to_be_bytes());
+            assert_eq!(&message_prefix(len)[..], &want[..], "{len}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_reads_back_as_its_message() {
+        for message in [
+            Bytes::new(),
+            Bytes::from_static(b"m"),
+            Bytes::from(vec![7u8; 300]),
+        ] {
+            let mut r = MessageReader::new(request_body(Input::Single(message.clone())), 1 << 20);
+            assert!(matches!(r.next().await.unwrap(), BodyEvent::Message(m) if m == message));
+            assert!(matches!(r.next().await.unwrap(), BodyEvent::End));
+        }
     }
 
     #[test]

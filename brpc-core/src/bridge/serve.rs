@@ -3,15 +3,12 @@
 //! http response becomes frames through the call's [`Reply`].
 
 use futures_util::future::Either;
-use futures_util::stream;
-use http_body::Frame as BodyFrame;
-use http_body_util::StreamBody;
 use tonic::Status;
 use tonic::body::Body;
 
 use super::Router;
-use super::grpc::{BodyEvent, MessageReader, frame_message, status_from_trailers};
-use crate::conn::{Handler, Incoming, Input, Reply};
+use super::grpc::{BodyEvent, MessageReader, is_bare_ok, request_body, status_from_trailers};
+use crate::conn::{Handler, Incoming, Reply};
 use crate::metadata;
 
 impl Handler for Router {
@@ -56,17 +53,7 @@ async fn handle(router: &Router, call: Incoming, out: &mut Reply) {
             return;
         }
     };
-    let body = match input {
-        Input::Single(message) => Body::new(http_body_util::Full::new(frame_message(&message))),
-        Input::Stream(input) => Body::new(StreamBody::new(stream::unfold(
-            input,
-            |mut input| async move {
-                let item = input.next().await?;
-                Some((item.map(|m| BodyFrame::data(frame_message(&m))), input))
-            },
-        ))),
-    };
-    let mut http_request = http::Request::new(body);
+    let mut http_request = http::Request::new(request_body(input));
     *http_request.method_mut() = http::Method::POST;
     *http_request.uri_mut() = uri;
     let headers = http_request.headers_mut();
@@ -165,6 +152,11 @@ async fn respond(out: &mut Reply, response: http::Response<Body>) {
         // The first message: is the handler done already (unary, client-streaming)?
         match body.next_now() {
             Some(Ok(BodyEvent::Trailers(trailers))) => {
+                // How tonic ends an OK unary reply: no `Status` to build.
+                if is_bare_ok(&trailers) {
+                    out.ok_response(message).await;
+                    return;
+                }
                 let status = status_from_trailers(&trailers);
                 if status.code() == tonic::Code::Ok {
                     if out
@@ -180,7 +172,7 @@ async fn respond(out: &mut Reply, response: http::Response<Body>) {
                 return;
             }
             Some(Ok(BodyEvent::End)) => {
-                out.response(Status::ok(""), message).await;
+                out.ok_response(message).await;
                 return;
             }
             Some(Ok(BodyEvent::Message(second))) => {

@@ -803,6 +803,14 @@ impl Reply {
         }
     }
 
+    /// Ends the call OK with a Response frame carrying `payload`:
+    /// [`response`](Self::response) without an OK `Status` to build.
+    pub(crate) async fn ok_response(&mut self, payload: Bytes) {
+        if let Ok(frame) = self.with(|call| call.send_ok_response(payload)) {
+            self.write_last(tonic::Code::Ok, frame).await;
+        }
+    }
+
     /// Ends the call OK with a Response frame carrying `message`, encoded
     /// straight into the frame.
     ///

@@ -782,6 +782,19 @@ impl Call {
         Ok(self.response_frame(to_wire(status), payload))
     }
 
+    /// Callee: [`send_response`](Self::send_response) with an OK status,
+    /// without a `tonic::Status` to read it from (making one allocates).
+    ///
+    /// # Errors
+    /// `INTERNAL` after the end was sent.
+    pub fn send_ok_response(&mut self, payload: Bytes) -> Result<Frame, Status> {
+        if self.role != CallRole::Callee || self.send == SendPhase::Done {
+            return Err(self.misuse("a Response"));
+        }
+        self.send = SendPhase::Done;
+        Ok(self.response_frame(crate::wire::envelope::Status::default(), payload))
+    }
+
     /// Callee: [`send_response`](Self::send_response) with an OK status and
     /// `message` encoded straight into the Response (no buffer of its own to
     /// copy).
@@ -1038,6 +1051,27 @@ mod tests {
         );
         assert!(a.is_finished());
         assert_eq!(a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_ok_response_without_a_status_is_the_same_frame() {
+        let answer = |ok_response: bool| {
+            let (mut a, mut b) = (caller(), callee());
+            let f = a
+                .send_request(enc(req(b"q", 0)), RequestShape::Single)
+                .unwrap();
+            b.recv(f, t0()).unwrap();
+            let payload = Bytes::from_static(b"ok");
+            let frame = if ok_response {
+                b.send_ok_response(payload).unwrap()
+            } else {
+                b.send_response(&Status::ok(""), payload).unwrap()
+            };
+            assert!(b.is_finished());
+            assert!(b.send_ok_response(Bytes::new()).is_err(), "only one end");
+            frame
+        };
+        assert_eq!(answer(true), answer(false));
     }
 
     #[test]
