@@ -195,3 +195,112 @@ async fn a_tonic_server_interceptor_guards_each_side() {
         .expect("connect");
     check_auth_each_side(&server, &client).await;
 }
+
+#[tokio::test]
+async fn behind_a_layer_unknown_services_and_methods_still_say_what_is_missing() {
+    let server = brpc::Server::builder()
+        .layer(ConcurrencyLimitLayer::new(4))
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let unary = |path: &'static str| {
+        let channel = client.channel();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.expect("ready");
+            grpc.unary::<EchoRequest, common::echo::EchoReply, _>(
+                Request::new(EchoRequest::default()),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+        }
+    };
+    unary("/test.echo.v1.Echo/Unary")
+        .await
+        .expect("a known method passes the layer");
+    let err = unary("/test.echo.v1.Echo/Nope")
+        .await
+        .expect_err("no such method");
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.message(), "method Nope");
+    let err = unary("/no.Such/Unary").await.expect_err("no such service");
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert_eq!(err.message(), "service no.Such");
+}
+
+/// A layer that answers every call itself with plain http: its status and
+/// an empty body, no grpc-status (what tower-http's auth layers do).
+#[derive(Clone, Copy)]
+struct PlainHttp(http::StatusCode);
+
+impl<S> Layer<S> for PlainHttp {
+    type Service = PlainHttp;
+    fn layer(&self, _inner: S) -> PlainHttp {
+        *self
+    }
+}
+
+impl Service<http::Request<Body>> for PlainHttp {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _request: http::Request<Body>) -> Self::Future {
+        let mut response = http::Response::new(Body::empty());
+        *response.status_mut() = self.0;
+        std::future::ready(Ok(response))
+    }
+}
+
+#[tokio::test]
+async fn a_layer_answering_plain_http_fails_the_call_as_grpc_maps_it() {
+    for (status, code) in [
+        (http::StatusCode::UNAUTHORIZED, Code::Unauthenticated),
+        (http::StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable),
+        (http::StatusCode::IM_A_TEAPOT, Code::Unknown),
+        // 200 and a body that ends without a grpc-status: not OK either.
+        (http::StatusCode::OK, Code::Unknown),
+    ] {
+        let server = brpc::Server::builder()
+            .layer(PlainHttp(status))
+            .add_service(common::echo::echo_server::EchoServer::new(
+                EchoService::new("server"),
+            ))
+            .bind("127.0.0.1:0")
+            .expect("bind");
+        let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+            .connect(server.local_addr())
+            .await
+            .expect("connect");
+        let mut echo = EchoClient::new(client.channel());
+        let err = echo
+            .unary(EchoRequest::default())
+            .await
+            .expect_err("the layer refused it");
+        assert_eq!(err.code(), code, "unary, http {status}: {err:?}");
+        // A stream that would otherwise read as empty and OK.
+        let err = match echo
+            .range(common::echo::RangeRequest { from: 0, to: 3 })
+            .await
+        {
+            Err(err) => err,
+            Ok(stream) => stream
+                .into_inner()
+                .message()
+                .await
+                .expect_err("no messages, an error"),
+        };
+        assert_eq!(err.code(), code, "server-streaming, http {status}: {err:?}");
+    }
+}

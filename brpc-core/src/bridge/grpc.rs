@@ -211,8 +211,39 @@ pub(crate) fn status_from_trailers(trailers: &HeaderMap) -> Status {
     if is_bare_ok(trailers) {
         return Status::ok("");
     }
-    Status::from_header_map(trailers)
-        .unwrap_or_else(|| Status::internal("handler response ended without a grpc-status"))
+    Status::from_header_map(trailers).unwrap_or_else(no_final_status)
+}
+
+/// The status of a served call whose http response (status 200) ended
+/// without a `grpc-status`: `UNKNOWN`, as tonic (0.14.9 on) and grpc-go
+/// read such a response.
+pub(crate) fn no_final_status() -> Status {
+    Status::unknown(
+        "the service's response ended without a grpc-status (a tower layer or service \
+         that answers with plain http must end with gRPC trailers)",
+    )
+}
+
+/// The status of a served call whose http response has no `grpc-status`
+/// and an http status other than 200 (a layer's plain http answer, say an
+/// auth layer's 401), mapped as gRPC maps them.
+pub(crate) fn status_from_http(status: http::StatusCode) -> Status {
+    use http::StatusCode as H;
+    use tonic::Code;
+    let code = match status {
+        H::BAD_REQUEST => Code::Internal,
+        H::UNAUTHORIZED => Code::Unauthenticated,
+        H::FORBIDDEN => Code::PermissionDenied,
+        H::NOT_FOUND => Code::Unimplemented,
+        H::TOO_MANY_REQUESTS | H::BAD_GATEWAY | H::SERVICE_UNAVAILABLE | H::GATEWAY_TIMEOUT => {
+            Code::Unavailable
+        }
+        _ => Code::Unknown,
+    };
+    Status::new(
+        code,
+        format!("the service answered with http status {status} and no grpc-status"),
+    )
 }
 
 /// Whether `trailers` hold `grpc-status: 0` and nothing else: how tonic's
@@ -339,7 +370,7 @@ mod tests {
         let not_found = status_from_trailers(&map(&[("grpc-status", "5")]));
         assert_eq!(not_found.code(), tonic::Code::NotFound);
         let no_status = status_from_trailers(&map(&[("x-status", "0")]));
-        assert_eq!(no_status.code(), tonic::Code::Internal);
+        assert_eq!(no_status.code(), tonic::Code::Unknown);
         let twice = status_from_trailers(&map(&[("grpc-status", "0"), ("grpc-status", "2")]));
         assert_eq!(
             twice.code(),

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 
 use std::sync::OnceLock;
@@ -10,7 +11,9 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-use super::direct::DirectService;
+use super::direct::{DirectService, ServeFuture};
+use super::serve::handle;
+use crate::conn::{BoxFuture, Incoming, Reply};
 
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, ServiceExt};
@@ -105,7 +108,7 @@ type LayerFn = Arc<dyn Fn(BoxedService) -> BoxedService + Send + Sync>;
 /// ```
 #[derive(Clone, Default)]
 pub struct Router {
-    services: Arc<HashMap<&'static str, BoxedService>>,
+    services: Arc<HashMap<&'static str, Arc<dyn Hosted>>>,
     direct: Arc<HashMap<&'static str, Arc<dyn DirectService>>>,
     layers: Vec<LayerFn>,
     stack: Arc<OnceLock<BoxedService>>,
@@ -131,11 +134,7 @@ impl Router {
     /// service of the same name replaces the earlier one.
     pub fn add_service<S: HostedService>(mut self, service: S) -> Self {
         Arc::make_mut(&mut self.direct).remove(S::NAME);
-        // tonic's Body::new passes a Body through unboxed; other bodies
-        // (an interceptor's) are wrapped once.
-        let service = service
-            .map_response(|response: http::Response<S::ResponseBody>| response.map(Body::new));
-        Arc::make_mut(&mut self.services).insert(S::NAME, BoxCloneSyncService::new(service));
+        Arc::make_mut(&mut self.services).insert(S::NAME, Arc::new(Tonic(service)));
         self.stack = Arc::default();
         self
     }
@@ -169,16 +168,16 @@ impl Router {
 
     /// The direct service of this name, if one is hosted.
     pub(crate) fn direct(&self, name: &str) -> Option<&dyn DirectService> {
-        // Among a few services, comparing names costs less than hashing one
-        // (SipHash, on every served call).
-        if self.direct.len() <= 8 {
-            return self
-                .direct
-                .iter()
-                .find(|(hosted, _)| **hosted == name)
-                .map(|(_, s)| &**s);
+        find(&self.direct, name).map(|s| &**s)
+    }
+
+    /// The tonic-path service of this name, if one is hosted and no layer
+    /// wraps the calls to it.
+    pub(crate) fn unlayered(&self, name: &str) -> Option<&dyn Hosted> {
+        if !self.layers.is_empty() {
+            return None;
         }
-        self.direct.get(name).map(|s| &**s)
+        find(&self.services, name).map(|s| &**s)
     }
 
     /// Passes every served call through a tower `layer` (tower's
@@ -245,38 +244,100 @@ impl Router {
     }
 }
 
-/// Routes by service name. Unknown services and methods get `UNIMPLEMENTED`
-/// naming what was missing.
-async fn dispatch(
-    services: &HashMap<&'static str, BoxedService>,
-    request: http::Request<Body>,
+/// The entry of this name. Among a few entries, comparing names costs less
+/// than hashing one (SipHash, on every served call).
+fn find<'m, V>(map: &'m HashMap<&'static str, V>, name: &str) -> Option<&'m V> {
+    if map.len() <= 8 {
+        return map
+            .iter()
+            .find(|(hosted, _)| **hosted == name)
+            .map(|(_, v)| v);
+    }
+    map.get(name)
+}
+
+/// A service hosted on the tonic path, kept as its own type behind the
+/// trait: a call that passes through no layer goes straight into it, with
+/// no boxed clone of the service and no boxed future of its own (what
+/// tower's type-erased service costs on every call).
+pub(crate) trait Hosted: Send + Sync + 'static {
+    /// Serves one call to this service.
+    fn serve<'a>(&'a self, call: Incoming, reply: &'a mut Reply) -> ServeFuture<'a>;
+
+    /// Answers one http request (the path names this service).
+    fn call(&self, request: http::Request<Body>) -> BoxFuture<'static, http::Response<Body>>;
+}
+
+/// A hosted tonic-generated server (or anything of its shape).
+struct Tonic<S>(S);
+
+impl<S: HostedService> Tonic<S> {
+    /// The service's answer to `request`, its body as tonic's. tonic's
+    /// `Body::new` passes a `Body` through unboxed; other bodies (an
+    /// interceptor's) are wrapped once.
+    fn answer(
+        &self,
+        request: http::Request<Body>,
+    ) -> impl Future<Output = http::Response<Body>> + use<S> {
+        let service = self.0.clone();
+        async move {
+            // A refcount, not a copy: only read again if the method turns
+            // out unknown.
+            let uri = request.uri().clone();
+            // tonic's generated servers are always ready; others may not be.
+            let response = match service.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            };
+            named_unknown_method(S::NAME, &uri, response.map(Body::new))
+        }
+    }
+}
+
+impl<S: HostedService> Hosted for Tonic<S> {
+    fn serve<'a>(&'a self, call: Incoming, reply: &'a mut Reply) -> ServeFuture<'a> {
+        Box::pin(handle(call, reply, |request| self.answer(request)))
+    }
+
+    fn call(&self, request: http::Request<Body>) -> BoxFuture<'static, http::Response<Body>> {
+        Box::pin(self.answer(request))
+    }
+}
+
+/// tonic's generated servers answer an unknown method with a bare
+/// UNIMPLEMENTED (trailers-only); the answer says which method, as ttrpc's.
+fn named_unknown_method(
+    service: &str,
+    uri: &http::Uri,
+    response: http::Response<Body>,
 ) -> http::Response<Body> {
-    let path = request.uri().path();
-    let (service, method) = path
-        .strip_prefix('/')
-        .and_then(|p| p.split_once('/'))
-        .unwrap_or((path, ""));
-    let Some(svc) = services.get(service) else {
-        return Status::unimplemented(format!("service {service}")).into_http();
-    };
-    let method_start = path.len() - method.len();
-    // A refcount, not a copy: only read again if the method turns out unknown.
-    let uri = request.uri().clone();
-    let response = match svc.clone().oneshot(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    };
-    // tonic's generated servers answer an unknown method with a bare
-    // UNIMPLEMENTED (trailers-only); say which method, as ttrpc does.
     if response.headers().contains_key("grpc-status")
         && let Some(s) = Status::from_header_map(response.headers())
         && s.code() == tonic::Code::Unimplemented
         && s.message().is_empty()
     {
-        let method = uri.path().get(method_start..).unwrap_or_default();
+        // The path is `/{service}/{method}`.
+        let method = uri.path().get(service.len() + 2..).unwrap_or_default();
         return Status::unimplemented(format!("method {method}")).into_http();
     }
     response
+}
+
+/// Routes by service name. Unknown services and methods get `UNIMPLEMENTED`
+/// naming what was missing.
+async fn dispatch(
+    services: &HashMap<&'static str, Arc<dyn Hosted>>,
+    request: http::Request<Body>,
+) -> http::Response<Body> {
+    let path = request.uri().path();
+    let service = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map_or(path, |(service, _)| service);
+    match services.get(service) {
+        Some(hosted) => hosted.call(request).await,
+        None => Status::unimplemented(format!("service {service}")).into_http(),
+    }
 }
 
 fn layer_error_status(error: BoxError) -> Status {

@@ -7,7 +7,11 @@ use tonic::Status;
 use tonic::body::Body;
 
 use super::Router;
-use super::grpc::{BodyEvent, MessageReader, is_bare_ok, request_body, status_from_trailers};
+use super::direct::ServeFuture;
+use super::grpc::{
+    BodyEvent, MessageReader, is_bare_ok, no_final_status, request_body, status_from_http,
+    status_from_trailers,
+};
 use crate::conn::{Handler, Incoming, Reply};
 use crate::metadata;
 
@@ -16,15 +20,22 @@ impl Handler for Router {
     // inline it would make every served call's future that large, and that
     // future is copied on its way into the connection's set of calls. Not an
     // `async fn`, which would hold `call` beside the future made from it.
+    //
+    // A tonic-path service that no layer wraps serves the call itself, its
+    // future inside that one box; otherwise the call goes through the
+    // router's layered stack.
     fn serve<'a>(
         &'a self,
         call: Incoming,
         reply: &'a mut Reply,
     ) -> impl std::future::Future<Output = ()> + Send + 'a {
-        match self.direct(&call.service) {
-            Some(service) => Either::Left(service.serve(call, reply)),
-            None => Either::Right(Box::pin(handle(self, call, reply))),
+        if let Some(service) = self.direct(&call.service) {
+            return Either::Left(service.serve(call, reply));
         }
+        Either::Right(match self.unlayered(&call.service) {
+            Some(service) => service.serve(call, reply),
+            None => Box::pin(handle(call, reply, |request| self.call(request))) as ServeFuture<'a>,
+        })
     }
 
     fn task_per_call(&self) -> bool {
@@ -32,9 +43,15 @@ impl Handler for Router {
     }
 }
 
-/// Serves one call through the router: the call as an http request, the
-/// handler's http response as frames.
-async fn handle(router: &Router, call: Incoming, out: &mut Reply) {
+/// Serves one call: the call as an http request to `answer`, its http
+/// response as frames.
+pub(super) async fn handle<F>(
+    call: Incoming,
+    out: &mut Reply,
+    answer: impl FnOnce(http::Request<Body>) -> F,
+) where
+    F: Future<Output = http::Response<Body>>,
+{
     let Incoming {
         peer,
         service,
@@ -71,7 +88,7 @@ async fn handle(router: &Router, call: Incoming, out: &mut Reply) {
     }
     http_request.extensions_mut().insert(peer);
 
-    let response = router.call(http_request).await;
+    let response = answer(http_request).await;
     respond(out, response).await;
 }
 
@@ -97,19 +114,28 @@ fn path_uri(service: &str, method: &str) -> Option<http::Uri> {
 /// just before the end (both brpc extensions, sent only when needed).
 async fn respond(out: &mut Reply, response: http::Response<Body>) {
     let (parts, body) = response.into_parts();
-    if let Some(status) = Status::from_header_map(&parts.headers)
-        && status.code() != tonic::Code::Ok
-    {
-        // Trailers-only: the headers are the status and its metadata.
-        if out
-            .trailers(metadata::to_key_values(&parts.headers))
-            .await
-            .is_ok()
-        {
-            out.status(status).await;
+    // Whether the body may end without trailers and the call still be OK.
+    let ends_ok = match Status::from_header_map(&parts.headers) {
+        Some(status) if status.code() != tonic::Code::Ok => {
+            // Trailers-only: the headers are the status and its metadata.
+            if out
+                .trailers(metadata::to_key_values(&parts.headers))
+                .await
+                .is_ok()
+            {
+                out.status(status).await;
+            }
+            return;
         }
-        return;
-    }
+        // Trailers-only OK: the status is already given.
+        Some(_) => true,
+        // A plain http answer, such as an auth layer's 401.
+        None if parts.status != http::StatusCode::OK => {
+            out.status(status_from_http(parts.status)).await;
+            return;
+        }
+        None => false,
+    };
     let mut body = MessageReader::new(body, out.max_message_size());
     let mut ready = body.next_now();
     let headers = metadata::to_key_values(&parts.headers);
@@ -134,8 +160,12 @@ async fn respond(out: &mut Reply, response: http::Response<Body>) {
                 .await;
                 return;
             }
-            Ok(BodyEvent::End) => {
+            Ok(BodyEvent::End) if ends_ok => {
                 out.end(Status::ok(""), Vec::new()).await;
+                return;
+            }
+            Ok(BodyEvent::End) => {
+                out.status(no_final_status()).await;
                 return;
             }
             Err(status) => {
@@ -172,7 +202,11 @@ async fn respond(out: &mut Reply, response: http::Response<Body>) {
                 return;
             }
             Some(Ok(BodyEvent::End)) => {
-                out.ok_response(message).await;
+                if ends_ok {
+                    out.ok_response(message).await;
+                } else if out.message(message).await.is_ok() {
+                    out.status(no_final_status()).await;
+                }
                 return;
             }
             Some(Ok(BodyEvent::Message(second))) => {
