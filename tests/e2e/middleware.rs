@@ -196,10 +196,10 @@ async fn a_tonic_server_interceptor_guards_each_side() {
     check_auth_each_side(&server, &client).await;
 }
 
-#[tokio::test]
-async fn behind_a_layer_unknown_services_and_methods_still_say_what_is_missing() {
+/// A server hosting Echo behind `layer`, and a client connected to it.
+async fn behind(layer: impl brpc::core::bridge::CallLayer) -> (brpc::Server, brpc::Client) {
     let server = brpc::Server::builder()
-        .layer(ConcurrencyLimitLayer::new(4))
+        .layer(layer)
         .add_service(common::echo::echo_server::EchoServer::new(
             EchoService::new("server"),
         ))
@@ -209,6 +209,12 @@ async fn behind_a_layer_unknown_services_and_methods_still_say_what_is_missing()
         .connect(server.local_addr())
         .await
         .expect("connect");
+    (server, client)
+}
+
+#[tokio::test]
+async fn behind_a_layer_unknown_services_and_methods_still_say_what_is_missing() {
+    let (_server, client) = behind(ConcurrencyLimitLayer::new(4)).await;
     let unary = |path: &'static str| {
         let channel = client.channel();
         async move {
@@ -272,17 +278,7 @@ async fn a_layer_answering_plain_http_fails_the_call_as_grpc_maps_it() {
         // 200 and a body that ends without a grpc-status: not OK either.
         (http::StatusCode::OK, Code::Unknown),
     ] {
-        let server = brpc::Server::builder()
-            .layer(PlainHttp(status))
-            .add_service(common::echo::echo_server::EchoServer::new(
-                EchoService::new("server"),
-            ))
-            .bind("127.0.0.1:0")
-            .expect("bind");
-        let client = common::client_builder(&server, "agent", EchoService::new("agent"))
-            .connect(server.local_addr())
-            .await
-            .expect("connect");
+        let (_server, client) = behind(PlainHttp(status)).await;
         let mut echo = EchoClient::new(client.channel());
         let err = echo
             .unary(EchoRequest::default())
