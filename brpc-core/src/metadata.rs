@@ -84,6 +84,24 @@ pub fn append_key_values(headers: &mut HeaderMap, entries: Vec<KeyValue>) -> Res
     Ok(())
 }
 
+/// [`append_key_values`] for the metadata a peer answered a call with: a bad
+/// entry is the peer's fault, not the caller's, so it is `INTERNAL` (the
+/// code of a malformed answer), not `INVALID_ARGUMENT`.
+///
+/// # Errors
+/// `INTERNAL` naming the bad entry.
+pub fn append_answer_key_values(
+    headers: &mut HeaderMap,
+    entries: Vec<KeyValue>,
+) -> Result<(), Status> {
+    append_key_values(headers, entries).map_err(|status| {
+        Status::internal(format!(
+            "the peer answered with bad metadata: {}",
+            status.message()
+        ))
+    })
+}
+
 /// Parses a `grpc-timeout` value ("100m", "5S", …).
 pub fn parse_grpc_timeout(value: &HeaderValue) -> Option<Duration> {
     let s = value.to_str().ok()?;

@@ -102,6 +102,7 @@ fuzz_target!(|data: &[u8]| {
                 let status = tonic::Status::new(tonic::Code::from_i32(i32::from(arg % 17)), "x");
                 check_send(&mut call, &mut finals, true, |c| {
                     c.send_response(&status, payload.clone())
+                        .map(|(frame, _code)| frame)
                 });
             }
             10 => check_send(&mut call, &mut finals, true, |c| c.send_close()),

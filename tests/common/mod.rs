@@ -212,10 +212,14 @@ impl Echo for EchoService {
         let this = self.clone();
         tokio::spawn(async move {
             let mut output_open = true;
+            // A first message "hold" keeps the input stream after it ended
+            // (or failed) until the caller leaves.
+            let mut hold = None;
             loop {
                 tokio::select! {
                     item = input.next() => match item {
                         Some(Ok(r)) => {
+                            hold.get_or_insert(r.text == "hold");
                             if output_open && tx.send(Ok(this.reply(r))).await.is_err() {
                                 output_open = false;
                                 this.probe.outputs_closed.fetch_add(1, Ordering::SeqCst);
@@ -236,6 +240,10 @@ impl Echo for EchoService {
                     }
                 }
             }
+            if hold == Some(true) {
+                tx.closed().await;
+            }
+            drop(input);
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),

@@ -312,11 +312,33 @@ async fn every_bad_input_gets_a_clear_answer_and_the_connection_lives() {
 async fn a_hostile_callee_cannot_break_the_caller() {
     let server = common::server();
     let (conn, id) = common::raw_client(&server, "hostile-callee").await;
-    let answers: Vec<Vec<u8>> = vec![
-        b"garbage garbage garbage garbage".to_vec(),
-        frame(2, FrameType::Request, Flags::EMPTY, echo_request(vec![])),
-        frame(2, FrameType::Response, Flags::EMPTY, vec![0xff, 0xff]),
-        frame(4, FrameType::Data, Flags::EMPTY, vec![8, 1]),
+    // An OK answer after a metadata frame whose key is not a header name.
+    let ok_after = |stream_id: u32, kind: FrameType| {
+        let bad = wire::Metadata {
+            entries: vec![wire::KeyValue::new("bad key", "v")],
+        };
+        let mut b = frame(stream_id, kind, Flags::EMPTY, bad.encode_to_vec());
+        b.extend(frame(
+            stream_id,
+            FrameType::Response,
+            Flags::EMPTY,
+            Response {
+                status: Some(wire::Status::default()),
+                payload: EchoReply::default().encode_to_vec().into(),
+            }
+            .encode_to_vec(),
+        ));
+        b
+    };
+    // Each answer, for the ttrpc stream id of the call it answers.
+    type Answer = Box<dyn Fn(u32) -> Vec<u8> + Send>;
+    let answers: Vec<Answer> = vec![
+        Box::new(|_| b"garbage garbage garbage garbage".to_vec()),
+        Box::new(|_| frame(2, FrameType::Request, Flags::EMPTY, echo_request(vec![]))),
+        Box::new(|_| frame(2, FrameType::Response, Flags::EMPTY, vec![0xff, 0xff])),
+        Box::new(|_| frame(4, FrameType::Data, Flags::EMPTY, vec![8, 1])),
+        Box::new(move |id| ok_after(id, FrameType::Headers)),
+        Box::new(move |id| ok_after(id, FrameType::Trailers)),
     ];
     let responder = conn.clone();
     tokio::spawn(async move {
@@ -324,16 +346,20 @@ async fn a_hostile_callee_cannot_break_the_caller() {
             let Ok((mut send, _recv)) = responder.accept_bi().await else {
                 return;
             };
+            let answer = answer(wire::stream_id(send.id().index(), false));
             let _ = send.write_all(&answer).await;
             let _ = send.finish();
         }
     });
     let peer = server.peers().get(id).expect("listed");
-    for expected in [
-        Code::ResourceExhausted,
-        Code::Internal,
-        Code::Internal,
-        Code::Internal,
+    for (expected, says) in [
+        (Code::ResourceExhausted, ""),
+        (Code::Internal, ""),
+        (Code::Internal, ""),
+        (Code::Internal, ""),
+        // Bad metadata in an answer is the callee's error, not the caller's.
+        (Code::Internal, "bad metadata"),
+        (Code::Internal, "bad metadata"),
     ] {
         let result = tokio::time::timeout(
             Duration::from_secs(10),
@@ -342,8 +368,70 @@ async fn a_hostile_callee_cannot_break_the_caller() {
         )
         .await
         .expect("no hang");
-        assert_eq!(result.expect_err("bad answer").code(), expected);
+        let err = result.expect_err("bad answer");
+        assert_eq!(err.code(), expected, "{err:?}");
+        assert!(err.message().contains(says), "{err:?}");
     }
+}
+
+/// A caller that resets its half of a streamed call in the middle of a
+/// frame gets that frame's budget given back at once, even while the
+/// handler keeps its input stream (and the call) alive.
+#[tokio::test]
+async fn a_reset_mid_frame_gives_the_frame_budget_back_while_the_call_lives() {
+    use bytes::BufMut;
+    const FRAME: usize = 32 << 10;
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = common::server_with(echo);
+    let (conn, id) = common::raw_client(&server, "resetter").await;
+    let peer = server.peers().get(id).expect("listed");
+    let (mut send, _recv) = conn.open_bi().await.expect("open");
+    let stream_id = wire::stream_id(send.id().index(), true);
+    let request = Request {
+        service: "test.echo.v1.Echo".into(),
+        method: "Bidi".into(),
+        ..Default::default()
+    };
+    let mut bytes = frame(
+        stream_id,
+        FrameType::Request,
+        Flags::REMOTE_OPEN,
+        request.encode_to_vec(),
+    );
+    let hold = EchoRequest {
+        text: "hold".into(),
+        ..Default::default()
+    };
+    bytes.extend(frame(
+        stream_id,
+        FrameType::Data,
+        Flags::EMPTY,
+        hold.encode_to_vec(),
+    ));
+    // A Data frame announcing FRAME bytes, of which 1 KiB is sent.
+    let mut partial = BytesMut::new();
+    partial.put_u32(FRAME as u32);
+    partial.put_u32(stream_id);
+    partial.put_u8(FrameType::Data.to_u8());
+    partial.put_u8(0);
+    partial.put_slice(&[0u8; 1024]);
+    bytes.extend_from_slice(&partial);
+    send.write_all(&bytes).await.expect("write");
+    common::eventually(Duration::from_secs(10), "the frame reserved", || {
+        peer.buffered_bytes() == FRAME
+    })
+    .await;
+    send.reset(0u32.into()).expect("reset");
+    common::eventually(Duration::from_secs(10), "the input ended", || {
+        probe.inputs_ended.load(std::sync::atomic::Ordering::SeqCst)
+            + probe.input_errors.lock().expect("lock").len()
+            == 1
+    })
+    .await;
+    // The handler still holds its input, and the call is open.
+    assert_eq!(peer.buffered_bytes(), 0, "the reset frame's budget is back");
+    assert_eq!(server.buffered_bytes(), 0);
 }
 
 #[tokio::test]

@@ -249,7 +249,7 @@ async fn start_call(
     match first {
         None => {}
         Some(ResponseEvent::Headers(entries)) => {
-            metadata::append_key_values(&mut headers, entries)?;
+            metadata::append_answer_key_values(&mut headers, entries)?;
         }
         Some(ResponseEvent::Message(m)) => state.pending_message = Some(m),
         Some(ResponseEvent::End {
@@ -290,14 +290,18 @@ fn body_messages(
 }
 
 /// `status` carrying the callee's `trailers` as its metadata, as tonic
-/// reports trailers of a failed call.
+/// reports trailers of a failed call. Bad trailers turn an OK status into
+/// `INTERNAL` (the answer was malformed); an error status stays what it
+/// was, without them.
 pub(super) fn with_trailers(mut status: Status, trailers: Vec<KeyValue>) -> Status {
     if trailers.is_empty() {
         return status;
     }
     let mut map = tonic::metadata::MetadataMap::new().into_headers();
-    if metadata::append_key_values(&mut map, trailers).is_ok() {
-        *status.metadata_mut() = tonic::metadata::MetadataMap::from_headers(map);
+    match metadata::append_answer_key_values(&mut map, trailers) {
+        Ok(()) => *status.metadata_mut() = tonic::metadata::MetadataMap::from_headers(map),
+        Err(bad) if status.code() == tonic::Code::Ok => return bad,
+        Err(_) => {}
     }
     status
 }

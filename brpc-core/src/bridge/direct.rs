@@ -389,7 +389,7 @@ impl Channel {
         loop {
             match call.next_event().await {
                 ResponseEvent::Headers(entries) => {
-                    metadata::append_key_values(&mut response_headers, entries)?;
+                    metadata::append_answer_key_values(&mut response_headers, entries)?;
                 }
                 ResponseEvent::Message(message) => {
                     if reply.replace(message).is_some() {
@@ -422,7 +422,7 @@ impl Channel {
                     let reply = Resp::decode(payload).map_err(decode_error)?;
                     // As tonic does, the trailers join the response metadata.
                     if !trailers.is_empty() {
-                        metadata::append_key_values(&mut response_headers, trailers)?;
+                        metadata::append_answer_key_values(&mut response_headers, trailers)?;
                     }
                     return Ok(tonic::Response::from_parts(
                         MetadataMap::from_headers(response_headers),

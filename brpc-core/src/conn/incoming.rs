@@ -798,16 +798,16 @@ impl Reply {
     /// Ends the call with a Response frame: `status` and, for an OK
     /// unary-style reply, its one message.
     pub async fn response(&mut self, status: Status, payload: Bytes) {
-        if let Ok(frame) = self.with(|call| call.send_response(&status, payload)) {
-            self.write_last(status.code(), frame).await;
+        if let Ok((frame, code)) = self.with(|call| call.send_response(&status, payload)) {
+            self.write_last(code, frame).await;
         }
     }
 
     /// Ends the call OK with a Response frame carrying `payload`:
     /// [`response`](Self::response) without an OK `Status` to build.
     pub(crate) async fn ok_response(&mut self, payload: Bytes) {
-        if let Ok(frame) = self.with(|call| call.send_ok_response(payload)) {
-            self.write_last(tonic::Code::Ok, frame).await;
+        if let Ok((frame, code)) = self.with(|call| call.send_ok_response(payload)) {
+            self.write_last(code, frame).await;
         }
     }
 

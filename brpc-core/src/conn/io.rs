@@ -69,6 +69,16 @@ impl FrameReader {
         }
     }
 
+    /// Gives back the budget of a frame that will never be handed out, and
+    /// its bytes received so far: the stream failed, or this side stopped
+    /// reading it. Whoever holds the reader (a handler keeping its input
+    /// stream, a caller keeping its response) holds nothing more.
+    fn discard(&mut self) {
+        self.release();
+        self.head = None;
+        self.buf = BytesMut::new();
+    }
+
     /// Reserves the announced length of the frame whose header is buffered
     /// (and marks a large frame for the call being served, whichever way
     /// its data then arrives: `large_frame::note`).
@@ -123,11 +133,11 @@ impl FrameReader {
                 Err(e) => return Err(ReadError::TooLarge(e)),
             }
             if self.finished {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ReadError::Truncated)
-                };
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                self.discard();
+                return Err(ReadError::Truncated);
             }
             // The header of the frame in progress, unless its data is being
             // skipped (an oversized frame) or it has none.
@@ -190,12 +200,14 @@ impl FrameReader {
     ) -> Result<Option<quinn::Chunk>, ReadError> {
         timer.progress(mid_frame);
         let read = self.recv.read_chunk(wanted, true);
-        let chunk = match timer.timeout() {
+        let read = match timer.timeout() {
             Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), read)
                 .await
-                .map_err(|_| ReadError::Timeout)??,
-            None => read.await?,
+                .map_err(|_| ReadError::Timeout)?,
+            None => read.await,
         };
+        // Any error of the stream's (a reset, the connection gone) ends it.
+        let chunk = read.inspect_err(|_| self.discard())?;
         if let Some(chunk) = &chunk {
             super::observe::bytes_received(chunk.bytes.len());
         }
@@ -271,6 +283,7 @@ impl FrameReader {
 
     /// Tells the peer to stop sending (STOP_SENDING with `code`).
     pub(crate) fn stop(&mut self, code: u32) {
+        self.discard();
         if !self.finished {
             let _ = self.recv.stop(VarInt::from_u32(code));
         }

@@ -771,10 +771,16 @@ impl Call {
     /// reply, its one message). A Response over the maximum size is replaced
     /// by one carrying `RESOURCE_EXHAUSTED`, so the caller always learns how
     /// the call ended.
+    /// Returns the frame and the code it carries: `status`'s, or
+    /// `RESOURCE_EXHAUSTED` when the Response was replaced.
     ///
     /// # Errors
     /// `INTERNAL` after the end was sent.
-    pub fn send_response(&mut self, status: &Status, payload: Bytes) -> Result<Frame, Status> {
+    pub fn send_response(
+        &mut self,
+        status: &Status,
+        payload: Bytes,
+    ) -> Result<(Frame, Code), Status> {
         if self.role != CallRole::Callee || self.send == SendPhase::Done {
             return Err(self.misuse("a Response"));
         }
@@ -787,7 +793,7 @@ impl Call {
     ///
     /// # Errors
     /// `INTERNAL` after the end was sent.
-    pub fn send_ok_response(&mut self, payload: Bytes) -> Result<Frame, Status> {
+    pub fn send_ok_response(&mut self, payload: Bytes) -> Result<(Frame, Code), Status> {
         if self.role != CallRole::Callee || self.send == SendPhase::Done {
             return Err(self.misuse("a Response"));
         }
@@ -822,10 +828,7 @@ impl Call {
                 "response {}",
                 too_large_message(total, self.config.max_message_size)
             ));
-            return Ok((
-                self.response_frame(to_wire(&replaced), Bytes::new()),
-                Code::ResourceExhausted,
-            ));
+            return Ok(self.response_frame(to_wire(&replaced), Bytes::new()));
         }
         fn encode(message: &impl Message, len: usize, buf: &mut impl bytes::BufMut) {
             use prost::encoding::{WireType, encode_key, encode_varint};
@@ -853,8 +856,16 @@ impl Call {
         ))
     }
 
-    fn response_frame(&self, status: crate::wire::envelope::Status, payload: Bytes) -> Frame {
+    /// The Response frame with `status` and `payload`, and the code it
+    /// carries (`RESOURCE_EXHAUSTED` when it was over the maximum size and
+    /// replaced).
+    fn response_frame(
+        &self,
+        status: crate::wire::envelope::Status,
+        payload: Bytes,
+    ) -> (Frame, Code) {
         let max = self.config.max_message_size;
+        let mut code = Code::from(status.code);
         let mut encoded = Response {
             status: Some(status),
             payload,
@@ -865,13 +876,14 @@ impl Call {
                 "response {}",
                 too_large_message(encoded.len(), max)
             ));
+            code = replaced.code();
             encoded = Response {
                 status: Some(to_wire(&replaced)),
                 payload: Bytes::new(),
             }
             .encode_to_bytes();
         }
-        self.frame(FrameType::Response, Flags::EMPTY, encoded)
+        (self.frame(FrameType::Response, Flags::EMPTY, encoded), code)
     }
 
     /// The call ends early for `failure`: returns what to stop, send or
@@ -920,7 +932,7 @@ impl Call {
         self.send = SendPhase::Done;
         let (response, reset) = match self.role {
             CallRole::Callee if send_open => (
-                Some(self.response_frame(to_wire(&status), Bytes::new())),
+                Some(self.response_frame(to_wire(&status), Bytes::new()).0),
                 None,
             ),
             CallRole::Caller if send_open => (None, Some(codes::STREAM_CANCELLED)),
@@ -1040,7 +1052,8 @@ mod tests {
         assert!(b.is_done());
         let reply = b
             .send_response(&Status::ok(""), Bytes::from_static(b"ok"))
-            .unwrap();
+            .unwrap()
+            .0;
         assert!(b.is_finished());
         assert_eq!(
             deliver(&mut a, vec![reply]),
@@ -1130,7 +1143,8 @@ mod tests {
         let out = vec![
             b.send_trailers(trailers.clone()).unwrap().unwrap(),
             b.send_response(&Status::ok(""), Bytes::from_static(b"sum"))
-                .unwrap(),
+                .unwrap()
+                .0,
         ];
         assert_eq!(
             deliver(&mut a, out),
@@ -1163,7 +1177,8 @@ mod tests {
         );
         let end = b
             .send_response(&Status::not_found("gone"), Bytes::new())
-            .unwrap();
+            .unwrap()
+            .0;
         // The caller is still sending when the callee ends: its Response
         // ends the whole call, the request side included.
         match a.recv(end, t0()).unwrap() {
@@ -1265,18 +1280,23 @@ mod tests {
             "{err:?}"
         );
         // The callee then ends the call with that status.
-        let end = b.send_response(&err, Bytes::new()).unwrap();
+        let end = b.send_response(&err, Bytes::new()).unwrap().0;
         assert_eq!(decode_response(&end).0, Code::ResourceExhausted);
     }
 
     #[test]
     fn an_oversize_response_is_replaced_by_resource_exhausted() {
         let mut b = callee();
-        let end = b
+        let (end, sent) = b
             .send_response(&Status::ok(""), Bytes::from(vec![7u8; 256]))
             .unwrap();
         let (code, message, payload) = decode_response(&end);
         assert_eq!(code, Code::ResourceExhausted);
+        assert_eq!(sent, Code::ResourceExhausted, "the code it says it sent");
+        let (_, sent) = callee()
+            .send_ok_response(Bytes::from(vec![7u8; 256]))
+            .unwrap();
+        assert_eq!(sent, Code::ResourceExhausted);
         assert!(message.starts_with("response message length"), "{message}");
         assert!(payload.is_empty());
         assert!(end.payload.len() <= 256);
@@ -1744,7 +1764,8 @@ mod tests {
             assert_eq!(code, Code::Ok);
             let built = b
                 .send_response(&Status::ok(""), m.encode_to_vec().into())
-                .expect("send");
+                .expect("send")
+                .0;
             assert_eq!(direct, built);
         }
         let mut small = Call::callee(
@@ -1868,7 +1889,8 @@ mod tests {
         let mut b = Call::callee(1, LARGE, Instant::now());
         let built = b
             .send_response(&Status::ok(""), m.encode_to_vec().into())
-            .expect("send");
+            .expect("send")
+            .0;
         assert_eq!(frame, built);
         assert_eq!(
             frame.payload.clone().into_bytes(),
