@@ -219,6 +219,9 @@ impl Peer {
                 }
                 None
             }
+            // The callee refused the Request: no messages to pump, and its
+            // Response says why.
+            Some(_) if matches!(opened.sent, Err(SendError::Stopped)) => None,
             Some(messages) => {
                 if let Err(e) = opened.sent {
                     return Err(fail(&mut record, write_status(e)));
