@@ -28,6 +28,13 @@ const RESERVED: &[&str] = &[
     "grpc-status-details-bin",
 ];
 
+/// `grpc-timeout` as a name made once: a name made from a `&str` is parsed
+/// (and, inserted, copied) on every use.
+pub(crate) const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// `grpc-status`, made once (see [`GRPC_TIMEOUT`]).
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 fn is_reserved(key: &str) -> bool {
     RESERVED.contains(&key)
 }

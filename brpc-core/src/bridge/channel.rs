@@ -211,7 +211,7 @@ async fn start_call(
     };
     let timeout = parts
         .headers
-        .get("grpc-timeout")
+        .get(metadata::GRPC_TIMEOUT)
         .and_then(metadata::parse_grpc_timeout);
     let deadline = timeout.map(|t| Instant::now() + t);
     let peer = channel.resolve(deadline).await?;
@@ -330,8 +330,6 @@ struct ResponseBody {
 
 type BodyItem = Result<BodyFrame<Bytes>, Status>;
 
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = Status;
@@ -400,7 +398,7 @@ impl ResponseBody {
             // and with a static name (a name made from a `&str` is copied).
             Ok(()) if trailers.is_empty() => {
                 let mut map = http::HeaderMap::new();
-                map.insert(GRPC_STATUS, http::HeaderValue::from_static("0"));
+                map.insert(metadata::GRPC_STATUS, http::HeaderValue::from_static("0"));
                 map
             }
             status => trailers_for(&with_trailers(end_status(status), trailers)),

@@ -80,7 +80,10 @@ fn tonic_request<T>(
         let mut headers = http::HeaderMap::new();
         metadata::append_key_values(&mut headers, entries)?;
         if let Some(timeout) = timeout {
-            headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
+            headers.insert(
+                metadata::GRPC_TIMEOUT,
+                metadata::format_grpc_timeout(timeout),
+            );
         }
         *request.metadata_mut() = MetadataMap::from_headers(headers);
     }
@@ -375,7 +378,7 @@ impl Channel {
             (None, Vec::new())
         } else {
             let deadline = headers
-                .get("grpc-timeout")
+                .get(metadata::GRPC_TIMEOUT)
                 .and_then(metadata::parse_grpc_timeout)
                 .map(|timeout| Instant::now() + timeout);
             (deadline, metadata::to_key_values(&headers))

@@ -311,7 +311,9 @@ fn named_unknown_method(
     uri: &http::Uri,
     response: http::Response<Body>,
 ) -> http::Response<Body> {
-    if response.headers().contains_key("grpc-status")
+    if response
+        .headers()
+        .contains_key(crate::metadata::GRPC_STATUS)
         && let Some(s) = Status::from_header_map(response.headers())
         && s.code() == tonic::Code::Unimplemented
         && s.message().is_empty()

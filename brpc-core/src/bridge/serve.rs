@@ -80,7 +80,10 @@ pub(super) async fn handle<F>(
     );
     headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     if let Some(timeout) = timeout {
-        headers.insert("grpc-timeout", metadata::format_grpc_timeout(timeout));
+        headers.insert(
+            metadata::GRPC_TIMEOUT,
+            metadata::format_grpc_timeout(timeout),
+        );
     }
     if let Err(status) = metadata::append_key_values(headers, entries) {
         out.status(status).await;
