@@ -706,16 +706,18 @@ async fn accept_loop(shared: Arc<Shared>) {
                     incoming.refuse();
                 }
                 Some(incoming) => {
+                    // One Hello limit from arrival, a wait for a handshake slot included.
+                    let deadline = tokio::time::Instant::now() + shared.hello_timeout;
                     let admitted = shared.connections.fetch_add(1, Ordering::SeqCst) < shared.max_connections;
                     let counted = Counted(shared.connections.clone());
                     if admitted {
                         match shared.handshakes.clone().try_acquire_owned() {
                             Ok(permit) => {
-                                connections.spawn(run_connection(shared.clone(), incoming, permit, counted));
+                                connections.spawn(run_connection(shared.clone(), incoming, permit, counted, deadline));
                             }
                             Err(_) if shared.waiting.load(Ordering::SeqCst) < shared.max_waiting() => {
                                 let waiting = Counted::new(&shared.waiting);
-                                connections.spawn(wait_for_handshake(shared.clone(), incoming, waiting, counted));
+                                connections.spawn(wait_for_handshake(shared.clone(), incoming, waiting, counted, deadline));
                             }
                             Err(_) => {
                                 tracing::debug!(remote = %incoming.remote_address(), "connection refused: too many handshakes waiting");
@@ -738,11 +740,13 @@ async fn accept_loop(shared: Arc<Shared>) {
 
 /// A client that arrived while [`Builder::max_handshakes`] handshakes were
 /// in progress: its turn, or refused when it waited half the Hello limit.
+/// The wait counts against the Hello limit (`deadline`).
 async fn wait_for_handshake(
     shared: Arc<Shared>,
     incoming: Incoming,
     waiting: Counted,
     counted: Counted,
+    deadline: tokio::time::Instant,
 ) {
     let turn = tokio::time::timeout(
         shared.hello_timeout / 2,
@@ -751,7 +755,9 @@ async fn wait_for_handshake(
     .await;
     drop(waiting);
     match turn {
-        Ok(Ok(permit)) => Box::pin(run_connection(shared, incoming, permit, counted)).await,
+        Ok(Ok(permit)) => {
+            Box::pin(run_connection(shared, incoming, permit, counted, deadline)).await
+        }
         _ => {
             tracing::debug!(remote = %incoming.remote_address(), "connection refused: no handshake slot within half the Hello limit");
             shared.admission.count(AdmissionEvent::RefusedAfterWaiting);
@@ -772,16 +778,17 @@ async fn turn_away(incoming: Incoming, limit: usize, _counted: Counted) {
     }
 }
 
-/// TLS handshake, Hello, admission, listing and the Hello answer: the peer,
+/// TLS handshake, Hello, admission, listing and the Hello answer, all by
+/// `deadline` (the Hello limit from the client's arrival): the peer,
 /// listed, or `None` if the client was turned away or went away.
 /// The handshake permit is given back once the TLS handshake is over.
 async fn admit(
     shared: Arc<Shared>,
     incoming: Incoming,
     permit: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
 ) -> Option<Listed> {
     let remote = incoming.remote_address();
-    let deadline = tokio::time::Instant::now() + shared.hello_timeout;
     let counts = &shared.admission;
     counts.count(AdmissionEvent::HandshakeStarted);
     let handshake = tokio::time::timeout_at(deadline, incoming).await;
@@ -854,12 +861,14 @@ async fn session(
             return None;
         }
     };
+    // Answers go out within the Hello limit too: a client that withholds
+    // flow-control credit must not keep its connection (and its place
+    // under max_connections) by never taking the answer.
     if shared.shutting_down.load(Ordering::SeqCst) {
-        hello
-            .reject(Status::unavailable(
-                "server is shutting down; reconnect later",
-            ))
-            .await;
+        let refusal = hello.reject(Status::unavailable(
+            "server is shutting down; reconnect later",
+        ));
+        let _ = tokio::time::timeout_at(deadline, refusal).await;
         connection.close(
             VarInt::from_u32(codes::CONN_GOING_AWAY),
             b"server shutting down",
@@ -868,12 +877,11 @@ async fn session(
     }
     let version = hello.request.protocol_version;
     if version != session::PROTOCOL_VERSION {
-        hello
-            .reject(Status::failed_precondition(format!(
-                "unsupported brpc protocol version {version}; this server speaks {}",
-                session::PROTOCOL_VERSION
-            )))
-            .await;
+        let refusal = hello.reject(Status::failed_precondition(format!(
+            "unsupported brpc protocol version {version}; this server speaks {}",
+            session::PROTOCOL_VERSION
+        )));
+        let _ = tokio::time::timeout_at(deadline, refusal).await;
         connection.close(
             VarInt::from_u32(codes::CONN_HELLO_FAILED),
             b"unsupported protocol version",
@@ -897,7 +905,7 @@ async fn session(
         if let Err(status) = authorize(&admission) {
             tracing::info!(%remote, name = %hello.request.name, %status, "client not authorized");
             let reason = format!("not authorized: {}", status.message());
-            hello.reject(status).await;
+            let _ = tokio::time::timeout_at(deadline, hello.reject(status)).await;
             connection.close(
                 VarInt::from_u32(codes::CONN_UNAUTHORIZED),
                 reason.as_bytes(),
@@ -915,10 +923,18 @@ async fn session(
         shared,
         peer: peer.clone(),
     };
-    if hello.accept(peer.connection_id()).await.is_err() {
-        return None;
+    match tokio::time::timeout_at(deadline, hello.accept(peer.connection_id())).await {
+        Ok(Ok(())) => Some(listed),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            tracing::info!(%remote, "session refused: the Hello answer was not taken within the limit");
+            connection.close(
+                VarInt::from_u32(codes::CONN_HELLO_TIMEOUT),
+                b"the Hello answer was not taken within the time limit",
+            );
+            None
+        }
     }
-    Some(listed)
 }
 
 /// A connection's task: admission, then serving it until it ends.
@@ -933,9 +949,10 @@ fn run_connection(
     incoming: Incoming,
     permit: OwnedSemaphorePermit,
     counted: Counted,
+    deadline: tokio::time::Instant,
 ) -> impl Future<Output = ()> {
     let remote = incoming.remote_address();
-    let admission = Box::pin(admit(shared, incoming, permit));
+    let admission = Box::pin(admit(shared, incoming, permit, deadline));
     async move {
         let _counted = counted;
         let Some(listed) = admission.await else {

@@ -335,11 +335,21 @@ pub async fn state_becomes(
 
 /// A raw QUIC connection to `server` (TLS pinned), speaking no brpc yet.
 pub async fn raw_connection(server: &Server) -> quinn::Connection {
+    raw_connection_with(server, quinn::TransportConfig::default()).await
+}
+
+/// [`raw_connection`] with the client's own transport settings.
+pub async fn raw_connection_with(
+    server: &Server,
+    transport: quinn::TransportConfig,
+) -> quinn::Connection {
     let roots = brpc::tls::pinned_roots(server.certificate()).expect("roots");
     let crypto = brpc::tls::client_crypto(roots).expect("crypto");
     let mut endpoint =
         quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(crypto));
+    let mut config = quinn::ClientConfig::new(crypto);
+    config.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(config);
     endpoint
         .connect(server.local_addr(), "localhost")
         .expect("connect")

@@ -175,3 +175,36 @@ async fn a_client_that_never_says_hello_is_closed_after_the_limit() {
     let conn = common::raw_connection(&server).await;
     common::closed_with(&conn, codes::CONN_HELLO_TIMEOUT).await;
 }
+
+/// A client that sends a Hello the server refuses, then never takes the
+/// answer (it grants the stream no flow-control credit) while keeping the
+/// connection alive, is closed at the Hello limit all the same: it cannot
+/// hold its connection, and its place under `max_connections`, for ever.
+#[tokio::test]
+async fn a_refused_client_that_never_takes_the_answer_is_closed_at_the_hello_limit() {
+    let server = brpc::Server::builder()
+        .hello_timeout(Duration::from_millis(500))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(0u32.into())
+        .keep_alive_interval(Some(Duration::from_millis(100)));
+    let conn = common::raw_connection_with(&server, transport).await;
+    let (mut send, _recv) = conn.open_bi().await.expect("open");
+    let stream_id = brpc::core::wire::stream_id(send.id().index(), true);
+    let mut buf = bytes::BytesMut::new();
+    brpc::core::wire::Frame::new(
+        stream_id,
+        brpc::core::wire::FrameType::Request,
+        brpc::core::wire::Flags::EMPTY,
+        common::hello_request(99, "withholding")
+            .encode_to_vec()
+            .into(),
+    )
+    .encode(&mut buf)
+    .expect("encode");
+    send.write_all(&buf).await.expect("write");
+    send.finish().expect("finish");
+    common::closed_with(&conn, codes::CONN_HELLO_FAILED).await;
+}
