@@ -842,6 +842,14 @@ impl Shared {
         *self.closing.borrow()
     }
 
+    /// Closed for good for `reason`: no connection and no reconnect, and
+    /// calls waiting for a connection (wait-for-ready) fail at once.
+    fn closed(&self, reason: Disconnect) {
+        self.closing.send_replace(true);
+        self.current.send_replace(None);
+        self.state.send_replace(ClientState::Closed { reason });
+    }
+
     async fn closing(&self) {
         let _ = self.closing.subscribe().wait_for(|c| *c).await;
     }
@@ -1098,9 +1106,11 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
     };
     if end.is_unauthorized() {
         Ended::Refused(Disconnect::Connection(end))
-    } else if end.is_local() {
+    } else if end.is_local() && shared.is_closing() {
         Ended::Closing
     } else {
+        // Lost, or closed here by someone other than the client (its
+        // peer handle's `close`): the client reconnects.
         Ended::Lost(Disconnect::Connection(end))
     }
 }
@@ -1117,8 +1127,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
         let reason = match run_connection(&shared, &peer).await {
             Ended::Closing => return,
             Ended::Refused(reason) => {
-                shared.current.send_replace(None);
-                shared.state.send_replace(ClientState::Closed { reason });
+                shared.closed(reason);
                 return;
             }
             Ended::Lost(reason) => reason,
@@ -1128,7 +1137,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
         // With several servers, the first attempt goes to the next one.
         shared.dial.next_server();
         if !shared.reconnect || shared.is_closing() || shared.stopping.load(Ordering::SeqCst) {
-            shared.state.send_replace(ClientState::Closed { reason });
+            shared.closed(reason);
             return;
         }
         shared.state.send_replace(ClientState::Reconnecting {
@@ -1180,9 +1189,7 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
                 } =>
             {
                 tracing::warn!(error = %e, "giving up: retrying cannot fix this");
-                shared.state.send_replace(ClientState::Closed {
-                    reason: Disconnect::Connect(Arc::new(e)),
-                });
+                shared.closed(Disconnect::Connect(Arc::new(e)));
                 return None;
             }
             Err(e) => {
@@ -1199,6 +1206,16 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
     };
     tracing::info!(id = %peer.connection_id(), attempt, "brpc connected");
     shared.connected(&peer);
+    // `Client::close` ran while this connection was being made: it must
+    // not stay current (and open) after the client said it is closed.
+    if shared.is_closing() {
+        shared.current.send_replace(None);
+        peer.close(codes::CONN_NORMAL, "client closed");
+        shared.state.send_replace(ClientState::Closed {
+            reason: Disconnect::ClientClosed,
+        });
+        return None;
+    }
     Some(peer)
 }
 
@@ -1258,7 +1275,10 @@ impl Client {
     /// It follows reconnects; while disconnected its calls fail with
     /// `UNAVAILABLE`, or wait with [`Channel::wait_for_ready`].
     pub fn channel(&self) -> Channel {
-        Channel::follow(self.shared.current.subscribe())
+        Channel::follow(
+            self.shared.current.subscribe(),
+            self.shared.closing.subscribe(),
+        )
     }
 
     /// The handle of the current connection's server end, if connected.

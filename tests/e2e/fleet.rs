@@ -530,6 +530,82 @@ async fn wait_for_ready_calls_ride_out_a_restart() {
     drop(second);
 }
 
+/// A call waiting for a connection (wait-for-ready) fails at once when the
+/// client is closed, rather than waiting out its deadline for a connection
+/// that will never come; so does a call made afterwards.
+#[tokio::test]
+async fn a_closed_client_fails_waiting_calls_at_once() {
+    let server = common::server();
+    let client = common::client_builder(&server, "closing", EchoService::new("closing"))
+        .reconnect_backoff(Duration::from_secs(30), Duration::from_secs(60))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    // Gone from the server's side: the client is reconnecting, slowly.
+    server
+        .peers()
+        .get(client.connection_id())
+        .expect("listed")
+        .close(brpc::core::conn::codes::CONN_NORMAL, "go away");
+    let mut state = client.watch_state();
+    state
+        .wait_for(|s| matches!(s, ClientState::Reconnecting { .. }))
+        .await
+        .expect("watch");
+    let mut patient = EchoClient::new(client.channel().wait_for_ready(true));
+    let waiting = tokio::spawn(async move {
+        let mut request = tonic::Request::new(EchoRequest::default());
+        request.set_timeout(Duration::from_secs(600));
+        patient.unary(request).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "waits for a connection");
+    client.close();
+    let err = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("failed at once, not at its deadline")
+        .expect("join")
+        .expect_err("no connection will come");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("closed"), "{err:?}");
+    let err = EchoClient::new(client.channel().wait_for_ready(true))
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("closed");
+    assert_eq!(err.code(), Code::Unavailable);
+}
+
+/// A connection closed through the client's own peer handle is a lost
+/// connection to the client: it reconnects (it is not the client's close).
+#[tokio::test]
+async fn a_connection_closed_through_the_peer_handle_is_reconnected() {
+    let server = common::server();
+    let client = common::client_builder(&server, "handle", EchoService::new("handle"))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let first = client.connection_id();
+    client
+        .peer()
+        .expect("connected")
+        .close(brpc::core::conn::codes::CONN_NORMAL, "closed by the app");
+    let mut state = client.watch_state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(
+            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != first),
+        ),
+    )
+    .await
+    .expect("reconnected in time")
+    .expect("watch");
+    EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("served on the new connection");
+}
+
 #[tokio::test]
 async fn a_client_shutdown_drains_the_calls_it_serves() {
     let server = common::server();

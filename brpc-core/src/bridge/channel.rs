@@ -49,8 +49,12 @@ pub struct Channel {
 enum Target {
     /// Always this connection.
     Peer(Peer),
-    /// Whatever connection is current (a reconnecting client's).
-    Current(watch::Receiver<Option<Peer>>),
+    /// Whatever connection is current (a reconnecting client's), until the
+    /// client is closed for good.
+    Current {
+        current: watch::Receiver<Option<Peer>>,
+        closed: watch::Receiver<bool>,
+    },
 }
 
 impl Channel {
@@ -62,12 +66,13 @@ impl Channel {
     }
 
     /// A channel that calls whichever peer `current` holds at the time of
-    /// each call (`None` while disconnected). brpc-client uses it so one
-    /// channel survives reconnects.
+    /// each call (`None` while disconnected), until `closed` says the client
+    /// is closed for good (then calls fail at once, waiting or not).
+    /// brpc-client uses it so one channel survives reconnects.
     #[doc(hidden)]
-    pub fn follow(current: watch::Receiver<Option<Peer>>) -> Self {
+    pub fn follow(current: watch::Receiver<Option<Peer>>, closed: watch::Receiver<bool>) -> Self {
         Channel {
-            target: Target::Current(current),
+            target: Target::Current { current, closed },
             wait_for_ready: false,
         }
     }
@@ -84,36 +89,45 @@ impl Channel {
     pub fn peer(&self) -> Option<Peer> {
         match &self.target {
             Target::Peer(peer) => Some(peer.clone()),
-            Target::Current(current) => current.borrow().clone(),
+            Target::Current { current, .. } => current.borrow().clone(),
         }
     }
 
     /// The peer to call, waiting for one if asked to.
     pub(super) async fn resolve(&self, deadline: Option<Instant>) -> Result<Peer, Status> {
-        let mut current = match &self.target {
+        let (mut current, mut closed) = match &self.target {
             // The engine refuses calls to a peer that is going away.
             Target::Peer(peer) => return Ok(peer.clone()),
-            Target::Current(current) => current.clone(),
+            Target::Current { current, closed } => (current.clone(), closed.clone()),
         };
+        let client_closed = || Status::unavailable("the client was closed");
         loop {
             if let Some(peer) = current.borrow_and_update().clone()
                 && peer.is_usable()
             {
                 return Ok(peer);
             }
+            if *closed.borrow_and_update() {
+                return Err(client_closed());
+            }
             if !self.wait_for_ready {
                 return Err(Status::unavailable(
                     "not connected to the server (reconnecting); retry, or use wait_for_ready",
                 ));
             }
-            let changed = current.changed();
+            let changed = async {
+                tokio::select! {
+                    changed = current.changed() => changed,
+                    changed = closed.changed() => changed,
+                }
+            };
             let changed = match deadline {
                 None => changed.await,
                 Some(at) => tokio::time::timeout_at(at, changed).await.map_err(|_| {
                     Status::deadline_exceeded("deadline exceeded before the call was sent")
                 })?,
             };
-            changed.map_err(|_| Status::unavailable("the client was closed"))?;
+            changed.map_err(|_| client_closed())?;
         }
     }
 }
