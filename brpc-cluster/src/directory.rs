@@ -223,9 +223,10 @@ impl Directory {
         let agents_key = self.agents_key(self.node);
         let id = peer.connection_id().0;
         let mut pipe = redis::pipe();
+        // pexpire: the TTL is in milliseconds (expire would read seconds).
         pipe.hset(&agents_key, id, entry_json(peer))
             .ignore()
-            .expire(&agents_key, ttl)
+            .pexpire(&agents_key, ttl)
             .ignore();
         let mut keys = Vec::new();
         for (k, v) in peer.labels() {
@@ -469,6 +470,13 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
                             tracing::info!("cluster directory rewritten for this node");
                         }
                         stale = false;
+                        // Links to nodes that left stop redialling even
+                        // when nothing selects (which prunes them too).
+                        if inner.has_links()
+                            && let Ok(nodes) = directory.live_nodes().await
+                        {
+                            inner.prune_links(&nodes);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cluster heartbeat failed");
@@ -492,13 +500,31 @@ pub(crate) async fn listen(inner: Arc<Inner>, subscribed: tokio::sync::oneshot::
                     if let Some(subscribed) = subscribed.take() {
                         let _ = subscribed.send(());
                     }
-                    let mut messages = pubsub.on_message();
-                    while let Some(message) = messages.next().await {
-                        let Ok(payload) = message.get_payload::<String>() else {
-                            continue;
-                        };
-                        if let Some(event) = parse_event(&payload) {
-                            let _ = inner.events.send(event);
+                    let (mut sink, mut messages) = pubsub.split();
+                    // A subscription whose connection died without a reset
+                    // (a partition, a host gone) would otherwise wait here
+                    // for ever: it is pinged every heartbeat, and taken
+                    // again when the answer does not come within one.
+                    let mut check = tokio::time::interval(directory.ttl / 3);
+                    check.reset();
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => {
+                                let Some(message) = message else { break };
+                                let Ok(payload) = message.get_payload::<String>() else {
+                                    continue;
+                                };
+                                if let Some(event) = parse_event(&payload) {
+                                    let _ = inner.events.send(event);
+                                }
+                            }
+                            _ = check.tick() => {
+                                let ping = sink.ping::<redis::Value>();
+                                if !matches!(tokio::time::timeout(directory.ttl / 3, ping).await, Ok(Ok(_))) {
+                                    tracing::info!("cluster events: the subscription stopped answering; subscribing again");
+                                    break;
+                                }
+                            }
                         }
                     }
                 }

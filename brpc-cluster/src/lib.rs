@@ -551,6 +551,11 @@ impl Inner {
         Ok(RemoteLink::of(&client))
     }
 
+    /// Whether this node holds a link to any other.
+    fn has_links(&self) -> bool {
+        !self.lock_links().is_empty()
+    }
+
     /// Drops the links to nodes that are no longer in the directory (calls
     /// still holding one keep it until they end).
     fn prune_links(&self, live: &[(u16, directory::NodeAddress)]) {

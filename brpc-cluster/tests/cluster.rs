@@ -580,3 +580,43 @@ async fn redis_away_at_start_and_while_running() {
         ["a1"]
     );
 }
+
+/// Every key a node writes for its agents lives for the node's TTL (in
+/// milliseconds), from the moment an agent is listed: a node that dies just
+/// after leaves nothing behind for longer. A TTL of 60 s puts the next
+/// heartbeat (which sets every TTL again) 20 s away, after this check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_entries_expire_with_the_nodes_ttl() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(60);
+    let a = node(&pki, 1, &redis, ttl).await;
+    let (_a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let key = "test:node:1:agents";
+    eventually("a1 listed in the directory", || {
+        let mut conn = conn.clone();
+        async move {
+            let listed: usize = redis::cmd("HLEN")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .expect("HLEN");
+            listed == 1
+        }
+    })
+    .await;
+    let left: i64 = redis::cmd("PTTL")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    assert!(
+        left > 0 && left <= ttl.as_millis() as i64,
+        "{key} expires in {left} ms; the TTL is {ttl:?}"
+    );
+}
