@@ -530,6 +530,11 @@ impl Builder {
         let mut timeout = shared.connect_timeout;
         loop {
             attempt += 1;
+            if attempt > 1
+                && let Some(server) = shared.dial.server()
+            {
+                server.refresh().await;
+            }
             let result = connect_once(&shared, timeout).await;
             timeout = grown_timeout(&shared, timeout, &result);
             let delay = delays.after(&result);
@@ -583,7 +588,7 @@ impl Builder {
         let roots = self.roots.clone().ok_or(ConnectError::NoTrust)?;
         let first = servers.first().map_or_else(
             || SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            |s| s.remote,
+            QuicServer::remote,
         );
         let crypto = tls::client_crypto_with_identity(roots, self.identity.take())?;
         let mut config = quinn::ClientConfig::new(crypto);
@@ -733,7 +738,7 @@ impl std::fmt::Display for Dial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Dial::Quic { .. } => match self.server() {
-                Some(server) => write!(f, "{}", server.remote),
+                Some(server) => write!(f, "{}", server.remote()),
                 None => f.write_str("no server"),
             },
             Dial::Unix(path) => write!(f, "unix:{}", path.display()),
@@ -742,10 +747,38 @@ impl std::fmt::Display for Dial {
 }
 
 /// A server a QUIC client may dial, with the name its certificate must carry.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct QuicServer {
-    remote: SocketAddr,
+    /// The address dialled.
+    remote: std::sync::Mutex<SocketAddr>,
     server_name: String,
+    /// The address as given, when it names a host: looked up again before
+    /// each reconnect, so a name moved to another server is followed.
+    lookup: Option<String>,
+}
+
+impl QuicServer {
+    fn remote(&self) -> SocketAddr {
+        *self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Looks the host name up again (if the address was given as one); on
+    /// failure the last address stays.
+    async fn refresh(&self) {
+        let Some(name) = &self.lookup else {
+            return;
+        };
+        match tokio::net::lookup_host(name.as_str()).await {
+            Ok(mut found) => {
+                if let Some(addr) = found.next() {
+                    *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = addr;
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%name, %error, "lookup failed; dialling the last address");
+            }
+        }
+    }
 }
 
 /// `addr` resolved (its first address), with the host name it was given by.
@@ -766,8 +799,9 @@ where
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
         })?;
     Ok(QuicServer {
-        remote,
+        remote: std::sync::Mutex::new(remote),
         server_name: host_of(&shown).to_owned(),
+        lookup: shown.parse::<SocketAddr>().is_err().then(|| shown.clone()),
     })
 }
 
@@ -971,7 +1005,7 @@ fn grown_timeout(
 async fn connect_attempt(shared: &Shared, timeout: Duration) -> Result<Peer, ConnectError> {
     let (endpoint, remote, server_name) = match (&shared.dial, shared.dial.server()) {
         (Dial::Quic { endpoint, .. }, Some(server)) => {
-            (endpoint, server.remote, server.server_name.as_str())
+            (endpoint, server.remote(), server.server_name.as_str())
         }
         (Dial::Quic { .. }, None) => {
             return Err(ConnectError::Resolve {
@@ -1174,8 +1208,16 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
             }
         }
         attempt += 1;
+        // The address is looked up again (not on a first connect, which just
+        // did): a name may have moved to another server meanwhile.
+        let refresh = !(immediately && attempt == 1);
         let result = tokio::select! {
-            result = connect_once(shared, timeout) => result,
+            result = async {
+                if refresh && let Some(server) = shared.dial.server() {
+                    server.refresh().await;
+                }
+                connect_once(shared, timeout).await
+            } => result,
             () = shared.closing() => return None,
         };
         timeout = grown_timeout(shared, timeout, &result);

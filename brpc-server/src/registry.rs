@@ -268,6 +268,11 @@ impl Registry {
     /// Peers for which `filter` holds, ordered by connection id. This looks
     /// at every peer; to select by labels, [`select_labels`](Self::select_labels)
     /// reads an index instead.
+    ///
+    /// `filter` runs while the registry is read-locked, so that the peers
+    /// are not cloned first: it must not call back into the registry (a
+    /// connection being listed meanwhile waits for the lock, and a second
+    /// read can then deadlock), and it holds up listing while it runs.
     pub fn select(&self, mut filter: impl FnMut(&Peer) -> bool) -> Vec<Peer> {
         self.read()
             .values()

@@ -30,6 +30,10 @@ pub(crate) fn matches(peer: &Peer, labels: &Labels) -> bool {
 impl Registry {
     /// Waits until a peer for which `filter` holds is connected and returns
     /// it (at once if one already is).
+    ///
+    /// `filter` may run while the registry is read-locked (as for
+    /// [`select`](Registry::select)): it must not call back into the
+    /// registry, and should be quick.
     pub async fn wait_for(&self, filter: impl Fn(&Peer) -> bool) -> Peer {
         self.wait_for_matching(&Labels::new(), filter).await
     }
