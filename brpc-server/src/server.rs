@@ -258,7 +258,10 @@ impl Builder {
 
     /// Most connections at once (default 100 000). Further clients complete
     /// the QUIC handshake and are closed at once with `CONN_TOO_MANY`
-    /// (`0x05`) and the reason "server at its connection limit".
+    /// (`0x05`) and the reason "server at its connection limit". Their
+    /// handshakes take slots of [`Builder::max_handshakes`] like any other;
+    /// with none free they are refused at once with QUIC's
+    /// `CONNECTION_REFUSED`, as when the server is busy.
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections;
         self
@@ -726,8 +729,21 @@ async fn accept_loop(shared: Arc<Shared>) {
                             }
                         }
                     } else {
-                        shared.admission.count(AdmissionEvent::TurnedAway);
-                        connections.spawn(turn_away(incoming, shared.max_connections, counted));
+                        // Not a connection the limit counts (counting it
+                        // would turn clients away while the peers fall below
+                        // the limit), and its handshake takes a slot like
+                        // any other: with none free it is refused at once.
+                        drop(counted);
+                        match shared.handshakes.clone().try_acquire_owned() {
+                            Ok(permit) => {
+                                shared.admission.count(AdmissionEvent::TurnedAway);
+                                connections.spawn(turn_away(incoming, shared.max_connections, permit));
+                            }
+                            Err(_) => {
+                                shared.admission.count(AdmissionEvent::RefusedQueueFull);
+                                incoming.refuse();
+                            }
+                        }
                     }
                 }
                 None => break,
@@ -766,11 +782,13 @@ async fn wait_for_handshake(
     }
 }
 
-/// A client over the connection limit: finish the handshake so it can be told
-/// why, then close with `CONN_TOO_MANY`.
-async fn turn_away(incoming: Incoming, limit: usize, _counted: Counted) {
+/// A client over the connection limit: finish the handshake (holding a
+/// handshake slot) so it can be told why, then close with `CONN_TOO_MANY`.
+async fn turn_away(incoming: Incoming, limit: usize, permit: OwnedSemaphorePermit) {
     let remote = incoming.remote_address();
-    if let Ok(Ok(connection)) = tokio::time::timeout(Duration::from_secs(5), incoming).await {
+    let handshake = tokio::time::timeout(Duration::from_secs(5), incoming).await;
+    drop(permit);
+    if let Ok(Ok(connection)) = handshake {
         tracing::info!(%remote, limit, "connection refused: at the connection limit");
         let reason = format!("server at its connection limit ({limit}); retry later or elsewhere");
         connection.close(VarInt::from_u32(codes::CONN_TOO_MANY), reason.as_bytes());
