@@ -559,3 +559,79 @@ async fn a_request_arriving_in_pieces_is_read_whole() {
         assert_eq!((reply.seq, reply.blob.len()), (9, 3000), "cut at {cut}");
     }
 }
+
+/// A call the server ends at its deadline is answered within the idle limit
+/// or reset: a client that grants no flow-control credit (its connection
+/// window filled by another call it does not read) cannot keep the call,
+/// and its place among the connection's calls, for ever.
+#[tokio::test]
+async fn an_early_answer_the_client_will_not_take_is_reset_after_the_idle_limit() {
+    use common::echo::{RangeRequest, SleepRequest};
+    let server = brpc::Server::builder()
+        .call_idle_timeout(Some(Duration::from_millis(500)))
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let mut transport = quinn::TransportConfig::default();
+    transport.receive_window(2048u32.into());
+    let conn = common::raw_connection_with(&server, transport).await;
+    let hello = common::raw_call(&conn, common::hello_request(1, "withholding")).await;
+    assert_eq!(hello.status.expect("status").code, 0);
+    let open = |method: &str, payload: Vec<u8>, timeout: Option<Duration>| {
+        let conn = conn.clone();
+        let request = Request {
+            service: "test.echo.v1.Echo".into(),
+            method: method.into(),
+            payload: payload.into(),
+            timeout_nano: timeout.map_or(0, |t| t.as_nanos() as i64),
+            ..Default::default()
+        };
+        async move {
+            let (mut send, recv) = conn.open_bi().await.expect("open");
+            let id = wire::stream_id(send.id().index(), true);
+            send.write_all(&frame(
+                id,
+                FrameType::Request,
+                Flags::EMPTY,
+                request.encode_to_vec(),
+            ))
+            .await
+            .expect("write");
+            send.finish().expect("finish");
+            recv
+        }
+    };
+    // Replies nobody reads fill the connection's receive window.
+    let before = conn.stats().udp_rx.bytes;
+    let _flood = open(
+        "Range",
+        RangeRequest {
+            from: 0,
+            to: 1_000_000,
+        }
+        .encode_to_vec(),
+        None,
+    )
+    .await;
+    common::eventually(Duration::from_secs(10), "the window filled", || {
+        conn.stats().udp_rx.bytes - before >= 2048
+    })
+    .await;
+    // Ended by its deadline while its handler sleeps: its answer finds no credit.
+    let mut late = open(
+        "Sleep",
+        SleepRequest { millis: 60_000 }.encode_to_vec(),
+        Some(Duration::from_millis(200)),
+    )
+    .await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), late.read(&mut buf))
+        .await
+        .expect("reset in time, not held for ever");
+    assert!(
+        matches!(read, Err(quinn::ReadError::Reset(code)) if code == quinn::VarInt::from_u32(codes::STREAM_IDLE)),
+        "{read:?}"
+    );
+}

@@ -710,7 +710,21 @@ impl Reply {
             reader.stop(code);
         }
         match (abort.response, abort.reset) {
-            (Some(frame), _) => self.write_last(abort.status.code(), frame).await,
+            (Some(frame), _) => {
+                // A peer that grants the stream no credit must not keep the
+                // call (and its place among the connection's calls) for
+                // ever: the answer gets the call's idle limit, then a reset.
+                let limit = self.call.read(|call| call.config().idle_limit);
+                let written = self.write_last(abort.status.code(), frame);
+                match limit {
+                    None => written.await,
+                    Some(limit) => {
+                        if tokio::time::timeout(limit, written).await.is_err() {
+                            self.reset(codes::STREAM_IDLE);
+                        }
+                    }
+                }
+            }
             (None, Some(code)) => self.reset(code),
             (None, None) => {}
         }

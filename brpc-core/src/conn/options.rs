@@ -122,6 +122,8 @@ impl ConnectionOptions {
 
     /// How long a call may stall mid-frame (or before its Request) before
     /// it is reset with stream code `0x04` (default 30 s; `None` disables).
+    /// The answer to a call this side ended early (its deadline, a bad
+    /// Request) waits as long for the peer's flow-control credit.
     #[must_use]
     pub fn call_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.limits.idle_timeout = timeout;
