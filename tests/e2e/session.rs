@@ -208,3 +208,20 @@ async fn a_refused_client_that_never_takes_the_answer_is_closed_at_the_hello_lim
     send.finish().expect("finish");
     common::closed_with(&conn, codes::CONN_HELLO_FAILED).await;
 }
+
+/// Neither side accepts QUIC datagrams (brpc uses none): a peer learns it
+/// from the transport parameters and cannot make the other buffer them.
+#[tokio::test]
+async fn neither_side_accepts_quic_datagrams() {
+    let server = common::server();
+    let raw = common::raw_connection(&server).await;
+    assert_eq!(raw.max_datagram_size(), None, "the server offers none");
+    let client = common::client(&server, "no-datagrams").await;
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    let to_client = peer.quic_connection().expect("over QUIC");
+    assert_eq!(
+        to_client.max_datagram_size(),
+        None,
+        "the client offers none"
+    );
+}

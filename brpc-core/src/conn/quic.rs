@@ -175,6 +175,10 @@ fn base_config(options: &TransportOptions) -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     // brpc never uses unidirectional streams.
     config.max_concurrent_uni_streams(0u32.into());
+    // Nor QUIC datagrams: none are accepted (quinn would otherwise advertise
+    // them and buffer up to a receive window of them per connection, which
+    // nothing here reads).
+    config.datagram_receive_buffer_size(None);
     config.max_idle_timeout(quinn::IdleTimeout::try_from(options.idle_timeout).ok());
     config.keep_alive_interval(options.keep_alive_interval);
     let payload = max_udp_payload(options);
