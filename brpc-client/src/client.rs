@@ -1025,7 +1025,10 @@ async fn connect_attempt(shared: &Shared, timeout: Duration) -> Result<Peer, Con
                 let stream = tokio::net::UnixStream::connect(path)
                     .await
                     .map_err(unix_error)?;
-                Ok(bytestream::dial(stream, hello(shared), shared.limits).await)
+                Ok(
+                    bytestream::dial(stream, hello(shared), shared.limits, shared.buffer.clone())
+                        .await,
+                )
             };
             return tokio::time::timeout(timeout, dialled)
                 .await

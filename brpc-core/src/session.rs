@@ -175,6 +175,23 @@ fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> (Status, By
         }
         METHOD => match peer.quic_connection() {
             None if peer.side() == Side::Acceptor && !peer.remote_is_brpc() => {
+                match HelloRequest::decode(payload).map(|hello| hello.protocol_version) {
+                    Ok(PROTOCOL_VERSION) => {}
+                    Ok(version) => {
+                        return (
+                            Status::failed_precondition(format!(
+                                "unsupported brpc protocol version {version}; this side speaks {PROTOCOL_VERSION}"
+                            )),
+                            Bytes::new(),
+                        );
+                    }
+                    Err(e) => {
+                        return (
+                            Status::invalid_argument(format!("bad Hello: {e}")),
+                            Bytes::new(),
+                        );
+                    }
+                }
                 peer.set_remote_is_brpc();
                 let answer = HelloResponse {
                     connection_id: peer.connection_id().0,

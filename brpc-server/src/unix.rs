@@ -102,7 +102,13 @@ async fn run_connection(
     _counted: Counted,
 ) {
     let id = ConnectionId(shared.next_id.fetch_add(1, Ordering::Relaxed));
-    let peer = bytestream::accept(stream, id, shared.limits, credentials);
+    let peer = bytestream::accept(
+        stream,
+        id,
+        shared.limits,
+        credentials,
+        shared.buffer_total.clone(),
+    );
     shared.registry.insert(peer.clone());
     // Unlists the peer however this task ends.
     let listed = Listed {

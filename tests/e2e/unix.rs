@@ -107,3 +107,194 @@ async fn a_unix_client_is_listed_announced_called_back_and_drained_like_a_quic_o
     assert!(server.peers().is_empty(), "{:?}", server.peers().list());
     assert!(!path.exists(), "the socket file is removed");
 }
+
+/// A Unix dial that its connect timeout gives up (the server accepted the
+/// socket but never answers Hello) closes the socket: the hung server sees
+/// it end, instead of one socket and two tasks left per attempt.
+#[tokio::test]
+async fn a_unix_dial_given_up_by_its_timeout_closes_its_socket() {
+    use tokio::io::AsyncReadExt;
+    let path = std::env::temp_dir().join(format!("brpc-unix-hung-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let err = brpc::Client::builder()
+        .name("impatient")
+        .connect_timeout(Duration::from_millis(200))
+        .connect_unix(&path)
+        .await
+        .expect_err("no Hello answer");
+    assert!(err.to_string().contains("no answer"), "{err}");
+    let (mut accepted, _) = listener.accept().await.expect("accepted");
+    let mut buf = vec![0u8; 4096];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        // The Hello it sent, then the end of the stream.
+        while accepted.read(&mut buf).await.expect("read") > 0 {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the abandoned dial's socket is still open");
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Over a Unix socket, as over QUIC, a Hello of another protocol version is
+/// refused with FAILED_PRECONDITION (the dialer then speaks plain ttrpc).
+#[tokio::test]
+async fn a_unix_hello_of_another_version_is_refused() {
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let path = std::env::temp_dir().join(format!("brpc-unix-version-{}.sock", std::process::id()));
+    let server = brpc::Server::builder().bind("127.0.0.1:0").expect("bind");
+    server.listen_unix(&path).expect("listen");
+    let mut socket = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    let hello = common::hello_request(99, "future");
+    let mut out = bytes::BytesMut::new();
+    brpc::core::wire::Frame::new(
+        1,
+        brpc::core::wire::FrameType::Request,
+        brpc::core::wire::Flags::EMPTY,
+        hello.encode_to_vec().into(),
+    )
+    .encode(&mut out)
+    .expect("encode");
+    socket.write_all(&out).await.expect("write");
+    let mut decoder = brpc::core::wire::FrameDecoder::new(1 << 20);
+    let mut buf = bytes::BytesMut::new();
+    let frame = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(frame) = decoder.decode(&mut buf).expect("frame") {
+                return frame;
+            }
+            assert!(socket.read_buf(&mut buf).await.expect("read") > 0, "closed");
+        }
+    })
+    .await
+    .expect("answered in time");
+    let response =
+        brpc::core::wire::Response::decode(frame.payload.into_bytes()).expect("response");
+    let status = response.status.expect("status");
+    assert_eq!(
+        status.code,
+        tonic::Code::FailedPrecondition as i32,
+        "{status:?}"
+    );
+    assert!(status.message.contains("version 99"), "{}", status.message);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Over a Unix socket, frames queued for calls that do not read them are
+/// charged to the connection's inbound budget as over QUIC: a handler that
+/// stops reading holds at most that much, and once it is used up a new call
+/// is refused with RESOURCE_EXHAUSTED instead of memory growing.
+#[tokio::test]
+async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
+    use common::echo::EchoRequest;
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MIB: usize = 1 << 20;
+    let path = std::env::temp_dir().join(format!("brpc-unix-budget-{}.sock", std::process::id()));
+    let server = brpc::Server::builder()
+        .max_message_size(MIB)
+        .buffer_per_connection(2 * MIB)
+        .add_service(EchoServer::new(EchoService::new("server")))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    server.listen_unix(&path).expect("listen");
+    let socket = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    let (mut reader, mut writer) = socket.into_split();
+    let frame = |id: u32, kind, flags, payload: Vec<u8>| {
+        let mut out = bytes::BytesMut::new();
+        brpc::core::wire::Frame::new(id, kind, flags, payload.into())
+            .encode(&mut out)
+            .expect("encode");
+        out
+    };
+    use brpc::core::wire::{Flags, FrameType, Request};
+    let request = |method: &str, payload: Vec<u8>| {
+        Request {
+            service: "test.echo.v1.Echo".into(),
+            method: method.into(),
+            payload: payload.into(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    // A call whose handler stops reading after its first message, then
+    // eight messages of 400 KiB for it: 3.2 MiB against a 2 MiB budget.
+    let mut out = frame(
+        1,
+        FrameType::Request,
+        Flags::REMOTE_OPEN,
+        request("Sink", vec![]),
+    );
+    out.extend(frame(
+        1,
+        FrameType::Data,
+        Flags::EMPTY,
+        EchoRequest {
+            text: "stall".into(),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    ));
+    let blob = EchoRequest {
+        blob: vec![7u8; 400 << 10],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for _ in 0..8 {
+        out.extend(frame(1, FrameType::Data, Flags::EMPTY, blob.clone()));
+    }
+    // Then a new call of 100 KiB: more than the room the stalled call left
+    // (five of its messages fit in the 2 MiB; the sixth waited a second,
+    // then the call was dropped, its five held by its handler).
+    let unary = EchoRequest {
+        blob: vec![1u8; 100 << 10],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    out.extend(frame(
+        3,
+        FrameType::Request,
+        Flags::EMPTY,
+        request("Unary", unary),
+    ));
+    writer.write_all(&out).await.expect("write");
+
+    let mut decoder = brpc::core::wire::FrameDecoder::new(MIB);
+    let mut buf = bytes::BytesMut::new();
+    let answer = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            while let Some(frame) = decoder.decode(&mut buf).expect("frame") {
+                if frame.stream_id == 3 {
+                    return frame;
+                }
+            }
+            assert!(reader.read_buf(&mut buf).await.expect("read") > 0, "closed");
+        }
+    })
+    .await
+    .expect("the new call answered in time");
+    let status = brpc::core::wire::Response::decode(answer.payload.into_bytes())
+        .expect("response")
+        .status
+        .expect("status");
+    assert_eq!(
+        status.code,
+        tonic::Code::ResourceExhausted as i32,
+        "{status:?}"
+    );
+    assert!(
+        status.message.contains("inbound buffer budget"),
+        "{}",
+        status.message
+    );
+    assert!(
+        server.buffered_bytes() <= 2 * MIB,
+        "{}",
+        server.buffered_bytes()
+    );
+    let _ = std::fs::remove_file(&path);
+}

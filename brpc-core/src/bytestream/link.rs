@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::conn::{
-    BoxFuture, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError, RequestBuilder,
-    SendError, Side,
+    BoxFuture, Budgets, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError,
+    RequestBuilder, SendError, Side,
 };
 use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameType, HEADER_LEN, Response};
 
@@ -30,7 +30,30 @@ use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameType, HEADER_LEN,
 const STREAM_BUFFER: usize = 64;
 const STREAM_FULL_WAIT: Duration = Duration::from_secs(1);
 
-type Inbound = Result<Frame, ReadError>;
+/// How long frames already queued may take to go out once the connection is
+/// closed.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+type Inbound = Result<Charged, ReadError>;
+
+/// A frame queued for its call, its bytes charged to the connection's
+/// budgets until the call takes it (or the frame is dropped unread).
+struct Charged {
+    frame: Frame,
+    _charge: Charge,
+}
+
+/// Bytes reserved from budgets, given back when dropped.
+struct Charge {
+    budgets: Budgets,
+    bytes: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budgets.release(self.bytes);
+    }
+}
 
 /// Stream ids are integers chosen by the two peers, in increasing order: a
 /// mixing hash (no SipHash) spreads every bit of them over the table.
@@ -76,6 +99,8 @@ struct Inner {
     opening: Mutex<()>,
     closed: watch::Sender<Option<String>>,
     remote_is_brpc: AtomicBool,
+    /// What frames queued for calls are charged to.
+    budgets: Budgets,
 }
 
 impl std::fmt::Debug for Link {
@@ -88,7 +113,7 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     /// Starts the reader and writer tasks on `io`.
-    pub(crate) fn spawn<S>(io: S, side: Side, max_message_size: usize) -> Link
+    pub(crate) fn spawn<S>(io: S, side: Side, max_message_size: usize, budgets: Budgets) -> Link
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -105,6 +130,7 @@ impl Link {
                 opening: Mutex::new(()),
                 closed: watch::Sender::new(None),
                 remote_is_brpc: AtomicBool::new(false),
+                budgets,
             }),
         };
         tokio::spawn(write_loop(write_half, out_rx, link.clone()));
@@ -154,6 +180,11 @@ impl Link {
         }
         let (id, inbound) = {
             let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
+            // Again under the lock `close` clears the calls under: a call
+            // registered after that would never be ended.
+            if self.close_reason().is_some() {
+                return Err(closed());
+            }
             let id = self.inner.next_id.load(Ordering::Relaxed);
             let frame = request(id)?;
             self.inner
@@ -214,6 +245,8 @@ impl Link {
                 false
             }
         });
+        // Under the lock calls are opened under (see `open_call`).
+        let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
         self.streams().clear();
     }
 
@@ -223,6 +256,21 @@ impl Link {
 
     pub(crate) fn set_remote_is_brpc(&self) {
         self.inner.remote_is_brpc.store(true, Ordering::Relaxed);
+    }
+
+    /// Reserves `bytes` of the budgets for a frame queued for a call: at
+    /// once, or (with `wait`) within [`STREAM_FULL_WAIT`].
+    async fn charge(&self, bytes: usize, wait: bool) -> Option<Charge> {
+        let budgets = &self.inner.budgets;
+        let reserved = budgets.try_reserve(bytes)
+            || (wait
+                && tokio::time::timeout(STREAM_FULL_WAIT, Box::pin(budgets.reserve(bytes)))
+                    .await
+                    .is_ok());
+        reserved.then(|| Charge {
+            budgets: budgets.clone(),
+            bytes,
+        })
     }
 
     /// Whether `id` is of the parity the peer opens.
@@ -344,7 +392,8 @@ impl StreamInbound {
             return std::task::Poll::Ready(Err(ReadError::Closed));
         }
         self.rx.poll_recv(cx).map(|received| match received {
-            Some(Ok(frame)) => Ok(Some(frame)),
+            // Taken: the frame is the call's now, no longer the link's.
+            Some(Ok(charged)) => Ok(Some(charged.frame)),
             Some(Err(e)) => Err(e),
             None => Err(ReadError::Lost(Lost::Stream(self.link.close_reason()))),
         })
@@ -411,12 +460,31 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 break;
             }
         }
-        if let Err(e) = io.write_all(&buf).await {
-            link.close(&format!("write failed: {e}"));
-            break;
+        // Once closed, what is being written gets a moment to go out, not
+        // for ever: a peer that stopped reading must not keep the socket
+        // and this task.
+        let written = {
+            let write = io.write_all(&buf);
+            tokio::pin!(write);
+            let first = tokio::select! {
+                written = &mut write => Some(written),
+                _ = closed.wait_for(Option::is_some) => None,
+            };
+            match first {
+                Some(written) => Some(written),
+                None => tokio::time::timeout(CLOSE_GRACE, &mut write).await.ok(),
+            }
+        };
+        match written {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                link.close(&format!("write failed: {e}"));
+                break;
+            }
+            None => break,
         }
     }
-    let _ = io.shutdown().await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -445,7 +513,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 match existing {
                     Some(tx) => {
                         let e = FrameError::TooLarge { header, max };
-                        let _ = tx.send(Err(ReadError::TooLarge(e))).await;
+                        deliver(&link, header.stream_id, &tx, Err(ReadError::TooLarge(e))).await;
                     }
                     None if header.kind == FrameType::Request
                         && link.opened_by_peer(header.stream_id) =>
@@ -473,6 +541,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
     link.close(&reason);
 }
 
+/// Hands `item` to the call `id`, waiting at most [`STREAM_FULL_WAIT`] for
+/// room: a call that stopped reading is dropped rather than stall the
+/// connection (Go's ttrpc gives up the same way).
+async fn deliver(link: &Link, id: u32, tx: &mpsc::Sender<Inbound>, item: Inbound) {
+    if tokio::time::timeout(STREAM_FULL_WAIT, tx.send(item))
+        .await
+        .is_err()
+    {
+        tracing::debug!(id, "stream buffer full; dropping the call");
+        link.streams().remove(&id);
+    }
+}
+
 async fn route(
     link: &Link,
     frame: Frame,
@@ -482,12 +563,18 @@ async fn route(
     let id = frame.stream_id;
     let existing = link.streams().get(&id).cloned();
     if let Some(tx) = existing {
-        match tokio::time::timeout(STREAM_FULL_WAIT, tx.send(Ok(frame))).await {
-            Ok(_) => {}
-            Err(_) => {
-                // The call stopped reading: drop it rather than stall the
-                // connection (Go's ttrpc gives up the same way).
-                tracing::debug!(id, "stream buffer full; dropping the call");
+        match link.charge(frame.payload.len(), true).await {
+            Some(charge) => {
+                let charged = Charged {
+                    frame,
+                    _charge: charge,
+                };
+                deliver(link, id, &tx, Ok(charged)).await;
+            }
+            None => {
+                // As for a call that stopped reading: dropped rather than
+                // the connection stalled.
+                tracing::debug!(id, "inbound buffer budget used up; dropping the call");
                 link.streams().remove(&id);
             }
         }
@@ -519,9 +606,18 @@ async fn route(
                 return;
             }
             *last_remote_id = id;
+            // A new call finds room at once or is refused, as over QUIC.
+            let Some(charge) = link.charge(frame.payload.len(), false).await else {
+                let message = link.inner.budgets.exhausted_message(frame.payload.len());
+                link.refuse(id, Status::resource_exhausted(message)).await;
+                return;
+            };
             let inbound = link.register(id);
             if let Some(tx) = link.streams().get(&id).cloned() {
-                let _ = tx.try_send(Ok(frame));
+                let _ = tx.try_send(Ok(Charged {
+                    frame,
+                    _charge: charge,
+                }));
             }
             if incoming.send((id, inbound)).await.is_err() {
                 link.streams().remove(&id);

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 pub use crate::conn::UnixCredentials;
-use crate::conn::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, Side};
+use crate::conn::{CallLimits, ConnectionId, Labels, MemoryBudget, Peer, PeerInfo, Side};
 use crate::wire::HelloRequest;
 
 /// Admits only peers running as this process's user and group (ttrpc's
@@ -93,24 +93,29 @@ fn info(connection_id: ConnectionId) -> PeerInfo {
 /// Acceptor: the handle of a client connected over the byte stream `io`,
 /// known as `id`, with the peer's `credentials` (from [`credentials`] for a
 /// Unix socket). Its calls are served once [`serve`](crate::serve) runs on
-/// it; that is the caller's task, so the caller owns it.
+/// it; that is the caller's task, so the caller owns it. Frames waiting
+/// for their calls are charged to its connection budget (from `limits`)
+/// and to `total`.
 #[doc(hidden)]
 pub fn accept<S>(
     io: S,
     id: ConnectionId,
     limits: CallLimits,
     credentials: Option<UnixCredentials>,
+    total: MemoryBudget,
 ) -> Peer
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let link = Link::spawn(io, Side::Acceptor, limits.max_message_size);
+    let budgets = limits.budgets(total);
+    let link = Link::spawn(io, Side::Acceptor, limits.max_message_size, budgets.clone());
     Peer::new_multiplexed(
         Arc::new(link),
         Side::Acceptor,
         info(id),
         limits,
         credentials,
+        budgets,
     )
 }
 
@@ -118,17 +123,34 @@ where
 /// `io`, after saying `hello` to find out whether it speaks brpc (then the
 /// handle carries the id it assigned, and it may call this side) or plain
 /// ttrpc (then calls go one way, to it). Serve this side's services with
-/// [`serve`](crate::serve) on the handle.
+/// [`serve`](crate::serve) on the handle. Frames waiting for their calls
+/// are charged as for [`accept`].
 #[doc(hidden)]
-pub async fn dial<S>(io: S, hello: HelloRequest, limits: CallLimits) -> Peer
+pub async fn dial<S>(io: S, hello: HelloRequest, limits: CallLimits, total: MemoryBudget) -> Peer
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let link = Arc::new(Link::spawn(io, Side::Dialer, limits.max_message_size));
+    let budgets = limits.budgets(total);
+    let link = Arc::new(Link::spawn(
+        io,
+        Side::Dialer,
+        limits.max_message_size,
+        budgets.clone(),
+    ));
+    // A dial given up before it returns (its caller's timeout) closes the
+    // socket: its tasks would otherwise keep it open.
+    let mut abandoned = CloseOnDrop(Some(link.clone()));
     let local = ConnectionId(NEXT_DIALED_ID.fetch_add(1, Ordering::Relaxed));
     // A handle for the Hello call alone; the one handed out carries what it
     // established.
-    let greeter = Peer::new_multiplexed(link.clone(), Side::Dialer, info(local), limits, None);
+    let greeter = Peer::new_multiplexed(
+        link.clone(),
+        Side::Dialer,
+        info(local),
+        limits,
+        None,
+        budgets.clone(),
+    );
     let id = match crate::session::hello_bytestream(&greeter, hello).await {
         Ok(answer) => {
             link.set_remote_is_brpc();
@@ -140,5 +162,17 @@ where
         }
     };
     drop(greeter);
-    Peer::new_multiplexed(link, Side::Dialer, info(id), limits, None)
+    abandoned.0 = None;
+    Peer::new_multiplexed(link, Side::Dialer, info(id), limits, None, budgets)
+}
+
+/// Closes its link when dropped, unless emptied first.
+struct CloseOnDrop(Option<Arc<Link>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(link) = self.0.take() {
+            link.close("the dial was given up");
+        }
+    }
 }

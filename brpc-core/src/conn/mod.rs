@@ -20,6 +20,7 @@ mod quic;
 mod relay;
 mod transport;
 
+pub(crate) use budget::Budgets;
 pub use budget::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_BUFFER_TOTAL, MemoryBudget};
 pub use connection_error::ConnectionError;
 pub(crate) use incoming::accept_one;

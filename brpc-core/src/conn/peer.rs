@@ -229,16 +229,15 @@ impl Peer {
 
     /// A handle for a connection whose calls `mux` multiplexes over one
     /// byte stream (a Unix socket), as seen from `side`.
+    /// `budgets` are those the link charges the frames it queues for calls to.
     pub(crate) fn new_multiplexed(
         mux: Arc<dyn Multiplexer>,
         side: Side,
         info: PeerInfo,
         limits: CallLimits,
         credentials: Option<UnixCredentials>,
+        budgets: Budgets,
     ) -> Self {
-        // The byte-stream link reads one frame at a time for the whole
-        // connection; its per-call queues are bounded separately.
-        let budgets = limits.budgets(MemoryBudget::new(usize::MAX));
         Self::with_transport(
             Transport::Mux(mux),
             side,
