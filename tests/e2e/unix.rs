@@ -298,3 +298,48 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+/// Over a Unix socket, a call that does not take its frames is dropped after
+/// a second (as Go's ttrpc does), and it then fails with RESOURCE_EXHAUSTED
+/// saying so: not with a lost connection, since the connection is fine (a
+/// call on it still works).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_call_that_does_not_read_is_dropped_with_resource_exhausted() {
+    use common::echo::RangeRequest;
+    let path = std::env::temp_dir().join(format!("brpc-unix-slow-{}.sock", std::process::id()));
+    let server = brpc::Server::builder()
+        .add_service(EchoServer::new(EchoService::new("server")))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    server.listen_unix(&path).expect("listen");
+    let client = brpc::Client::builder()
+        .name("slow-reader")
+        .connect_unix(&path)
+        .await
+        .expect("connect");
+    let mut echo = EchoClient::new(client.channel());
+    let mut stream = echo
+        .range(RangeRequest { from: 0, to: 2000 })
+        .await
+        .expect("started")
+        .into_inner();
+    // Not read for a while: 64 replies queue, the next waits a second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let err = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended OK"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("ended in time");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("dropped"), "{err:?}");
+    echo.unary(EchoRequest::default())
+        .await
+        .expect("the connection still serves");
+    let _ = std::fs::remove_file(&path);
+}

@@ -82,6 +82,13 @@ impl std::hash::Hasher for IdHasher {
 }
 
 type StreamMap = HashMap<u32, mpsc::Sender<Inbound>, std::hash::BuildHasherDefault<IdHasher>>;
+type IdSet = std::collections::HashSet<u32, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// What a call dropped for not reading its frames sees (rather than a lost
+/// connection: the connection is fine).
+const DROPPED: &str = "this call did not take its frames for a second (its queue of 64 \
+     was full, or the inbound buffer budget had no room) and was dropped; read a call's \
+     stream promptly";
 
 /// One byte-stream connection. Cheap to clone.
 #[derive(Clone)]
@@ -93,6 +100,8 @@ struct Inner {
     side: Side,
     out: mpsc::Sender<Frame>,
     streams: Mutex<StreamMap>,
+    /// Calls dropped for not reading, until their receivers have seen it.
+    dropped: Mutex<IdSet>,
     next_id: AtomicU32,
     incoming: Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
     /// Taken while a new id is chosen and its Request queued.
@@ -125,6 +134,7 @@ impl Link {
                 side,
                 out,
                 streams: Mutex::new(StreamMap::default()),
+                dropped: Mutex::new(IdSet::default()),
                 next_id: AtomicU32::new(if side == Side::Dialer { 1 } else { 2 }),
                 incoming: Mutex::new(incoming_rx),
                 opening: Mutex::new(()),
@@ -145,6 +155,22 @@ impl Link {
 
     fn streams(&self) -> std::sync::MutexGuard<'_, StreamMap> {
         self.inner.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dropped(&self) -> std::sync::MutexGuard<'_, IdSet> {
+        self.inner.dropped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops routing frames to the call `id`, which does not take them.
+    fn drop_call(&self, id: u32) {
+        if self.streams().remove(&id).is_some() {
+            self.dropped().insert(id);
+        }
+    }
+
+    /// Whether the call `id` was dropped for not reading (told once).
+    fn take_dropped(&self, id: u32) -> bool {
+        self.dropped().remove(&id)
     }
 
     fn register(&self, id: u32) -> StreamInbound {
@@ -248,6 +274,7 @@ impl Link {
         // Under the lock calls are opened under (see `open_call`).
         let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
         self.streams().clear();
+        self.dropped().clear();
     }
 
     pub(crate) fn remote_is_brpc(&self) -> bool {
@@ -395,6 +422,7 @@ impl StreamInbound {
             // Taken: the frame is the call's now, no longer the link's.
             Some(Ok(charged)) => Ok(Some(charged.frame)),
             Some(Err(e)) => Err(e),
+            None if self.link.take_dropped(self.id) => Err(ReadError::Exhausted(DROPPED.into())),
             None => Err(ReadError::Lost(Lost::Stream(self.link.close_reason()))),
         })
     }
@@ -402,12 +430,14 @@ impl StreamInbound {
     pub(crate) fn stop(&mut self) {
         self.stopped = true;
         self.link.streams().remove(&self.id);
+        self.link.take_dropped(self.id);
     }
 }
 
 impl Drop for StreamInbound {
     fn drop(&mut self) {
         self.link.streams().remove(&self.id);
+        self.link.take_dropped(self.id);
     }
 }
 
@@ -550,7 +580,7 @@ async fn deliver(link: &Link, id: u32, tx: &mpsc::Sender<Inbound>, item: Inbound
         .is_err()
     {
         tracing::debug!(id, "stream buffer full; dropping the call");
-        link.streams().remove(&id);
+        link.drop_call(id);
     }
 }
 
@@ -575,7 +605,7 @@ async fn route(
                 // As for a call that stopped reading: dropped rather than
                 // the connection stalled.
                 tracing::debug!(id, "inbound buffer budget used up; dropping the call");
-                link.streams().remove(&id);
+                link.drop_call(id);
             }
         }
         return;
