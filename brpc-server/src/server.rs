@@ -879,32 +879,30 @@ async fn session(
             return None;
         }
     };
-    // Answers go out within the Hello limit too: a client that withholds
-    // flow-control credit must not keep its connection (and its place
-    // under max_connections) by never taking the answer.
+    let refuse = |hello: HelloCall, status: Status, code: u32, reason: Vec<u8>| {
+        let connection = connection.clone();
+        async move {
+            // Within the Hello limit too: a client that withholds
+            // flow-control credit must not keep its connection (and its
+            // place under max_connections) by never taking the answer.
+            let _ = tokio::time::timeout_at(deadline, hello.reject(status)).await;
+            connection.close(VarInt::from_u32(code), &reason);
+            None
+        }
+    };
     if shared.shutting_down.load(Ordering::SeqCst) {
-        let refusal = hello.reject(Status::unavailable(
-            "server is shutting down; reconnect later",
-        ));
-        let _ = tokio::time::timeout_at(deadline, refusal).await;
-        connection.close(
-            VarInt::from_u32(codes::CONN_GOING_AWAY),
-            b"server shutting down",
-        );
-        return None;
+        let status = Status::unavailable("server is shutting down; reconnect later");
+        let reason = b"server shutting down".to_vec();
+        return refuse(hello, status, codes::CONN_GOING_AWAY, reason).await;
     }
     let version = hello.request.protocol_version;
     if version != session::PROTOCOL_VERSION {
-        let refusal = hello.reject(Status::failed_precondition(format!(
+        let status = Status::failed_precondition(format!(
             "unsupported brpc protocol version {version}; this server speaks {}",
             session::PROTOCOL_VERSION
-        )));
-        let _ = tokio::time::timeout_at(deadline, refusal).await;
-        connection.close(
-            VarInt::from_u32(codes::CONN_HELLO_FAILED),
-            b"unsupported protocol version",
-        );
-        return None;
+        ));
+        let reason = b"unsupported protocol version".to_vec();
+        return refuse(hello, status, codes::CONN_HELLO_FAILED, reason).await;
     }
     let identity = PeerIdentity::of_connection(&connection);
     if let Some(authorize) = &shared.authorize {
@@ -922,13 +920,8 @@ async fn session(
         };
         if let Err(status) = authorize(&admission) {
             tracing::info!(%remote, name = %hello.request.name, %status, "client not authorized");
-            let reason = format!("not authorized: {}", status.message());
-            let _ = tokio::time::timeout_at(deadline, hello.reject(status)).await;
-            connection.close(
-                VarInt::from_u32(codes::CONN_UNAUTHORIZED),
-                reason.as_bytes(),
-            );
-            return None;
+            let reason = format!("not authorized: {}", status.message()).into_bytes();
+            return refuse(hello, status, codes::CONN_UNAUTHORIZED, reason).await;
         }
     }
     // Admitted: open the call window and the receive window.
