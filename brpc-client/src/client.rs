@@ -530,10 +530,8 @@ impl Builder {
         let mut timeout = shared.connect_timeout;
         loop {
             attempt += 1;
-            if attempt > 1
-                && let Some(server) = shared.dial.server()
-            {
-                server.refresh().await;
+            if attempt > 1 {
+                shared.dial.refresh().await;
             }
             let result = connect_once(&shared, timeout).await;
             timeout = grown_timeout(&shared, timeout, &result);
@@ -813,6 +811,13 @@ impl Dial {
                 Some(&servers[turn.load(Ordering::Relaxed) % servers.len()])
             }
             _ => None,
+        }
+    }
+
+    /// Looks the next server's host name up again (see [`QuicServer::refresh`]).
+    async fn refresh(&self) {
+        if let Some(server) = self.server() {
+            server.refresh().await;
         }
     }
 
@@ -1216,8 +1221,8 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
         let refresh = !(immediately && attempt == 1);
         let result = tokio::select! {
             result = async {
-                if refresh && let Some(server) = shared.dial.server() {
-                    server.refresh().await;
+                if refresh {
+                    shared.dial.refresh().await;
                 }
                 connect_once(shared, timeout).await
             } => result,
@@ -1254,11 +1259,8 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
     // `Client::close` ran while this connection was being made: it must
     // not stay current (and open) after the client said it is closed.
     if shared.is_closing() {
-        shared.current.send_replace(None);
         peer.close(codes::CONN_NORMAL, "client closed");
-        shared.state.send_replace(ClientState::Closed {
-            reason: Disconnect::ClientClosed,
-        });
+        shared.closed(Disconnect::ClientClosed);
         return None;
     }
     Some(peer)

@@ -781,11 +781,7 @@ impl Call {
         status: &Status,
         payload: Bytes,
     ) -> Result<(Frame, Code), Status> {
-        if self.role != CallRole::Callee || self.send == SendPhase::Done {
-            return Err(self.misuse("a Response"));
-        }
-        self.send = SendPhase::Done;
-        Ok(self.response_frame(to_wire(status), payload))
+        self.send_end(to_wire(status), payload)
     }
 
     /// Callee: [`send_response`](Self::send_response) with an OK status,
@@ -794,11 +790,20 @@ impl Call {
     /// # Errors
     /// `INTERNAL` after the end was sent.
     pub fn send_ok_response(&mut self, payload: Bytes) -> Result<(Frame, Code), Status> {
+        self.send_end(crate::wire::envelope::Status::default(), payload)
+    }
+
+    /// The final Response with `status` already in its wire form.
+    fn send_end(
+        &mut self,
+        status: crate::wire::envelope::Status,
+        payload: Bytes,
+    ) -> Result<(Frame, Code), Status> {
         if self.role != CallRole::Callee || self.send == SendPhase::Done {
             return Err(self.misuse("a Response"));
         }
         self.send = SendPhase::Done;
-        Ok(self.response_frame(crate::wire::envelope::Status::default(), payload))
+        Ok(self.response_frame(status, payload))
     }
 
     /// Callee: [`send_response`](Self::send_response) with an OK status and
