@@ -9,7 +9,7 @@
 //! answered `INVALID_ARGUMENT`, unknown frame types are ignored.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,6 +102,9 @@ struct Inner {
     streams: Mutex<StreamMap>,
     /// Calls dropped for not reading, until their receivers have seen it.
     dropped: Mutex<IdSet>,
+    /// How many `dropped` holds, read without its lock: every call's end
+    /// asks, and almost always none was dropped.
+    dropped_count: AtomicUsize,
     next_id: AtomicU32,
     incoming: Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
     /// Taken while a new id is chosen and its Request queued.
@@ -135,6 +138,7 @@ impl Link {
                 out,
                 streams: Mutex::new(StreamMap::default()),
                 dropped: Mutex::new(IdSet::default()),
+                dropped_count: AtomicUsize::new(0),
                 next_id: AtomicU32::new(if side == Side::Dialer { 1 } else { 2 }),
                 incoming: Mutex::new(incoming_rx),
                 opening: Mutex::new(()),
@@ -157,20 +161,27 @@ impl Link {
         self.inner.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn dropped(&self) -> std::sync::MutexGuard<'_, IdSet> {
-        self.inner.dropped.lock().unwrap_or_else(|e| e.into_inner())
+    /// Changes the dropped calls, keeping their count.
+    fn with_dropped<T>(&self, change: impl FnOnce(&mut IdSet) -> T) -> T {
+        let mut dropped = self.inner.dropped.lock().unwrap_or_else(|e| e.into_inner());
+        let result = change(&mut dropped);
+        self.inner
+            .dropped_count
+            .store(dropped.len(), Ordering::Relaxed);
+        result
     }
 
     /// Stops routing frames to the call `id`, which does not take them.
     fn drop_call(&self, id: u32) {
         if self.streams().remove(&id).is_some() {
-            self.dropped().insert(id);
+            self.with_dropped(|dropped| dropped.insert(id));
         }
     }
 
     /// Whether the call `id` was dropped for not reading (told once).
     fn take_dropped(&self, id: u32) -> bool {
-        self.dropped().remove(&id)
+        self.inner.dropped_count.load(Ordering::Relaxed) > 0
+            && self.with_dropped(|dropped| dropped.remove(&id))
     }
 
     fn register(&self, id: u32) -> StreamInbound {
@@ -274,7 +285,7 @@ impl Link {
         // Under the lock calls are opened under (see `open_call`).
         let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
         self.streams().clear();
-        self.dropped().clear();
+        self.with_dropped(IdSet::clear);
     }
 
     pub(crate) fn remote_is_brpc(&self) -> bool {
