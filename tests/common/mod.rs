@@ -333,6 +333,20 @@ pub async fn state_becomes(
         .clone()
 }
 
+/// One encoded frame, as a raw peer writes it.
+pub fn frame(
+    stream_id: u32,
+    kind: wire::FrameType,
+    flags: wire::Flags,
+    payload: impl Into<bytes::Bytes>,
+) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    wire::Frame::new(stream_id, kind, flags, payload.into())
+        .encode(&mut buf)
+        .expect("encode");
+    buf.to_vec()
+}
+
 /// A raw QUIC connection to `server` (TLS pinned), speaking no brpc yet.
 pub async fn raw_connection(server: &Server) -> quinn::Connection {
     raw_connection_with(server, quinn::TransportConfig::default()).await

@@ -7,25 +7,12 @@ use crate::common;
 use std::time::Duration;
 
 use brpc::core::conn::codes;
-use brpc::core::wire::{self, Flags, Frame, FrameDecoder, FrameType, Request, Response};
+use brpc::core::wire::{self, Flags, FrameDecoder, FrameType, Request, Response};
 use bytes::{BufMut, BytesMut};
-use common::EchoService;
 use common::echo::{EchoReply, EchoRequest};
+use common::{EchoService, frame};
 use prost::Message;
 use tonic::Code;
-
-fn frame(
-    stream_id: u32,
-    kind: FrameType,
-    flags: Flags,
-    payload: impl Into<bytes::Bytes>,
-) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    Frame::new(stream_id, kind, flags, payload.into())
-        .encode(&mut buf)
-        .expect("encode");
-    buf.to_vec()
-}
 
 fn echo_request(payload: Vec<u8>) -> Vec<u8> {
     Request {

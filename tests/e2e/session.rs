@@ -193,18 +193,13 @@ async fn a_refused_client_that_never_takes_the_answer_is_closed_at_the_hello_lim
     let conn = common::raw_connection_with(&server, transport).await;
     let (mut send, _recv) = conn.open_bi().await.expect("open");
     let stream_id = brpc::core::wire::stream_id(send.id().index(), true);
-    let mut buf = bytes::BytesMut::new();
-    brpc::core::wire::Frame::new(
+    let hello = common::frame(
         stream_id,
         brpc::core::wire::FrameType::Request,
         brpc::core::wire::Flags::EMPTY,
-        common::hello_request(99, "withholding")
-            .encode_to_vec()
-            .into(),
-    )
-    .encode(&mut buf)
-    .expect("encode");
-    send.write_all(&buf).await.expect("write");
+        common::hello_request(99, "withholding").encode_to_vec(),
+    );
+    send.write_all(&hello).await.expect("write");
     send.finish().expect("finish");
     common::closed_with(&conn, codes::CONN_HELLO_FAILED).await;
 }

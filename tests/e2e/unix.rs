@@ -135,43 +135,51 @@ async fn a_unix_dial_given_up_by_its_timeout_closes_its_socket() {
     let _ = std::fs::remove_file(&path);
 }
 
-/// Over a Unix socket, as over QUIC, a Hello of another protocol version is
-/// refused with FAILED_PRECONDITION (the dialer then speaks plain ttrpc).
-#[tokio::test]
-async fn a_unix_hello_of_another_version_is_refused() {
+/// The Response a raw peer reads for its call `id` on `socket` (frames of
+/// other calls skipped), within 20 s.
+async fn status_on(
+    socket: &mut (impl tokio::io::AsyncRead + Unpin),
+    id: u32,
+) -> brpc::core::wire::Response {
     use prost::Message;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let path = std::env::temp_dir().join(format!("brpc-unix-version-{}.sock", std::process::id()));
-    let server = brpc::Server::builder().bind("127.0.0.1:0").expect("bind");
-    server.listen_unix(&path).expect("listen");
-    let mut socket = tokio::net::UnixStream::connect(&path)
-        .await
-        .expect("connect");
-    let hello = common::hello_request(99, "future");
-    let mut out = bytes::BytesMut::new();
-    brpc::core::wire::Frame::new(
-        1,
-        brpc::core::wire::FrameType::Request,
-        brpc::core::wire::Flags::EMPTY,
-        hello.encode_to_vec().into(),
-    )
-    .encode(&mut out)
-    .expect("encode");
-    socket.write_all(&out).await.expect("write");
-    let mut decoder = brpc::core::wire::FrameDecoder::new(1 << 20);
+    use tokio::io::AsyncReadExt;
+    let mut decoder = brpc::core::wire::FrameDecoder::new(4 << 20);
     let mut buf = bytes::BytesMut::new();
-    let frame = tokio::time::timeout(Duration::from_secs(10), async {
+    let answer = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            if let Some(frame) = decoder.decode(&mut buf).expect("frame") {
-                return frame;
+            while let Some(frame) = decoder.decode(&mut buf).expect("frame") {
+                if frame.stream_id == id {
+                    return frame;
+                }
             }
             assert!(socket.read_buf(&mut buf).await.expect("read") > 0, "closed");
         }
     })
     .await
     .expect("answered in time");
-    let response =
-        brpc::core::wire::Response::decode(frame.payload.into_bytes()).expect("response");
+    brpc::core::wire::Response::decode(answer.payload.into_bytes()).expect("response")
+}
+
+/// Over a Unix socket, as over QUIC, a Hello of another protocol version is
+/// refused with FAILED_PRECONDITION (the dialer then speaks plain ttrpc).
+#[tokio::test]
+async fn a_unix_hello_of_another_version_is_refused() {
+    use prost::Message;
+    use tokio::io::AsyncWriteExt;
+    let path = std::env::temp_dir().join(format!("brpc-unix-version-{}.sock", std::process::id()));
+    let server = brpc::Server::builder().bind("127.0.0.1:0").expect("bind");
+    server.listen_unix(&path).expect("listen");
+    let mut socket = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    let hello = common::frame(
+        1,
+        brpc::core::wire::FrameType::Request,
+        brpc::core::wire::Flags::EMPTY,
+        common::hello_request(99, "future").encode_to_vec(),
+    );
+    socket.write_all(&hello).await.expect("write");
+    let response = status_on(&mut socket, 1).await;
     let status = response.status.expect("status");
     assert_eq!(
         status.code,
@@ -190,7 +198,7 @@ async fn a_unix_hello_of_another_version_is_refused() {
 async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
     use common::echo::EchoRequest;
     use prost::Message;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const MIB: usize = 1 << 20;
     let path = std::env::temp_dir().join(format!("brpc-unix-budget-{}.sock", std::process::id()));
     let server = brpc::Server::builder()
@@ -204,14 +212,8 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
         .await
         .expect("connect");
     let (mut reader, mut writer) = socket.into_split();
-    let frame = |id: u32, kind, flags, payload: Vec<u8>| {
-        let mut out = bytes::BytesMut::new();
-        brpc::core::wire::Frame::new(id, kind, flags, payload.into())
-            .encode(&mut out)
-            .expect("encode");
-        out
-    };
     use brpc::core::wire::{Flags, FrameType, Request};
+    use common::frame;
     let request = |method: &str, payload: Vec<u8>| {
         Request {
             service: "test.echo.v1.Echo".into(),
@@ -263,24 +265,7 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
     ));
     writer.write_all(&out).await.expect("write");
 
-    let mut decoder = brpc::core::wire::FrameDecoder::new(MIB);
-    let mut buf = bytes::BytesMut::new();
-    let answer = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            while let Some(frame) = decoder.decode(&mut buf).expect("frame") {
-                if frame.stream_id == 3 {
-                    return frame;
-                }
-            }
-            assert!(reader.read_buf(&mut buf).await.expect("read") > 0, "closed");
-        }
-    })
-    .await
-    .expect("the new call answered in time");
-    let status = brpc::core::wire::Response::decode(answer.payload.into_bytes())
-        .expect("response")
-        .status
-        .expect("status");
+    let status = status_on(&mut reader, 3).await.status.expect("status");
     assert_eq!(
         status.code,
         tonic::Code::ResourceExhausted as i32,
