@@ -9,7 +9,7 @@
 //! answered `INVALID_ARGUMENT`, unknown frame types are ignored.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,6 +33,9 @@ const STREAM_FULL_WAIT: Duration = Duration::from_secs(1);
 /// How long frames already queued may take to go out once the connection is
 /// closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Why a connection that used up its side's stream ids closes.
+const IDS_USED_UP: &str = "this connection has used all 2^31 stream ids of its side";
 
 type Inbound = Result<Charged, ReadError>;
 
@@ -105,7 +108,11 @@ struct Inner {
     /// How many `dropped` holds, read without its lock: every call's end
     /// asks, and almost always none was dropped.
     dropped_count: AtomicUsize,
-    next_id: AtomicU32,
+    /// The id this side's next call takes; past `u32::MAX` the ids are used
+    /// up (2^31 calls) and the connection closes once its calls are over.
+    next_id: AtomicU64,
+    /// Set when this side's ids ran out: the last call to end closes it.
+    ids_used_up: AtomicBool,
     incoming: Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
     /// Taken while a new id is chosen and its Request queued.
     opening: Mutex<()>,
@@ -139,7 +146,8 @@ impl Link {
                 streams: Mutex::new(StreamMap::default()),
                 dropped: Mutex::new(IdSet::default()),
                 dropped_count: AtomicUsize::new(0),
-                next_id: AtomicU32::new(if side == Side::Dialer { 1 } else { 2 }),
+                next_id: AtomicU64::new(if side == Side::Dialer { 1 } else { 2 }),
+                ids_used_up: AtomicBool::new(false),
                 incoming: Mutex::new(incoming_rx),
                 opening: Mutex::new(()),
                 closed: watch::Sender::new(None),
@@ -222,11 +230,22 @@ impl Link {
             if self.close_reason().is_some() {
                 return Err(closed());
             }
-            let id = self.inner.next_id.load(Ordering::Relaxed);
+            let Ok(id) = u32::try_from(self.inner.next_id.load(Ordering::Relaxed)) else {
+                // Starting again at 1 would break the rule that ids increase
+                // (ttrpc servers refuse such a call): the connection is
+                // retired instead, once the calls still running are over.
+                self.inner.ids_used_up.store(true, Ordering::Relaxed);
+                if self.streams().is_empty() {
+                    self.close_now(IDS_USED_UP);
+                }
+                return Err(Status::unavailable(format!(
+                    "{IDS_USED_UP}; it closes once its running calls end: open a new connection"
+                )));
+            };
             let frame = request(id)?;
             self.inner
                 .next_id
-                .store(id.wrapping_add(2), Ordering::Relaxed);
+                .store(u64::from(id) + 2, Ordering::Relaxed);
             let inbound = self.register(id);
             permit.send(frame);
             (id, inbound)
@@ -274,6 +293,13 @@ impl Link {
 
     /// Ends the connection: the socket is shut down and every call fails.
     pub(crate) fn close(&self, reason: &str) {
+        // Under the lock calls are opened under (see `open_call`).
+        let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
+        self.close_now(reason);
+    }
+
+    /// [`close`](Self::close), for a caller holding the `opening` lock.
+    fn close_now(&self, reason: &str) {
         self.inner.closed.send_if_modified(|r| {
             if r.is_none() {
                 *r = Some(reason.to_owned());
@@ -282,10 +308,22 @@ impl Link {
                 false
             }
         });
-        // Under the lock calls are opened under (see `open_call`).
-        let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
         self.streams().clear();
         self.with_dropped(IdSet::clear);
+    }
+
+    /// Forgets the call `id` (its receiving half is gone or stopped); the
+    /// last call to end on a connection whose ids ran out closes it.
+    fn forget(&self, id: u32) {
+        let idle = {
+            let mut streams = self.streams();
+            streams.remove(&id);
+            streams.is_empty()
+        };
+        self.take_dropped(id);
+        if idle && self.inner.ids_used_up.load(Ordering::Relaxed) {
+            self.close(IDS_USED_UP);
+        }
     }
 
     pub(crate) fn remote_is_brpc(&self) -> bool {
@@ -440,15 +478,13 @@ impl StreamInbound {
 
     pub(crate) fn stop(&mut self) {
         self.stopped = true;
-        self.link.streams().remove(&self.id);
-        self.link.take_dropped(self.id);
+        self.link.forget(self.id);
     }
 }
 
 impl Drop for StreamInbound {
     fn drop(&mut self) {
-        self.link.streams().remove(&self.id);
-        self.link.take_dropped(self.id);
+        self.link.forget(self.id);
     }
 }
 
@@ -669,5 +705,85 @@ async fn route(
                 .await;
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::MemoryBudget;
+
+    fn budgets() -> Budgets {
+        Budgets {
+            connection: MemoryBudget::new(1 << 20),
+            total: MemoryBudget::new(1 << 20),
+        }
+    }
+
+    async fn open(link: &Link) -> Result<(StreamOutbound, StreamInbound, u32), Status> {
+        link.open_call(Box::new(|id| {
+            Ok(Frame::new(
+                id,
+                FrameType::Request,
+                Flags::REMOTE_OPEN,
+                Bytes::from_static(b"call"),
+            ))
+        }))
+        .await
+    }
+
+    async fn accept(link: &Link) -> u32 {
+        std::future::poll_fn(|cx| link.poll_accept_call(cx))
+            .await
+            .expect("a call")
+            .2
+    }
+
+    /// After the last id of its side a dialer does not start again at 1
+    /// (which a ttrpc server refuses as not increasing): new calls fail
+    /// `UNAVAILABLE` and the connection closes once its running calls end.
+    #[tokio::test]
+    async fn a_dialer_that_used_all_its_ids_retires_the_connection() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
+        let acceptor = Link::spawn(b, Side::Acceptor, 1 << 20, budgets());
+        dialer
+            .inner
+            .next_id
+            .store(u64::from(u32::MAX - 2), Ordering::Relaxed);
+
+        let (_out1, in1, id1) = open(&dialer).await.expect("the next-to-last id");
+        let (_out2, in2, id2) = open(&dialer).await.expect("the last id");
+        assert_eq!((id1, id2), (u32::MAX - 2, u32::MAX));
+        assert_eq!(accept(&acceptor).await, u32::MAX - 2);
+        assert_eq!(accept(&acceptor).await, u32::MAX);
+
+        let refused = open(&dialer).await.err().expect("no id left");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(refused.message().contains("2^31 stream ids"), "{refused:?}");
+        // The calls still running keep the connection.
+        drop(in1);
+        assert_eq!(dialer.close_reason(), None);
+        drop(in2);
+        assert_eq!(dialer.close_reason().as_deref(), Some(IDS_USED_UP));
+        // The peer sees the connection end.
+        let reason = tokio::time::timeout(Duration::from_secs(30), acceptor.closed())
+            .await
+            .expect("the acceptor notices");
+        assert_eq!(reason, "peer closed the connection");
+    }
+
+    /// With no call running the connection closes at once.
+    #[tokio::test]
+    async fn a_connection_with_no_call_running_closes_when_its_ids_run_out() {
+        let (a, _b) = tokio::io::duplex(1 << 16);
+        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
+        dialer
+            .inner
+            .next_id
+            .store(u64::from(u32::MAX) + 2, Ordering::Relaxed);
+        let refused = open(&dialer).await.err().expect("no id left");
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(dialer.close_reason().as_deref(), Some(IDS_USED_UP));
     }
 }
