@@ -305,6 +305,25 @@ pub struct Builder {
     busy_backoff_min: Duration,
     busy_backoff_max: Duration,
     local_address: Option<SocketAddr>,
+    resolver: Resolver,
+}
+
+/// Looks a host name up: the address as given (`"host:port"`) to the
+/// addresses it names.
+type Resolver = Arc<
+    dyn Fn(
+            String,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>,
+        > + Send
+        + Sync,
+>;
+
+/// The system resolver (tokio's `lookup_host`).
+fn system_resolver() -> Resolver {
+    Arc::new(|addr: String| {
+        Box::pin(async move { Ok(tokio::net::lookup_host(addr).await?.collect()) })
+    })
 }
 
 impl Default for Builder {
@@ -326,6 +345,7 @@ impl Default for Builder {
             busy_backoff_min: Duration::from_secs(1),
             busy_backoff_max: Duration::from_secs(30),
             local_address: None,
+            resolver: system_resolver(),
         }
     }
 }
@@ -372,6 +392,35 @@ impl Builder {
             message: format!("not a usable X.509 certificate: {e}"),
         })?;
         Ok(self.pin_certificate(certificate))
+    }
+
+    /// Looks host names up with `resolve` instead of the system resolver
+    /// (tokio's `lookup_host`): for service discovery of its own, or a
+    /// resolver with its own cache. It is given the address as passed to
+    /// `connect` (`"agents.example.com:4433"`) and returns the addresses
+    /// that name stands for; the first is dialled. It is asked at the first
+    /// connect and again before every reconnect (an error then keeps the
+    /// address last found). Addresses given as IP addresses are not looked
+    /// up.
+    ///
+    /// ```
+    /// # use std::net::SocketAddr;
+    /// let builder = brpc_client::Client::builder().resolver(|addr: String| async move {
+    ///     match addr.as_str() {
+    ///         "control-plane:4433" => Ok(vec![SocketAddr::from(([127, 0, 0, 1], 4433))]),
+    ///         _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "not registered")),
+    ///     }
+    /// });
+    /// # let _ = builder;
+    /// ```
+    #[must_use]
+    pub fn resolver<F, Fut>(mut self, resolve: F) -> Self
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'static,
+    {
+        self.resolver = Arc::new(move |addr| Box::pin(resolve(addr)));
+        self
     }
 
     /// With a pinned certificate, keep reconnecting when the server presents
@@ -511,7 +560,8 @@ impl Builder {
         Ok(Client::start(shared, Some(peer)))
     }
 
-    /// Like [`Builder::connect`], but a server that is not there yet (or
+    /// Like [`Builder::connect`], but a server that is not there yet (its
+    /// name does not resolve yet, nothing answers at its address, or it
     /// refuses for now: at its connection limit, going away) is retried with
     /// the reconnect backoff until it answers. Returns once connected, or
     /// with the first error that retrying cannot fix: a certificate that
@@ -524,9 +574,24 @@ impl Builder {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
-        let shared = self.prepare(addr).await?;
-        let mut delays = Delays::new(&shared);
+        let addr = addr.to_string();
         let mut attempt = 0u32;
+        let server = {
+            let mut delays = self.backoff().build();
+            loop {
+                attempt += 1;
+                match resolve(&addr, &self.resolver).await {
+                    Ok(server) => break server,
+                    Err(e) => {
+                        tracing::info!(attempt, error = %e, "server name not found yet; retrying");
+                    }
+                }
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
+            }
+        };
+        attempt -= 1;
+        let shared = self.prepare_all(vec![server])?;
+        let mut delays = Delays::new(&shared);
         let mut timeout = shared.connect_timeout;
         loop {
             attempt += 1;
@@ -577,7 +642,7 @@ impl Builder {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
-        let server = resolve(addr).await?;
+        let server = resolve(&addr.to_string(), &self.resolver).await?;
         self.prepare_all(vec![server])
     }
 
@@ -641,7 +706,7 @@ impl Builder {
     {
         let mut servers = Vec::new();
         for addr in addrs {
-            servers.push(resolve(addr.as_ref()).await?);
+            servers.push(resolve(addr.as_ref(), &self.resolver).await?);
         }
         if servers.is_empty() {
             return Err(ConnectError::Resolve {
@@ -684,7 +749,17 @@ impl Builder {
         Ok(Client::start(shared, Some(peer)))
     }
 
+    /// The reconnect backoff.
+    fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(self.backoff_min)
+            .with_max_delay(self.backoff_max)
+            .with_jitter()
+            .without_max_times()
+    }
+
     fn into_shared(self, dial: Dial) -> Arc<Shared> {
+        let backoff = self.backoff();
         Arc::new(Shared {
             dial,
             name: self.name,
@@ -693,11 +768,7 @@ impl Builder {
             connect_timeout: self.connect_timeout,
             limits: self.options.limits,
             reconnect: self.reconnect,
-            backoff: ExponentialBuilder::default()
-                .with_min_delay(self.backoff_min)
-                .with_max_delay(self.backoff_max)
-                .with_jitter()
-                .without_max_times(),
+            backoff,
             busy_backoff: ExponentialBuilder::default()
                 .with_min_delay(self.busy_backoff_min)
                 .with_max_delay(self.busy_backoff_max)
@@ -745,14 +816,24 @@ impl std::fmt::Display for Dial {
 }
 
 /// A server a QUIC client may dial, with the name its certificate must carry.
-#[derive(Debug)]
 struct QuicServer {
     /// The address dialled.
     remote: std::sync::Mutex<SocketAddr>,
     server_name: String,
-    /// The address as given, when it names a host: looked up again before
-    /// each reconnect, so a name moved to another server is followed.
-    lookup: Option<String>,
+    /// The address as given, when it names a host, and what looks it up:
+    /// asked again before each reconnect, so a name moved to another server
+    /// is followed.
+    lookup: Option<(String, Resolver)>,
+}
+
+impl std::fmt::Debug for QuicServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicServer")
+            .field("remote", &self.remote())
+            .field("server_name", &self.server_name)
+            .field("lookup", &self.lookup.as_ref().map(|(name, _)| name))
+            .finish()
+    }
 }
 
 impl QuicServer {
@@ -763,13 +844,13 @@ impl QuicServer {
     /// Looks the host name up again (if the address was given as one); on
     /// failure the last address stays.
     async fn refresh(&self) {
-        let Some(name) = &self.lookup else {
+        let Some((name, resolver)) = &self.lookup else {
             return;
         };
-        match tokio::net::lookup_host(name.as_str()).await {
-            Ok(mut found) => {
-                if let Some(addr) = found.next() {
-                    *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = addr;
+        match resolver(name.clone()).await {
+            Ok(found) => {
+                if let Some(addr) = found.first() {
+                    *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = *addr;
                 }
             }
             Err(error) => {
@@ -779,27 +860,33 @@ impl QuicServer {
     }
 }
 
-/// `addr` resolved (its first address), with the host name it was given by.
-async fn resolve<A>(addr: A) -> Result<QuicServer, ConnectError>
-where
-    A: tokio::net::ToSocketAddrs + std::fmt::Display,
-{
-    let shown = addr.to_string();
-    let remote = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|source| ConnectError::Resolve {
-            addr: shown.clone(),
-            source,
-        })?
-        .next()
-        .ok_or_else(|| ConnectError::Resolve {
-            addr: shown.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        })?;
+/// `addr` resolved by `resolver` (its first address; an IP address as it
+/// is), with the host name it was given by.
+async fn resolve(addr: &str, resolver: &Resolver) -> Result<QuicServer, ConnectError> {
+    let (remote, lookup) = match addr.parse::<SocketAddr>() {
+        Ok(remote) => (remote, None),
+        Err(_) => {
+            let found =
+                resolver(addr.to_owned())
+                    .await
+                    .map_err(|source| ConnectError::Resolve {
+                        addr: addr.to_owned(),
+                        source,
+                    })?;
+            let remote = found
+                .first()
+                .copied()
+                .ok_or_else(|| ConnectError::Resolve {
+                    addr: addr.to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+                })?;
+            (remote, Some((addr.to_owned(), Arc::clone(resolver))))
+        }
+    };
     Ok(QuicServer {
         remote: std::sync::Mutex::new(remote),
-        server_name: host_of(&shown).to_owned(),
-        lookup: shown.parse::<SocketAddr>().is_err().then(|| shown.clone()),
+        server_name: host_of(addr).to_owned(),
+        lookup,
     })
 }
 

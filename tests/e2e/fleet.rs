@@ -5,7 +5,8 @@
 use crate::common;
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use brpc::{BroadcastOptions, Client, ClientState, PeerEvent, broadcast};
@@ -702,6 +703,152 @@ async fn an_agent_started_before_its_server_connects_once_it_appears() {
         assert_eq!(reply.into_inner().text, "here");
         assert!(server.peers().get(client.connection_id()).is_some());
     }
+}
+
+/// A resolver that knows no address until one is set, counting lookups.
+#[derive(Clone, Default)]
+struct Names {
+    address: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+    lookups: Arc<AtomicUsize>,
+}
+
+impl Names {
+    fn set(&self, address: std::net::SocketAddr) {
+        *self.address.lock().expect("lock") = Some(address);
+    }
+
+    fn lookups(&self) -> usize {
+        self.lookups.load(Ordering::SeqCst)
+    }
+
+    fn resolver(
+        &self,
+    ) -> impl Fn(String) -> std::future::Ready<std::io::Result<Vec<std::net::SocketAddr>>>
+    + Send
+    + Sync
+    + 'static {
+        let names = self.clone();
+        move |name: String| {
+            names.lookups.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(name, "control-plane.test:4433", "the address as given");
+            std::future::ready(match *names.address.lock().expect("lock") {
+                Some(address) => Ok(vec![address]),
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "control-plane.test not registered yet",
+                )),
+            })
+        }
+    }
+}
+
+fn named_server(
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+    key: &rustls_pki_types::PrivateKeyDer<'static>,
+    answers_as: &str,
+) -> brpc::Server {
+    brpc::Server::builder()
+        .certificate(chain.to_vec(), key.clone_key())
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new(answers_as),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind")
+}
+
+async fn answered_by(client: &Client) -> String {
+    EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("call")
+        .into_inner()
+        .answered_by
+}
+
+/// An agent whose server's name does not resolve yet (the name is not
+/// published, the network is not up): `connect` says so at once,
+/// `connect_with_retry` keeps looking it up with its backoff and connects
+/// once it resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_retry_waits_for_a_name_that_does_not_resolve_yet() {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let server = named_server(&chain, &key, "server");
+    let names = Names::default();
+    let agent = || {
+        Client::builder()
+            .name("agent")
+            .pin_certificate(cert.certificate().clone())
+            .server_name("localhost")
+            .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .resolver(names.resolver())
+    };
+
+    let err = agent()
+        .connect("control-plane.test:4433")
+        .await
+        .expect_err("no address yet");
+    assert!(
+        matches!(err, brpc::client::ConnectError::Resolve { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("control-plane.test:4433"), "{err}");
+
+    let before = names.lookups();
+    let waiting = tokio::spawn(agent().connect_with_retry("control-plane.test:4433"));
+    eventually(Duration::from_secs(20), "looked up again", || {
+        names.lookups() >= before + 3
+    })
+    .await;
+    assert!(!waiting.is_finished(), "retrying, not given up");
+
+    names.set(server.local_addr());
+    let client = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("connected once the name resolved")
+        .expect("join")
+        .expect("connect_with_retry");
+    assert_eq!(answered_by(&client).await, "server");
+}
+
+/// A reconnect looks the server's name up again: an agent whose name was
+/// moved to another server follows it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_follows_the_servers_name_to_its_new_address() {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let first = named_server(&chain, &key, "first");
+    let second = named_server(&chain, &key, "second");
+    let names = Names::default();
+    names.set(first.local_addr());
+    let client = Client::builder()
+        .name("agent")
+        .pin_certificate(cert.certificate().clone())
+        .server_name("localhost")
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .resolver(names.resolver())
+        .connect("control-plane.test:4433")
+        .await
+        .expect("connect");
+    assert_eq!(answered_by(&client).await, "first");
+
+    names.set(second.local_addr());
+    first.close();
+    first.wait_idle().await;
+    drop(first);
+    eventually(Duration::from_secs(20), "back, at the new address", || {
+        second.peers().len() == 1
+    })
+    .await;
+    let mut state = client.watch_state();
+    common::state_becomes(
+        &mut state,
+        Duration::from_secs(20),
+        "connected again",
+        |s| matches!(s, ClientState::Connected { .. }),
+    )
+    .await;
+    assert_eq!(answered_by(&client).await, "second");
 }
 
 /// Picking agents by label: a label channel round-robins over the matching
