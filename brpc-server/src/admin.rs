@@ -400,16 +400,11 @@ impl Admin {
             n => n.min(MAX_PAGE),
         } as usize;
         let after = (request.after != 0).then_some(ConnectionId(request.after));
-        let page: Vec<Peer> = if request.labels.is_empty() {
-            self.registry.page(after, limit + 1)
-        } else {
-            self.registry
-                .select_labels(request.labels.clone())
-                .into_iter()
-                .filter(|p| after.is_none_or(|a| p.connection_id() > a))
-                .take(limit + 1)
-                .collect()
-        };
+        let page: Vec<Peer> = self.registry.page_with_labels(
+            request.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            after,
+            limit + 1,
+        );
         let more = page.len() > limit;
         let agents: Vec<AgentInfo> = page.iter().take(limit).map(AgentInfo::of).collect();
         let next_after = match (more, agents.last()) {

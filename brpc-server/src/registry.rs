@@ -159,6 +159,38 @@ impl<E: Entry> Table<E> {
             .collect()
     }
 
+    /// Up to `limit` entries carrying every label of `labels` with ids
+    /// after `after`, in id order: read from the smallest of their index
+    /// sets from `after` on, cloning only the entries returned.
+    pub(crate) fn page_with_labels<'a>(
+        &self,
+        labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+        after: Option<ConnectionId>,
+        limit: usize,
+    ) -> Vec<E> {
+        let mut sets = Vec::new();
+        for (key, value) in labels {
+            match self.by_label.get(key).and_then(|values| values.get(value)) {
+                Some(ids) => sets.push(ids),
+                None => return Vec::new(),
+            }
+        }
+        sets.sort_by_key(|ids| ids.len());
+        let Some((smallest, rest)) = sets.split_first() else {
+            return self.page(after, limit);
+        };
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        smallest
+            .range((start, Bound::Unbounded))
+            .filter(|id| rest.iter().all(|ids| ids.contains(id)))
+            .take(limit)
+            .filter_map(|id| self.by_id.get(id).cloned())
+            .collect()
+    }
+
     /// The ordered ids of the entries carrying every label of `labels`
     /// (all ids for none), read from the smallest of their index sets.
     pub(crate) fn ids_with<'a>(
@@ -321,6 +353,24 @@ impl Registry {
         self.read().with_labels(pairs(&labels))
     }
 
+    /// [`page`](Self::page) of the peers carrying every one of `labels`
+    /// (all peers for none): up to `limit` of them with ids after `after`,
+    /// read from the label index and cloning only the peers returned, so
+    /// paging through a large fleet's matches costs each page its own size.
+    pub fn page_with_labels<K, V>(
+        &self,
+        labels: impl IntoIterator<Item = (K, V)>,
+        after: Option<ConnectionId>,
+        limit: usize,
+    ) -> Vec<Peer>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let labels = collect(labels);
+        self.read().page_with_labels(pairs(&labels), after, limit)
+    }
+
     /// Number of connected peers.
     pub fn len(&self) -> usize {
         self.read().len()
@@ -432,6 +482,35 @@ mod tests {
         assert_eq!(
             ids(&table.page(Some(ConnectionId(9_998)), 10)),
             [9_999, 10_000]
+        );
+
+        // Pages of the entries with both labels, 33 at a time, cover each
+        // match once, in order, and nothing else.
+        let mut listed = Vec::new();
+        let mut after = None;
+        loop {
+            let page = table.page_with_labels(pairs(&both), after, 33);
+            assert!(page.len() <= 33);
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            listed.extend(ids(&page));
+        }
+        assert_eq!(
+            listed,
+            (1..=10_000).filter(|i| i % 20 == 0).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            ids(&table.page_with_labels([("region", "eu")], Some(ConnectionId(9_990)), 10)),
+            [9_992, 9_996, 10_000]
+        );
+        assert!(
+            table
+                .page_with_labels([("region", "mars")], None, 10)
+                .is_empty()
+        );
+        assert_eq!(
+            ids(&table.page_with_labels(pairs(&Labels::new()), Some(ConnectionId(5)), 3)),
+            [6, 7, 8]
         );
     }
 
