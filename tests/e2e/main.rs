@@ -21,6 +21,7 @@ mod examples;
 mod fleet;
 mod hostile;
 mod interop_ttrpc;
+mod leaks;
 mod liveness;
 mod metadata;
 mod middleware;
