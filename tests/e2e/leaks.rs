@@ -104,24 +104,48 @@ fn start_reverse_calls(server_rt: &tokio::runtime::Runtime, server: &Server) {
     }
 }
 
-fn connect(rt: &tokio::runtime::Runtime, server: &Server, name: &str) -> (Client, Arc<Probe>) {
+/// A client of `server` on `rt`, over its Unix socket `unix` if given,
+/// else over QUIC.
+fn connect(
+    rt: &tokio::runtime::Runtime,
+    server: &Server,
+    name: &str,
+    unix: Option<&std::path::Path>,
+) -> (Client, Arc<Probe>) {
     let echo = EchoService::new(name);
     let probe = echo.probe.clone();
     let client = rt.block_on(async {
-        Client::builder()
+        let builder = Client::builder()
             .name(name)
             .add_service(EchoServer::new(echo))
             .pin_certificate(server.certificate().clone())
-            .reconnect(false)
-            .connect(server.local_addr())
-            .await
-            .expect("connect")
+            // Well inside the server's 2 s idle timeout.
+            .keep_alive_interval(Some(Duration::from_millis(500)))
+            .reconnect(false);
+        match unix {
+            Some(path) => builder.connect_unix(path).await,
+            None => builder.connect(server.local_addr()).await,
+        }
+        .expect("connect")
     });
     (client, probe)
 }
 
 #[test]
 fn the_server_holds_no_task_for_clients_that_are_gone() {
+    server_outlives_its_clients(None);
+}
+
+#[test]
+fn the_server_holds_no_task_for_unix_clients_that_are_gone() {
+    let path = std::env::temp_dir().join(format!("brpc-leaks-{}.sock", std::process::id()));
+    server_outlives_its_clients(Some(&path));
+}
+
+/// Clients (over QUIC, or the Unix socket `unix`) call and are called,
+/// then close or vanish; the server's runtime ends up with the tasks it
+/// had before they came.
+fn server_outlives_its_clients(unix: Option<&std::path::Path>) {
     const EACH: usize = 4;
     let server_rt = runtime();
     let echo = EchoService::new("server");
@@ -135,19 +159,29 @@ fn the_server_holds_no_task_for_clients_that_are_gone() {
             .bind("127.0.0.1:0")
             .expect("bind")
     };
+    if let Some(path) = unix {
+        let _in = server_rt.enter();
+        server.listen_unix(path).expect("listen on the Unix socket");
+    }
     let tasks = || server_rt.metrics().num_alive_tasks();
     server_rt.block_on(async { tokio::time::sleep(Duration::from_millis(300)).await });
     let before = tasks();
 
     // Clients that will close, and clients whose runtime (their endpoint
-    // with it) is dropped: no CONNECTION_CLOSE ever reaches the server.
+    // or socket with it) is dropped: over QUIC no CONNECTION_CLOSE ever
+    // reaches the server.
     let closing_rt = runtime();
     let vanishing_rt = runtime();
     let mut closing = Vec::new();
     let mut vanishing = Vec::new();
     for i in 0..EACH {
-        closing.push(connect(&closing_rt, &server, &format!("closing-{i}")));
-        vanishing.push(connect(&vanishing_rt, &server, &format!("vanishing-{i}")));
+        closing.push(connect(&closing_rt, &server, &format!("closing-{i}"), unix));
+        vanishing.push(connect(
+            &vanishing_rt,
+            &server,
+            &format!("vanishing-{i}"),
+            unix,
+        ));
     }
     let hurry = Arc::new(AtomicBool::new(false));
     for (client, _) in &closing {
@@ -233,6 +267,7 @@ fn clients_hold_no_task_once_their_server_is_gone() {
                     .reconnect(false)
                     // The vanished server is noticed at the idle timeout.
                     .idle_timeout(Duration::from_secs(2))
+                    .keep_alive_interval(Some(Duration::from_millis(500)))
                     .connect(server.local_addr())
                     .await
                     .expect("connect")

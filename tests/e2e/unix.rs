@@ -284,6 +284,59 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// Over a Unix socket a call read more slowly than its peer sends holds up
+/// the connection's reader for a second in all, not for as long as it
+/// runs: calls beside it are answered, and it is dropped with
+/// RESOURCE_EXHAUSTED. (Before the allowance, each of its frames made the
+/// reader wait a little less than a second, so the unary call below
+/// waited behind thousands of them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_call_read_slowly_does_not_hold_up_the_calls_beside_it() {
+    use common::echo::RangeRequest;
+    let path = std::env::temp_dir().join(format!("brpc-unix-crawl-{}.sock", std::process::id()));
+    let server = brpc::Server::builder()
+        .add_service(EchoServer::new(EchoService::new("server")))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    server.listen_unix(&path).expect("listen");
+    let client = brpc::Client::builder()
+        .name("slow-reader")
+        .connect_unix(&path)
+        .await
+        .expect("connect");
+    let mut echo = EchoClient::new(client.channel());
+    let mut stream = echo
+        .range(RangeRequest {
+            from: 0,
+            to: 1_000_000,
+        })
+        .await
+        .expect("started")
+        .into_inner();
+    let crawl = tokio::spawn(async move {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Ok(None) => panic!("the stream ended OK"),
+                Err(status) => return status,
+            }
+        }
+    });
+    // Let the stream fill its queue and the socket behind it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::timeout(Duration::from_secs(20), echo.unary(EchoRequest::default()))
+        .await
+        .expect("answered beside the slow stream")
+        .expect("the call beside it");
+    let err = tokio::time::timeout(Duration::from_secs(20), crawl)
+        .await
+        .expect("the slow stream ended")
+        .expect("join");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("dropped"), "{err:?}");
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Over a Unix socket, a call that does not take its frames is dropped after
 /// a second (as Go's ttrpc does), and it then fails with RESOURCE_EXHAUSTED
 /// saying so: not with a lost connection, since the connection is fine (a

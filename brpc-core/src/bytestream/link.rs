@@ -84,14 +84,24 @@ impl std::hash::Hasher for IdHasher {
     }
 }
 
-type StreamMap = HashMap<u32, mpsc::Sender<Inbound>, std::hash::BuildHasherDefault<IdHasher>>;
+type StreamMap = HashMap<u32, Route, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// Where the reader puts a call's frames.
+struct Route {
+    tx: mpsc::Sender<Inbound>,
+    /// How long, in all, the reader has waited for room in this call's
+    /// queue: at most [`STREAM_FULL_WAIT`] before the call is dropped, so a
+    /// call read slowly holds up the connection's other calls that long at
+    /// most, not for as long as it runs.
+    held: Duration,
+}
 type IdSet = std::collections::HashSet<u32, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// What a call dropped for not reading its frames sees (rather than a lost
 /// connection: the connection is fine).
-const DROPPED: &str = "this call did not take its frames for a second (its queue of 64 \
-     was full, or the inbound buffer budget had no room) and was dropped; read a call's \
-     stream promptly";
+const DROPPED: &str = "this call did not take its frames in time (its queue of 64 was \
+     full for a second in all, or the inbound buffer budget had no room for a second) and was \
+     dropped; read a call's stream promptly";
 
 /// One byte-stream connection. Cheap to clone.
 #[derive(Clone)]
@@ -169,6 +179,26 @@ impl Link {
         self.inner.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The queue of the call `id`, if it is running.
+    fn sender(&self, id: u32) -> Option<mpsc::Sender<Inbound>> {
+        self.streams().get(&id).map(|route| route.tx.clone())
+    }
+
+    /// How much longer the reader may wait for room in the call `id`'s
+    /// queue (`None` once the call is gone).
+    fn hold_left(&self, id: u32) -> Option<Duration> {
+        let streams = self.streams();
+        let route = streams.get(&id)?;
+        Some(STREAM_FULL_WAIT.saturating_sub(route.held))
+    }
+
+    /// Counts `waited` against the call `id`'s allowance.
+    fn held(&self, id: u32, waited: Duration) {
+        if let Some(route) = self.streams().get_mut(&id) {
+            route.held += waited;
+        }
+    }
+
     /// Changes the dropped calls, keeping their count.
     fn with_dropped<T>(&self, change: impl FnOnce(&mut IdSet) -> T) -> T {
         let mut dropped = self.inner.dropped.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,7 +224,13 @@ impl Link {
 
     fn register(&self, id: u32) -> StreamInbound {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        self.streams().insert(id, tx);
+        self.streams().insert(
+            id,
+            Route {
+                tx,
+                held: Duration::ZERO,
+            },
+        );
         StreamInbound {
             link: self.clone(),
             id,
@@ -586,7 +622,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     "message length {} exceed maximum message size of {max}",
                     header.length
                 ));
-                let existing = link.streams().get(&header.stream_id).cloned();
+                let existing = link.sender(header.stream_id);
                 match existing {
                     Some(tx) => {
                         let e = FrameError::TooLarge { header, max };
@@ -618,15 +654,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
     link.close(&reason);
 }
 
-/// Hands `item` to the call `id`, waiting at most [`STREAM_FULL_WAIT`] for
-/// room: a call that stopped reading is dropped rather than stall the
-/// connection (Go's ttrpc gives up the same way).
+/// Hands `item` to the call `id`, waiting for room in its queue only as
+/// long as the call's allowance lasts ([`STREAM_FULL_WAIT`] over its whole
+/// life): a call that stopped reading, or reads more slowly than its peer
+/// sends, is dropped rather than stall the connection's other calls.
 async fn deliver(link: &Link, id: u32, tx: &mpsc::Sender<Inbound>, item: Inbound) {
-    if tokio::time::timeout(STREAM_FULL_WAIT, tx.send(item))
-        .await
-        .is_err()
-    {
-        tracing::debug!(id, "stream buffer full; dropping the call");
+    let item = match tx.try_send(item) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+        Err(mpsc::error::TrySendError::Full(item)) => item,
+    };
+    let Some(left) = link.hold_left(id) else {
+        return;
+    };
+    let started = tokio::time::Instant::now();
+    if tokio::time::timeout(left, tx.send(item)).await.is_ok() {
+        link.held(id, started.elapsed());
+    } else {
+        tracing::debug!(id, "stream buffer full too long; dropping the call");
         link.drop_call(id);
     }
 }
@@ -638,7 +682,7 @@ async fn route(
     incoming: &mpsc::Sender<(u32, StreamInbound)>,
 ) {
     let id = frame.stream_id;
-    let existing = link.streams().get(&id).cloned();
+    let existing = link.sender(id);
     if let Some(tx) = existing {
         match link.charge(frame.payload.len(), true).await {
             Some(charge) => {
@@ -690,7 +734,7 @@ async fn route(
                 return;
             };
             let inbound = link.register(id);
-            if let Some(tx) = link.streams().get(&id).cloned() {
+            if let Some(tx) = link.sender(id) {
                 let _ = tx.try_send(Ok(Charged {
                     frame,
                     _charge: charge,
