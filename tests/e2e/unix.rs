@@ -381,3 +381,92 @@ async fn a_unix_call_that_does_not_read_is_dropped_with_resource_exhausted() {
         .expect("the connection still serves");
     let _ = std::fs::remove_file(&path);
 }
+
+/// Between brpc peers on a Unix socket a dropped call is cancelled on the
+/// other side, both ways, as over QUIC: the caller sends a Cancel frame
+/// and the callee's handler is dropped (it slept on for its ten minutes
+/// before). The connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_unix_call_is_cancelled_on_the_other_side_both_ways() {
+    use std::sync::atomic::Ordering;
+    let path = std::env::temp_dir().join(format!("brpc-unix-cancel-{}.sock", std::process::id()));
+    let server_echo = EchoService::new("server");
+    let server_probe = server_echo.probe.clone();
+    let server = brpc::Server::builder()
+        .add_service(EchoServer::new(server_echo))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    server.listen_unix(&path).expect("listen");
+    let client_echo = EchoService::new("client");
+    let client_probe = client_echo.probe.clone();
+    let client = brpc::Client::builder()
+        .name("canceller")
+        .add_service(EchoServer::new(client_echo))
+        .connect_unix(&path)
+        .await
+        .expect("connect");
+    let echo = EchoClient::new(client.channel());
+
+    // A unary call from the client, dropped while its handler sleeps.
+    let mut sleeper = echo.clone();
+    let call = tokio::spawn(async move { sleeper.sleep(SleepRequest { millis: 600_000 }).await });
+    common::eventually(Duration::from_secs(20), "the server's handler runs", || {
+        server_probe.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    call.abort();
+    common::eventually(
+        Duration::from_secs(20),
+        "the server's handler dropped",
+        || {
+            server_probe.in_flight.load(Ordering::SeqCst) == 0
+                && server_probe.dropped.load(Ordering::SeqCst) == 1
+        },
+    )
+    .await;
+
+    // A bidirectional stream from the client, dropped while open: the
+    // handler's replies have nobody to go to.
+    let mut bidi = echo.clone();
+    let hold = EchoRequest {
+        text: "hold".into(),
+        ..Default::default()
+    };
+    let input = tokio_stream::StreamExt::chain(tokio_stream::iter([hold]), tokio_stream::pending());
+    let mut replies = bidi.bidi(input).await.expect("bidi").into_inner();
+    replies.message().await.expect("a reply").expect("one");
+    drop(replies);
+    common::eventually(
+        Duration::from_secs(20),
+        "the server's stream dropped",
+        || server_probe.outputs_closed.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+
+    // A call from the server to the client, dropped the same way.
+    let peer = server.peers().list().pop().expect("the Unix client");
+    let mut back = peer.client(EchoClient::new);
+    let call = tokio::spawn(async move { back.sleep(SleepRequest { millis: 600_000 }).await });
+    common::eventually(Duration::from_secs(20), "the client's handler runs", || {
+        client_probe.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    call.abort();
+    common::eventually(
+        Duration::from_secs(20),
+        "the client's handler dropped",
+        || {
+            client_probe.in_flight.load(Ordering::SeqCst) == 0
+                && client_probe.dropped.load(Ordering::SeqCst) == 1
+        },
+    )
+    .await;
+
+    let reply = echo
+        .clone()
+        .unary(EchoRequest::default())
+        .await
+        .expect("the connection still serves");
+    assert_eq!(reply.into_inner().answered_by, "server");
+    let _ = std::fs::remove_file(&path);
+}

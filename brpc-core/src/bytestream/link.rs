@@ -94,6 +94,8 @@ struct Route {
     /// call read slowly holds up the connection's other calls that long at
     /// most, not for as long as it runs.
     held: Duration,
+    /// The peer sent Cancel: it reads none of this call's frames any more.
+    cancelled: bool,
 }
 type IdSet = std::collections::HashSet<u32, std::hash::BuildHasherDefault<IdHasher>>;
 
@@ -130,6 +132,14 @@ struct Inner {
     remote_is_brpc: AtomicBool,
     /// What frames queued for calls are charged to.
     budgets: Budgets,
+    /// Cancel frames to send (at most one per call), beside `out` so that
+    /// a call can ask for one when it is dropped, without waiting.
+    cancels: mpsc::UnboundedSender<u32>,
+    /// How many running calls the peer cancelled, read without a lock:
+    /// every write asks, and almost always none was.
+    cancelled_count: AtomicUsize,
+    /// Woken when the peer cancels a call.
+    cancel_seen: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Link {
@@ -149,6 +159,7 @@ impl Link {
         let (read_half, write_half) = tokio::io::split(io);
         let (out, out_rx) = mpsc::channel(256);
         let (incoming_tx, incoming_rx) = mpsc::channel(256);
+        let (cancels, cancels_rx) = mpsc::unbounded_channel();
         let link = Link {
             inner: Arc::new(Inner {
                 side,
@@ -163,9 +174,12 @@ impl Link {
                 closed: watch::Sender::new(None),
                 remote_is_brpc: AtomicBool::new(false),
                 budgets,
+                cancels,
+                cancelled_count: AtomicUsize::new(0),
+                cancel_seen: tokio::sync::Notify::new(),
             }),
         };
-        tokio::spawn(write_loop(write_half, out_rx, link.clone()));
+        tokio::spawn(write_loop(write_half, out_rx, cancels_rx, link.clone()));
         tokio::spawn(read_loop(
             read_half,
             link.clone(),
@@ -177,6 +191,60 @@ impl Link {
 
     fn streams(&self) -> std::sync::MutexGuard<'_, StreamMap> {
         self.inner.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes the call `id`'s route, keeping the count of cancelled ones;
+    /// whether it was there.
+    fn remove_route(&self, streams: &mut StreamMap, id: u32) -> bool {
+        match streams.remove(&id) {
+            Some(route) => {
+                if route.cancelled {
+                    self.inner.cancelled_count.fetch_sub(1, Ordering::Relaxed);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The peer cancelled the call `id` (a Cancel frame): writes to it fail
+    /// from now on and whoever waits in [`cancelled`](Self::cancelled) for
+    /// it wakes.
+    fn peer_cancelled(&self, id: u32) {
+        if let Some(route) = self.streams().get_mut(&id)
+            && !route.cancelled
+        {
+            route.cancelled = true;
+            self.inner.cancelled_count.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.cancel_seen.notify_waiters();
+    }
+
+    /// Whether the peer cancelled the call `id`.
+    fn is_cancelled(&self, id: u32) -> bool {
+        self.inner.cancelled_count.load(Ordering::Relaxed) > 0
+            && self.streams().get(&id).is_some_and(|route| route.cancelled)
+    }
+
+    /// Resolves once the peer cancels the call `id`.
+    async fn cancelled(self, id: u32) {
+        loop {
+            let seen = self.inner.cancel_seen.notified();
+            tokio::pin!(seen);
+            seen.as_mut().enable();
+            if self.is_cancelled(id) {
+                return;
+            }
+            seen.await;
+        }
+    }
+
+    /// Asks the peer (a brpc peer; a plain ttrpc one has no such frame) to
+    /// stop the call `id`: this side reads none of its frames any more.
+    fn send_cancel(&self, id: u32) {
+        if self.remote_is_brpc() && self.close_reason().is_none() {
+            let _ = self.inner.cancels.send(id);
+        }
     }
 
     /// The queue of the call `id`, if it is running.
@@ -211,7 +279,7 @@ impl Link {
 
     /// Stops routing frames to the call `id`, which does not take them.
     fn drop_call(&self, id: u32) {
-        if self.streams().remove(&id).is_some() {
+        if self.remove_route(&mut self.streams(), id) {
             self.with_dropped(|dropped| dropped.insert(id));
         }
     }
@@ -229,6 +297,7 @@ impl Link {
             Route {
                 tx,
                 held: Duration::ZERO,
+                cancelled: false,
             },
         );
         StreamInbound {
@@ -236,6 +305,7 @@ impl Link {
             id,
             rx,
             stopped: false,
+            peer_done: false,
         }
     }
 
@@ -345,6 +415,7 @@ impl Link {
             }
         });
         self.streams().clear();
+        self.inner.cancelled_count.store(0, Ordering::Relaxed);
         self.with_dropped(IdSet::clear);
     }
 
@@ -353,7 +424,7 @@ impl Link {
     fn forget(&self, id: u32) {
         let idle = {
             let mut streams = self.streams();
-            streams.remove(&id);
+            self.remove_route(&mut streams, id);
             streams.is_empty()
         };
         self.take_dropped(id);
@@ -471,6 +542,9 @@ impl FrameSource for StreamInbound {
 impl FrameSink for StreamOutbound {
     fn try_write(&mut self, frame: Frame) -> Result<Option<Frame>, SendError> {
         debug_assert_eq!(frame.stream_id, self.id, "a frame for another call");
+        if self.link.is_cancelled(self.id) {
+            return Err(SendError::Stopped);
+        }
         let len = HEADER_LEN + frame.payload.len();
         match self.link.inner.out.try_send(frame) {
             Ok(()) => {
@@ -485,6 +559,10 @@ impl FrameSink for StreamOutbound {
     fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>> {
         Box::pin(self.write_frame(frame))
     }
+
+    fn stopped(&self) -> BoxFuture<'static, ()> {
+        Box::pin(self.link.clone().cancelled(self.id))
+    }
 }
 
 /// Frames for one call, routed by the reader task.
@@ -493,6 +571,9 @@ pub(crate) struct StreamInbound {
     id: u32,
     rx: mpsc::Receiver<Inbound>,
     stopped: bool,
+    /// The peer sent its last frame of the call (or was told to stop):
+    /// nothing to cancel when this is dropped.
+    peer_done: bool,
 }
 
 impl StreamInbound {
@@ -505,7 +586,13 @@ impl StreamInbound {
         }
         self.rx.poll_recv(cx).map(|received| match received {
             // Taken: the frame is the call's now, no longer the link's.
-            Some(Ok(charged)) => Ok(Some(charged.frame)),
+            Some(Ok(charged)) => {
+                let frame = charged.frame;
+                if is_last(&frame) {
+                    self.peer_done = true;
+                }
+                Ok(Some(frame))
+            }
             Some(Err(e)) => Err(e),
             None if self.link.take_dropped(self.id) => Err(ReadError::Exhausted(DROPPED.into())),
             None => Err(ReadError::Lost(Lost::Stream(self.link.close_reason()))),
@@ -514,13 +601,34 @@ impl StreamInbound {
 
     pub(crate) fn stop(&mut self) {
         self.stopped = true;
+        self.cancel_unless_done();
         self.link.forget(self.id);
+    }
+
+    /// Tells a brpc peer still sending this call's frames to stop.
+    fn cancel_unless_done(&mut self) {
+        if !self.peer_done {
+            self.peer_done = true;
+            self.link.send_cancel(self.id);
+        }
     }
 }
 
 impl Drop for StreamInbound {
     fn drop(&mut self) {
+        self.cancel_unless_done();
         self.link.forget(self.id);
+    }
+}
+
+/// Whether `frame` is the last its sender sends on its call: a Response, a
+/// Data frame closing the stream, or a Request that opens no stream.
+fn is_last(frame: &Frame) -> bool {
+    match frame.kind {
+        FrameType::Response => true,
+        FrameType::Data => frame.flags.contains(Flags::REMOTE_CLOSED),
+        FrameType::Request => !frame.flags.contains(Flags::REMOTE_OPEN),
+        _ => false,
     }
 }
 
@@ -537,6 +645,9 @@ impl StreamOutbound {
 
     async fn write_frame(&mut self, frame: Frame) -> Result<(), SendError> {
         debug_assert_eq!(frame.stream_id, self.id, "a frame for another call");
+        if self.link.is_cancelled(self.id) {
+            return Err(SendError::Stopped);
+        }
         super::super::conn::observe_bytes_sent(HEADER_LEN + frame.payload.len());
         self.link
             .inner
@@ -550,6 +661,7 @@ impl StreamOutbound {
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut io: W,
     mut frames: mpsc::Receiver<Frame>,
+    mut cancels: mpsc::UnboundedReceiver<u32>,
     link: Link,
 ) {
     let mut closed = link.inner.closed.subscribe();
@@ -557,6 +669,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => frame,
+            Some(id) = cancels.recv() => Some(cancel_frame(id)),
             // Closing: what was queued before still goes out (a call's
             // answer sent just before a graceful shutdown closed the link).
             _ = closed.wait_for(Option::is_some) => frames.try_recv().ok(),
@@ -567,6 +680,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             continue;
         }
         // Write everything already queued in one go.
+        while let Ok(id) = cancels.try_recv() {
+            let _ = cancel_frame(id).encode(&mut buf);
+        }
         while let Ok(more) = frames.try_recv() {
             let _ = more.encode(&mut buf);
             if buf.len() > 256 * 1024 {
@@ -598,6 +714,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
     }
     let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
+}
+
+/// A Cancel frame (brpc's extension) for the call `id`.
+fn cancel_frame(id: u32) -> Frame {
+    Frame::new(id, FrameType::Cancel, Flags::EMPTY, Bytes::new())
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -682,6 +803,11 @@ async fn route(
     incoming: &mpsc::Sender<(u32, StreamInbound)>,
 ) {
     let id = frame.stream_id;
+    if frame.kind == FrameType::Cancel {
+        // For a call that is over, or never was: nothing to stop.
+        link.peer_cancelled(id);
+        return;
+    }
     let existing = link.sender(id);
     if let Some(tx) = existing {
         match link.charge(frame.payload.len(), true).await {

@@ -71,6 +71,9 @@ pub(crate) trait FrameSink: Send + Sync {
     fn try_write(&mut self, frame: Frame) -> Result<Option<Frame>, SendError>;
     /// Queues one frame, waiting for room.
     fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>>;
+    /// Resolves when the peer stops reading the call (a brpc peer's Cancel
+    /// frame); never for a plain ttrpc peer, which cannot say so.
+    fn stopped(&self) -> BoxFuture<'static, ()>;
 }
 
 /// What carries one connection's calls.
@@ -238,9 +241,10 @@ impl CallWriter {
 
     /// Resolves when the peer stops reading this call (it cancelled) or the
     /// connection ends; after a clean finish it may also resolve, once the
-    /// peer has everything. Over a byte stream never: ttrpc cannot cancel a
-    /// call, and when the connection ends the engine drops every call it
-    /// serves there ([`serve`](super::serve) returns and its tasks go).
+    /// peer has everything. Over a byte stream when a brpc peer sends
+    /// Cancel (a plain ttrpc peer cannot cancel a call); when the connection
+    /// ends the engine drops every call it serves there
+    /// ([`serve`](super::serve) returns and its tasks go).
     pub(crate) fn stopped(&self) -> impl Future<Output = ()> + Send + use<> {
         match self {
             CallWriter::Quic(send) => {
@@ -249,7 +253,7 @@ impl CallWriter {
                 // quinn's future twice).
                 Either::Left(send.stopped().map(|_| ()))
             }
-            CallWriter::Mux(_) => Either::Right(std::future::pending()),
+            CallWriter::Mux(sink) => Either::Right(sink.stopped()),
         }
     }
 }

@@ -474,7 +474,9 @@ impl Call {
     }
 
     fn step(&mut self, frame: Frame, now: Instant) -> Result<Inbound, Status> {
-        if let FrameType::Unknown(_) = frame.kind {
+        // Cancel is a byte stream's (its link acts on it); over QUIC it is
+        // as unknown as any other type.
+        if let FrameType::Unknown(_) | FrameType::Cancel = frame.kind {
             return Ok(Inbound::Ignored);
         }
         if frame.stream_id != self.stream_id {

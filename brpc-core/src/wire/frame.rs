@@ -28,6 +28,11 @@ pub enum FrameType {
     /// `0x05` (brpc extension): the callee's response trailers, an encoded
     /// [`Metadata`](super::Metadata), just before the final Data or Response.
     Trailers,
+    /// `0x06` (brpc extension, byte streams only): the sender reads none of
+    /// this call's frames any more (QUIC's STOP_SENDING); no data. A caller
+    /// sends it when it abandons a call, a callee when it stops reading a
+    /// request stream. brpc sends it only to brpc peers.
+    Cancel,
     /// Any other value. ttrpc ignores these for forward compatibility.
     Unknown(u8),
 }
@@ -41,6 +46,7 @@ impl FrameType {
             FrameType::Data => 0x03,
             FrameType::Headers => 0x04,
             FrameType::Trailers => 0x05,
+            FrameType::Cancel => 0x06,
             FrameType::Unknown(b) => b,
         }
     }
@@ -53,6 +59,7 @@ impl FrameType {
             0x03 => FrameType::Data,
             0x04 => FrameType::Headers,
             0x05 => FrameType::Trailers,
+            0x06 => FrameType::Cancel,
             other => FrameType::Unknown(other),
         }
     }
