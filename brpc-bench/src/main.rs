@@ -1059,6 +1059,10 @@ const AGENTS_PER_PROCESS: usize = 10_000;
 /// brpc's default); their idle timeout is three times it.
 const KEEP_ALIVE_VAR: &str = "BRPC_BENCH_KEEP_ALIVE";
 
+/// How many broadcasts `fleet` makes after the measured one, for a
+/// profiler to watch (`perf record -p`); not reported.
+const EXTRA_BROADCASTS_VAR: &str = "BRPC_BENCH_EXTRA_BROADCASTS";
+
 /// The keep-alive a parent bench process set in [`KEEP_ALIVE_VAR`].
 fn keep_alive_from_env() -> Option<Duration> {
     std::env::var(KEEP_ALIVE_VAR)
@@ -1660,6 +1664,8 @@ struct Fleet {
     failures: usize,
     agent_rss: f64,
     server_cpu_per_call: Duration,
+    /// The agent processes' CPU over the broadcast, per call.
+    agents_cpu_per_call: Duration,
     /// The server's CPU while the fleet is connected and idle, in cores.
     idle_cpu: f64,
     /// Datagrams dropped on the server's socket over the run.
@@ -1667,11 +1673,11 @@ struct Fleet {
 }
 
 impl Fleet {
-    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures | agent-side RSS per agent | server CPU per broadcast call | server CPU while idle | datagrams dropped at the server |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures | agent-side RSS per agent | server CPU per broadcast call | agents' CPU per broadcast call | server CPU while idle | datagrams dropped at the server |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
     fn row(&self) -> String {
         format!(
-            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} | {:.1} KB | {:.0} µs | {:.0}% of a core | {} |",
+            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} | {:.1} KB | {:.0} µs | {:.0} µs | {:.0}% of a core | {} |",
             self.agents,
             self.connected,
             self.connect.as_secs_f64(),
@@ -1682,6 +1688,7 @@ impl Fleet {
             self.failures,
             self.agent_rss / 1000.0,
             self.server_cpu_per_call.as_secs_f64() * 1e6,
+            self.agents_cpu_per_call.as_secs_f64() * 1e6,
             self.idle_cpu * 100.0,
             self.drops,
         )
@@ -1755,25 +1762,47 @@ async fn fleet(
     // This process is the server (and the broadcast's caller): its CPU time
     // over the broadcast is the server's cost of it.
     let cpu_before = cpu_seconds();
-    let results: Vec<_> = brpc::broadcast(server.peers().list(), options, |peer| {
-        let blob = payload.clone();
-        async move {
-            let reply = peer
-                .client(proto::echo_brpc::EchoClient::new)
-                .unary(EchoRequest {
-                    blob,
-                    ..Default::default()
-                })
-                .await?;
-            Ok(reply.into_inner().blob.len())
-        }
-    })
-    .collect()
-    .await;
+    let agents_cpu = || -> f64 { children.iter().map(|c| process_cpu_seconds(c.id())).sum() };
+    let agents_cpu_before = agents_cpu();
+    let broadcast_once = || {
+        brpc::broadcast(server.peers().list(), options, |peer| {
+            let blob = payload.clone();
+            async move {
+                let reply = peer
+                    .client(proto::echo_brpc::EchoClient::new)
+                    .unary(EchoRequest {
+                        blob,
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok(reply.into_inner().blob.len())
+            }
+        })
+        .collect::<Vec<_>>()
+    };
+    let results = broadcast_once().await;
     let broadcast = started.elapsed();
     eprintln!("fleet: broadcast done in {broadcast:.1?}");
     let server_cpu_per_call =
         Duration::from_secs_f64((cpu_seconds() - cpu_before) / results.len().max(1) as f64);
+    let agents_cpu_per_call = Duration::from_secs_f64(
+        (agents_cpu() - agents_cpu_before).max(0.0) / results.len().max(1) as f64,
+    );
+    // More broadcasts, for a profiler to watch (not reported).
+    let extra: usize = std::env::var(EXTRA_BROADCASTS_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for round in 0..extra {
+        let started = Instant::now();
+        let done = broadcast_once().await;
+        let ok = done.iter().filter(|r| r.result.is_ok()).count();
+        eprintln!(
+            "fleet: extra broadcast {round}: {ok}/{} in {:.1?}",
+            done.len(),
+            started.elapsed()
+        );
+    }
     let mut latencies = Latencies::default();
     for r in results.iter().filter(|r| r.result.is_ok()) {
         latencies.record(r.elapsed);
@@ -1797,6 +1826,7 @@ async fn fleet(
         failures,
         agent_rss,
         server_cpu_per_call,
+        agents_cpu_per_call,
         idle_cpu,
         drops,
     })
@@ -2751,7 +2781,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
          peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
-         (the server's) user+system time over the broadcast divided by its calls; CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements); drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards). {keep_alive_line}\n\n{header}\n{fleet_row}\n\n\
+         (the server's) user+system time over the broadcast divided by its calls, the agents' CPU the same for the agent processes (all of them, the agents not called yet included); CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements); drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards). {keep_alive_line}\n\n{header}\n{fleet_row}\n\n\
          {storm_part}## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
         header = Fleet::HEADER,
         machine = machine()
