@@ -1159,6 +1159,160 @@ async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_st
     );
 }
 
+/// A server of one connection, with the admin service, at most
+/// `max_handshakes` handshakes at a time.
+fn server_of_one(max_handshakes: usize) -> brpc::Server {
+    brpc::Server::builder()
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .admin(brpc::server::AdminAccess::new().token(ADMIN_TOKEN))
+        .max_connections(1)
+        .max_handshakes(max_handshakes)
+        .bind("127.0.0.1:0")
+        .expect("bind")
+}
+
+/// A client over the connection limit whose handshake the server starts
+/// and that never finishes it (its datagrams after the first are lost):
+/// the server holds it, to tell the client why, for up to 5 s.
+async fn stalled_over_the_limit(
+    server: &brpc::Server,
+) -> (common::relay::Relay, tokio::task::JoinHandle<()>) {
+    let relay = common::relay::Relay::start(server.local_addr()).await;
+    relay.pass_from_client(1);
+    let connecting = common::client_builder(server, "over", EchoService::new("over"))
+        .connect_timeout(Duration::from_secs(30))
+        .connect(relay.addr());
+    let task = tokio::spawn(async move {
+        let _ = connecting.await;
+    });
+    eventually(
+        Duration::from_secs(10),
+        "server answered the stalled Initial",
+        || relay.forwarded_from_server() > 0,
+    )
+    .await;
+    (relay, task)
+}
+
+/// A client turned away at the connection limit is not counted against it:
+/// while its handshake is still held (to tell it why), a client arriving
+/// after the connected one left is let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_turned_away_does_not_count_against_the_connection_limit() {
+    let server = server_of_one(8);
+    let first = common::client(&server, "first").await;
+    let (_relay, over) = stalled_over_the_limit(&server).await;
+    assert_eq!(server.admission_stats().turned_away, 1);
+
+    first.close();
+    eventually(Duration::from_secs(10), "the first client gone", || {
+        server.peers().is_empty()
+    })
+    .await;
+    // The first client's place is given back when its connection task ends,
+    // a moment after it leaves the registry: a refusal in that moment is
+    // tried again.
+    let tried = tokio::time::Instant::now();
+    let next = loop {
+        match common::client_builder(&server, "next", EchoService::new("next"))
+            .connect(server.local_addr())
+            .await
+        {
+            Ok(client) => break client,
+            Err(brpc::ConnectError::Refused { code, .. })
+                if code == brpc::core::conn::codes::CONN_TOO_MANY
+                    && tried.elapsed() < Duration::from_secs(2) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the next client refused: {e}"),
+        }
+    };
+    // Let in while the turned-away handshake still holds its slot.
+    let stats = admin_stats(&next).await;
+    assert_eq!(
+        (stats.connected, stats.handshakes_in_progress),
+        (1, 1),
+        "{stats:?}"
+    );
+    over.abort();
+}
+
+/// A turned-away client's handshake takes a handshake slot like any other:
+/// with the one slot held by one, the next client over the limit is refused
+/// at once (busy), not given a handshake of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_turned_away_takes_a_handshake_slot() {
+    let server = server_of_one(1);
+    let first = common::client(&server, "first").await;
+    let (_relay, over) = stalled_over_the_limit(&server).await;
+    let refused = common::client_builder(&server, "another", EchoService::new("another"))
+        .connect(server.local_addr())
+        .await
+        .err()
+        .expect("no room");
+    assert!(
+        matches!(refused, brpc::ConnectError::Busy(_)),
+        "refused for want of a handshake slot: {refused:?}"
+    );
+    let stats = server.admission_stats();
+    assert_eq!(
+        (stats.turned_away, stats.refused_queue_full),
+        (1, 1),
+        "{stats:?}"
+    );
+    let stats = admin_stats(&first).await;
+    assert_eq!(stats.handshakes_in_progress, 1, "{stats:?}");
+    over.abort();
+}
+
+/// The Hello limit runs from a client's arrival, its wait for a handshake
+/// slot included: a client that waited most of half the limit for its
+/// slot and then sends no Hello is closed that much sooner after its
+/// handshake than the whole limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hello_limit_counts_from_arrival_the_wait_for_a_slot_included() {
+    const LIMIT: Duration = Duration::from_secs(8);
+    let server = bounded_server(1, LIMIT);
+    // The one slot held by a handshake that never finishes: until its own
+    // Hello limit, 8 s after it arrived.
+    let relay = common::relay::Relay::start(server.local_addr()).await;
+    relay.pass_from_client(1);
+    let stalled = tokio::spawn(
+        common::client_builder(&server, "stalled", EchoService::new("stalled"))
+            .connect_timeout(Duration::from_secs(30))
+            .connect(relay.addr()),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "server answered the stalled Initial",
+        || relay.forwarded_from_server() > 0,
+    )
+    .await;
+    let stalled_at = tokio::time::Instant::now();
+    // A client arriving just over half the limit later waits a little under
+    // half the limit (3.7 s) for the slot, gets it, and sends no Hello.
+    tokio::time::sleep_until(stalled_at + LIMIT / 2 + Duration::from_millis(300)).await;
+    let silent = common::raw_connection(&server).await;
+    let handshaken = tokio::time::Instant::now();
+    assert!(
+        handshaken >= stalled_at + LIMIT - Duration::from_millis(500),
+        "the handshake waited for the stalled one's slot: {:?}",
+        handshaken - stalled_at
+    );
+    common::closed_with(&silent, brpc::core::conn::codes::CONN_HELLO_TIMEOUT).await;
+    let after = handshaken.elapsed();
+    // From arrival: about 4.3 s after the handshake; counted from the
+    // handshake it would have been the whole 8 s.
+    assert!(
+        after < LIMIT - Duration::from_millis(1800),
+        "closed {after:?} after its handshake"
+    );
+    stalled.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_refused_for_load_waits_its_busy_backoff_before_trying_again() {
     // A QUIC endpoint that refuses every handshake with CONNECTION_REFUSED,
