@@ -1251,8 +1251,7 @@ async fn a_client_turned_away_takes_a_handshake_slot() {
     let refused = common::client_builder(&server, "another", EchoService::new("another"))
         .connect(server.local_addr())
         .await
-        .err()
-        .expect("no room");
+        .expect_err("no room");
     assert!(
         matches!(refused, brpc::ConnectError::Busy(_)),
         "refused for want of a handshake slot: {refused:?}"
