@@ -211,13 +211,19 @@ impl Link {
     /// from now on and whoever waits in [`cancelled`](Self::cancelled) for
     /// it wakes.
     fn peer_cancelled(&self, id: u32) {
-        if let Some(route) = self.streams().get_mut(&id)
-            && !route.cancelled
-        {
-            route.cancelled = true;
-            self.inner.cancelled_count.fetch_add(1, Ordering::Relaxed);
+        let changed = match self.streams().get_mut(&id) {
+            Some(route) if !route.cancelled => {
+                route.cancelled = true;
+                self.inner.cancelled_count.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        };
+        // Only then: every call waiting wakes to look, and a peer must not
+        // make them all do so with Cancel frames for calls that are over.
+        if changed {
+            self.inner.cancel_seen.notify_waiters();
         }
-        self.inner.cancel_seen.notify_waiters();
     }
 
     /// Whether the peer cancelled the call `id`.
@@ -941,6 +947,41 @@ mod tests {
             .await
             .expect("the acceptor notices");
         assert_eq!(reason, "peer closed the connection");
+    }
+
+    /// A connection closed while its peer has stopped reading gives what it
+    /// was writing a moment (`CLOSE_GRACE`) and then lets go: its reader
+    /// and writer tasks end, rather than wait on the socket for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_connection_whose_peer_stopped_reading_lets_its_tasks_go() {
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        // The peer's end is kept, and never read.
+        let (a, _peer) = tokio::io::duplex(4096);
+        let link = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
+        assert_eq!(tasks(), 2);
+        // More than the socket takes: the writer blocks in the middle.
+        let big = Bytes::from(vec![7u8; 64 * 1024]);
+        link.inner
+            .out
+            .send(Frame::new(1, FrameType::Data, Flags::EMPTY, big))
+            .await
+            .expect("queued");
+        tokio::task::yield_now().await;
+        link.close("closed locally");
+        let started = tokio::time::Instant::now();
+        while tasks() > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{} tasks still running",
+                tasks()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(started.elapsed() >= CLOSE_GRACE, "waited its grace first");
     }
 
     /// With no call running the connection closes at once.
