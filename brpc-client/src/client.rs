@@ -574,6 +574,9 @@ impl Builder {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
+        if self.roots.is_none() {
+            return Err(ConnectError::NoTrust);
+        }
         let addr = addr.to_string();
         let mut attempt = 0u32;
         let server = {
@@ -582,6 +585,12 @@ impl Builder {
                 attempt += 1;
                 match resolve(&addr, &self.resolver).await {
                     Ok(server) => break server,
+                    // No port, say: no lookup will find one.
+                    Err(ConnectError::Resolve { source, .. })
+                        if source.kind() == std::io::ErrorKind::InvalidInput =>
+                    {
+                        return Err(ConnectError::Resolve { addr, source });
+                    }
                     Err(e) => {
                         tracing::info!(attempt, error = %e, "server name not found yet; retrying");
                     }
@@ -589,13 +598,15 @@ impl Builder {
                 tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
             }
         };
-        attempt -= 1;
         let shared = self.prepare_all(vec![server])?;
         let mut delays = Delays::new(&shared);
         let mut timeout = shared.connect_timeout;
+        let mut dials = 0u32;
         loop {
             attempt += 1;
-            if attempt > 1 {
+            dials += 1;
+            // Looked up again before each dial but the first (just done).
+            if dials > 1 {
                 shared.dial.refresh().await;
             }
             let result = connect_once(&shared, timeout).await;

@@ -161,7 +161,8 @@ impl<E: Entry> Table<E> {
 
     /// Up to `limit` entries carrying every label of `labels` with ids
     /// after `after`, in id order: read from the smallest of their index
-    /// sets from `after` on, cloning only the entries returned.
+    /// sets from `after` on (up to the last entry returned, or its end),
+    /// cloning only the entries returned.
     pub(crate) fn page_with_labels<'a>(
         &self,
         labels: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -186,8 +187,8 @@ impl<E: Entry> Table<E> {
         smallest
             .range((start, Bound::Unbounded))
             .filter(|id| rest.iter().all(|ids| ids.contains(id)))
-            .take(limit)
             .filter_map(|id| self.by_id.get(id).cloned())
+            .take(limit)
             .collect()
     }
 
@@ -355,8 +356,9 @@ impl Registry {
 
     /// [`page`](Self::page) of the peers carrying every one of `labels`
     /// (all peers for none): up to `limit` of them with ids after `after`,
-    /// read from the label index and cloning only the peers returned, so
-    /// paging through a large fleet's matches costs each page its own size.
+    /// read from the label index and cloning only the peers returned: a page
+    /// reads the smallest of the labels' index sets from `after` up to its
+    /// last match, not every match before it.
     pub fn page_with_labels<K, V>(
         &self,
         labels: impl IntoIterator<Item = (K, V)>,

@@ -802,6 +802,21 @@ async fn connect_with_retry_waits_for_a_name_that_does_not_resolve_yet() {
     .await;
     assert!(!waiting.is_finished(), "retrying, not given up");
 
+    // An address no lookup can complete (no port) is not waited for.
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        Client::builder()
+            .pin_certificate(cert.certificate().clone())
+            .connect_with_retry("localhost"),
+    )
+    .await
+    .expect("returned at once")
+    .expect_err("no port");
+    assert!(
+        matches!(err, brpc::client::ConnectError::Resolve { .. }),
+        "{err:?}"
+    );
+
     names.set(server.local_addr());
     let client = tokio::time::timeout(Duration::from_secs(20), waiting)
         .await

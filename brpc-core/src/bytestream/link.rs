@@ -26,9 +26,15 @@ use crate::conn::{
 use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameType, HEADER_LEN, Response};
 
 /// Frames a call may have queued unread before the connection stops reading
-/// for it (as Go's ttrpc, which buffers 64 and gives up after a second).
+/// for it (as Go's ttrpc, which buffers 64).
 const STREAM_BUFFER: usize = 64;
+/// How long a call may make the connection's reader wait (for room in its
+/// queue, or in the budgets for its frames) before it is dropped: an
+/// allowance that refills at a tenth of the time passing
+/// ([`ALLOWANCE_REFILL`]), so a call that falls behind now and then keeps
+/// going and one that reads more slowly than its peer sends does not.
 const STREAM_FULL_WAIT: Duration = Duration::from_secs(1);
+const ALLOWANCE_REFILL: u32 = 10;
 
 /// How long frames already queued may take to go out once the connection is
 /// closed.
@@ -86,16 +92,33 @@ impl std::hash::Hasher for IdHasher {
 
 type StreamMap = HashMap<u32, Route, std::hash::BuildHasherDefault<IdHasher>>;
 
-/// Where the reader puts a call's frames.
+/// A running call: where the reader puts its frames, and what its two
+/// halves share.
 struct Route {
-    tx: mpsc::Sender<Inbound>,
-    /// How long, in all, the reader has waited for room in this call's
-    /// queue: at most [`STREAM_FULL_WAIT`] before the call is dropped, so a
-    /// call read slowly holds up the connection's other calls that long at
-    /// most, not for as long as it runs.
+    /// Its queue; `None` once its reading half is gone, stopped or dropped
+    /// for not reading: its frames are then dropped unread.
+    tx: Option<mpsc::Sender<Inbound>>,
+    /// Its halves still held (reading and sending): the route goes with
+    /// the last, so the peer can still cancel a call whose handler has let
+    /// go of its input but still sends.
+    halves: u8,
+    /// How much of its allowance ([`STREAM_FULL_WAIT`]) the call has used
+    /// making the reader wait, as of `held_at`.
     held: Duration,
+    held_at: Option<tokio::time::Instant>,
     /// The peer sent Cancel: it reads none of this call's frames any more.
     cancelled: bool,
+    /// Woken when the peer cancels the call (made by the first wait).
+    cancel_seen: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// What the reader does with a frame for a call.
+enum Routing {
+    Deliver(mpsc::Sender<Inbound>),
+    /// A call whose reading half is gone: dropped unread.
+    Discard,
+    /// No such call.
+    Unknown,
 }
 type IdSet = std::collections::HashSet<u32, std::hash::BuildHasherDefault<IdHasher>>;
 
@@ -125,21 +148,16 @@ struct Inner {
     next_id: AtomicU64,
     /// Set when this side's ids ran out: the last call to end closes it.
     ids_used_up: AtomicBool,
-    incoming: Mutex<mpsc::Receiver<(u32, StreamInbound)>>,
+    incoming: Mutex<mpsc::Receiver<(u32, StreamOutbound, StreamInbound)>>,
     /// Taken while a new id is chosen and its Request queued.
     opening: Mutex<()>,
     closed: watch::Sender<Option<String>>,
     remote_is_brpc: AtomicBool,
     /// What frames queued for calls are charged to.
     budgets: Budgets,
-    /// Cancel frames to send (at most one per call), beside `out` so that
-    /// a call can ask for one when it is dropped, without waiting.
-    cancels: mpsc::UnboundedSender<u32>,
     /// How many running calls the peer cancelled, read without a lock:
     /// every write asks, and almost always none was.
     cancelled_count: AtomicUsize,
-    /// Woken when the peer cancels a call.
-    cancel_seen: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Link {
@@ -159,7 +177,6 @@ impl Link {
         let (read_half, write_half) = tokio::io::split(io);
         let (out, out_rx) = mpsc::channel(256);
         let (incoming_tx, incoming_rx) = mpsc::channel(256);
-        let (cancels, cancels_rx) = mpsc::unbounded_channel();
         let link = Link {
             inner: Arc::new(Inner {
                 side,
@@ -174,12 +191,10 @@ impl Link {
                 closed: watch::Sender::new(None),
                 remote_is_brpc: AtomicBool::new(false),
                 budgets,
-                cancels,
                 cancelled_count: AtomicUsize::new(0),
-                cancel_seen: tokio::sync::Notify::new(),
             }),
         };
-        tokio::spawn(write_loop(write_half, out_rx, cancels_rx, link.clone()));
+        tokio::spawn(write_loop(write_half, out_rx, link.clone()));
         tokio::spawn(read_loop(
             read_half,
             link.clone(),
@@ -211,18 +226,17 @@ impl Link {
     /// from now on and whoever waits in [`cancelled`](Self::cancelled) for
     /// it wakes.
     fn peer_cancelled(&self, id: u32) {
-        let changed = match self.streams().get_mut(&id) {
+        let seen = match self.streams().get_mut(&id) {
             Some(route) if !route.cancelled => {
                 route.cancelled = true;
                 self.inner.cancelled_count.fetch_add(1, Ordering::Relaxed);
-                true
+                route.cancel_seen.clone()
             }
-            _ => false,
+            _ => None,
         };
-        // Only then: every call waiting wakes to look, and a peer must not
-        // make them all do so with Cancel frames for calls that are over.
-        if changed {
-            self.inner.cancel_seen.notify_waiters();
+        // The call's own waiter only: a Cancel wakes no other call.
+        if let Some(seen) = seen {
+            seen.notify_waiters();
         }
     }
 
@@ -232,37 +246,73 @@ impl Link {
             && self.streams().get(&id).is_some_and(|route| route.cancelled)
     }
 
-    /// Resolves once the peer cancels the call `id`.
+    /// Resolves once the peer cancels the call `id` (never for a call
+    /// that is gone).
     async fn cancelled(self, id: u32) {
+        let seen = match self.streams().get_mut(&id) {
+            None => None,
+            Some(route) if route.cancelled => return,
+            Some(route) => Some(
+                route
+                    .cancel_seen
+                    .get_or_insert_with(Default::default)
+                    .clone(),
+            ),
+        };
+        let Some(seen) = seen else {
+            return std::future::pending().await;
+        };
         loop {
-            let seen = self.inner.cancel_seen.notified();
-            tokio::pin!(seen);
-            seen.as_mut().enable();
+            let notified = seen.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if self.is_cancelled(id) {
                 return;
             }
-            seen.await;
+            notified.await;
         }
     }
 
     /// Asks the peer (a brpc peer; a plain ttrpc one has no such frame) to
     /// stop the call `id`: this side reads none of its frames any more.
+    /// Queued behind the call's frames already queued (its Request among
+    /// them), so the peer never sees the Cancel first.
     fn send_cancel(&self, id: u32) {
-        if self.remote_is_brpc() && self.close_reason().is_none() {
-            let _ = self.inner.cancels.send(id);
+        if !self.remote_is_brpc() || self.close_reason().is_some() {
+            return;
+        }
+        let frame = Frame::new(id, FrameType::Cancel, Flags::EMPTY, Bytes::new());
+        if let Err(mpsc::error::TrySendError::Full(frame)) = self.inner.out.try_send(frame) {
+            // Called from a drop: the wait for room is a task's.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let out = self.inner.out.clone();
+                runtime.spawn(async move {
+                    let _ = out.send(frame).await;
+                });
+            }
         }
     }
 
-    /// The queue of the call `id`, if it is running.
-    fn sender(&self, id: u32) -> Option<mpsc::Sender<Inbound>> {
-        self.streams().get(&id).map(|route| route.tx.clone())
+    /// What to do with a frame for the call `id`.
+    fn routing(&self, id: u32) -> Routing {
+        match self.streams().get(&id) {
+            Some(Route { tx: Some(tx), .. }) => Routing::Deliver(tx.clone()),
+            Some(_) => Routing::Discard,
+            None => Routing::Unknown,
+        }
     }
 
-    /// How much longer the reader may wait for room in the call `id`'s
-    /// queue (`None` once the call is gone).
+    /// How much longer the reader may wait for the call `id` (`None` once
+    /// the call is gone): its allowance, refilled for the time since it
+    /// was last counted.
     fn hold_left(&self, id: u32) -> Option<Duration> {
-        let streams = self.streams();
-        let route = streams.get(&id)?;
+        let mut streams = self.streams();
+        let route = streams.get_mut(&id)?;
+        let now = tokio::time::Instant::now();
+        if let Some(at) = route.held_at {
+            route.held = route.held.saturating_sub((now - at) / ALLOWANCE_REFILL);
+        }
+        route.held_at = Some(now);
         Some(STREAM_FULL_WAIT.saturating_sub(route.held))
     }
 
@@ -270,6 +320,7 @@ impl Link {
     fn held(&self, id: u32, waited: Duration) {
         if let Some(route) = self.streams().get_mut(&id) {
             route.held += waited;
+            route.held_at = Some(tokio::time::Instant::now());
         }
     }
 
@@ -283,10 +334,16 @@ impl Link {
         result
     }
 
-    /// Stops routing frames to the call `id`, which does not take them.
+    /// Stops routing frames to the call `id`, which does not take them (its
+    /// reader then sees that it was dropped), and tells a brpc peer.
     fn drop_call(&self, id: u32) {
-        if self.remove_route(&mut self.streams(), id) {
+        let dropped = match self.streams().get_mut(&id) {
+            Some(route) => route.tx.take().is_some(),
+            None => false,
+        };
+        if dropped {
             self.with_dropped(|dropped| dropped.insert(id));
+            self.send_cancel(id);
         }
     }
 
@@ -296,23 +353,32 @@ impl Link {
             && self.with_dropped(|dropped| dropped.remove(&id))
     }
 
-    fn register(&self, id: u32) -> StreamInbound {
+    /// A new call `id` and its two halves.
+    fn register(&self, id: u32) -> (StreamOutbound, StreamInbound) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         self.streams().insert(
             id,
             Route {
-                tx,
+                tx: Some(tx),
+                halves: 2,
                 held: Duration::ZERO,
+                held_at: None,
                 cancelled: false,
+                cancel_seen: None,
             },
         );
-        StreamInbound {
+        let outbound = StreamOutbound {
+            link: self.clone(),
+            id,
+        };
+        let inbound = StreamInbound {
             link: self.clone(),
             id,
             rx,
             stopped: false,
             peer_done: false,
-        }
+        };
+        (outbound, inbound)
     }
 
     /// Opens a call and queues its Request, built by `request` for the id:
@@ -335,7 +401,7 @@ impl Link {
         if self.close_reason().is_some() {
             return Err(closed());
         }
-        let (id, inbound) = {
+        let (id, outbound, inbound) = {
             let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
             // Again under the lock `close` clears the calls under: a call
             // registered after that would never be ended.
@@ -358,13 +424,9 @@ impl Link {
             self.inner
                 .next_id
                 .store(u64::from(id) + 2, Ordering::Relaxed);
-            let inbound = self.register(id);
+            let (outbound, inbound) = self.register(id);
             permit.send(frame);
-            (id, inbound)
-        };
-        let outbound = StreamOutbound {
-            link: self.clone(),
-            id,
+            (id, outbound, inbound)
         };
         Ok((outbound, inbound, id))
     }
@@ -382,11 +444,7 @@ impl Link {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         incoming.poll_recv(cx).map(|accepted| {
-            let (id, inbound) = accepted?;
-            let outbound = StreamOutbound {
-                link: self.clone(),
-                id,
-            };
+            let (id, outbound, inbound) = accepted?;
             Some((outbound, inbound, id))
         })
     }
@@ -420,20 +478,43 @@ impl Link {
                 false
             }
         });
-        self.streams().clear();
-        self.inner.cancelled_count.store(0, Ordering::Relaxed);
+        {
+            let mut streams = self.streams();
+            streams.clear();
+            self.inner.cancelled_count.store(0, Ordering::Relaxed);
+        }
         self.with_dropped(IdSet::clear);
     }
 
-    /// Forgets the call `id` (its receiving half is gone or stopped); the
-    /// last call to end on a connection whose ids ran out closes it.
-    fn forget(&self, id: u32) {
+    /// The call `id`'s reading half stopped: its frames are dropped unread
+    /// from now on.
+    fn stop_reading(&self, id: u32) {
+        if let Some(route) = self.streams().get_mut(&id) {
+            route.tx = None;
+        }
+        self.take_dropped(id);
+    }
+
+    /// One half of the call `id` is gone (`reading`: its reading half);
+    /// with the last the call is forgotten, and the last call to end on a
+    /// connection whose ids ran out closes it.
+    fn release(&self, id: u32, reading: bool) {
         let idle = {
             let mut streams = self.streams();
-            self.remove_route(&mut streams, id);
+            if let Some(route) = streams.get_mut(&id) {
+                if reading {
+                    route.tx = None;
+                }
+                route.halves -= 1;
+                if route.halves == 0 {
+                    self.remove_route(&mut streams, id);
+                }
+            }
             streams.is_empty()
         };
-        self.take_dropped(id);
+        if reading {
+            self.take_dropped(id);
+        }
         if idle && self.inner.ids_used_up.load(Ordering::Relaxed) {
             self.close(IDS_USED_UP);
         }
@@ -447,15 +528,29 @@ impl Link {
         self.inner.remote_is_brpc.store(true, Ordering::Relaxed);
     }
 
-    /// Reserves `bytes` of the budgets for a frame queued for a call: at
-    /// once, or (with `wait`) within [`STREAM_FULL_WAIT`].
-    async fn charge(&self, bytes: usize, wait: bool) -> Option<Charge> {
+    /// Reserves `bytes` of the budgets for a frame queued for a call, at
+    /// once.
+    fn charge_now(&self, bytes: usize) -> Option<Charge> {
         let budgets = &self.inner.budgets;
-        let reserved = budgets.try_reserve(bytes)
-            || (wait
-                && tokio::time::timeout(STREAM_FULL_WAIT, Box::pin(budgets.reserve(bytes)))
-                    .await
-                    .is_ok());
+        budgets.try_reserve(bytes).then(|| Charge {
+            budgets: budgets.clone(),
+            bytes,
+        })
+    }
+
+    /// [`charge_now`](Self::charge_now) for a frame of the running call
+    /// `id`, waiting for room as long as the call's allowance lasts.
+    async fn charge_for(&self, id: u32, bytes: usize) -> Option<Charge> {
+        if let Some(charge) = self.charge_now(bytes) {
+            return Some(charge);
+        }
+        let left = self.hold_left(id)?;
+        let started = tokio::time::Instant::now();
+        let budgets = &self.inner.budgets;
+        let reserved = tokio::time::timeout(left, Box::pin(budgets.reserve(bytes)))
+            .await
+            .is_ok();
+        self.held(id, started.elapsed());
         reserved.then(|| Charge {
             budgets: budgets.clone(),
             bytes,
@@ -606,9 +701,11 @@ impl StreamInbound {
     }
 
     pub(crate) fn stop(&mut self) {
-        self.stopped = true;
-        self.cancel_unless_done();
-        self.link.forget(self.id);
+        if !self.stopped {
+            self.stopped = true;
+            self.cancel_unless_done();
+            self.link.stop_reading(self.id);
+        }
     }
 
     /// Tells a brpc peer still sending this call's frames to stop.
@@ -623,7 +720,7 @@ impl StreamInbound {
 impl Drop for StreamInbound {
     fn drop(&mut self) {
         self.cancel_unless_done();
-        self.link.forget(self.id);
+        self.link.release(self.id, true);
     }
 }
 
@@ -642,6 +739,12 @@ fn is_last(frame: &Frame) -> bool {
 pub(crate) struct StreamOutbound {
     link: Link,
     id: u32,
+}
+
+impl Drop for StreamOutbound {
+    fn drop(&mut self) {
+        self.link.release(self.id, false);
+    }
 }
 
 impl StreamOutbound {
@@ -667,7 +770,6 @@ impl StreamOutbound {
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut io: W,
     mut frames: mpsc::Receiver<Frame>,
-    mut cancels: mpsc::UnboundedReceiver<u32>,
     link: Link,
 ) {
     let mut closed = link.inner.closed.subscribe();
@@ -675,7 +777,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     loop {
         let frame = tokio::select! {
             frame = frames.recv() => frame,
-            Some(id) = cancels.recv() => Some(cancel_frame(id)),
             // Closing: what was queued before still goes out (a call's
             // answer sent just before a graceful shutdown closed the link).
             _ = closed.wait_for(Option::is_some) => frames.try_recv().ok(),
@@ -686,9 +787,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             continue;
         }
         // Write everything already queued in one go.
-        while let Ok(id) = cancels.try_recv() {
-            let _ = cancel_frame(id).encode(&mut buf);
-        }
         while let Ok(more) = frames.try_recv() {
             let _ = more.encode(&mut buf);
             if buf.len() > 256 * 1024 {
@@ -722,15 +820,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
 }
 
-/// A Cancel frame (brpc's extension) for the call `id`.
-fn cancel_frame(id: u32) -> Frame {
-    Frame::new(id, FrameType::Cancel, Flags::EMPTY, Bytes::new())
-}
-
 async fn read_loop<R: AsyncRead + Unpin>(
     mut io: R,
     link: Link,
-    incoming: mpsc::Sender<(u32, StreamInbound)>,
+    incoming: mpsc::Sender<(u32, StreamOutbound, StreamInbound)>,
     max_message_size: usize,
 ) {
     let mut decoder = FrameDecoder::new(max_message_size);
@@ -749,19 +842,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     "message length {} exceed maximum message size of {max}",
                     header.length
                 ));
-                let existing = link.sender(header.stream_id);
-                match existing {
-                    Some(tx) => {
+                match link.routing(header.stream_id) {
+                    Routing::Deliver(tx) => {
                         let e = FrameError::TooLarge { header, max };
                         deliver(&link, header.stream_id, &tx, Err(ReadError::TooLarge(e))).await;
                     }
-                    None if header.kind == FrameType::Request
-                        && link.opened_by_peer(header.stream_id) =>
+                    Routing::Unknown
+                        if header.kind == FrameType::Request
+                            && link.opened_by_peer(header.stream_id) =>
                     {
                         last_remote_id = last_remote_id.max(header.stream_id);
                         link.refuse(header.stream_id, status).await;
                     }
-                    None => {}
+                    Routing::Discard | Routing::Unknown => {}
                 }
                 continue;
             }
@@ -782,9 +875,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
 }
 
 /// Hands `item` to the call `id`, waiting for room in its queue only as
-/// long as the call's allowance lasts ([`STREAM_FULL_WAIT`] over its whole
-/// life): a call that stopped reading, or reads more slowly than its peer
-/// sends, is dropped rather than stall the connection's other calls.
+/// long as the call's allowance lasts ([`STREAM_FULL_WAIT`], refilling at
+/// a tenth of the time passing): a call that stopped reading, or reads more
+/// slowly than its peer sends, is dropped rather than stall the
+/// connection's other calls.
 async fn deliver(link: &Link, id: u32, tx: &mpsc::Sender<Inbound>, item: Inbound) {
     let item = match tx.try_send(item) {
         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
@@ -806,32 +900,39 @@ async fn route(
     link: &Link,
     frame: Frame,
     last_remote_id: &mut u32,
-    incoming: &mpsc::Sender<(u32, StreamInbound)>,
+    incoming: &mpsc::Sender<(u32, StreamOutbound, StreamInbound)>,
 ) {
     let id = frame.stream_id;
     if frame.kind == FrameType::Cancel {
-        // For a call that is over, or never was: nothing to stop.
-        link.peer_cancelled(id);
-        return;
-    }
-    let existing = link.sender(id);
-    if let Some(tx) = existing {
-        match link.charge(frame.payload.len(), true).await {
-            Some(charge) => {
-                let charged = Charged {
-                    frame,
-                    _charge: charge,
-                };
-                deliver(link, id, &tx, Ok(charged)).await;
-            }
-            None => {
-                // As for a call that stopped reading: dropped rather than
-                // the connection stalled.
-                tracing::debug!(id, "inbound buffer budget used up; dropping the call");
-                link.drop_call(id);
-            }
+        // From a brpc peer (to any other it is an unknown type), for a call
+        // that is over or never was: nothing to stop.
+        if link.remote_is_brpc() {
+            link.peer_cancelled(id);
         }
         return;
+    }
+    match link.routing(id) {
+        Routing::Deliver(tx) => {
+            match link.charge_for(id, frame.payload.len()).await {
+                Some(charge) => {
+                    let charged = Charged {
+                        frame,
+                        _charge: charge,
+                    };
+                    deliver(link, id, &tx, Ok(charged)).await;
+                }
+                None => {
+                    // As for a call that stopped reading: dropped rather
+                    // than the connection stalled.
+                    tracing::debug!(id, "inbound buffer budget used up; dropping the call");
+                    link.drop_call(id);
+                }
+            }
+            return;
+        }
+        // Its reader is gone; its peer may not know yet.
+        Routing::Discard => return,
+        Routing::Unknown => {}
     }
     if !link.opened_by_peer(id) {
         if frame.kind == FrameType::Request {
@@ -859,22 +960,28 @@ async fn route(
                 return;
             }
             *last_remote_id = id;
+            if link.inner.ids_used_up.load(Ordering::Relaxed) {
+                // Retiring: it closes once its calls end, so none may start.
+                let message = format!("{IDS_USED_UP}; it is closing: call again on a new one");
+                link.refuse(id, Status::unavailable(message)).await;
+                return;
+            }
             // A new call finds room at once or is refused, as over QUIC.
-            let Some(charge) = link.charge(frame.payload.len(), false).await else {
+            let Some(charge) = link.charge_now(frame.payload.len()) else {
                 let message = link.inner.budgets.exhausted_message(frame.payload.len());
                 link.refuse(id, Status::resource_exhausted(message)).await;
                 return;
             };
-            let inbound = link.register(id);
-            if let Some(tx) = link.sender(id) {
+            let (outbound, inbound) = link.register(id);
+            if let Routing::Deliver(tx) = link.routing(id) {
                 let _ = tx.try_send(Ok(Charged {
                     frame,
                     _charge: charge,
                 }));
             }
-            if incoming.send((id, inbound)).await.is_err() {
-                link.streams().remove(&id);
-            }
+            // Not accepted (the connection is going): dropping the halves
+            // forgets the call.
+            let _ = incoming.send((id, outbound, inbound)).await;
         }
         FrameType::Data => {
             link.refuse(id, Status::invalid_argument("StreamID is no longer active"))
@@ -915,6 +1022,84 @@ mod tests {
             .2
     }
 
+    /// Two links over one in-memory socket that have said Hello.
+    fn brpc_pair() -> (Link, Link) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
+        let acceptor = Link::spawn(b, Side::Acceptor, 1 << 20, budgets());
+        dialer.set_remote_is_brpc();
+        acceptor.set_remote_is_brpc();
+        (dialer, acceptor)
+    }
+
+    async fn accept_halves(link: &Link) -> (StreamOutbound, StreamInbound) {
+        let (outbound, inbound, _) = std::future::poll_fn(|cx| link.poll_accept_call(cx))
+            .await
+            .expect("a call");
+        (outbound, inbound)
+    }
+
+    async fn stopped_in_time(outbound: &StreamOutbound) {
+        tokio::time::timeout(Duration::from_secs(30), FrameSink::stopped(outbound))
+            .await
+            .expect("the peer's Cancel arrived");
+    }
+
+    /// A call dropped at once, its Request still queued: the Cancel goes
+    /// out behind the Request (a Cancel first would find no call, and the
+    /// call would then run to its end).
+    #[tokio::test]
+    async fn a_cancel_never_overtakes_its_calls_request() {
+        let (dialer, acceptor) = brpc_pair();
+        for _ in 0..20 {
+            drop(open(&dialer).await.expect("opened"));
+            let (mut outbound, _inbound) = accept_halves(&acceptor).await;
+            stopped_in_time(&outbound).await;
+            let frame = Frame::new(outbound.id, FrameType::Data, Flags::EMPTY, Bytes::new());
+            assert!(matches!(
+                FrameSink::try_write(&mut outbound, frame),
+                Err(SendError::Stopped)
+            ));
+        }
+    }
+
+    /// A callee that let go of its input (its reading half) and still
+    /// sends is cancelled all the same.
+    #[tokio::test]
+    async fn a_callee_without_its_reading_half_is_still_cancelled() {
+        let (dialer, acceptor) = brpc_pair();
+        let (out, inbound, _) = open(&dialer).await.expect("opened");
+        let (outbound, their_inbound) = accept_halves(&acceptor).await;
+        drop(their_inbound);
+        drop((out, inbound));
+        stopped_in_time(&outbound).await;
+    }
+
+    /// A call dropped for not reading tells its peer at once, not when its
+    /// reader looks again.
+    #[tokio::test]
+    async fn a_call_dropped_for_not_reading_cancels_at_once() {
+        let (dialer, acceptor) = brpc_pair();
+        let (_out, _inbound, id) = open(&dialer).await.expect("opened");
+        let (outbound, _their_inbound) = accept_halves(&acceptor).await;
+        dialer.drop_call(id);
+        stopped_in_time(&outbound).await;
+    }
+
+    /// The allowance refills at a tenth of the time passing.
+    #[tokio::test(start_paused = true)]
+    async fn a_calls_allowance_refills_with_time() {
+        let (dialer, _acceptor) = brpc_pair();
+        let (_out, _inbound, id) = open(&dialer).await.expect("opened");
+        assert_eq!(dialer.hold_left(id), Some(STREAM_FULL_WAIT));
+        dialer.held(id, Duration::from_millis(900));
+        assert_eq!(dialer.hold_left(id), Some(Duration::from_millis(100)));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(dialer.hold_left(id), Some(Duration::from_millis(600)));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(dialer.hold_left(id), Some(STREAM_FULL_WAIT));
+    }
+
     /// After the last id of its side a dialer does not start again at 1
     /// (which a ttrpc server refuses as not increasing): new calls fail
     /// `UNAVAILABLE` and the connection closes once its running calls end.
@@ -928,8 +1113,8 @@ mod tests {
             .next_id
             .store(u64::from(u32::MAX - 2), Ordering::Relaxed);
 
-        let (_out1, in1, id1) = open(&dialer).await.expect("the next-to-last id");
-        let (_out2, in2, id2) = open(&dialer).await.expect("the last id");
+        let (out1, in1, id1) = open(&dialer).await.expect("the next-to-last id");
+        let (out2, in2, id2) = open(&dialer).await.expect("the last id");
         assert_eq!((id1, id2), (u32::MAX - 2, u32::MAX));
         assert_eq!(accept(&acceptor).await, u32::MAX - 2);
         assert_eq!(accept(&acceptor).await, u32::MAX);
@@ -937,10 +1122,11 @@ mod tests {
         let refused = open(&dialer).await.err().expect("no id left");
         assert_eq!(refused.code(), tonic::Code::Unavailable);
         assert!(refused.message().contains("2^31 stream ids"), "{refused:?}");
-        // The calls still running keep the connection.
-        drop(in1);
-        assert_eq!(dialer.close_reason(), None);
+        // The calls still running keep the connection, either half of one.
+        drop((out1, in1));
         drop(in2);
+        assert_eq!(dialer.close_reason(), None);
+        drop(out2);
         assert_eq!(dialer.close_reason().as_deref(), Some(IDS_USED_UP));
         // The peer sees the connection end.
         let reason = tokio::time::timeout(Duration::from_secs(30), acceptor.closed())

@@ -60,7 +60,8 @@ pub(crate) trait FrameSource: Send + Sync {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<Option<Frame>, ReadError>>;
-    /// Stops routing the call's frames (ttrpc cannot tell the peer).
+    /// Stops routing the call's frames; a brpc peer is sent Cancel (a plain
+    /// ttrpc peer cannot be told).
     fn stop(&mut self);
 }
 
@@ -185,7 +186,8 @@ impl CallReader {
     }
 
     /// Tells the peer to stop sending (QUIC STOP_SENDING); over a byte stream,
-    /// stops routing the call's frames (ttrpc cannot tell the peer).
+    /// stops routing the call's frames and sends a brpc peer Cancel (a plain
+    /// ttrpc peer cannot be told).
     pub(crate) fn stop(&mut self, code: u32) {
         match self {
             CallReader::Quic(reader) => reader.stop(code),
