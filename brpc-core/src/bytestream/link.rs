@@ -40,6 +40,10 @@ const ALLOWANCE_REFILL: u32 = 10;
 /// closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Cancel frames that may wait for room in a connection's outbound queue
+/// (each a small task) while its peer does not read.
+const MAX_CANCELS_WAITING: usize = 256;
+
 /// Why a connection that used up its side's stream ids closes.
 const IDS_USED_UP: &str = "this connection has used all 2^31 stream ids of its side";
 
@@ -158,6 +162,9 @@ struct Inner {
     /// How many running calls the peer cancelled, read without a lock:
     /// every write asks, and almost always none was.
     cancelled_count: AtomicUsize,
+    /// Cancel frames waiting for room in `out` (at most
+    /// [`MAX_CANCELS_WAITING`]).
+    cancels_waiting: AtomicUsize,
 }
 
 impl std::fmt::Debug for Link {
@@ -192,6 +199,7 @@ impl Link {
                 remote_is_brpc: AtomicBool::new(false),
                 budgets,
                 cancelled_count: AtomicUsize::new(0),
+                cancels_waiting: AtomicUsize::new(0),
             }),
         };
         tokio::spawn(write_loop(write_half, out_rx, link.clone()));
@@ -283,12 +291,24 @@ impl Link {
         }
         let frame = Frame::new(id, FrameType::Cancel, Flags::EMPTY, Bytes::new());
         if let Err(mpsc::error::TrySendError::Full(frame)) = self.inner.out.try_send(frame) {
-            // Called from a drop: the wait for room is a task's.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let out = self.inner.out.clone();
-                runtime.spawn(async move {
-                    let _ = out.send(frame).await;
-                });
+            // Called from a drop: the wait for room is a task's, a bounded
+            // number of them (a Cancel is advice: past that it is not sent).
+            let waiting = &self.inner.cancels_waiting;
+            if waiting.fetch_add(1, Ordering::Relaxed) >= MAX_CANCELS_WAITING {
+                waiting.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let link = self.clone();
+                    runtime.spawn(async move {
+                        let _ = link.inner.out.send(frame).await;
+                        link.inner.cancels_waiting.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                Err(_) => {
+                    waiting.fetch_sub(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -695,7 +715,11 @@ impl StreamInbound {
                 Ok(Some(frame))
             }
             Some(Err(e)) => Err(e),
-            None if self.link.take_dropped(self.id) => Err(ReadError::Exhausted(DROPPED.into())),
+            None if self.link.take_dropped(self.id) => {
+                // The peer was told when the call was dropped.
+                self.peer_done = true;
+                Err(ReadError::Exhausted(DROPPED.into()))
+            }
             None => Err(ReadError::Lost(Lost::Stream(self.link.close_reason()))),
         })
     }
@@ -705,14 +729,21 @@ impl StreamInbound {
             self.stopped = true;
             self.cancel_unless_done();
             self.link.stop_reading(self.id);
+            // What is queued goes now, and its budget with it; the reader
+            // waits no more for room here.
+            self.rx.close();
+            while self.rx.try_recv().is_ok() {}
         }
     }
 
-    /// Tells a brpc peer still sending this call's frames to stop.
+    /// Tells a brpc peer still sending this call's frames to stop, unless
+    /// it cancelled the call itself (it sends nothing more that matters).
     fn cancel_unless_done(&mut self) {
         if !self.peer_done {
             self.peer_done = true;
-            self.link.send_cancel(self.id);
+            if !self.link.is_cancelled(self.id) {
+                self.link.send_cancel(self.id);
+            }
         }
     }
 }
@@ -1084,6 +1115,28 @@ mod tests {
         let (outbound, _their_inbound) = accept_halves(&acceptor).await;
         dialer.drop_call(id);
         stopped_in_time(&outbound).await;
+    }
+
+    /// A callee whose caller cancelled sends no Cancel back when its call's
+    /// halves go (the caller reads nothing more; a peer that loops calls
+    /// and Cancels must not draw a frame, or a task, for each).
+    #[tokio::test(start_paused = true)]
+    async fn no_cancel_goes_back_to_a_peer_that_cancelled() {
+        let (a, mut raw) = tokio::io::duplex(1 << 16);
+        let acceptor = Link::spawn(a, Side::Acceptor, 1 << 20, budgets());
+        acceptor.set_remote_is_brpc();
+        let mut out = BytesMut::new();
+        let request = Frame::new(1, FrameType::Request, Flags::REMOTE_OPEN, Bytes::new());
+        let cancel = Frame::new(1, FrameType::Cancel, Flags::EMPTY, Bytes::new());
+        request.encode(&mut out).expect("encoded");
+        cancel.encode(&mut out).expect("encoded");
+        raw.write_all(&out).await.expect("written");
+        let (outbound, inbound) = accept_halves(&acceptor).await;
+        stopped_in_time(&outbound).await;
+        drop((outbound, inbound));
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
+        assert!(read.is_err(), "nothing sent back: {read:?}");
     }
 
     /// The allowance refills at a tenth of the time passing.
