@@ -112,6 +112,8 @@ struct Route {
     held_at: Option<tokio::time::Instant>,
     /// The peer sent Cancel: it reads none of this call's frames any more.
     cancelled: bool,
+    /// Dropped for not reading ([`Link::drop_call`]): what its reader sees.
+    dropped: bool,
     /// Woken when the peer cancels the call (made by the first wait).
     cancel_seen: Option<Arc<tokio::sync::Notify>>,
 }
@@ -124,7 +126,6 @@ enum Routing {
     /// No such call.
     Unknown,
 }
-type IdSet = std::collections::HashSet<u32, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// What a call dropped for not reading its frames sees (rather than a lost
 /// connection: the connection is fine).
@@ -142,11 +143,6 @@ struct Inner {
     side: Side,
     out: mpsc::Sender<Frame>,
     streams: Mutex<StreamMap>,
-    /// Calls dropped for not reading, until their receivers have seen it.
-    dropped: Mutex<IdSet>,
-    /// How many `dropped` holds, read without its lock: every call's end
-    /// asks, and almost always none was dropped.
-    dropped_count: AtomicUsize,
     /// The id this side's next call takes; past `u32::MAX` the ids are used
     /// up (2^31 calls) and the connection closes once its calls are over.
     next_id: AtomicU64,
@@ -189,8 +185,6 @@ impl Link {
                 side,
                 out,
                 streams: Mutex::new(StreamMap::default()),
-                dropped: Mutex::new(IdSet::default()),
-                dropped_count: AtomicUsize::new(0),
                 next_id: AtomicU64::new(if side == Side::Dialer { 1 } else { 2 }),
                 ids_used_up: AtomicBool::new(false),
                 incoming: Mutex::new(incoming_rx),
@@ -344,33 +338,26 @@ impl Link {
         }
     }
 
-    /// Changes the dropped calls, keeping their count.
-    fn with_dropped<T>(&self, change: impl FnOnce(&mut IdSet) -> T) -> T {
-        let mut dropped = self.inner.dropped.lock().unwrap_or_else(|e| e.into_inner());
-        let result = change(&mut dropped);
-        self.inner
-            .dropped_count
-            .store(dropped.len(), Ordering::Relaxed);
-        result
-    }
-
     /// Stops routing frames to the call `id`, which does not take them (its
     /// reader then sees that it was dropped), and tells a brpc peer.
     fn drop_call(&self, id: u32) {
         let dropped = match self.streams().get_mut(&id) {
-            Some(route) => route.tx.take().is_some(),
+            Some(route) => {
+                let reading = route.tx.take().is_some();
+                route.dropped |= reading;
+                reading
+            }
             None => false,
         };
         if dropped {
-            self.with_dropped(|dropped| dropped.insert(id));
             self.send_cancel(id);
         }
     }
 
-    /// Whether the call `id` was dropped for not reading (told once).
-    fn take_dropped(&self, id: u32) -> bool {
-        self.inner.dropped_count.load(Ordering::Relaxed) > 0
-            && self.with_dropped(|dropped| dropped.remove(&id))
+    /// Whether the call `id` was dropped for not reading (asked by its
+    /// reading half, which keeps its route).
+    fn was_dropped(&self, id: u32) -> bool {
+        self.streams().get(&id).is_some_and(|route| route.dropped)
     }
 
     /// A new call `id` and its two halves.
@@ -384,6 +371,7 @@ impl Link {
                 held: Duration::ZERO,
                 held_at: None,
                 cancelled: false,
+                dropped: false,
                 cancel_seen: None,
             },
         );
@@ -503,7 +491,6 @@ impl Link {
             streams.clear();
             self.inner.cancelled_count.store(0, Ordering::Relaxed);
         }
-        self.with_dropped(IdSet::clear);
     }
 
     /// The call `id`'s reading half stopped: its frames are dropped unread
@@ -512,7 +499,6 @@ impl Link {
         if let Some(route) = self.streams().get_mut(&id) {
             route.tx = None;
         }
-        self.take_dropped(id);
     }
 
     /// One half of the call `id` is gone (`reading`: its reading half);
@@ -532,9 +518,6 @@ impl Link {
             }
             streams.is_empty()
         };
-        if reading {
-            self.take_dropped(id);
-        }
         if idle && self.inner.ids_used_up.load(Ordering::Relaxed) {
             self.close(IDS_USED_UP);
         }
@@ -715,7 +698,7 @@ impl StreamInbound {
                 Ok(Some(frame))
             }
             Some(Err(e)) => Err(e),
-            None if self.link.take_dropped(self.id) => {
+            None if self.link.was_dropped(self.id) => {
                 // The peer was told when the call was dropped.
                 self.peer_done = true;
                 Err(ReadError::Exhausted(DROPPED.into()))
