@@ -209,6 +209,44 @@ async fn the_deadline_and_a_cancel_cross_the_relay() {
     assert_eq!(probe.in_flight.load(Ordering::SeqCst), 0);
 }
 
+/// The same cancel reaches an agent on the server's Unix socket: the
+/// relayed call toward it is dropped, and the Unix link sends Cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_crosses_the_relay_to_an_agent_on_a_unix_socket() {
+    let path = std::env::temp_dir().join(format!("brpc-relay-unix-{}.sock", std::process::id()));
+    let server = admin_server();
+    server.listen_unix(&path).expect("listen");
+    let echo = EchoService::new("unix-agent");
+    let probe = echo.probe.clone();
+    let agent = Client::builder()
+        .name("unix-agent")
+        .add_service(EchoServer::new(echo))
+        .connect_unix(&path)
+        .await
+        .expect("connect over the Unix socket");
+    let operator = common::client(&server, "operator").await;
+    let mut echo = relayed(&operator, &agent);
+    let reply = echo
+        .unary(EchoRequest::default())
+        .await
+        .expect("relayed to the Unix agent");
+    assert_eq!(reply.get_ref().answered_by, "unix-agent");
+
+    let mut cancelled = echo.clone();
+    let call = tokio::spawn(async move { cancelled.sleep(SleepRequest { millis: 600_000 }).await });
+    eventually(Duration::from_secs(20), "agent's handler running", || {
+        probe.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    call.abort();
+    eventually(Duration::from_secs(20), "agent's handler dropped", || {
+        probe.dropped.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(probe.in_flight.load(Ordering::SeqCst), 0);
+    let _ = std::fs::remove_file(&path);
+}
+
 #[tokio::test]
 async fn relay_errors_say_what_is_wrong() {
     let server = admin_server();
