@@ -1122,6 +1122,58 @@ mod tests {
         assert!(read.is_err(), "nothing sent back: {read:?}");
     }
 
+    /// A call's route goes with the last of its halves, in either order,
+    /// cancelled or not, and leaves no count behind; a call dropped for
+    /// not reading is told so by its reader.
+    #[tokio::test]
+    async fn a_calls_route_goes_with_its_last_half() {
+        let (dialer, _acceptor) = brpc_pair();
+        let routes = |link: &Link| link.streams().len();
+
+        // Reading half first, then sending half; and the other way round.
+        let (out, inbound, _) = open(&dialer).await.expect("opened");
+        drop(inbound);
+        assert_eq!(routes(&dialer), 1);
+        drop(out);
+        assert_eq!(routes(&dialer), 0);
+        let (out, inbound, _) = open(&dialer).await.expect("opened");
+        drop(out);
+        assert_eq!(routes(&dialer), 1);
+        drop(inbound);
+        assert_eq!(routes(&dialer), 0);
+
+        // Cancelled by the peer: counted while it runs, not after (a pair
+        // of its own: the calls above wait, cancelled, in the acceptor's
+        // queue).
+        let (dialer, acceptor) = brpc_pair();
+        let (their_out, their_in, _) = open(&dialer).await.expect("opened");
+        let (outbound, inbound) = accept_halves(&acceptor).await;
+        drop((their_out, their_in));
+        stopped_in_time(&outbound).await;
+        assert_eq!(acceptor.inner.cancelled_count.load(Ordering::Relaxed), 1);
+        drop((outbound, inbound));
+        assert_eq!(acceptor.inner.cancelled_count.load(Ordering::Relaxed), 0);
+        eventually_empty(&acceptor).await;
+
+        // Dropped for not reading: its reader hears why.
+        let (out, mut inbound, id) = open(&dialer).await.expect("opened");
+        dialer.drop_call(id);
+        let read = std::future::poll_fn(|cx| inbound.poll_next(cx)).await;
+        assert!(matches!(read, Err(ReadError::Exhausted(_))), "{read:?}");
+        drop((out, inbound));
+        assert_eq!(routes(&dialer), 0);
+    }
+
+    async fn eventually_empty(link: &Link) {
+        for _ in 0..1000 {
+            if link.streams().is_empty() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("{} routes left", link.streams().len());
+    }
+
     /// The allowance refills at a tenth of the time passing.
     #[tokio::test(start_paused = true)]
     async fn a_calls_allowance_refills_with_time() {
