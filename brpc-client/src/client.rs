@@ -630,17 +630,36 @@ impl Builder {
     /// Returns a client at once and connects in the background (as tonic's
     /// `connect_lazy`), retrying with the reconnect backoff. Until connected
     /// its state is [`ClientState::Reconnecting`] and calls fail with
-    /// `UNAVAILABLE`, or wait with [`Channel::wait_for_ready`]. A final
-    /// error (see [`Builder::connect_with_retry`]) closes it.
+    /// `UNAVAILABLE`, or wait with [`Channel::wait_for_ready`]. A server
+    /// name that does not resolve yet is looked up again before each
+    /// attempt (its local socket is then bound to `[::]`, which on Linux
+    /// reaches IPv4 servers too, unless [`Builder::local_address`] says
+    /// otherwise). A final error (see [`Builder::connect_with_retry`])
+    /// closes it.
     ///
     /// # Errors
     /// [`ConnectError`] for what is wrong before dialling: no trust, TLS
-    /// configuration, an address that does not resolve, no local socket.
+    /// configuration, an address no lookup can complete (no port), no
+    /// local socket.
     pub async fn connect_lazy<A>(self, addr: A) -> Result<Client, ConnectError>
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
-        let shared = self.prepare(addr).await?;
+        if self.roots.is_none() {
+            return Err(ConnectError::NoTrust);
+        }
+        let addr = addr.to_string();
+        let server = match resolve(&addr, &self.resolver).await {
+            Ok(server) => server,
+            Err(ConnectError::Resolve { source, .. })
+                if source.kind() != std::io::ErrorKind::InvalidInput =>
+            {
+                tracing::info!(%addr, error = %source, "server name not found yet; looking it up again before each attempt");
+                QuicServer::unresolved(&addr, &self.resolver)
+            }
+            Err(e) => return Err(e),
+        };
+        let shared = self.prepare_all(vec![server])?;
         shared.state.send_replace(ClientState::Reconnecting {
             attempt: 0,
             last_error: Disconnect::NotConnectedYet,
@@ -677,8 +696,20 @@ impl Builder {
                 0,
             )
         });
-        let mut endpoint = brpc_core::conn::endpoint(local, None, &self.options.transport, None)
-            .map_err(ConnectError::Endpoint)?;
+        let mut endpoint =
+            match brpc_core::conn::endpoint(local, None, &self.options.transport, None) {
+                Ok(endpoint) => endpoint,
+                // No IPv6 here: a server not resolved yet is dialled over IPv4.
+                Err(_)
+                    if self.local_address.is_none()
+                        && servers.first().is_some_and(QuicServer::is_unresolved) =>
+                {
+                    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+                    brpc_core::conn::endpoint(v4, None, &self.options.transport, None)
+                        .map_err(ConnectError::Endpoint)?
+                }
+                Err(e) => return Err(ConnectError::Endpoint(e)),
+            };
         endpoint.set_default_client_config(config);
         let servers = servers
             .into_iter()
@@ -850,6 +881,21 @@ impl std::fmt::Debug for QuicServer {
 impl QuicServer {
     fn remote(&self) -> SocketAddr {
         *self.remote.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A server whose name did not resolve yet: no address (port 0) until
+    /// a lookup finds one.
+    fn unresolved(addr: &str, resolver: &Resolver) -> QuicServer {
+        QuicServer {
+            remote: std::sync::Mutex::new(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
+            server_name: host_of(addr).to_owned(),
+            lookup: Some((addr.to_owned(), Arc::clone(resolver))),
+        }
+    }
+
+    /// Whether no lookup found the server yet.
+    fn is_unresolved(&self) -> bool {
+        self.remote().port() == 0
     }
 
     /// Looks the host name up again (if the address was given as one); on
@@ -1108,6 +1154,19 @@ fn grown_timeout(
 async fn connect_attempt(shared: &Shared, timeout: Duration) -> Result<Peer, ConnectError> {
     let (endpoint, remote, server_name) = match (&shared.dial, shared.dial.server()) {
         (Dial::Quic { endpoint, .. }, Some(server)) => {
+            if server.is_unresolved() {
+                server.refresh().await;
+                if server.is_unresolved() {
+                    let addr = server.lookup.as_ref().map(|(a, _)| a.clone());
+                    return Err(ConnectError::Resolve {
+                        addr: addr.unwrap_or_default(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "the server's name does not resolve yet",
+                        ),
+                    });
+                }
+            }
             (endpoint, server.remote(), server.server_name.as_str())
         }
         (Dial::Quic { .. }, None) => {

@@ -826,6 +826,52 @@ async fn connect_with_retry_waits_for_a_name_that_does_not_resolve_yet() {
     assert_eq!(answered_by(&client).await, "server");
 }
 
+/// `connect_lazy` with a server name that does not resolve yet returns a
+/// client at once, which looks the name up before each attempt and
+/// connects once it resolves (its socket bound to `[::]`, reaching the
+/// IPv4 server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_lazy_waits_for_a_name_that_does_not_resolve_yet() {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let server = named_server(&chain, &key, "server");
+    let names = Names::default();
+    let client = Client::builder()
+        .name("lazy")
+        .pin_certificate(cert.certificate().clone())
+        .server_name("localhost")
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .resolver(names.resolver())
+        .connect_lazy("control-plane.test:4433")
+        .await
+        .expect("a client at once");
+    assert!(
+        matches!(client.state(), ClientState::Reconnecting { .. }),
+        "{:?}",
+        client.state()
+    );
+    eventually(Duration::from_secs(20), "looked up again", || {
+        names.lookups() >= 3
+    })
+    .await;
+    let err = EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("not connected yet");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    names.set(server.local_addr());
+    let mut state = client.watch_state();
+    common::state_becomes(
+        &mut state,
+        Duration::from_secs(20),
+        "connected once the name resolved",
+        |s| matches!(s, ClientState::Connected { .. }),
+    )
+    .await;
+    assert_eq!(answered_by(&client).await, "server");
+}
+
 /// A reconnect looks the server's name up again: an agent whose name was
 /// moved to another server follows it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
