@@ -237,7 +237,12 @@ struct Node {
 }
 
 async fn node(pki: &Pki, id: u16, redis: &Redis, ttl: Duration) -> Node {
-    let config = ClusterConfig::new(id, redis.url(), pki.node(&format!("node-{id}")))
+    node_at(pki, id, redis.url(), ttl).await
+}
+
+/// A node whose Redis is at `url`.
+async fn node_at(pki: &Pki, id: u16, url: String, ttl: Duration) -> Node {
+    let config = ClusterConfig::new(id, url, pki.node(&format!("node-{id}")))
         .name("test")
         .ttl(ttl);
     let server = config
@@ -619,4 +624,130 @@ async fn an_agents_entries_expire_with_the_nodes_ttl() {
         left > 0 && left <= ttl.as_millis() as i64,
         "{key} expires in {left} ms; the TTL is {ttl:?}"
     );
+}
+
+/// A TCP relay to Redis whose connections can be made to go silent without
+/// a word (no FIN, no RST), as after a partition or a host gone; the
+/// connections made afterwards pass.
+struct SilentableRelay {
+    addr: SocketAddr,
+    /// Connections numbered below this stay silent.
+    silent_below: Arc<AtomicUsize>,
+    /// Connections made so far (numbered from 1).
+    made: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentableRelay {
+    async fn start(target: SocketAddr) -> SilentableRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let silent_below = Arc::new(AtomicUsize::new(0));
+        let silent = silent_below.clone();
+        let made = Arc::new(AtomicUsize::new(0));
+        let counted = made.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let number = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pipe(client_read, server_write, number, silent.clone()));
+                tokio::spawn(pipe(server_read, client_write, number, silent.clone()));
+            }
+        });
+        SilentableRelay {
+            addr,
+            silent_below,
+            made,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// Every connection made so far stops passing anything, and stays
+    /// open; connections made afterwards pass.
+    fn silence_existing(&self) {
+        let made = self.made.load(Ordering::SeqCst);
+        self.silent_below.store(made + 1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SilentableRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    number: usize,
+    silent_below: Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if number < silent_below.load(Ordering::SeqCst) {
+            // Silent: hold both sockets, pass nothing, never close.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A node whose event subscription's connection went silent (no reset)
+/// notices when its ping goes unanswered, subscribes again, and hears the
+/// cluster's events again. Without the ping it waited on the dead
+/// subscription for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_event_subscription_is_noticed_and_taken_again() {
+    let redis = Redis::start();
+    let relay = SilentableRelay::start(SocketAddr::from(([127, 0, 0, 1], redis.port))).await;
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(3);
+    // A reaches Redis through the relay; B directly.
+    let a = node_at(&pki, 1, relay.url(), ttl).await;
+    let b = node(&pki, 2, &redis, ttl).await;
+    let ba = b.server.local_addr();
+    let mut events = a.cluster().subscribe();
+    let (_first, _) = agent(&pki, "first", "b", &[ba]).await;
+    let event = tokio::time::timeout(LIMIT, events.recv())
+        .await
+        .expect("an event in time")
+        .expect("event");
+    assert_eq!(event.name, "first");
+
+    // Every connection A has to Redis goes silent; new ones pass.
+    relay.silence_existing();
+    let mut agents = Vec::new();
+    let started = Instant::now();
+    let heard = loop {
+        assert!(
+            started.elapsed() < LIMIT,
+            "A heard no event within {LIMIT:?} of its subscription going silent"
+        );
+        // Events published while A has no live subscription are lost:
+        // agents keep coming until A hears one.
+        let name = format!("later-{}", agents.len());
+        agents.push(agent(&pki, &name, "b", &[ba]).await);
+        if let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(2), events.recv()).await {
+            break event;
+        }
+    };
+    assert!(heard.name.starts_with("later-"), "{heard:?}");
+    assert_eq!(heard.node, 2);
 }
