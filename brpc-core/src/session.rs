@@ -23,6 +23,20 @@ pub const METHOD: &str = "Hello";
 pub const METHOD_GOAWAY: &str = "GoAway";
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// Whether an acceptor serves a dialer that says Hello with `version`:
+/// `FAILED_PRECONDITION`, saying both versions, if not.
+///
+/// # Errors
+/// The status to answer the Hello with.
+pub fn check_version(version: u32) -> Result<(), Status> {
+    if version == PROTOCOL_VERSION {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "unsupported brpc protocol version {version}; this server speaks {PROTOCOL_VERSION}"
+    )))
+}
+
 /// Default largest Hello frame a server accepts.
 pub const DEFAULT_MAX_HELLO_SIZE: usize = 16 * 1024;
 
@@ -175,22 +189,11 @@ fn handle_session_call(peer: &Peer, method: &str, payload: Bytes) -> (Status, By
         }
         METHOD => match peer.quic_connection() {
             None if peer.side() == Side::Acceptor && !peer.remote_is_brpc() => {
-                match HelloRequest::decode(payload).map(|hello| hello.protocol_version) {
-                    Ok(PROTOCOL_VERSION) => {}
-                    Ok(version) => {
-                        return (
-                            Status::failed_precondition(format!(
-                                "unsupported brpc protocol version {version}; this side speaks {PROTOCOL_VERSION}"
-                            )),
-                            Bytes::new(),
-                        );
-                    }
-                    Err(e) => {
-                        return (
-                            Status::invalid_argument(format!("bad Hello: {e}")),
-                            Bytes::new(),
-                        );
-                    }
+                let checked = HelloRequest::decode(payload)
+                    .map_err(|e| Status::invalid_argument(format!("bad Hello: {e}")))
+                    .and_then(|hello| check_version(hello.protocol_version));
+                if let Err(status) = checked {
+                    return (status, Bytes::new());
                 }
                 peer.set_remote_is_brpc();
                 let answer = HelloResponse {

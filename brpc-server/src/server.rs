@@ -895,12 +895,7 @@ async fn session(
         let reason = b"server shutting down".to_vec();
         return refuse(hello, status, codes::CONN_GOING_AWAY, reason).await;
     }
-    let version = hello.request.protocol_version;
-    if version != session::PROTOCOL_VERSION {
-        let status = Status::failed_precondition(format!(
-            "unsupported brpc protocol version {version}; this server speaks {}",
-            session::PROTOCOL_VERSION
-        ));
+    if let Err(status) = session::check_version(hello.request.protocol_version) {
         let reason = b"unsupported protocol version".to_vec();
         return refuse(hello, status, codes::CONN_HELLO_FAILED, reason).await;
     }

@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::conn::{
-    BoxFuture, Budgets, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError,
-    RequestBuilder, SendError, Side,
+    BoxFuture, Budgets, CancelSignal, FrameSink, FrameSource, Lost, Multiplexer, MuxCall,
+    ReadError, RequestBuilder, SendError, Side,
 };
 use crate::wire::{Flags, Frame, FrameDecoder, FrameError, FrameType, HEADER_LEN, Response};
 
@@ -114,8 +114,8 @@ struct Route {
     cancelled: bool,
     /// Dropped for not reading ([`Link::drop_call`]): what its reader sees.
     dropped: bool,
-    /// Woken when the peer cancels the call (made by the first wait).
-    cancel_seen: Option<Arc<tokio::sync::Notify>>,
+    /// Woken when the peer cancels the call (its sending half's wait).
+    cancel_waker: Option<std::task::Waker>,
 }
 
 /// What the reader does with a frame for a call.
@@ -225,20 +225,19 @@ impl Link {
     }
 
     /// The peer cancelled the call `id` (a Cancel frame): writes to it fail
-    /// from now on and whoever waits in [`cancelled`](Self::cancelled) for
-    /// it wakes.
+    /// from now on and its waiter ([`CancelSignal`]) wakes.
     fn peer_cancelled(&self, id: u32) {
-        let seen = match self.streams().get_mut(&id) {
+        let waiter = match self.streams().get_mut(&id) {
             Some(route) if !route.cancelled => {
                 route.cancelled = true;
                 self.inner.cancelled_count.fetch_add(1, Ordering::Relaxed);
-                route.cancel_seen.clone()
+                route.cancel_waker.take()
             }
             _ => None,
         };
         // The call's own waiter only: a Cancel wakes no other call.
-        if let Some(seen) = seen {
-            seen.notify_waiters();
+        if let Some(waiter) = waiter {
+            waiter.wake();
         }
     }
 
@@ -246,33 +245,6 @@ impl Link {
     fn is_cancelled(&self, id: u32) -> bool {
         self.inner.cancelled_count.load(Ordering::Relaxed) > 0
             && self.streams().get(&id).is_some_and(|route| route.cancelled)
-    }
-
-    /// Resolves once the peer cancels the call `id` (never for a call
-    /// that is gone).
-    async fn cancelled(self, id: u32) {
-        let seen = match self.streams().get_mut(&id) {
-            None => None,
-            Some(route) if route.cancelled => return,
-            Some(route) => Some(
-                route
-                    .cancel_seen
-                    .get_or_insert_with(Default::default)
-                    .clone(),
-            ),
-        };
-        let Some(seen) = seen else {
-            return std::future::pending().await;
-        };
-        loop {
-            let notified = seen.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_cancelled(id) {
-                return;
-            }
-            notified.await;
-        }
     }
 
     /// Asks the peer (a brpc peer; a plain ttrpc one has no such frame) to
@@ -360,9 +332,13 @@ impl Link {
         self.streams().get(&id).is_some_and(|route| route.dropped)
     }
 
-    /// A new call `id` and its two halves.
-    fn register(&self, id: u32) -> (StreamOutbound, StreamInbound) {
+    /// A new call `id` and its two halves, with `first` (the peer's
+    /// Request) already queued for its reading half.
+    fn register(&self, id: u32, first: Option<Charged>) -> (StreamOutbound, StreamInbound) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        if let Some(first) = first {
+            let _ = tx.try_send(Ok(first));
+        }
         self.streams().insert(
             id,
             Route {
@@ -372,7 +348,7 @@ impl Link {
                 held_at: None,
                 cancelled: false,
                 dropped: false,
-                cancel_seen: None,
+                cancel_waker: None,
             },
         );
         let outbound = StreamOutbound {
@@ -432,7 +408,7 @@ impl Link {
             self.inner
                 .next_id
                 .store(u64::from(id) + 2, Ordering::Relaxed);
-            let (outbound, inbound) = self.register(id);
+            let (outbound, inbound) = self.register(id, None);
             permit.send(frame);
             (id, outbound, inbound)
         };
@@ -664,8 +640,29 @@ impl FrameSink for StreamOutbound {
         Box::pin(self.write_frame(frame))
     }
 
-    fn stopped(&self) -> BoxFuture<'static, ()> {
-        Box::pin(self.link.clone().cancelled(self.id))
+    fn cancel_signal(&self) -> (Arc<dyn CancelSignal>, u32) {
+        (self.link.inner.clone(), self.id)
+    }
+}
+
+impl CancelSignal for Inner {
+    fn poll_cancelled(&self, id: u32, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        match streams.get_mut(&id) {
+            Some(route) if route.cancelled => std::task::Poll::Ready(()),
+            Some(route) => {
+                if !route
+                    .cancel_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    route.cancel_waker = Some(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            }
+            // A call that is gone is not cancelled by its peer any more.
+            None => std::task::Poll::Pending,
+        }
     }
 }
 
@@ -986,13 +983,11 @@ async fn route(
                 link.refuse(id, Status::resource_exhausted(message)).await;
                 return;
             };
-            let (outbound, inbound) = link.register(id);
-            if let Routing::Deliver(tx) = link.routing(id) {
-                let _ = tx.try_send(Ok(Charged {
-                    frame,
-                    _charge: charge,
-                }));
-            }
+            let first = Charged {
+                frame,
+                _charge: charge,
+            };
+            let (outbound, inbound) = link.register(id, Some(first));
             // Not accepted (the connection is going): dropping the halves
             // forgets the call.
             let _ = incoming.send((id, outbound, inbound)).await;
@@ -1054,7 +1049,9 @@ mod tests {
     }
 
     async fn stopped_in_time(outbound: &StreamOutbound) {
-        tokio::time::timeout(Duration::from_secs(30), FrameSink::stopped(outbound))
+        let (signal, id) = outbound.cancel_signal();
+        let stopped = std::future::poll_fn(|cx| signal.poll_cancelled(id, cx));
+        tokio::time::timeout(Duration::from_secs(30), stopped)
             .await
             .expect("the peer's Cancel arrived");
     }

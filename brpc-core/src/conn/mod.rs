@@ -37,8 +37,8 @@ pub use quic::{
 };
 pub use relay::relay;
 pub(crate) use transport::{
-    BoxFuture, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError, RequestBuilder,
-    SendError,
+    BoxFuture, CancelSignal, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError,
+    RequestBuilder, SendError,
 };
 
 pub(crate) use observe::{

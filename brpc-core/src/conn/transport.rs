@@ -72,9 +72,17 @@ pub(crate) trait FrameSink: Send + Sync {
     fn try_write(&mut self, frame: Frame) -> Result<Option<Frame>, SendError>;
     /// Queues one frame, waiting for room.
     fn write(&mut self, frame: Frame) -> BoxFuture<'_, Result<(), SendError>>;
-    /// Resolves when the peer stops reading the call (a brpc peer's Cancel
-    /// frame); never for a plain ttrpc peer, which cannot say so.
-    fn stopped(&self) -> BoxFuture<'static, ()>;
+    /// What says when the peer stops reading the call (a brpc peer's
+    /// Cancel frame; never a plain ttrpc peer, which cannot say so), and
+    /// the call's id to ask it about.
+    fn cancel_signal(&self) -> (Arc<dyn CancelSignal>, u32);
+}
+
+/// Whether the peer cancelled a multiplexed call.
+pub(crate) trait CancelSignal: Send + Sync {
+    /// Ready once the peer cancelled the call `id`; otherwise `cx` is woken
+    /// when it does (one waiter per call).
+    fn poll_cancelled(&self, id: u32, cx: &mut std::task::Context<'_>) -> std::task::Poll<()>;
 }
 
 /// What carries one connection's calls.
@@ -255,7 +263,12 @@ impl CallWriter {
                 // quinn's future twice).
                 Either::Left(send.stopped().map(|_| ()))
             }
-            CallWriter::Mux(sink) => Either::Right(sink.stopped()),
+            CallWriter::Mux(sink) => {
+                let (signal, id) = sink.cancel_signal();
+                Either::Right(std::future::poll_fn(move |cx| {
+                    signal.poll_cancelled(id, cx)
+                }))
+            }
         }
     }
 }
