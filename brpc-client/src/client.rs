@@ -555,8 +555,8 @@ impl Builder {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
-        let shared = self.prepare(addr).await?;
-        let peer = connect_once(&shared, shared.connect_timeout).await?;
+        let shared = self.prepare(&addr.to_string(), false).await?;
+        let peer = connect_once(&shared, shared.connect_timeout, false).await?;
         Ok(Client::start(shared, Some(peer)))
     }
 
@@ -574,42 +574,14 @@ impl Builder {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
-        if self.roots.is_none() {
-            return Err(ConnectError::NoTrust);
-        }
-        let addr = addr.to_string();
-        let mut attempt = 0u32;
-        let server = {
-            let mut delays = self.backoff().build();
-            loop {
-                attempt += 1;
-                match resolve(&addr, &self.resolver).await {
-                    Ok(server) => break server,
-                    // No port, say: no lookup will find one.
-                    Err(ConnectError::Resolve { source, .. })
-                        if source.kind() == std::io::ErrorKind::InvalidInput =>
-                    {
-                        return Err(ConnectError::Resolve { addr, source });
-                    }
-                    Err(e) => {
-                        tracing::info!(attempt, error = %e, "server name not found yet; retrying");
-                    }
-                }
-                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
-            }
-        };
-        let shared = self.prepare_all(vec![server])?;
+        let shared = self.prepare(&addr.to_string(), true).await?;
         let mut delays = Delays::new(&shared);
         let mut timeout = shared.connect_timeout;
-        let mut dials = 0u32;
+        let mut attempt = 0u32;
         loop {
             attempt += 1;
-            dials += 1;
-            // Looked up again before each dial but the first (just done).
-            if dials > 1 {
-                shared.dial.refresh().await;
-            }
-            let result = connect_once(&shared, timeout).await;
+            // Looked up again before each attempt but the first (just done).
+            let result = connect_once(&shared, timeout, attempt > 1).await;
             timeout = grown_timeout(&shared, timeout, &result);
             let delay = delays.after(&result);
             match result {
@@ -645,21 +617,7 @@ impl Builder {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
-        if self.roots.is_none() {
-            return Err(ConnectError::NoTrust);
-        }
-        let addr = addr.to_string();
-        let server = match resolve(&addr, &self.resolver).await {
-            Ok(server) => server,
-            Err(ConnectError::Resolve { source, .. })
-                if source.kind() != std::io::ErrorKind::InvalidInput =>
-            {
-                tracing::info!(%addr, error = %source, "server name not found yet; looking it up again before each attempt");
-                QuicServer::unresolved(&addr, &self.resolver)
-            }
-            Err(e) => return Err(e),
-        };
-        let shared = self.prepare_all(vec![server])?;
+        let shared = self.prepare(&addr.to_string(), true).await?;
         shared.state.send_replace(ClientState::Reconnecting {
             attempt: 0,
             last_error: Disconnect::NotConnectedYet,
@@ -668,20 +626,24 @@ impl Builder {
     }
 
     /// Everything up to the first dial: trust, address, local endpoint.
-    async fn prepare<A>(self, addr: A) -> Result<Arc<Shared>, ConnectError>
-    where
-        A: tokio::net::ToSocketAddrs + std::fmt::Display,
-    {
-        let server = resolve(&addr.to_string(), &self.resolver).await?;
+    /// With `wait_for_name`, a name that does not resolve yet is looked up
+    /// again when dialled.
+    async fn prepare(self, addr: &str, wait_for_name: bool) -> Result<Arc<Shared>, ConnectError> {
+        let server = resolve(addr, &self.resolver, wait_for_name).await?;
         self.prepare_all(vec![server])
     }
 
     /// [`Builder::prepare`] for several servers, dialled in turn.
     fn prepare_all(mut self, servers: Vec<QuicServer>) -> Result<Arc<Shared>, ConnectError> {
         let roots = self.roots.clone().ok_or(ConnectError::NoTrust)?;
+        // Not resolved yet: `[::]`, which on Linux reaches IPv4 too.
         let first = servers.first().map_or_else(
             || SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            QuicServer::remote,
+            |server| {
+                server
+                    .remote()
+                    .unwrap_or(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
+            },
         );
         let crypto = tls::client_crypto_with_identity(roots, self.identity.take())?;
         let mut config = quinn::ClientConfig::new(crypto);
@@ -702,7 +664,7 @@ impl Builder {
                 // No IPv6 here: a server not resolved yet is dialled over IPv4.
                 Err(_)
                     if self.local_address.is_none()
-                        && servers.first().is_some_and(QuicServer::is_unresolved) =>
+                        && servers.first().is_some_and(|s| s.remote().is_none()) =>
                 {
                     let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
                     brpc_core::conn::endpoint(v4, None, &self.options.transport, None)
@@ -748,7 +710,7 @@ impl Builder {
     {
         let mut servers = Vec::new();
         for addr in addrs {
-            servers.push(resolve(addr.as_ref(), &self.resolver).await?);
+            servers.push(resolve(addr.as_ref(), &self.resolver, false).await?);
         }
         if servers.is_empty() {
             return Err(ConnectError::Resolve {
@@ -765,7 +727,7 @@ impl Builder {
         for _ in 0..tries {
             // Even an error that retrying cannot fix (a certificate one
             // server gets wrong, a refusal) leaves the other servers to try.
-            match connect_once(&shared, shared.connect_timeout).await {
+            match connect_once(&shared, shared.connect_timeout, false).await {
                 Ok(peer) => return Ok(Client::start(shared, Some(peer))),
                 Err(e) => last = Some(e),
             }
@@ -787,21 +749,11 @@ impl Builder {
         path: impl AsRef<std::path::Path>,
     ) -> Result<Client, ConnectError> {
         let shared = self.into_shared(Dial::Unix(path.as_ref().to_path_buf()));
-        let peer = connect_once(&shared, shared.connect_timeout).await?;
+        let peer = connect_once(&shared, shared.connect_timeout, false).await?;
         Ok(Client::start(shared, Some(peer)))
     }
 
-    /// The reconnect backoff.
-    fn backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(self.backoff_min)
-            .with_max_delay(self.backoff_max)
-            .with_jitter()
-            .without_max_times()
-    }
-
     fn into_shared(self, dial: Dial) -> Arc<Shared> {
-        let backoff = self.backoff();
         Arc::new(Shared {
             dial,
             name: self.name,
@@ -810,12 +762,8 @@ impl Builder {
             connect_timeout: self.connect_timeout,
             limits: self.options.limits,
             reconnect: self.reconnect,
-            backoff,
-            busy_backoff: ExponentialBuilder::default()
-                .with_min_delay(self.busy_backoff_min)
-                .with_max_delay(self.busy_backoff_max)
-                .with_jitter()
-                .without_max_times(),
+            backoff: exponential(self.backoff_min, self.backoff_max),
+            busy_backoff: exponential(self.busy_backoff_min, self.busy_backoff_max),
             current: watch::Sender::new(None),
             state: watch::Sender::new(ClientState::Closed {
                 reason: Disconnect::NotConnectedYet,
@@ -849,7 +797,11 @@ impl std::fmt::Display for Dial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Dial::Quic { .. } => match self.server() {
-                Some(server) => write!(f, "{}", server.remote()),
+                Some(server) => match (server.remote(), &server.lookup) {
+                    (Some(remote), _) => write!(f, "{remote}"),
+                    (None, Some((name, _))) => f.write_str(name),
+                    (None, None) => f.write_str("no address"),
+                },
                 None => f.write_str("no server"),
             },
             Dial::Unix(path) => write!(f, "unix:{}", path.display()),
@@ -857,10 +809,19 @@ impl std::fmt::Display for Dial {
     }
 }
 
+/// Delays from `min`, doubling up to `max`, with jitter, for ever.
+fn exponential(min: Duration, max: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+}
+
 /// A server a QUIC client may dial, with the name its certificate must carry.
 struct QuicServer {
-    /// The address dialled.
-    remote: std::sync::Mutex<SocketAddr>,
+    /// The address dialled; `None` until a lookup of a name finds one.
+    remote: std::sync::Mutex<Option<SocketAddr>>,
     server_name: String,
     /// The address as given, when it names a host, and what looks it up:
     /// asked again before each reconnect, so a name moved to another server
@@ -879,72 +840,97 @@ impl std::fmt::Debug for QuicServer {
 }
 
 impl QuicServer {
-    fn remote(&self) -> SocketAddr {
+    fn remote(&self) -> Option<SocketAddr> {
         *self.remote.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A server whose name did not resolve yet: no address (port 0) until
-    /// a lookup finds one.
-    fn unresolved(addr: &str, resolver: &Resolver) -> QuicServer {
-        QuicServer {
-            remote: std::sync::Mutex::new(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))),
-            server_name: host_of(addr).to_owned(),
-            lookup: Some((addr.to_owned(), Arc::clone(resolver))),
-        }
-    }
-
-    /// Whether no lookup found the server yet.
-    fn is_unresolved(&self) -> bool {
-        self.remote().port() == 0
-    }
-
-    /// Looks the host name up again (if the address was given as one); on
-    /// failure the last address stays.
-    async fn refresh(&self) {
-        let Some((name, resolver)) = &self.lookup else {
-            return;
+    /// The address to dial: looked up first (if the server was given by
+    /// name) when `refresh` says so or none was found yet. A failed lookup
+    /// keeps the last address found; with none, it is the error.
+    async fn address(&self, refresh: bool) -> Result<SocketAddr, ConnectError> {
+        let last = self.remote();
+        let (Some((name, resolver)), true) = (&self.lookup, refresh || last.is_none()) else {
+            return last.ok_or_else(|| lookup_error(String::new(), None));
         };
-        match resolver(name.clone()).await {
+        match lookup(name, resolver).await {
             Ok(found) => {
-                if let Some(addr) = found.first() {
-                    *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = *addr;
-                }
+                *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
+                Ok(found)
             }
-            Err(error) => {
-                tracing::debug!(%name, %error, "lookup failed; dialling the last address");
-            }
+            Err(e) => last.ok_or(e).inspect(|_| {
+                tracing::debug!(%name, "lookup failed; dialling the last address");
+            }),
         }
     }
 }
 
-/// `addr` resolved by `resolver` (its first address; an IP address as it
-/// is), with the host name it was given by.
-async fn resolve(addr: &str, resolver: &Resolver) -> Result<QuicServer, ConnectError> {
-    let (remote, lookup) = match addr.parse::<SocketAddr>() {
-        Ok(remote) => (remote, None),
-        Err(_) => {
-            let found =
-                resolver(addr.to_owned())
-                    .await
-                    .map_err(|source| ConnectError::Resolve {
-                        addr: addr.to_owned(),
-                        source,
-                    })?;
-            let remote = found
-                .first()
-                .copied()
-                .ok_or_else(|| ConnectError::Resolve {
-                    addr: addr.to_owned(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-                })?;
-            (remote, Some((addr.to_owned(), Arc::clone(resolver))))
+/// The first address `resolver` finds for `name`.
+async fn lookup(name: &str, resolver: &Resolver) -> Result<SocketAddr, ConnectError> {
+    match resolver(name.to_owned()).await {
+        Ok(found) => found
+            .first()
+            .copied()
+            .ok_or_else(|| lookup_error(name.to_owned(), None)),
+        Err(source) => Err(lookup_error(name.to_owned(), Some(source))),
+    }
+}
+
+/// [`ConnectError::Resolve`] for `addr`: the resolver's error, or "no
+/// address" when it found none.
+fn lookup_error(addr: String, source: Option<std::io::Error>) -> ConnectError {
+    ConnectError::Resolve {
+        addr,
+        source: source
+            .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address")),
+    }
+}
+
+/// The server at `addr`: an IP address as it is, a name looked up by
+/// `resolver` (its first address), and with `wait_for_name` a name that
+/// does not resolve yet kept to be looked up when dialled. An address
+/// with no port fails at once: no lookup can complete it.
+async fn resolve(
+    addr: &str,
+    resolver: &Resolver,
+    wait_for_name: bool,
+) -> Result<QuicServer, ConnectError> {
+    let (remote, lookup_by) = match addr.parse::<SocketAddr>() {
+        Ok(remote) => (Some(remote), None),
+        Err(_) if !has_port(addr) => {
+            return Err(ConnectError::Resolve {
+                addr: addr.to_owned(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no port: give the address as host:port",
+                ),
+            });
         }
+        Err(_) => match lookup(addr, resolver).await {
+            Ok(remote) => (Some(remote), Some((addr.to_owned(), Arc::clone(resolver)))),
+            Err(e) if wait_for_name => {
+                tracing::info!(error = %e, "server name not found yet; looking it up again when dialling");
+                (None, Some((addr.to_owned(), Arc::clone(resolver))))
+            }
+            Err(e) => return Err(e),
+        },
     };
     Ok(QuicServer {
         remote: std::sync::Mutex::new(remote),
         server_name: host_of(addr).to_owned(),
-        lookup,
+        lookup: lookup_by,
     })
+}
+
+/// Whether `addr` ends in a port (`host:port`, `[v6]:port`).
+fn has_port(addr: &str) -> bool {
+    let port = match addr.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:").map(|(_, port)| port),
+        None => addr
+            .rsplit_once(':')
+            .filter(|(host, _)| !host.contains(':'))
+            .map(|(_, port)| port),
+    };
+    port.is_some_and(|port| port.parse::<u16>().is_ok())
 }
 
 impl Dial {
@@ -955,13 +941,6 @@ impl Dial {
                 Some(&servers[turn.load(Ordering::Relaxed) % servers.len()])
             }
             _ => None,
-        }
-    }
-
-    /// Looks the next server's host name up again (see [`QuicServer::refresh`]).
-    async fn refresh(&self) {
-        if let Some(server) = self.server() {
-            server.refresh().await;
         }
     }
 
@@ -1098,8 +1077,14 @@ fn hello(shared: &Shared) -> HelloRequest {
 ///
 /// `timeout` bounds the handshake and Hello: the connect timeout, grown by
 /// [`grown_timeout`] after attempts that ran out of time.
-async fn connect_once(shared: &Shared, timeout: Duration) -> Result<Peer, ConnectError> {
-    let result = Box::pin(connect_attempt(shared, timeout)).await;
+/// One attempt to connect, to the next server; with `refresh`, its name
+/// (if it has one) is looked up again first.
+async fn connect_once(
+    shared: &Shared,
+    timeout: Duration,
+    refresh: bool,
+) -> Result<Peer, ConnectError> {
+    let result = Box::pin(connect_attempt(shared, timeout, refresh)).await;
     if result.is_err() {
         shared.dial.next_server();
     }
@@ -1151,24 +1136,17 @@ fn grown_timeout(
     }
 }
 
-async fn connect_attempt(shared: &Shared, timeout: Duration) -> Result<Peer, ConnectError> {
+async fn connect_attempt(
+    shared: &Shared,
+    timeout: Duration,
+    refresh: bool,
+) -> Result<Peer, ConnectError> {
     let (endpoint, remote, server_name) = match (&shared.dial, shared.dial.server()) {
-        (Dial::Quic { endpoint, .. }, Some(server)) => {
-            if server.is_unresolved() {
-                server.refresh().await;
-                if server.is_unresolved() {
-                    let addr = server.lookup.as_ref().map(|(a, _)| a.clone());
-                    return Err(ConnectError::Resolve {
-                        addr: addr.unwrap_or_default(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "the server's name does not resolve yet",
-                        ),
-                    });
-                }
-            }
-            (endpoint, server.remote(), server.server_name.as_str())
-        }
+        (Dial::Quic { endpoint, .. }, Some(server)) => (
+            endpoint,
+            server.address(refresh).await?,
+            server.server_name.as_str(),
+        ),
         (Dial::Quic { .. }, None) => {
             return Err(ConnectError::Resolve {
                 addr: String::new(),
@@ -1377,12 +1355,7 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
         // did): a name may have moved to another server meanwhile.
         let refresh = !(immediately && attempt == 1);
         let result = tokio::select! {
-            result = async {
-                if refresh {
-                    shared.dial.refresh().await;
-                }
-                connect_once(shared, timeout).await
-            } => result,
+            result = connect_once(shared, timeout, refresh) => result,
             () = shared.closing() => return None,
         };
         timeout = grown_timeout(shared, timeout, &result);
@@ -1586,7 +1559,7 @@ impl Drop for Client {
 
 #[cfg(test)]
 mod name_tests {
-    use super::host_of;
+    use super::{has_port, host_of};
 
     #[test]
     fn the_host_of_an_address_is_the_name_checked() {
@@ -1594,5 +1567,15 @@ mod name_tests {
         assert_eq!(host_of("127.0.0.1:4443"), "127.0.0.1");
         assert_eq!(host_of("[::1]:4443"), "::1");
         assert_eq!(host_of("vm"), "vm");
+    }
+
+    #[test]
+    fn an_address_with_no_port_is_told_apart() {
+        for with in ["vm.example:4443", "[::1]:4443", "localhost:1"] {
+            assert!(has_port(with), "{with}");
+        }
+        for without in ["vm.example", "::1", "[::1]", "vm:", "vm:http", "vm:70000"] {
+            assert!(!has_port(without), "{without}");
+        }
     }
 }
