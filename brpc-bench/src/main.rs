@@ -1321,7 +1321,7 @@ async fn storm(
     server.kill()?;
     let _ = server.wait();
     let restarted = Instant::now();
-    let agents_cpu_before: f64 = children.iter().map(|c| process_cpu_seconds(c.id())).sum();
+    let agents_cpu_before = processes_cpu_seconds(&children);
     let machine_drops_before = udp_receive_buffer_drops();
     let (mut server, peers) = storm_server(addr, &pem, keep_alive, max_handshakes)?;
     // 120 s, or 3 ms per agent for larger fleets (300 s for 100 000).
@@ -1350,11 +1350,7 @@ async fn storm(
     let server_drops = udp_drops(addr);
     let machine_drops = udp_receive_buffer_drops().saturating_sub(machine_drops_before);
     let cpu = process_cpu_seconds(server.id());
-    let agents_cpu = children
-        .iter()
-        .map(|c| process_cpu_seconds(c.id()))
-        .sum::<f64>()
-        - agents_cpu_before;
+    let agents_cpu = processes_cpu_seconds(&children) - agents_cpu_before;
     let admission = peers.admission();
     let (mut attempts, mut gave_up, mut busy, mut timed_out) = (0u64, 0u64, 0u64, 0u64);
     for mut child in children {
@@ -1553,6 +1549,11 @@ async fn serve_storm(
         println!("peers {}", server.peers().len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The user + system CPU time so far of every process in `children`.
+fn processes_cpu_seconds(children: &[std::process::Child]) -> f64 {
+    children.iter().map(|c| process_cpu_seconds(c.id())).sum()
 }
 
 /// A process's user + system CPU time so far, from /proc (0 if unreadable).
@@ -1762,8 +1763,7 @@ async fn fleet(
     // This process is the server (and the broadcast's caller): its CPU time
     // over the broadcast is the server's cost of it.
     let cpu_before = cpu_seconds();
-    let agents_cpu = || -> f64 { children.iter().map(|c| process_cpu_seconds(c.id())).sum() };
-    let agents_cpu_before = agents_cpu();
+    let agents_cpu_before = processes_cpu_seconds(&children);
     let broadcast_once = || {
         brpc::broadcast(server.peers().list(), options, |peer| {
             let blob = payload.clone();
@@ -1786,8 +1786,9 @@ async fn fleet(
     let server_cpu_per_call =
         Duration::from_secs_f64((cpu_seconds() - cpu_before) / results.len().max(1) as f64);
     let agents_cpu_per_call = Duration::from_secs_f64(
-        (agents_cpu() - agents_cpu_before).max(0.0) / results.len().max(1) as f64,
+        (processes_cpu_seconds(&children) - agents_cpu_before).max(0.0) / results.len().max(1) as f64,
     );
+    let drops = udp_drops(server.local_addr()).saturating_sub(drops_before);
     // More broadcasts, for a profiler to watch (not reported).
     let extra: usize = std::env::var(EXTRA_BROADCASTS_VAR)
         .ok()
@@ -1808,7 +1809,6 @@ async fn fleet(
         latencies.record(r.elapsed);
     }
     let failures = results.len() - latencies.len() as usize + (n - connected);
-    let drops = udp_drops(server.local_addr()).saturating_sub(drops_before);
     for mut child in children {
         drop(child.stdin.take());
         let _ = child.wait();

@@ -400,7 +400,8 @@ impl Admin {
             n => n.min(MAX_PAGE),
         } as usize;
         let after = (request.after != 0).then_some(ConnectionId(request.after));
-        let page: Vec<Peer> = self.registry.page_with_labels(
+        // The table's own: the request's labels are read as they are.
+        let page: Vec<Peer> = self.registry.read().page_with_labels(
             request.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             after,
             limit + 1,

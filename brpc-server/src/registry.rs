@@ -148,72 +148,61 @@ impl<E: Entry> Table<E> {
     /// Up to `limit` entries after `after` (from the start with `None`), in
     /// id order.
     pub(crate) fn page(&self, after: Option<ConnectionId>, limit: usize) -> Vec<E> {
-        let start = match after {
-            Some(id) => Bound::Excluded(id),
-            None => Bound::Unbounded,
-        };
-        self.order
-            .range((start, Bound::Unbounded))
-            .take(limit)
-            .filter_map(|id| self.by_id.get(id).cloned())
-            .collect()
+        self.page_with_labels(std::iter::empty(), after, limit)
     }
 
     /// Up to `limit` entries carrying every label of `labels` with ids
-    /// after `after`, in id order: read from the smallest of their index
-    /// sets from `after` on (up to the last entry returned, or its end),
-    /// cloning only the entries returned.
+    /// after `after`, in id order, cloning only the entries returned.
     pub(crate) fn page_with_labels<'a>(
         &self,
         labels: impl IntoIterator<Item = (&'a str, &'a str)>,
         after: Option<ConnectionId>,
         limit: usize,
     ) -> Vec<E> {
-        let mut sets = Vec::new();
-        for (key, value) in labels {
-            match self.by_label.get(key).and_then(|values| values.get(value)) {
-                Some(ids) => sets.push(ids),
-                None => return Vec::new(),
-            }
-        }
-        sets.sort_by_key(|ids| ids.len());
-        let Some((smallest, rest)) = sets.split_first() else {
-            return self.page(after, limit);
-        };
-        let start = match after {
-            Some(id) => Bound::Excluded(id),
-            None => Bound::Unbounded,
-        };
-        smallest
-            .range((start, Bound::Unbounded))
-            .filter(|id| rest.iter().all(|ids| ids.contains(id)))
-            .filter_map(|id| self.by_id.get(id).cloned())
+        self.matching(labels, after)
+            .filter_map(|id| self.by_id.get(&id).cloned())
             .take(limit)
             .collect()
     }
 
     /// The ordered ids of the entries carrying every label of `labels`
-    /// (all ids for none), read from the smallest of their index sets.
+    /// (all ids for none).
     pub(crate) fn ids_with<'a>(
         &self,
         labels: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Vec<ConnectionId> {
+        self.matching(labels, None).collect()
+    }
+
+    /// The ids after `after` of the entries carrying every label of
+    /// `labels` (all entries for none), in order: read from the smallest of
+    /// the labels' index sets from `after` on, as far as they are taken.
+    fn matching<'a>(
+        &self,
+        labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+        after: Option<ConnectionId>,
+    ) -> impl Iterator<Item = ConnectionId> + '_ {
         let mut sets = Vec::new();
+        let mut unknown = false;
         for (key, value) in labels {
             match self.by_label.get(key).and_then(|values| values.get(value)) {
                 Some(ids) => sets.push(ids),
-                None => return Vec::new(),
+                None => unknown = true,
             }
         }
         sets.sort_by_key(|ids| ids.len());
-        match sets.split_first() {
-            None => self.order.iter().copied().collect(),
-            Some((smallest, rest)) => smallest
-                .iter()
-                .filter(|id| rest.iter().all(|ids| ids.contains(id)))
-                .copied()
-                .collect(),
-        }
+        // A label no entry carries: nothing matches.
+        let smallest = (!unknown).then(|| sets.first().copied().unwrap_or(&self.order));
+        let rest: Vec<&BTreeSet<ConnectionId>> = sets.into_iter().skip(1).collect();
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        smallest
+            .into_iter()
+            .flat_map(move |ids| ids.range((start, Bound::Unbounded)))
+            .filter(move |id| rest.iter().all(|ids| ids.contains(id)))
+            .copied()
     }
 
     /// The entries carrying every label of `labels`, in id order.

@@ -836,6 +836,23 @@ async fn admit(
     listed
 }
 
+/// Answers a Hello with `status` and closes the connection with `code`
+/// and `reason`: the answer within the Hello limit too, so that a client
+/// withholding flow-control credit does not keep its connection (and its
+/// place under max_connections) by never taking it.
+async fn refuse(
+    hello: HelloCall,
+    connection: &quinn::Connection,
+    deadline: tokio::time::Instant,
+    status: Status,
+    code: u32,
+    reason: &[u8],
+) -> Option<Listed> {
+    let _ = tokio::time::timeout_at(deadline, hello.reject(status)).await;
+    connection.close(VarInt::from_u32(code), reason);
+    None
+}
+
 /// Hello, admission, listing and the Hello answer on a handshaken
 /// connection: the peer, listed, or `None` if the client was turned away or
 /// went away.
@@ -879,25 +896,30 @@ async fn session(
             return None;
         }
     };
-    let refuse = |hello: HelloCall, status: Status, code: u32, reason: Vec<u8>| {
-        let connection = connection.clone();
-        async move {
-            // Within the Hello limit too: a client that withholds
-            // flow-control credit must not keep its connection (and its
-            // place under max_connections) by never taking the answer.
-            let _ = tokio::time::timeout_at(deadline, hello.reject(status)).await;
-            connection.close(VarInt::from_u32(code), &reason);
-            None
-        }
-    };
     if shared.shutting_down.load(Ordering::SeqCst) {
         let status = Status::unavailable("server is shutting down; reconnect later");
-        let reason = b"server shutting down".to_vec();
-        return refuse(hello, status, codes::CONN_GOING_AWAY, reason).await;
+        let reason = b"server shutting down";
+        return refuse(
+            hello,
+            &connection,
+            deadline,
+            status,
+            codes::CONN_GOING_AWAY,
+            reason,
+        )
+        .await;
     }
     if let Err(status) = session::check_version(hello.request.protocol_version) {
-        let reason = b"unsupported protocol version".to_vec();
-        return refuse(hello, status, codes::CONN_HELLO_FAILED, reason).await;
+        let reason = b"unsupported protocol version";
+        return refuse(
+            hello,
+            &connection,
+            deadline,
+            status,
+            codes::CONN_HELLO_FAILED,
+            reason,
+        )
+        .await;
     }
     let identity = PeerIdentity::of_connection(&connection);
     if let Some(authorize) = &shared.authorize {
@@ -915,8 +937,17 @@ async fn session(
         };
         if let Err(status) = authorize(&admission) {
             tracing::info!(%remote, name = %hello.request.name, %status, "client not authorized");
-            let reason = format!("not authorized: {}", status.message()).into_bytes();
-            return refuse(hello, status, codes::CONN_UNAUTHORIZED, reason).await;
+            let reason = format!("not authorized: {}", status.message());
+            let code = codes::CONN_UNAUTHORIZED;
+            return refuse(
+                hello,
+                &connection,
+                deadline,
+                status,
+                code,
+                reason.as_bytes(),
+            )
+            .await;
         }
     }
     // Admitted: open the call window and the receive window.
