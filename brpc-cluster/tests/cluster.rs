@@ -733,6 +733,7 @@ async fn a_silent_event_subscription_is_noticed_and_taken_again() {
 
     // Every connection A has to Redis goes silent; new ones pass.
     relay.silence_existing();
+    let made = relay.made.load(Ordering::SeqCst);
     let mut agents = Vec::new();
     let started = Instant::now();
     let heard = loop {
@@ -749,5 +750,9 @@ async fn a_silent_event_subscription_is_noticed_and_taken_again() {
         }
     };
     assert!(heard.name.starts_with("later-"), "{heard:?}");
+    assert!(
+        relay.made.load(Ordering::SeqCst) > made,
+        "A heard it on a new connection"
+    );
     assert_eq!(heard.node, 2);
 }

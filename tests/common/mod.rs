@@ -309,6 +309,41 @@ pub async fn client(server: &Server, name: &str) -> Client {
         .expect("connect")
 }
 
+/// Waits (up to 20 s) until `client` is connected; its connection id.
+pub async fn connected(client: &Client) -> brpc::ConnectionId {
+    let mut state = client.watch_state();
+    let connected = state_becomes(&mut state, Duration::from_secs(20), "connected", |s| {
+        matches!(s, brpc::ClientState::Connected { .. })
+    })
+    .await;
+    match connected {
+        brpc::ClientState::Connected { connection_id } => connection_id,
+        other => unreachable!("waited for Connected, got {other:?}"),
+    }
+}
+
+/// Starts `call` (one whose handler, watched by `probe`, sleeps), waits
+/// until the handler runs, drops the call, and waits until the handler is
+/// dropped too (cancelled on its side), none left running.
+pub async fn drop_while_running<F>(probe: &Probe, call: F)
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send,
+{
+    let before = probe.dropped.load(Ordering::SeqCst);
+    let call = tokio::spawn(call);
+    eventually(Duration::from_secs(20), "the handler running", || {
+        probe.in_flight.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    call.abort();
+    eventually(Duration::from_secs(20), "the handler dropped", || {
+        probe.dropped.load(Ordering::SeqCst) == before + 1
+    })
+    .await;
+    assert_eq!(probe.in_flight.load(Ordering::SeqCst), 0);
+}
+
 /// Polls `condition` every 10 ms until it holds; panics after `limit`.
 pub async fn eventually(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let start = tokio::time::Instant::now();

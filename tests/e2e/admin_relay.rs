@@ -196,17 +196,10 @@ async fn the_deadline_and_a_cancel_cross_the_relay() {
 
     // The operator drops its call: the agent's handler is dropped too.
     let mut cancelled = echo.clone();
-    let call = tokio::spawn(async move { cancelled.sleep(SleepRequest { millis: 60_000 }).await });
-    eventually(Duration::from_secs(10), "agent's handler running", || {
-        probe.in_flight.load(Ordering::SeqCst) == 1
+    common::drop_while_running(&probe, async move {
+        cancelled.sleep(SleepRequest { millis: 60_000 }).await
     })
     .await;
-    call.abort();
-    eventually(Duration::from_secs(10), "agent's handler dropped", || {
-        probe.dropped.load(Ordering::SeqCst) == 2
-    })
-    .await;
-    assert_eq!(probe.in_flight.load(Ordering::SeqCst), 0);
 }
 
 /// The same cancel reaches an agent on the server's Unix socket: the
@@ -233,18 +226,10 @@ async fn a_cancel_crosses_the_relay_to_an_agent_on_a_unix_socket() {
     assert_eq!(reply.get_ref().answered_by, "unix-agent");
 
     let mut cancelled = echo.clone();
-    let call = tokio::spawn(async move { cancelled.sleep(SleepRequest { millis: 600_000 }).await });
-    eventually(Duration::from_secs(20), "agent's handler running", || {
-        probe.in_flight.load(Ordering::SeqCst) == 1
+    common::drop_while_running(&probe, async move {
+        cancelled.sleep(SleepRequest { millis: 600_000 }).await
     })
     .await;
-    call.abort();
-    eventually(Duration::from_secs(20), "agent's handler dropped", || {
-        probe.dropped.load(Ordering::SeqCst) == 1
-    })
-    .await;
-    assert_eq!(probe.in_flight.load(Ordering::SeqCst), 0);
-    let _ = std::fs::remove_file(&path);
 }
 
 #[tokio::test]

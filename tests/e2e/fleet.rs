@@ -684,14 +684,7 @@ async fn an_agent_started_before_its_server_connects_once_it_appears() {
         .expect("connected once the server appeared")
         .expect("join")
         .expect("connect_with_retry");
-    let mut state = lazy.watch_state();
-    common::state_becomes(
-        &mut state,
-        Duration::from_secs(20),
-        "lazy client connected",
-        |s| matches!(s, ClientState::Connected { .. }),
-    )
-    .await;
+    common::connected(&lazy).await;
     for client in [&patient, &lazy] {
         let reply = EchoClient::new(client.channel())
             .unary(EchoRequest {
@@ -861,14 +854,7 @@ async fn connect_lazy_waits_for_a_name_that_does_not_resolve_yet() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     names.set(server.local_addr());
-    let mut state = client.watch_state();
-    common::state_becomes(
-        &mut state,
-        Duration::from_secs(20),
-        "connected once the name resolved",
-        |s| matches!(s, ClientState::Connected { .. }),
-    )
-    .await;
+    common::connected(&client).await;
     assert_eq!(answered_by(&client).await, "server");
 }
 
@@ -901,14 +887,7 @@ async fn a_reconnect_follows_the_servers_name_to_its_new_address() {
         second.peers().len() == 1
     })
     .await;
-    let mut state = client.watch_state();
-    common::state_becomes(
-        &mut state,
-        Duration::from_secs(20),
-        "connected again",
-        |s| matches!(s, ClientState::Connected { .. }),
-    )
-    .await;
+    common::connected(&client).await;
     assert_eq!(answered_by(&client).await, "second");
 }
 
