@@ -1003,15 +1003,21 @@ const ADMIN_TOKEN: &str = "fleet-admin";
 /// A server with `max_handshakes` and `hello_timeout`, hosting Echo, its
 /// admin service open to [`ADMIN_TOKEN`].
 fn bounded_server(max_handshakes: usize, hello_timeout: Duration) -> brpc::Server {
+    admin_builder(max_handshakes)
+        .hello_timeout(hello_timeout)
+        .bind("127.0.0.1:0")
+        .expect("bind")
+}
+
+/// A server hosting Echo and the admin service, at most `max_handshakes`
+/// handshakes at a time.
+fn admin_builder(max_handshakes: usize) -> brpc::server::Builder {
     brpc::Server::builder()
         .add_service(common::echo::echo_server::EchoServer::new(
             EchoService::new("server"),
         ))
         .admin(brpc::server::AdminAccess::new().token(ADMIN_TOKEN))
         .max_handshakes(max_handshakes)
-        .hello_timeout(hello_timeout)
-        .bind("127.0.0.1:0")
-        .expect("bind")
 }
 
 /// The server's answer to `brpc.admin.v1.Admin/Stats`, asked by `client`.
@@ -1202,21 +1208,17 @@ async fn a_stalled_handshake_holds_its_slot_and_later_clients_are_refused_not_st
 /// A server of one connection, with the admin service, at most
 /// `max_handshakes` handshakes at a time.
 fn server_of_one(max_handshakes: usize) -> brpc::Server {
-    brpc::Server::builder()
-        .add_service(common::echo::echo_server::EchoServer::new(
-            EchoService::new("server"),
-        ))
-        .admin(brpc::server::AdminAccess::new().token(ADMIN_TOKEN))
+    admin_builder(max_handshakes)
         .max_connections(1)
-        .max_handshakes(max_handshakes)
         .bind("127.0.0.1:0")
         .expect("bind")
 }
 
-/// A client over the connection limit whose handshake the server starts
-/// and that never finishes it (its datagrams after the first are lost):
-/// the server holds it, to tell the client why, for up to 5 s.
-async fn stalled_over_the_limit(
+/// A client whose handshake the server starts and that never finishes it
+/// (its datagrams after the first are lost): it holds a handshake slot
+/// until the server gives up on it (over the connection limit, the server
+/// holds it up to 5 s to tell the client why).
+async fn stalled_handshake(
     server: &brpc::Server,
 ) -> (common::relay::Relay, tokio::task::JoinHandle<()>) {
     let relay = common::relay::Relay::start(server.local_addr()).await;
@@ -1243,7 +1245,7 @@ async fn stalled_over_the_limit(
 async fn a_client_turned_away_does_not_count_against_the_connection_limit() {
     let server = server_of_one(8);
     let first = common::client(&server, "first").await;
-    let (_relay, over) = stalled_over_the_limit(&server).await;
+    let (_relay, over) = stalled_handshake(&server).await;
     assert_eq!(server.admission_stats().turned_away, 1);
 
     first.close();
@@ -1287,7 +1289,7 @@ async fn a_client_turned_away_does_not_count_against_the_connection_limit() {
 async fn a_client_turned_away_takes_a_handshake_slot() {
     let server = server_of_one(1);
     let first = common::client(&server, "first").await;
-    let (_relay, over) = stalled_over_the_limit(&server).await;
+    let (_relay, over) = stalled_handshake(&server).await;
     let refused = common::client_builder(&server, "another", EchoService::new("another"))
         .connect(server.local_addr())
         .await
@@ -1317,19 +1319,7 @@ async fn the_hello_limit_counts_from_arrival_the_wait_for_a_slot_included() {
     let server = bounded_server(1, LIMIT);
     // The one slot held by a handshake that never finishes: until its own
     // Hello limit, 8 s after it arrived.
-    let relay = common::relay::Relay::start(server.local_addr()).await;
-    relay.pass_from_client(1);
-    let stalled = tokio::spawn(
-        common::client_builder(&server, "stalled", EchoService::new("stalled"))
-            .connect_timeout(Duration::from_secs(30))
-            .connect(relay.addr()),
-    );
-    eventually(
-        Duration::from_secs(10),
-        "server answered the stalled Initial",
-        || relay.forwarded_from_server() > 0,
-    )
-    .await;
+    let (_relay, stalled) = stalled_handshake(&server).await;
     let stalled_at = tokio::time::Instant::now();
     // A client arriving just over half the limit later waits a little under
     // half the limit (3.7 s) for the slot, gets it, and sends no Hello.
