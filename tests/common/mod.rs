@@ -368,6 +368,18 @@ pub async fn state_becomes(
         .clone()
 }
 
+/// An encoded wire Request for Echo's `method` carrying `payload`.
+pub fn echo_call(method: &str, payload: Vec<u8>) -> Vec<u8> {
+    use prost::Message;
+    wire::Request {
+        service: "test.echo.v1.Echo".into(),
+        method: method.into(),
+        payload: payload.into(),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
 /// One encoded frame, as a raw peer writes it.
 pub fn frame(
     stream_id: u32,

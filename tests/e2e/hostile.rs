@@ -15,13 +15,7 @@ use prost::Message;
 use tonic::Code;
 
 fn echo_request(payload: Vec<u8>) -> Vec<u8> {
-    Request {
-        service: "test.echo.v1.Echo".into(),
-        method: "Unary".into(),
-        payload: payload.into(),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    common::echo_call("Unary", payload)
 }
 
 /// What came back on a stream.

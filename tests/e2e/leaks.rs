@@ -105,7 +105,7 @@ fn start_reverse_calls(server_rt: &tokio::runtime::Runtime, server: &Server) {
 }
 
 /// A client of `server` on `rt`, over its Unix socket `unix` if given,
-/// else over QUIC.
+/// else over QUIC; a vanished server is noticed at its 2 s idle timeout.
 fn connect(
     rt: &tokio::runtime::Runtime,
     server: &Server,
@@ -115,11 +115,9 @@ fn connect(
     let echo = EchoService::new(name);
     let probe = echo.probe.clone();
     let client = rt.block_on(async {
-        let builder = Client::builder()
-            .name(name)
-            .add_service(EchoServer::new(echo))
-            .pin_certificate(server.certificate().clone())
-            // Well inside the server's 2 s idle timeout.
+        let builder = common::client_builder(server, name, echo)
+            .idle_timeout(Duration::from_secs(2))
+            // Well inside the 2 s idle timeout.
             .keep_alive_interval(Some(Duration::from_millis(500)))
             .reconnect(false);
         match unix {
@@ -176,7 +174,8 @@ fn server_outlives_its_clients(unix: Option<&std::path::Path>) {
 
     // Clients that will close, and clients whose runtime (their endpoint
     // or socket with it) is dropped: over QUIC no CONNECTION_CLOSE ever
-    // reaches the server.
+    // reaches the server (it notices at its idle timeout); over a Unix
+    // socket the kernel closes the socket, and the server reads its end.
     let closing_rt = runtime();
     let vanishing_rt = runtime();
     let mut closing = Vec::new();
@@ -190,6 +189,7 @@ fn server_outlives_its_clients(unix: Option<&std::path::Path>) {
             unix,
         ));
     }
+    // Never set: the clients' runtimes are not counted here.
     let hurry = Arc::new(AtomicBool::new(false));
     for (client, _) in &closing {
         start_forward_calls(&closing_rt, client, &hurry);
@@ -263,24 +263,7 @@ fn clients_hold_no_task_once_their_server_is_gone() {
     let tasks = || clients_rt.metrics().num_alive_tasks();
     let before = tasks();
     let clients: Vec<(Client, Arc<Probe>)> = (0..CLIENTS)
-        .map(|i| {
-            let echo = EchoService::new(&format!("client-{i}"));
-            let probe = echo.probe.clone();
-            let client = clients_rt.block_on(async {
-                Client::builder()
-                    .name(format!("client-{i}"))
-                    .add_service(EchoServer::new(echo))
-                    .pin_certificate(server.certificate().clone())
-                    .reconnect(false)
-                    // The vanished server is noticed at the idle timeout.
-                    .idle_timeout(Duration::from_secs(2))
-                    .keep_alive_interval(Some(Duration::from_millis(500)))
-                    .connect(server.local_addr())
-                    .await
-                    .expect("connect")
-            });
-            (client, probe)
-        })
+        .map(|i| connect(&clients_rt, &server, &format!("client-{i}"), None))
         .collect();
     let hurry = Arc::new(AtomicBool::new(false));
     for (client, _) in &clients {

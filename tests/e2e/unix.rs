@@ -211,17 +211,9 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
         .await
         .expect("connect");
     let (mut reader, mut writer) = socket.into_split();
-    use brpc::core::wire::{Flags, FrameType, Request};
+    use brpc::core::wire::{Flags, FrameType};
     use common::frame;
-    let request = |method: &str, payload: Vec<u8>| {
-        Request {
-            service: "test.echo.v1.Echo".into(),
-            method: method.into(),
-            payload: payload.into(),
-            ..Default::default()
-        }
-        .encode_to_vec()
-    };
+    let request = common::echo_call;
     // A call whose handler stops reading after its first message, then
     // eight messages of 400 KiB for it: 3.2 MiB against a 2 MiB budget.
     let mut out = frame(
