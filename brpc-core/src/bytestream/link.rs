@@ -523,17 +523,23 @@ impl Link {
         if let Some(charge) = self.charge_now(bytes) {
             return Some(charge);
         }
+        let budgets = &self.inner.budgets;
+        self.within_allowance(id, Box::pin(budgets.reserve(bytes)))
+            .await
+            .map(|()| Charge {
+                budgets: budgets.clone(),
+                bytes,
+            })
+    }
+
+    /// `wait`, for as long as the call `id`'s allowance lasts (counting the
+    /// time against it); `None` when that ran out, or the call is gone.
+    async fn within_allowance<T>(&self, id: u32, wait: impl Future<Output = T>) -> Option<T> {
         let left = self.hold_left(id)?;
         let started = tokio::time::Instant::now();
-        let budgets = &self.inner.budgets;
-        let reserved = tokio::time::timeout(left, Box::pin(budgets.reserve(bytes)))
-            .await
-            .is_ok();
+        let done = tokio::time::timeout(left, wait).await.ok();
         self.held(id, started.elapsed());
-        reserved.then(|| Charge {
-            budgets: budgets.clone(),
-            bytes,
-        })
+        done
     }
 
     /// Whether `id` is of the parity the peer opens.
@@ -895,13 +901,8 @@ async fn deliver(link: &Link, id: u32, tx: &mpsc::Sender<Inbound>, item: Inbound
         Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
         Err(mpsc::error::TrySendError::Full(item)) => item,
     };
-    let Some(left) = link.hold_left(id) else {
-        return;
-    };
-    let started = tokio::time::Instant::now();
-    if tokio::time::timeout(left, tx.send(item)).await.is_ok() {
-        link.held(id, started.elapsed());
-    } else {
+    if link.within_allowance(id, tx.send(item)).await.is_none() {
+        // (A call that is gone is not dropped again.)
         tracing::debug!(id, "stream buffer full too long; dropping the call");
         link.drop_call(id);
     }
