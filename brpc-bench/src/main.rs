@@ -1786,7 +1786,8 @@ async fn fleet(
     let server_cpu_per_call =
         Duration::from_secs_f64((cpu_seconds() - cpu_before) / results.len().max(1) as f64);
     let agents_cpu_per_call = Duration::from_secs_f64(
-        (processes_cpu_seconds(&children) - agents_cpu_before).max(0.0) / results.len().max(1) as f64,
+        (processes_cpu_seconds(&children) - agents_cpu_before).max(0.0)
+            / results.len().max(1) as f64,
     );
     let drops = udp_drops(server.local_addr()).saturating_sub(drops_before);
     // More broadcasts, for a profiler to watch (not reported).
