@@ -281,15 +281,11 @@ impl<S: HostedService> Tonic<S> {
     ) -> impl Future<Output = http::Response<Body>> + use<S> {
         let service = self.0.clone();
         async move {
-            // A refcount, not a copy: only read again if the method turns
-            // out unknown.
-            let uri = request.uri().clone();
             // tonic's generated servers are always ready; others may not be.
-            let response = match service.oneshot(request).await {
-                Ok(response) => response,
+            match service.oneshot(request).await {
+                Ok(response) => response.map(Body::new),
                 Err(never) => match never {},
-            };
-            named_unknown_method(S::NAME, &uri, response.map(Body::new))
+            }
         }
     }
 }
@@ -306,9 +302,8 @@ impl<S: HostedService> Hosted for Tonic<S> {
 
 /// tonic's generated servers answer an unknown method with a bare
 /// UNIMPLEMENTED (trailers-only); the answer says which method, as ttrpc's.
-fn named_unknown_method(
-    service: &str,
-    uri: &http::Uri,
+pub(super) fn named_unknown_method(
+    method: &str,
     response: http::Response<Body>,
 ) -> http::Response<Body> {
     if response
@@ -318,8 +313,6 @@ fn named_unknown_method(
         && s.code() == tonic::Code::Unimplemented
         && s.message().is_empty()
     {
-        // The path is `/{service}/{method}`.
-        let method = uri.path().get(service.len() + 2..).unwrap_or_default();
         return Status::unimplemented(format!("method {method}")).into_http();
     }
     response

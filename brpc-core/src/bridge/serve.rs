@@ -12,6 +12,7 @@ use super::grpc::{
     BodyEvent, MessageReader, is_bare_ok, no_final_status, request_body, status_from_http,
     status_from_trailers,
 };
+use super::router::named_unknown_method;
 use crate::conn::{Handler, Incoming, Reply};
 use crate::metadata;
 
@@ -74,11 +75,12 @@ pub(super) async fn handle<F>(
     *http_request.method_mut() = http::Method::POST;
     *http_request.uri_mut() = uri;
     let headers = http_request.headers_mut();
+    // No `te: trailers`: it is HTTP/2's hop-by-hop header, and nothing
+    // above the transport reads it.
     headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     if let Some(timeout) = timeout {
         headers.insert(
             metadata::GRPC_TIMEOUT,
@@ -91,7 +93,7 @@ pub(super) async fn handle<F>(
     }
     http_request.extensions_mut().insert(peer);
 
-    let response = answer(http_request).await;
+    let response = named_unknown_method(&method, answer(http_request).await);
     respond(out, response).await;
 }
 
