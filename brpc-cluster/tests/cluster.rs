@@ -756,3 +756,80 @@ async fn a_silent_event_subscription_is_noticed_and_taken_again() {
     );
     assert_eq!(heard.node, 2);
 }
+
+/// Node A with a link to node B (made by selecting B's agent), and B: the
+/// link is the only connection on B labelled as node 1's.
+async fn linked_pair(pki: &Pki, redis: &Redis, ttl: Duration) -> (Node, Node, Client) {
+    let a = node(pki, 1, redis, ttl).await;
+    let b = node(pki, 2, redis, ttl).await;
+    let (b1, _) = agent(pki, "b1", "b", &[b.server.local_addr()]).await;
+    // The peers select returns are dropped here: after this only A's table
+    // of links holds the link.
+    eventually("b1 selected from A", || async {
+        a.cluster()
+            .select(&[("agent", "b1")])
+            .await
+            .is_ok_and(|peers| peers.iter().any(|p| p.node() == 2))
+    })
+    .await;
+    assert_eq!(links_from_a(&b), 1, "A holds one link to B");
+    (a, b, b1)
+}
+
+/// Connections on `b` from node 1's link.
+fn links_from_a(b: &Node) -> usize {
+    b.server
+        .peers()
+        .select(|p| p.label(brpc_cluster::NODE_LABEL) == Some("1"))
+        .len()
+}
+
+/// Waits up to `within` for node 1's link to `b` to be gone.
+async fn link_gone(b: &Node, within: Duration) -> bool {
+    let started = Instant::now();
+    while links_from_a(b) != 0 {
+        if started.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// A node that left the directory is let go when another node next reads
+/// the directory to select: A drops its link to B, and B's server (still
+/// up) sees that connection end. With a 60 s TTL, A's heartbeat (every
+/// 20 s) does not come round within the 10 s allowed here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_select_drops_the_link_to_a_node_that_left() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let (a, mut b, _b1) = linked_pair(&pki, &redis, Duration::from_secs(60)).await;
+
+    b.cluster.take().expect("in the cluster").leave().await;
+    let peers = a.cluster().select(&[]).await.expect("directory readable");
+    assert!(
+        peers.iter().all(|p| p.node() != 2),
+        "B's agents still listed"
+    );
+    drop(peers);
+    assert!(
+        link_gone(&b, Duration::from_secs(10)).await,
+        "A's link to B still open 10 s after a select"
+    );
+}
+
+/// Without any select, A's heartbeat lets the link go (here every second:
+/// a third of the 3 s TTL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heartbeat_drops_the_link_to_a_node_that_left() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let (_a, mut b, _b1) = linked_pair(&pki, &redis, Duration::from_secs(3)).await;
+
+    b.cluster.take().expect("in the cluster").leave().await;
+    assert!(
+        link_gone(&b, Duration::from_secs(15)).await,
+        "A's link to B still open 15 s after B left"
+    );
+}
