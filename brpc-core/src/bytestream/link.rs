@@ -112,6 +112,9 @@ struct Route {
     held_at: Option<tokio::time::Instant>,
     /// The peer sent Cancel: it reads none of this call's frames any more.
     cancelled: bool,
+    /// The reader has seen the peer's last frame of the call (delivered or
+    /// not): nothing to cancel.
+    peer_finished: bool,
     /// Dropped for not reading ([`Link::drop_call`]): what its reader sees.
     dropped: bool,
     /// Woken when the peer cancels the call (its sending half's wait).
@@ -279,11 +282,17 @@ impl Link {
         }
     }
 
-    /// What to do with a frame for the call `id`.
-    fn routing(&self, id: u32) -> Routing {
-        match self.streams().get(&id) {
-            Some(Route { tx: Some(tx), .. }) => Routing::Deliver(tx.clone()),
-            Some(_) => Routing::Discard,
+    /// What to do with a frame for the call `id`; `last`: it is the
+    /// peer's last frame of the call.
+    fn routing(&self, id: u32, last: bool) -> Routing {
+        match self.streams().get_mut(&id) {
+            Some(route) => {
+                route.peer_finished |= last;
+                match &route.tx {
+                    Some(tx) => Routing::Deliver(tx.clone()),
+                    None => Routing::Discard,
+                }
+            }
             None => Routing::Unknown,
         }
     }
@@ -313,15 +322,15 @@ impl Link {
     /// Stops routing frames to the call `id`, which does not take them (its
     /// reader then sees that it was dropped), and tells a brpc peer.
     fn drop_call(&self, id: u32) {
-        let dropped = match self.streams().get_mut(&id) {
+        let cancel = match self.streams().get_mut(&id) {
             Some(route) => {
                 let reading = route.tx.take().is_some();
                 route.dropped |= reading;
-                reading
+                reading && !route.peer_finished
             }
             None => false,
         };
-        if dropped {
+        if cancel {
             self.send_cancel(id);
         }
     }
@@ -347,6 +356,7 @@ impl Link {
                 held: Duration::ZERO,
                 held_at: None,
                 cancelled: false,
+                peer_finished: false,
                 dropped: false,
                 cancel_waker: None,
             },
@@ -469,31 +479,57 @@ impl Link {
         }
     }
 
-    /// The call `id`'s reading half stopped: its frames are dropped unread
-    /// from now on.
-    fn stop_reading(&self, id: u32) {
-        if let Some(route) = self.streams().get_mut(&id) {
-            route.tx = None;
+    /// The call `id`'s reading half stopped, or is gone with `release`:
+    /// its frames are dropped unread from now on. With `cancel`, a peer
+    /// that has not sent its last frame nor cancelled is told to stop.
+    /// One lock for all of it.
+    fn stop_reading(&self, id: u32, release: bool, cancel: bool) {
+        let (cancel, idle) = {
+            let mut streams = self.streams();
+            let cancel = match streams.get_mut(&id) {
+                Some(route) => {
+                    route.tx = None;
+                    let cancel = cancel && !route.peer_finished && !route.cancelled;
+                    if release {
+                        self.release_half(&mut streams, id);
+                    }
+                    cancel
+                }
+                None => false,
+            };
+            (cancel, streams.is_empty())
+        };
+        if cancel {
+            self.send_cancel(id);
+        }
+        if release {
+            self.close_if_used_up(idle);
         }
     }
 
-    /// One half of the call `id` is gone (`reading`: its reading half);
-    /// with the last the call is forgotten, and the last call to end on a
-    /// connection whose ids ran out closes it.
-    fn release(&self, id: u32, reading: bool) {
+    /// The sending half of the call `id` is gone.
+    fn release_sending(&self, id: u32) {
         let idle = {
             let mut streams = self.streams();
-            if let Some(route) = streams.get_mut(&id) {
-                if reading {
-                    route.tx = None;
-                }
-                route.halves -= 1;
-                if route.halves == 0 {
-                    self.remove_route(&mut streams, id);
-                }
-            }
+            self.release_half(&mut streams, id);
             streams.is_empty()
         };
+        self.close_if_used_up(idle);
+    }
+
+    /// One half of the call `id` is gone: with the last the call is
+    /// forgotten.
+    fn release_half(&self, streams: &mut StreamMap, id: u32) {
+        if let Some(route) = streams.get_mut(&id) {
+            route.halves -= 1;
+            if route.halves == 0 {
+                self.remove_route(streams, id);
+            }
+        }
+    }
+
+    /// The last call to end on a connection whose ids ran out closes it.
+    fn close_if_used_up(&self, idle: bool) {
         if idle && self.inner.ids_used_up.load(Ordering::Relaxed) {
             self.close(IDS_USED_UP);
         }
@@ -713,31 +749,24 @@ impl StreamInbound {
     pub(crate) fn stop(&mut self) {
         if !self.stopped {
             self.stopped = true;
-            self.cancel_unless_done();
-            self.link.stop_reading(self.id);
+            self.link.stop_reading(
+                self.id,
+                false,
+                !std::mem::replace(&mut self.peer_done, true),
+            );
             // What is queued goes now, and its budget with it; the reader
             // waits no more for room here.
             self.rx.close();
             while self.rx.try_recv().is_ok() {}
         }
     }
-
-    /// Tells a brpc peer still sending this call's frames to stop, unless
-    /// it cancelled the call itself (it sends nothing more that matters).
-    fn cancel_unless_done(&mut self) {
-        if !self.peer_done {
-            self.peer_done = true;
-            if !self.link.is_cancelled(self.id) {
-                self.link.send_cancel(self.id);
-            }
-        }
-    }
 }
 
 impl Drop for StreamInbound {
     fn drop(&mut self) {
-        self.cancel_unless_done();
-        self.link.release(self.id, true);
+        // A brpc peer still sending this call's frames is told to stop,
+        // unless it cancelled the call itself or its last frame came.
+        self.link.stop_reading(self.id, true, !self.peer_done);
     }
 }
 
@@ -760,7 +789,7 @@ pub(crate) struct StreamOutbound {
 
 impl Drop for StreamOutbound {
     fn drop(&mut self) {
-        self.link.release(self.id, false);
+        self.link.release_sending(self.id);
     }
 }
 
@@ -859,7 +888,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     "message length {} exceed maximum message size of {max}",
                     header.length
                 ));
-                match link.routing(header.stream_id) {
+                match link.routing(header.stream_id, false) {
                     Routing::Deliver(tx) => {
                         let e = FrameError::TooLarge { header, max };
                         deliver(&link, header.stream_id, &tx, Err(ReadError::TooLarge(e))).await;
@@ -923,7 +952,7 @@ async fn route(
         }
         return;
     }
-    match link.routing(id) {
+    match link.routing(id, is_last(&frame)) {
         Routing::Deliver(tx) => {
             match link.charge_for(id, frame.payload.len()).await {
                 Some(charge) => {
@@ -1114,6 +1143,34 @@ mod tests {
         raw.write_all(&out).await.expect("written");
         let (outbound, inbound) = accept_halves(&acceptor).await;
         stopped_in_time(&outbound).await;
+        drop((outbound, inbound));
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
+        assert!(read.is_err(), "nothing sent back: {read:?}");
+    }
+
+    /// A callee that lets go of a call whose last frame from the peer has
+    /// arrived, queued but unread, sends no Cancel: the peer sends nothing
+    /// more on it.
+    #[tokio::test(start_paused = true)]
+    async fn no_cancel_for_a_call_whose_last_frame_came_unread() {
+        let (a, mut raw) = tokio::io::duplex(1 << 16);
+        let acceptor = Link::spawn(a, Side::Acceptor, 1 << 20, budgets());
+        acceptor.set_remote_is_brpc();
+        let mut out = BytesMut::new();
+        let request = Frame::new(1, FrameType::Request, Flags::REMOTE_OPEN, Bytes::new());
+        let last = Frame::new(1, FrameType::Data, Flags::REMOTE_CLOSED, Bytes::new());
+        request.encode(&mut out).expect("encoded");
+        last.encode(&mut out).expect("encoded");
+        raw.write_all(&out).await.expect("written");
+        let (outbound, inbound) = accept_halves(&acceptor).await;
+        for _ in 0..1000 {
+            if acceptor.streams().get(&1).is_some_and(|r| r.peer_finished) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(acceptor.streams().get(&1).is_some_and(|r| r.peer_finished));
         drop((outbound, inbound));
         let mut buf = [0u8; 64];
         let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
