@@ -141,3 +141,21 @@ async fn oversized_responses_end_the_call_on_either_end() {
     expect_exhausted(echo.unary(grow).await).await;
     still_works(&mut echo).await;
 }
+
+/// The tonic client's own decode limit holds for an answer that arrives
+/// whole (a unary reply): one under it fails `OUT_OF_RANGE`, as tonic
+/// reports it, and one raised above tonic's 4 MiB default lets a 5 MiB
+/// reply through.
+#[tokio::test]
+async fn a_tonic_clients_decode_limit_holds_for_a_whole_answer() {
+    let (_server, client) = setup(16 * MIB, 16 * MIB).await;
+    let peer = client.peer().expect("connected");
+
+    let mut small = EchoClient::new(peer.channel()).max_decoding_message_size(64);
+    let status = small.unary(blob(1024)).await.expect_err("over 64 bytes");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    let mut large = unlimited(EchoClient::new(peer.channel())).max_decoding_message_size(16 * MIB);
+    let reply = large.unary(blob(5 * MIB)).await.expect("within 16 MiB");
+    assert_eq!(reply.into_inner().blob.len(), 5 * MIB);
+}

@@ -275,29 +275,17 @@ async fn start_call(
             return Err(with_trailers(status, trailers));
         }
         Some(ResponseEvent::End {
-            status: Ok(()),
-            message,
-            trailers,
-        }) if trailers.is_empty() => {
-            // The whole answer is here and OK: its status goes in the head,
-            // as in a gRPC Trailers-Only response, and the body holds only
-            // the message. tonic then reads no trailers and builds no status
-            // from them at the end.
-            headers.insert(metadata::GRPC_STATUS, http::HeaderValue::from_static("0"));
-            state.pending_message = message;
-        }
-        Some(ResponseEvent::End {
             status,
             message,
             trailers,
         }) => state.end(status, message, trailers),
     }
-    headers.insert(
+    let mut response = http::Response::new(Body::new(state));
+    *response.headers_mut() = headers;
+    response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
-    let mut response = http::Response::new(Body::new(state));
-    *response.headers_mut() = headers;
     Ok(response)
 }
 

@@ -275,37 +275,47 @@ impl<S: HostedService> Tonic<S> {
     /// The service's answer to `request`, its body as tonic's. tonic's
     /// `Body::new` passes a `Body` through unboxed; other bodies (an
     /// interceptor's) are wrapped once.
+    /// `method` is the method the request's path names: an unknown one is
+    /// named in the answer.
     fn answer(
         &self,
         request: http::Request<Body>,
+        method: String,
     ) -> impl Future<Output = http::Response<Body>> + use<S> {
         let service = self.0.clone();
         async move {
             // tonic's generated servers are always ready; others may not be.
-            match service.oneshot(request).await {
-                Ok(response) => response.map(Body::new),
+            let response = match service.oneshot(request).await {
+                Ok(response) => response,
                 Err(never) => match never {},
-            }
+            };
+            named_unknown_method(&method, response.map(Body::new))
         }
     }
 }
 
 impl<S: HostedService> Hosted for Tonic<S> {
     fn serve<'a>(&'a self, call: Incoming, reply: &'a mut Reply) -> ServeFuture<'a> {
-        Box::pin(handle(call, reply, |request| self.answer(request)))
+        Box::pin(handle(call, reply, |request, method| {
+            self.answer(request, method)
+        }))
     }
 
     fn call(&self, request: http::Request<Body>) -> BoxFuture<'static, http::Response<Body>> {
-        Box::pin(self.answer(request))
+        // The path is `/{service}/{method}`.
+        let method = request
+            .uri()
+            .path()
+            .get(S::NAME.len() + 2..)
+            .unwrap_or_default()
+            .to_owned();
+        Box::pin(self.answer(request, method))
     }
 }
 
 /// tonic's generated servers answer an unknown method with a bare
 /// UNIMPLEMENTED (trailers-only); the answer says which method, as ttrpc's.
-pub(super) fn named_unknown_method(
-    method: &str,
-    response: http::Response<Body>,
-) -> http::Response<Body> {
+fn named_unknown_method(method: &str, response: http::Response<Body>) -> http::Response<Body> {
     if response
         .headers()
         .contains_key(crate::metadata::GRPC_STATUS)

@@ -12,7 +12,6 @@ use super::grpc::{
     BodyEvent, MessageReader, is_bare_ok, no_final_status, request_body, status_from_http,
     status_from_trailers,
 };
-use super::router::named_unknown_method;
 use crate::conn::{Handler, Incoming, Reply};
 use crate::metadata;
 
@@ -35,7 +34,9 @@ impl Handler for Router {
         }
         Either::Right(match self.unlayered(&call.service) {
             Some(service) => service.serve(call, reply),
-            None => Box::pin(handle(call, reply, |request| self.call(request))) as ServeFuture<'a>,
+            None => {
+                Box::pin(handle(call, reply, |request, _| self.call(request))) as ServeFuture<'a>
+            }
         })
     }
 
@@ -44,12 +45,12 @@ impl Handler for Router {
     }
 }
 
-/// Serves one call: the call as an http request to `answer`, its http
-/// response as frames.
+/// Serves one call: the call as an http request to `answer` (with the
+/// call's method name), its http response as frames.
 pub(super) async fn handle<F>(
     call: Incoming,
     out: &mut Reply,
-    answer: impl FnOnce(http::Request<Body>) -> F,
+    answer: impl FnOnce(http::Request<Body>, String) -> F,
 ) where
     F: Future<Output = http::Response<Body>>,
 {
@@ -75,12 +76,11 @@ pub(super) async fn handle<F>(
     *http_request.method_mut() = http::Method::POST;
     *http_request.uri_mut() = uri;
     let headers = http_request.headers_mut();
-    // No `te: trailers`: it is HTTP/2's hop-by-hop header, and nothing
-    // above the transport reads it.
     headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),
     );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     if let Some(timeout) = timeout {
         headers.insert(
             metadata::GRPC_TIMEOUT,
@@ -93,7 +93,7 @@ pub(super) async fn handle<F>(
     }
     http_request.extensions_mut().insert(peer);
 
-    let response = named_unknown_method(&method, answer(http_request).await);
+    let response = answer(http_request, method).await;
     respond(out, response).await;
 }
 
