@@ -434,3 +434,71 @@ async fn a_dropped_unix_call_is_cancelled_on_the_other_side_both_ways() {
         .expect("the connection still serves");
     assert_eq!(reply.into_inner().answered_by, "server");
 }
+
+/// A byte stream has no stream limit to hold a peer back: a call past the
+/// server's `max_concurrent_calls` is refused with RESOURCE_EXHAUSTED, and
+/// once a running call ends a new one is let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_calls_past_the_limit_are_refused_until_one_ends() {
+    let path = std::env::temp_dir().join(format!("brpc-unix-limit-{}.sock", std::process::id()));
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = brpc::Server::builder()
+        .max_concurrent_calls(2)
+        .add_service(EchoServer::new(echo))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    server
+        .listen_unix(&path)
+        .expect("listen on the Unix socket");
+    let client = brpc::Client::builder()
+        .name("many-calls")
+        .connect_unix(&path)
+        .await
+        .expect("connect over the Unix socket");
+    let echo = EchoClient::new(client.channel());
+    let sleeping = |mut echo: EchoClient<brpc::Channel>| {
+        tokio::spawn(async move { echo.sleep(SleepRequest { millis: 60_000 }).await })
+    };
+    let first = sleeping(echo.clone());
+    let second = sleeping(echo.clone());
+    common::eventually(Duration::from_secs(10), "two calls running", || {
+        probe.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 2
+    })
+    .await;
+
+    let refused = echo
+        .clone()
+        .unary(EchoRequest::default())
+        .await
+        .expect_err("a third call at once");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("too many calls at once"),
+        "{}",
+        refused.message()
+    );
+
+    // The first call dropped: the server lets its handler go, and a new
+    // call is let in once that call's end has reached the server.
+    first.abort();
+    let started = tokio::time::Instant::now();
+    loop {
+        match echo.clone().unary(EchoRequest::default()).await {
+            Ok(_) => break,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "still refused 10 s after a call ended"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    second.abort();
+}

@@ -164,6 +164,12 @@ struct Inner {
     /// Cancel frames waiting for room in `out` (at most
     /// [`MAX_CANCELS_WAITING`]).
     cancels_waiting: AtomicUsize,
+    /// Most calls the peer may have running at once (the connection's
+    /// `max_concurrent_calls`); a Request past it is refused.
+    max_peer_calls: usize,
+    /// Calls the peer opened that are running (their routes), changed
+    /// under the `streams` lock.
+    peer_calls: AtomicUsize,
 }
 
 impl std::fmt::Debug for Link {
@@ -175,8 +181,15 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Starts the reader and writer tasks on `io`.
-    pub(crate) fn spawn<S>(io: S, side: Side, max_message_size: usize, budgets: Budgets) -> Link
+    /// Starts the reader and writer tasks on `io`. The peer may have at
+    /// most `max_peer_calls` calls running at once.
+    pub(crate) fn spawn<S>(
+        io: S,
+        side: Side,
+        max_message_size: usize,
+        max_peer_calls: usize,
+        budgets: Budgets,
+    ) -> Link
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -197,6 +210,8 @@ impl Link {
                 budgets,
                 cancelled_count: AtomicUsize::new(0),
                 cancels_waiting: AtomicUsize::new(0),
+                max_peer_calls,
+                peer_calls: AtomicUsize::new(0),
             }),
         };
         tokio::spawn(write_loop(write_half, out_rx, link.clone()));
@@ -220,6 +235,9 @@ impl Link {
             Some(route) => {
                 if route.cancelled {
                     self.inner.cancelled_count.fetch_sub(1, Ordering::Relaxed);
+                }
+                if self.opened_by_peer(id) {
+                    self.inner.peer_calls.fetch_sub(1, Ordering::Relaxed);
                 }
                 true
             }
@@ -326,13 +344,22 @@ impl Link {
             Some(route) => {
                 let reading = route.tx.take().is_some();
                 route.dropped |= reading;
-                reading && !route.peer_finished
+                reading && self.peer_still_sends(route, id)
             }
             None => false,
         };
         if cancel {
             self.send_cancel(id);
         }
+    }
+
+    /// Whether the peer may still send frames of the call `id` (`route`):
+    /// it has not sent its last one, and it is not a caller that cancelled
+    /// the call (a caller's Cancel abandons the call; a callee's only says
+    /// it reads no more, and it may still be sending its answer).
+    fn peer_still_sends(&self, route: &Route, id: u32) -> bool {
+        let caller_cancelled = route.cancelled && self.opened_by_peer(id);
+        !(route.peer_finished || caller_cancelled)
     }
 
     /// Whether the call `id` was dropped for not reading (asked by its
@@ -348,7 +375,11 @@ impl Link {
         if let Some(first) = first {
             let _ = tx.try_send(Ok(first));
         }
-        self.streams().insert(
+        let mut streams = self.streams();
+        if self.opened_by_peer(id) {
+            self.inner.peer_calls.fetch_add(1, Ordering::Relaxed);
+        }
+        streams.insert(
             id,
             Route {
                 tx: Some(tx),
@@ -361,6 +392,7 @@ impl Link {
                 cancel_waker: None,
             },
         );
+        drop(streams);
         let outbound = StreamOutbound {
             link: self.clone(),
             id,
@@ -457,9 +489,30 @@ impl Link {
 
     /// Ends the connection: the socket is shut down and every call fails.
     pub(crate) fn close(&self, reason: &str) {
-        // Under the lock calls are opened under (see `open_call`).
-        let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
-        self.close_now(reason);
+        {
+            // Under the lock calls are opened under (see `open_call`).
+            let _order = self.inner.opening.lock().unwrap_or_else(|e| e.into_inner());
+            self.close_now(reason);
+        }
+        self.drop_unaccepted();
+    }
+
+    /// Forgets the calls the peer opened that were never accepted, and
+    /// takes no more: each holds the link (and its first frame's charge),
+    /// so left queued they would keep the connection's state, and the
+    /// budgets, for ever. Dropped outside the queue's lock (a call's drop
+    /// may close the link again).
+    fn drop_unaccepted(&self) {
+        let unaccepted: Vec<_> = {
+            let mut incoming = self
+                .inner
+                .incoming
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            incoming.close();
+            std::iter::from_fn(|| incoming.try_recv().ok()).collect()
+        };
+        drop(unaccepted);
     }
 
     /// [`close`](Self::close), for a caller holding the `opening` lock.
@@ -476,6 +529,7 @@ impl Link {
             let mut streams = self.streams();
             streams.clear();
             self.inner.cancelled_count.store(0, Ordering::Relaxed);
+            self.inner.peer_calls.store(0, Ordering::Relaxed);
         }
     }
 
@@ -489,7 +543,7 @@ impl Link {
             let cancel = match streams.get_mut(&id) {
                 Some(route) => {
                     route.tx = None;
-                    let cancel = cancel && !route.peer_finished && !route.cancelled;
+                    let cancel = cancel && self.peer_still_sends(route, id);
                     if release {
                         self.release_half(&mut streams, id);
                     }
@@ -773,10 +827,15 @@ impl Drop for StreamInbound {
 /// Whether `frame` is the last its sender sends on its call: a Response, a
 /// Data frame closing the stream, or a Request that opens no stream.
 fn is_last(frame: &Frame) -> bool {
-    match frame.kind {
+    is_last_of(frame.kind, frame.flags)
+}
+
+/// [`is_last`] for a frame of this type and these flags.
+fn is_last_of(kind: FrameType, flags: Flags) -> bool {
+    match kind {
         FrameType::Response => true,
-        FrameType::Data => frame.flags.contains(Flags::REMOTE_CLOSED),
-        FrameType::Request => !frame.flags.contains(Flags::REMOTE_OPEN),
+        FrameType::Data => flags.contains(Flags::REMOTE_CLOSED),
+        FrameType::Request => !flags.contains(Flags::REMOTE_OPEN),
         _ => false,
     }
 }
@@ -888,7 +947,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     "message length {} exceed maximum message size of {max}",
                     header.length
                 ));
-                match link.routing(header.stream_id, false) {
+                let last = is_last_of(header.kind, header.flags);
+                match link.routing(header.stream_id, last) {
                     Routing::Deliver(tx) => {
                         let e = FrameError::TooLarge { header, max };
                         deliver(&link, header.stream_id, &tx, Err(ReadError::TooLarge(e))).await;
@@ -1007,6 +1067,18 @@ async fn route(
                 link.refuse(id, Status::unavailable(message)).await;
                 return;
             }
+            // Past the connection's limit of calls a new one is refused:
+            // a byte stream has no stream limit to hold the peer back.
+            let running = link.inner.peer_calls.load(Ordering::Relaxed);
+            if running >= link.inner.max_peer_calls {
+                let message = format!(
+                    "too many calls at once on this connection ({running}, the limit is {}); \
+                     retry when one ends",
+                    link.inner.max_peer_calls
+                );
+                link.refuse(id, Status::resource_exhausted(message)).await;
+                return;
+            }
             // A new call finds room at once or is refused, as over QUIC.
             let Some(charge) = link.charge_now(frame.payload.len()) else {
                 let message = link.inner.budgets.exhausted_message(frame.payload.len());
@@ -1019,8 +1091,17 @@ async fn route(
             };
             let (outbound, inbound) = link.register(id, Some(first));
             // Not accepted (the connection is going): dropping the halves
-            // forgets the call.
-            let _ = incoming.send((id, outbound, inbound)).await;
+            // forgets the call. A full queue (calls not being accepted) is
+            // waited for only while the connection is open.
+            if let Err(mpsc::error::TrySendError::Full(call)) =
+                incoming.try_send((id, outbound, inbound))
+            {
+                let mut closed = link.inner.closed.subscribe();
+                tokio::select! {
+                    _ = incoming.send(call) => {}
+                    _ = closed.wait_for(Option::is_some) => {}
+                }
+            }
         }
         FrameType::Data => {
             link.refuse(id, Status::invalid_argument("StreamID is no longer active"))
@@ -1064,8 +1145,8 @@ mod tests {
     /// Two links over one in-memory socket that have said Hello.
     fn brpc_pair() -> (Link, Link) {
         let (a, b) = tokio::io::duplex(1 << 16);
-        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
-        let acceptor = Link::spawn(b, Side::Acceptor, 1 << 20, budgets());
+        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, 100, budgets());
+        let acceptor = Link::spawn(b, Side::Acceptor, 1 << 20, 100, budgets());
         dialer.set_remote_is_brpc();
         acceptor.set_remote_is_brpc();
         (dialer, acceptor)
@@ -1133,7 +1214,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_cancel_goes_back_to_a_peer_that_cancelled() {
         let (a, mut raw) = tokio::io::duplex(1 << 16);
-        let acceptor = Link::spawn(a, Side::Acceptor, 1 << 20, budgets());
+        let acceptor = Link::spawn(a, Side::Acceptor, 1 << 20, 100, budgets());
         acceptor.set_remote_is_brpc();
         let mut out = BytesMut::new();
         let request = Frame::new(1, FrameType::Request, Flags::REMOTE_OPEN, Bytes::new());
@@ -1155,7 +1236,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn no_cancel_for_a_call_whose_last_frame_came_unread() {
         let (a, mut raw) = tokio::io::duplex(1 << 16);
-        let acceptor = Link::spawn(a, Side::Acceptor, 1 << 20, budgets());
+        let acceptor = Link::spawn(a, Side::Acceptor, 1 << 20, 100, budgets());
         acceptor.set_remote_is_brpc();
         let mut out = BytesMut::new();
         let request = Frame::new(1, FrameType::Request, Flags::REMOTE_OPEN, Bytes::new());
@@ -1175,6 +1256,94 @@ mod tests {
         let mut buf = [0u8; 64];
         let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
         assert!(read.is_err(), "nothing sent back: {read:?}");
+    }
+
+    /// A caller whose callee cancelled (it reads no more, but may still be
+    /// answering) tells it to stop when the caller lets go of the call: a
+    /// callee's Cancel does not end the call for both.
+    #[tokio::test]
+    async fn a_caller_cancels_a_callee_that_cancelled_first() {
+        let (dialer, acceptor) = brpc_pair();
+        let (out, inbound, id) = open(&dialer).await.expect("opened");
+        let (outbound, their_inbound) = accept_halves(&acceptor).await;
+        drop(their_inbound);
+        for _ in 0..10_000 {
+            if dialer.is_cancelled(id) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(dialer.is_cancelled(id), "the callee's Cancel arrived");
+        drop((out, inbound));
+        stopped_in_time(&outbound).await;
+    }
+
+    /// Calls the peer opened that were never accepted go with the
+    /// connection: their charges are given back and nothing keeps the
+    /// link alive (each queued call holds it).
+    #[tokio::test]
+    async fn unaccepted_calls_go_when_the_connection_closes() {
+        let (a, mut raw) = tokio::io::duplex(1 << 16);
+        let budgets = budgets();
+        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, 100, budgets.clone());
+        let mut out = BytesMut::new();
+        let request = Frame::new(
+            2,
+            FrameType::Request,
+            Flags::EMPTY,
+            Bytes::from(vec![1u8; 1000]),
+        );
+        request.encode(&mut out).expect("encoded");
+        raw.write_all(&out).await.expect("written");
+        for _ in 0..10_000 {
+            if budgets.connection.in_use() == 1000 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(budgets.connection.in_use(), 1000, "the Request is queued");
+        let weak = Arc::downgrade(&dialer.inner);
+        dialer.close("closed locally");
+        drop(dialer);
+        for _ in 0..10_000 {
+            if weak.upgrade().is_none() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(weak.upgrade().is_none(), "the link is gone");
+        assert_eq!(budgets.connection.in_use(), 0);
+        assert_eq!(budgets.total.in_use(), 0);
+    }
+
+    /// A call's last frame that is too large still counts as the peer's
+    /// last: letting go of the call after it sends no Cancel.
+    #[tokio::test(start_paused = true)]
+    async fn no_cancel_after_an_oversized_last_frame() {
+        let (a, mut raw) = tokio::io::duplex(1 << 16);
+        let dialer = Link::spawn(a, Side::Dialer, 1024, 100, budgets());
+        dialer.set_remote_is_brpc();
+        let (out, mut inbound, id) = open(&dialer).await.expect("opened");
+        let mut buf = vec![0u8; 4096];
+        let n = raw.read(&mut buf).await.expect("the Request");
+        assert!(n > 0);
+        let mut header = BytesMut::new();
+        let big = Frame::new(
+            id,
+            FrameType::Response,
+            Flags::EMPTY,
+            Bytes::from(vec![0u8; 2048]),
+        );
+        big.encode(&mut header).expect("encoded");
+        raw.write_all(&header).await.expect("written");
+        let read = std::future::poll_fn(|cx| inbound.poll_next(cx)).await;
+        assert!(matches!(read, Err(ReadError::TooLarge(_))), "{read:?}");
+        drop((out, inbound));
+        let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
+        assert!(
+            read.is_err(),
+            "nothing sent after the oversized Response: {read:?}"
+        );
     }
 
     /// A call's route goes with the last of its halves, in either order,
@@ -1249,8 +1418,8 @@ mod tests {
     #[tokio::test]
     async fn a_dialer_that_used_all_its_ids_retires_the_connection() {
         let (a, b) = tokio::io::duplex(1 << 16);
-        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
-        let acceptor = Link::spawn(b, Side::Acceptor, 1 << 20, budgets());
+        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, 100, budgets());
+        let acceptor = Link::spawn(b, Side::Acceptor, 1 << 20, 100, budgets());
         dialer
             .inner
             .next_id
@@ -1290,7 +1459,7 @@ mod tests {
         };
         // The peer's end is kept, and never read.
         let (a, _peer) = tokio::io::duplex(4096);
-        let link = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
+        let link = Link::spawn(a, Side::Dialer, 1 << 20, 100, budgets());
         assert_eq!(tasks(), 2);
         // More than the socket takes: the writer blocks in the middle.
         let big = Bytes::from(vec![7u8; 64 * 1024]);
@@ -1317,7 +1486,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_with_no_call_running_closes_when_its_ids_run_out() {
         let (a, _b) = tokio::io::duplex(1 << 16);
-        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, budgets());
+        let dialer = Link::spawn(a, Side::Dialer, 1 << 20, 100, budgets());
         dialer
             .inner
             .next_id

@@ -9,9 +9,11 @@
 //! The same tonic services ([`Router`](crate::Router)) and
 //! [`Channel`](crate::Channel) work here as over QUIC. What a byte stream lacks: per-call flow control (a call
 //! that stops reading is dropped after its 64-frame buffer stays full for a
-//! second), cancellation signals (ttrpc has none: a dropped call is abandoned
-//! locally, the handler runs to its deadline), and TLS (use Unix socket
-//! permissions and [`UnixCredentials`]).
+//! second), a stream limit (a call past `max_concurrent_calls` is refused
+//! with `RESOURCE_EXHAUSTED`), cancellation with plain ttrpc peers (ttrpc
+//! has no such signal: a dropped call is abandoned locally and the handler
+//! runs to its deadline; between brpc peers a Cancel frame stops it), and
+//! TLS (use Unix socket permissions and [`UnixCredentials`]).
 //!
 //! brpc peers recognise each other with the `brpc.v1.Session/Hello` call: a
 //! brpc dialer sends it first; a plain ttrpc server answers it with an error,
@@ -108,7 +110,13 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let budgets = limits.budgets(total);
-    let link = Link::spawn(io, Side::Acceptor, limits.max_message_size, budgets.clone());
+    let link = Link::spawn(
+        io,
+        Side::Acceptor,
+        limits.max_message_size,
+        max_peer_calls(&limits),
+        budgets.clone(),
+    );
     Peer::new_multiplexed(
         Arc::new(link),
         Side::Acceptor,
@@ -117,6 +125,12 @@ where
         credentials,
         budgets,
     )
+}
+
+/// Most calls the peer may have running at once on one byte stream: the
+/// connection's `max_concurrent_calls`, as over QUIC.
+fn max_peer_calls(limits: &CallLimits) -> usize {
+    usize::try_from(limits.max_concurrent_calls).unwrap_or(usize::MAX)
 }
 
 /// Dialer: the handle of the server at the other end of the byte stream
@@ -135,6 +149,7 @@ where
         io,
         Side::Dialer,
         limits.max_message_size,
+        max_peer_calls(&limits),
         budgets.clone(),
     ));
     // A dial given up before it returns (its caller's timeout) closes the
