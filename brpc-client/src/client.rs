@@ -589,7 +589,7 @@ impl Builder {
                 Err(e) if e.is_final(shared.retry_certificate_mismatch) => return Err(e),
                 Err(e) => {
                     tracing::info!(attempt, error = %e, "server not reachable yet; retrying");
-                    shared.state.send_replace(ClientState::Reconnecting {
+                    shared.set_state(ClientState::Reconnecting {
                         attempt,
                         last_error: Disconnect::Connect(Arc::new(e)),
                     });
@@ -618,7 +618,7 @@ impl Builder {
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
         let shared = self.prepare(&addr.to_string(), true).await?;
-        shared.state.send_replace(ClientState::Reconnecting {
+        shared.set_state(ClientState::Reconnecting {
             attempt: 0,
             last_error: Disconnect::NotConnectedYet,
         });
@@ -770,6 +770,7 @@ impl Builder {
             }),
             closing: watch::Sender::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            closed_for_good: std::sync::atomic::AtomicBool::new(false),
             last_id: AtomicU64::new(0),
             pinned: self.pinned,
             retry_certificate_mismatch: self.retry_certificate_mismatch,
@@ -983,6 +984,8 @@ struct Shared {
     closing: watch::Sender<bool>,
     /// A graceful shutdown is draining: do not reconnect.
     stopping: std::sync::atomic::AtomicBool,
+    /// The state says `Closed` for good (see [`Shared::set_state`]).
+    closed_for_good: std::sync::atomic::AtomicBool,
     last_id: AtomicU64,
     pinned: bool,
     retry_certificate_mismatch: bool,
@@ -995,8 +998,24 @@ impl Shared {
         self.last_id
             .store(peer.connection_id().0, Ordering::Relaxed);
         self.current.send_replace(Some(peer.clone()));
-        self.state.send_replace(ClientState::Connected {
+        self.set_state(ClientState::Connected {
             connection_id: peer.connection_id(),
+        });
+    }
+
+    /// Moves to `state`. Once the client is closing only `Closed` is
+    /// written, and the first reason given for it stays: a supervisor step
+    /// racing [`Client::close`] must not overwrite it.
+    fn set_state(&self, state: ClientState) {
+        let closed = matches!(state, ClientState::Closed { .. });
+        self.state.send_if_modified(|current| {
+            // Under the state's lock: one writer at a time.
+            if self.is_closing() && (!closed || self.closed_for_good.swap(true, Ordering::Relaxed))
+            {
+                return false;
+            }
+            *current = state;
+            true
         });
     }
 
@@ -1009,7 +1028,7 @@ impl Shared {
     fn closed(&self, reason: Disconnect) {
         self.closing.send_replace(true);
         self.current.send_replace(None);
-        self.state.send_replace(ClientState::Closed { reason });
+        self.set_state(ClientState::Closed { reason });
     }
 
     async fn closing(&self) {
@@ -1263,7 +1282,19 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
     tokio::select! {
         () = &mut serving => {}
         () = peer.going_away() => {
-            tokio::spawn(serving);
+            // It serves on until the server closes it, or until the
+            // client is closed (or dropped): then it goes too, like the
+            // current connection.
+            let mut closing = shared.closing.subscribe();
+            let old = peer.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = serving => {}
+                    _ = closing.wait_for(|closing| *closing) => {
+                        old.close(codes::CONN_NORMAL, "client closed");
+                    }
+                }
+            });
             let reason = peer.going_away_reason().unwrap_or_default();
             return Ended::Lost(Disconnect::GoAway(reason));
         }
@@ -1317,7 +1348,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
             shared.closed(reason);
             return;
         }
-        shared.state.send_replace(ClientState::Reconnecting {
+        shared.set_state(ClientState::Reconnecting {
             attempt: 0,
             last_error: reason,
         });
@@ -1377,7 +1408,7 @@ async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
                     finals = 0;
                 }
                 tracing::debug!(attempt, error = %e, "reconnect failed");
-                shared.state.send_replace(ClientState::Reconnecting {
+                shared.set_state(ClientState::Reconnecting {
                     attempt,
                     last_error: Disconnect::Connect(Arc::new(e)),
                 });
@@ -1522,7 +1553,7 @@ impl Client {
         if let Some(peer) = self.shared.current.send_replace(None) {
             peer.close(codes::CONN_NORMAL, "client closed");
         }
-        self.shared.state.send_replace(ClientState::Closed {
+        self.shared.set_state(ClientState::Closed {
             reason: Disconnect::ClientClosed,
         });
         self.supervisor.abort();
@@ -1530,18 +1561,28 @@ impl Client {
 
     /// Graceful close: tell the server this client is going away (it stops
     /// calling it), refuse new calls from the server, let the calls it is
-    /// serving finish for up to `grace`, then close.
+    /// serving finish, then close; all within `grace`. Dropped before it
+    /// returns (a timeout around it), it closes the client at once.
     pub async fn shutdown(&self, grace: Duration) {
+        /// Closes the client when dropped, however `shutdown` ends.
+        struct CloseOnDrop<'a>(&'a Client);
+        impl Drop for CloseOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let closing = CloseOnDrop(self);
         // No reconnect from here on, but keep serving until drained: the
         // `closing` signal would stop the serving loop and drop its calls.
         self.shared.stopping.store(true, Ordering::SeqCst);
         if let Some(peer) = self.peer() {
+            let deadline = tokio::time::Instant::now() + grace;
             peer.start_draining();
             let notice = session::send_goaway(&peer, "client shutting down");
-            let _ = tokio::time::timeout(grace, notice).await;
-            let _ = tokio::time::timeout(grace, peer.served_calls_drained()).await;
+            let _ = tokio::time::timeout_at(deadline, notice).await;
+            let _ = tokio::time::timeout_at(deadline, peer.served_calls_drained()).await;
         }
-        self.close();
+        drop(closing);
         if let Some(endpoint) = self.shared.dial.endpoint() {
             let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }

@@ -607,6 +607,149 @@ async fn a_connection_closed_through_the_peer_handle_is_reconnected() {
         .expect("served on the new connection");
 }
 
+/// `close` landing while a reconnect attempt is failing: the client ends
+/// `Closed` for the client's reason, never back to `Reconnecting`. The
+/// resolver holds each failing attempt on its thread for a moment, so the
+/// close lands inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_during_a_failing_attempt_stays_closed() {
+    for round in 0..10 {
+        let (entered, mut inside) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let client = Client::builder()
+            .name("closing")
+            .pin_certificate(
+                brpc::tls::DevCertificate::generate()
+                    .expect("cert")
+                    .certificate()
+                    .clone(),
+            )
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(1))
+            .resolver(move |_| {
+                let entered = entered.clone();
+                async move {
+                    let _ = entered.send(());
+                    // Blocks this worker thread, as a slow lookup in a
+                    // resolver might: the close runs on the other one.
+                    std::thread::sleep(Duration::from_millis(100));
+                    Err(std::io::Error::new(std::io::ErrorKind::NotFound, "not yet"))
+                }
+            })
+            .connect_lazy("nowhere.test:4433")
+            .await
+            .expect("a client at once");
+        inside.recv().await.expect("an attempt started");
+        client.close();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            matches!(
+                client.state(),
+                ClientState::Closed {
+                    reason: brpc::Disconnect::ClientClosed
+                }
+            ),
+            "round {round}: {:?}",
+            client.state()
+        );
+    }
+}
+
+/// A connection the server sent away (GoAway) keeps serving its calls in
+/// flight while the client reconnects; closing the client closes it too,
+/// and the call it was serving ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_client_closes_the_connection_the_server_sent_away() {
+    let server = common::server();
+    let (client, old, probe) = common::probed_client(&server, "sent-away").await;
+    let first = client.connection_id();
+    let call = tokio::spawn({
+        let mut echo = EchoClient::new(old.channel());
+        async move { echo.sleep(SleepRequest { millis: 60_000 }).await }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the call reached the client",
+        || probe.in_flight.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    brpc::core::session::send_goaway(&old, "moving you")
+        .await
+        .expect("goaway delivered");
+    let mut state = client.watch_state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(
+            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != first),
+        ),
+    )
+    .await
+    .expect("reconnected in time")
+    .expect("watch");
+    assert_eq!(
+        probe.in_flight.load(Ordering::SeqCst),
+        1,
+        "still serving the old call"
+    );
+
+    client.close();
+    let ended = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the old connection's call ended")
+        .expect("join");
+    assert!(ended.is_err(), "{ended:?}");
+    tokio::time::timeout(Duration::from_secs(10), old.closed())
+        .await
+        .expect("the old connection closed");
+    eventually(
+        Duration::from_secs(10),
+        "the client's handler dropped",
+        || probe.dropped.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+}
+
+/// A shutdown given up before it finished (a timeout around it) still
+/// closes the client: it is not left refusing the server's calls while
+/// connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_given_up_midway_still_closes_the_client() {
+    let server = common::server();
+    let (client, peer, probe) = common::probed_client(&server, "impatient").await;
+    let call = tokio::spawn({
+        let mut echo = EchoClient::new(peer.channel());
+        async move { echo.sleep(SleepRequest { millis: 60_000 }).await }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the call reached the client",
+        || probe.in_flight.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        client.shutdown(Duration::from_secs(30)),
+    )
+    .await;
+    assert!(given_up.is_err(), "the shutdown was still draining");
+    assert!(
+        matches!(
+            client.state(),
+            ClientState::Closed {
+                reason: brpc::Disconnect::ClientClosed
+            }
+        ),
+        "{:?}",
+        client.state()
+    );
+    tokio::time::timeout(Duration::from_secs(10), peer.closed())
+        .await
+        .expect("the connection closed");
+    let ended = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the call ended")
+        .expect("join");
+    assert!(ended.is_err(), "{ended:?}");
+}
+
 #[tokio::test]
 async fn a_client_shutdown_drains_the_calls_it_serves() {
     let server = common::server();
