@@ -398,10 +398,12 @@ impl Builder {
     /// (tokio's `lookup_host`): for service discovery of its own, or a
     /// resolver with its own cache. It is given the address as passed to
     /// `connect` (`"agents.example.com:4433"`) and returns the addresses
-    /// that name stands for; the first is dialled. It is asked at the first
-    /// connect and again before every reconnect (an error then keeps the
-    /// address last found). Addresses given as IP addresses are not looked
-    /// up.
+    /// that name stands for; the first is dialled (on a reconnect, the
+    /// first the client's socket can reach: an IPv4 one for an IPv4
+    /// socket). It is asked at the first connect and again before every
+    /// reconnect (an error then, or no answer within the connect timeout,
+    /// keeps the address last found). Addresses given as IP addresses are
+    /// not looked up.
     ///
     /// ```
     /// # use std::net::SocketAddr;
@@ -846,14 +848,32 @@ impl QuicServer {
     }
 
     /// The address to dial: looked up first (if the server was given by
-    /// name) when `refresh` says so or none was found yet. A failed lookup
-    /// keeps the last address found; with none, it is the error.
-    async fn address(&self, refresh: bool) -> Result<SocketAddr, ConnectError> {
+    /// name) when `refresh` says so or none was found yet, taking the first
+    /// address the local socket (`family`) can reach. A lookup that fails,
+    /// or takes longer than `within`, keeps the last address found; with
+    /// none, it is the error.
+    async fn address(
+        &self,
+        refresh: bool,
+        family: Family,
+        within: Duration,
+    ) -> Result<SocketAddr, ConnectError> {
         let last = self.remote();
         let (Some((name, resolver)), true) = (&self.lookup, refresh || last.is_none()) else {
             return last.ok_or_else(|| lookup_error(String::new(), None));
         };
-        match lookup(name, resolver).await {
+        let looked_up = tokio::time::timeout(within, lookup(name, resolver, family))
+            .await
+            .unwrap_or_else(|_| {
+                Err(lookup_error(
+                    name.clone(),
+                    Some(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {within:?}"),
+                    )),
+                ))
+            });
+        match looked_up {
             Ok(found) => {
                 *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = Some(found);
                 Ok(found)
@@ -865,13 +885,46 @@ impl QuicServer {
     }
 }
 
-/// The first address `resolver` finds for `name`.
-async fn lookup(name: &str, resolver: &Resolver) -> Result<SocketAddr, ConnectError> {
+/// Which addresses a local UDP socket can send to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Family {
+    /// An IPv4 socket: IPv4 addresses only.
+    V4,
+    /// An IPv6 socket, which on Linux reaches IPv4 addresses too (mapped).
+    Any,
+}
+
+/// The family of addresses `endpoint`'s socket can reach.
+fn endpoint_family(endpoint: &quinn::Endpoint) -> Family {
+    match endpoint.local_addr() {
+        Ok(local) if local.is_ipv4() => Family::V4,
+        _ => Family::Any,
+    }
+}
+
+/// The first address `resolver` finds for `name` that a socket of
+/// `family` can reach.
+async fn lookup(
+    name: &str,
+    resolver: &Resolver,
+    family: Family,
+) -> Result<SocketAddr, ConnectError> {
     match resolver(name.to_owned()).await {
         Ok(found) => found
-            .first()
+            .iter()
+            .find(|a| family == Family::Any || a.is_ipv4())
             .copied()
-            .ok_or_else(|| lookup_error(name.to_owned(), None)),
+            .ok_or_else(|| {
+                let none = if found.is_empty() {
+                    "no address"
+                } else {
+                    "no IPv4 address, and this client's socket is IPv4 (set Builder::local_address to an IPv6 one)"
+                };
+                lookup_error(
+                    name.to_owned(),
+                    Some(std::io::Error::new(std::io::ErrorKind::NotFound, none)),
+                )
+            }),
         Err(source) => Err(lookup_error(name.to_owned(), Some(source))),
     }
 }
@@ -906,7 +959,7 @@ async fn resolve(
                 ),
             });
         }
-        Err(_) => match lookup(addr, resolver).await {
+        Err(_) => match lookup(addr, resolver, Family::Any).await {
             Ok(remote) => (Some(remote), Some((addr.to_owned(), Arc::clone(resolver)))),
             Err(e) if wait_for_name => {
                 tracing::info!(error = %e, "server name not found yet; looking it up again when dialling");
@@ -1163,7 +1216,9 @@ async fn connect_attempt(
     let (endpoint, remote, server_name) = match (&shared.dial, shared.dial.server()) {
         (Dial::Quic { endpoint, .. }, Some(server)) => (
             endpoint,
-            server.address(refresh).await?,
+            server
+                .address(refresh, endpoint_family(endpoint), timeout)
+                .await?,
             server.server_name.as_str(),
         ),
         (Dial::Quic { .. }, None) => {

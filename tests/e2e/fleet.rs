@@ -892,6 +892,94 @@ fn named_server(
         .expect("bind")
 }
 
+/// A client by the name `control-plane.test:4433`, whose
+/// lookups answer `answers(n)` for the n-th lookup (counting from 0).
+async fn client_by_name<F, Fut>(cert: &brpc::tls::DevCertificate, answers: F) -> Client
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::io::Result<Vec<std::net::SocketAddr>>> + Send + 'static,
+{
+    let lookups = Arc::new(AtomicUsize::new(0));
+    Client::builder()
+        .name("by-name")
+        .pin_certificate(cert.certificate().clone())
+        .server_name("localhost")
+        .connect_timeout(Duration::from_secs(1))
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .resolver(move |_| answers(lookups.fetch_add(1, Ordering::SeqCst)))
+        .connect("control-plane.test:4433")
+        .await
+        .expect("connect by name")
+}
+
+/// A lookup that never answers does not hold up reconnecting: after the
+/// attempt's time it gives up on the lookup and dials the last address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_that_never_answers_does_not_stop_the_reconnect() {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let server = named_server(&chain, &key, "server");
+    let at = server.local_addr();
+    let client = client_by_name(&cert, move |n| async move {
+        if n > 0 {
+            std::future::pending::<()>().await;
+        }
+        Ok(vec![at])
+    })
+    .await;
+    let first = client.connection_id();
+    client
+        .peer()
+        .expect("connected")
+        .close(brpc::core::conn::codes::CONN_NORMAL, "closed by the app");
+    let mut state = client.watch_state();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(
+            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != first),
+        ),
+    )
+    .await
+    .expect("reconnected to the last address")
+    .expect("watch");
+}
+
+/// A name that comes to list an IPv6 address first is dialled at its
+/// first address the client's IPv4 socket can reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_listing_ipv6_first_is_dialled_at_its_ipv4_address() {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let server = named_server(&chain, &key, "server");
+    let at = server.local_addr();
+    let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, at.port()));
+    let client = client_by_name(&cert, move |n| async move {
+        Ok(if n == 0 { vec![at] } else { vec![v6, at] })
+    })
+    .await;
+    let first = client.connection_id();
+    client
+        .peer()
+        .expect("connected")
+        .close(brpc::core::conn::codes::CONN_NORMAL, "closed by the app");
+    let mut state = client.watch_state();
+    let reached = tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(|s| {
+            matches!(s, ClientState::Connected { connection_id } if *connection_id != first)
+                || matches!(s, ClientState::Closed { .. })
+        }),
+    )
+    .await
+    .expect("reconnected or closed in time")
+    .expect("watch")
+    .clone();
+    assert!(
+        matches!(reached, ClientState::Connected { .. }),
+        "{reached:?}"
+    );
+}
+
 async fn answered_by(client: &Client) -> String {
     EchoClient::new(client.channel())
         .unary(EchoRequest::default())
