@@ -512,7 +512,9 @@ impl Builder {
     /// random jitter added (defaults 100 ms and 5 s), so a fleet that lost its
     /// server does not return all at once. After the server refused a
     /// handshake as busy, the [busy backoff](Builder::busy_backoff) applies
-    /// instead.
+    /// instead. A connection lost within `max` of being made does not start
+    /// the delays again from `min`: they go on growing, so a server that
+    /// closes each new connection is not redialled at `min` for ever.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.backoff_min = min;
         self.backoff_max = max.max(min);
@@ -766,6 +768,7 @@ impl Builder {
             reconnect: self.reconnect,
             backoff: exponential(self.backoff_min, self.backoff_max),
             busy_backoff: exponential(self.busy_backoff_min, self.busy_backoff_max),
+            stable_after: self.backoff_max,
             current: watch::Sender::new(None),
             state: watch::Sender::new(ClientState::Closed {
                 reason: Disconnect::NotConnectedYet,
@@ -1032,6 +1035,9 @@ struct Shared {
     reconnect: bool,
     backoff: ExponentialBuilder,
     busy_backoff: ExponentialBuilder,
+    /// How long a connection must last for the next reconnect to start
+    /// the backoff again (the backoff's longest delay).
+    stable_after: Duration,
     current: watch::Sender<Option<Peer>>,
     state: watch::Sender<ClientState>,
     closing: watch::Sender<bool>,
@@ -1379,14 +1385,16 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
 }
 
 async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
+    let mut delays = Delays::new(&shared);
     let mut peer = match first {
         Some(peer) => peer,
-        None => match reconnect(&shared, true).await {
+        None => match reconnect(&shared, true, &mut delays).await {
             Some(peer) => peer,
             None => return,
         },
     };
     loop {
+        let started = tokio::time::Instant::now();
         let reason = match run_connection(&shared, &peer).await {
             Ended::Closing => return,
             Ended::Refused(reason) => {
@@ -1407,7 +1415,15 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
             attempt: 0,
             last_error: reason,
         });
-        peer = match reconnect(&shared, false).await {
+        // A connection that lasted starts the backoff again from its
+        // shortest delay; one lost soon after it was made (a server that
+        // closes each new connection) goes on from where the last
+        // reconnect left it, so a flapping server is not redialled at the
+        // shortest delay for ever.
+        if started.elapsed() >= shared.stable_after {
+            delays = Delays::new(&shared);
+        }
+        peer = match reconnect(&shared, false, &mut delays).await {
             Some(peer) => peer,
             None => return,
         };
@@ -1415,10 +1431,9 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
 }
 
 /// Dials until connected (`None`: the client closed, or an error retrying
-/// cannot fix closed it). With `immediately`, the first attempt is not
-/// delayed.
-async fn reconnect(shared: &Shared, immediately: bool) -> Option<Peer> {
-    let mut delays = Delays::new(shared);
+/// cannot fix closed it), waiting `delays` between attempts. With
+/// `immediately`, the first attempt is not delayed.
+async fn reconnect(shared: &Shared, immediately: bool, delays: &mut Delays) -> Option<Peer> {
     let mut attempt = 0u32;
     // Errors retrying cannot fix, in a row: with several servers, the
     // client gives up only once every one of them failed that way.

@@ -653,6 +653,51 @@ async fn a_close_during_a_failing_attempt_stays_closed() {
     }
 }
 
+/// A server that closes every connection as soon as it is made is not
+/// redialled at the shortest delay for ever: the delays keep growing
+/// across reconnects until a connection lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_closes_each_connection_sees_the_backoff_grow() {
+    let server = common::server();
+    let client = common::client_builder(&server, "flapping", EchoService::new("flapping"))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_secs(2))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    // From here every connection is closed just after it is made.
+    let mut events = server.peers().subscribe();
+    let connections = Arc::new(AtomicUsize::new(1));
+    let kicker = tokio::spawn({
+        let connections = connections.clone();
+        async move {
+            while let Ok(event) = events.recv().await {
+                if let PeerEvent::Connected(peer) = event {
+                    connections.fetch_add(1, Ordering::SeqCst);
+                    // A moment after it is made: the client has it, and
+                    // loses it (rather than failing to make it).
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        peer.close(brpc::core::conn::codes::CONN_NORMAL, "not now");
+                    });
+                }
+            }
+        }
+    });
+    server
+        .peers()
+        .get(client.connection_id())
+        .expect("listed")
+        .close(brpc::core::conn::codes::CONN_NORMAL, "not now");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.close();
+    let made = connections.load(Ordering::SeqCst);
+    // 50, 100, 200, 400, 800 and 1600 ms (and up to as much again in
+    // jitter) come to over 3 s: at most 7 connections. At the shortest
+    // delay each time there would be 20 or more.
+    assert!((2..=7).contains(&made), "{made} connections in 3 s");
+    kicker.abort();
+}
+
 /// A connection the server sent away (GoAway) keeps serving its calls in
 /// flight while the client reconnects; closing the client closes it too,
 /// and the call it was serving ends.

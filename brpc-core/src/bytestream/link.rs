@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::Status;
 
 use crate::conn::{
@@ -119,6 +119,9 @@ struct Route {
     dropped: bool,
     /// Woken when the peer cancels the call (its sending half's wait).
     cancel_waker: Option<std::task::Waker>,
+    /// For a call this side opened: its place among the calls this side
+    /// may have running at once, given back with the route.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 /// What the reader does with a frame for a call.
@@ -170,6 +173,11 @@ struct Inner {
     /// Calls the peer opened that are running (their routes), changed
     /// under the `streams` lock.
     peer_calls: AtomicUsize,
+    /// Places for the calls this side opens: as many as it lets the peer
+    /// have, so a brpc peer with the same limit never refuses one for
+    /// being over it (over QUIC the peer's stream limit makes a caller
+    /// wait in the same way). Closed with the connection.
+    call_slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Link {
@@ -212,6 +220,7 @@ impl Link {
                 cancels_waiting: AtomicUsize::new(0),
                 max_peer_calls,
                 peer_calls: AtomicUsize::new(0),
+                call_slots: Arc::new(Semaphore::new(max_peer_calls.min(Semaphore::MAX_PERMITS))),
             }),
         };
         tokio::spawn(write_loop(write_half, out_rx, link.clone()));
@@ -370,7 +379,12 @@ impl Link {
 
     /// A new call `id` and its two halves, with `first` (the peer's
     /// Request) already queued for its reading half.
-    fn register(&self, id: u32, first: Option<Charged>) -> (StreamOutbound, StreamInbound) {
+    fn register(
+        &self,
+        id: u32,
+        first: Option<Charged>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> (StreamOutbound, StreamInbound) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         if let Some(first) = first {
             let _ = tx.try_send(Ok(first));
@@ -390,6 +404,7 @@ impl Link {
                 peer_finished: false,
                 dropped: false,
                 cancel_waker: None,
+                _slot: slot,
             },
         );
         drop(streams);
@@ -422,7 +437,15 @@ impl Link {
                 self.close_reason().unwrap_or_default()
             ))
         };
-        // Wait for room in the queue first, outside the lock.
+        // Wait for a place among this side's calls, and for room in the
+        // queue, first, outside the lock.
+        let slot = self
+            .inner
+            .call_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
         let permit = self.inner.out.reserve().await.map_err(|_| closed())?;
         if self.close_reason().is_some() {
             return Err(closed());
@@ -450,7 +473,7 @@ impl Link {
             self.inner
                 .next_id
                 .store(u64::from(id) + 2, Ordering::Relaxed);
-            let (outbound, inbound) = self.register(id, None);
+            let (outbound, inbound) = self.register(id, None, Some(slot));
             permit.send(frame);
             (id, outbound, inbound)
         };
@@ -530,6 +553,8 @@ impl Link {
             streams.clear();
             self.inner.cancelled_count.store(0, Ordering::Relaxed);
             self.inner.peer_calls.store(0, Ordering::Relaxed);
+            // Calls waiting for a place fail now.
+            self.inner.call_slots.close();
         }
     }
 
@@ -1089,7 +1114,7 @@ async fn route(
                 frame,
                 _charge: charge,
             };
-            let (outbound, inbound) = link.register(id, Some(first));
+            let (outbound, inbound) = link.register(id, Some(first), None);
             // Not accepted (the connection is going): dropping the halves
             // forgets the call. A full queue (calls not being accepted) is
             // waited for only while the connection is open.
