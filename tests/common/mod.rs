@@ -179,6 +179,13 @@ impl Echo for EchoService {
         let headers = x_metadata(request.metadata());
         let RangeRequest { from, to } = request.into_inner();
         let who = self.who.clone();
+        if from > to {
+            // A stream that fails before its first message.
+            let failing = tokio_stream::iter([Err(Status::out_of_range(format!(
+                "from {from} is past to {to}"
+            )))]);
+            return Ok(Response::new(Box::pin(failing) as ReplyStream));
+        }
         let stream = tokio_stream::iter(from..to).map(move |seq| {
             Ok(EchoReply {
                 seq,

@@ -752,3 +752,30 @@ async fn large_messages_on_the_direct_path_arrive_intact() {
     drop(unix);
     let _ = std::fs::remove_file(&path);
 }
+
+/// A server stream that fails before its first message: on the direct
+/// path as on the tonic path (and as over HTTP/2), the call succeeds and
+/// the stream's first item is the error, for a direct and a tonic client.
+#[tokio::test]
+async fn a_stream_failing_before_its_first_message_fails_in_the_stream() {
+    let server = direct_server(EchoService::new("server"));
+    let client = direct_client(&server, "agent-1", EchoService::new("agent-1")).await;
+    let mut stream = EchoClient::new(client.channel())
+        .range(RangeRequest { from: 5, to: 1 })
+        .await
+        .expect("the call is answered")
+        .into_inner();
+    let first = stream
+        .next()
+        .await
+        .expect("an item")
+        .expect_err("the error");
+    assert_eq!(first.code(), Code::OutOfRange, "{first:?}");
+    let mut stream = TonicEchoClient::new(client.channel())
+        .range(RangeRequest { from: 5, to: 1 })
+        .await
+        .expect("the call is answered")
+        .into_inner();
+    let first = stream.message().await.expect_err("the error");
+    assert_eq!(first.code(), Code::OutOfRange, "{first:?}");
+}

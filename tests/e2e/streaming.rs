@@ -207,3 +207,21 @@ async fn a_stalled_stream_does_not_block_other_calls() {
     })
     .await;
 }
+
+/// A server stream that fails before its first message, as over HTTP/2:
+/// the call itself succeeds and the stream's first item is the error
+/// (whether the failure is ready at once or comes later).
+#[tokio::test]
+async fn a_stream_failing_before_its_first_message_fails_in_the_stream() {
+    both_directions(|mut echo, _| async move {
+        let mut stream = echo
+            .range(RangeRequest { from: 5, to: 1 })
+            .await
+            .expect("the call is answered")
+            .into_inner();
+        let first = stream.message().await.expect_err("the stream's error");
+        assert_eq!(first.code(), tonic::Code::OutOfRange, "{first:?}");
+        assert!(first.message().contains("past to 1"), "{}", first.message());
+    })
+    .await;
+}

@@ -223,8 +223,13 @@ where
     tokio::pin!(messages);
     let mut ready = messages.next().now_or_never();
     // A Headers frame tells a waiting caller that the handler has answered
-    // (as HTTP/2 response headers do) when no message is ready yet.
-    if (!headers.is_empty() || ready.is_none()) && reply.headers(headers).await.is_err() {
+    // (as HTTP/2 response headers do) when no message is ready yet, or
+    // when the stream fails before its first message: the call then
+    // succeeds and its stream ends with the error, as over HTTP/2.
+    let fails_at_once = matches!(ready, Some(Some(Err(_))));
+    if (!headers.is_empty() || ready.is_none() || fails_at_once)
+        && reply.headers(headers).await.is_err()
+    {
         return;
     }
     loop {

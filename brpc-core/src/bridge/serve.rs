@@ -145,8 +145,20 @@ async fn respond(out: &mut Reply, response: http::Response<Body>) {
     let mut ready = body.next_now();
     let headers = metadata::to_key_values(&parts.headers);
     // A Headers frame also tells a waiting caller that the handler has
-    // answered, as HTTP/2 response headers do, when nothing else is ready.
-    if (!headers.is_empty() || ready.is_none()) && out.headers(headers).await.is_err() {
+    // answered, as HTTP/2 response headers do: when nothing else is ready,
+    // or when the body fails before its first message (as over HTTP/2, the
+    // call itself then succeeds and its stream ends with the error; a
+    // handler's own error comes as a Trailers-Only answer, above).
+    let fails_at_once = match &ready {
+        Some(Err(_)) => true,
+        Some(Ok(BodyEvent::Trailers(trailers))) => {
+            !is_bare_ok(trailers) && status_from_trailers(trailers).code() != tonic::Code::Ok
+        }
+        _ => false,
+    };
+    if (!headers.is_empty() || ready.is_none() || fails_at_once)
+        && out.headers(headers).await.is_err()
+    {
         return;
     }
     let mut streaming = false;
