@@ -136,8 +136,9 @@ pub struct StatsResponse {
     #[prost(uint64, tag = "1")]
     pub connected: u64,
     /// TLS handshakes in progress holding a handshake slot (at most
-    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes); clients
-    /// over the connection limit are handshaken without one, to be told so).
+    /// [`Builder::max_handshakes`](crate::Builder::max_handshakes); a client
+    /// over the connection limit takes one too, while it is handshaken to
+    /// be told so).
     #[prost(uint64, tag = "2")]
     pub handshakes_in_progress: u64,
     /// Clients waiting for a handshake slot.
@@ -158,7 +159,8 @@ pub struct StatsResponse {
     /// Handshaken and closed: the server was at its connection limit.
     #[prost(uint64, tag = "8")]
     pub turned_away: u64,
-    /// TLS handshakes started.
+    /// TLS handshakes started for clients within the connection limit
+    /// (those turned away are in `turned_away`).
     #[prost(uint64, tag = "9")]
     pub handshakes_started: u64,
     /// Handshakes that failed (a certificate refused, a protocol error, the

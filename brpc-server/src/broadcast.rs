@@ -79,24 +79,30 @@ where
             let call = call(peer.clone());
             let started = Instant::now();
             // Aborted when dropped: a dropped broadcast stops its calls.
+            // The time is taken when the call ends, not when the caller
+            // next reads the results.
             let mut task = AbortOnDropHandle::new(tokio::spawn(async move {
-                match tokio::time::timeout(timeout, call).await {
+                let result = match tokio::time::timeout(timeout, call).await {
                     Ok(result) => result,
                     Err(_) => Err(Status::deadline_exceeded(format!(
                         "no answer within the broadcast timeout of {timeout:?}"
                     ))),
-                }
+                };
+                (result, started.elapsed())
             }));
             async move {
-                let result = match (&mut task).await {
-                    Ok(result) => result,
-                    Err(e) => Err(Status::internal(format!("broadcast call failed: {e}"))),
+                let (result, elapsed) = match (&mut task).await {
+                    Ok(done) => done,
+                    Err(e) => (
+                        Err(Status::internal(format!("broadcast call failed: {e}"))),
+                        started.elapsed(),
+                    ),
                 };
                 BroadcastResult {
                     id: peer.connection_id(),
                     peer,
                     result,
-                    elapsed: started.elapsed(),
+                    elapsed,
                 }
             }
         })

@@ -221,10 +221,15 @@ impl<E: Entry> Table<E> {
     }
 }
 
-/// Label pairs of any string types as [`Labels`].
+/// Labels asked for: every pair must be carried. A list, not a map: two
+/// values asked for one key match no peer (none carries both), rather
+/// than the last one winning.
+pub(crate) type Wanted = Vec<(String, String)>;
+
+/// Label pairs of any string types as [`Wanted`].
 pub(crate) fn collect<K: Into<String>, V: Into<String>>(
     labels: impl IntoIterator<Item = (K, V)>,
-) -> Labels {
+) -> Wanted {
     labels
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))
@@ -232,7 +237,7 @@ pub(crate) fn collect<K: Into<String>, V: Into<String>>(
 }
 
 /// `labels` as the string pairs the table looks up.
-fn pairs(labels: &Labels) -> impl Iterator<Item = (&str, &str)> {
+fn pairs(labels: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
     labels.iter().map(|(k, v)| (k.as_str(), v.as_str()))
 }
 
@@ -303,26 +308,26 @@ impl Registry {
             .collect()
     }
 
-    /// A peer with all of `labels` for which `filter` holds: the first at
-    /// or after position `turn` (modulo their number) among the peers with
-    /// those labels in id order, cloning only that one; successive turns go
-    /// round them. `None` if none matches.
-    pub(crate) fn nth_matching(
+    /// A peer with all of `labels` for which `filter` holds: the first
+    /// after `after` in id order, or failing that the first from the start
+    /// (so successive calls, each after the last one found, go round
+    /// them), cloning only that one. It reads the label index from `after`
+    /// on, not every match. `None` if none matches.
+    pub(crate) fn next_matching(
         &self,
-        labels: &Labels,
+        labels: &[(String, String)],
         filter: impl Fn(&Peer) -> bool,
-        turn: usize,
+        after: Option<ConnectionId>,
     ) -> Option<Peer> {
         let table = self.read();
-        let ids = table.ids_with(pairs(labels));
-        if ids.is_empty() {
-            return None;
-        }
-        let (before, from) = ids.split_at(turn % ids.len());
-        from.iter()
-            .chain(before)
-            .filter_map(|id| table.get(*id))
-            .find(|p| filter(p))
+        let first_after = |after| {
+            table
+                .matching(pairs(labels), after)
+                .filter_map(|id| table.get(id))
+                .find(|p| filter(p))
+        };
+        first_after(after)
+            .or_else(|| after.and_then(|_| first_after(None)))
             .cloned()
     }
 
@@ -449,15 +454,15 @@ mod tests {
         let want: Vec<u64> = (1..=10_000).filter(|i| i % 4 == 0).collect();
         assert_eq!(ids(&eu), want);
 
-        let both = Labels::from([
-            ("region".to_owned(), "eu".to_owned()),
-            ("role".to_owned(), "db".to_owned()),
-        ]);
+        let both = collect([("region", "eu"), ("role", "db")]);
         let want: Vec<u64> = (1..=10_000).filter(|i| i % 20 == 0).collect();
         assert_eq!(ids(&table.with_labels(pairs(&both))), want);
         assert!(table.with_labels([("region", "mars")]).is_empty());
         assert!(table.with_labels([("zone", "eu")]).is_empty());
-        assert_eq!(table.with_labels(pairs(&Labels::new())).len(), 10_000);
+        assert_eq!(table.with_labels(pairs(&[])).len(), 10_000);
+        // Two values for one key: no entry carries both.
+        let two_regions = collect([("region", "eu"), ("region", "us")]);
+        assert!(table.with_labels(pairs(&two_regions)).is_empty());
 
         // Pages of 999 cover every id once, in order.
         let mut listed = Vec::new();
@@ -500,7 +505,7 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(
-            ids(&table.page_with_labels(pairs(&Labels::new()), Some(ConnectionId(5)), 3)),
+            ids(&table.page_with_labels(pairs(&[]), Some(ConnectionId(5)), 3)),
             [6, 7, 8]
         );
     }

@@ -8,20 +8,20 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use brpc_core::{Labels, Peer};
+use brpc_core::{ConnectionId, Peer};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::Status;
 use tonic::body::Body;
 use tower_service::Service;
 
-use crate::registry::{PeerEvent, Registry, collect};
+use crate::registry::{PeerEvent, Registry, Wanted, collect};
 
 /// Whether `peer` carries every label of `labels` with the same value.
-pub(crate) fn matches(peer: &Peer, labels: &Labels) -> bool {
+pub(crate) fn matches(peer: &Peer, labels: &[(String, String)]) -> bool {
     labels
         .iter()
         .all(|(k, v)| peer.label(k) == Some(v.as_str()))
@@ -35,7 +35,7 @@ impl Registry {
     /// [`select`](Registry::select)): it must not call back into the
     /// registry, and should be quick.
     pub async fn wait_for(&self, filter: impl Fn(&Peer) -> bool) -> Peer {
-        self.wait_for_matching(&Labels::new(), filter).await
+        self.wait_for_matching(&[], filter).await
     }
 
     /// Waits until a peer with all these labels is connected (looked up in
@@ -52,7 +52,7 @@ impl Registry {
     /// holds is connected.
     pub(crate) async fn wait_for_matching(
         &self,
-        labels: &Labels,
+        labels: &[(String, String)],
         filter: impl Fn(&Peer) -> bool,
     ) -> Peer {
         let wanted = |p: &Peer| p.is_usable() && filter(p);
@@ -60,7 +60,7 @@ impl Registry {
         loop {
             // Subscribed before looking, so a peer connecting in between is
             // seen as an event.
-            if let Some(peer) = self.nth_matching(labels, wanted, 0) {
+            if let Some(peer) = self.next_matching(labels, wanted, None) {
                 return peer;
             }
             loop {
@@ -92,7 +92,7 @@ impl Registry {
         LabelChannel {
             registry: self.clone(),
             labels: Arc::new(collect(labels)),
-            next: Arc::default(),
+            last: Arc::default(),
             wait_for_ready: false,
         }
     }
@@ -114,8 +114,9 @@ impl Registry {
 #[derive(Clone, Debug)]
 pub struct LabelChannel {
     registry: Registry,
-    labels: Arc<Labels>,
-    next: Arc<AtomicUsize>,
+    labels: Arc<Wanted>,
+    /// The id of the peer the last call went to (0: none yet).
+    last: Arc<AtomicU64>,
     wait_for_ready: bool,
 }
 
@@ -128,11 +129,29 @@ impl LabelChannel {
         self
     }
 
-    /// The peer the next call would go to, if one matches now.
+    /// The peer the next call would go to, if one matches now: the next
+    /// matching peer by connection id after the one the last call went to.
     pub fn pick(&self) -> Option<Peer> {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last.load(Ordering::Relaxed);
+        // Calls picking at once each take a different peer where they can:
+        // one that lost the race looks again after the peer the winner took.
+        for _ in 0..4 {
+            let after = (last != 0).then_some(ConnectionId(last));
+            let peer = self
+                .registry
+                .next_matching(&self.labels, Peer::is_usable, after)?;
+            let id = peer.connection_id().0;
+            match self
+                .last
+                .compare_exchange(last, id, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(peer),
+                Err(now) => last = now,
+            }
+        }
+        let after = (last != 0).then_some(ConnectionId(last));
         self.registry
-            .nth_matching(&self.labels, Peer::is_usable, turn)
+            .next_matching(&self.labels, Peer::is_usable, after)
     }
 
     async fn resolve(&self, timeout: Option<Duration>) -> Result<Peer, Status> {

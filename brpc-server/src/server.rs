@@ -737,7 +737,7 @@ async fn accept_loop(shared: Arc<Shared>) {
                         match shared.handshakes.clone().try_acquire_owned() {
                             Ok(permit) => {
                                 shared.admission.count(AdmissionEvent::TurnedAway);
-                                connections.spawn(turn_away(incoming, shared.max_connections, permit));
+                                connections.spawn(turn_away(incoming, shared.max_connections, permit, deadline));
                             }
                             Err(_) => {
                                 shared.admission.count(AdmissionEvent::RefusedQueueFull);
@@ -783,10 +783,17 @@ async fn wait_for_handshake(
 }
 
 /// A client over the connection limit: finish the handshake (holding a
-/// handshake slot) so it can be told why, then close with `CONN_TOO_MANY`.
-async fn turn_away(incoming: Incoming, limit: usize, permit: OwnedSemaphorePermit) {
+/// handshake slot, for at most 5 s and never past the Hello limit,
+/// `deadline`) so it can be told why, then close with `CONN_TOO_MANY`.
+async fn turn_away(
+    incoming: Incoming,
+    limit: usize,
+    permit: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+) {
     let remote = incoming.remote_address();
-    let handshake = tokio::time::timeout(Duration::from_secs(5), incoming).await;
+    let until = deadline.min(tokio::time::Instant::now() + Duration::from_secs(5));
+    let handshake = tokio::time::timeout_at(until, incoming).await;
     drop(permit);
     if let Ok(Ok(connection)) = handshake {
         tracing::info!(%remote, limit, "connection refused: at the connection limit");
@@ -960,6 +967,26 @@ async fn session(
         shared,
         peer: peer.clone(),
     };
+    // A shutdown that began since the check above may have taken its list
+    // of peers to drain before this one was listed: refused as it would
+    // have been. (Listed first, read second; the shutdown sets the flag
+    // first and lists second: one of the two sees the other.)
+    if listed.shared.shutting_down.load(Ordering::SeqCst) {
+        let status = Status::unavailable("server is shutting down; reconnect later");
+        let reason = b"server shutting down";
+        let refused = refuse(
+            hello,
+            &connection,
+            deadline,
+            status,
+            codes::CONN_GOING_AWAY,
+            reason,
+        )
+        .await;
+        // Unlisted once closed, so its event says why.
+        drop(listed);
+        return refused;
+    }
     match tokio::time::timeout_at(deadline, hello.accept(peer.connection_id())).await {
         Ok(Ok(())) => Some(listed),
         Ok(Err(_)) => None,

@@ -209,7 +209,9 @@ pub struct AdmissionStats {
     /// Handshaken and closed with `CONN_TOO_MANY`: the server was at
     /// [`Builder::max_connections`](crate::Builder::max_connections).
     pub turned_away: u64,
-    /// TLS handshakes started (a handshake slot taken).
+    /// TLS handshakes started for clients within the connection limit (a
+    /// handshake slot taken; a client turned away takes one too, counted
+    /// in `turned_away` instead).
     pub handshakes_started: u64,
     /// Handshakes that failed: a certificate refused by either side, a
     /// protocol error, or the client closing or resetting mid-way.

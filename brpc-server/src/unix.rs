@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use brpc_core::ConnectionId;
 use brpc_core::bytestream;
-use brpc_core::conn::UnixCredentials;
+use brpc_core::conn::{UnixCredentials, codes};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -115,6 +115,13 @@ async fn run_connection(
         shared,
         peer: peer.clone(),
     };
+    // A shutdown that began after `admit` may have taken its list of peers
+    // to drain before this one was listed: closed at once, as `admit` would
+    // have refused it (listed first, read second; see the QUIC side).
+    if listed.shared.shutting_down.load(Ordering::SeqCst) {
+        peer.close(codes::CONN_GOING_AWAY, "server shutting down");
+        return;
+    }
     let span = tracing::info_span!("brpc.connection", id = %id, unix = true);
     async {
         tracing::debug!(?credentials, "Unix client connected");

@@ -698,6 +698,143 @@ async fn a_server_that_closes_each_connection_sees_the_backoff_grow() {
     kicker.abort();
 }
 
+/// A client let in just as a graceful shutdown begins (after the shutdown
+/// took its list of peers to drain) is refused like one arriving after it,
+/// not served un-drained. Its admission is held inside `authorize` until
+/// the shutdown is under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_let_in_as_shutdown_begins_is_refused() {
+    let (entered, mut inside) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    let server = Arc::new(
+        brpc::Server::builder()
+            .add_service(common::echo::echo_server::EchoServer::new(
+                EchoService::new("server"),
+            ))
+            .authorize(move |admission| {
+                if admission.name == "late" {
+                    let _ = entered.send(());
+                    let _ = held
+                        .lock()
+                        .expect("lock")
+                        .recv_timeout(Duration::from_secs(20));
+                }
+                Ok(())
+            })
+            .bind("127.0.0.1:0")
+            .expect("bind"),
+    );
+    // A call in flight keeps the shutdown draining while the late client
+    // is let in.
+    let first = common::client(&server, "first").await;
+    let running = tokio::spawn({
+        let mut echo = EchoClient::new(first.channel());
+        async move { echo.sleep(SleepRequest { millis: 3_000 }).await }
+    });
+    let late = tokio::spawn(
+        common::client_builder(&server, "late", EchoService::new("late"))
+            .connect(server.local_addr()),
+    );
+    inside
+        .recv()
+        .await
+        .expect("the late client is being admitted");
+    let shutdown = tokio::spawn({
+        let server = server.clone();
+        async move { server.shutdown(Duration::from_secs(10)).await }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the first client told to go away",
+        || {
+            first.peer().is_some_and(|p| p.is_going_away())
+                || matches!(first.state(), ClientState::Reconnecting { .. })
+        },
+    )
+    .await;
+    release.send(()).expect("release");
+    // As a client arriving after the shutdown began is refused.
+    let refused = late.await.expect("join").expect_err("refused");
+    assert!(
+        matches!(
+            &refused,
+            brpc::ConnectError::Hello(status)
+                if status.code() == Code::Unavailable && status.message().contains("shutting down")
+        ),
+        "{refused:?}"
+    );
+    running
+        .await
+        .expect("join")
+        .expect("the running call finished");
+    shutdown.await.expect("join");
+}
+
+/// A broadcast result's `elapsed` is how long its call took, not how long
+/// the caller took to read it: a caller that dawdles over the first result
+/// does not stretch the second's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_results_elapsed_is_its_calls_own_time() {
+    let server = common::server();
+    let builders = (0..2)
+        .map(|i| common::client_builder(&server, &format!("quick-{i}"), EchoService::new("quick")))
+        .collect();
+    let _agents = connect_all(builders, server.local_addr()).await;
+    let options = BroadcastOptions {
+        concurrency: 2,
+        timeout: Duration::from_secs(30),
+    };
+    let mut results = Box::pin(broadcast(
+        server.peers().list(),
+        options,
+        |peer| async move {
+            peer.client(EchoClient::new)
+                .unary(EchoRequest::default())
+                .await?;
+            Ok(())
+        },
+    ));
+    let first = results.next().await.expect("a first result");
+    first.result.expect("answered");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = results.next().await.expect("a second result");
+    second.result.expect("answered");
+    assert!(
+        second.elapsed < Duration::from_millis(1500),
+        "the second call's own time, not the wait to read it: {:?}",
+        second.elapsed
+    );
+}
+
+/// A client turned away at the connection limit holds its handshake slot
+/// no longer than the Hello limit (here 1 s, under the 5 s it may take
+/// otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turned_away_handshake_holds_its_slot_no_longer_than_the_hello_limit() {
+    let server = admin_builder(1)
+        .max_connections(1)
+        .hello_timeout(Duration::from_secs(1))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let first = common::client(&server, "first").await;
+    let stalled_at = tokio::time::Instant::now();
+    let (_relay, over) = stalled_handshake(&server).await;
+    assert_eq!(server.admission_stats().turned_away, 1);
+    loop {
+        let stats = admin_stats(&first).await;
+        if stats.handshakes_in_progress == 0 {
+            break;
+        }
+        assert!(
+            stalled_at.elapsed() < Duration::from_millis(4500),
+            "the slot still held: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    over.abort();
+}
+
 /// A connection the server sent away (GoAway) keeps serving its calls in
 /// flight while the client reconnects; closing the client closes it too,
 /// and the call it was serving ends.
