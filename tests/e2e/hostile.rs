@@ -260,6 +260,18 @@ async fn every_bad_input_gets_a_clear_answer_and_the_connection_lives() {
             Code::FailedPrecondition,
             "already exchanged",
         ),
+        (
+            "metadata entries past the limit (2 bytes each on the wire)",
+            Box::new(move |id| {
+                let mut request = echo_request(EchoRequest::default().encode_to_vec());
+                for _ in 0..=wire::MAX_METADATA_ENTRIES {
+                    request.extend_from_slice(&[0x2a, 0x00]);
+                }
+                frame(id, FrameType::Request, Flags::EMPTY, request)
+            }),
+            Code::ResourceExhausted,
+            "metadata entries in one frame",
+        ),
     ];
     for (name, build, code, text) in cases {
         match exchange(&conn, build).await {
@@ -615,4 +627,45 @@ async fn an_early_answer_the_client_will_not_take_is_reset_after_the_idle_limit(
         matches!(read, Err(quinn::ReadError::Reset(code)) if code == quinn::VarInt::from_u32(codes::STREAM_IDLE)),
         "{read:?}"
     );
+}
+
+/// A call given up while its Request is still being written (here its
+/// deadline passes while the callee's flow control holds the write back)
+/// is reset as cancelled, not finished mid-frame: the callee sees
+/// RESET_STREAM `STREAM_CANCELLED`, not a Request cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_given_up_mid_request_is_reset_as_cancelled() {
+    let server = common::server();
+    let (conn, id) = common::raw_client(&server, "slow-reader").await;
+    let peer = server.peers().get(id).expect("listed");
+    let call = tokio::spawn(async move {
+        let mut request = tonic::Request::new(EchoRequest {
+            blob: vec![7; 3 << 20],
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_millis(300));
+        peer.client(common::echo::echo_client::EchoClient::new)
+            .unary(request)
+            .await
+    });
+    // The raw client takes the call's stream and reads nothing until the
+    // call has given up: the Request cannot all be sent.
+    let (_send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
+        .await
+        .expect("the server opened a call")
+        .expect("stream");
+    let status = call.await.expect("join").expect_err("deadline");
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let read = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(8 << 20))
+        .await
+        .expect("the stream ended");
+    match read {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+            assert_eq!(code.into_inner(), u64::from(codes::STREAM_CANCELLED));
+        }
+        other => panic!(
+            "expected a reset as cancelled, got {:?}",
+            other.map(|b| b.len())
+        ),
+    }
 }

@@ -361,10 +361,16 @@ impl Peer {
                     crate::wire::stream_id(send.id().index(), self.shared.side == Side::Dialer);
                 let mut call = Call::caller(stream_id, config);
                 let frame = call.send_request(request, shape)?;
+                // Given up while the Request is still being written (its
+                // deadline, or its caller dropped): the stream is reset as
+                // a cancelled call, not finished mid-frame (which the callee
+                // would take for a broken Request).
+                let mut opening = CancelUnlessOpened(Some((CallWriter::Quic(send), recv)));
+                let (writer, _) = opening.0.as_mut().expect("held until opened");
+                let sent = writer.write_frame(frame).await;
+                let (writer, recv) = opening.0.take().expect("held until opened");
                 let reader = FrameReader::new(recv, limits.max_message_size)
                     .with_budgets(self.shared.budgets.clone(), false);
-                let mut writer = CallWriter::Quic(send);
-                let sent = writer.write_frame(frame).await;
                 Ok(OpenedCall {
                     writer,
                     reader: CallReader::Quic(reader),
@@ -592,5 +598,21 @@ impl Peer {
             let _ = self.shared.local_close.set((code, reason.to_owned()));
         }
         self.shared.transport.close(code, reason);
+    }
+}
+
+/// A call's stream while its Request is being written: dropped then, the
+/// call is cancelled both ways (RESET_STREAM and STOP_SENDING with
+/// `STREAM_CANCELLED`).
+struct CancelUnlessOpened(Option<(CallWriter, quinn::RecvStream)>);
+
+impl Drop for CancelUnlessOpened {
+    fn drop(&mut self) {
+        if let Some((mut writer, mut recv)) = self.0.take() {
+            writer.reset(crate::wire::codes::STREAM_CANCELLED);
+            let _ = recv.stop(quinn::VarInt::from_u32(
+                crate::wire::codes::STREAM_CANCELLED,
+            ));
+        }
     }
 }

@@ -545,6 +545,7 @@ impl Call {
     }
 
     fn metadata(&self, payload: Bytes) -> Result<Vec<KeyValue>, Status> {
+        super::envelope::check_metadata_entries(&payload, 1)?;
         Metadata::decode(payload)
             .map(|m| m.entries)
             .map_err(|e| self.violation(format!("undecodable metadata frame: {e}")))
@@ -557,7 +558,9 @@ impl Call {
                 "Request flags {flags:?} both open and close the stream"
             )));
         }
-        let mut request = Request::decode(frame.payload.into_bytes())
+        let payload = frame.payload.into_bytes();
+        super::envelope::check_metadata_entries(&payload, 5)?;
+        let mut request = Request::decode(payload)
             .map_err(|e| self.violation(format!("undecodable Request: {e}")))?;
         if request.service.is_empty() || request.method.is_empty() {
             return Err(self.violation(format!(

@@ -286,12 +286,90 @@ pub struct HelloResponse {
     pub protocol_version: u32,
 }
 
+/// Most metadata entries one frame may carry (a Request's metadata, or a
+/// Headers or Trailers frame). Checked before the frame is decoded: an
+/// entry can be two bytes on the wire and about fifty once decoded, so a
+/// frame within the message size could otherwise take many times its size
+/// in memory.
+pub const MAX_METADATA_ENTRIES: usize = 4096;
+
+/// How many times field `field` occurs at the top level of the protobuf
+/// message `buf`, read from the wire without decoding anything; `None` if
+/// `buf` is not a well-formed message (decoding it then reports why).
+pub(crate) fn count_field(mut buf: &[u8], field: u32) -> Option<usize> {
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = buf.split_first()?;
+            *buf = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    let mut count = 0;
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        if key >> 3 == u64::from(field) {
+            count += 1;
+        }
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut buf)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(varint(&mut buf)?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        buf = buf.get(skip..)?;
+    }
+    Some(count)
+}
+
+/// `RESOURCE_EXHAUSTED` if the message `buf` carries more than
+/// [`MAX_METADATA_ENTRIES`] entries in field `field`.
+pub(crate) fn check_metadata_entries(buf: &[u8], field: u32) -> Result<(), tonic::Status> {
+    match count_field(buf, field) {
+        Some(n) if n > MAX_METADATA_ENTRIES => Err(tonic::Status::resource_exhausted(format!(
+            "{n} metadata entries in one frame; at most {MAX_METADATA_ENTRIES} are accepted"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wire::{Flags, Frame, FrameDecoder, FrameType};
     use bytes::BytesMut;
     use prost::Message;
+
+    /// The wire count of a field agrees with decoding, and a message that
+    /// is not well formed gives no count.
+    #[test]
+    fn a_fields_count_is_read_off_the_wire() {
+        let request = Request {
+            service: "s".into(),
+            method: "m".into(),
+            payload: Bytes::from_static(b"\x2a\x00 not metadata"),
+            timeout_nano: 5,
+            metadata: (0..7).map(|i| KeyValue::new("k", i.to_string())).collect(),
+        };
+        let buf = request.encode_to_vec();
+        assert_eq!(count_field(&buf, 5), Some(7));
+        assert_eq!(count_field(&buf, 1), Some(1));
+        assert_eq!(count_field(&buf, 9), Some(0));
+        assert_eq!(count_field(&buf[..buf.len() - 1], 5), None);
+        assert!(check_metadata_entries(&buf, 5).is_ok());
+        let many = [0x2a, 0x00].repeat(MAX_METADATA_ENTRIES + 1);
+        let status = check_metadata_entries(&many, 5).expect_err("too many");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(check_metadata_entries(&many[2..], 5).is_ok());
+    }
 
     /// What containerd/ttrpc-rust's client puts on the wire for this call.
     const GOLDEN: &[u8] = &[

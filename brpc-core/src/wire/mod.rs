@@ -14,7 +14,8 @@ pub use call::{
     encode_request, encode_request_message, encode_request_parts,
 };
 pub use envelope::{
-    HelloRequest, HelloResponse, KeyValue, Metadata, Request, RequestParts, Response, Status,
+    HelloRequest, HelloResponse, KeyValue, MAX_METADATA_ENTRIES, Metadata, Request, RequestParts,
+    Response, Status,
 };
 pub use frame::{
     DEFAULT_MAX_MESSAGE_SIZE, Flags, Frame, FrameDecoder, FrameError, FrameHeader, FrameType,
