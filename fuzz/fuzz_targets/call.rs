@@ -116,7 +116,7 @@ fuzz_target!(|data: &[u8]| {
                     });
                     assert!(call.is_finished());
                 } else {
-                    call.note_bytes(now, arg & 1 == 1);
+                    call.note_bytes(now, arg & 1 == 1, usize::from(arg) << 8);
                     now += Duration::from_millis(u64::from(arg) * 50);
                     let deadline_passed = call.deadline().is_some_and(|at| at <= now);
                     let expired = call.handle_timeout(now);

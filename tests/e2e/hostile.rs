@@ -478,6 +478,53 @@ async fn a_call_that_stalls_mid_frame_is_reset_after_the_idle_limit() {
     normal_call_works(&conn).await;
 }
 
+/// A peer trickling a byte at a time into a half-received frame does not
+/// keep it (and what it reserved) alive: the idle limit starts again only
+/// for real progress (`MIN_IDLE_PROGRESS` bytes), so the stream is reset
+/// about one limit after the frame began, trickle or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_bytes_does_not_hold_off_the_idle_limit() {
+    let server = brpc::Server::builder()
+        .call_idle_timeout(Some(Duration::from_secs(1)))
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("server"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let (conn, _id) = common::raw_client(&server, "trickler").await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let stream_id = wire::stream_id(send.id().index(), true);
+    let mut header = BytesMut::new();
+    header.put_u32(100_000);
+    header.put_u32(stream_id);
+    header.put_u8(1);
+    header.put_u8(0);
+    send.write_all(&header).await.expect("write");
+    let started = tokio::time::Instant::now();
+    // A byte every 200 ms, well within each 1 s limit, for up to 20 s.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if send.write_all(&[0]).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(Duration::from_secs(15), recv.read(&mut buf))
+        .await
+        .expect("reset well before the trickle ends")
+    {
+        Err(quinn::ReadError::Reset(code)) => {
+            assert_eq!(code, quinn::VarInt::from_u32(codes::STREAM_IDLE))
+        }
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    trickle.abort();
+    normal_call_works(&conn).await;
+}
+
 #[tokio::test]
 async fn the_server_refuses_clients_over_its_connection_limit() {
     let server = brpc::Server::builder()

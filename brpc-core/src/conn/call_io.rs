@@ -54,8 +54,8 @@ impl super::io::CallTimer for CallCell {
         self.read(Call::poll_timeout)
     }
 
-    fn progress(&mut self, mid_frame: bool) {
-        self.with(|call| call.note_bytes_then(now, mid_frame));
+    fn progress(&mut self, mid_frame: bool, arrived: usize) {
+        self.with(|call| call.note_bytes_then(now, mid_frame, arrived));
     }
 }
 
@@ -64,8 +64,8 @@ impl super::io::CallTimer for SharedCall {
         lock(self).poll_timeout()
     }
 
-    fn progress(&mut self, mid_frame: bool) {
-        lock(self).note_bytes_then(now, mid_frame);
+    fn progress(&mut self, mid_frame: bool, arrived: usize) {
+        lock(self).note_bytes_then(now, mid_frame, arrived);
     }
 }
 

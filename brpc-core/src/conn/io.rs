@@ -31,6 +31,8 @@ pub(crate) struct FrameReader {
     /// A first frame that finds no budget is refused instead of waiting (the
     /// Request of a call the peer opened).
     refuse_first: bool,
+    /// Bytes of the last chunk read, not yet told to the call's timer.
+    arrived: usize,
 }
 
 impl Drop for FrameReader {
@@ -52,6 +54,7 @@ impl FrameReader {
             budgets: None,
             reserved: 0,
             refuse_first: false,
+            arrived: 0,
         }
     }
 
@@ -198,7 +201,7 @@ impl FrameReader {
         mid_frame: bool,
         timer: &mut impl CallTimer,
     ) -> Result<Option<quinn::Chunk>, ReadError> {
-        timer.progress(mid_frame);
+        timer.progress(mid_frame, std::mem::take(&mut self.arrived));
         let read = self.recv.read_chunk(wanted, true);
         let read = match timer.timeout() {
             Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), read)
@@ -210,6 +213,7 @@ impl FrameReader {
         let chunk = read.inspect_err(|_| self.discard())?;
         if let Some(chunk) = &chunk {
             super::observe::bytes_received(chunk.bytes.len());
+            self.arrived = chunk.bytes.len();
         }
         Ok(chunk)
     }
@@ -295,8 +299,9 @@ impl FrameReader {
 pub(crate) trait CallTimer {
     /// When the read in progress must stop waiting, if ever.
     fn timeout(&mut self) -> Option<std::time::Instant>;
-    /// Bytes arrived (or a read starts) with a frame half received or not.
-    fn progress(&mut self, mid_frame: bool);
+    /// A read starts, with a frame half received or not, `arrived` bytes
+    /// having come since the last read started.
+    fn progress(&mut self, mid_frame: bool, arrived: usize);
 }
 
 /// Headers written on this thread are cut from one shared buffer: quinn

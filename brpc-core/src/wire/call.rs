@@ -265,7 +265,16 @@ pub struct Call {
     /// When the idle limit runs out, while it applies (a callee waiting for
     /// its Request, or a frame half received).
     idle_at: Option<Instant>,
+    /// Bytes arrived since the idle limit last (re)started.
+    idle_progress: usize,
 }
+
+/// Bytes that must arrive for the idle limit to start again: fewer do not
+/// count as progress, so a peer trickling a byte at a time cannot hold a
+/// half-received frame (and what it reserved) or a stream without its
+/// Request for ever. A frame smaller than this completes, and so stops
+/// the limit, instead.
+pub const MIN_IDLE_PROGRESS: usize = 16 * 1024;
 
 impl Call {
     /// The machine for a call this side opens on `stream_id`.
@@ -281,6 +290,7 @@ impl Call {
             deadline: None,
             timeout_nano: 0,
             idle_at: None,
+            idle_progress: 0,
         }
     }
 
@@ -298,6 +308,7 @@ impl Call {
             deadline: None,
             timeout_nano: 0,
             idle_at: config.idle_limit.map(|limit| now + limit),
+            idle_progress: 0,
         }
     }
 
@@ -344,24 +355,37 @@ impl Call {
         self.deadline
     }
 
-    /// Tells the machine that bytes of the call arrived at `now` without
-    /// completing a frame (`mid_frame`), or that the receive buffer is empty
-    /// again: the idle limit runs only while a frame is half received.
-    pub fn note_bytes(&mut self, now: Instant, mid_frame: bool) {
-        self.note_bytes_then(|| now, mid_frame);
+    /// Tells the machine that `arrived` bytes of the call came by `now`
+    /// and whether a frame is half received (`mid_frame`): the idle limit
+    /// runs only while one is (or before the Request). It starts when it
+    /// begins to apply, and starts again only once [`MIN_IDLE_PROGRESS`]
+    /// bytes have arrived since it last did.
+    pub fn note_bytes(&mut self, now: Instant, mid_frame: bool, arrived: usize) {
+        self.note_bytes_then(|| now, mid_frame, arrived);
     }
 
     /// [`note_bytes`](Self::note_bytes) reading the clock (`now`) only when
-    /// the idle limit runs: most reads start between frames.
-    pub(crate) fn note_bytes_then(&mut self, now: impl FnOnce() -> Instant, mid_frame: bool) {
+    /// the idle limit (re)starts: most reads start between frames.
+    pub(crate) fn note_bytes_then(
+        &mut self,
+        now: impl FnOnce() -> Instant,
+        mid_frame: bool,
+        arrived: usize,
+    ) {
         // Before the Request the limit always runs (a stream that brings
-        // nothing is reset too); bytes arriving restart it.
+        // nothing is reset too).
         let runs =
             self.recv == RecvPhase::AwaitRequest || (mid_frame && self.recv == RecvPhase::Open);
-        self.idle_at = match self.config.idle_limit {
-            Some(limit) if runs => Some(now() + limit),
-            _ => None,
+        let Some(limit) = self.config.idle_limit.filter(|_| runs) else {
+            self.idle_at = None;
+            self.idle_progress = 0;
+            return;
         };
+        self.idle_progress = self.idle_progress.saturating_add(arrived);
+        if self.idle_at.is_none() || self.idle_progress >= MIN_IDLE_PROGRESS {
+            self.idle_at = Some(now() + limit);
+            self.idle_progress = 0;
+        }
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called, if
@@ -403,6 +427,7 @@ impl Call {
             return None;
         }
         self.idle_at = None;
+        self.idle_progress = 0;
         if self.recv == RecvPhase::AwaitRequest {
             // A stream that never brought its Request: nobody to answer.
             self.recv = RecvPhase::Done;
@@ -443,6 +468,7 @@ impl Call {
         if self.recv != RecvPhase::AwaitRequest {
             // A whole frame arrived: nothing is half received.
             self.idle_at = None;
+            self.idle_progress = 0;
         }
         result
     }
@@ -586,6 +612,7 @@ impl Call {
             RecvPhase::Done
         };
         self.idle_at = None;
+        self.idle_progress = 0;
         // ttrpc (Go) sends a negative time remaining for a context that had
         // already expired: the call is over before it starts.
         self.timeout_nano = request.timeout_nano;
@@ -1372,8 +1399,10 @@ mod tests {
     fn idle_limit_before_the_request_resets_without_an_answer() {
         let mut b = callee();
         assert_eq!(b.poll_timeout(), Some(at(5)));
-        // Bytes arriving restart the limit, as mid-frame.
-        b.note_bytes(at(4), true);
+        // A few bytes do not restart the limit; enough do, as mid-frame.
+        b.note_bytes(at(3), true, 10);
+        assert_eq!(b.poll_timeout(), Some(at(5)));
+        b.note_bytes(at(4), true, MIN_IDLE_PROGRESS);
         assert_eq!(b.poll_timeout(), Some(at(9)));
         assert!(b.handle_timeout(at(5)).is_none());
         let abort = b.handle_timeout(at(9)).unwrap();
@@ -1392,13 +1421,13 @@ mod tests {
             None,
             "between frames a call may wait forever"
         );
-        b.note_bytes(at(2), true);
-        assert_eq!(b.poll_timeout(), Some(at(7)));
-        b.note_bytes(at(4), true);
+        b.note_bytes(at(2), true, 10);
+        assert_eq!(b.poll_timeout(), Some(at(7)), "a frame begun starts it");
+        b.note_bytes(at(4), true, MIN_IDLE_PROGRESS);
         assert_eq!(b.poll_timeout(), Some(at(9)), "progress restarts the limit");
         b.recv(data(Flags::EMPTY, b"m"), at(5)).unwrap();
         assert_eq!(b.poll_timeout(), None, "a whole frame stops it");
-        b.note_bytes(at(6), true);
+        b.note_bytes(at(6), true, 10);
         let abort = b.handle_timeout(at(11)).unwrap();
         assert_eq!(abort.status.code(), Code::DeadlineExceeded);
         assert_eq!(abort.stop, Some(codes::STREAM_IDLE));
@@ -1407,10 +1436,26 @@ mod tests {
         let mut a = caller();
         a.send_request(enc(req(b"", 0)), RequestShape::Single)
             .unwrap();
-        a.note_bytes(at(1), true);
+        a.note_bytes(at(1), true, 10);
         let abort = a.handle_timeout(at(6)).unwrap();
         assert_eq!(abort.status.code(), Code::DeadlineExceeded);
         assert_eq!(abort.stop, Some(codes::STREAM_CANCELLED));
+    }
+
+    /// A peer trickling bytes into a half-received frame does not keep it
+    /// alive: only [`MIN_IDLE_PROGRESS`] bytes since the limit last started
+    /// start it again.
+    #[test]
+    fn a_trickle_of_bytes_does_not_hold_off_the_idle_limit() {
+        let mut b = callee();
+        open(b.recv(request(Flags::REMOTE_OPEN, b""), at(1)).unwrap());
+        b.note_bytes(at(1), true, 10);
+        for secs in 2..6 {
+            b.note_bytes(at(secs), true, 1);
+            assert_eq!(b.poll_timeout(), Some(at(6)), "at {secs} s");
+        }
+        let abort = b.handle_timeout(at(6)).unwrap();
+        assert_eq!(abort.stop, Some(codes::STREAM_IDLE));
     }
 
     #[test]
@@ -1421,14 +1466,14 @@ mod tests {
             reads.set(reads.get() + 1);
             at(secs)
         };
-        b.note_bytes_then(|| clock(1), false);
+        b.note_bytes_then(|| clock(1), false, MIN_IDLE_PROGRESS);
         assert_eq!(reads.get(), 1, "before the Request the limit always runs");
         assert_eq!(b.poll_timeout(), Some(at(6)));
         open(b.recv(request(Flags::REMOTE_OPEN, b""), at(1)).unwrap());
-        b.note_bytes_then(|| clock(2), false);
+        b.note_bytes_then(|| clock(2), false, 10);
         assert_eq!(reads.get(), 1, "between frames the clock is not read");
         assert_eq!(b.poll_timeout(), None);
-        b.note_bytes_then(|| clock(3), true);
+        b.note_bytes_then(|| clock(3), true, 10);
         assert_eq!(reads.get(), 2);
         assert_eq!(b.poll_timeout(), Some(at(8)));
     }
@@ -1439,7 +1484,7 @@ mod tests {
         a.set_deadline(Some(at(3)));
         a.send_request(enc(req(b"", 0)), RequestShape::Single)
             .unwrap();
-        a.note_bytes(at(0), true);
+        a.note_bytes(at(0), true, 10);
         assert_eq!(a.poll_timeout(), Some(at(3)));
         a.set_deadline(Some(at(30)));
         assert_eq!(a.poll_timeout(), Some(at(5)));
