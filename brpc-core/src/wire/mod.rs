@@ -10,8 +10,8 @@ mod frame;
 pub mod status;
 
 pub use call::{
-    Abort, Call, CallConfig, CallRole, Failure, Inbound, RequestShape, encode_message,
-    encode_request, encode_request_message, encode_request_parts,
+    Abort, Call, CallConfig, CallRole, Failure, Inbound, MIN_IDLE_PROGRESS, RequestShape,
+    encode_message, encode_request, encode_request_message, encode_request_parts,
 };
 pub use envelope::{
     HelloRequest, HelloResponse, KeyValue, MAX_METADATA_ENTRIES, Metadata, Request, RequestParts,
