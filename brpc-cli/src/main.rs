@@ -16,8 +16,9 @@
 //! ```
 //!
 //! Exit codes: 0 success; 1 bad arguments or proto; 2 could not connect;
-//! 3 the call failed (for several agents: any of them); 4 (`health` only)
-//! the service is not SERVING, as grpc_health_probe.
+//! 3 the call failed (for several agents: any of them, or no agent
+//! matched); 4 (`health` only) the service is not SERVING, as
+//! grpc_health_probe.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -53,6 +54,16 @@ macro_rules! out {
 /// The label brpcctl announces in Hello, so that listings and broadcasts
 /// leave operators' own connections out.
 const CLI_LABEL: &str = "brpc.cli";
+
+/// The label a cluster node's link to this server carries (brpc-cluster's
+/// `NODE_LABEL`): another node, not an agent.
+const NODE_LABEL: &str = "brpc.node";
+
+/// Whether a peer with these labels is an agent: not an operator's tool
+/// (brpcctl's own connections) nor another cluster node's link.
+fn is_agent(labels: &HashMap<String, String>) -> bool {
+    !labels.contains_key(CLI_LABEL) && !labels.contains_key(NODE_LABEL)
+}
 
 #[derive(Parser)]
 #[command(
@@ -428,11 +439,7 @@ impl Session {
                     &request,
                 )
                 .await?;
-            agents.extend(
-                page.agents
-                    .into_iter()
-                    .filter(|a| !a.labels.contains_key(CLI_LABEL)),
-            );
+            agents.extend(page.agents.into_iter().filter(|a| is_agent(&a.labels)));
             if page.next_after == 0 {
                 return Ok(agents);
             }
@@ -526,12 +533,9 @@ async fn watch(
                     eprintln!("brpcctl: an event that does not decode; skipped");
                     continue;
                 };
-                // Operators' own connections (this one's included) come and go: not agents.
-                if event
-                    .agent
-                    .as_ref()
-                    .is_some_and(|a| a.labels.contains_key(CLI_LABEL))
-                {
+                // Operators' own connections (this one's included) and other
+                // nodes' links come and go: not agents.
+                if event.agent.as_ref().is_some_and(|a| !is_agent(&a.labels)) {
                     continue;
                 }
                 print_event(&event, json);
@@ -667,10 +671,10 @@ impl PreparedCall {
         if args.all || !args.labels.is_empty() {
             return self.run_many(session, &args.labels, &options).await;
         }
+        // The token goes with every call brpcctl was given one for: a call
+        // to the admin service itself needs it as much as a relayed one.
         let mut metadata = self.metadata.clone();
-        if args.agent.is_some() {
-            metadata.extend(session.admin_metadata(args.agent));
-        }
+        metadata.extend(session.admin_metadata(args.agent));
         let mut bad = None;
         let status = session
             .call(
@@ -710,7 +714,15 @@ impl PreparedCall {
     ) -> Result<u8, Failure> {
         let agents = session.list(labels).await?;
         if agents.is_empty() {
-            eprintln!("no agent matches");
+            // A typo in a label must not look like success to a script.
+            return Err(Failure {
+                code: 3,
+                message: if labels.is_empty() {
+                    "no agent is connected".to_owned()
+                } else {
+                    format!("no agent matches the labels {labels:?}; `brpcctl agents` lists them")
+                },
+            });
         }
         let mut failed = 0usize;
         let mut results = futures_util::stream::iter(agents.iter().map(|agent| async move {

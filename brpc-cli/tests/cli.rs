@@ -245,6 +245,55 @@ async fn agents_call_watch_and_health_through_brpcctl() {
     hosts.sort();
     assert_eq!(hosts, ["agent-eu", "agent-us"]);
 
+    // Another cluster node's link (it serves nothing) is not an agent:
+    // `call --all` does not call it, and still succeeds.
+    let link = Client::builder()
+        .name("brpc-node-2")
+        .label("brpc.node", "2")
+        .pin_certificate_file(&setup.pin)
+        .expect("pin")
+        .connect(setup.server.local_addr().to_string())
+        .await
+        .expect("a node's link connects");
+    let out = run(
+        &setup,
+        &["call", "--all", "fleet.v1.Agent/Facts", "--proto", &proto],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(stdout_lines(&out).len(), 2, "the two agents only");
+    let out = run(&setup, &["agents", "--json"]).await;
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("brpc-node-2"),
+        "the link is not listed as an agent"
+    );
+    drop(link);
+
+    // Labels no agent has (a typo): exit 3, not a silent success.
+    let out = run(
+        &setup,
+        &[
+            "call",
+            "--label",
+            "region=ue",
+            "fleet.v1.Agent/Facts",
+            "--proto",
+            &proto,
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no agent matches"));
+
+    // A call to the admin service itself carries the token.
+    let admin_proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto/brpc_admin.proto");
+    let out = run(
+        &setup,
+        &["call", "brpc.admin.v1.Admin/Stats", "--proto", admin_proto],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(0));
+
     // A call to an agent that is not there: NOT_FOUND, exit 3.
     let out = run(
         &setup,
