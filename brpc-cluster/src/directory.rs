@@ -439,8 +439,8 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
         tokio::select! {
             event = local.recv() => {
                 let result = match event {
-                    Ok(PeerEvent::Connected(peer)) if is_agent(&peer) && !stale => directory.add(&peer).await,
-                    Ok(PeerEvent::Disconnected { peer, .. }) if is_agent(&peer) && !stale => directory.remove(&peer).await,
+                    Ok(PeerEvent::Connected(peer)) if is_agent(&peer, &inner.tls.identity) && !stale => directory.add(&peer).await,
+                    Ok(PeerEvent::Disconnected { peer, .. }) if is_agent(&peer, &inner.tls.identity) && !stale => directory.remove(&peer).await,
                     Ok(_) => Ok(()),
                     Err(RecvError::Lagged(_)) => {
                         stale = true;
@@ -454,7 +454,7 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
                 }
             }
             _ = beat.tick() => {
-                let agents = crate::agents_of(&inner.registry);
+                let agents = crate::agents_of(&inner);
                 let result = if stale {
                     directory.full_sync(&agents).await
                 } else {

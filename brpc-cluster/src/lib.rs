@@ -317,7 +317,7 @@ impl Cluster {
         let local = inner.registry.subscribe();
         inner
             .directory
-            .full_sync(&agents_of(&inner.registry))
+            .full_sync(&agents_of(&inner))
             .await
             .map_err(|source| ClusterError::RedisUnreachable {
                 url: config.redis_url.clone(),
@@ -373,7 +373,7 @@ impl Cluster {
                 .inner
                 .registry
                 .get(id)
-                .filter(is_agent)
+                .filter(|peer| is_agent(peer, &self.inner.tls.identity))
                 .map(ClusterPeer::local)
                 .ok_or_else(|| not_found(id));
         }
@@ -397,7 +397,7 @@ impl Cluster {
             .registry
             .select_labels(labels.iter().copied())
             .into_iter()
-            .filter(is_agent)
+            .filter(|peer| is_agent(peer, &self.inner.tls.identity))
             .map(ClusterPeer::local)
             .collect();
         let nodes = self.inner.directory.live_nodes().await?;
@@ -494,13 +494,20 @@ fn not_found(id: ConnectionId) -> Status {
     ))
 }
 
-/// Peers that are agents: not other nodes' links, not operators' tools.
-fn is_agent(peer: &Peer) -> bool {
-    peer.label(NODE_LABEL).is_none() && peer.label("brpc.cli").is_none()
+/// Peers that are agents: not other nodes' links, not operators' tools. A
+/// link is a peer that says it is one ([`NODE_LABEL`]) and whose verified
+/// certificate carries the nodes' identity (`node_identity`): the label
+/// alone would let an agent leave itself out of the directory.
+fn is_agent(peer: &Peer, node_identity: &str) -> bool {
+    let node_link = peer.label(NODE_LABEL).is_some()
+        && peer.identity().is_some_and(|id| id.carries(node_identity));
+    !node_link && peer.label("brpc.cli").is_none()
 }
 
-fn agents_of(registry: &Registry) -> Vec<Peer> {
-    registry.select(is_agent)
+fn agents_of(inner: &Inner) -> Vec<Peer> {
+    inner
+        .registry
+        .select(|peer| is_agent(peer, &inner.tls.identity))
 }
 
 impl Inner {
@@ -532,6 +539,19 @@ impl Inner {
             .map_err(|e| {
                 Status::unavailable(format!("cannot reach node {node} at {}: {e}", address.addr))
             })?;
+        // The CA may issue agents' certificates too: only one that carries
+        // the nodes' identity is another node's, to be trusted with the
+        // calls (and metadata) relayed through it.
+        let is_node = client
+            .peer()
+            .and_then(|peer| peer.identity().map(|id| id.carries(&self.tls.identity)));
+        if is_node != Some(true) {
+            return Err(Status::unavailable(format!(
+                "the server at {} (node {node} in the directory) presented a certificate \
+                 without the nodes' identity {:?}: not a node of this cluster",
+                address.addr, self.tls.identity
+            )));
+        }
         let client = Arc::new(client);
         let mut links = self.lock_links();
         // Another call may have connected meanwhile: keep the first.

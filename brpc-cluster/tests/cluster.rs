@@ -128,6 +128,26 @@ impl Pki {
             identity: NODE_IDENTITY.into(),
         }
     }
+
+    /// A certificate from the cluster CA without the nodes' identity (as an
+    /// agent's might be), set up as a node's all the same.
+    fn impostor(&self, name: &str) -> NodeTls {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().expect("ip"))];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        NodeTls {
+            roots: self.roots(),
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            identity: NODE_IDENTITY.into(),
+        }
+    }
 }
 
 /// What an agent's Echo saw.
@@ -832,4 +852,74 @@ async fn the_heartbeat_drops_the_link_to_a_node_that_left() {
         link_gone(&b, Duration::from_secs(15)).await,
         "A's link to B still open 15 s after B left"
     );
+}
+
+/// A server in the directory whose certificate (from the cluster CA) lacks
+/// the nodes' identity is not linked to: calls to its agents fail
+/// `UNAVAILABLE` saying why, rather than going (with their metadata) to a
+/// host that is not a node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_node_identity_is_not_linked_to() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(60);
+    let a = node(&pki, 1, &redis, ttl).await;
+    let config = ClusterConfig::new(2, redis.url(), pki.impostor("not-a-node"))
+        .name("test")
+        .ttl(ttl);
+    let server = config
+        .server_builder(Server::builder())
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let cluster = Cluster::join(&server, config).await.expect("joins");
+    let impostor = Node {
+        server,
+        cluster: Some(cluster),
+    };
+    let (b1, _) = agent(&pki, "b1", "b", &[impostor.server.local_addr()]).await;
+    let refused = loop {
+        match a.cluster().peer(b1.connection_id()).await {
+            Err(status) if status.code() == Code::NotFound => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => break other,
+        }
+    };
+    let status = refused.map(|_| ()).expect_err("no link to the impostor");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("without the nodes' identity"),
+        "{status:?}"
+    );
+}
+
+/// An agent that labels itself as a node's link (without a node's
+/// certificate) is still an agent: listed in the directory, seen from the
+/// other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_claiming_the_node_label_is_still_an_agent() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(60);
+    let a = node(&pki, 1, &redis, ttl).await;
+    let b = node(&pki, 2, &redis, ttl).await;
+    let _sneaky = Client::builder()
+        .name("sneaky")
+        .label(brpc_cluster::NODE_LABEL, "9")
+        .label("agent", "sneaky")
+        .trust_roots(pki.roots())
+        .add_service(EchoServer::new(Agent {
+            name: "sneaky".into(),
+            probe: Arc::default(),
+        }))
+        .connect(a.server.local_addr().to_string())
+        .await
+        .expect("connects");
+    eventually("the sneaky agent listed from B", || async {
+        b.cluster()
+            .select(&[("agent", "sneaky")])
+            .await
+            .is_ok_and(|peers| peers.len() == 1 && peers[0].node() == 1)
+    })
+    .await;
 }

@@ -663,6 +663,14 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
+    /// Whether the certificate carries `name`: as its common name, a DNS
+    /// name or a URI.
+    pub fn carries(&self, name: &str) -> bool {
+        self.common_name.as_deref() == Some(name)
+            || self.dns_names.iter().any(|n| n == name)
+            || self.uris.iter().any(|u| u == name)
+    }
+
     /// The identity a verified certificate carries.
     ///
     /// # Errors

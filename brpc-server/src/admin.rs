@@ -266,11 +266,9 @@ impl AdminAccess {
         let Some(identity) = identity else {
             return false;
         };
-        self.identities.iter().any(|allowed| {
-            identity.common_name.as_deref() == Some(allowed)
-                || identity.dns_names.iter().any(|n| n == allowed)
-                || identity.uris.iter().any(|u| u == allowed)
-        })
+        self.identities
+            .iter()
+            .any(|allowed| identity.carries(allowed))
     }
 
     fn token_allowed(&self, metadata: &[KeyValue]) -> bool {
