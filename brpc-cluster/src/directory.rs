@@ -273,10 +273,11 @@ impl Directory {
     /// The nodes alive now (their address key exists), with their addresses.
     pub(crate) async fn live_nodes(&self) -> Result<Vec<(u16, NodeAddress)>, Status> {
         let mut redis = self.redis.clone();
-        let nodes: BTreeSet<u16> = redis
+        let members: Vec<String> = redis
             .smembers(self.nodes_key())
             .await
             .map_err(|e| unavailable(&e))?;
+        let nodes: BTreeSet<u16> = parsed(members, "node id").collect();
         if nodes.is_empty() {
             return Ok(Vec::new());
         }
@@ -321,16 +322,21 @@ impl Directory {
         let mut redis = self.redis.clone();
         let agents_key = self.agents_key(node);
         let pairs: Vec<(u64, String)> = if labels.is_empty() {
-            redis
-                .hgetall::<_, Vec<(u64, String)>>(&agents_key)
+            let fields: Vec<(String, String)> = redis
+                .hgetall(&agents_key)
                 .await
-                .map_err(|e| unavailable(&e))?
+                .map_err(|e| unavailable(&e))?;
+            fields
+                .into_iter()
+                .filter_map(|(id, entry)| Some((parsed([id], "agent id").next()?, entry)))
+                .collect()
         } else {
             let keys: Vec<String> = labels
                 .iter()
                 .map(|(k, v)| self.label_key(node, k, v))
                 .collect();
-            let ids: Vec<u64> = redis.sinter(&keys).await.map_err(|e| unavailable(&e))?;
+            let members: Vec<String> = redis.sinter(&keys).await.map_err(|e| unavailable(&e))?;
+            let ids: Vec<u64> = parsed(members, "agent id").collect();
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
@@ -533,4 +539,20 @@ pub(crate) async fn listen(inner: Arc<Inner>, subscribed: tokio::sync::oneshot::
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// `items` read from Redis as `T`, leaving out (and logging) any that do
+/// not parse: one stray entry (another version's, or a hand edit) must not
+/// make the whole directory unreadable.
+fn parsed<T: std::str::FromStr>(
+    items: impl IntoIterator<Item = String>,
+    what: &'static str,
+) -> impl Iterator<Item = T> {
+    items.into_iter().filter_map(move |item| {
+        let value = item.parse().ok();
+        if value.is_none() {
+            tracing::warn!(%item, "cluster directory: not a {what}; left out");
+        }
+        value
+    })
 }

@@ -923,3 +923,41 @@ async fn an_agent_claiming_the_node_label_is_still_an_agent() {
     })
     .await;
 }
+
+/// Stray entries in the directory (a member that is not a node id, a field
+/// that is not an agent id: another version's, or a hand edit) are left
+/// out; the rest of the cluster is still selected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_directory_entries_are_left_out() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(60);
+    let a = node(&pki, 1, &redis, ttl).await;
+    let b = node(&pki, 2, &redis, ttl).await;
+    let (_b1, _) = agent(&pki, "b1", "b", &[b.server.local_addr()]).await;
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () = redis::cmd("SADD")
+        .arg("test:nodes")
+        .arg("not-a-node")
+        .query_async(&mut conn)
+        .await
+        .expect("SADD");
+    let _: () = redis::cmd("HSET")
+        .arg("test:node:2:agents")
+        .arg("not-an-id")
+        .arg("{}")
+        .query_async(&mut conn)
+        .await
+        .expect("HSET");
+    eventually("b1 selected from A despite the stray entries", || async {
+        a.cluster()
+            .select(&[])
+            .await
+            .is_ok_and(|peers| peers.iter().any(|p| p.node() == 2))
+    })
+    .await;
+}
