@@ -59,10 +59,14 @@ const CLI_LABEL: &str = "brpc.cli";
 /// `NODE_LABEL`): another node, not an agent.
 const NODE_LABEL: &str = "brpc.node";
 
-/// Whether a peer with these labels is an agent: not an operator's tool
-/// (brpcctl's own connections) nor another cluster node's link.
-fn is_agent(labels: &HashMap<String, String>) -> bool {
-    !labels.contains_key(CLI_LABEL) && !labels.contains_key(NODE_LABEL)
+/// Whether a peer is an agent: not an operator's tool (brpcctl's own
+/// connections) nor another cluster node's link. A link says so with its
+/// label and presents a verified certificate (brpcctl cannot tell whose;
+/// the cluster checks it carries the nodes' identity): a peer with the
+/// label and no certificate is shown as an agent, as the cluster lists it.
+fn is_agent(agent: &AgentInfo) -> bool {
+    let node_link = agent.labels.contains_key(NODE_LABEL) && !agent.identity.is_empty();
+    !agent.labels.contains_key(CLI_LABEL) && !node_link
 }
 
 #[derive(Parser)]
@@ -439,7 +443,7 @@ impl Session {
                     &request,
                 )
                 .await?;
-            agents.extend(page.agents.into_iter().filter(|a| is_agent(&a.labels)));
+            agents.extend(page.agents.into_iter().filter(is_agent));
             if page.next_after == 0 {
                 return Ok(agents);
             }
@@ -535,7 +539,7 @@ async fn watch(
                 };
                 // Operators' own connections (this one's included) and other
                 // nodes' links come and go: not agents.
-                if event.agent.as_ref().is_some_and(|a| !is_agent(&a.labels)) {
+                if event.agent.as_ref().is_some_and(|a| !is_agent(a)) {
                     continue;
                 }
                 print_event(&event, json);

@@ -66,6 +66,7 @@ async fn server(tag: &str, admin: bool) -> Setup {
     let (_reporter, health) = tonic_health::server::health_reporter();
     let mut builder = Server::builder()
         .dev_certificate_file(&pin)
+        .optional_client_ca(brpc::tls::pinned_roots(&link_ca().0).expect("roots"))
         .add_service(health);
     if admin {
         builder = builder.admin(AdminAccess::new().token(TOKEN));
@@ -76,6 +77,43 @@ async fn server(tag: &str, admin: bool) -> Setup {
         pin,
         _dir: dir,
     }
+}
+
+/// A CA for cluster nodes' client certificates (made once per test
+/// process) and a node certificate from it: chain and key.
+fn link_ca() -> &'static (
+    rustls_pki_types::CertificateDer<'static>,
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivatePkcs8KeyDer<'static>,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    static CA: std::sync::OnceLock<(
+        rustls_pki_types::CertificateDer<'static>,
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivatePkcs8KeyDer<'static>,
+    )> = std::sync::OnceLock::new();
+    CA.get_or_init(|| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "nodes CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).expect("self-signed");
+        let issuer = Issuer::new(params, key);
+        let node_key = KeyPair::generate().expect("key");
+        let mut node = CertificateParams::default();
+        node.distinguished_name.push(DnType::CommonName, "node-2");
+        node.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = node.signed_by(&node_key, &issuer).expect("sign");
+        (
+            ca.der().clone(),
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivatePkcs8KeyDer::from(node_key.serialize_der()),
+        )
+    })
 }
 
 async fn agent(setup: &Setup, name: &'static str, region: &str) -> Client {
@@ -245,11 +283,14 @@ async fn agents_call_watch_and_health_through_brpcctl() {
     hosts.sort();
     assert_eq!(hosts, ["agent-eu", "agent-us"]);
 
-    // Another cluster node's link (it serves nothing) is not an agent:
-    // `call --all` does not call it, and still succeeds.
+    // Another cluster node's link (its label and a verified certificate;
+    // it serves nothing) is not an agent: `call --all` does not call it,
+    // and still succeeds.
+    let (_, chain, key) = link_ca();
     let link = Client::builder()
         .name("brpc-node-2")
         .label("brpc.node", "2")
+        .identity(chain.clone(), key.clone_key().into())
         .pin_certificate_file(&setup.pin)
         .expect("pin")
         .connect(setup.server.local_addr().to_string())
@@ -268,6 +309,28 @@ async fn agents_call_watch_and_health_through_brpcctl() {
         "the link is not listed as an agent"
     );
     drop(link);
+    // The label without a certificate does not make a node's link: that
+    // peer is listed as the agent it is (as the cluster lists it).
+    let claims = Client::builder()
+        .name("claims-to-be-a-node")
+        .label("brpc.node", "3")
+        .pin_certificate_file(&setup.pin)
+        .expect("pin")
+        .connect(setup.server.local_addr().to_string())
+        .await
+        .expect("connects");
+    let out = run(&setup, &["agents", "--json"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("claims-to-be-a-node"));
+    drop(claims);
+    // Both gone before `watch` below, which would print their leaving.
+    let started = std::time::Instant::now();
+    while setup.server.peers().len() > 2 {
+        assert!(
+            started.elapsed() < LIMIT,
+            "the two extra peers did not leave"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Labels no agent has (a typo): exit 3, not a silent success.
     let out = run(

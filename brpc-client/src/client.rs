@@ -774,6 +774,7 @@ impl Builder {
                 reason: Disconnect::NotConnectedYet,
             }),
             closing: watch::Sender::new(false),
+            closed_by_app: watch::Sender::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
             closed_for_good: std::sync::atomic::AtomicBool::new(false),
             last_id: AtomicU64::new(0),
@@ -1041,6 +1042,9 @@ struct Shared {
     current: watch::Sender<Option<Peer>>,
     state: watch::Sender<ClientState>,
     closing: watch::Sender<bool>,
+    /// The application closed the client ([`Client::close`], or its drop):
+    /// connections the server sent away close too.
+    closed_by_app: watch::Sender<bool>,
     /// A graceful shutdown is draining: do not reconnect.
     stopping: std::sync::atomic::AtomicBool,
     /// The state says `Closed` for good (see [`Shared::set_state`]).
@@ -1344,14 +1348,16 @@ async fn run_connection(shared: &Shared, peer: &Peer) -> Ended {
         () = &mut serving => {}
         () = peer.going_away() => {
             // It serves on until the server closes it, or until the
-            // client is closed (or dropped): then it goes too, like the
-            // current connection.
-            let mut closing = shared.closing.subscribe();
+            // application closes the client (or drops it): then it goes
+            // too, like the current connection. A client that stops for
+            // another reason (it does not reconnect, or is shutting down)
+            // lets its calls in flight finish, as GoAway promises.
+            let mut closed = shared.closed_by_app.subscribe();
             let old = peer.clone();
             tokio::spawn(async move {
                 tokio::select! {
                     () = serving => {}
-                    _ = closing.wait_for(|closing| *closing) => {
+                    _ = closed.wait_for(|closed| *closed) => {
                         old.close(codes::CONN_NORMAL, "client closed");
                     }
                 }
@@ -1620,6 +1626,7 @@ impl Client {
     /// Closes the connection now and stops reconnecting; calls in flight fail.
     pub fn close(&self) {
         self.shared.closing.send_replace(true);
+        self.shared.closed_by_app.send_replace(true);
         if let Some(peer) = self.shared.current.send_replace(None) {
             peer.close(codes::CONN_NORMAL, "client closed");
         }

@@ -502,3 +502,32 @@ async fn unix_calls_past_the_limit_are_refused_until_one_ends() {
     }
     second.abort();
 }
+
+/// A side's own `max_concurrent_calls` says what its peer may open, not
+/// what it may: a client taking no calls at all (0) still connects over a
+/// Unix socket and makes its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_client_that_takes_no_calls_still_makes_its_own() {
+    let path = std::env::temp_dir().join(format!("brpc-unix-zero-{}.sock", std::process::id()));
+    let server = brpc::Server::builder()
+        .add_service(EchoServer::new(EchoService::new("server")))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    server
+        .listen_unix(&path)
+        .expect("listen on the Unix socket");
+    let client = tokio::time::timeout(
+        Duration::from_secs(20),
+        brpc::Client::builder()
+            .name("calls-only")
+            .max_concurrent_calls(0)
+            .connect_unix(&path),
+    )
+    .await
+    .expect("connected in time")
+    .expect("connect over the Unix socket");
+    EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("its own call");
+}

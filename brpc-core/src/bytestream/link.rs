@@ -174,9 +174,11 @@ struct Inner {
     /// under the `streams` lock.
     peer_calls: AtomicUsize,
     /// Places for the calls this side opens: as many as it lets the peer
-    /// have, so a brpc peer with the same limit never refuses one for
-    /// being over it (over QUIC the peer's stream limit makes a caller
-    /// wait in the same way). Closed with the connection.
+    /// have, and never fewer than the default limit (this side's own limit
+    /// says what the peer may open, not what this side may), so a brpc peer
+    /// with the same limit seldom refuses one for being over it (over QUIC
+    /// the peer's stream limit makes a caller wait in the same way).
+    /// Closed with the connection.
     call_slots: Arc<Semaphore>,
 }
 
@@ -220,7 +222,11 @@ impl Link {
                 cancels_waiting: AtomicUsize::new(0),
                 max_peer_calls,
                 peer_calls: AtomicUsize::new(0),
-                call_slots: Arc::new(Semaphore::new(max_peer_calls.min(Semaphore::MAX_PERMITS))),
+                call_slots: Arc::new(Semaphore::new(
+                    max_peer_calls
+                        .max(crate::conn::DEFAULT_MAX_CONCURRENT_CALLS as usize)
+                        .min(Semaphore::MAX_PERMITS),
+                )),
             }),
         };
         tokio::spawn(write_loop(write_half, out_rx, link.clone()));

@@ -322,6 +322,10 @@ pub(crate) fn count_field(mut buf: &[u8], field: u32) -> Option<usize> {
             }
             1 => 8,
             2 => usize::try_from(varint(&mut buf)?).ok()?,
+            // A group's start and end: markers with nothing after them.
+            // Fields inside one are counted as if at the top: too many,
+            // never too few, so the limit cannot be slipped past that way.
+            3 | 4 => 0,
             5 => 4,
             _ => return None,
         };
@@ -369,6 +373,10 @@ mod tests {
         let status = check_metadata_entries(&many, 5).expect_err("too many");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(check_metadata_entries(&many[2..], 5).is_ok());
+        // An empty group (field 6) among them does not hide them.
+        let mut grouped = many.clone();
+        grouped.extend_from_slice(&[0x33, 0x34]);
+        assert!(check_metadata_entries(&grouped, 5).is_err());
     }
 
     /// What containerd/ttrpc-rust's client puts on the wire for this call.
