@@ -55,6 +55,9 @@ pub(crate) struct Directory {
     /// The label keys of this node's index that exist (as far as this node
     /// wrote them): refreshed by the heartbeat, removed on leaving.
     label_keys: std::sync::Mutex<HashSet<String>>,
+    /// The label keys an earlier process of this node left were looked
+    /// for (once, at the first full write).
+    swept: std::sync::atomic::AtomicBool,
 }
 
 fn unavailable(error: &redis::RedisError) -> Status {
@@ -100,6 +103,7 @@ impl Directory {
             ttl,
             address,
             label_keys: std::sync::Mutex::default(),
+            swept: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -165,7 +169,14 @@ impl Directory {
         let agents_key = self.agents_key(self.node);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let old: Vec<String> = self.label_keys().iter().cloned().collect();
+        let mut old: Vec<String> = self.label_keys().iter().cloned().collect();
+        if !self.swept.load(std::sync::atomic::Ordering::Relaxed) {
+            // A process that joined afresh knows none of the label keys an
+            // earlier process of this node wrote (it may have crashed, and
+            // they live on while any agent carries the label): found by
+            // their names, once.
+            old.extend(self.stored_label_keys().await?);
+        }
         pipe.del(&agents_key).ignore();
         for key in &old {
             pipe.del(key).ignore();
@@ -187,8 +198,29 @@ impl Directory {
         self.heartbeat_into(&mut pipe);
         let mut redis = self.redis.clone();
         pipe.query_async::<()>(&mut redis).await?;
+        self.swept.store(true, std::sync::atomic::Ordering::Relaxed);
         *self.label_keys() = new;
         Ok(())
+    }
+
+    /// The label keys of this node that Redis holds now.
+    async fn stored_label_keys(&self) -> Result<Vec<String>, redis::RedisError> {
+        // The key's own text, with glob characters escaped, then any label.
+        let mut pattern = String::new();
+        for c in format!("{}:node:{}:label:", self.prefix, self.node).chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('*');
+        let mut redis = self.redis.clone();
+        let mut found = redis.scan_match::<_, String>(pattern).await?;
+        let mut keys = Vec::new();
+        while let Some(key) = found.next_item().await {
+            keys.push(key?);
+        }
+        Ok(keys)
     }
 
     /// Keeps this node's entries alive for another TTL: those of `agents`,

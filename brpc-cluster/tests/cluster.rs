@@ -961,3 +961,47 @@ async fn stray_directory_entries_are_left_out() {
     })
     .await;
 }
+
+/// A node that ended without leaving (a crash) and joined again does not
+/// keep its earlier process's label index: the sets of agents by label are
+/// written afresh, without the ids of agents that were on the old process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_again_drops_its_old_label_index() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(60);
+    let mut a = node(&pki, 1, &redis, ttl).await;
+    let (a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
+    let old_id = a1.connection_id().0;
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let members = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("SMEMBERS")
+                .arg("test:node:1:label:5:agent=a1")
+                .query_async::<Vec<u64>>(&mut conn)
+                .await
+                .expect("SMEMBERS")
+        }
+    };
+    eventually("a1 in node 1's label index", || {
+        let members = members(&mut conn);
+        async move { members.await.contains(&old_id) }
+    })
+    .await;
+    // Node 1 goes without leaving (its heartbeat stops, nothing is
+    // removed), and joins again at once with no agent yet.
+    drop(a.cluster.take());
+    a.server.close();
+    drop(a);
+    drop(a1);
+    let _again = node(&pki, 1, &redis, ttl).await;
+    assert!(
+        !members(&mut conn).await.contains(&old_id),
+        "the old process's agent is still in the label index"
+    );
+}
