@@ -337,6 +337,11 @@ pub(crate) fn count_field(mut buf: &[u8], field: u32) -> Option<usize> {
 /// `RESOURCE_EXHAUSTED` if the message `buf` carries more than
 /// [`MAX_METADATA_ENTRIES`] entries in field `field`.
 pub(crate) fn check_metadata_entries(buf: &[u8], field: u32) -> Result<(), tonic::Status> {
+    // An entry takes at least two bytes (its tag and its length): a
+    // shorter message cannot hold too many, and is not scanned.
+    if buf.len() <= 2 * MAX_METADATA_ENTRIES {
+        return Ok(());
+    }
     match count_field(buf, field) {
         Some(n) if n > MAX_METADATA_ENTRIES => Err(tonic::Status::resource_exhausted(format!(
             "{n} metadata entries in one frame; at most {MAX_METADATA_ENTRIES} are accepted"
