@@ -621,11 +621,8 @@ impl Builder {
     where
         A: tokio::net::ToSocketAddrs + std::fmt::Display,
     {
+        // Its state is already `Reconnecting`, not connected yet.
         let shared = self.prepare(&addr.to_string(), true).await?;
-        shared.set_state(ClientState::Reconnecting {
-            attempt: 0,
-            last_error: Disconnect::NotConnectedYet,
-        });
         Ok(Client::start(shared, None))
     }
 
@@ -770,13 +767,14 @@ impl Builder {
             busy_backoff: exponential(self.busy_backoff_min, self.busy_backoff_max),
             stable_after: self.backoff_max,
             current: watch::Sender::new(None),
-            state: watch::Sender::new(ClientState::Closed {
-                reason: Disconnect::NotConnectedYet,
+            // Not `Closed`: that state is final (see `Shared::set_state`).
+            state: watch::Sender::new(ClientState::Reconnecting {
+                attempt: 0,
+                last_error: Disconnect::NotConnectedYet,
             }),
             closing: watch::Sender::new(false),
             closed_by_app: watch::Sender::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
-            closed_for_good: std::sync::atomic::AtomicBool::new(false),
             last_id: AtomicU64::new(0),
             pinned: self.pinned,
             retry_certificate_mismatch: self.retry_certificate_mismatch,
@@ -1047,8 +1045,6 @@ struct Shared {
     closed_by_app: watch::Sender<bool>,
     /// A graceful shutdown is draining: do not reconnect.
     stopping: std::sync::atomic::AtomicBool,
-    /// The state says `Closed` for good (see [`Shared::set_state`]).
-    closed_for_good: std::sync::atomic::AtomicBool,
     last_id: AtomicU64,
     pinned: bool,
     retry_certificate_mismatch: bool,
@@ -1066,15 +1062,12 @@ impl Shared {
         });
     }
 
-    /// Moves to `state`. Once the client is closing only `Closed` is
-    /// written, and the first reason given for it stays: a supervisor step
-    /// racing [`Client::close`] must not overwrite it.
+    /// Moves to `state`, unless the client is closed: `Closed` is final,
+    /// with the first reason given for it, so a supervisor step racing
+    /// [`Client::close`] cannot write over it.
     fn set_state(&self, state: ClientState) {
-        let closed = matches!(state, ClientState::Closed { .. });
         self.state.send_if_modified(|current| {
-            // Under the state's lock: one writer at a time.
-            if self.is_closing() && (!closed || self.closed_for_good.swap(true, Ordering::Relaxed))
-            {
+            if matches!(current, ClientState::Closed { .. }) {
                 return false;
             }
             *current = state;
