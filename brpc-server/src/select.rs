@@ -133,9 +133,9 @@ impl LabelChannel {
     /// matching peer by connection id after the one the last call went to.
     pub fn pick(&self) -> Option<Peer> {
         let mut last = self.last.load(Ordering::Relaxed);
-        // Calls picking at once each take a different peer where they can:
-        // one that lost the race looks again after the peer the winner took.
-        for _ in 0..4 {
+        // Calls picking at once each take a different peer: one that lost
+        // the race looks again after the peer the winner took.
+        loop {
             let after = (last != 0).then_some(ConnectionId(last));
             let peer = self
                 .registry
@@ -149,9 +149,6 @@ impl LabelChannel {
                 Err(now) => last = now,
             }
         }
-        let after = (last != 0).then_some(ConnectionId(last));
-        self.registry
-            .next_matching(&self.labels, Peer::is_usable, after)
     }
 
     async fn resolve(&self, timeout: Option<Duration>) -> Result<Peer, Status> {
