@@ -860,6 +860,25 @@ async fn refuse(
     None
 }
 
+/// [`refuse`] because the server is shutting down.
+async fn refuse_closing(
+    hello: HelloCall,
+    connection: &quinn::Connection,
+    deadline: tokio::time::Instant,
+) -> Option<Listed> {
+    let status = Status::unavailable("server is shutting down; reconnect later");
+    let reason = b"server shutting down";
+    refuse(
+        hello,
+        connection,
+        deadline,
+        status,
+        codes::CONN_GOING_AWAY,
+        reason,
+    )
+    .await
+}
+
 /// Hello, admission, listing and the Hello answer on a handshaken
 /// connection: the peer, listed, or `None` if the client was turned away or
 /// went away.
@@ -904,17 +923,7 @@ async fn session(
         }
     };
     if shared.shutting_down.load(Ordering::SeqCst) {
-        let status = Status::unavailable("server is shutting down; reconnect later");
-        let reason = b"server shutting down";
-        return refuse(
-            hello,
-            &connection,
-            deadline,
-            status,
-            codes::CONN_GOING_AWAY,
-            reason,
-        )
-        .await;
+        return refuse_closing(hello, &connection, deadline).await;
     }
     if let Err(status) = session::check_version(hello.request.protocol_version) {
         let reason = b"unsupported protocol version";
@@ -972,17 +981,7 @@ async fn session(
     // have been. (Listed first, read second; the shutdown sets the flag
     // first and lists second: one of the two sees the other.)
     if listed.shared.shutting_down.load(Ordering::SeqCst) {
-        let status = Status::unavailable("server is shutting down; reconnect later");
-        let reason = b"server shutting down";
-        let refused = refuse(
-            hello,
-            &connection,
-            deadline,
-            status,
-            codes::CONN_GOING_AWAY,
-            reason,
-        )
-        .await;
+        let refused = refuse_closing(hello, &connection, deadline).await;
         // Unlisted once closed, so its event says why.
         drop(listed);
         return refused;
