@@ -51,13 +51,9 @@ macro_rules! out {
     }};
 }
 
-/// The label brpcctl announces in Hello, so that listings and broadcasts
-/// leave operators' own connections out.
-const CLI_LABEL: &str = "brpc.cli";
-
-/// The label a cluster node's link to this server carries (brpc-cluster's
-/// `NODE_LABEL`): another node, not an agent.
-const NODE_LABEL: &str = "brpc.node";
+// brpcctl announces `CLI_LABEL` in Hello, so that listings and broadcasts
+// leave operators' own connections out.
+use brpc_server::admin::{CLI_LABEL, NODE_LABEL};
 
 /// Whether a peer is an agent: not an operator's tool (brpcctl's own
 /// connections) nor another cluster node's link. A link says so with its

@@ -66,7 +66,7 @@ use directory::Directory;
 
 /// The label a node's link announces in Hello (its node id): links are not
 /// agents, and are left out of the directory.
-pub const NODE_LABEL: &str = "brpc.node";
+pub use brpc_server::admin::NODE_LABEL;
 
 /// How the nodes of a cluster know each other: the cluster CA, and this
 /// node's certificate from it, which must carry `identity` (its common
@@ -501,7 +501,7 @@ fn not_found(id: ConnectionId) -> Status {
 fn is_agent(peer: &Peer, node_identity: &str) -> bool {
     let node_link = peer.label(NODE_LABEL).is_some()
         && peer.identity().is_some_and(|id| id.carries(node_identity));
-    !node_link && peer.label("brpc.cli").is_none()
+    !node_link && peer.label(brpc_server::admin::CLI_LABEL).is_none()
 }
 
 fn agents_of(inner: &Inner) -> Vec<Peer> {

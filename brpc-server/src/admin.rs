@@ -23,6 +23,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
+/// The label an operator's tool (brpcctl) announces in Hello: such a
+/// connection is not an agent.
+pub const CLI_LABEL: &str = "brpc.cli";
+
+/// The label a cluster node's link announces in Hello (its node id): with
+/// a node's certificate, such a connection is not an agent.
+pub const NODE_LABEL: &str = "brpc.node";
+
 use brpc_core::conn::{Handler, Incoming, Input, Reply};
 use brpc_core::tls::PeerIdentity;
 use brpc_core::wire::KeyValue;
