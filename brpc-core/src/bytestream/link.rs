@@ -117,6 +117,8 @@ struct Route {
     peer_finished: bool,
     /// Dropped for not reading ([`Link::drop_call`]): what its reader sees.
     dropped: bool,
+    /// This side sent Cancel for the call (at most one is sent).
+    cancel_sent: bool,
     /// Woken when the peer cancels the call (its sending half's wait).
     cancel_waker: Option<std::task::Waker>,
     /// For a call this side opened: its place among the calls this side
@@ -359,7 +361,7 @@ impl Link {
             Some(route) => {
                 let reading = route.tx.take().is_some();
                 route.dropped |= reading;
-                reading && self.peer_still_sends(route, id)
+                reading && self.cancel_once(route, id)
             }
             None => false,
         };
@@ -377,6 +379,14 @@ impl Link {
         !(route.peer_finished || caller_cancelled)
     }
 
+    /// Whether to send Cancel for the call `id` (`route`) now: the peer
+    /// still sends, and none was sent yet. Marks it sent.
+    fn cancel_once(&self, route: &mut Route, id: u32) -> bool {
+        let cancel = !route.cancel_sent && self.peer_still_sends(route, id);
+        route.cancel_sent |= cancel;
+        cancel
+    }
+
     /// Whether the call `id` was dropped for not reading (asked by its
     /// reading half, which keeps its route).
     fn was_dropped(&self, id: u32) -> bool {
@@ -392,6 +402,8 @@ impl Link {
         slot: Option<OwnedSemaphorePermit>,
     ) -> (StreamOutbound, StreamInbound) {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        // A Request that opens no stream is all the peer sends.
+        let peer_finished = first.as_ref().is_some_and(|first| is_last(&first.frame));
         if let Some(first) = first {
             let _ = tx.try_send(Ok(first));
         }
@@ -407,8 +419,9 @@ impl Link {
                 held: Duration::ZERO,
                 held_at: None,
                 cancelled: false,
-                peer_finished: false,
+                peer_finished,
                 dropped: false,
+                cancel_sent: false,
                 cancel_waker: None,
                 _slot: slot,
             },
@@ -423,7 +436,6 @@ impl Link {
             id,
             rx,
             stopped: false,
-            peer_done: false,
         };
         (outbound, inbound)
     }
@@ -565,16 +577,15 @@ impl Link {
     }
 
     /// The call `id`'s reading half stopped, or is gone with `release`:
-    /// its frames are dropped unread from now on. With `cancel`, a peer
-    /// that has not sent its last frame nor cancelled is told to stop.
-    /// One lock for all of it.
-    fn stop_reading(&self, id: u32, release: bool, cancel: bool) {
+    /// its frames are dropped unread from now on, and a peer still sending
+    /// them is told to stop (once). One lock for all of it.
+    fn stop_reading(&self, id: u32, release: bool) {
         let (cancel, idle) = {
             let mut streams = self.streams();
             let cancel = match streams.get_mut(&id) {
                 Some(route) => {
                     route.tx = None;
-                    let cancel = cancel && self.peer_still_sends(route, id);
+                    let cancel = self.cancel_once(route, id);
                     if release {
                         self.release_half(&mut streams, id);
                     }
@@ -799,9 +810,6 @@ pub(crate) struct StreamInbound {
     id: u32,
     rx: mpsc::Receiver<Inbound>,
     stopped: bool,
-    /// The peer sent its last frame of the call (or was told to stop):
-    /// nothing to cancel when this is dropped.
-    peer_done: bool,
 }
 
 impl StreamInbound {
@@ -814,19 +822,9 @@ impl StreamInbound {
         }
         self.rx.poll_recv(cx).map(|received| match received {
             // Taken: the frame is the call's now, no longer the link's.
-            Some(Ok(charged)) => {
-                let frame = charged.frame;
-                if is_last(&frame) {
-                    self.peer_done = true;
-                }
-                Ok(Some(frame))
-            }
+            Some(Ok(charged)) => Ok(Some(charged.frame)),
             Some(Err(e)) => Err(e),
-            None if self.link.was_dropped(self.id) => {
-                // The peer was told when the call was dropped.
-                self.peer_done = true;
-                Err(ReadError::Exhausted(DROPPED.into()))
-            }
+            None if self.link.was_dropped(self.id) => Err(ReadError::Exhausted(DROPPED.into())),
             None => Err(ReadError::Lost(Lost::Stream(self.link.close_reason()))),
         })
     }
@@ -834,11 +832,7 @@ impl StreamInbound {
     pub(crate) fn stop(&mut self) {
         if !self.stopped {
             self.stopped = true;
-            self.link.stop_reading(
-                self.id,
-                false,
-                !std::mem::replace(&mut self.peer_done, true),
-            );
+            self.link.stop_reading(self.id, false);
             // What is queued goes now, and its budget with it; the reader
             // waits no more for room here.
             self.rx.close();
@@ -850,8 +844,9 @@ impl StreamInbound {
 impl Drop for StreamInbound {
     fn drop(&mut self) {
         // A brpc peer still sending this call's frames is told to stop,
-        // unless it cancelled the call itself or its last frame came.
-        self.link.stop_reading(self.id, true, !self.peer_done);
+        // unless it cancelled the call itself, its last frame came, or it
+        // was told already.
+        self.link.stop_reading(self.id, true);
     }
 }
 
@@ -1284,6 +1279,12 @@ mod tests {
         }
         assert!(acceptor.streams().get(&1).is_some_and(|r| r.peer_finished));
         drop((outbound, inbound));
+        // A Request that opens no stream is the peer's last frame too.
+        let mut out = BytesMut::new();
+        let unary = Frame::new(3, FrameType::Request, Flags::EMPTY, Bytes::new());
+        unary.encode(&mut out).expect("encoded");
+        raw.write_all(&out).await.expect("written");
+        drop(accept_halves(&acceptor).await);
         let mut buf = [0u8; 64];
         let read = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf)).await;
         assert!(read.is_err(), "nothing sent back: {read:?}");
