@@ -109,33 +109,31 @@ impl Pki {
     }
 
     fn node(&self, name: &str) -> NodeTls {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.subject_alt_names = vec![
-            SanType::IpAddress("127.0.0.1".parse().expect("ip")),
-            SanType::URI(NODE_IDENTITY.try_into().expect("uri")),
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        NodeTls {
-            roots: self.roots(),
-            chain: vec![cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            identity: NODE_IDENTITY.into(),
-        }
+        self.certified(
+            name,
+            vec![
+                SanType::IpAddress("127.0.0.1".parse().expect("ip")),
+                SanType::URI(NODE_IDENTITY.try_into().expect("uri")),
+            ],
+        )
     }
 
     /// A certificate from the cluster CA without the nodes' identity (as an
     /// agent's might be), set up as a node's all the same.
     fn impostor(&self, name: &str) -> NodeTls {
+        self.certified(
+            name,
+            vec![SanType::IpAddress("127.0.0.1".parse().expect("ip"))],
+        )
+    }
+
+    /// A node's settings with a certificate from the CA for `name` with
+    /// `sans`, valid for server and client use.
+    fn certified(&self, name: &str, sans: Vec<SanType>) -> NodeTls {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().expect("ip"))];
+        params.subject_alt_names = sans;
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -262,9 +260,12 @@ async fn node(pki: &Pki, id: u16, redis: &Redis, ttl: Duration) -> Node {
 
 /// A node whose Redis is at `url`.
 async fn node_at(pki: &Pki, id: u16, url: String, ttl: Duration) -> Node {
-    let config = ClusterConfig::new(id, url, pki.node(&format!("node-{id}")))
-        .name("test")
-        .ttl(ttl);
+    node_with(pki.node(&format!("node-{id}")), id, url, ttl).await
+}
+
+/// A node with these TLS settings.
+async fn node_with(tls: NodeTls, id: u16, url: String, ttl: Duration) -> Node {
+    let config = ClusterConfig::new(id, url, tls).name("test").ttl(ttl);
     let server = config
         .server_builder(Server::builder())
         .bind("127.0.0.1:0")
@@ -864,22 +865,13 @@ async fn a_node_without_the_node_identity_is_not_linked_to() {
     let pki = Pki::new();
     let ttl = Duration::from_secs(60);
     let a = node(&pki, 1, &redis, ttl).await;
-    let config = ClusterConfig::new(2, redis.url(), pki.impostor("not-a-node"))
-        .name("test")
-        .ttl(ttl);
-    let server = config
-        .server_builder(Server::builder())
-        .bind("127.0.0.1:0")
-        .expect("bind");
-    let cluster = Cluster::join(&server, config).await.expect("joins");
-    let impostor = Node {
-        server,
-        cluster: Some(cluster),
-    };
+    let impostor = node_with(pki.impostor("not-a-node"), 2, redis.url(), ttl).await;
     let (b1, _) = agent(&pki, "b1", "b", &[impostor.server.local_addr()]).await;
+    let started = Instant::now();
     let refused = loop {
         match a.cluster().peer(b1.connection_id()).await {
             Err(status) if status.code() == Code::NotFound => {
+                assert!(started.elapsed() < LIMIT, "b1 never listed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             other => break other,

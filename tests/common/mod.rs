@@ -329,6 +329,37 @@ pub async fn connected(client: &Client) -> brpc::ConnectionId {
     }
 }
 
+/// Waits (up to 20 s) for `client` to be connected again on a connection
+/// other than `first`; a client that closes instead fails at once.
+pub async fn reconnected(client: &Client, first: brpc::ConnectionId) -> brpc::ConnectionId {
+    let mut state = client.watch_state();
+    let reached = state_becomes(
+        &mut state,
+        Duration::from_secs(20),
+        "a new connection",
+        |s| {
+            matches!(s, brpc::ClientState::Connected { connection_id } if *connection_id != first)
+                || matches!(s, brpc::ClientState::Closed { .. })
+        },
+    )
+    .await;
+    match reached {
+        brpc::ClientState::Connected { connection_id } => connection_id,
+        other => panic!("closed instead of reconnecting: {other:?}"),
+    }
+}
+
+/// Closes `client`'s connection through its own peer handle (as the
+/// application may) and waits for the connection it makes next.
+pub async fn drop_connection_and_reconnect(client: &Client) -> brpc::ConnectionId {
+    let first = client.connection_id();
+    client
+        .peer()
+        .expect("connected")
+        .close(brpc::core::conn::codes::CONN_NORMAL, "closed by the app");
+    reconnected(client, first).await
+}
+
 /// Starts `call` (one whose handler, watched by `probe`, sleeps), waits
 /// until the handler runs, drops the call, and waits until the handler is
 /// dropped too (cancelled on its side), none left running.

@@ -586,21 +586,7 @@ async fn a_connection_closed_through_the_peer_handle_is_reconnected() {
         .connect(server.local_addr())
         .await
         .expect("connect");
-    let first = client.connection_id();
-    client
-        .peer()
-        .expect("connected")
-        .close(brpc::core::conn::codes::CONN_NORMAL, "closed by the app");
-    let mut state = client.watch_state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(
-            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != first),
-        ),
-    )
-    .await
-    .expect("reconnected in time")
-    .expect("watch");
+    common::drop_connection_and_reconnect(&client).await;
     EchoClient::new(client.channel())
         .unary(EchoRequest::default())
         .await
@@ -860,16 +846,7 @@ async fn closing_a_client_closes_the_connection_the_server_sent_away() {
     brpc::core::session::send_goaway(&old, "moving you")
         .await
         .expect("goaway delivered");
-    let mut state = client.watch_state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(
-            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != first),
-        ),
-    )
-    .await
-    .expect("reconnected in time")
-    .expect("watch");
+    common::reconnected(&client, first).await;
     assert_eq!(
         probe.in_flight.load(Ordering::SeqCst),
         1,
@@ -1152,21 +1129,8 @@ async fn a_lookup_that_never_answers_does_not_stop_the_reconnect() {
         Ok(vec![at])
     })
     .await;
-    let first = client.connection_id();
-    client
-        .peer()
-        .expect("connected")
-        .close(brpc::core::conn::codes::CONN_NORMAL, "closed by the app");
-    let mut state = client.watch_state();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        state.wait_for(
-            |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != first),
-        ),
-    )
-    .await
-    .expect("reconnected to the last address")
-    .expect("watch");
+    // Reconnected to the last address.
+    common::drop_connection_and_reconnect(&client).await;
 }
 
 /// A name that comes to list an IPv6 address first is dialled at its
@@ -1182,27 +1146,8 @@ async fn a_name_listing_ipv6_first_is_dialled_at_its_ipv4_address() {
         Ok(if n == 0 { vec![at] } else { vec![v6, at] })
     })
     .await;
-    let first = client.connection_id();
-    client
-        .peer()
-        .expect("connected")
-        .close(brpc::core::conn::codes::CONN_NORMAL, "closed by the app");
-    let mut state = client.watch_state();
-    let reached = tokio::time::timeout(
-        Duration::from_secs(20),
-        state.wait_for(|s| {
-            matches!(s, ClientState::Connected { connection_id } if *connection_id != first)
-                || matches!(s, ClientState::Closed { .. })
-        }),
-    )
-    .await
-    .expect("reconnected or closed in time")
-    .expect("watch")
-    .clone();
-    assert!(
-        matches!(reached, ClientState::Connected { .. }),
-        "{reached:?}"
-    );
+    // Reconnected, not closed for good.
+    common::drop_connection_and_reconnect(&client).await;
 }
 
 async fn answered_by(client: &Client) -> String {
