@@ -762,6 +762,7 @@ impl Builder {
             router: self.router,
             connect_timeout: self.connect_timeout,
             limits: self.options.limits,
+            receive_window: self.options.transport.receive_window,
             reconnect: self.reconnect,
             backoff: exponential(self.backoff_min, self.backoff_max),
             busy_backoff: exponential(self.busy_backoff_min, self.busy_backoff_max),
@@ -1031,6 +1032,8 @@ struct Shared {
     router: Router,
     connect_timeout: Duration,
     limits: CallLimits,
+    /// Each connection's QUIC receive window.
+    receive_window: u64,
     reconnect: bool,
     backoff: ExponentialBuilder,
     busy_backoff: ExponentialBuilder,
@@ -1269,6 +1272,7 @@ async fn connect_attempt(
             Side::Dialer,
             shared.limits,
             shared.buffer.clone(),
+            shared.receive_window,
         );
         let answer = match session::send_hello(&greeter, hello(shared)).await {
             Ok(answer) => answer,
@@ -1317,6 +1321,7 @@ async fn connect_attempt(
         info,
         shared.limits,
         shared.buffer.clone(),
+        shared.receive_window,
     ))
 }
 

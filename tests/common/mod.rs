@@ -50,6 +50,8 @@ pub struct Probe {
     pub unary_calls: AtomicUsize,
     /// Make Unary hang forever (an agent that stopped answering).
     pub hang: std::sync::atomic::AtomicBool,
+    /// Wakes Unary handlers waiting for others to arrive ("together:N:M").
+    pub unary_arrived: tokio::sync::Notify,
 }
 
 /// Echo, answering as `who` ("server" or the client's name).
@@ -125,9 +127,12 @@ impl Drop for InFlight {
 impl Echo for EchoService {
     /// Echoes the message; the request's `x-` metadata comes back as headers.
     /// A text of "grow:N" answers with an N-byte blob instead; "metadata?"
-    /// answers with the `x-` metadata it received as text.
+    /// answers with the `x-` metadata it received as text; "together:N:M"
+    /// waits until N Unary calls have reached the handler (this one
+    /// included), then answers with an M-byte blob.
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.probe.unary_calls.fetch_add(1, Ordering::SeqCst);
+        self.probe.unary_arrived.notify_waiters();
         if self.probe.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
@@ -139,6 +144,24 @@ impl Echo for EchoService {
         }
         if let Some(n) = reply.text.strip_prefix("grow:") {
             reply.blob = vec![7; n.parse().map_err(|_| Status::invalid_argument("grow:N"))?];
+        }
+        if let Some(rest) = reply.text.strip_prefix("together:") {
+            let parsed = rest
+                .split_once(':')
+                .and_then(|(n, m)| Some((n.parse().ok()?, m.parse().ok()?)));
+            let Some((calls, size)) = parsed else {
+                return Err(Status::invalid_argument("together:N:M"));
+            };
+            loop {
+                let arrived = self.probe.unary_arrived.notified();
+                tokio::pin!(arrived);
+                arrived.as_mut().enable();
+                if self.probe.unary_calls.load(Ordering::SeqCst) >= calls {
+                    break;
+                }
+                arrived.await;
+            }
+            reply.blob = vec![7; size];
         }
         let mut response = Response::new(reply);
         *response.metadata_mut() = headers;

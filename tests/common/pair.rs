@@ -216,8 +216,16 @@ pub async fn pair(limits: CallLimits) -> Pair {
         info(1),
         limits,
         budget.clone(),
+        options.receive_window,
     );
-    let server = Peer::new(server_connection, Side::Acceptor, info(1), limits, budget);
+    let server = Peer::new(
+        server_connection,
+        Side::Acceptor,
+        info(1),
+        limits,
+        budget,
+        options.receive_window,
+    );
     let serve = |peer: &Peer, name: &str| {
         let echo = EchoService::new(name);
         let probe = echo.probe.clone();

@@ -159,3 +159,114 @@ async fn a_tonic_clients_decode_limit_holds_for_a_whole_answer() {
     let reply = large.unary(blob(5 * MIB)).await.expect("within 16 MiB");
     assert_eq!(reply.into_inner().blob.len(), 5 * MIB);
 }
+
+/// `calls` unary calls of a client whose budget holds one 3 MB answer and
+/// whose QUIC receive window is 256 KiB, answered together (so the answers'
+/// data interleave): what each returned.
+async fn large_answers_at_once(calls: usize) -> Vec<Result<usize, tonic::Status>> {
+    const ANSWER: usize = 3_000_000;
+    let server = common::server();
+    let client = common::client_builder(&server, "downloader", EchoService::new("downloader"))
+        .max_message_size(4 * MIB)
+        .buffer_per_connection(4 * MIB)
+        .receive_window(256 * 1024)
+        // A frame stalled this long is reset: short, so that a stall shows
+        // as a failed call rather than a slow test.
+        .call_idle_timeout(Some(std::time::Duration::from_secs(3)))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
+    let echo = unlimited(EchoClient::new(client.channel()));
+    let calls = (0..calls).map(|i| {
+        let mut echo = echo.clone();
+        tokio::spawn(async move {
+            let reply = echo
+                .unary(EchoRequest {
+                    text: format!("together:{calls}:{ANSWER}"),
+                    blob: Vec::new(),
+                    seq: i as u64,
+                })
+                .await?;
+            let blob = reply.into_inner().blob;
+            assert_eq!(blob.len(), ANSWER, "call {i}: the whole answer");
+            Ok(blob.len())
+        })
+    });
+    futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|joined| joined.expect("call task"))
+        .collect()
+}
+
+/// More large answers at once than the caller's budget holds: those that
+/// wait for room keep their data in QUIC, up to a stream window (1.25 MB)
+/// each, more than the whole 256 KiB receive window. They must not starve
+/// the answer that has room: every call gets its answer, none stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_waiting_for_room_do_not_starve_the_one_being_received() {
+    // One answer received, three waiting: as many as a 4 MiB budget lets wait.
+    for (i, result) in large_answers_at_once(4).await.into_iter().enumerate() {
+        result.unwrap_or_else(|s| panic!("call {i}: {s:?}"));
+    }
+}
+
+/// Beyond the frames a connection lets wait for room (a budget's worth of
+/// stream windows), a call fails at once with RESOURCE_EXHAUSTED saying
+/// what to change, rather than wait; no call stalls, and the rest arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_beyond_the_waiting_room_fail_at_once() {
+    let results = large_answers_at_once(12).await;
+    let answered = results.iter().filter(|r| r.is_ok()).count();
+    for (i, result) in results.into_iter().enumerate() {
+        if let Err(status) = result {
+            assert_eq!(
+                status.code(),
+                Code::ResourceExhausted,
+                "call {i}: {status:?}"
+            );
+            assert!(
+                status.message().contains("waiting for room")
+                    && status.message().contains("buffer_per_connection"),
+                "call {i}: {status:?}"
+            );
+        }
+    }
+    assert!(answered >= 4, "only {answered} answered");
+}
+
+/// The same on the serving side: large streamed messages of several calls
+/// at once, more than the server's budget holds, all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_messages_waiting_for_room_do_not_starve_the_one_being_received() {
+    const MESSAGE: usize = 3_000_000;
+    const CALLS: usize = 4;
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let server = brpc::Server::builder()
+        .max_message_size(4 * MIB)
+        .buffer_per_connection(4 * MIB)
+        .receive_window(256 * 1024)
+        .call_idle_timeout(Some(std::time::Duration::from_secs(3)))
+        .add_service(common::echo::echo_server::EchoServer::new(echo))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let client = common::client(&server, "uploader").await;
+    let echo = unlimited(EchoClient::new(client.channel()));
+    let calls = (0..CALLS).map(|i| {
+        let mut echo = echo.clone();
+        tokio::spawn(async move {
+            // A small first message (the Request), then the large one.
+            echo.sink(tokio_stream::iter([blob(1), blob(MESSAGE)]))
+                .await
+                .unwrap_or_else(|s| panic!("call {i}: {s:?}"));
+        })
+    });
+    for joined in futures_util::future::join_all(calls).await {
+        joined.expect("call task");
+    }
+    assert_eq!(
+        probe.sunk.load(std::sync::atomic::Ordering::Relaxed),
+        CALLS * (MESSAGE + 1)
+    );
+}

@@ -6,11 +6,24 @@
 //! connection's receive window. A frame that finds no room waits (its data
 //! stays in QUIC, so the peer is slowed by flow control) unless it is the
 //! Request of a new call, which is refused at once with `RESOURCE_EXHAUSTED`.
+//!
+//! A waiting frame's stream keeps up to a stream window
+//! ([`STREAM_RECEIVE_WINDOW`], or the receive window if smaller) of the
+//! connection's receive window unread. Enough of them would fill it, and
+//! the frames that do have room could then never receive the rest of their
+//! data: nothing would move until the idle limit reset them. So over QUIC a
+//! [`WaitingRoom`] widens the connection's window by a stream window for
+//! each frame waiting, and refuses a frame beyond its size (its call fails
+//! with `RESOURCE_EXHAUSTED`) rather than let it wait.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+
+#[cfg(doc)]
+use super::quic::STREAM_RECEIVE_WINDOW;
+use super::quic::stream_window;
 
 /// Default per-connection budget: four maximum-size (4 MiB) messages being
 /// received at once.
@@ -82,11 +95,13 @@ impl MemoryBudget {
     }
 }
 
-/// The two budgets a connection's reads are charged to.
+/// The two budgets a connection's reads are charged to, and over QUIC the
+/// room its frames wait for them in.
 #[derive(Clone, Debug)]
 pub(crate) struct Budgets {
     pub(crate) connection: MemoryBudget,
     pub(crate) total: MemoryBudget,
+    pub(crate) waiting_room: Option<Arc<WaitingRoom>>,
 }
 
 impl Budgets {
@@ -131,6 +146,18 @@ impl Budgets {
         }
     }
 
+    /// Why a frame was refused a place to wait for room.
+    pub(crate) fn too_many_waiting_message(&self, wanted: usize) -> String {
+        let most = self.waiting_room.as_ref().map_or(0, |room| room.most);
+        format!(
+            "{most} frames of this connection's calls are already waiting for room in its \
+             inbound buffer budget ({} of {} bytes reserved; this frame needs {wanted}); \
+             make fewer large calls at once or raise buffer_per_connection",
+            self.connection.in_use(),
+            self.connection.limit()
+        )
+    }
+
     /// Why a new call was refused.
     pub(crate) fn exhausted_message(&self, wanted: usize) -> String {
         let (which, budget) = if self.connection.in_use() + wanted > self.connection.limit() {
@@ -144,6 +171,96 @@ impl Budgets {
             budget.in_use(),
             budget.limit()
         )
+    }
+}
+
+/// Where the frames of a QUIC connection wait for room in its budgets: each
+/// one widens the connection's receive window by the stream window its
+/// unread data may fill, for as long as it waits, so the frames being
+/// received still have the whole window to arrive in.
+///
+/// At most `most` wait at once: as many stream windows as fit in
+/// `buffer_per_connection` or three receive windows, whichever is less (at
+/// least one). The second bound keeps the frames being received able to
+/// earn more credit: quinn announces credit only in steps of an eighth of
+/// the (widened) window, and they have the unwidened window to earn it in.
+pub(crate) struct WaitingRoom {
+    connection: quinn::Connection,
+    /// The connection's receive window with no frame waiting.
+    window: u64,
+    /// What one waiting frame's stream may hold unread.
+    stream_window: u64,
+    most: usize,
+    /// Frames waiting now; the window is set under this lock, so the last
+    /// one set matches the count.
+    waiting: Mutex<usize>,
+}
+
+impl std::fmt::Debug for WaitingRoom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitingRoom")
+            .field("window", &self.window)
+            .field("most", &self.most)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WaitingRoom {
+    /// A room for `connection`, whose receive window is `window`.
+    pub(crate) fn new(
+        connection: quinn::Connection,
+        window: u64,
+        buffer_per_connection: usize,
+    ) -> Self {
+        let (stream_window, most) = Self::places(window, buffer_per_connection);
+        WaitingRoom {
+            connection,
+            window,
+            stream_window,
+            most,
+            waiting: Mutex::new(0),
+        }
+    }
+
+    /// The stream window of a connection whose receive window is `window`,
+    /// and how many frames may wait at once.
+    fn places(window: u64, buffer_per_connection: usize) -> (u64, usize) {
+        let stream_window = stream_window(window).max(1);
+        let room = (buffer_per_connection as u64).min(window.saturating_mul(3));
+        let most = usize::try_from(room / stream_window).unwrap_or(usize::MAX);
+        (stream_window, most.max(1))
+    }
+
+    /// A place for one more waiting frame, given back when the returned
+    /// guard drops; `None` if the room is full.
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<Waiter> {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if *waiting >= self.most {
+            return None;
+        }
+        *waiting += 1;
+        self.widen(*waiting);
+        Some(Waiter(self.clone()))
+    }
+
+    fn widen(&self, waiting: usize) {
+        let window = self
+            .window
+            .saturating_add((waiting as u64).saturating_mul(self.stream_window));
+        self.connection
+            .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
+    }
+}
+
+/// A frame's place in a [`WaitingRoom`].
+pub(crate) struct Waiter(Arc<WaitingRoom>);
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let room = &self.0;
+        let mut waiting = room.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        *waiting -= 1;
+        room.widen(*waiting);
     }
 }
 
@@ -173,6 +290,7 @@ mod tests {
         Budgets {
             connection: MemoryBudget::new(connection),
             total: MemoryBudget::new(total),
+            waiting_room: None,
         }
     }
 
@@ -182,10 +300,12 @@ mod tests {
         let a = Budgets {
             connection: MemoryBudget::new(60),
             total: total.clone(),
+            waiting_room: None,
         };
         let b = Budgets {
             connection: MemoryBudget::new(60),
             total: total.clone(),
+            waiting_room: None,
         };
         assert!(a.try_reserve(60));
         assert!(!a.try_reserve(1), "connection budget full");
@@ -200,6 +320,21 @@ mod tests {
         a.release(60);
         assert_eq!(total.in_use(), 40);
         assert!(b.exhausted_message(30).contains("connection's"));
+    }
+
+    #[test]
+    fn the_waiting_room_holds_a_budget_or_three_windows_of_stream_windows() {
+        use crate::conn::{DEFAULT_BUFFER_PER_CONNECTION, DEFAULT_RECEIVE_WINDOW};
+        // 12 MiB (three 4 MiB windows, less than 16 MiB) of 1.25 MB windows.
+        assert_eq!(
+            WaitingRoom::places(DEFAULT_RECEIVE_WINDOW, DEFAULT_BUFFER_PER_CONNECTION),
+            (1_250_000, 10)
+        );
+        // A window smaller than a stream's is the stream window.
+        assert_eq!(WaitingRoom::places(256 << 10, 4 << 20), (256 << 10, 3));
+        // A budget smaller than a stream window still lets one wait.
+        assert_eq!(WaitingRoom::places(4 << 20, 1 << 20), (1_250_000, 1));
+        assert_eq!(WaitingRoom::places(0, 0), (1, 1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,8 +22,10 @@ pub(crate) enum ReadError {
     /// The call's machine had a timer run out (its deadline or idle limit)
     /// while a frame was awaited: ask it what happened.
     Timeout,
-    /// The Request of a new call found no room in the inbound buffer budget
-    /// (the message says which budget); its data was not read.
+    /// A frame found no room in the inbound buffer budget and may not wait
+    /// for it: the Request of a new call, or a frame of a running call when
+    /// the connection's waiting room is full (the message says which); its
+    /// data was not read.
     Exhausted(String),
 }
 

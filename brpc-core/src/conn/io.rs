@@ -94,11 +94,26 @@ impl FrameReader {
             if self.refuse_first && self.awaiting_first {
                 return Err(ReadError::Exhausted(budgets.exhausted_message(length)));
             }
+            // The frame waits with its data in QUIC's buffers, in a place
+            // that keeps those from starving the frames being received
+            // (`WaitingRoom`); with none left, its call fails instead.
+            let place = match &budgets.waiting_room {
+                Some(room) => match room.enter() {
+                    Some(place) => Some(place),
+                    None => {
+                        return Err(ReadError::Exhausted(
+                            budgets.too_many_waiting_message(length),
+                        ));
+                    }
+                },
+                None => None,
+            };
             // Not idle: the data may well be waiting in QUIC's buffers; it is
             // this side that has no room yet. Boxed: rare, and its future
             // would size every call's.
             let waiting = Box::pin(budgets.reserve(length));
             waiting.await;
+            drop(place);
         }
         self.reserved = length;
         Ok(())

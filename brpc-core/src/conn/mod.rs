@@ -32,8 +32,8 @@ pub use peer::{CallLimits, ConnectionId, Labels, Peer, PeerInfo, UnixCredentials
 pub use quic::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE_INTERVAL, DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_RECEIVE_WINDOW, DEFAULT_SOCKET_BUFFER, INITIAL_CALL_WINDOW,
-    LOOPBACK_MAX_UDP_PAYLOAD, PRE_HELLO_RECEIVE_WINDOW, TransportOptions, admit, endpoint,
-    server_transport_config, stable_endpoint_config, transport_config,
+    LOOPBACK_MAX_UDP_PAYLOAD, PRE_HELLO_RECEIVE_WINDOW, STREAM_RECEIVE_WINDOW, TransportOptions,
+    admit, endpoint, server_transport_config, stable_endpoint_config, transport_config,
 };
 pub use relay::relay;
 pub(crate) use transport::{

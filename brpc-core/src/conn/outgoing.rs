@@ -443,6 +443,7 @@ impl OutgoingCall {
                     return Err(match e {
                         ReadError::TooLarge(_) => Failure::TooLarge(status),
                         ReadError::Truncated => Failure::Protocol(status),
+                        ReadError::Exhausted(_) => Failure::Refused(status),
                         _ => Failure::Local(status),
                     });
                 }

@@ -18,7 +18,7 @@ use super::connection_error::ConnectionError;
 use super::observe::{CallCounts, CallRecord};
 use crate::tls::PeerIdentity;
 
-use super::budget::{Budgets, MemoryBudget};
+use super::budget::{Budgets, MemoryBudget, WaitingRoom};
 use super::io::FrameReader;
 use super::transport::{CallReader, CallWriter, Multiplexer, SendError, Transport};
 use crate::wire::{Call, CallConfig, Payload, RequestShape};
@@ -108,6 +108,7 @@ impl CallLimits {
         Budgets {
             connection: MemoryBudget::new(self.buffer_per_connection.max(self.max_message_size)),
             total,
+            waiting_room: None,
         }
     }
 
@@ -207,7 +208,8 @@ impl Peer {
     /// A handle for `connection`, as seen from `side`, after Hello produced
     /// `info`. Frames received on it are charged to a budget of its own
     /// (`limits.buffer_per_connection`) and to `total`, which the side's
-    /// other connections share.
+    /// other connections share. `receive_window` is the connection's QUIC
+    /// receive window, which frames waiting for room in those budgets widen.
     #[doc(hidden)]
     pub fn new(
         connection: quinn::Connection,
@@ -215,8 +217,14 @@ impl Peer {
         info: PeerInfo,
         limits: CallLimits,
         total: MemoryBudget,
+        receive_window: u64,
     ) -> Self {
-        let budgets = limits.budgets(total);
+        let mut budgets = limits.budgets(total);
+        budgets.waiting_room = Some(Arc::new(WaitingRoom::new(
+            connection.clone(),
+            receive_window,
+            limits.buffer_per_connection,
+        )));
         Self::with_transport(
             Transport::Quic(connection),
             side,

@@ -26,6 +26,20 @@ pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
 /// connection, one maximum-size message.
 pub const DEFAULT_RECEIVE_WINDOW: u64 = 4 << 20;
 
+/// Most bytes the peer may send on one call's stream ahead of what this side
+/// has read (QUIC `initial_max_stream_data`; quinn's default): what one
+/// unread stream can hold of its connection's receive window. A receive
+/// window smaller than this is the stream window too (one stream could not
+/// use more of it).
+pub const STREAM_RECEIVE_WINDOW: u32 = 1_250_000;
+
+/// The stream window of a connection whose receive window is
+/// `receive_window`: [`STREAM_RECEIVE_WINDOW`], or the receive window if
+/// smaller.
+pub(crate) fn stream_window(receive_window: u64) -> u64 {
+    receive_window.min(STREAM_RECEIVE_WINDOW.into())
+}
+
 /// Default of [`TransportOptions::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,8 +110,9 @@ pub struct TransportOptions {
     pub keep_alive_interval: Option<Duration>,
     /// Most bytes the peer may have sent on a connection that this side has
     /// not yet read, across all its calls (QUIC connection flow control;
-    /// default 4 MiB). Each call's stream is further limited by quinn's
-    /// 1.25 MB stream window. With a server's `max_connections`, this bounds
+    /// default 4 MiB; widened, up to four times, while frames wait for room
+    /// in the inbound buffer budget). Each call's stream is further limited to
+    /// [`STREAM_RECEIVE_WINDOW`] (1.25 MB) or this, if smaller. With a server's `max_connections`, this bounds
     /// what QUIC buffers for peers.
     pub receive_window: u64,
     /// Bytes asked of the kernel for the endpoint's UDP receive and send
@@ -175,6 +190,7 @@ fn base_config(options: &TransportOptions) -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     // brpc never uses unidirectional streams.
     config.max_concurrent_uni_streams(0u32.into());
+    config.stream_receive_window(clamp_varint(stream_window(options.receive_window)));
     // Nor QUIC datagrams: none are accepted (quinn would otherwise advertise
     // them and buffer up to a receive window of them per connection, which
     // nothing here reads).

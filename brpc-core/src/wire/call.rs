@@ -134,7 +134,9 @@ pub enum Failure {
     Protocol(Status),
     /// A received frame's header announced more than the maximum message size.
     TooLarge(Status),
-    /// The receiver's buffer budget had no room for the Request of a new call.
+    /// The receiver's buffer budget had no room for a frame that may not wait
+    /// for it: the Request of a new call, or a frame of a running call when
+    /// enough others are waiting already.
     Refused(Status),
     /// The stream ended in the middle of a frame.
     Truncated,
@@ -951,13 +953,14 @@ impl Call {
         };
         let stop = match self.role {
             // A caller names the callee's fault (a bad or oversized answer)
-            // or its own too-large message; anything else is "cancelled".
-            CallRole::Caller => match status.code() {
+            // or its own too-large message, or that it had no room for the
+            // answer; anything else is "cancelled".
+            CallRole::Caller if stop != codes::STREAM_REFUSED => match status.code() {
                 Code::ResourceExhausted => codes::STREAM_TOO_LARGE,
                 Code::Internal => codes::STREAM_PROTOCOL_ERROR,
                 _ => codes::STREAM_CANCELLED,
             },
-            CallRole::Callee => stop,
+            _ => stop,
         };
         self.finish_early(status, stop)
     }
@@ -1555,6 +1558,13 @@ mod tests {
             .unwrap();
         let abort = a.abort(Failure::Local(Status::unknown("body failed")));
         assert_eq!(abort.stop, Some(codes::STREAM_CANCELLED));
+        // One with no room for its answer says that, not "too large".
+        let mut a = caller();
+        a.send_request(enc(req(b"", 0)), RequestShape::Stream)
+            .unwrap();
+        let abort = a.abort(Failure::Refused(Status::resource_exhausted("budget")));
+        assert_eq!(abort.stop, Some(codes::STREAM_REFUSED));
+        assert_eq!(abort.status.code(), Code::ResourceExhausted);
     }
 
     #[test]

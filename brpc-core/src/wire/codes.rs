@@ -12,8 +12,9 @@ pub const STREAM_TOO_LARGE: u32 = 0x03;
 /// than the idle limit.
 pub const STREAM_IDLE: u32 = 0x04;
 /// Stream: the call was refused before its Request was read because the
-/// receiver's inbound buffer budget is used up (its answer is a Response
-/// with `RESOURCE_EXHAUSTED`); retrying later may succeed.
+/// receiver's inbound buffer budget is used up, or a later frame of it found
+/// no room and no place left to wait for it (a callee answers with a
+/// Response with `RESOURCE_EXHAUSTED`); retrying later may succeed.
 pub const STREAM_REFUSED: u32 = 0x05;
 
 /// Connection: closed normally by the application.
