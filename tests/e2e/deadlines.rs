@@ -133,3 +133,60 @@ async fn a_negative_timeout_nano_is_already_expired() {
     assert_eq!(response.status.expect("status").code, 0, "0 is no deadline");
     assert_eq!(probe.unary_calls.load(Ordering::SeqCst), 1);
 }
+
+/// A callee whose deadline runs out while its handler holds the call's
+/// streamed input answers DEADLINE_EXCEEDED and stops the input with
+/// CANCELLED (0x01), as PROTOCOL.md §4 says, not with the 0x00 of a stream
+/// merely dropped unread.
+#[tokio::test]
+async fn a_callee_deadline_stops_the_streamed_input_as_cancelled() {
+    use brpc::core::wire::{self, Flags, FrameType};
+    use prost::Message;
+    let server = common::server();
+    let (conn, _id) = common::raw_client(&server, "slow-sender").await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("open");
+    let stream_id = wire::stream_id(send.id().index(), true);
+    let request = wire::Request {
+        service: "test.echo.v1.Echo".into(),
+        method: "Sink".into(),
+        timeout_nano: 200_000_000,
+        ..Default::default()
+    };
+    // The Request opens the input; its first message makes Sink hold it.
+    let mut bytes = common::frame(
+        stream_id,
+        FrameType::Request,
+        Flags::REMOTE_OPEN,
+        request.encode_to_vec(),
+    );
+    let stall = common::echo::EchoRequest {
+        text: "stall".into(),
+        ..Default::default()
+    };
+    bytes.extend(common::frame(
+        stream_id,
+        FrameType::Data,
+        Flags::EMPTY,
+        stall.encode_to_vec(),
+    ));
+    send.write_all(&bytes).await.expect("write");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), send.stopped())
+        .await
+        .expect("stopped within 10 s")
+        .expect("stopped, not lost");
+    assert_eq!(
+        stopped,
+        Some(brpc::core::conn::codes::STREAM_CANCELLED.into())
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 16))
+        .await
+        .expect("answered within 10 s")
+        .expect("answer");
+    let frame = wire::FrameDecoder::new(1 << 16)
+        .decode(&mut bytes::BytesMut::from(&answer[..]))
+        .expect("frame")
+        .expect("whole frame");
+    let response = wire::Response::decode(frame.payload.into_bytes()).expect("Response");
+    let status = response.status.expect("status");
+    assert_eq!(status.code, Code::DeadlineExceeded as i32, "{status:?}");
+}

@@ -494,6 +494,21 @@ impl std::fmt::Debug for MessageStream {
     }
 }
 
+impl Drop for MessageStream {
+    /// Dropped with its handler when the call's deadline ran out, the input
+    /// is stopped as the call ends: CANCELLED (PROTOCOL.md §4). A QUIC
+    /// stream merely dropped would tell the peer `0x00`, "no error".
+    fn drop(&mut self) {
+        let expired = {
+            let call = lock(&self.call);
+            !call.is_done() && call.deadline().is_some_and(|at| at <= now())
+        };
+        if expired {
+            self.reader.stop(codes::STREAM_CANCELLED);
+        }
+    }
+}
+
 impl MessageStream {
     /// The messages after `first` (the Request's own, if any), read from
     /// `reader` through the machine of the call `reply` answers; a failure
