@@ -1272,7 +1272,6 @@ async fn connect_attempt(
             Side::Dialer,
             shared.limits,
             shared.buffer.clone(),
-            shared.receive_window,
         );
         let answer = match session::send_hello(&greeter, hello(shared)).await {
             Ok(answer) => answer,
@@ -1321,7 +1320,7 @@ async fn connect_attempt(
         info,
         shared.limits,
         shared.buffer.clone(),
-        shared.receive_window,
+        Some(shared.receive_window),
     ))
 }
 

@@ -44,14 +44,13 @@ pub const DEFAULT_MAX_HELLO_SIZE: usize = 16 * 1024;
 /// established who is at the other end: its id is 0, its name and labels
 /// empty. Once Hello is done, the handle to keep is made with what it
 /// established. Frames it receives are capped at `limits.max_message_size`
-/// (a server's `max_hello_size`) and charged to `total`; `receive_window`
-/// is the connection's QUIC receive window (see [`Peer::new`]).
+/// (a server's `max_hello_size`) and charged to `total`. (They never widen
+/// the connection's receive window: see [`Peer::new`].)
 pub fn greeter(
     connection: quinn::Connection,
     side: Side,
     limits: CallLimits,
     total: MemoryBudget,
-    receive_window: u64,
 ) -> Peer {
     let info = PeerInfo {
         connection_id: ConnectionId(0),
@@ -60,7 +59,7 @@ pub fn greeter(
         connected_at: std::time::SystemTime::now(),
         identity: None,
     };
-    Peer::new(connection, side, info, limits, total, receive_window)
+    Peer::new(connection, side, info, limits, total, None)
 }
 
 /// Dialer: says Hello, the connection's first call, through `greeter` (see

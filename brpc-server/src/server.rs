@@ -902,7 +902,6 @@ async fn session(
             ..shared.limits
         },
         brpc_core::conn::MemoryBudget::new(usize::MAX),
-        brpc_core::conn::PRE_HELLO_RECEIVE_WINDOW.into(),
     );
     let hello = match tokio::time::timeout_at(deadline, session::receive_hello(&greeter)).await {
         Ok(Ok(hello)) => hello,
@@ -1064,6 +1063,6 @@ fn new_peer(
         info,
         shared.limits,
         shared.buffer_total.clone(),
-        shared.transport.receive_window,
+        Some(shared.transport.receive_window),
     )
 }

@@ -216,7 +216,7 @@ pub async fn pair(limits: CallLimits) -> Pair {
         info(1),
         limits,
         budget.clone(),
-        options.receive_window,
+        Some(options.receive_window),
     );
     let server = Peer::new(
         server_connection,
@@ -224,7 +224,7 @@ pub async fn pair(limits: CallLimits) -> Pair {
         info(1),
         limits,
         budget,
-        options.receive_window,
+        Some(options.receive_window),
     );
     let serve = |peer: &Peer, name: &str| {
         let echo = EchoService::new(name);

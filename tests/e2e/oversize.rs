@@ -170,9 +170,9 @@ async fn large_answers_at_once(calls: usize) -> Vec<Result<usize, tonic::Status>
         .max_message_size(4 * MIB)
         .buffer_per_connection(4 * MIB)
         .receive_window(256 * 1024)
-        // A frame stalled this long is reset: short, so that a stall shows
-        // as a failed call rather than a slow test.
-        .call_idle_timeout(Some(std::time::Duration::from_secs(3)))
+        // A frame stalled this long is reset: shorter than the default, so
+        // that a stall shows as a failed call rather than a slow test.
+        .call_idle_timeout(Some(std::time::Duration::from_secs(10)))
         .connect(server.local_addr())
         .await
         .expect("connect");
@@ -205,15 +205,17 @@ async fn large_answers_at_once(calls: usize) -> Vec<Result<usize, tonic::Status>
 /// the answer that has room: every call gets its answer, none stalls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_waiting_for_room_do_not_starve_the_one_being_received() {
-    // One answer received, three waiting: as many as a 4 MiB budget lets wait.
+    // One answer received, three waiting: as many as may wait here (three
+    // 256 KiB receive windows of 256 KiB stream windows).
     for (i, result) in large_answers_at_once(4).await.into_iter().enumerate() {
         result.unwrap_or_else(|s| panic!("call {i}: {s:?}"));
     }
 }
 
-/// Beyond the frames a connection lets wait for room (a budget's worth of
-/// stream windows), a call fails at once with RESOURCE_EXHAUSTED saying
-/// what to change, rather than wait; no call stalls, and the rest arrive.
+/// Beyond the frames a connection lets wait for room (three receive
+/// windows' worth of stream windows here), a call fails at once with
+/// RESOURCE_EXHAUSTED saying what to change, rather than wait; no call
+/// stalls, and the rest arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_beyond_the_waiting_room_fail_at_once() {
     let results = large_answers_at_once(12).await;
@@ -247,7 +249,7 @@ async fn streamed_messages_waiting_for_room_do_not_starve_the_one_being_received
         .max_message_size(4 * MIB)
         .buffer_per_connection(4 * MIB)
         .receive_window(256 * 1024)
-        .call_idle_timeout(Some(std::time::Duration::from_secs(3)))
+        .call_idle_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(common::echo::echo_server::EchoServer::new(echo))
         .bind("127.0.0.1:0")
         .expect("bind");

@@ -13,8 +13,8 @@
 //! the frames that do have room could then never receive the rest of their
 //! data: nothing would move until the idle limit reset them. So over QUIC a
 //! [`WaitingRoom`] widens the connection's window by a stream window for
-//! each frame waiting, and refuses a frame beyond its size (its call fails
-//! with `RESOURCE_EXHAUSTED`) rather than let it wait.
+//! each frame that waits at once, and refuses a frame beyond its size (its
+//! call fails with `RESOURCE_EXHAUSTED`) rather than let it wait.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -149,22 +149,30 @@ impl Budgets {
     /// Why a frame was refused a place to wait for room.
     pub(crate) fn too_many_waiting_message(&self, wanted: usize) -> String {
         let most = self.waiting_room.as_ref().map_or(0, |room| room.most);
+        let (which, budget) = self.fullest(wanted);
         format!(
-            "{most} frames of this connection's calls are already waiting for room in its \
-             inbound buffer budget ({} of {} bytes reserved; this frame needs {wanted}); \
-             make fewer large calls at once or raise buffer_per_connection",
-            self.connection.in_use(),
-            self.connection.limit()
+            "{most} frames of this connection's calls are already waiting for room in \
+             {which} inbound buffer budget ({} of {} bytes reserved by frames being received; \
+             this frame needs {wanted}); make fewer large calls at once, or raise \
+             buffer_per_connection / buffer_total and receive_window (up to three receive \
+             windows of frames may wait)",
+            budget.in_use(),
+            budget.limit()
         )
+    }
+
+    /// The budget that has no room for `wanted` more bytes, and its name.
+    fn fullest(&self, wanted: usize) -> (&'static str, &MemoryBudget) {
+        if self.connection.in_use() + wanted > self.connection.limit() {
+            ("this connection's", &self.connection)
+        } else {
+            ("the receiver's total", &self.total)
+        }
     }
 
     /// Why a new call was refused.
     pub(crate) fn exhausted_message(&self, wanted: usize) -> String {
-        let (which, budget) = if self.connection.in_use() + wanted > self.connection.limit() {
-            ("this connection's", &self.connection)
-        } else {
-            ("the receiver's total", &self.total)
-        };
+        let (which, budget) = self.fullest(wanted);
         format!(
             "{which} inbound buffer budget is used up ({} of {} bytes reserved by frames \
              being received; this Request needs {wanted}); retry later",
@@ -174,26 +182,33 @@ impl Budgets {
     }
 }
 
-/// Where the frames of a QUIC connection wait for room in its budgets: each
-/// one widens the connection's receive window by the stream window its
-/// unread data may fill, for as long as it waits, so the frames being
-/// received still have the whole window to arrive in.
+/// Where the frames of a QUIC connection wait for room in its budgets. A
+/// waiting frame's stream may hold a stream window of unread data, so the
+/// connection's receive window is widened by a stream window for each of
+/// the most frames that have waited at once, and the frames being received
+/// still have the whole unwidened window to arrive in.
 ///
-/// At most `most` wait at once: as many stream windows as fit in
-/// `buffer_per_connection` or three receive windows, whichever is less (at
+/// The window is never narrowed again: quinn does not take back credit it
+/// announced (narrowing only holds back as much of what is read next), and
+/// widening after a narrowing would add to it, so a peer making frames wait
+/// and stop over and over could earn credit without end. Widened for the
+/// most waiters at once, it stays within four receive windows.
+///
+/// At most `most` wait at once: as many stream windows as fit in the
+/// connection's budget or three receive windows, whichever is less (at
 /// least one). The second bound keeps the frames being received able to
 /// earn more credit: quinn announces credit only in steps of an eighth of
-/// the (widened) window, and they have the unwidened window to earn it in.
+/// the (widened) window, at most half the unwidened one (while data other
+/// streams leave unread stays under the other half).
 pub(crate) struct WaitingRoom {
     connection: quinn::Connection,
-    /// The connection's receive window with no frame waiting.
+    /// The connection's receive window before any frame waited.
     window: u64,
     /// What one waiting frame's stream may hold unread.
     stream_window: u64,
     most: usize,
-    /// Frames waiting now; the window is set under this lock, so the last
-    /// one set matches the count.
-    waiting: Mutex<usize>,
+    /// The window is set under this lock, so the last one set is the widest.
+    places: Mutex<Places>,
 }
 
 impl std::fmt::Debug for WaitingRoom {
@@ -206,27 +221,24 @@ impl std::fmt::Debug for WaitingRoom {
 }
 
 impl WaitingRoom {
-    /// A room for `connection`, whose receive window is `window`.
-    pub(crate) fn new(
-        connection: quinn::Connection,
-        window: u64,
-        buffer_per_connection: usize,
-    ) -> Self {
-        let (stream_window, most) = Self::places(window, buffer_per_connection);
+    /// A room for `connection`, whose receive window is `window` and whose
+    /// own budget holds `budget` bytes.
+    pub(crate) fn new(connection: quinn::Connection, window: u64, budget: usize) -> Self {
+        let (stream_window, most) = Self::places(window, budget);
         WaitingRoom {
             connection,
             window,
             stream_window,
             most,
-            waiting: Mutex::new(0),
+            places: Mutex::new(Places::default()),
         }
     }
 
     /// The stream window of a connection whose receive window is `window`,
     /// and how many frames may wait at once.
-    fn places(window: u64, buffer_per_connection: usize) -> (u64, usize) {
+    fn places(window: u64, budget: usize) -> (u64, usize) {
         let stream_window = stream_window(window).max(1);
-        let room = (buffer_per_connection as u64).min(window.saturating_mul(3));
+        let room = (budget as u64).min(window.saturating_mul(3));
         let most = usize::try_from(room / stream_window).unwrap_or(usize::MAX);
         (stream_window, most.max(1))
     }
@@ -234,21 +246,20 @@ impl WaitingRoom {
     /// A place for one more waiting frame, given back when the returned
     /// guard drops; `None` if the room is full.
     pub(crate) fn enter(self: &Arc<Self>) -> Option<Waiter> {
-        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        if *waiting >= self.most {
-            return None;
+        let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        match places.enter(self.most) {
+            Entry::Full => return None,
+            Entry::Entered => {}
+            Entry::Widen(waiting) => {
+                let window = self
+                    .window
+                    .saturating_add((waiting as u64).saturating_mul(self.stream_window));
+                self.connection.set_receive_window(
+                    quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX),
+                );
+            }
         }
-        *waiting += 1;
-        self.widen(*waiting);
         Some(Waiter(self.clone()))
-    }
-
-    fn widen(&self, waiting: usize) {
-        let window = self
-            .window
-            .saturating_add((waiting as u64).saturating_mul(self.stream_window));
-        self.connection
-            .set_receive_window(quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX));
     }
 }
 
@@ -257,10 +268,40 @@ pub(crate) struct Waiter(Arc<WaitingRoom>);
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let room = &self.0;
-        let mut waiting = room.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        *waiting -= 1;
-        room.widen(*waiting);
+        let mut places = self.0.places.lock().unwrap_or_else(|e| e.into_inner());
+        places.waiting -= 1;
+    }
+}
+
+/// Frames waiting now, and the most that have waited at once.
+#[derive(Debug, Default)]
+struct Places {
+    waiting: usize,
+    widest: usize,
+}
+
+/// What a frame entering a [`WaitingRoom`] finds.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    /// `most` frames wait already.
+    Full,
+    /// A place in the window as widened already.
+    Entered,
+    /// A place, once the window is widened for this many frames.
+    Widen(usize),
+}
+
+impl Places {
+    fn enter(&mut self, most: usize) -> Entry {
+        if self.waiting >= most {
+            return Entry::Full;
+        }
+        self.waiting += 1;
+        if self.waiting <= self.widest {
+            return Entry::Entered;
+        }
+        self.widest = self.waiting;
+        Entry::Widen(self.widest)
     }
 }
 
@@ -335,6 +376,24 @@ mod tests {
         // A budget smaller than a stream window still lets one wait.
         assert_eq!(WaitingRoom::places(4 << 20, 1 << 20), (1_250_000, 1));
         assert_eq!(WaitingRoom::places(0, 0), (1, 1));
+    }
+
+    #[test]
+    fn the_window_widens_only_for_more_waiters_than_ever_before() {
+        let mut places = Places::default();
+        assert_eq!(places.enter(2), Entry::Widen(1));
+        assert_eq!(places.enter(2), Entry::Widen(2));
+        assert_eq!(places.enter(2), Entry::Full);
+        places.waiting -= 1;
+        places.waiting -= 1;
+        // Frames that wait and leave over and over earn no more credit.
+        for _ in 0..3 {
+            assert_eq!(places.enter(2), Entry::Entered);
+            places.waiting -= 1;
+        }
+        assert_eq!(places.enter(2), Entry::Entered);
+        assert_eq!(places.enter(2), Entry::Entered);
+        assert_eq!(places.enter(2), Entry::Full);
     }
 
     #[tokio::test(start_paused = true)]

@@ -277,7 +277,7 @@ fn read_failure(error: ReadError) -> Option<Failure> {
         }
         ReadError::Truncated => Some(Failure::Truncated),
         e @ ReadError::Exhausted(_) => {
-            tracing::debug!(error = ?e, "call refused: inbound buffer budget used up");
+            tracing::debug!(error = ?e, "call ended: no room in the inbound buffer budget");
             Some(Failure::Refused(e.to_status()))
         }
         _ => None,

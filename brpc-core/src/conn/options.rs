@@ -99,8 +99,9 @@ impl ConnectionOptions {
 
     /// Most bytes the other side may have in flight to this one that this
     /// side has not read yet, across all calls (QUIC connection flow
-    /// control; default 4 MiB; widened, up to four times, while frames wait
-    /// for room in [`buffer_per_connection`](Self::buffer_per_connection)).
+    /// control; default 4 MiB; widened, to four times at most, once frames
+    /// have had to wait for room in
+    /// [`buffer_per_connection`](Self::buffer_per_connection)).
     /// Each call's stream may hold at most 1.25 MB of it, or all of it if
     /// smaller. A server grants a connection only
     /// [`PRE_HELLO_RECEIVE_WINDOW`](super::PRE_HELLO_RECEIVE_WINDOW) (16 KiB)
@@ -116,14 +117,15 @@ impl ConnectionOptions {
     /// message). Each frame reserves its announced length before its data is
     /// read. A new call that finds no room is answered `RESOURCE_EXHAUSTED`
     /// (stream code `0x05`); a frame of a call already running waits, and
-    /// QUIC flow control slows its sender. Each waiting frame widens the
-    /// connection's receive window by a stream window (1.25 MB, or the
-    /// receive window if smaller), so that the data its stream holds unread
-    /// does not starve the frames being received; at most as many wait as
-    /// there are stream windows in this or three receive windows, whichever
-    /// is less (at least one). A frame beyond that ends its call with
-    /// `RESOURCE_EXHAUSTED`: raise this to have more large messages in
-    /// flight on one connection at once.
+    /// QUIC flow control slows its sender. The connection's receive window
+    /// is widened by a stream window (1.25 MB, or the receive window if
+    /// smaller) for each of the most frames that have waited at once, so that
+    /// the data their streams hold unread does not starve the frames being
+    /// received; at most as many wait as there are stream windows in this or
+    /// three receive windows, whichever is less (at least one). A frame
+    /// beyond that ends its call with `RESOURCE_EXHAUSTED`: raise this and
+    /// `receive_window` to have more large messages in flight on one
+    /// connection at once.
     #[must_use]
     pub fn buffer_per_connection(mut self, bytes: usize) -> Self {
         self.limits.buffer_per_connection = bytes;

@@ -209,7 +209,9 @@ impl Peer {
     /// `info`. Frames received on it are charged to a budget of its own
     /// (`limits.buffer_per_connection`) and to `total`, which the side's
     /// other connections share. `receive_window` is the connection's QUIC
-    /// receive window, which frames waiting for room in those budgets widen.
+    /// receive window, which frames waiting for room in those budgets widen
+    /// (`None`: frames wait without widening it, for a handle that reads
+    /// no more than one small frame at a time, as a Hello's does).
     #[doc(hidden)]
     pub fn new(
         connection: quinn::Connection,
@@ -217,14 +219,16 @@ impl Peer {
         info: PeerInfo,
         limits: CallLimits,
         total: MemoryBudget,
-        receive_window: u64,
+        receive_window: Option<u64>,
     ) -> Self {
         let mut budgets = limits.budgets(total);
-        budgets.waiting_room = Some(Arc::new(WaitingRoom::new(
-            connection.clone(),
-            receive_window,
-            limits.buffer_per_connection,
-        )));
+        budgets.waiting_room = receive_window.map(|window| {
+            Arc::new(WaitingRoom::new(
+                connection.clone(),
+                window,
+                budgets.connection.limit(),
+            ))
+        });
         Self::with_transport(
             Transport::Quic(connection),
             side,

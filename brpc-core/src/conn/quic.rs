@@ -110,10 +110,11 @@ pub struct TransportOptions {
     pub keep_alive_interval: Option<Duration>,
     /// Most bytes the peer may have sent on a connection that this side has
     /// not yet read, across all its calls (QUIC connection flow control;
-    /// default 4 MiB; widened, up to four times, while frames wait for room
-    /// in the inbound buffer budget). Each call's stream is further limited to
-    /// [`STREAM_RECEIVE_WINDOW`] (1.25 MB) or this, if smaller. With a server's `max_connections`, this bounds
-    /// what QUIC buffers for peers.
+    /// default 4 MiB; widened, to four times at most, once frames have had
+    /// to wait for room in the inbound buffer budget). Each call's stream is
+    /// further limited to [`STREAM_RECEIVE_WINDOW`] (1.25 MB) or this, if
+    /// smaller. With a server's `max_connections`, this bounds what QUIC
+    /// buffers for peers.
     pub receive_window: u64,
     /// Bytes asked of the kernel for the endpoint's UDP receive and send
     /// buffers (`SO_RCVBUF` / `SO_SNDBUF`). The kernel's defaults (about
