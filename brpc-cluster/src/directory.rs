@@ -3,7 +3,9 @@
 //!
 //! - `c:nodes`: a set of node ids that have joined (a reader keeps those
 //!   whose `c:node:n` exists), with the TTL of the last node's heartbeat;
-//! - `c:node:n`: the node's address, JSON `{"addr","server_name","identity"}`;
+//! - `c:node:n`: the node's address, JSON `{"addr","server_name","identity","token"}`
+//!   (`token` marks the process, so that another process given the same id
+//!   is told from this one's earlier incarnation: [`Directory::claim`]);
 //! - `c:node:n:agents`: a hash, connection id → JSON `{"name","labels","identity"}`;
 //! - `c:node:n:label:<key length>:<key>=<value>`: a set of the connection ids
 //!   carrying that label (the label index);
@@ -58,6 +60,9 @@ pub(crate) struct Directory {
     /// The label keys an earlier process of this node left were looked
     /// for (once, at the first full write).
     swept: std::sync::atomic::AtomicBool,
+    /// This process's mark in the node's key, which tells it from another
+    /// process given the same node id.
+    token: String,
 }
 
 fn unavailable(error: &redis::RedisError) -> Status {
@@ -104,6 +109,7 @@ impl Directory {
             address,
             label_keys: std::sync::Mutex::default(),
             swept: std::sync::atomic::AtomicBool::new(false),
+            token: process_token(),
         })
     }
 
@@ -145,8 +151,58 @@ impl Directory {
             "addr": self.address.addr,
             "server_name": self.address.server_name,
             "identity": self.address.identity,
+            "token": self.token,
         })
         .to_string()
+    }
+
+    /// Takes this node's id in the directory, unless a live process holds
+    /// it: the node's key is free, or it was left by a process that no
+    /// longer refreshes it (an earlier process of this node that ended
+    /// without leaving). Telling which takes one heartbeat period and a
+    /// second of waiting, when the key is there.
+    pub(crate) async fn claim(&self) -> Result<Claim, redis::RedisError> {
+        let key = self.node_key(self.node);
+        let mut redis = self.redis.clone();
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(self.address_json())
+            .arg("NX")
+            .arg("PX")
+            .arg(self.ttl_ms())
+            .query_async(&mut redis)
+            .await?;
+        if taken.is_some() {
+            return Ok(Claim::Taken);
+        }
+        let read = |mut redis: ConnectionManager| {
+            let key = key.clone();
+            async move {
+                let (json, left): (Option<String>, i64) = redis::pipe()
+                    .get(&key)
+                    .pttl(&key)
+                    .query_async(&mut redis)
+                    .await?;
+                Ok::<_, redis::RedisError>((json, left))
+            }
+        };
+        let (before, left_before) = read(self.redis.clone()).await?;
+        let waited = std::time::Instant::now();
+        tokio::time::sleep(self.ttl / 3 + Duration::from_secs(1)).await;
+        let (after, left_after) = read(self.redis.clone()).await?;
+        let Some(after) = after else {
+            return Ok(Claim::Taken);
+        };
+        let elapsed = i64::try_from(waited.elapsed().as_millis()).unwrap_or(i64::MAX);
+        // Refreshed while this process waited: the key has more time left
+        // than it had less the time passed (with room for the two reads).
+        let refreshed = left_after > left_before.saturating_sub(elapsed) + 250;
+        let token = |json: &Option<String>| json.as_deref().and_then(parse_token);
+        if refreshed || token(&before) != token(&Some(after.clone())) {
+            let addr = parse_address(&after).map_or_else(String::new, |a| a.addr);
+            return Ok(Claim::InUse { addr });
+        }
+        Ok(Claim::Taken)
     }
 
     /// Adds the node's own keys (address, membership) to `pipe`, with the TTL.
@@ -451,6 +507,34 @@ fn parse_address(json: &str) -> Option<NodeAddress> {
             .unwrap_or_default()
             .to_owned(),
     })
+}
+
+/// The process mark in a node's key (none from a brpc-cluster that wrote
+/// no mark).
+fn parse_token(json: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(value.get("token")?.as_str()?.to_owned())
+}
+
+/// What [`Directory::claim`] found.
+pub(crate) enum Claim {
+    /// The node id is this process's now.
+    Taken,
+    /// A live process holds it, listening at `addr`.
+    InUse { addr: String },
+}
+
+/// A mark unlikely to be any other process's: the process id and 64 bits
+/// from the standard library's per-process random hash keys.
+fn process_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{}-{:016x}", std::process::id(), hasher.finish())
 }
 
 fn parse_event(json: &str) -> Option<ClusterEvent> {

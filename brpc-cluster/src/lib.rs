@@ -210,6 +210,18 @@ pub enum ClusterError {
     /// Node id 0 is the id of a server outside any cluster.
     #[error("node id 0 is reserved; give every node of the cluster its own id from 1")]
     NodeIdZero,
+    /// Another live process is this node (its directory entry was refreshed
+    /// while this one waited to join).
+    #[error(
+        "node id {node} is in use by a live node at {addr} (its directory entry kept being \
+         refreshed); give every node of the cluster its own id, or stop the other process"
+    )]
+    NodeIdInUse {
+        /// The id asked for.
+        node: u16,
+        /// Where the node holding it listens (empty if its entry says not).
+        addr: String,
+    },
     /// The server listens on an unspecified address and none was advertised.
     #[error(
         "the server listens on {0}, which other nodes cannot dial: set ClusterConfig::advertise"
@@ -277,9 +289,17 @@ impl Cluster {
     /// agents in Redis, keeps them there, and starts listening for the
     /// other nodes' events.
     ///
+    /// Two processes must not be one node. If the directory still has an
+    /// entry for this node id, `join` watches it for one heartbeat period
+    /// (a third of the TTL) and a second: an entry left by a process that
+    /// ended without leaving (a crash) is not refreshed, and this process
+    /// takes the id over; one that is refreshed belongs to a live node, and
+    /// `join` fails with [`ClusterError::NodeIdInUse`]. A node restarted
+    /// after [`Cluster::leave`] finds no entry and joins at once.
+    ///
     /// # Errors
-    /// [`ClusterError`]: Redis unreachable, a bad URL, node id 0, no
-    /// address to advertise.
+    /// [`ClusterError`]: Redis unreachable, a bad URL, node id 0, the id in
+    /// use by a live node, no address to advertise.
     pub async fn join(server: &Server, config: ClusterConfig) -> Result<Cluster, ClusterError> {
         if config.node_id == 0 {
             return Err(ClusterError::NodeIdZero);
@@ -304,6 +324,16 @@ impl Cluster {
             },
         )
         .await?;
+        let unreachable = |source| ClusterError::RedisUnreachable {
+            url: config.redis_url.clone(),
+            source,
+        };
+        if let directory::Claim::InUse { addr } = directory.claim().await.map_err(unreachable)? {
+            return Err(ClusterError::NodeIdInUse {
+                node: config.node_id,
+                addr,
+            });
+        }
         let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             node_id: config.node_id,
@@ -319,10 +349,7 @@ impl Cluster {
             .directory
             .full_sync(&agents_of(&inner))
             .await
-            .map_err(|source| ClusterError::RedisUnreachable {
-                url: config.redis_url.clone(),
-                source,
-            })?;
+            .map_err(unreachable)?;
         let (subscribed, listening) = tokio::sync::oneshot::channel();
         let tasks = vec![
             tokio::spawn(directory::keep(inner.clone(), local)),

@@ -961,7 +961,9 @@ async fn stray_directory_entries_are_left_out() {
 async fn a_node_that_joins_again_drops_its_old_label_index() {
     let redis = Redis::start();
     let pki = Pki::new();
-    let ttl = Duration::from_secs(60);
+    // Long enough for the old entries to outlive the new process's wait to
+    // join (a third of it and a second), which takes the id over.
+    let ttl = Duration::from_secs(15);
     let mut a = node(&pki, 1, &redis, ttl).await;
     let (a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
     let old_id = a1.connection_id().0;
@@ -996,4 +998,54 @@ async fn a_node_that_joins_again_drops_its_old_label_index() {
         !members(&mut conn).await.contains(&old_id),
         "the old process's agent is still in the label index"
     );
+}
+
+/// Two processes given one node id: the second to join finds the first's
+/// entry refreshed while it waits, and fails, leaving the first's entries
+/// as they were; once the first has left, the id can be taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_node_id_in_use_is_refused() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(3);
+    let mut first = node(&pki, 1, &redis, ttl).await;
+    let config = ClusterConfig::new(1, redis.url(), pki.node("node-1"))
+        .name("test")
+        .ttl(ttl);
+    let server = config
+        .server_builder(Server::builder())
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let refused = Cluster::join(&server, config.clone())
+        .await
+        .map(|_| ())
+        .expect_err("the id is in use");
+    match &refused {
+        ClusterError::NodeIdInUse { node, addr } => {
+            assert_eq!(*node, 1);
+            assert_eq!(*addr, first.server.local_addr().to_string());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(refused.to_string().contains("own id"), "{refused}");
+    // The first node's entry is still its own.
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let entry: String = redis::cmd("GET")
+        .arg("test:node:1")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert!(
+        entry.contains(&first.server.local_addr().to_string()),
+        "{entry}"
+    );
+    first.cluster.take().expect("joined").leave().await;
+    let second = Cluster::join(&server, config)
+        .await
+        .expect("joins once the first left");
+    assert_eq!(second.node_id(), 1);
 }
