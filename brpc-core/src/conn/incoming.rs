@@ -497,11 +497,15 @@ impl std::fmt::Debug for MessageStream {
 impl Drop for MessageStream {
     /// Dropped with its handler when the call's deadline ran out, the input
     /// is stopped as the call ends: CANCELLED (PROTOCOL.md §4). A QUIC
-    /// stream merely dropped would tell the peer `0x00`, "no error".
+    /// stream merely dropped would tell the peer `0x00`, "no error". Not
+    /// once the call is answered (its handler finished in time, or an
+    /// input that failed ended it), however late the input goes.
     fn drop(&mut self) {
-        let expired = {
+        let expired = !self.failed && {
             let call = lock(&self.call);
-            !call.is_done() && call.deadline().is_some_and(|at| at <= now())
+            !call.is_done()
+                && !call.is_send_done()
+                && call.deadline().is_some_and(|at| at <= now())
         };
         if expired {
             self.reader.stop(codes::STREAM_CANCELLED);
