@@ -3,9 +3,11 @@
 //!
 //! - `c:nodes`: a set of node ids that have joined (a reader keeps those
 //!   whose `c:node:n` exists), with the TTL of the last node's heartbeat;
-//! - `c:node:n`: the node's address, JSON `{"addr","server_name","identity","token"}`
-//!   (`token` marks the process, so that another process given the same id
-//!   is told from this one's earlier incarnation: [`Directory::claim`]);
+//! - `c:node:n`: the node's address, JSON
+//!   `{"addr","server_name","identity","token","beat"}` (`token` marks the
+//!   process and `beat` counts its heartbeats, so that another live process
+//!   given the same id is told from this one's earlier incarnation:
+//!   [`Directory::claim`]); written only while it holds this process's mark;
 //! - `c:node:n:agents`: a hash, connection id → JSON `{"name","labels","identity"}`;
 //! - `c:node:n:label:<key length>:<key>=<value>`: a set of the connection ids
 //!   carrying that label (the label index);
@@ -63,6 +65,9 @@ pub(crate) struct Directory {
     /// This process's mark in the node's key, which tells it from another
     /// process given the same node id.
     token: String,
+    /// Heartbeats written: each writes the node's key anew, so a reader
+    /// watching it sees a live node's key change.
+    beats: std::sync::atomic::AtomicU64,
 }
 
 fn unavailable(error: &redis::RedisError) -> Status {
@@ -110,6 +115,7 @@ impl Directory {
             label_keys: std::sync::Mutex::default(),
             swept: std::sync::atomic::AtomicBool::new(false),
             token: process_token(),
+            beats: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -146,73 +152,84 @@ impl Directory {
         self.label_keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The node's key: its address, this process's mark and the heartbeat
+    /// it is written by.
     fn address_json(&self) -> String {
         serde_json::json!({
             "addr": self.address.addr,
             "server_name": self.address.server_name,
             "identity": self.address.identity,
             "token": self.token,
+            "beat": self.beats.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
         .to_string()
     }
 
     /// Takes this node's id in the directory, unless a live process holds
-    /// it: the node's key is free, or it was left by a process that no
-    /// longer refreshes it (an earlier process of this node that ended
-    /// without leaving). Telling which takes one heartbeat period and a
-    /// second of waiting, when the key is there.
+    /// it. Free, it is taken at once. Held, its key is watched for a
+    /// heartbeat period and a margin: a live node writes it anew at every
+    /// heartbeat, while one that ended without leaving (an earlier process
+    /// of this node, crashed) does not, and is taken over, if the key is
+    /// still exactly as seen (compared and set in one step, so of several
+    /// processes waiting on one dead key, one takes it).
     pub(crate) async fn claim(&self) -> Result<Claim, redis::RedisError> {
         let key = self.node_key(self.node);
         let mut redis = self.redis.clone();
-        let taken: Option<String> = redis::cmd("SET")
-            .arg(&key)
+        for _ in 0..3 {
+            let taken: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(self.address_json())
+                .arg("NX")
+                .arg("PX")
+                .arg(self.ttl_ms())
+                .query_async(&mut redis)
+                .await?;
+            if taken.is_some() {
+                return Ok(Claim::Taken);
+            }
+            let seen: Option<String> = redis.get(&key).await?;
+            // Gone in between: try again to take it free.
+            let Some(seen) = seen else { continue };
+            tokio::time::sleep(self.ttl / 3 + (self.ttl / 6).max(Duration::from_secs(1))).await;
+            let holder: Option<String> = eval(TAKE_OVER, std::slice::from_ref(&key))
+                .arg(&seen)
+                .arg(self.address_json())
+                .arg(self.ttl_ms())
+                .query_async(&mut redis)
+                .await?;
+            return Ok(match holder {
+                None => Claim::Taken,
+                Some(json) => Claim::InUse {
+                    addr: parse_address(&json).map(|a| a.addr),
+                },
+            });
+        }
+        let holder: Option<String> = redis.get(&key).await?;
+        Ok(Claim::InUse {
+            addr: holder.and_then(|json| parse_address(&json)).map(|a| a.addr),
+        })
+    }
+
+    /// Writes the node's key for another TTL, if it is this process's (or
+    /// gone, as after Redis restarted empty).
+    async fn own(&self) -> Result<Owned, redis::RedisError> {
+        let mut redis = self.redis.clone();
+        let owned: i64 = eval(&OWN, &[self.node_key(self.node)])
+            .arg(&self.token)
             .arg(self.address_json())
-            .arg("NX")
-            .arg("PX")
             .arg(self.ttl_ms())
             .query_async(&mut redis)
             .await?;
-        if taken.is_some() {
-            return Ok(Claim::Taken);
-        }
-        let read = |mut redis: ConnectionManager| {
-            let key = key.clone();
-            async move {
-                let (json, left): (Option<String>, i64) = redis::pipe()
-                    .get(&key)
-                    .pttl(&key)
-                    .query_async(&mut redis)
-                    .await?;
-                Ok::<_, redis::RedisError>((json, left))
-            }
-        };
-        let (before, left_before) = read(self.redis.clone()).await?;
-        let waited = std::time::Instant::now();
-        tokio::time::sleep(self.ttl / 3 + Duration::from_secs(1)).await;
-        let (after, left_after) = read(self.redis.clone()).await?;
-        let Some(after) = after else {
-            return Ok(Claim::Taken);
-        };
-        let elapsed = i64::try_from(waited.elapsed().as_millis()).unwrap_or(i64::MAX);
-        // Refreshed while this process waited: the key has more time left
-        // than it had less the time passed (with room for the two reads).
-        let refreshed = left_after > left_before.saturating_sub(elapsed) + 250;
-        let token = |json: &Option<String>| json.as_deref().and_then(parse_token);
-        if refreshed || token(&before) != token(&Some(after.clone())) {
-            let addr = parse_address(&after).map_or_else(String::new, |a| a.addr);
-            return Ok(Claim::InUse { addr });
-        }
-        Ok(Claim::Taken)
+        Ok(match owned {
+            1 => Owned::Yes,
+            2 => Owned::WasGone,
+            _ => Owned::No,
+        })
     }
 
-    /// Adds the node's own keys (address, membership) to `pipe`, with the TTL.
+    /// Adds the node's membership to `pipe`, with the TTL (its key is
+    /// written by [`Directory::own`]).
     fn heartbeat_into(&self, pipe: &mut redis::Pipeline) {
-        pipe.cmd("SET")
-            .arg(self.node_key(self.node))
-            .arg(self.address_json())
-            .arg("PX")
-            .arg(self.ttl_ms())
-            .ignore();
         pipe.sadd(self.nodes_key(), self.node)
             .ignore()
             .pexpire(self.nodes_key(), self.ttl_ms())
@@ -220,7 +237,11 @@ impl Directory {
     }
 
     /// Rewrites this node's entries to be exactly `agents`, atomically.
-    pub(crate) async fn full_sync(&self, agents: &[Peer]) -> Result<(), redis::RedisError> {
+    /// `Ok(false)`: another process holds this node's id; nothing written.
+    pub(crate) async fn full_sync(&self, agents: &[Peer]) -> Result<bool, redis::RedisError> {
+        if matches!(self.own().await?, Owned::No) {
+            return Ok(false);
+        }
         let ttl = self.ttl_ms();
         let agents_key = self.agents_key(self.node);
         let mut pipe = redis::pipe();
@@ -256,7 +277,7 @@ impl Directory {
         pipe.query_async::<()>(&mut redis).await?;
         self.swept.store(true, std::sync::atomic::Ordering::Relaxed);
         *self.label_keys() = new;
-        Ok(())
+        Ok(true)
     }
 
     /// The label keys of this node that Redis holds now.
@@ -281,10 +302,15 @@ impl Directory {
 
     /// Keeps this node's entries alive for another TTL: those of `agents`,
     /// whose label keys are the ones kept (keys no agent has any more are
-    /// left to expire). `Ok(false)`: the node's own key was gone (Redis
+    /// left to expire). [`Beat::Gone`]: the node's own key was gone (Redis
     /// restarted empty, or a heartbeat came later than the TTL), so its
     /// entries must be written whole.
-    async fn refresh(&self, agents: &[Peer]) -> Result<bool, redis::RedisError> {
+    async fn refresh(&self, agents: &[Peer]) -> Result<Beat, redis::RedisError> {
+        match self.own().await? {
+            Owned::No => return Ok(Beat::Displaced),
+            Owned::WasGone => return Ok(Beat::Gone),
+            Owned::Yes => {}
+        }
         let ttl = self.ttl_ms();
         let keys: HashSet<String> = agents
             .iter()
@@ -292,17 +318,15 @@ impl Directory {
             .map(|(k, v)| self.label_key(self.node, k, v))
             .collect();
         let mut pipe = redis::pipe();
-        // First, and read: whether the node's key was still there.
-        pipe.pexpire(self.node_key(self.node), ttl);
         pipe.pexpire(self.agents_key(self.node), ttl).ignore();
         for key in &keys {
             pipe.pexpire(key, ttl).ignore();
         }
         self.heartbeat_into(&mut pipe);
         let mut redis = self.redis.clone();
-        let (alive,): (bool,) = pipe.query_async(&mut redis).await?;
+        pipe.query_async::<()>(&mut redis).await?;
         *self.label_keys() = keys;
-        Ok(alive)
+        Ok(Beat::Alive)
     }
 
     /// Lists one agent that connected, and tells the cluster.
@@ -344,18 +368,22 @@ impl Directory {
         pipe.query_async(&mut redis).await
     }
 
-    /// Removes this node and its agents from the directory.
-    pub(crate) async fn remove_node(&self) -> Result<(), redis::RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.del(self.node_key(self.node)).ignore();
-        pipe.del(self.agents_key(self.node)).ignore();
-        for key in self.label_keys().iter() {
-            pipe.del(key).ignore();
-        }
-        pipe.srem(self.nodes_key(), self.node).ignore();
+    /// Removes this node and its agents from the directory, unless another
+    /// process holds the node's id now (`Ok(false)`: nothing removed).
+    pub(crate) async fn remove_node(&self) -> Result<bool, redis::RedisError> {
+        let mut keys = vec![
+            self.node_key(self.node),
+            self.nodes_key(),
+            self.agents_key(self.node),
+        ];
+        keys.extend(self.label_keys().iter().cloned());
         let mut redis = self.redis.clone();
-        pipe.query_async(&mut redis).await
+        let removed: i64 = eval(&LEAVE, &keys)
+            .arg(&self.token)
+            .arg(self.node)
+            .query_async(&mut redis)
+            .await?;
+        Ok(removed == 1)
     }
 
     /// The nodes alive now (their address key exists), with their addresses.
@@ -509,19 +537,87 @@ fn parse_address(json: &str) -> Option<NodeAddress> {
     })
 }
 
-/// The process mark in a node's key (none from a brpc-cluster that wrote
-/// no mark).
-fn parse_token(json: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(json).ok()?;
-    Some(value.get("token")?.as_str()?.to_owned())
-}
-
 /// What [`Directory::claim`] found.
 pub(crate) enum Claim {
     /// The node id is this process's now.
     Taken,
-    /// A live process holds it, listening at `addr`.
-    InUse { addr: String },
+    /// A live process holds it, listening at `addr` (if its key says).
+    InUse { addr: Option<String> },
+}
+
+/// Whose the node's key is, as [`Directory::own`] found it.
+enum Owned {
+    /// This process's: written for another TTL.
+    Yes,
+    /// Nobody's (expired, or Redis restarted empty): written as this
+    /// process's.
+    WasGone,
+    /// Another process's: left as it is.
+    No,
+}
+
+/// What a heartbeat found.
+enum Beat {
+    /// The node's entries live another TTL.
+    Alive,
+    /// The node's key was gone: its entries must be written whole.
+    Gone,
+    /// Another process holds this node's id now.
+    Displaced,
+}
+
+/// Whether the node key (`KEYS[1]`) holds the mark `ARGV[1]`, or no mark
+/// can be read from it. Shared by the scripts below.
+const HELD_BY: &str = r"
+local function held_by(value, token)
+  local ok, entry = pcall(cjson.decode, value)
+  return ok and type(entry) == 'table' and entry['token'] == token
+end
+";
+
+/// Writes the node key (`KEYS[1]`) as `ARGV[2]` for `ARGV[3]` ms if it
+/// holds this process's mark (`ARGV[1]`): 1; or if it is gone: 2; another
+/// process's key is left as it is: 0.
+static OWN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{HELD_BY}
+local value = redis.call('GET', KEYS[1])
+if value and not held_by(value, ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+if value then return 1 end
+return 2"
+    )
+});
+
+/// Takes the node key (`KEYS[1]`) over, writing `ARGV[2]` for `ARGV[3]`
+/// ms, if it is still exactly `ARGV[1]` (nothing refreshed it) or gone:
+/// nil. Otherwise it is left, and returned.
+const TAKE_OVER: &str = r"
+local value = redis.call('GET', KEYS[1])
+if value and value ~= ARGV[1] then return value end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return nil";
+
+/// Removes a node: its key (`KEYS[1]`), its id `ARGV[2]` from the node set
+/// (`KEYS[2]`) and its other keys (`KEYS[3..]`), if the node key holds this
+/// process's mark (`ARGV[1]`) or is gone: 1; otherwise nothing: 0.
+static LEAVE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{HELD_BY}
+local value = redis.call('GET', KEYS[1])
+if value and not held_by(value, ARGV[1]) then return 0 end
+for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 1"
+    )
+});
+
+/// An EVAL of the script `source` over `keys`: its arguments follow.
+fn eval(source: &str, keys: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(source).arg(keys.len()).arg(keys);
+    cmd
 }
 
 /// A mark unlikely to be any other process's: the process id and 64 bits
@@ -581,13 +677,25 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
                     directory.full_sync(&agents).await
                 } else {
                     match directory.refresh(&agents).await {
+                        Ok(Beat::Alive) => Ok(true),
                         // The node's key was gone: write everything again.
-                        Ok(false) => directory.full_sync(&agents).await,
-                        other => other.map(|_| ()),
+                        Ok(Beat::Gone) => directory.full_sync(&agents).await,
+                        Ok(Beat::Displaced) => Ok(false),
+                        Err(e) => Err(e),
                     }
                 };
                 match result {
-                    Ok(()) => {
+                    Ok(false) => {
+                        tracing::error!(
+                            node = directory.node,
+                            "another process holds this node's id in the cluster directory (two \
+                             processes were given one id, or this one was cut off from Redis for \
+                             longer than the TTL): this node no longer writes its entries; give \
+                             each node its own id and restart it"
+                        );
+                        return;
+                    }
+                    Ok(true) => {
                         if stale {
                             tracing::info!("cluster directory rewritten for this node");
                         }

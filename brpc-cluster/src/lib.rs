@@ -140,7 +140,9 @@ impl ClusterConfig {
     }
 
     /// How long a node's directory entries outlive its last heartbeat
-    /// (default 15 s; heartbeats every third of it).
+    /// (default 15 s; heartbeats every third of it). A node restarted after
+    /// a crash, its entries still there, waits a third of it and a sixth
+    /// (at least a second) to join (see [`Cluster::join`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl.max(Duration::from_secs(1));
         self
@@ -210,17 +212,18 @@ pub enum ClusterError {
     /// Node id 0 is the id of a server outside any cluster.
     #[error("node id 0 is reserved; give every node of the cluster its own id from 1")]
     NodeIdZero,
-    /// Another live process is this node (its directory entry was refreshed
-    /// while this one waited to join).
+    /// Another live process is this node: its directory entry was written
+    /// again while this one waited to join.
     #[error(
-        "node id {node} is in use by a live node at {addr} (its directory entry kept being \
-         refreshed); give every node of the cluster its own id, or stop the other process"
+        "node id {node} is in use by another live process (listening at {}); give every node \
+         of the cluster its own id, or stop the other process",
+        addr.as_deref().unwrap_or("an address its entry does not give")
     )]
     NodeIdInUse {
         /// The id asked for.
         node: u16,
-        /// Where the node holding it listens (empty if its entry says not).
-        addr: String,
+        /// Where the process holding it listens, if its entry says.
+        addr: Option<String>,
     },
     /// The server listens on an unspecified address and none was advertised.
     #[error(
@@ -291,11 +294,16 @@ impl Cluster {
     ///
     /// Two processes must not be one node. If the directory still has an
     /// entry for this node id, `join` watches it for one heartbeat period
-    /// (a third of the TTL) and a second: an entry left by a process that
-    /// ended without leaving (a crash) is not refreshed, and this process
-    /// takes the id over; one that is refreshed belongs to a live node, and
-    /// `join` fails with [`ClusterError::NodeIdInUse`]. A node restarted
-    /// after [`Cluster::leave`] finds no entry and joins at once.
+    /// (a third of the TTL) and a margin (a sixth of it, at least a
+    /// second): an entry left by a process that ended without leaving (a
+    /// crash) is not written again, and this process takes the id over;
+    /// one that is belongs to a live node, and `join` fails with
+    /// [`ClusterError::NodeIdInUse`]. A node restarted after
+    /// [`Cluster::leave`] finds no entry and joins at once. After joining,
+    /// a node whose heartbeat finds its id held by another process (one cut
+    /// off from Redis for longer than the TTL, whose id was taken over)
+    /// stops writing to the directory and logs an error; its `leave`
+    /// removes nothing.
     ///
     /// # Errors
     /// [`ClusterError`]: Redis unreachable, a bad URL, node id 0, the id in
@@ -345,11 +353,22 @@ impl Cluster {
         });
         // Subscribed before the first sync, so no connect is missed.
         let local = inner.registry.subscribe();
-        inner
-            .directory
-            .full_sync(&agents_of(&inner))
-            .await
-            .map_err(unreachable)?;
+        match inner.directory.full_sync(&agents_of(&inner)).await {
+            Ok(true) => {}
+            // Taken by another process since the claim.
+            Ok(false) => {
+                return Err(ClusterError::NodeIdInUse {
+                    node: config.node_id,
+                    addr: None,
+                });
+            }
+            Err(e) => {
+                // The id was claimed: give it back rather than hold it for
+                // a TTL with no entries.
+                let _ = inner.directory.remove_node().await;
+                return Err(unreachable(e));
+            }
+        }
         let (subscribed, listening) = tokio::sync::oneshot::channel();
         let tasks = vec![
             tokio::spawn(directory::keep(inner.clone(), local)),
@@ -376,8 +395,14 @@ impl Cluster {
             task.abort();
             let _ = task.await;
         }
-        if let Err(e) = self.inner.directory.remove_node().await {
-            tracing::warn!(error = %e, "leaving the cluster: could not remove this node from Redis; it expires after the TTL");
+        match self.inner.directory.remove_node().await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "leaving the cluster: another process holds this node's id now; its entries were left"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "leaving the cluster: could not remove this node from Redis; it expires after the TTL")
+            }
         }
     }
 

@@ -1023,11 +1023,11 @@ async fn a_second_process_with_a_node_id_in_use_is_refused() {
     match &refused {
         ClusterError::NodeIdInUse { node, addr } => {
             assert_eq!(*node, 1);
-            assert_eq!(*addr, first.server.local_addr().to_string());
+            assert_eq!(*addr, Some(first.server.local_addr().to_string()));
         }
         other => panic!("{other:?}"),
     }
-    assert!(refused.to_string().contains("own id"), "{refused}");
+    assert!(refused.to_string().contains("its own id"), "{refused}");
     // The first node's entry is still its own.
     let mut conn = redis::Client::open(redis.url())
         .expect("url")
@@ -1048,4 +1048,85 @@ async fn a_second_process_with_a_node_id_in_use_is_refused() {
         .await
         .expect("joins once the first left");
     assert_eq!(second.node_id(), 1);
+}
+
+/// A node whose id another process holds by the time of its heartbeat (it
+/// was cut off from Redis for longer than the TTL, and its id was taken
+/// over) stops writing: the other's entry stays, and leaving removes
+/// nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_id_was_taken_over_stops_writing() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(3);
+    let mut a = node(&pki, 1, &redis, ttl).await;
+    let mut conn = redis::Client::open(redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let other =
+        r#"{"addr":"127.0.0.1:9","server_name":"x","identity":"","token":"another","beat":0}"#;
+    redis::cmd("SET")
+        .arg("test:node:1")
+        .arg(other)
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("SET");
+    // Two heartbeats of node 1 (a third of the TTL apart) and a margin.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let entry: String = redis::cmd("GET")
+        .arg("test:node:1")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(entry, other, "node 1 wrote over the other process's entry");
+    a.cluster.take().expect("joined").leave().await;
+    let entry: Option<String> = redis::cmd("GET")
+        .arg("test:node:1")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(
+        entry.as_deref(),
+        Some(other),
+        "leaving removed the other's entry"
+    );
+}
+
+/// Two processes given the id of a node that ended without leaving, joining
+/// at the same time: one takes the id over, the other is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_processes_taking_over_one_id_one_joins() {
+    let redis = Redis::start();
+    let pki = Pki::new();
+    let ttl = Duration::from_secs(6);
+    let mut crashed = node(&pki, 1, &redis, ttl).await;
+    // Ends without leaving: its entry stays until the TTL.
+    drop(crashed.cluster.take());
+    let start = || {
+        let config = ClusterConfig::new(1, redis.url(), pki.node("node-1"))
+            .name("test")
+            .ttl(ttl);
+        let server = config
+            .server_builder(Server::builder())
+            .bind("127.0.0.1:0")
+            .expect("bind");
+        async move {
+            let joined = Cluster::join(&server, config).await;
+            (server, joined)
+        }
+    };
+    let ((_s1, first), (_s2, second)) = tokio::join!(start(), start());
+    let refused = match (first, second) {
+        (Ok(_joined), Err(refused)) | (Err(refused), Ok(_joined)) => refused,
+        (Ok(_), Ok(_)) => panic!("both joined as node 1"),
+        (Err(a), Err(b)) => panic!("neither joined: {a}; {b}"),
+    };
+    assert!(
+        matches!(refused, ClusterError::NodeIdInUse { node: 1, .. }),
+        "{refused:?}"
+    );
 }

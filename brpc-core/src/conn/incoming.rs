@@ -503,9 +503,7 @@ impl Drop for MessageStream {
     fn drop(&mut self) {
         let expired = !self.failed && {
             let call = lock(&self.call);
-            !call.is_done()
-                && !call.is_send_done()
-                && call.deadline().is_some_and(|at| at <= now())
+            !call.is_done() && !call.is_send_done() && call.deadline().is_some_and(|at| at <= now())
         };
         if expired {
             self.reader.stop(codes::STREAM_CANCELLED);
