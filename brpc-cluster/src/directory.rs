@@ -210,6 +210,13 @@ impl Directory {
         })
     }
 
+    /// Where the process holding this node's id listens, if its key says.
+    pub(crate) async fn holder(&self) -> Result<Option<String>, redis::RedisError> {
+        let mut redis = self.redis.clone();
+        let json: Option<String> = redis.get(self.node_key(self.node)).await?;
+        Ok(json.and_then(|json| parse_address(&json)).map(|a| a.addr))
+    }
+
     /// Writes the node's key for another TTL, if it is this process's (or
     /// gone, as after Redis restarted empty).
     async fn own(&self) -> Result<Owned, redis::RedisError> {
@@ -239,6 +246,15 @@ impl Directory {
     /// Rewrites this node's entries to be exactly `agents`, atomically.
     /// `Ok(false)`: another process holds this node's id; nothing written.
     pub(crate) async fn full_sync(&self, agents: &[Peer]) -> Result<bool, redis::RedisError> {
+        let mut old: Vec<String> = self.label_keys().iter().cloned().collect();
+        if !self.swept.load(std::sync::atomic::Ordering::Relaxed) {
+            // A process that joined afresh knows none of the label keys an
+            // earlier process of this node wrote (it may have crashed, and
+            // they live on while any agent carries the label): found by
+            // their names, once. (Before the key is owned again: the scan
+            // may take long, and the write must follow the check closely.)
+            old.extend(self.stored_label_keys().await?);
+        }
         if matches!(self.own().await?, Owned::No) {
             return Ok(false);
         }
@@ -246,14 +262,6 @@ impl Directory {
         let agents_key = self.agents_key(self.node);
         let mut pipe = redis::pipe();
         pipe.atomic();
-        let mut old: Vec<String> = self.label_keys().iter().cloned().collect();
-        if !self.swept.load(std::sync::atomic::Ordering::Relaxed) {
-            // A process that joined afresh knows none of the label keys an
-            // earlier process of this node wrote (it may have crashed, and
-            // they live on while any agent carries the label): found by
-            // their names, once.
-            old.extend(self.stored_label_keys().await?);
-        }
         pipe.del(&agents_key).ignore();
         for key in &old {
             pipe.del(key).ignore();
@@ -566,8 +574,8 @@ enum Beat {
     Displaced,
 }
 
-/// Whether the node key (`KEYS[1]`) holds the mark `ARGV[1]`, or no mark
-/// can be read from it. Shared by the scripts below.
+/// Whether a node key's value holds the mark `token` (not if no mark can be
+/// read from it). Shared by the scripts below.
 const HELD_BY: &str = r"
 local function held_by(value, token)
   local ok, entry = pcall(cjson.decode, value)
@@ -654,23 +662,10 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stale = false;
     loop {
+        // Biased, the heartbeat first: a late one finds out whether another
+        // process has taken this node's id before any event is written.
         tokio::select! {
-            event = local.recv() => {
-                let result = match event {
-                    Ok(PeerEvent::Connected(peer)) if is_agent(&peer, &inner.tls.identity) && !stale => directory.add(&peer).await,
-                    Ok(PeerEvent::Disconnected { peer, .. }) if is_agent(&peer, &inner.tls.identity) && !stale => directory.remove(&peer).await,
-                    Ok(_) => Ok(()),
-                    Err(RecvError::Lagged(_)) => {
-                        stale = true;
-                        Ok(())
-                    }
-                    Err(RecvError::Closed) => return,
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "cluster directory update failed; the next heartbeat rewrites this node's entries");
-                    stale = true;
-                }
-            }
+            biased;
             _ = beat.tick() => {
                 let agents = crate::agents_of(&inner);
                 let result = if stale {
@@ -689,9 +684,9 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
                         tracing::error!(
                             node = directory.node,
                             "another process holds this node's id in the cluster directory (two \
-                             processes were given one id, or this one was cut off from Redis for \
-                             longer than the TTL): this node no longer writes its entries; give \
-                             each node its own id and restart it"
+                             processes were given one id, or this one's heartbeat came too late, \
+                             cut off from Redis or stalled, and the id was taken over): this node \
+                             no longer writes its entries; give each node its own id and restart it"
                         );
                         return;
                     }
@@ -712,6 +707,22 @@ pub(crate) async fn keep(inner: Arc<Inner>, mut local: Receiver<PeerEvent>) {
                         tracing::warn!(error = %e, "cluster heartbeat failed");
                         stale = true;
                     }
+                }
+            }
+            event = local.recv() => {
+                let result = match event {
+                    Ok(PeerEvent::Connected(peer)) if is_agent(&peer, &inner.tls.identity) && !stale => directory.add(&peer).await,
+                    Ok(PeerEvent::Disconnected { peer, .. }) if is_agent(&peer, &inner.tls.identity) && !stale => directory.remove(&peer).await,
+                    Ok(_) => Ok(()),
+                    Err(RecvError::Lagged(_)) => {
+                        stale = true;
+                        Ok(())
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "cluster directory update failed; the next heartbeat rewrites this node's entries");
+                    stale = true;
                 }
             }
         }

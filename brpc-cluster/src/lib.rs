@@ -300,10 +300,13 @@ impl Cluster {
     /// one that is belongs to a live node, and `join` fails with
     /// [`ClusterError::NodeIdInUse`]. A node restarted after
     /// [`Cluster::leave`] finds no entry and joins at once. After joining,
-    /// a node whose heartbeat finds its id held by another process (one cut
-    /// off from Redis for longer than the TTL, whose id was taken over)
-    /// stops writing to the directory and logs an error; its `leave`
-    /// removes nothing.
+    /// a node whose heartbeat finds its id held by another process (its
+    /// heartbeat came later than that margin, cut off from Redis or
+    /// stalled, and the id was taken over) stops writing to the directory
+    /// and logs an error; its `leave` removes nothing while the other's
+    /// entry is there. Every node of a cluster must run a brpc-cluster with
+    /// this check: an older node's entry does not change at its heartbeats,
+    /// and a newer process would take its id over.
     ///
     /// # Errors
     /// [`ClusterError`]: Redis unreachable, a bad URL, node id 0, the id in
@@ -359,7 +362,7 @@ impl Cluster {
             Ok(false) => {
                 return Err(ClusterError::NodeIdInUse {
                     node: config.node_id,
-                    addr: None,
+                    addr: inner.directory.holder().await.ok().flatten(),
                 });
             }
             Err(e) => {

@@ -962,7 +962,7 @@ async fn a_node_that_joins_again_drops_its_old_label_index() {
     let redis = Redis::start();
     let pki = Pki::new();
     // Long enough for the old entries to outlive the new process's wait to
-    // join (a third of it and a second), which takes the id over.
+    // join (half of it), which takes the id over.
     let ttl = Duration::from_secs(15);
     let mut a = node(&pki, 1, &redis, ttl).await;
     let (a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
@@ -1007,7 +1007,9 @@ async fn a_node_that_joins_again_drops_its_old_label_index() {
 async fn a_second_process_with_a_node_id_in_use_is_refused() {
     let redis = Redis::start();
     let pki = Pki::new();
-    let ttl = Duration::from_secs(3);
+    // The second waits 6 s for the first's heartbeats, every 4 s: room for
+    // a heartbeat 2 s late on a loaded machine.
+    let ttl = Duration::from_secs(12);
     let mut first = node(&pki, 1, &redis, ttl).await;
     let config = ClusterConfig::new(1, redis.url(), pki.node("node-1"))
         .name("test")
@@ -1083,6 +1085,16 @@ async fn a_node_whose_id_was_taken_over_stops_writing() {
         .await
         .expect("GET");
     assert_eq!(entry, other, "node 1 wrote over the other process's entry");
+    // Nor does it list agents that connect now (they would be listed under
+    // the other process).
+    let (_a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listed: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("test:node:1:agents")
+        .query_async(&mut conn)
+        .await
+        .expect("HGETALL");
+    assert!(listed.is_empty(), "{listed:?}");
     a.cluster.take().expect("joined").leave().await;
     let entry: Option<String> = redis::cmd("GET")
         .arg("test:node:1")
