@@ -213,7 +213,9 @@ pub enum ClusterError {
     #[error("node id 0 is reserved; give every node of the cluster its own id from 1")]
     NodeIdZero,
     /// Another live process is this node: its directory entry was written
-    /// again while this one waited to join.
+    /// again while this one waited to join, or another process took the id
+    /// first (of two taking over one id, or between the claim and the
+    /// first write).
     #[error(
         "node id {node} is in use by another live process (listening at {}); give every node \
          of the cluster its own id, or stop the other process",

@@ -192,11 +192,17 @@ async fn large_answers_at_once(calls: usize) -> Vec<Result<usize, tonic::Status>
             Ok(blob.len())
         })
     });
-    futures_util::future::join_all(calls)
-        .await
-        .into_iter()
-        .map(|joined| joined.expect("call task"))
-        .collect()
+    // Bounded: a stalled answer waits for its Response, which no idle
+    // limit covers, and a handler for the other calls that never came.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("every call ended within 60 s")
+    .into_iter()
+    .map(|joined| joined.expect("call task"))
+    .collect()
 }
 
 /// More large answers at once than the caller's budget holds: those that
@@ -264,7 +270,13 @@ async fn streamed_messages_waiting_for_room_do_not_starve_the_one_being_received
                 .unwrap_or_else(|s| panic!("call {i}: {s:?}"));
         })
     });
-    for joined in futures_util::future::join_all(calls).await {
+    let joined = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures_util::future::join_all(calls),
+    )
+    .await
+    .expect("every call ended within 60 s");
+    for joined in joined {
         joined.expect("call task");
     }
     assert_eq!(

@@ -1144,7 +1144,6 @@ mod tests {
 
     fn budgets() -> Budgets {
         Budgets {
-            waiting_room: None,
             connection: MemoryBudget::new(1 << 20),
             total: MemoryBudget::new(1 << 20),
         }

@@ -44,6 +44,8 @@ struct Inner {
     /// since `Notify::notify_waiters` takes a lock.
     waiting: AtomicUsize,
     freed: Notify,
+    /// A QUIC connection's own budget: where its frames wait for room.
+    room: Option<WaitingRoom>,
 }
 
 impl std::fmt::Debug for MemoryBudget {
@@ -58,12 +60,25 @@ impl std::fmt::Debug for MemoryBudget {
 impl MemoryBudget {
     /// A budget of `limit` bytes.
     pub fn new(limit: usize) -> Self {
+        Self::with_room(limit, None)
+    }
+
+    /// A QUIC connection's own budget of `limit` bytes, with the room its
+    /// frames wait in (kept here: each call's reader holds this budget
+    /// already, so the room costs it nothing more).
+    pub(crate) fn with_room(limit: usize, room: Option<WaitingRoom>) -> Self {
         MemoryBudget(Arc::new(Inner {
             limit,
             used: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             freed: Notify::new(),
+            room,
         }))
+    }
+
+    /// The room this connection's frames wait in, if it has one.
+    pub(crate) fn waiting_room(&self) -> Option<&WaitingRoom> {
+        self.0.room.as_ref()
     }
 
     /// The budget's size.
@@ -95,13 +110,12 @@ impl MemoryBudget {
     }
 }
 
-/// The two budgets a connection's reads are charged to, and over QUIC the
-/// room its frames wait for them in.
+/// The two budgets a connection's reads are charged to (over QUIC the
+/// connection's also holds the room its frames wait for them in).
 #[derive(Clone, Debug)]
 pub(crate) struct Budgets {
     pub(crate) connection: MemoryBudget,
     pub(crate) total: MemoryBudget,
-    pub(crate) waiting_room: Option<Arc<WaitingRoom>>,
 }
 
 impl Budgets {
@@ -148,14 +162,20 @@ impl Budgets {
 
     /// Why a frame was refused a place to wait for room.
     pub(crate) fn too_many_waiting_message(&self, wanted: usize) -> String {
-        let most = self.waiting_room.as_ref().map_or(0, |room| room.most);
+        let most = self.connection.waiting_room().map_or(0, |room| room.most);
         let (which, budget) = self.fullest(wanted);
+        let setting = if std::ptr::eq(budget, &self.connection) {
+            "buffer_per_connection"
+        } else {
+            "buffer_total"
+        };
         format!(
             "{most} frames of this connection's calls are already waiting for room in \
              {which} inbound buffer budget ({} of {} bytes reserved by frames being received; \
-             this frame needs {wanted}); make fewer large calls at once, or raise \
-             buffer_per_connection / buffer_total and receive_window (up to three receive \
-             windows of frames may wait)",
+             this frame needs {wanted}); make fewer large calls at once, or raise {setting} \
+             (and, for more to wait, buffer_per_connection and receive_window: as many may \
+             wait as there are 1.25 MB stream windows in the smaller of the connection's \
+             budget and three receive windows)",
             budget.in_use(),
             budget.limit()
         )
@@ -243,33 +263,38 @@ impl WaitingRoom {
         (stream_window, most.max(1))
     }
 
-    /// A place for one more waiting frame, given back when the returned
-    /// guard drops; `None` if the room is full.
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<Waiter> {
-        let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
-        match places.enter(self.most) {
+    /// A place for one more waiting frame in the room of `budget` (a
+    /// connection's own), given back when the returned guard drops; `None`
+    /// if the room is full or `budget` has none.
+    pub(crate) fn enter(budget: &MemoryBudget) -> Option<Waiter> {
+        let room = budget.waiting_room()?;
+        let mut places = room.places.lock().unwrap_or_else(|e| e.into_inner());
+        match places.enter(room.most) {
             Entry::Full => return None,
             Entry::Entered => {}
             Entry::Widen(waiting) => {
-                let window = self
+                let window = room
                     .window
-                    .saturating_add((waiting as u64).saturating_mul(self.stream_window));
-                self.connection.set_receive_window(
+                    .saturating_add((waiting as u64).saturating_mul(room.stream_window));
+                room.connection.set_receive_window(
                     quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX),
                 );
             }
         }
-        Some(Waiter(self.clone()))
+        Some(Waiter(budget.clone()))
     }
 }
 
-/// A frame's place in a [`WaitingRoom`].
-pub(crate) struct Waiter(Arc<WaitingRoom>);
+/// A frame's place in a [`WaitingRoom`] (held through the budget that holds
+/// the room).
+pub(crate) struct Waiter(MemoryBudget);
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        let mut places = self.0.places.lock().unwrap_or_else(|e| e.into_inner());
-        places.waiting -= 1;
+        if let Some(room) = self.0.waiting_room() {
+            let mut places = room.places.lock().unwrap_or_else(|e| e.into_inner());
+            places.waiting = places.waiting.saturating_sub(1);
+        }
     }
 }
 
@@ -331,7 +356,6 @@ mod tests {
         Budgets {
             connection: MemoryBudget::new(connection),
             total: MemoryBudget::new(total),
-            waiting_room: None,
         }
     }
 
@@ -341,12 +365,10 @@ mod tests {
         let a = Budgets {
             connection: MemoryBudget::new(60),
             total: total.clone(),
-            waiting_room: None,
         };
         let b = Budgets {
             connection: MemoryBudget::new(60),
             total: total.clone(),
-            waiting_room: None,
         };
         assert!(a.try_reserve(60));
         assert!(!a.try_reserve(1), "connection budget full");

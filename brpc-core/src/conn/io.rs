@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use quinn::{RecvStream, SendStream, VarInt};
 
-use super::budget::Budgets;
+use super::budget::{Budgets, WaitingRoom};
 use super::error::ReadError;
 use crate::wire::{Frame, FrameDecoder, FrameHeader, HEADER_LEN, Payload};
 
@@ -97,23 +97,21 @@ impl FrameReader {
             // The frame waits with its data in QUIC's buffers, in a place
             // that keeps those from starving the frames being received
             // (`WaitingRoom`); with none left, its call fails instead.
-            let place = match &budgets.waiting_room {
-                Some(room) => match room.enter() {
-                    Some(place) => Some(place),
-                    None => {
-                        return Err(ReadError::Exhausted(
-                            budgets.too_many_waiting_message(length),
-                        ));
-                    }
-                },
-                None => None,
-            };
+            let place = WaitingRoom::enter(&budgets.connection);
+            if place.is_none() && budgets.connection.waiting_room().is_some() {
+                return Err(ReadError::Exhausted(
+                    budgets.too_many_waiting_message(length),
+                ));
+            }
             // Not idle: the data may well be waiting in QUIC's buffers; it is
-            // this side that has no room yet. Boxed: rare, and its future
-            // would size every call's.
-            let waiting = Box::pin(budgets.reserve(length));
-            waiting.await;
-            drop(place);
+            // this side that has no room yet. Boxed, the place with it: rare,
+            // and its future would size every call's.
+            let reserving = budgets.reserve(length);
+            Box::pin(async move {
+                let _place = place;
+                reserving.await;
+            })
+            .await;
         }
         self.reserved = length;
         Ok(())

@@ -121,8 +121,9 @@ impl ConnectionOptions {
     /// is widened by a stream window (1.25 MB, or the receive window if
     /// smaller) for each of the most frames that have waited at once, so that
     /// the data their streams hold unread does not starve the frames being
-    /// received; at most as many wait as there are stream windows in this or
-    /// three receive windows, whichever is less (at least one). A frame
+    /// received; at most as many wait as there are stream windows in this
+    /// (at least one maximum-size message) or three receive windows,
+    /// whichever is less (at least one). A frame
     /// beyond that ends its call with `RESOURCE_EXHAUSTED`: raise this and
     /// `receive_window` to have more large messages in flight on one
     /// connection at once.

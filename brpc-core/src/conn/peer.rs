@@ -108,7 +108,6 @@ impl CallLimits {
         Budgets {
             connection: MemoryBudget::new(self.buffer_per_connection.max(self.max_message_size)),
             total,
-            waiting_room: None,
         }
     }
 
@@ -222,13 +221,11 @@ impl Peer {
         receive_window: Option<u64>,
     ) -> Self {
         let mut budgets = limits.budgets(total);
-        budgets.waiting_room = receive_window.map(|window| {
-            Arc::new(WaitingRoom::new(
-                connection.clone(),
-                window,
-                budgets.connection.limit(),
-            ))
-        });
+        if let Some(window) = receive_window {
+            let limit = budgets.connection.limit();
+            let room = WaitingRoom::new(connection.clone(), window, limit);
+            budgets.connection = MemoryBudget::with_room(limit, Some(room));
+        }
         Self::with_transport(
             Transport::Quic(connection),
             side,
