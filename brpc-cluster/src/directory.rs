@@ -204,9 +204,8 @@ impl Directory {
                 },
             });
         }
-        let holder: Option<String> = redis.get(&key).await?;
         Ok(Claim::InUse {
-            addr: holder.and_then(|json| parse_address(&json)).map(|a| a.addr),
+            addr: self.holder().await?,
         })
     }
 

@@ -263,11 +263,11 @@ impl WaitingRoom {
         (stream_window, most.max(1))
     }
 
-    /// A place for one more waiting frame in the room of `budget` (a
-    /// connection's own), given back when the returned guard drops; `None`
-    /// if the room is full or `budget` has none.
-    pub(crate) fn enter(budget: &MemoryBudget) -> Option<Waiter> {
-        let room = budget.waiting_room()?;
+    /// A place for one more waiting frame, given back when the returned
+    /// guard drops; `None` if the room is full. `budget` is the one that
+    /// holds this room (the guard keeps it).
+    pub(crate) fn enter(&self, budget: &MemoryBudget) -> Option<Waiter> {
+        let room = self;
         let mut places = room.places.lock().unwrap_or_else(|e| e.into_inner());
         match places.enter(room.most) {
             Entry::Full => return None,

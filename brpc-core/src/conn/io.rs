@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use quinn::{RecvStream, SendStream, VarInt};
 
-use super::budget::{Budgets, WaitingRoom};
+use super::budget::Budgets;
 use super::error::ReadError;
 use crate::wire::{Frame, FrameDecoder, FrameHeader, HEADER_LEN, Payload};
 
@@ -97,12 +97,17 @@ impl FrameReader {
             // The frame waits with its data in QUIC's buffers, in a place
             // that keeps those from starving the frames being received
             // (`WaitingRoom`); with none left, its call fails instead.
-            let place = WaitingRoom::enter(&budgets.connection);
-            if place.is_none() && budgets.connection.waiting_room().is_some() {
-                return Err(ReadError::Exhausted(
-                    budgets.too_many_waiting_message(length),
-                ));
-            }
+            let place = match budgets.connection.waiting_room() {
+                Some(room) => match room.enter(&budgets.connection) {
+                    Some(place) => Some(place),
+                    None => {
+                        return Err(ReadError::Exhausted(
+                            budgets.too_many_waiting_message(length),
+                        ));
+                    }
+                },
+                None => None,
+            };
             // Not idle: the data may well be waiting in QUIC's buffers; it is
             // this side that has no room yet. Boxed, the place with it: rare,
             // and its future would size every call's.
