@@ -66,6 +66,15 @@ impl Redis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// A connection of the test's own, to look at what the nodes wrote.
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis")
+    }
+
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -265,16 +274,31 @@ async fn node_at(pki: &Pki, id: u16, url: String, ttl: Duration) -> Node {
 
 /// A node with these TLS settings.
 async fn node_with(tls: NodeTls, id: u16, url: String, ttl: Duration) -> Node {
-    let config = ClusterConfig::new(id, url, tls).name("test").ttl(ttl);
-    let server = config
-        .server_builder(Server::builder())
-        .bind("127.0.0.1:0")
-        .expect("bind");
+    let (config, server) = unjoined(tls, id, url, ttl);
     let cluster = Cluster::join(&server, config).await.expect("joins");
     Node {
         server,
         cluster: Some(cluster),
     }
+}
+
+/// A node's configuration and its server, not joined yet.
+fn unjoined(tls: NodeTls, id: u16, url: String, ttl: Duration) -> (ClusterConfig, Server) {
+    let config = ClusterConfig::new(id, url, tls).name("test").ttl(ttl);
+    let server = config
+        .server_builder(Server::builder())
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    (config, server)
+}
+
+/// What Redis holds for node 1 of the test cluster.
+async fn node_1_entry(conn: &mut redis::aio::MultiplexedConnection) -> Option<String> {
+    redis::cmd("GET")
+        .arg("test:node:1")
+        .query_async(conn)
+        .await
+        .expect("GET")
 }
 
 impl Node {
@@ -927,11 +951,7 @@ async fn stray_directory_entries_are_left_out() {
     let a = node(&pki, 1, &redis, ttl).await;
     let b = node(&pki, 2, &redis, ttl).await;
     let (_b1, _) = agent(&pki, "b1", "b", &[b.server.local_addr()]).await;
-    let mut conn = redis::Client::open(redis.url())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis.connection().await;
     let _: () = redis::cmd("SADD")
         .arg("test:nodes")
         .arg("not-a-node")
@@ -967,11 +987,7 @@ async fn a_node_that_joins_again_drops_its_old_label_index() {
     let mut a = node(&pki, 1, &redis, ttl).await;
     let (a1, _) = agent(&pki, "a1", "a", &[a.server.local_addr()]).await;
     let old_id = a1.connection_id().0;
-    let mut conn = redis::Client::open(redis.url())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis.connection().await;
     let members = |conn: &mut redis::aio::MultiplexedConnection| {
         let mut conn = conn.clone();
         async move {
@@ -1011,13 +1027,7 @@ async fn a_second_process_with_a_node_id_in_use_is_refused() {
     // a heartbeat 2 s late on a loaded machine.
     let ttl = Duration::from_secs(12);
     let mut first = node(&pki, 1, &redis, ttl).await;
-    let config = ClusterConfig::new(1, redis.url(), pki.node("node-1"))
-        .name("test")
-        .ttl(ttl);
-    let server = config
-        .server_builder(Server::builder())
-        .bind("127.0.0.1:0")
-        .expect("bind");
+    let (config, server) = unjoined(pki.node("node-1"), 1, redis.url(), ttl);
     let refused = Cluster::join(&server, config.clone())
         .await
         .map(|_| ())
@@ -1031,16 +1041,8 @@ async fn a_second_process_with_a_node_id_in_use_is_refused() {
     }
     assert!(refused.to_string().contains("its own id"), "{refused}");
     // The first node's entry is still its own.
-    let mut conn = redis::Client::open(redis.url())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let entry: String = redis::cmd("GET")
-        .arg("test:node:1")
-        .query_async(&mut conn)
-        .await
-        .expect("GET");
+    let mut conn = redis.connection().await;
+    let entry = node_1_entry(&mut conn).await.expect("node 1's entry");
     assert!(
         entry.contains(&first.server.local_addr().to_string()),
         "{entry}"
@@ -1062,11 +1064,7 @@ async fn a_node_whose_id_was_taken_over_stops_writing() {
     let pki = Pki::new();
     let ttl = Duration::from_secs(3);
     let mut a = node(&pki, 1, &redis, ttl).await;
-    let mut conn = redis::Client::open(redis.url())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut conn = redis.connection().await;
     let other =
         r#"{"addr":"127.0.0.1:9","server_name":"x","identity":"","token":"another","beat":0}"#;
     redis::cmd("SET")
@@ -1079,11 +1077,7 @@ async fn a_node_whose_id_was_taken_over_stops_writing() {
         .expect("SET");
     // Two heartbeats of node 1 (a third of the TTL apart) and a margin.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let entry: String = redis::cmd("GET")
-        .arg("test:node:1")
-        .query_async(&mut conn)
-        .await
-        .expect("GET");
+    let entry = node_1_entry(&mut conn).await.expect("node 1's entry");
     assert_eq!(entry, other, "node 1 wrote over the other process's entry");
     // Nor does it list agents that connect now (they would be listed under
     // the other process).
@@ -1096,11 +1090,7 @@ async fn a_node_whose_id_was_taken_over_stops_writing() {
         .expect("HGETALL");
     assert!(listed.is_empty(), "{listed:?}");
     a.cluster.take().expect("joined").leave().await;
-    let entry: Option<String> = redis::cmd("GET")
-        .arg("test:node:1")
-        .query_async(&mut conn)
-        .await
-        .expect("GET");
+    let entry = node_1_entry(&mut conn).await;
     assert_eq!(
         entry.as_deref(),
         Some(other),
@@ -1119,13 +1109,7 @@ async fn of_two_processes_taking_over_one_id_one_joins() {
     // Ends without leaving: its entry stays until the TTL.
     drop(crashed.cluster.take());
     let start = || {
-        let config = ClusterConfig::new(1, redis.url(), pki.node("node-1"))
-            .name("test")
-            .ttl(ttl);
-        let server = config
-            .server_builder(Server::builder())
-            .bind("127.0.0.1:0")
-            .expect("bind");
+        let (config, server) = unjoined(pki.node("node-1"), 1, redis.url(), ttl);
         async move {
             let joined = Cluster::join(&server, config).await;
             (server, joined)
