@@ -743,13 +743,21 @@ async fn a_client_let_in_as_shutdown_begins_is_refused() {
     )
     .await;
     release.send(()).expect("release");
-    // As a client arriving after the shutdown began is refused.
+    // As a client arriving after the shutdown began is refused: by the Hello
+    // answer, or by the connection close that follows it once the answer was
+    // acknowledged, when the close reaches the client before its Hello
+    // answer is read (seen under CI's load; QUIC then ends the stream too).
     let refused = late.await.expect("join").expect_err("refused");
     assert!(
         matches!(
             &refused,
             brpc::ConnectError::Hello(status)
                 if status.code() == Code::Unavailable && status.message().contains("shutting down")
+        ) || matches!(
+            &refused,
+            brpc::ConnectError::Refused { code, reason }
+                if *code == brpc::core::conn::codes::CONN_GOING_AWAY
+                    && reason.contains("shutting down")
         ),
         "{refused:?}"
     );
