@@ -527,7 +527,8 @@ impl Builder {
     /// of the [reconnect backoff](Builder::reconnect_backoff) for the next
     /// attempt. A server refuses for load only when more clients wait for a
     /// handshake than it queues (64 per handshake slot, or one waited half
-    /// its Hello limit): a whole fleet coming back at once. Retrying it at
+    /// its Hello limit), or when at its connection limit with no handshake
+    /// slot free: a whole fleet coming back at once. Retrying it at
     /// the reconnect backoff's pace (every 5–10 s per client) would keep it
     /// busy refusing (and the clients busy starting handshakes) instead of
     /// finishing the handshakes it admitted.
@@ -540,10 +541,11 @@ impl Builder {
     /// less: measured on one 2-core machine (BENCHMARKS.md), 100 000 agents
     /// reconnecting after a server restart made 6.7–7.2 attempts each with
     /// the defaults and 2.5–2.6 with `busy_backoff(15 s, 30 s)`, and the
-    /// server's socket dropped 1.4–2.0 million datagrams against 32 000–179 000;
-    /// half the fleet was back in 44–62 s instead of 93–111 s, all of it in
-    /// about 150 s either way. Such a fleet's agents then also wait 15–30 s
-    /// after a refusal by a server shutting down.
+    /// server's socket dropped 1.4–2.0 million datagrams against
+    /// 32 000–179 000; half the fleet was back in 44–62 s instead of 93–111 s; all of it
+    /// after 151–201 s with the defaults and about 153 s with 15–30 s. Such
+    /// a fleet's agents then also wait 15–30 s after a refusal by a server
+    /// shutting down.
     pub fn busy_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.busy_backoff_min = min;
         self.busy_backoff_max = max.max(min);
