@@ -1669,16 +1669,18 @@ struct Fleet {
     agents_cpu_per_call: Duration,
     /// The server's CPU while the fleet is connected and idle, in cores.
     idle_cpu: f64,
+    /// The agent processes' CPU over the same time, in cores.
+    agents_idle_cpu: f64,
     /// Datagrams dropped on the server's socket over the run.
     drops: u64,
 }
 
 impl Fleet {
-    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures | agent-side RSS per agent | server CPU per broadcast call | agents' CPU per broadcast call | server CPU while idle | datagrams dropped at the server |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+    const HEADER: &str = "| agents | connected | time to connect all | server RSS per agent | broadcast total | p50 | p99 | failures | agent-side RSS per agent | server CPU per broadcast call | agents' CPU per broadcast call | server CPU while idle | agents' CPU while idle | datagrams dropped at the server |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
     fn row(&self) -> String {
         format!(
-            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} | {:.1} KB | {:.0} µs | {:.0} µs | {:.0}% of a core | {} |",
+            "| {} | {} | {:.1} s | {:.1} KB | {:.0} ms | {:.1} ms | {:.1} ms | {} | {:.1} KB | {:.0} µs | {:.0} µs | {:.0}% of a core | {:.0}% of a core | {} |",
             self.agents,
             self.connected,
             self.connect.as_secs_f64(),
@@ -1691,6 +1693,7 @@ impl Fleet {
             self.server_cpu_per_call.as_secs_f64() * 1e6,
             self.agents_cpu_per_call.as_secs_f64() * 1e6,
             self.idle_cpu * 100.0,
+            self.agents_idle_cpu * 100.0,
             self.drops,
         )
     }
@@ -1739,9 +1742,18 @@ async fn fleet(
     let rss_per_agent = rss_bytes().saturating_sub(rss_before) as f64 / connected.max(1) as f64;
     // What the connected fleet costs the server while nobody calls:
     // keep-alives and their acknowledgements.
-    let idle_started = (Instant::now(), cpu_seconds());
+    // And the agents, on their side: their keep-alives, the server's
+    // acknowledgements, their runtimes' timers.
+    let idle_started = (
+        Instant::now(),
+        cpu_seconds(),
+        processes_cpu_seconds(&children),
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_cpu = (cpu_seconds() - idle_started.1) / idle_started.0.elapsed().as_secs_f64();
+    let idle_seconds = idle_started.0.elapsed().as_secs_f64();
+    let idle_cpu = (cpu_seconds() - idle_started.1) / idle_seconds;
+    let agents_idle_cpu =
+        (processes_cpu_seconds(&children) - idle_started.2).max(0.0) / idle_seconds;
     // What the agents cost on their side: their processes' RSS (runtime and
     // binary included) over the agents they hold.
     let agent_rss = children
@@ -1829,6 +1841,7 @@ async fn fleet(
         server_cpu_per_call,
         agents_cpu_per_call,
         idle_cpu,
+        agents_idle_cpu,
         drops,
     })
 }
@@ -2782,7 +2795,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
          peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
-         (the server's) user+system time over the broadcast divided by its calls, the agents' CPU the same for the agent processes (all of them, the agents not called yet included); CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements); drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards). {keep_alive_line}\n\n{header}\n{fleet_row}\n\n\
+         (the server's) user+system time over the broadcast divided by its calls, the agents' CPU the same for the agent processes (all of them, the agents not called yet included); CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements), and the agent processes' over the same 3 s; drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards). {keep_alive_line}\n\n{header}\n{fleet_row}\n\n\
          {storm_part}## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",
         header = Fleet::HEADER,
         machine = machine()
