@@ -163,12 +163,7 @@ impl Budgets {
     /// Why a frame was refused a place to wait for room.
     pub(crate) fn too_many_waiting_message(&self, wanted: usize) -> String {
         let most = self.connection.waiting_room().map_or(0, |room| room.most);
-        let (which, budget) = self.fullest(wanted);
-        let setting = if std::ptr::eq(budget, &self.connection) {
-            "buffer_per_connection"
-        } else {
-            "buffer_total"
-        };
+        let (which, setting, budget) = self.fullest(wanted);
         format!(
             "{most} frames of this connection's calls are already waiting for room in \
              {which} inbound buffer budget ({} of {} bytes reserved by frames being received; \
@@ -181,18 +176,23 @@ impl Budgets {
         )
     }
 
-    /// The budget that has no room for `wanted` more bytes, and its name.
-    fn fullest(&self, wanted: usize) -> (&'static str, &MemoryBudget) {
+    /// The budget that has no room for `wanted` more bytes, its name and
+    /// the setting that sizes it.
+    fn fullest(&self, wanted: usize) -> (&'static str, &'static str, &MemoryBudget) {
         if self.connection.in_use() + wanted > self.connection.limit() {
-            ("this connection's", &self.connection)
+            (
+                "this connection's",
+                "buffer_per_connection",
+                &self.connection,
+            )
         } else {
-            ("the receiver's total", &self.total)
+            ("the receiver's total", "buffer_total", &self.total)
         }
     }
 
     /// Why a new call was refused.
     pub(crate) fn exhausted_message(&self, wanted: usize) -> String {
-        let (which, budget) = self.fullest(wanted);
+        let (which, _, budget) = self.fullest(wanted);
         format!(
             "{which} inbound buffer budget is used up ({} of {} bytes reserved by frames \
              being received; this Request needs {wanted}); retry later",
@@ -267,16 +267,15 @@ impl WaitingRoom {
     /// guard drops; `None` if the room is full. `budget` is the one that
     /// holds this room (the guard keeps it).
     pub(crate) fn enter(&self, budget: &MemoryBudget) -> Option<Waiter> {
-        let room = self;
-        let mut places = room.places.lock().unwrap_or_else(|e| e.into_inner());
-        match places.enter(room.most) {
+        let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
+        match places.enter(self.most) {
             Entry::Full => return None,
             Entry::Entered => {}
             Entry::Widen(waiting) => {
-                let window = room
+                let window = self
                     .window
-                    .saturating_add((waiting as u64).saturating_mul(room.stream_window));
-                room.connection.set_receive_window(
+                    .saturating_add((waiting as u64).saturating_mul(self.stream_window));
+                self.connection.set_receive_window(
                     quinn::VarInt::from_u64(window).unwrap_or(quinn::VarInt::MAX),
                 );
             }

@@ -105,8 +105,22 @@ impl CallLimits {
     /// `total` must hold at least one maximum-size message
     /// ([`CallLimits::total_budget`] makes one that does).
     pub(crate) fn budgets(&self, total: MemoryBudget) -> Budgets {
+        self.budgets_with_room(total, None)
+    }
+
+    /// [`CallLimits::budgets`], the connection's own holding the room its
+    /// frames wait in over QUIC: `room` is the connection and its receive
+    /// window.
+    fn budgets_with_room(
+        &self,
+        total: MemoryBudget,
+        room: Option<(&quinn::Connection, u64)>,
+    ) -> Budgets {
+        let limit = self.buffer_per_connection.max(self.max_message_size);
+        let room =
+            room.map(|(connection, window)| WaitingRoom::new(connection.clone(), window, limit));
         Budgets {
-            connection: MemoryBudget::new(self.buffer_per_connection.max(self.max_message_size)),
+            connection: MemoryBudget::with_room(limit, room),
             total,
         }
     }
@@ -220,12 +234,8 @@ impl Peer {
         total: MemoryBudget,
         receive_window: Option<u64>,
     ) -> Self {
-        let mut budgets = limits.budgets(total);
-        if let Some(window) = receive_window {
-            let limit = budgets.connection.limit();
-            let room = WaitingRoom::new(connection.clone(), window, limit);
-            budgets.connection = MemoryBudget::with_room(limit, Some(room));
-        }
+        let budgets =
+            limits.budgets_with_room(total, receive_window.map(|window| (&connection, window)));
         Self::with_transport(
             Transport::Quic(connection),
             side,
