@@ -525,7 +525,9 @@ impl Builder {
     /// ([`ConnectError::Busy`]): exponential from `min` to `max`, each with
     /// up to 100% random jitter added (defaults 1 s and 30 s), used instead
     /// of the [reconnect backoff](Builder::reconnect_backoff) for the next
-    /// attempt. A server refuses for load only when more clients wait for a
+    /// attempt (with [several servers](Builder::connect_any), the next
+    /// server is tried at once, and the busy backoff waits after every one
+    /// of them failed in a row). A server refuses for load only when more clients wait for a
     /// handshake than it queues (64 per handshake slot, or one waited half
     /// its Hello limit), or when at its connection limit with no handshake
     /// slot free: a whole fleet coming back at once. Retrying it at
@@ -710,7 +712,10 @@ impl Builder {
     /// this client (the nodes of a cluster, say): the first that answers
     /// is used. When the connection is lost, each reconnect attempt dials
     /// the next server in turn, so a client whose server went away fails
-    /// over to another one. The addresses must be of one family (the
+    /// over to another one. A failed attempt moves on to the next server at
+    /// once; the [reconnect](Builder::reconnect_backoff) or
+    /// [busy](Builder::busy_backoff) backoff's delay comes only after every
+    /// server failed in a row. The addresses must be of one family (the
     /// client has one UDP socket); each is checked against its own host
     /// name unless [`Builder::server_name`] is set.
     ///
@@ -1186,10 +1191,22 @@ async fn connect_once(
 }
 
 /// The delays between connection attempts: the reconnect backoff's, or the
-/// busy backoff's after the server refused a handshake for load.
+/// busy backoff's after a server refused a handshake for load.
+///
+/// With several servers, attempts go round them in turn and a failed one
+/// moves on to the next server at once: the delay comes after a whole
+/// round failed (the busy backoff's when a server in it refused for load),
+/// so a client whose server is busy or gone fails over without waiting.
+/// With one server a round is one attempt.
 struct Delays {
     normal: backon::ExponentialBackoff,
     busy: backon::ExponentialBackoff,
+    /// How many servers a round tries.
+    servers: usize,
+    /// Attempts failed since the last delay, and whether a server refused
+    /// one of them for load.
+    failed: usize,
+    refused_busy: bool,
 }
 
 impl Delays {
@@ -1197,19 +1214,42 @@ impl Delays {
         Delays {
             normal: shared.backoff.build(),
             busy: shared.busy_backoff.build(),
+            servers: shared.dial.server_count(),
+            failed: 0,
+            refused_busy: false,
         }
     }
 
-    /// The delay before the first attempt of a reconnect.
+    /// The delay before the first attempt of a reconnect; a round starts.
     fn first(&mut self) -> Duration {
+        self.failed = 0;
+        self.refused_busy = false;
         self.normal.next().unwrap_or(Duration::from_secs(5))
     }
 
-    /// The delay before the attempt after one that ended with `result`.
+    /// The delay before the attempt after one that ended with `result`:
+    /// none while the round has servers left to try.
     fn after(&mut self, result: &Result<Peer, ConnectError>) -> Duration {
-        match result {
-            Err(ConnectError::Busy(_)) => self.busy.next(),
-            _ => self.normal.next(),
+        let busy = match result {
+            Ok(_) => {
+                self.failed = 0;
+                self.refused_busy = false;
+                false
+            }
+            Err(e) => {
+                self.failed += 1;
+                self.refused_busy |= matches!(e, ConnectError::Busy(_));
+                if self.failed < self.servers {
+                    return Duration::ZERO;
+                }
+                self.failed = 0;
+                std::mem::take(&mut self.refused_busy)
+            }
+        };
+        if busy {
+            self.busy.next()
+        } else {
+            self.normal.next()
         }
         .unwrap_or(Duration::from_secs(5))
     }
@@ -1708,5 +1748,65 @@ mod name_tests {
         for without in ["vm.example", "::1", "[::1]", "vm:", "vm:http", "vm:70000"] {
             assert!(!has_port(without), "{without}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delays(servers: usize) -> Delays {
+        Delays {
+            normal: exponential(Duration::from_millis(10), Duration::from_millis(10)).build(),
+            busy: exponential(Duration::from_secs(1), Duration::from_secs(1)).build(),
+            servers,
+            failed: 0,
+            refused_busy: false,
+        }
+    }
+
+    fn busy() -> Result<Peer, ConnectError> {
+        Err(ConnectError::Busy(quinn::ConnectionError::TimedOut))
+    }
+
+    fn lost() -> Result<Peer, ConnectError> {
+        Err(ConnectError::Handshake(quinn::ConnectionError::TimedOut))
+    }
+
+    /// Each delay is its backoff's (10 ms or 1 s) plus up to 100% jitter.
+    fn is_normal(d: Duration) -> bool {
+        (Duration::from_millis(10)..=Duration::from_millis(20)).contains(&d)
+    }
+
+    fn is_busy(d: Duration) -> bool {
+        (Duration::from_secs(1)..=Duration::from_secs(2)).contains(&d)
+    }
+
+    #[test]
+    fn one_server_waits_after_each_failed_attempt() {
+        let mut d = delays(1);
+        assert!(is_busy(d.after(&busy())));
+        assert!(is_normal(d.after(&lost())));
+        assert!(is_busy(d.after(&busy())));
+    }
+
+    #[test]
+    fn several_servers_wait_only_after_a_whole_round_failed() {
+        let mut d = delays(3);
+        // A busy server within the round: the next is tried at once, and
+        // the round ends with the busy backoff.
+        assert_eq!(d.after(&lost()), Duration::ZERO);
+        assert_eq!(d.after(&busy()), Duration::ZERO);
+        assert!(is_busy(d.after(&lost())));
+        // A round with no busy server ends with the reconnect backoff.
+        assert_eq!(d.after(&lost()), Duration::ZERO);
+        assert_eq!(d.after(&lost()), Duration::ZERO);
+        assert!(is_normal(d.after(&lost())));
+        // A reconnect starts a new round, whatever the last one left.
+        assert_eq!(d.after(&busy()), Duration::ZERO);
+        assert!(is_normal(d.first()));
+        assert_eq!(d.after(&lost()), Duration::ZERO);
+        assert_eq!(d.after(&lost()), Duration::ZERO);
+        assert!(is_normal(d.after(&lost())));
     }
 }

@@ -1756,11 +1756,16 @@ async fn the_hello_limit_counts_from_arrival_the_wait_for_a_slot_included() {
     stalled.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_refused_for_load_waits_its_busy_backoff_before_trying_again() {
-    // A QUIC endpoint that refuses every handshake with CONNECTION_REFUSED,
-    // as a brpc server does when more clients wait for a handshake than it
-    // queues; it notes when each attempt arrives.
+/// A QUIC endpoint that refuses every handshake with CONNECTION_REFUSED,
+/// as a brpc server does when more clients wait for a handshake than it
+/// queues: its address, its certificate, when each attempt arrived, and its
+/// task.
+fn refusing_endpoint() -> (
+    std::net::SocketAddr,
+    brpc::tls::DevCertificate,
+    Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>,
+    tokio::task::JoinHandle<()>,
+) {
     let certificate = brpc::tls::DevCertificate::generate().expect("dev certificate");
     let crypto = brpc::tls::server_crypto(
         vec![certificate.certificate().clone()],
@@ -1773,7 +1778,7 @@ async fn a_client_refused_for_load_waits_its_busy_backoff_before_trying_again() 
     )
     .expect("endpoint");
     let addr = endpoint.local_addr().expect("address");
-    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
     let refusing = tokio::spawn({
         let arrivals = arrivals.clone();
         async move {
@@ -1786,6 +1791,12 @@ async fn a_client_refused_for_load_waits_its_busy_backoff_before_trying_again() 
             }
         }
     });
+    (addr, certificate, arrivals, refusing)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refused_for_load_waits_its_busy_backoff_before_trying_again() {
+    let (addr, certificate, arrivals, refusing) = refusing_endpoint();
 
     // Reconnect backoff 10 ms, busy backoff 700 ms: a refused client waits
     // the busy one.
@@ -1816,5 +1827,39 @@ async fn a_client_refused_for_load_waits_its_busy_backoff_before_trying_again() 
         ),
         other => panic!("not reconnecting: {other:?}"),
     }
+    refusing.abort();
+}
+
+/// With several servers, a server refusing for load passes the client on to
+/// the next one at once: the busy backoff (a minute here) waits only after
+/// every server failed in a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_server_passes_a_reconnecting_client_on_to_the_next_at_once() {
+    let (busy, _certificate, arrivals, refusing) = refusing_endpoint();
+    let server = common::server();
+    let client = common::client_builder(&server, "failover", EchoService::new("failover"))
+        .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(10))
+        .busy_backoff(Duration::from_secs(60), Duration::from_secs(60))
+        .connect_any([busy.to_string(), server.local_addr().to_string()])
+        .await
+        .expect("connected through the second server");
+    assert_eq!(
+        arrivals.lock().expect("lock").len(),
+        1,
+        "the busy one first"
+    );
+
+    // The connection is lost: the first attempt goes to the next server in
+    // turn, the busy one, and the one after to the server that serves.
+    common::drop_connection_and_reconnect(&client).await;
+    assert_eq!(
+        arrivals.lock().expect("lock").len(),
+        2,
+        "the busy server was tried once on the way"
+    );
+    EchoClient::new(client.channel())
+        .unary(EchoRequest::default())
+        .await
+        .expect("served after the failover");
     refusing.abort();
 }
