@@ -522,32 +522,35 @@ impl Builder {
     }
 
     /// Delays after the server refused a handshake for load
-    /// ([`ConnectError::Busy`]): exponential from `min` to `max`, each with
-    /// up to 100% random jitter added (defaults 1 s and 30 s), used instead
-    /// of the [reconnect backoff](Builder::reconnect_backoff) for the next
-    /// attempt (with [several servers](Builder::connect_any), the next
-    /// server is tried at once, and the busy backoff waits after every one
-    /// of them failed in a row). A server refuses for load only when more clients wait for a
-    /// handshake than it queues (64 per handshake slot, or one waited half
-    /// its Hello limit), or when at its connection limit with no handshake
-    /// slot free: a whole fleet coming back at once. Retrying it at
-    /// the reconnect backoff's pace (every 5–10 s per client) would keep it
-    /// busy refusing (and the clients busy starting handshakes) instead of
-    /// finishing the handshakes it admitted.
+    /// ([`ConnectError::Busy`]): `min` for the first, fifteen times as long
+    /// for each next one up to `max`, each with up to 100% random jitter
+    /// added (defaults 1 s and 30 s: 1–2 s, then 15–30 s, then 30–60 s),
+    /// used instead of the [reconnect backoff](Builder::reconnect_backoff)
+    /// for the next attempt (with [several servers](Builder::connect_any),
+    /// the next server is tried at once, and the busy backoff waits after
+    /// every one of them failed in a row). A server refuses for load only
+    /// when more clients wait for a handshake than it queues (64 per
+    /// handshake slot, or one waited half its Hello limit), or when at its
+    /// connection limit with no handshake slot free: a whole fleet coming
+    /// back at once. Retrying it at the reconnect backoff's pace (every
+    /// 5–10 s per client) would keep it busy refusing (and the clients busy
+    /// starting handshakes) instead of finishing the handshakes it admitted.
     ///
     /// The refusal does not say why: a server shutting down refuses new
     /// connections the same way, which is why the first delay is short (a
     /// client that reconnects while its server restarts is back within
-    /// seconds). For a fleet far larger than its server's queue (tens of
-    /// thousands of agents per server), a longer first delay wastes much
-    /// less: measured on one 2-core machine (BENCHMARKS.md), 100 000 agents
-    /// reconnecting after a server restart made 6.7–7.2 attempts each with
-    /// the defaults and 2.5–2.6 with `busy_backoff(15 s, 30 s)`, and the
-    /// server's socket dropped 1.4–2.0 million datagrams against
-    /// 32 000–179 000; half the fleet was back in 44–62 s instead of 93–111 s; all of it
-    /// after 151–201 s with the defaults and about 153 s with 15–30 s. Such
-    /// a fleet's agents then also wait 15–30 s after a refusal by a server
-    /// shutting down.
+    /// seconds), and a server still refusing after it is swamped, which is
+    /// why the second is long. Measured on one 2-core machine with the
+    /// agents on it (BENCHMARKS.md, "Restart storm"), 100 000 agents
+    /// reconnecting after their server was killed made 4.2 attempts each
+    /// with these defaults, against 7.3–7.7 when each delay only doubled and
+    /// 2.6 with `busy_backoff(15 s, 30 s)`; the agents already back saw 2.3%,
+    /// 6–7% and 0.1% of the server's calls to them fail (the server's socket
+    /// dropping their datagrams among the others' handshakes); all were back
+    /// after 168 s, 200–220 s and 155 s. For fleets far larger than their
+    /// server's queue (tens of thousands of agents per server), a longer
+    /// first delay wastes less still, at a cost: such agents also wait
+    /// 15–30 s after a refusal by a server shutting down.
     pub fn busy_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.busy_backoff_min = min;
         self.busy_backoff_max = max.max(min);
@@ -786,7 +789,7 @@ impl Builder {
             receive_window: self.options.transport.receive_window,
             reconnect: self.reconnect,
             backoff: exponential(self.backoff_min, self.backoff_max),
-            busy_backoff: exponential(self.busy_backoff_min, self.busy_backoff_max),
+            busy_backoff: busy_delays(self.busy_backoff_min, self.busy_backoff_max),
             stable_after: self.backoff_max,
             current: watch::Sender::new(None),
             // Not `Closed`: that state is final (see `Shared::set_state`).
@@ -834,6 +837,14 @@ impl std::fmt::Display for Dial {
             Dial::Unix(path) => write!(f, "unix:{}", path.display()),
         }
     }
+}
+
+/// The busy backoff's delays: from `min`, each fifteen times the one before
+/// up to `max`, with jitter. The first is short, for a client that met its
+/// server shutting down as it restarted; the second already long, for a
+/// fleet that met its server swamped (BENCHMARKS.md, "Restart storm").
+fn busy_delays(min: Duration, max: Duration) -> ExponentialBuilder {
+    exponential(min, max).with_factor(15.0)
 }
 
 /// Delays from `min`, doubling up to `max`, with jitter, for ever.
@@ -1780,6 +1791,17 @@ mod tests {
 
     fn is_busy(d: Duration) -> bool {
         (Duration::from_secs(1)..=Duration::from_secs(2)).contains(&d)
+    }
+
+    #[test]
+    fn the_default_busy_backoff_is_short_once_then_long() {
+        let defaults = Builder::default();
+        let mut delays = busy_delays(defaults.busy_backoff_min, defaults.busy_backoff_max).build();
+        let secs = |low, high| Duration::from_secs(low)..=Duration::from_secs(high);
+        for expected in [secs(1, 2), secs(15, 30), secs(30, 60), secs(30, 60)] {
+            let delay = delays.next().expect("for ever");
+            assert!(expected.contains(&delay), "{delay:?} not in {expected:?}");
+        }
     }
 
     #[test]
