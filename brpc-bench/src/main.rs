@@ -1352,6 +1352,16 @@ async fn storm(
     let cpu = process_cpu_seconds(server.id());
     let agents_cpu = processes_cpu_seconds(&children) - agents_cpu_before;
     let admission = peers.admission();
+    let [
+        probed,
+        probes_failed,
+        probe_p50,
+        probe_p99,
+        probe_max,
+        lag_p50,
+        lag_p99,
+        lag_max,
+    ] = peers.probes();
     let (mut attempts, mut gave_up, mut busy, mut timed_out) = (0u64, 0u64, 0u64, 0u64);
     for mut child in children {
         drop(child.stdin.take());
@@ -1373,7 +1383,7 @@ async fn storm(
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(format!(
-        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) | {} started ({} timed out, {} failed); {} refused (queue full {}, after waiting {}); {} admitted | {:.1} s | {server_drops} at the server; {} elsewhere |",
+        "| {n} | {before} | {back} | {:.1} s ({milestones}) | {attempts} ({:.2} per agent; {busy} refused as busy, {timed_out} timed out) | {gave_up} | {:.1} s ({:.0} µs per agent back) | {} started ({} timed out, {} failed); {} refused (queue full {}, after waiting {}); {} admitted | {:.1} s | {server_drops} at the server; {} elsewhere | {probed} ({probes_failed} failed); {:.1} / {:.1} / {:.1} ms | {:.1} / {:.1} / {:.1} ms |",
         back_after.as_secs_f64(),
         attempts as f64 / before.max(1) as f64,
         cpu,
@@ -1389,11 +1399,17 @@ async fn storm(
         // Signed: the two counts are kept apart by the kernel and need not
         // agree (the socket's own count is not only full buffers).
         machine_drops as i64 - server_drops as i64,
+        probe_p50 as f64 / 1e3,
+        probe_p99 as f64 / 1e3,
+        probe_max as f64 / 1e3,
+        lag_p50 as f64 / 1e3,
+        lag_p99 as f64 / 1e3,
+        lag_max as f64 / 1e3,
     ))
 }
 
 /// The columns of a restart storm's row.
-const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm | the new server's handshakes and refusals | agents' CPU during the storm | datagrams dropped |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
+const STORM_HEADER: &str = "| agents | connected | back | time until all back | reconnect attempts | gave up | server CPU during the storm | the new server's handshakes and refusals | agents' CPU during the storm | datagrams dropped | calls to agents back, during the storm: p50 / p99 / longest | the new server's runtime lag: p50 / p99 / longest |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
 /// What a storm server process reports: its address, then its peer count.
 #[derive(Clone, Default)]
@@ -1404,6 +1420,9 @@ struct Reported {
     /// after waiting, handshakes started, failed, timed out, sessions
     /// admitted.
     admission: Arc<std::sync::Mutex<[u64; 6]>>,
+    /// Its calls to agents that are back: made, failed, p50, p99 and the
+    /// longest served (µs); then its runtime's lag: p50, p99, longest (µs).
+    probes: Arc<std::sync::Mutex<[u64; 8]>>,
 }
 
 impl Reported {
@@ -1413,6 +1432,10 @@ impl Reported {
 
     fn admission(&self) -> [u64; 6] {
         self.admission.lock().map(|a| *a).unwrap_or_default()
+    }
+
+    fn probes(&self) -> [u64; 8] {
+        self.probes.lock().map(|p| *p).unwrap_or_default()
     }
 }
 
@@ -1472,6 +1495,14 @@ fn storm_server(
                     *slot = word.parse().unwrap_or(0);
                 }
                 if let Ok(mut slot) = follow.admission.lock() {
+                    *slot = parsed;
+                }
+            } else if let Some(counts) = line.strip_prefix("probes ") {
+                let mut parsed = [0u64; 8];
+                for (slot, word) in parsed.iter_mut().zip(counts.split_whitespace()) {
+                    *slot = word.parse().unwrap_or(0);
+                }
+                if let Ok(mut slot) = follow.probes.lock() {
                     *slot = parsed;
                 }
             } else if let Some(count) = line.strip_prefix("peers ") {
@@ -1535,8 +1566,18 @@ async fn serve_storm(
         }
     };
     println!("addr {}", server.local_addr());
-    loop {
+    let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn(probe_agents(server.peers().clone(), probes.clone()));
+    let lags = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn(watch_lag(lags.clone()));
+    for turn in 0u64.. {
         let a = server.admission_stats();
+        // Every 200 ms: the summary sorts every probe's time.
+        if turn % 10 == 0
+            && let (Ok(probes), Ok(lags)) = (probes.lock(), lags.lock())
+        {
+            println!("probes {} {}", probe_summary(&probes), lag_summary(&lags));
+        }
         println!(
             "admission {} {} {} {} {} {}",
             a.refused_queue_full,
@@ -1549,6 +1590,105 @@ async fn serve_storm(
         println!("peers {}", server.peers().len());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// How often the storm server calls an agent that is back.
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+/// The deadline of those calls.
+const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Whether a server busy with a fleet's handshakes still serves the agents
+/// already back: every [`PROBE_EVERY`] it calls the next connected agent
+/// (in connection-id order, round and round) with a 16-byte Echo, each call
+/// on its own task, and records each call's time in µs (`None`: failed or
+/// past [`PROBE_DEADLINE`]).
+async fn probe_agents(
+    peers: brpc::server::Registry,
+    probes: Arc<std::sync::Mutex<Vec<Option<u64>>>>,
+) {
+    let mut after = None;
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let peer = match peers.page(after, 1).pop() {
+            Some(peer) => peer,
+            None => match peers.page(None, 1).pop() {
+                Some(peer) => peer,
+                None => continue,
+            },
+        };
+        after = Some(peer.connection_id());
+        let probes = probes.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut client = peer.client(proto::echo_brpc::EchoClient::new);
+            let call = client.unary(EchoRequest {
+                blob: Bytes::from_static(&[7; 16]),
+                ..Default::default()
+            });
+            let took = match tokio::time::timeout(PROBE_DEADLINE, call).await {
+                Ok(Ok(_)) => Some(started.elapsed().as_micros() as u64),
+                _ => None,
+            };
+            if let Ok(mut probes) = probes.lock() {
+                probes.push(took);
+            }
+        });
+    }
+}
+
+/// How late the storm server's runtime runs a task whose timer is due: a
+/// task sleeps 10 ms at a time and records how much longer it took (µs).
+/// Late by milliseconds, every task of the server waits that long for a
+/// worker: its connections' drivers and its calls' handlers too.
+async fn watch_lag(lags: Arc<std::sync::Mutex<Vec<u64>>>) {
+    loop {
+        let due = tokio::time::Instant::now() + Duration::from_millis(10);
+        tokio::time::sleep_until(due).await;
+        let late = due.elapsed().as_micros() as u64;
+        if let Ok(mut lags) = lags.lock() {
+            lags.push(late);
+        }
+    }
+}
+
+/// "p50 p99 max" of the runtime's lags (µs).
+fn lag_summary(lags: &[u64]) -> String {
+    let mut lags = lags.to_vec();
+    lags.sort_unstable();
+    let at = |q: f64| {
+        lags.get(((lags.len() as f64 * q) as usize).min(lags.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    format!(
+        "{} {} {}",
+        at(0.5),
+        at(0.99),
+        lags.last().copied().unwrap_or(0)
+    )
+}
+
+/// "calls failed p50 p99 max" of the probes (times in µs; 0 with none served).
+fn probe_summary(probes: &[Option<u64>]) -> String {
+    let mut served: Vec<u64> = probes.iter().flatten().copied().collect();
+    served.sort_unstable();
+    let at = |q: f64| {
+        served
+            .get(((served.len() as f64 * q) as usize).min(served.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    format!(
+        "{} {} {} {} {}",
+        probes.len(),
+        probes.len() - served.len(),
+        at(0.5),
+        at(0.99),
+        served.last().copied().unwrap_or(0)
+    )
 }
 
 /// The user + system CPU time so far of every process in `children`.
@@ -2768,7 +2908,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
              clients refused with `CONNECTION_REFUSED` and no handshake (more waiting than it queues, or no handshake slot within half the Hello limit), sessions admitted. \
              The agents' CPU is their processes' user + system time over the same span. \
              Drops are datagrams the kernel dropped over the same span: on the new server's socket (its own count in `/proc/net/udp`, mostly a full receive buffer), \
-             and elsewhere: the machine's full-buffer drops (`RcvbufErrors` in /proc/net/snmp) less the server's (the agents' sockets, unless something else on the machine dropped some).\n\n\
+             and elsewhere: the machine's full-buffer drops (`RcvbufErrors` in /proc/net/snmp) less the server's (the agents' sockets, unless something else on the machine dropped some). \
+             Calls to agents back: whether the busy server still serves the agents already connected to it. Every 50 ms the new server calls the next agent back \
+             (in connection-id order, round and round) with a 16-byte Echo on the direct path, each call on a task of its own with a 5 s limit: how many it made over the storm, how many failed or ran out of time, and the served calls' times. \
+             The runtime lag is how late the new server's tokio runtime ran a task of its own that sleeps 10 ms at a time, over the same span: how long any of its tasks (a connection's driver, a call's handler) waited for a worker.\n\n\
              {STORM_HEADER}\n{}\n\n",
             sizes(&cli.storm),
             storm_rows.join("\n")
