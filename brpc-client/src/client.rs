@@ -512,7 +512,8 @@ impl Builder {
     /// random jitter added (defaults 100 ms and 5 s), so a fleet that lost its
     /// server does not return all at once. After the server refused a
     /// handshake as busy, the [busy backoff](Builder::busy_backoff) applies
-    /// instead. A connection lost within `max` of being made does not start
+    /// instead. With [several servers](Builder::connect_any), a delay comes
+    /// only after every server failed in a row. A connection lost within `max` of being made does not start
     /// the delays again from `min`: they go on growing, so a server that
     /// closes each new connection is not redialled at `min` for ever.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
@@ -526,31 +527,41 @@ impl Builder {
     /// for each next one up to `max`, each with up to 100% random jitter
     /// added (defaults 1 s and 30 s: 1–2 s, then 15–30 s, then 30–60 s),
     /// used instead of the [reconnect backoff](Builder::reconnect_backoff)
-    /// for the next attempt (with [several servers](Builder::connect_any),
-    /// the next server is tried at once, and the busy backoff waits after
-    /// every one of them failed in a row). A server refuses for load only
-    /// when more clients wait for a handshake than it queues (64 per
-    /// handshake slot, or one waited half its Hello limit), or when at its
-    /// connection limit with no handshake slot free: a whole fleet coming
-    /// back at once. Retrying it at the reconnect backoff's pace (every
-    /// 5–10 s per client) would keep it busy refusing (and the clients busy
-    /// starting handshakes) instead of finishing the handshakes it admitted.
+    /// for the next attempt. A server refuses for load only when more
+    /// clients wait for a handshake than it queues (64 per handshake slot,
+    /// or one waited half its Hello limit), or when at its connection limit
+    /// with no handshake slot free: a whole fleet coming back at once.
+    /// Retrying it at the reconnect backoff's pace (every 5–10 s per client)
+    /// would keep it busy refusing (and the clients busy starting
+    /// handshakes) instead of finishing the handshakes it admitted.
     ///
     /// The refusal does not say why: a server shutting down refuses new
-    /// connections the same way, which is why the first delay is short (a
-    /// client that reconnects while its server restarts is back within
-    /// seconds), and a server still refusing after it is swamped, which is
-    /// why the second is long. Measured on one 2-core machine with the
-    /// agents on it (BENCHMARKS.md, "Restart storm"), 100 000 agents
-    /// reconnecting after their server was killed made 4.2 attempts each
-    /// with these defaults, against 7.3–7.7 when each delay only doubled and
-    /// 2.6 with `busy_backoff(15 s, 30 s)`; the agents already back saw 2.3%,
-    /// 6–7% and 0.1% of the server's calls to them fail (the server's socket
-    /// dropping their datagrams among the others' handshakes); all were back
-    /// after 168 s, 200–220 s and 155 s. For fleets far larger than their
-    /// server's queue (tens of thousands of agents per server), a longer
-    /// first delay wastes less still, at a cost: such agents also wait
-    /// 15–30 s after a refusal by a server shutting down.
+    /// connections the same way. So the first delay is short (a client
+    /// that reconnects while its server restarts is back within seconds),
+    /// the second long (a server still refusing is swamped); and after the
+    /// server ended the connection with GoAway (a graceful shutdown, which
+    /// refuses for as long as its calls take), the delays double instead
+    /// (1–2 s, 2–4 s, 4–8 s …) until connected, so the client comes back
+    /// soon after the server's replacement starts.
+    ///
+    /// With [several servers](Builder::connect_any), the next server is
+    /// tried at once after a refusal, and the busy delay comes after every
+    /// one of them failed in a row: once for each that refused as busy, so
+    /// that a fleet whose servers are all swamped brings each of them no
+    /// more attempts than with one server.
+    ///
+    /// Measured on one 2-core machine with the agents on it (BENCHMARKS.md,
+    /// "The busy backoff grows fifteen-fold"), 100 000 agents reconnecting
+    /// after their server was killed made 4.2 attempts each with these
+    /// defaults, against 7.3–7.7 when each delay only doubled and 2.6 with
+    /// `busy_backoff(15 s, 30 s)`; 2.4%, 5.9–6.9% and 0.1% of the server's
+    /// calls to the agents already back failed or got no answer within 5 s
+    /// (the server's socket dropped 0.9, 1.8–2.1 and 0.14 million
+    /// datagrams); all were back after 168 s, 200–220 s and 155 s. For
+    /// fleets far larger than their server's queue (tens of thousands of
+    /// agents per server), a longer first delay wastes less still, at a
+    /// cost: such agents also wait 15–30 s after a refusal by a server
+    /// shutting down that did not send them its GoAway.
     pub fn busy_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.busy_backoff_min = min;
         self.busy_backoff_max = max.max(min);
@@ -718,7 +729,8 @@ impl Builder {
     /// over to another one. A failed attempt moves on to the next server at
     /// once; the [reconnect](Builder::reconnect_backoff) or
     /// [busy](Builder::busy_backoff) backoff's delay comes only after every
-    /// server failed in a row. The addresses must be of one family (the
+    /// server failed in a row (a busy delay for each server that refused as
+    /// busy). The addresses must be of one family (the
     /// client has one UDP socket); each is checked against its own host
     /// name unless [`Builder::server_name`] is set.
     ///
@@ -789,7 +801,8 @@ impl Builder {
             receive_window: self.options.transport.receive_window,
             reconnect: self.reconnect,
             backoff: exponential(self.backoff_min, self.backoff_max),
-            busy_backoff: busy_delays(self.busy_backoff_min, self.busy_backoff_max),
+            busy_backoff_min: self.busy_backoff_min,
+            busy_backoff_max: self.busy_backoff_max,
             stable_after: self.backoff_max,
             current: watch::Sender::new(None),
             // Not `Closed`: that state is final (see `Shared::set_state`).
@@ -1068,7 +1081,9 @@ struct Shared {
     receive_window: u64,
     reconnect: bool,
     backoff: ExponentialBuilder,
-    busy_backoff: ExponentialBuilder,
+    /// The busy backoff's shortest and longest delay (see [`busy_delays`]).
+    busy_backoff_min: Duration,
+    busy_backoff_max: Duration,
     /// How long a connection must last for the next reconnect to start
     /// the backoff again (the backoff's longest delay).
     stable_after: Duration,
@@ -1206,50 +1221,69 @@ async fn connect_once(
 ///
 /// With several servers, attempts go round them in turn and a failed one
 /// moves on to the next server at once: the delay comes after a whole
-/// round failed (the busy backoff's when a server in it refused for load),
-/// so a client whose server is busy or gone fails over without waiting.
-/// With one server a round is one attempt.
+/// round failed, so a client whose server is busy or gone fails over
+/// without waiting. A round in which servers refused as busy waits one
+/// busy delay for each of them, so a fleet whose servers are all swamped
+/// brings each no more attempts than with one server. With one server a
+/// round is one attempt.
+///
+/// After the server ended the connection with GoAway (a graceful shutdown:
+/// it refuses new connections until it is gone, as a busy one does), the
+/// busy delays double instead of growing fifteen-fold, until connected: the
+/// client comes back soon after the server's replacement starts.
 struct Delays {
     normal: backon::ExponentialBackoff,
     busy: backon::ExponentialBackoff,
+    /// The busy delays after a GoAway.
+    busy_going_away: backon::ExponentialBackoff,
     /// How many servers a round tries.
     servers: usize,
-    /// Attempts failed since the last delay, and whether a server refused
-    /// one of them for load.
+    /// Attempts failed since the last delay, and how many of them a server
+    /// refused for load.
     failed: usize,
-    refused_busy: bool,
+    refused_busy: u32,
+    /// The last connection ended with the server going away.
+    going_away: bool,
 }
 
 impl Delays {
     fn new(shared: &Shared) -> Self {
         Delays {
             normal: shared.backoff.build(),
-            busy: shared.busy_backoff.build(),
+            busy: busy_delays(shared.busy_backoff_min, shared.busy_backoff_max).build(),
+            busy_going_away: exponential(shared.busy_backoff_min, shared.busy_backoff_max).build(),
             servers: shared.dial.server_count(),
             failed: 0,
-            refused_busy: false,
+            refused_busy: 0,
+            going_away: false,
         }
     }
 
-    /// The delay before the first attempt of a reconnect; a round starts.
-    fn first(&mut self) -> Duration {
+    /// The delay before the first attempt of a reconnect, after a
+    /// connection that ended with the server `going_away` or not; a round
+    /// starts.
+    fn first(&mut self, going_away: bool) -> Duration {
         self.failed = 0;
-        self.refused_busy = false;
+        self.refused_busy = 0;
+        self.going_away = going_away;
         self.normal.next().unwrap_or(Duration::from_secs(5))
     }
 
     /// The delay before the attempt after one that ended with `result`:
     /// none while the round has servers left to try.
     fn after(&mut self, result: &Result<Peer, ConnectError>) -> Duration {
-        let busy = match result {
+        let refused_busy = match result {
             Ok(_) => {
                 self.failed = 0;
-                self.refused_busy = false;
-                false
+                self.refused_busy = 0;
+                self.going_away = false;
+                0
             }
             Err(e) => {
                 self.failed += 1;
-                self.refused_busy |= matches!(e, ConnectError::Busy(_));
+                if matches!(e, ConnectError::Busy(_)) {
+                    self.refused_busy += 1;
+                }
                 if self.failed < self.servers {
                     return Duration::ZERO;
                 }
@@ -1257,10 +1291,14 @@ impl Delays {
                 std::mem::take(&mut self.refused_busy)
             }
         };
-        if busy {
-            self.busy.next()
+        let busy = if self.going_away {
+            &mut self.busy_going_away
         } else {
-            self.normal.next()
+            &mut self.busy
+        };
+        match refused_busy {
+            0 => self.normal.next(),
+            n => busy.next().map(|delay| delay * n),
         }
         .unwrap_or(Duration::from_secs(5))
     }
@@ -1458,7 +1496,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
     let mut delays = Delays::new(&shared);
     let mut peer = match first {
         Some(peer) => peer,
-        None => match reconnect(&shared, true, &mut delays).await {
+        None => match reconnect(&shared, true, false, &mut delays).await {
             Some(peer) => peer,
             None => return,
         },
@@ -1475,6 +1513,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
         };
         shared.current.send_replace(None);
         tracing::info!(%reason, "brpc connection lost");
+        let going_away = reason.is_going_away();
         // With several servers, the first attempt goes to the next one.
         shared.dial.next_server();
         if !shared.reconnect || shared.is_closing() || shared.stopping.load(Ordering::SeqCst) {
@@ -1493,7 +1532,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
         if started.elapsed() >= shared.stable_after {
             delays = Delays::new(&shared);
         }
-        peer = match reconnect(&shared, false, &mut delays).await {
+        peer = match reconnect(&shared, false, going_away, &mut delays).await {
             Some(peer) => peer,
             None => return,
         };
@@ -1502,8 +1541,14 @@ async fn supervise(shared: Arc<Shared>, first: Option<Peer>) {
 
 /// Dials until connected (`None`: the client closed, or an error retrying
 /// cannot fix closed it), waiting `delays` between attempts. With
-/// `immediately`, the first attempt is not delayed.
-async fn reconnect(shared: &Shared, immediately: bool, delays: &mut Delays) -> Option<Peer> {
+/// `immediately`, the first attempt is not delayed; `going_away`: the last
+/// connection ended with the server going away.
+async fn reconnect(
+    shared: &Shared,
+    immediately: bool,
+    going_away: bool,
+    delays: &mut Delays,
+) -> Option<Peer> {
     let mut attempt = 0u32;
     // Errors retrying cannot fix, in a row: with several servers, the
     // client gives up only once every one of them failed that way.
@@ -1512,7 +1557,7 @@ async fn reconnect(shared: &Shared, immediately: bool, delays: &mut Delays) -> O
     let mut delay = if immediately {
         Duration::ZERO
     } else {
-        delays.first()
+        delays.first(going_away)
     };
     let peer = loop {
         if !(immediately && attempt == 0) {
@@ -1767,12 +1812,15 @@ mod tests {
     use super::*;
 
     fn delays(servers: usize) -> Delays {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(30));
         Delays {
             normal: exponential(Duration::from_millis(10), Duration::from_millis(10)).build(),
-            busy: exponential(Duration::from_secs(1), Duration::from_secs(1)).build(),
+            busy: busy_delays(min, max).build(),
+            busy_going_away: exponential(min, max).build(),
             servers,
             failed: 0,
-            refused_busy: false,
+            refused_busy: 0,
+            going_away: false,
         }
     }
 
@@ -1789,8 +1837,13 @@ mod tests {
         (Duration::from_millis(10)..=Duration::from_millis(20)).contains(&d)
     }
 
+    /// Within `[secs, 2 × secs]`: a busy delay of `secs` with its jitter.
+    fn within(d: Duration, secs: u64) -> bool {
+        (Duration::from_secs(secs)..=Duration::from_secs(2 * secs)).contains(&d)
+    }
+
     fn is_busy(d: Duration) -> bool {
-        (Duration::from_secs(1)..=Duration::from_secs(2)).contains(&d)
+        within(d, 1)
     }
 
     #[test]
@@ -1809,7 +1862,32 @@ mod tests {
         let mut d = delays(1);
         assert!(is_busy(d.after(&busy())));
         assert!(is_normal(d.after(&lost())));
-        assert!(is_busy(d.after(&busy())));
+        // The busy delays grow fifteen-fold.
+        assert!(within(d.after(&busy()), 15));
+        assert!(within(d.after(&busy()), 30));
+    }
+
+    #[test]
+    fn after_a_goaway_the_busy_delays_double_until_connected() {
+        let mut d = delays(1);
+        assert!(is_normal(d.first(true)));
+        assert!(within(d.after(&busy()), 1));
+        assert!(within(d.after(&busy()), 2));
+        assert!(within(d.after(&busy()), 4));
+        // The next reconnect, after a connection lost otherwise, is back to
+        // the fifteen-fold delays.
+        assert!(is_normal(d.first(false)));
+        assert!(within(d.after(&busy()), 1));
+        assert!(within(d.after(&busy()), 15));
+    }
+
+    #[test]
+    fn a_round_of_busy_servers_waits_a_busy_delay_for_each() {
+        let mut d = delays(3);
+        assert_eq!(d.after(&busy()), Duration::ZERO);
+        assert_eq!(d.after(&busy()), Duration::ZERO);
+        // Three busy refusals: three times the first busy delay (1-2 s).
+        assert!(within(d.after(&busy()), 3));
     }
 
     #[test]
@@ -1826,7 +1904,7 @@ mod tests {
         assert!(is_normal(d.after(&lost())));
         // A reconnect starts a new round, whatever the last one left.
         assert_eq!(d.after(&busy()), Duration::ZERO);
-        assert!(is_normal(d.first()));
+        assert!(is_normal(d.first(false)));
         assert_eq!(d.after(&lost()), Duration::ZERO);
         assert_eq!(d.after(&lost()), Duration::ZERO);
         assert!(is_normal(d.after(&lost())));

@@ -1863,3 +1863,58 @@ async fn a_busy_server_passes_a_reconnecting_client_on_to_the_next_at_once() {
         .expect("served after the failover");
     refusing.abort();
 }
+
+/// A client reconnecting while its server shuts down gracefully (refusing
+/// new connections for as long as its calls take, as a busy server does)
+/// comes back soon after the replacement starts: after the server's GoAway
+/// its busy delays double (1-2 s, 2-4 s, ...) rather than grow fifteen-fold
+/// (1-2 s, then 15-30 s), so a shutdown longer than its first delay does
+/// not hold it away for 15 s more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_comes_back_soon_after_a_long_graceful_shutdown() {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
+    let first = brpc::Server::builder()
+        .certificate(chain.clone(), key.clone_key())
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new("first"),
+        ))
+        .bind("127.0.0.1:0")
+        .expect("bind");
+    let addr = first.local_addr();
+    let client = common::client_builder(&first, "patient", EchoService::new("patient"))
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .connect(addr)
+        .await
+        .expect("connect");
+    let before = client.connection_id();
+    // A call in flight holds the shutdown open for its whole grace, longer
+    // than the first busy delay's 2 s at most: the client is refused twice.
+    let running = tokio::spawn({
+        let mut echo = EchoClient::new(client.channel());
+        async move { echo.sleep(SleepRequest { millis: 60_000 }).await }
+    });
+    eventually(Duration::from_secs(10), "the call is running", || {
+        first.peers().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    first.shutdown(Duration::from_millis(2500)).await;
+    drop(first);
+    let second = rebind(&chain, &key, addr).await;
+    // Doubling: the third attempt comes 3-6 s after the GoAway, the fourth
+    // (if the third came before the new server) by 14 s. Fifteen-fold: not
+    // before 16 s.
+    let mut state = client.watch_state();
+    let back = common::state_becomes(
+        &mut state,
+        Duration::from_secs(15).saturating_sub(started.elapsed()),
+        "back on the new server within 15 s of the shutdown's start",
+        |s| matches!(s, ClientState::Connected { connection_id } if *connection_id != before),
+    )
+    .await;
+    println!("back after {:?}: {back:?}", started.elapsed());
+    assert!(server_has(&second, 1));
+    running.abort();
+}
