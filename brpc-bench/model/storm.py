@@ -16,7 +16,7 @@ machine: with them the model gives 7.15 attempts per agent at 100 000 agents
 with the busy backoff doubling from 1 s to 30 s (7.19 measured) and 2.72
 with 15-30 s (2.62), in 175 and 150 s (151-201 and 153 s measured). For the
 fifteen-fold backoff made the default afterwards (1 s, 15 s, 30 s) it
-predicted 4.12 attempts and 150 s (4.23 and 168 s measured). Below that it
+predicted 4.12 attempts and 150 s (3.89-4.23 and 163-168 s measured). Below that it
 refuses more than the bench saw: at 50 000, 4.62 attempts per agent and 97 s
 with doubling (2.51 and 38 s measured in one run, 3.67 and 71 s in
 another); at 30 000 it refuses 3% of the agents
@@ -85,7 +85,8 @@ def storm(backoff, n, seed=1, queue=QUEUE, wait=WAIT, limit=600.0, dt=0.01):
 def exponential(first, longest, factor=2):
     """A busy backoff from `first`, growing `factor`-fold to `longest`, each
     delay plus up to 100% jitter: brpc's until 2026-12-05 doubled (1-30 s),
-    brpc's since grows fifteen-fold (1 s, then 15 s, then 30 s)."""
+    brpc's since grows fifteen-fold (1 s, then 15 s, then 30 s), except
+    after a GoAway (1, 2, 4, 8 s first), which a killed server never sends."""
     def delay(rng, k):
         base = min(longest, first * factor ** k)
         return base + rng.uniform(0, base)

@@ -513,9 +513,10 @@ impl Builder {
     /// server does not return all at once. After the server refused a
     /// handshake as busy, the [busy backoff](Builder::busy_backoff) applies
     /// instead. With [several servers](Builder::connect_any), a delay comes
-    /// only after every server failed in a row. A connection lost within `max` of being made does not start
-    /// the delays again from `min`: they go on growing, so a server that
-    /// closes each new connection is not redialled at `min` for ever.
+    /// only after every server failed in a row. A connection lost within
+    /// `max` of being made does not start the delays again from `min`: they
+    /// go on growing, so a server that closes each new connection is not
+    /// redialled at `min` for ever.
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.backoff_min = min;
         self.backoff_max = max.max(min);
@@ -537,31 +538,35 @@ impl Builder {
     ///
     /// The refusal does not say why: a server shutting down refuses new
     /// connections the same way. So the first delay is short (a client
-    /// that reconnects while its server restarts is back within seconds),
-    /// the second long (a server still refusing is swamped); and after the
+    /// that reconnects while its server restarts is back within seconds)
+    /// and the second long (a server still refusing is swamped). After the
     /// server ended the connection with GoAway (a graceful shutdown, which
-    /// refuses for as long as its calls take), the delays double instead
-    /// (1–2 s, 2–4 s, 4–8 s …) until connected, so the client comes back
-    /// soon after the server's replacement starts.
+    /// refuses for as long as its calls take), the first four delays double
+    /// from `min` instead (1–2 s, 2–4 s, 4–8 s, 8–16 s with the defaults),
+    /// then the long ones follow (15–30 s, 30–60 s): the client comes back
+    /// soon after the server's replacement starts, and a whole fleet sent
+    /// away at once makes a few more attempts than one that lost a crashed
+    /// server (not measured).
     ///
     /// With [several servers](Builder::connect_any), the next server is
     /// tried at once after a refusal, and the busy delay comes after every
-    /// one of them failed in a row: once for each that refused as busy, so
-    /// that a fleet whose servers are all swamped brings each of them no
-    /// more attempts than with one server.
+    /// one of them failed in a row, once for each that refused as busy (so
+    /// a round can wait several times `max`): a fleet whose servers are
+    /// all swamped brings each of them no more attempts than with one
+    /// server.
     ///
     /// Measured on one 2-core machine with the agents on it (BENCHMARKS.md,
     /// "The busy backoff grows fifteen-fold"), 100 000 agents reconnecting
-    /// after their server was killed made 4.2 attempts each with these
+    /// after their server was killed made 3.9–4.2 attempts each with these
     /// defaults, against 7.3–7.7 when each delay only doubled and 2.6 with
-    /// `busy_backoff(15 s, 30 s)`; 2.4%, 5.9–6.9% and 0.1% of the server's
-    /// calls to the agents already back failed or got no answer within 5 s
-    /// (the server's socket dropped 0.9, 1.8–2.1 and 0.14 million
-    /// datagrams); all were back after 168 s, 200–220 s and 155 s. For
-    /// fleets far larger than their server's queue (tens of thousands of
-    /// agents per server), a longer first delay wastes less still, at a
-    /// cost: such agents also wait 15–30 s after a refusal by a server
-    /// shutting down that did not send them its GoAway.
+    /// `busy_backoff(15 s, 30 s)`; 1.3–2.4%, 5.9–6.9% and 0.1% of the
+    /// server's calls to the agents already back failed or got no answer
+    /// within 5 s (the server's socket dropped 0.7–0.9, 1.8–2.1 and 0.14
+    /// million datagrams); all were back after 163–168 s, 200–220 s and
+    /// 155 s. For fleets far larger than their server's queue (tens of
+    /// thousands of agents per server), a longer first delay wastes less
+    /// still, at a cost: such agents also wait that long after a refusal by
+    /// a server shutting down.
     pub fn busy_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.busy_backoff_min = min;
         self.busy_backoff_max = max.max(min);
@@ -1229,33 +1234,56 @@ async fn connect_once(
 ///
 /// After the server ended the connection with GoAway (a graceful shutdown:
 /// it refuses new connections until it is gone, as a busy one does), the
-/// busy delays double instead of growing fifteen-fold, until connected: the
-/// client comes back soon after the server's replacement starts.
+/// first [`GOING_AWAY_DOUBLINGS`] busy delays double from the shortest
+/// instead (1-2 s, 2-4 s, 4-8 s, 8-16 s with the defaults), so the client
+/// comes back soon after the server's replacement starts; the fifteen-fold
+/// delays' long ones follow (a replacement still refusing is swamped).
 struct Delays {
     normal: backon::ExponentialBackoff,
     busy: backon::ExponentialBackoff,
-    /// The busy delays after a GoAway.
-    busy_going_away: backon::ExponentialBackoff,
+    /// The busy backoff's bounds, for the doubling delays after a GoAway.
+    busy_min: Duration,
+    busy_max: Duration,
+    /// The doubling delays after a GoAway, while any are left.
+    going_away: Option<(backon::ExponentialBackoff, usize)>,
     /// How many servers a round tries.
     servers: usize,
     /// Attempts failed since the last delay, and how many of them a server
     /// refused for load.
     failed: usize,
     refused_busy: u32,
-    /// The last connection ended with the server going away.
-    going_away: bool,
 }
+
+/// How many busy delays double after a GoAway before the fifteen-fold
+/// ones' long delays take over: with the defaults, 15-30 s of waiting in
+/// all, for a graceful shutdown's grace.
+const GOING_AWAY_DOUBLINGS: usize = 4;
 
 impl Delays {
     fn new(shared: &Shared) -> Self {
+        Self::with(
+            shared.backoff,
+            shared.busy_backoff_min,
+            shared.busy_backoff_max,
+            shared.dial.server_count(),
+        )
+    }
+
+    fn with(
+        normal: ExponentialBuilder,
+        busy_min: Duration,
+        busy_max: Duration,
+        servers: usize,
+    ) -> Self {
         Delays {
-            normal: shared.backoff.build(),
-            busy: busy_delays(shared.busy_backoff_min, shared.busy_backoff_max).build(),
-            busy_going_away: exponential(shared.busy_backoff_min, shared.busy_backoff_max).build(),
-            servers: shared.dial.server_count(),
+            normal: normal.build(),
+            busy: busy_delays(busy_min, busy_max).build(),
+            busy_min,
+            busy_max,
+            going_away: None,
+            servers,
             failed: 0,
             refused_busy: 0,
-            going_away: false,
         }
     }
 
@@ -1265,8 +1293,29 @@ impl Delays {
     fn first(&mut self, going_away: bool) -> Duration {
         self.failed = 0;
         self.refused_busy = 0;
-        self.going_away = going_away;
+        self.going_away = going_away.then(|| {
+            (
+                exponential(self.busy_min, self.busy_max).build(),
+                GOING_AWAY_DOUBLINGS,
+            )
+        });
         self.normal.next().unwrap_or(Duration::from_secs(5))
+    }
+
+    /// The next busy delay: a doubling one after a GoAway while any are
+    /// left, then the fifteen-fold ones from their second (long) delay on.
+    fn next_busy(&mut self) -> Option<Duration> {
+        if let Some((doubling, left)) = &mut self.going_away {
+            *left -= 1;
+            let delay = doubling.next();
+            if *left == 0 {
+                self.going_away = None;
+                // The fifteen-fold delays go on from their long ones.
+                self.busy.next();
+            }
+            return delay;
+        }
+        self.busy.next()
     }
 
     /// The delay before the attempt after one that ended with `result`:
@@ -1276,7 +1325,7 @@ impl Delays {
             Ok(_) => {
                 self.failed = 0;
                 self.refused_busy = 0;
-                self.going_away = false;
+                self.going_away = None;
                 0
             }
             Err(e) => {
@@ -1291,14 +1340,9 @@ impl Delays {
                 std::mem::take(&mut self.refused_busy)
             }
         };
-        let busy = if self.going_away {
-            &mut self.busy_going_away
-        } else {
-            &mut self.busy
-        };
         match refused_busy {
             0 => self.normal.next(),
-            n => busy.next().map(|delay| delay * n),
+            n => self.next_busy().map(|delay| delay.saturating_mul(n)),
         }
         .unwrap_or(Duration::from_secs(5))
     }
@@ -1812,16 +1856,12 @@ mod tests {
     use super::*;
 
     fn delays(servers: usize) -> Delays {
-        let (min, max) = (Duration::from_secs(1), Duration::from_secs(30));
-        Delays {
-            normal: exponential(Duration::from_millis(10), Duration::from_millis(10)).build(),
-            busy: busy_delays(min, max).build(),
-            busy_going_away: exponential(min, max).build(),
+        Delays::with(
+            exponential(Duration::from_millis(10), Duration::from_millis(10)),
+            Duration::from_secs(1),
+            Duration::from_secs(30),
             servers,
-            failed: 0,
-            refused_busy: 0,
-            going_away: false,
-        }
+        )
     }
 
     fn busy() -> Result<Peer, ConnectError> {
@@ -1832,7 +1872,7 @@ mod tests {
         Err(ConnectError::Handshake(quinn::ConnectionError::TimedOut))
     }
 
-    /// Each delay is its backoff's (10 ms or 1 s) plus up to 100% jitter.
+    /// The reconnect delay: 10 ms plus up to 100% jitter.
     fn is_normal(d: Duration) -> bool {
         (Duration::from_millis(10)..=Duration::from_millis(20)).contains(&d)
     }
@@ -1868,14 +1908,18 @@ mod tests {
     }
 
     #[test]
-    fn after_a_goaway_the_busy_delays_double_until_connected() {
+    fn after_a_goaway_four_busy_delays_double_then_the_long_ones_follow() {
         let mut d = delays(1);
+        assert!(is_normal(d.first(true)));
+        for secs in [1, 2, 4, 8, 15, 30, 30] {
+            assert!(within(d.after(&busy()), secs), "{secs} s");
+        }
+        // Each GoAway starts the doubling again; a reconnect after a
+        // connection lost otherwise has the fifteen-fold delays.
         assert!(is_normal(d.first(true)));
         assert!(within(d.after(&busy()), 1));
         assert!(within(d.after(&busy()), 2));
-        assert!(within(d.after(&busy()), 4));
-        // The next reconnect, after a connection lost otherwise, is back to
-        // the fifteen-fold delays.
+        let mut d = delays(1);
         assert!(is_normal(d.first(false)));
         assert!(within(d.after(&busy()), 1));
         assert!(within(d.after(&busy()), 15));
@@ -1888,6 +1932,22 @@ mod tests {
         assert_eq!(d.after(&busy()), Duration::ZERO);
         // Three busy refusals: three times the first busy delay (1-2 s).
         assert!(within(d.after(&busy()), 3));
+        // Two of three: twice the next one (15-30 s).
+        assert_eq!(d.after(&busy()), Duration::ZERO);
+        assert_eq!(d.after(&lost()), Duration::ZERO);
+        assert!(within(d.after(&busy()), 30));
+    }
+
+    #[test]
+    fn a_busy_delay_near_the_longest_duration_saturates() {
+        let mut d = Delays::with(
+            exponential(Duration::from_millis(10), Duration::from_millis(10)),
+            Duration::MAX / 2,
+            Duration::MAX,
+            2,
+        );
+        assert_eq!(d.after(&busy()), Duration::ZERO);
+        assert_eq!(d.after(&busy()), Duration::MAX);
     }
 
     #[test]

@@ -1867,9 +1867,9 @@ async fn a_busy_server_passes_a_reconnecting_client_on_to_the_next_at_once() {
 /// A client reconnecting while its server shuts down gracefully (refusing
 /// new connections for as long as its calls take, as a busy server does)
 /// comes back soon after the replacement starts: after the server's GoAway
-/// its busy delays double (1-2 s, 2-4 s, ...) rather than grow fifteen-fold
-/// (1-2 s, then 15-30 s), so a shutdown longer than its first delay does
-/// not hold it away for 15 s more.
+/// its first busy delays double (1-2 s, 2-4 s, ...) rather than grow
+/// fifteen-fold (1-2 s, then 15-30 s), so a shutdown longer than its first
+/// delay does not hold it away for 15 s more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_comes_back_soon_after_a_long_graceful_shutdown() {
     let cert = brpc::tls::DevCertificate::generate().expect("cert");
@@ -1895,12 +1895,19 @@ async fn a_client_comes_back_soon_after_a_long_graceful_shutdown() {
         async move { echo.sleep(SleepRequest { millis: 60_000 }).await }
     });
     eventually(Duration::from_secs(10), "the call is running", || {
-        first.peers().len() == 1
+        first
+            .peers()
+            .list()
+            .iter()
+            .any(|p| p.served_calls_in_flight() == 1)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let started = tokio::time::Instant::now();
     first.shutdown(Duration::from_millis(2500)).await;
+    // What the test is about: the client was refused more than once while
+    // the shutdown waited for the call.
+    let refused = first.admission_stats().refused_closing;
+    assert!(refused >= 2, "refused {refused} times during the shutdown");
     drop(first);
     let second = rebind(&chain, &key, addr).await;
     // Doubling: the third attempt comes 3-6 s after the GoAway, the fourth
