@@ -1301,13 +1301,23 @@ async fn storm(
     keep_alive: Option<Duration>,
     priority: AgentPriority,
     max_handshakes: Option<usize>,
+    stop: Stop,
 ) -> Result<String, Box<dyn std::error::Error>> {
     eprintln!("storm: {n} agents ...");
     let dir = std::env::temp_dir().join(format!("brpc-storm-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let pem = dir.join("server.pem");
-    let (mut server, peers) =
-        storm_server("127.0.0.1:0".parse()?, &pem, keep_alive, max_handshakes)?;
+    let grace = match stop {
+        Stop::Kill => None,
+        Stop::Graceful(grace) => Some(grace),
+    };
+    let (mut server, peers) = storm_server(
+        "127.0.0.1:0".parse()?,
+        &pem,
+        keep_alive,
+        max_handshakes,
+        grace,
+    )?;
     let addr = wait_for_address(&peers)?;
     let cert = dir.join("server.der");
     std::fs::write(&cert, brpc::tls::load_certificate_file(&pem)?)?;
@@ -1318,12 +1328,22 @@ async fn storm(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = peers.count();
-    server.kill()?;
+    match stop {
+        Stop::Kill => server.kill()?,
+        Stop::Graceful(_) => {
+            // SIGTERM: the storm server shuts down gracefully (its grace
+            // set at its start) and exits.
+            // SAFETY: a plain kill(2) of our own child's pid.
+            if unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGTERM) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+        }
+    }
     let _ = server.wait();
     let restarted = Instant::now();
     let agents_cpu_before = processes_cpu_seconds(&children);
     let machine_drops_before = udp_receive_buffer_drops();
-    let (mut server, peers) = storm_server(addr, &pem, keep_alive, max_handshakes)?;
+    let (mut server, peers) = storm_server(addr, &pem, keep_alive, max_handshakes, None)?;
     // 120 s, or 3 ms per agent for larger fleets (300 s for 100 000).
     let limit = Duration::from_secs(120).max(Duration::from_millis(3 * n as u64));
     // When half, 90% and 99% of the fleet were back.
@@ -1459,6 +1479,7 @@ fn storm_server(
     pem: &std::path::Path,
     keep_alive: Option<Duration>,
     max_handshakes: Option<usize>,
+    grace: Option<Duration>,
 ) -> Result<(std::process::Child, Reported), Box<dyn std::error::Error>> {
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args([
@@ -1473,6 +1494,10 @@ fn storm_server(
         .env(
             MAX_HANDSHAKES_VAR,
             max_handshakes.map_or(String::new(), |n| n.to_string()),
+        )
+        .env(
+            GRACE_VAR,
+            grace.map_or(String::new(), |g| g.as_millis().to_string()),
         )
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -1519,6 +1544,21 @@ fn storm_server(
 /// The environment variable giving a storm server's
 /// `Builder::max_handshakes` (unset: brpc's default).
 const MAX_HANDSHAKES_VAR: &str = "BRPC_BENCH_MAX_HANDSHAKES";
+
+/// The environment variable giving a storm server the grace (ms) of its
+/// graceful shutdown on SIGTERM (unset: it is killed instead).
+const GRACE_VAR: &str = "BRPC_BENCH_GRACE_MS";
+
+/// How a storm stops its first server.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    /// SIGKILL: no GoAway, no CONNECTION_CLOSE (a crash).
+    Kill,
+    /// `Server::shutdown`: GoAway to every agent, then refusing new
+    /// connections for this long (the grace, which calls in flight would
+    /// hold), then gone.
+    Graceful(Duration),
+}
 
 /// How the agents' processes are scheduled beside the server.
 #[derive(Clone, Copy, Debug)]
@@ -1570,7 +1610,25 @@ async fn serve_storm(
     tokio::spawn(probe_agents(server.peers().clone(), probes.clone()));
     let lags = Arc::new(std::sync::Mutex::new(Vec::new()));
     tokio::spawn(watch_lag(lags.clone()));
+    let grace = std::env::var(GRACE_VAR)
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map(Duration::from_millis);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     for turn in 0u64.. {
+        if let Some(grace) = grace
+            && futures_util::FutureExt::now_or_never(terminate.recv())
+                .flatten()
+                .is_some()
+        {
+            // GoAway to every agent; with no calls in flight the shutdown
+            // ends at once, and the server goes on refusing new connections
+            // for the rest of the grace, as calls in flight would hold it.
+            let deadline = tokio::time::Instant::now() + grace;
+            server.shutdown(grace).await;
+            tokio::time::sleep_until(deadline).await;
+            return Ok(());
+        }
         let a = server.admission_stats();
         // Every 200 ms: the summary sorts every probe's time.
         if turn % 10 == 0
@@ -2189,6 +2247,12 @@ enum Command {
         /// The server's `Builder::max_handshakes` (default: brpc's).
         #[arg(long)]
         max_handshakes: Option<usize>,
+        /// Stop the server gracefully instead of killing it: GoAway to
+        /// every agent, then refusing new connections for this many seconds
+        /// (a shutdown's grace, as calls in flight would hold it), then the
+        /// new server.
+        #[arg(long)]
+        graceful: Option<u64>,
     },
     /// (Internal) a storm's server process.
     #[command(hide = true, name = "storm-server")]
@@ -2329,6 +2393,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             agents_nice,
             agents_idle,
             max_handshakes,
+            graceful,
         }) => {
             let priority = match (agents_idle, agents_nice) {
                 (true, _) => AgentPriority::Idle,
@@ -2338,7 +2403,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{STORM_HEADER}");
             for n in sizes {
                 let keep_alive = keep_alive.map(Duration::from_secs);
-                let row = storm(n, keep_alive, priority, max_handshakes).await?;
+                let stop =
+                    graceful.map_or(Stop::Kill, |secs| Stop::Graceful(Duration::from_secs(secs)));
+                let row = storm(n, keep_alive, priority, max_handshakes, stop).await?;
                 println!("{row}");
             }
             return Ok(());
@@ -2608,7 +2675,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut storm_rows = Vec::new();
     for &n in &cli.storm {
         let keep_alive = cli.fleet_keep_alive.map(Duration::from_secs);
-        let row = storm(n, keep_alive, AgentPriority::Normal, None)
+        let row = storm(n, keep_alive, AgentPriority::Normal, None, Stop::Kill)
             .await
             .unwrap_or_else(|e| format!("| {n} | the storm failed: {e} |"));
         println!("{STORM_HEADER}\n{row}");

@@ -544,9 +544,10 @@ impl Builder {
     /// refuses for as long as its calls take), the first four delays double
     /// from `min` instead (1–2 s, 2–4 s, 4–8 s, 8–16 s with the defaults),
     /// then the long ones follow (15–30 s, 30–60 s): the client comes back
-    /// soon after the server's replacement starts, and a whole fleet sent
-    /// away at once makes a few more attempts than one that lost a crashed
-    /// server (not measured).
+    /// soon after the server's replacement starts. (100 000 agents sent
+    /// away by a graceful shutdown with a 5 s grace made 4.9 attempts each
+    /// and were all back 119 s after the replacement started, on the same
+    /// machine as below.)
     ///
     /// With [several servers](Builder::connect_any), the next server is
     /// tried at once after a refusal, and the busy delay comes after every
