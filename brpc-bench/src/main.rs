@@ -619,6 +619,11 @@ impl Latencies {
         }
         Duration::from_nanos(self.0.value_at_quantile(p / 100.0))
     }
+
+    /// The longest latency recorded (zero with none).
+    fn longest(&self) -> Duration {
+        Duration::from_nanos(self.0.max())
+    }
 }
 
 /// Exactly `calls` calls of `payload`, `width` at a time; the first error
@@ -1515,20 +1520,12 @@ fn storm_server(
                     *slot = Some(addr);
                 }
             } else if let Some(counts) = line.strip_prefix("admission ") {
-                let mut parsed = [0u64; 6];
-                for (slot, word) in parsed.iter_mut().zip(counts.split_whitespace()) {
-                    *slot = word.parse().unwrap_or(0);
-                }
                 if let Ok(mut slot) = follow.admission.lock() {
-                    *slot = parsed;
+                    *slot = parse_counts(counts);
                 }
             } else if let Some(counts) = line.strip_prefix("probes ") {
-                let mut parsed = [0u64; 8];
-                for (slot, word) in parsed.iter_mut().zip(counts.split_whitespace()) {
-                    *slot = word.parse().unwrap_or(0);
-                }
                 if let Ok(mut slot) = follow.probes.lock() {
-                    *slot = parsed;
+                    *slot = parse_counts(counts);
                 }
             } else if let Some(count) = line.strip_prefix("peers ") {
                 follow.peers.store(
@@ -1544,6 +1541,16 @@ fn storm_server(
 /// The environment variable giving a storm server's
 /// `Builder::max_handshakes` (unset: brpc's default).
 const MAX_HANDSHAKES_VAR: &str = "BRPC_BENCH_MAX_HANDSHAKES";
+
+/// The first `N` numbers of a line a storm server reports (0 for any missing
+/// or not a number).
+fn parse_counts<const N: usize>(counts: &str) -> [u64; N] {
+    let mut parsed = [0u64; N];
+    for (slot, word) in parsed.iter_mut().zip(counts.split_whitespace()) {
+        *slot = word.parse().unwrap_or(0);
+    }
+    parsed
+}
 
 /// The environment variable giving a storm server the grace (ms) of its
 /// graceful shutdown on SIGTERM (unset: it is killed instead).
@@ -1606,9 +1613,9 @@ async fn serve_storm(
         }
     };
     println!("addr {}", server.local_addr());
-    let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let probes = Arc::new(std::sync::Mutex::new(Probes::default()));
     tokio::spawn(probe_agents(server.peers().clone(), probes.clone()));
-    let lags = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lags = Arc::new(std::sync::Mutex::new(Latencies::default()));
     tokio::spawn(watch_lag(lags.clone()));
     let grace = std::env::var(GRACE_VAR)
         .ok()
@@ -1630,11 +1637,22 @@ async fn serve_storm(
             return Ok(());
         }
         let a = server.admission_stats();
-        // Every 200 ms: the summary sorts every probe's time.
+        // Every 200 ms.
         if turn % 10 == 0
             && let (Ok(probes), Ok(lags)) = (probes.lock(), lags.lock())
         {
-            println!("probes {} {}", probe_summary(&probes), lag_summary(&lags));
+            let micros = |d: Duration| d.as_micros();
+            println!(
+                "probes {} {} {} {} {} {} {} {}",
+                probes.ended,
+                probes.failed,
+                micros(probes.served.percentile(50.0)),
+                micros(probes.served.percentile(99.0)),
+                micros(probes.served.longest()),
+                micros(lags.percentile(50.0)),
+                micros(lags.percentile(99.0)),
+                micros(lags.longest()),
+            );
         }
         println!(
             "admission {} {} {} {} {} {}",
@@ -1661,10 +1679,7 @@ const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 /// (in connection-id order, round and round) with a 16-byte Echo, each call
 /// on its own task, and records each call's time in µs (`None`: failed or
 /// past [`PROBE_DEADLINE`]).
-async fn probe_agents(
-    peers: brpc::server::Registry,
-    probes: Arc<std::sync::Mutex<Vec<Option<u64>>>>,
-) {
+async fn probe_agents(peers: brpc::server::Registry, probes: Arc<std::sync::Mutex<Probes>>) {
     let mut after = None;
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1686,67 +1701,43 @@ async fn probe_agents(
                 blob: Bytes::from_static(&[7; 16]),
                 ..Default::default()
             });
-            let took = match tokio::time::timeout(PROBE_DEADLINE, call).await {
-                Ok(Ok(_)) => Some(started.elapsed().as_micros() as u64),
-                _ => None,
-            };
+            let served = matches!(tokio::time::timeout(PROBE_DEADLINE, call).await, Ok(Ok(_)));
+            let took = started.elapsed();
             if let Ok(mut probes) = probes.lock() {
-                probes.push(took);
+                probes.ended += 1;
+                if served {
+                    probes.served.record(took);
+                } else {
+                    probes.failed += 1;
+                }
             }
         });
     }
 }
 
 /// How late the storm server's runtime runs a task whose timer is due: a
-/// task sleeps 10 ms at a time and records how much longer it took (µs).
+/// task sleeps 10 ms at a time and records how much longer it took.
 /// Late by milliseconds, every task of the server waits that long for a
 /// worker: its connections' drivers and its calls' handlers too.
-async fn watch_lag(lags: Arc<std::sync::Mutex<Vec<u64>>>) {
+async fn watch_lag(lags: Arc<std::sync::Mutex<Latencies>>) {
     loop {
         let due = tokio::time::Instant::now() + Duration::from_millis(10);
         tokio::time::sleep_until(due).await;
-        let late = due.elapsed().as_micros() as u64;
+        let late = due.elapsed();
         if let Ok(mut lags) = lags.lock() {
-            lags.push(late);
+            lags.record(late);
         }
     }
 }
 
-/// "p50 p99 max" of the runtime's lags (µs).
-fn lag_summary(lags: &[u64]) -> String {
-    let mut lags = lags.to_vec();
-    lags.sort_unstable();
-    let at = |q: f64| {
-        lags.get(((lags.len() as f64 * q) as usize).min(lags.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    format!(
-        "{} {} {}",
-        at(0.5),
-        at(0.99),
-        lags.last().copied().unwrap_or(0)
-    )
-}
-
-/// "calls failed p50 p99 max" of the probes (times in µs; 0 with none served).
-fn probe_summary(probes: &[Option<u64>]) -> String {
-    let mut served: Vec<u64> = probes.iter().flatten().copied().collect();
-    served.sort_unstable();
-    let at = |q: f64| {
-        served
-            .get(((served.len() as f64 * q) as usize).min(served.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    format!(
-        "{} {} {} {} {}",
-        probes.len(),
-        probes.len() - served.len(),
-        at(0.5),
-        at(0.99),
-        served.last().copied().unwrap_or(0)
-    )
+/// The storm server's calls to agents that are back.
+#[derive(Default)]
+struct Probes {
+    /// Calls that ended, and of them those that failed or ran out of time.
+    ended: u64,
+    failed: u64,
+    /// How long the served ones took.
+    served: Latencies,
 }
 
 /// The user + system CPU time so far of every process in `children`.

@@ -1242,9 +1242,8 @@ async fn connect_once(
 struct Delays {
     normal: backon::ExponentialBackoff,
     busy: backon::ExponentialBackoff,
-    /// The busy backoff's bounds, for the doubling delays after a GoAway.
-    busy_min: Duration,
-    busy_max: Duration,
+    /// The doubling delays after a GoAway, started again at each.
+    busy_doubling: ExponentialBuilder,
     /// The doubling delays after a GoAway, while any are left.
     going_away: Option<(backon::ExponentialBackoff, usize)>,
     /// How many servers a round tries.
@@ -1279,8 +1278,7 @@ impl Delays {
         Delays {
             normal: normal.build(),
             busy: busy_delays(busy_min, busy_max).build(),
-            busy_min,
-            busy_max,
+            busy_doubling: exponential(busy_min, busy_max),
             going_away: None,
             servers,
             failed: 0,
@@ -1294,12 +1292,7 @@ impl Delays {
     fn first(&mut self, going_away: bool) -> Duration {
         self.failed = 0;
         self.refused_busy = 0;
-        self.going_away = going_away.then(|| {
-            (
-                exponential(self.busy_min, self.busy_max).build(),
-                GOING_AWAY_DOUBLINGS,
-            )
-        });
+        self.going_away = going_away.then(|| (self.busy_doubling.build(), GOING_AWAY_DOUBLINGS));
         self.normal.next().unwrap_or(Duration::from_secs(5))
     }
 
@@ -1323,12 +1316,8 @@ impl Delays {
     /// none while the round has servers left to try.
     fn after(&mut self, result: &Result<Peer, ConnectError>) -> Duration {
         let refused_busy = match result {
-            Ok(_) => {
-                self.failed = 0;
-                self.refused_busy = 0;
-                self.going_away = None;
-                0
-            }
+            // The reconnect ends; the next starts its round with `first`.
+            Ok(_) => 0,
             Err(e) => {
                 self.failed += 1;
                 if matches!(e, ConnectError::Busy(_)) {

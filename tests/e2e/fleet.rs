@@ -233,15 +233,9 @@ async fn connect_and_disconnect_events_arrive_once_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_reconnect_to_a_restarted_server() {
     const N: usize = 20;
-    let cert = brpc::tls::DevCertificate::generate().expect("cert");
-    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
-    let first = brpc::Server::builder()
-        .certificate(chain.clone(), key.clone_key())
-        .add_service(common::echo::echo_server::EchoServer::new(
-            EchoService::new("first"),
-        ))
-        .bind("127.0.0.1:0")
-        .expect("bind");
+    let (chain, key) = dev_identity();
+    let first =
+        echo_server(&chain, &key, "first", "127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = first.local_addr();
     let builders = (0..N)
         .map(|i| {
@@ -314,6 +308,31 @@ async fn agents_reconnect_to_a_restarted_server() {
     }
 }
 
+/// A dev certificate chain and its key, for servers restarted with the same
+/// identity (which their agents pin).
+fn dev_identity() -> (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+) {
+    let cert = brpc::tls::DevCertificate::generate().expect("cert");
+    (vec![cert.certificate().clone()], cert.private_key())
+}
+
+/// A server with this identity on `addr`, hosting Echo answering as `name`.
+fn echo_server(
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+    key: &rustls_pki_types::PrivateKeyDer<'static>,
+    name: &str,
+    addr: std::net::SocketAddr,
+) -> Result<brpc::Server, brpc::server::BindError> {
+    brpc::Server::builder()
+        .certificate(chain.to_vec(), key.clone_key())
+        .add_service(common::echo::echo_server::EchoServer::new(
+            EchoService::new(name),
+        ))
+        .bind(addr)
+}
+
 /// A new server on the address of one just closed (with the same dev
 /// certificate, which the agents pin). The old socket closes once quinn's
 /// endpoint driver has wound down, so binding is retried for up to 5 s.
@@ -324,13 +343,7 @@ async fn rebind(
 ) -> brpc::Server {
     let started = tokio::time::Instant::now();
     loop {
-        let bound = brpc::Server::builder()
-            .certificate(chain.to_vec(), key.clone_key())
-            .add_service(common::echo::echo_server::EchoServer::new(
-                EchoService::new("second"),
-            ))
-            .bind(addr);
-        match bound {
+        match echo_server(chain, key, "second", addr) {
             Ok(server) => return server,
             Err(e) if started.elapsed() > Duration::from_secs(5) => {
                 panic!("cannot bind {addr} again: {e}")
@@ -481,15 +494,9 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
 
 #[tokio::test]
 async fn wait_for_ready_calls_ride_out_a_restart() {
-    let cert = brpc::tls::DevCertificate::generate().expect("cert");
-    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
-    let first = brpc::Server::builder()
-        .certificate(chain.clone(), key.clone_key())
-        .add_service(common::echo::echo_server::EchoServer::new(
-            EchoService::new("first"),
-        ))
-        .bind("127.0.0.1:0")
-        .expect("bind");
+    let (chain, key) = dev_identity();
+    let first =
+        echo_server(&chain, &key, "first", "127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = first.local_addr();
     let client = common::client_builder(&first, "patient", EchoService::new("patient"))
         .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
@@ -1872,15 +1879,9 @@ async fn a_busy_server_passes_a_reconnecting_client_on_to_the_next_at_once() {
 /// delay does not hold it away for 15 s more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_comes_back_soon_after_a_long_graceful_shutdown() {
-    let cert = brpc::tls::DevCertificate::generate().expect("cert");
-    let (chain, key) = (vec![cert.certificate().clone()], cert.private_key());
-    let first = brpc::Server::builder()
-        .certificate(chain.clone(), key.clone_key())
-        .add_service(common::echo::echo_server::EchoServer::new(
-            EchoService::new("first"),
-        ))
-        .bind("127.0.0.1:0")
-        .expect("bind");
+    let (chain, key) = dev_identity();
+    let first =
+        echo_server(&chain, &key, "first", "127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = first.local_addr();
     let client = common::client_builder(&first, "patient", EchoService::new("patient"))
         .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(300))
