@@ -192,7 +192,9 @@ async fn a_unix_hello_of_another_version_is_refused() {
 /// Over a Unix socket, frames queued for calls that do not read them are
 /// charged to the connection's inbound budget as over QUIC: a handler that
 /// stops reading holds at most that much, and once it is used up a new call
-/// is refused with RESOURCE_EXHAUSTED instead of memory growing.
+/// is refused with RESOURCE_EXHAUSTED instead of memory growing. When the
+/// stalled call is dropped for not reading, its frames go with it, though
+/// its handler still holds its input, and new calls are served again.
 #[tokio::test]
 async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
     use common::echo::EchoRequest;
@@ -215,7 +217,7 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
     use common::frame;
     let request = common::echo_call;
     // A call whose handler stops reading after its first message, then
-    // eight messages of 400 KiB for it: 3.2 MiB against a 2 MiB budget.
+    // five messages of 400 KiB for it: 2.0 of the 2 MiB budget.
     let mut out = frame(
         1,
         FrameType::Request,
@@ -237,12 +239,10 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
         ..Default::default()
     }
     .encode_to_vec();
-    for _ in 0..8 {
+    for _ in 0..5 {
         out.extend(frame(1, FrameType::Data, Flags::EMPTY, blob.clone()));
     }
-    // Then a new call of 100 KiB: more than the room the stalled call left
-    // (five of its messages fit in the 2 MiB; the sixth waited a second,
-    // then the call was dropped, its five held by its handler).
+    // Then a new call of 100 KiB: more than the room the stalled call left.
     let unary = EchoRequest {
         blob: vec![1u8; 100 << 10],
         ..Default::default()
@@ -252,7 +252,7 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
         3,
         FrameType::Request,
         Flags::EMPTY,
-        request("Unary", unary),
+        request("Unary", unary.clone()),
     ));
     writer.write_all(&out).await.expect("write");
 
@@ -271,6 +271,25 @@ async fn unix_frames_waiting_for_their_calls_stay_within_the_budget() {
     // stalled handler has not taken are still held.
     let held = server.buffered_bytes();
     assert!((MIB..=2 * MIB).contains(&held), "{held}");
+
+    // A sixth message finds no room: the connection's reader waits out the
+    // call's allowance (a second) and drops the call, and the five frames
+    // queued for it with it. The same call as before is now served.
+    let mut out = frame(1, FrameType::Data, Flags::EMPTY, blob);
+    out.extend(frame(
+        5,
+        FrameType::Request,
+        Flags::EMPTY,
+        request("Unary", unary),
+    ));
+    writer.write_all(&out).await.expect("write");
+    let status = status_on(&mut reader, 5).await.status.unwrap_or_default();
+    assert_eq!(status.code, tonic::Code::Ok as i32, "{status:?}");
+    assert_eq!(
+        server.buffered_bytes(),
+        0,
+        "the dropped call's frames are still charged"
+    );
 }
 
 /// Over a Unix socket a call read more slowly than its peer sends holds up
