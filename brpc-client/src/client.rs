@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 /// Why [`Builder::connect`](crate::Builder::connect) failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectError {
     /// No server certificate or CA to trust was configured.
     #[error(

@@ -189,6 +189,7 @@ impl ClusterConfig {
 
 /// What went wrong joining a cluster.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClusterError {
     /// The Redis URL does not parse.
     #[error("bad Redis URL {url:?}: {source}")]

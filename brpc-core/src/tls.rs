@@ -18,6 +18,7 @@ pub const ALPN: &[u8] = b"brpc/1";
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// rcgen could not generate a certificate.
     #[error("cannot generate a dev certificate: {0}")]

@@ -17,6 +17,7 @@ use tokio::sync::broadcast;
 
 /// A change in who is connected.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum PeerEvent {
     /// A peer completed Hello and is listed.
     Connected(Peer),
@@ -55,6 +56,7 @@ impl PeerEvent {
 ///     match event {
 ///         PeerEvent::Connected(peer) => println!("+ {}", peer.name()),
 ///         PeerEvent::Disconnected { peer, reason } => println!("- {}: {reason}", peer.name()),
+///         _ => {} // kinds of event a later version adds
 ///     }
 /// }
 /// # drop(db); }

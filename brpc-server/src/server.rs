@@ -30,6 +30,7 @@ use crate::state::{
 
 /// Why [`Builder::bind`] failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BindError {
     /// The address did not resolve to any socket address.
     #[error("cannot resolve bind address: {0}")]

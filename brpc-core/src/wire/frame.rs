@@ -421,6 +421,7 @@ impl Frame {
 
 /// Why bytes could not become a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FrameError {
     /// The header announces more data than the configured maximum. The data has
     /// not been read; [`FrameDecoder`] skips it if decoding continues.
