@@ -41,6 +41,23 @@ impl Relay {
         Relay { addr, shared, task }
     }
 
+    /// A relay on 127.0.0.1 forwarding to `target` that holds every
+    /// datagram for `delay` in each direction (a round trip of twice it),
+    /// in order.
+    pub async fn start_delayed(target: SocketAddr, delay: std::time::Duration) -> Relay {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind front"));
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind back"));
+        let addr = front.local_addr().expect("front addr");
+        let shared = Arc::new(Shared {
+            target: Mutex::new(target),
+            forwarding: AtomicBool::new(true),
+            client_budget: AtomicUsize::new(usize::MAX),
+            from_server: AtomicUsize::new(0),
+        });
+        let task = tokio::spawn(run_delayed(front, back, shared.clone(), delay));
+        Relay { addr, shared, task }
+    }
+
     /// The address clients dial.
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -99,6 +116,63 @@ async fn run(front: UdpSocket, back: UdpSocket, shared: Arc<Shared>) {
                 {
                     shared.from_server.fetch_add(1, Ordering::SeqCst);
                     let _ = front.send_to(&from_server[..n], client).await;
+                }
+            }
+        }
+    }
+}
+
+/// [`run`] with every datagram held for `delay`: each direction's datagrams
+/// go through a queue to a task that sends each at its time.
+async fn run_delayed(
+    front: Arc<UdpSocket>,
+    back: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    delay: std::time::Duration,
+) {
+    type Queue = tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>, SocketAddr)>;
+    fn sender(socket: Arc<UdpSocket>) -> (Queue, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, SocketAddr)>();
+        let task = tokio::spawn(async move {
+            while let Some((at, datagram, to)) = rx.recv().await {
+                tokio::time::sleep_until(at).await;
+                let _ = socket.send_to(&datagram, to).await;
+            }
+        });
+        (tx, task)
+    }
+    let (to_server, to_server_task) = sender(back.clone());
+    let (to_client, to_client_task) = sender(front.clone());
+    // The senders go with this task (aborted when the relay is dropped).
+    struct AbortOnDrop([tokio::task::JoinHandle<()>; 2]);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.iter().for_each(tokio::task::JoinHandle::abort);
+        }
+    }
+    let _senders = AbortOnDrop([to_server_task, to_client_task]);
+    let mut client: Option<SocketAddr> = None;
+    let mut from_client = vec![0u8; 65536];
+    let mut from_server = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            Ok((n, from)) = front.recv_from(&mut from_client) => {
+                client = Some(from);
+                if shared.forwarding.load(Ordering::SeqCst) {
+                    let target = *shared.target.lock().expect("target");
+                    let at = tokio::time::Instant::now() + delay;
+                    let _ = to_server.send((at, from_client[..n].to_vec(), target));
+                }
+            }
+            Ok((n, from)) = back.recv_from(&mut from_server) => {
+                let target = *shared.target.lock().expect("target");
+                if from == target && shared.forwarding.load(Ordering::SeqCst)
+                    && let Some(client) = client
+                {
+                    shared.from_server.fetch_add(1, Ordering::SeqCst);
+                    let at = tokio::time::Instant::now() + delay;
+                    let _ = to_client.send((at, from_server[..n].to_vec(), client));
                 }
             }
         }

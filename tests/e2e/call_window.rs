@@ -121,3 +121,83 @@ async fn calls_beyond_an_explicit_limit_wait_and_then_succeed() {
     }
     assert_eq!(probe.max_in_flight.load(Ordering::SeqCst), 4);
 }
+
+/// A client and its server over a relay holding every datagram 50 ms each
+/// way (a 100 ms round trip); the client serves Echo too.
+async fn over_a_long_round_trip() -> (brpc::Server, common::relay::Relay, brpc::Client) {
+    let server = common::server();
+    let relay =
+        common::relay::Relay::start_delayed(server.local_addr(), Duration::from_millis(50)).await;
+    let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+        .connect(relay.addr())
+        .await
+        .expect("connect");
+    (server, relay, client)
+}
+
+/// One quick call through `echo`, then `n` more, one started every `gap`
+/// (without waiting for the one before), all of which succeed. (The first
+/// call waits: calls made at once on a new channel can reach the peer in
+/// one burst, which widens the window on its own.)
+async fn paced_calls(echo: EchoClient<brpc::Channel>, n: usize, gap: Duration) {
+    use common::echo::EchoRequest;
+    echo.clone()
+        .unary(EchoRequest::default())
+        .await
+        .expect("first call");
+    let mut calls = Vec::new();
+    for _ in 0..n {
+        let mut echo = echo.clone();
+        calls.push(tokio::spawn(async move {
+            echo.unary(EchoRequest::default()).await.map(|_| ())
+        }));
+        tokio::time::sleep(gap).await;
+    }
+    for call in calls {
+        call.await.expect("join").expect("call");
+    }
+}
+
+/// Quick calls arriving one at a time over a long round trip never have
+/// six handlers running at once, yet QUIC counts each against the window
+/// until the caller has its credit back, two round trips later: at 200
+/// calls a second and a 100 ms round trip, 8 calls at a time is 40 a
+/// second. Before the window widened on how closely calls arrive, 200
+/// calls made 5 ms apart over this relay took 5.5 s, the longest 4.5-5.0 s
+/// (1.3 s and 180 ms after). A window's worth of calls made 2 ms apart,
+/// which no blocked caller bunches up, widens it, in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_calls_over_a_long_round_trip_widen_the_window() {
+    let window = INITIAL_CALL_WINDOW as usize;
+    let gap = Duration::from_millis(2);
+    let (server, _relay, client) = over_a_long_round_trip().await;
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    assert!(!peer.call_window_widened());
+    paced_calls(EchoClient::new(client.channel()), window, gap).await;
+    assert!(
+        peer.call_window_widened(),
+        "the server's window for the client"
+    );
+
+    let agent = client.peer().expect("connected");
+    assert!(!agent.call_window_widened());
+    paced_calls(peer.client(EchoClient::new), window, gap).await;
+    assert!(
+        agent.call_window_widened(),
+        "the client's window for the server"
+    );
+}
+
+/// A call now and then, one at a time, leaves a connection's window as
+/// small as it started (quinn keeps state for every stream it allows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_one_at_a_time_leave_the_window_narrow() {
+    use common::echo::EchoRequest;
+    let (server, _relay, client) = over_a_long_round_trip().await;
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    let mut echo = EchoClient::new(client.channel());
+    for _ in 0..10 {
+        echo.unary(EchoRequest::default()).await.expect("call");
+    }
+    assert!(!peer.call_window_widened());
+}

@@ -116,6 +116,7 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     let mut calls = FuturesUnordered::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut streak = 0;
+    let mut arrivals = super::peer::Arrivals::new();
     loop {
         if streak >= ACCEPT_STREAK {
             streak = 0;
@@ -145,7 +146,7 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
                     } else {
                         calls.push(Served::Here(call));
                     }
-                    peer.widen_call_window(calls.len() + tasks.len());
+                    peer.widen_call_window(calls.len() + tasks.len(), &mut arrivals);
                 }
                 None => break,
             },

@@ -537,21 +537,38 @@ impl Peer {
         self.shared.calls.wait_until(|c| c.get(true) == 0).await;
     }
 
-    /// Called with the number of calls being served: once they fill three
-    /// quarters of the initial QUIC window, the peer may open up to
-    /// `max_concurrent_calls` (one MAX_STREAMS frame; it never shrinks back).
-    pub(crate) fn widen_call_window(&self, serving: usize) {
+    /// Called as a call of the peer's is accepted, with the number being
+    /// served: once the calls QUIC counts against the initial window fill
+    /// three quarters of it, the peer may open up to `max_concurrent_calls`
+    /// (one MAX_STREAMS frame; it never shrinks back). QUIC counts a call
+    /// not only while it is served but until the peer has had the
+    /// acknowledgement of its answer and the credit back, about two round
+    /// trips after it opened: `arrivals` says when that many arrived within
+    /// that time, so quick calls over a long round trip widen it too.
+    pub(crate) fn widen_call_window(&self, serving: usize, arrivals: &mut Arrivals) {
         let Transport::Quic(connection) = &self.shared.transport else {
             return;
         };
         let initial = super::quic::initial_call_window(self.shared.limits.max_concurrent_calls);
-        if serving * 4 >= initial as usize * 3
-            && initial < self.shared.limits.max_concurrent_calls
+        if initial >= self.shared.limits.max_concurrent_calls
+            || self.shared.window_widened.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let crowded = arrivals.crowded(2 * connection.rtt() + super::quic::ACK_DELAY);
+        if (serving * 4 >= initial as usize * 3 || crowded)
             && !self.shared.window_widened.swap(true, Ordering::Relaxed)
         {
             connection
                 .set_max_concurrent_bi_streams(self.shared.limits.max_concurrent_calls.into());
         }
+    }
+
+    #[doc(hidden)]
+    /// Whether this connection lets the peer open `max_concurrent_calls`
+    /// calls at once yet, not just the initial window (QUIC only; for tests).
+    pub fn call_window_widened(&self) -> bool {
+        self.shared.window_widened.load(Ordering::Relaxed)
     }
 
     /// Starts recording one call on this connection (`served`: the peer's
@@ -633,5 +650,87 @@ impl Drop for CancelUnlessOpened {
                 crate::wire::codes::STREAM_CANCELLED,
             ));
         }
+    }
+}
+
+/// Calls of the peer's that QUIC still counts against the call window
+/// after they ended, estimated from when they arrived: a stream stays
+/// counted until the peer has the acknowledgement of its end and the credit
+/// back, about two round trips after it opened. [`Arrivals::crowded`] says
+/// when three quarters of the initial window arrived within that time. Kept
+/// by the task serving the connection, until the window is widened.
+#[derive(Debug)]
+pub(crate) struct Arrivals {
+    start: std::time::Instant,
+    /// When the calls before the last few arrived (milliseconds from
+    /// `start`), the oldest at `next`.
+    earlier: [Option<u32>; CROWD - 1],
+    next: usize,
+}
+
+/// Calls that fill three quarters of the initial call window.
+const CROWD: usize = (super::quic::INITIAL_CALL_WINDOW as usize * 3).div_ceil(4);
+
+impl Arrivals {
+    pub(crate) fn new() -> Self {
+        Arrivals {
+            start: std::time::Instant::now(),
+            earlier: [None; CROWD - 1],
+            next: 0,
+        }
+    }
+
+    /// Counts a call arriving now; whether it and the calls before it fill
+    /// three quarters of the initial window within `counted_for`.
+    pub(crate) fn crowded(&mut self, counted_for: std::time::Duration) -> bool {
+        self.crowded_at(std::time::Instant::now(), counted_for)
+    }
+
+    fn crowded_at(&mut self, now: std::time::Instant, counted_for: std::time::Duration) -> bool {
+        let at = u32::try_from(now.saturating_duration_since(self.start).as_millis())
+            .unwrap_or(u32::MAX);
+        let oldest = self.earlier[self.next].replace(at);
+        self.next = (self.next + 1) % self.earlier.len();
+        oldest.is_some_and(|oldest| u128::from(at - oldest.min(at)) <= counted_for.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Arrivals, CROWD};
+    use std::time::Duration;
+
+    /// Calls arriving every `gap`, each counted for `counted_for`: after
+    /// which of them (1 the first) the window would widen.
+    fn crowded_after(n: u32, gap: Duration, counted_for: Duration) -> Option<u32> {
+        let mut arrivals = Arrivals::new();
+        let start = arrivals.start;
+        (1..=n).find(|&i| arrivals.crowded_at(start + gap * i, counted_for))
+    }
+
+    #[test]
+    fn arrivals_crowd_the_window_when_six_come_within_the_time_counted() {
+        assert_eq!(CROWD, 6);
+        let counted_for = Duration::from_millis(225);
+        // A call every 5 ms or every 40 ms: the sixth.
+        assert_eq!(
+            crowded_after(100, Duration::from_millis(5), counted_for),
+            Some(6)
+        );
+        assert_eq!(
+            crowded_after(100, Duration::from_millis(40), counted_for),
+            Some(6)
+        );
+        // Six at once.
+        assert_eq!(crowded_after(100, Duration::ZERO, counted_for), Some(6));
+        // One a round trip (each awaited), or now and then: never.
+        assert_eq!(
+            crowded_after(1000, Duration::from_millis(100), counted_for),
+            None
+        );
+        assert_eq!(
+            crowded_after(100, Duration::from_secs(5), counted_for),
+            None
+        );
     }
 }
