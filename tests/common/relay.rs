@@ -159,7 +159,8 @@ async fn run_delayed(
         tokio::select! {
             Ok((n, from)) = front.recv_from(&mut from_client) => {
                 client = Some(from);
-                if shared.forwarding.load(Ordering::SeqCst) {
+                let budget = shared.client_budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                if shared.forwarding.load(Ordering::SeqCst) && budget.is_ok() {
                     let target = *shared.target.lock().expect("target");
                     let at = tokio::time::Instant::now() + delay;
                     let _ = to_server.send((at, from_client[..n].to_vec(), target));

@@ -125,7 +125,14 @@ async fn calls_beyond_an_explicit_limit_wait_and_then_succeed() {
 /// A client and its server over a relay holding every datagram 50 ms each
 /// way (a 100 ms round trip); the client serves Echo too.
 async fn over_a_long_round_trip() -> (brpc::Server, common::relay::Relay, brpc::Client) {
-    let server = common::server();
+    over_a_long_round_trip_to(EchoService::new("server")).await
+}
+
+/// [`over_a_long_round_trip`], the server serving `echo`.
+async fn over_a_long_round_trip_to(
+    echo: EchoService,
+) -> (brpc::Server, common::relay::Relay, brpc::Client) {
+    let server = common::server_with(echo);
     let relay =
         common::relay::Relay::start_delayed(server.local_addr(), Duration::from_millis(50)).await;
     let client = common::client_builder(&server, "agent", EchoService::new("agent"))
@@ -160,12 +167,13 @@ async fn paced_calls(echo: EchoClient<brpc::Channel>, n: usize, gap: Duration) {
 
 /// Quick calls arriving one at a time over a long round trip never have
 /// six handlers running at once, yet QUIC counts each against the window
-/// until the caller has its credit back, two round trips later: at 200
-/// calls a second and a 100 ms round trip, 8 calls at a time is 40 a
-/// second. Before the window widened on how closely calls arrive, 200
-/// calls made 5 ms apart over this relay took 5.5 s, the longest 4.5-5.0 s
-/// (1.3 s and 180 ms after). A window's worth of calls made 2 ms apart,
-/// which no blocked caller bunches up, widens it, in both directions.
+/// until the caller has acknowledged the answer and has its credit back,
+/// two round trips after it opened: at 200 calls a second and a 100 ms
+/// round trip, 8 calls at a time is 40 a second. Before the window counted
+/// the calls that ended lately, 200 calls made 5 ms apart over this relay
+/// took 5.5 s, the longest 4.5-4.7 s. A window's worth of calls made 2 ms
+/// apart, which no blocked caller bunches up, widens it, in both
+/// directions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_calls_over_a_long_round_trip_widen_the_window() {
     let window = INITIAL_CALL_WINDOW as usize;
@@ -200,4 +208,45 @@ async fn calls_one_at_a_time_leave_the_window_narrow() {
         echo.unary(EchoRequest::default()).await.expect("call");
     }
     assert!(!peer.call_window_widened());
+}
+
+/// Calls one at a time over loopback leave the window narrow too: each
+/// call's stream is freed about a round trip after it ended, so at most
+/// two or three are counted at once however fast the calls follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_one_at_a_time_over_loopback_leave_the_window_narrow() {
+    use common::echo::EchoRequest;
+    let server = common::server();
+    let client = common::client(&server, "agent").await;
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    let mut echo = EchoClient::new(client.channel());
+    for _ in 0..200 {
+        echo.unary(EchoRequest::default()).await.expect("call");
+    }
+    assert!(!peer.call_window_widened());
+}
+
+/// Calls that stay open (a watch, say) hold part of the window, and the
+/// handlers of quick calls beside them never add up to six at once; the
+/// quick calls that ended lately count too, so the window widens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_calls_and_quick_calls_together_widen_the_window() {
+    let echo = EchoService::new("server");
+    let probe = echo.probe.clone();
+    let (server, _relay, client) = over_a_long_round_trip_to(echo).await;
+    let peer = server.peers().get(client.connection_id()).expect("listed");
+    let long = sleep_calls(EchoClient::new(client.channel()), 3, 60_000).await;
+    eventually(Duration::from_secs(10), "the long calls running", || {
+        probe.in_flight.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    assert!(!peer.call_window_widened());
+    paced_calls(
+        EchoClient::new(client.channel()),
+        4,
+        Duration::from_millis(2),
+    )
+    .await;
+    assert!(peer.call_window_widened());
+    long.iter().for_each(JoinHandle::abort);
 }

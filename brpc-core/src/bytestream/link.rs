@@ -479,15 +479,20 @@ impl Link {
     /// Stops routing frames to the call `id`, which does not take them (its
     /// reader then sees that it was dropped), and tells a brpc peer.
     fn drop_call(&self, id: u32) {
-        let cancel = match self.streams().get_mut(&id) {
+        let (queue, cancel) = match self.streams().get_mut(&id) {
             Some(route) => {
-                // Its queued frames go now, and their budget with them.
-                let reading = route.tx.take().inspect(|tx| tx.0.close(true)).is_some();
-                route.dropped |= reading;
-                reading && self.cancel_once(route, id)
+                let queue = route.tx.take();
+                route.dropped |= queue.is_some();
+                let cancel = queue.is_some() && self.cancel_once(route, id);
+                (queue, cancel)
             }
-            None => false,
+            None => (None, false),
         };
+        // Its queued frames go now, and their budget with them (out of the
+        // lock).
+        if let Some(queue) = queue {
+            queue.0.close(true);
+        }
         if cancel {
             self.send_cancel(id);
         }
@@ -703,24 +708,25 @@ impl Link {
     /// its frames are dropped unread from now on, and a peer still sending
     /// them is told to stop (once). One lock for all of it.
     fn stop_reading(&self, id: u32, release: bool) {
-        let (cancel, idle) = {
+        let (queue, cancel, idle) = {
             let mut streams = self.streams();
-            let cancel = match streams.get_mut(&id) {
+            let (queue, cancel) = match streams.get_mut(&id) {
                 Some(route) => {
-                    // What is queued goes now, and its budget with it.
-                    if let Some(tx) = route.tx.take() {
-                        tx.0.close(true);
-                    }
+                    let queue = route.tx.take();
                     let cancel = self.cancel_once(route, id);
                     if release {
                         self.release_half(&mut streams, id);
                     }
-                    cancel
+                    (queue, cancel)
                 }
-                None => false,
+                None => (None, false),
             };
-            (cancel, streams.is_empty())
+            (queue, cancel, streams.is_empty())
         };
+        // What is queued goes now, and its budget with it (out of the lock).
+        if let Some(queue) = queue {
+            queue.0.close(true);
+        }
         if cancel {
             self.send_cancel(id);
         }
@@ -946,7 +952,14 @@ impl StreamInbound {
         if self.stopped {
             return std::task::Poll::Ready(Err(ReadError::Closed));
         }
-        self.queue.poll_pop(cx).map(|received| match received {
+        // Each frame taken spends the task's tokio budget, as a channel's
+        // would: a call reading a full queue in a loop yields now and then.
+        let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+        let polled = self.queue.poll_pop(cx);
+        if polled.is_ready() {
+            coop.made_progress();
+        }
+        polled.map(|received| match received {
             // Taken: the frame is the call's now, no longer the link's.
             Some(Ok(charged)) => Ok(Some(charged.frame)),
             Some(Err(e)) => Err(e),

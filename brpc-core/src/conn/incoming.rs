@@ -116,11 +116,16 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     let mut calls = FuturesUnordered::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut streak = 0;
-    let mut arrivals = super::peer::Arrivals::new();
+    // When the last calls ended, while the call window may still widen.
+    let mut ended = super::peer::Ended::new();
     loop {
         if streak >= ACCEPT_STREAK {
             streak = 0;
-            while let Some(Some(())) = calls.next().now_or_never() {}
+            while let Some(Some(())) = calls.next().now_or_never() {
+                if peer.call_window_narrow() {
+                    ended.record();
+                }
+            }
         }
         // Biased, in a fixed order: new calls first, then the calls under
         // way (unbiased, the order would be random at every turn).
@@ -146,12 +151,22 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
                     } else {
                         calls.push(Served::Here(call));
                     }
-                    peer.widen_call_window(calls.len() + tasks.len(), &mut arrivals);
+                    peer.widen_call_window(calls.len() + tasks.len(), &mut ended);
                 }
                 None => break,
             },
-            Some(()) = calls.next(), if !calls.is_empty() => streak = 0,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => streak = 0,
+            Some(()) = calls.next(), if !calls.is_empty() => {
+                streak = 0;
+                if peer.call_window_narrow() {
+                    ended.record();
+                }
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                streak = 0;
+                if peer.call_window_narrow() {
+                    ended.record();
+                }
+            }
         }
     }
 }

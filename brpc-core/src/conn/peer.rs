@@ -538,30 +538,40 @@ impl Peer {
     }
 
     /// Called as a call of the peer's is accepted, with the number being
-    /// served: once the calls QUIC counts against the initial window fill
-    /// three quarters of it, the peer may open up to `max_concurrent_calls`
-    /// (one MAX_STREAMS frame; it never shrinks back). QUIC counts a call
-    /// not only while it is served but until the peer has had the
-    /// acknowledgement of its answer and the credit back, about two round
-    /// trips after it opened: `arrivals` says when that many arrived within
-    /// that time, so quick calls over a long round trip widen it too.
-    pub(crate) fn widen_call_window(&self, serving: usize, arrivals: &mut Arrivals) {
+    /// served (this one included): once the calls QUIC counts against the
+    /// initial window fill three quarters of it, the peer may open up to
+    /// `max_concurrent_calls` (one MAX_STREAMS frame; it never shrinks
+    /// back). QUIC counts a call not only while it is served but after it
+    /// ended too, until the caller has acknowledged the answer (the stream
+    /// is then freed here) and has the credit back, about one and a half
+    /// round trips: `ended` counts those (against the shortest round trip
+    /// seen, so one slow round trip does not widen it for calls made one at
+    /// a time), so quick calls over a long round trip widen it too.
+    pub(crate) fn widen_call_window(&self, serving: usize, ended: &mut Ended) {
+        if !self.call_window_narrow() {
+            return;
+        }
         let Transport::Quic(connection) = &self.shared.transport else {
             return;
         };
         let initial = super::quic::initial_call_window(self.shared.limits.max_concurrent_calls);
-        if initial >= self.shared.limits.max_concurrent_calls
-            || self.shared.window_widened.load(Ordering::Relaxed)
-        {
-            return;
-        }
-        let crowded = arrivals.crowded(2 * connection.rtt() + super::quic::ACK_DELAY);
-        if (serving * 4 >= initial as usize * 3 || crowded)
+        let round_trip = ended.shortest_round_trip(connection.rtt());
+        let in_use = serving + ended.within(std::time::Instant::now(), 2 * round_trip);
+        if in_use * 4 >= initial as usize * 3
             && !self.shared.window_widened.swap(true, Ordering::Relaxed)
         {
             connection
                 .set_max_concurrent_bi_streams(self.shared.limits.max_concurrent_calls.into());
         }
+    }
+
+    /// Whether this connection's call window may still widen: QUIC, below
+    /// `max_concurrent_calls`, not widened yet.
+    pub(crate) fn call_window_narrow(&self) -> bool {
+        matches!(self.shared.transport, Transport::Quic(_))
+            && super::quic::initial_call_window(self.shared.limits.max_concurrent_calls)
+                < self.shared.limits.max_concurrent_calls
+            && !self.shared.window_widened.load(Ordering::Relaxed)
     }
 
     #[doc(hidden)]
@@ -653,84 +663,112 @@ impl Drop for CancelUnlessOpened {
     }
 }
 
-/// Calls of the peer's that QUIC still counts against the call window
-/// after they ended, estimated from when they arrived: a stream stays
-/// counted until the peer has the acknowledgement of its end and the credit
-/// back, about two round trips after it opened. [`Arrivals::crowded`] says
-/// when three quarters of the initial window arrived within that time. Kept
-/// by the task serving the connection, until the window is widened.
+/// When the peer's last few calls ended, for what QUIC still counts of
+/// them against the call window ([`Peer::widen_call_window`]). Kept by the
+/// task serving the connection, while the window is narrow.
 #[derive(Debug)]
-pub(crate) struct Arrivals {
+pub(crate) struct Ended {
     start: std::time::Instant,
-    /// When the calls before the last few arrived (milliseconds from
-    /// `start`), the oldest at `next`.
-    earlier: [Option<u32>; CROWD - 1],
+    /// Microseconds from `start`, the oldest at `next`.
+    at: [Option<u64>; CROWD - 1],
     next: usize,
+    /// The shortest of the connection's round-trip estimates seen.
+    round_trip: std::time::Duration,
 }
 
 /// Calls that fill three quarters of the initial call window.
 const CROWD: usize = (super::quic::INITIAL_CALL_WINDOW as usize * 3).div_ceil(4);
 
-impl Arrivals {
+impl Ended {
     pub(crate) fn new() -> Self {
-        Arrivals {
+        Ended {
             start: std::time::Instant::now(),
-            earlier: [None; CROWD - 1],
+            at: [None; CROWD - 1],
             next: 0,
+            round_trip: std::time::Duration::MAX,
         }
     }
 
-    /// Counts a call arriving now; whether it and the calls before it fill
-    /// three quarters of the initial window within `counted_for`.
-    pub(crate) fn crowded(&mut self, counted_for: std::time::Duration) -> bool {
-        self.crowded_at(std::time::Instant::now(), counted_for)
+    /// The shortest round trip seen, `latest` (quinn's smoothed estimate)
+    /// included.
+    pub(crate) fn shortest_round_trip(
+        &mut self,
+        latest: std::time::Duration,
+    ) -> std::time::Duration {
+        self.round_trip = self.round_trip.min(latest);
+        self.round_trip
     }
 
-    fn crowded_at(&mut self, now: std::time::Instant, counted_for: std::time::Duration) -> bool {
-        let at = u32::try_from(now.saturating_duration_since(self.start).as_millis())
-            .unwrap_or(u32::MAX);
-        let oldest = self.earlier[self.next].replace(at);
-        self.next = (self.next + 1) % self.earlier.len();
-        oldest.is_some_and(|oldest| u128::from(at - oldest.min(at)) <= counted_for.as_millis())
+    /// A call ended now.
+    pub(crate) fn record(&mut self) {
+        self.record_at(std::time::Instant::now());
+    }
+
+    fn record_at(&mut self, now: std::time::Instant) {
+        self.at[self.next] = Some(self.micros(now));
+        self.next = (self.next + 1) % self.at.len();
+    }
+
+    /// How many of the calls recorded ended within `counted_for` before
+    /// `now`.
+    fn within(&self, now: std::time::Instant, counted_for: std::time::Duration) -> usize {
+        let now = self.micros(now);
+        let counted_for = u64::try_from(counted_for.as_micros()).unwrap_or(u64::MAX);
+        self.at
+            .iter()
+            .flatten()
+            .filter(|&&at| now.saturating_sub(at) <= counted_for)
+            .count()
+    }
+
+    fn micros(&self, at: std::time::Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.start).as_micros()).unwrap_or(u64::MAX)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Arrivals, CROWD};
+    use super::{CROWD, Ended};
     use std::time::Duration;
 
-    /// Calls arriving every `gap`, each counted for `counted_for`: after
-    /// which of them (1 the first) the window would widen.
-    fn crowded_after(n: u32, gap: Duration, counted_for: Duration) -> Option<u32> {
-        let mut arrivals = Arrivals::new();
-        let start = arrivals.start;
-        (1..=n).find(|&i| arrivals.crowded_at(start + gap * i, counted_for))
+    /// Calls ending every `gap`, and another arriving `gap` after the last
+    /// (served, 1): whether the window widens with the ended ones counted
+    /// for `counted_for`, after `n` ended (the ring holds the last few).
+    fn crowded(n: u32, gap: Duration, counted_for: Duration) -> bool {
+        let mut ended = Ended::new();
+        let start = ended.start;
+        for i in 0..n {
+            ended.record_at(start + gap * i);
+        }
+        let now = start + gap * n;
+        (1 + ended.within(now, counted_for)) * 4 >= 8 * 3
     }
 
     #[test]
-    fn arrivals_crowd_the_window_when_six_come_within_the_time_counted() {
+    fn calls_ended_within_the_time_counted_fill_the_window() {
         assert_eq!(CROWD, 6);
-        let counted_for = Duration::from_millis(225);
-        // A call every 5 ms or every 40 ms: the sixth.
-        assert_eq!(
-            crowded_after(100, Duration::from_millis(5), counted_for),
-            Some(6)
-        );
-        assert_eq!(
-            crowded_after(100, Duration::from_millis(40), counted_for),
-            Some(6)
-        );
-        // Six at once.
-        assert_eq!(crowded_after(100, Duration::ZERO, counted_for), Some(6));
-        // One a round trip (each awaited), or now and then: never.
-        assert_eq!(
-            crowded_after(1000, Duration::from_millis(100), counted_for),
-            None
-        );
-        assert_eq!(
-            crowded_after(100, Duration::from_secs(5), counted_for),
-            None
-        );
+        let round_trips = Duration::from_millis(200);
+        // A call ending every 5 ms or 39 ms: five of them and one served.
+        assert!(crowded(5, Duration::from_millis(5), round_trips));
+        assert!(crowded(100, Duration::from_millis(39), round_trips));
+        assert!(crowded(5, Duration::ZERO, round_trips));
+        // Four: not yet.
+        assert!(!crowded(4, Duration::from_millis(5), round_trips));
+        // One a round trip (calls one at a time), or now and then: never.
+        assert!(!crowded(1000, Duration::from_millis(100), round_trips));
+        assert!(!crowded(100, Duration::from_secs(5), round_trips));
+        // A slow round trip does not lengthen the time counted.
+        let mut ended = Ended::new();
+        let fast = Duration::from_millis(100);
+        assert_eq!(ended.shortest_round_trip(fast), fast);
+        assert_eq!(ended.shortest_round_trip(Duration::from_secs(1)), fast);
+        // Months into a connection as on its first day.
+        let mut ended = Ended::new();
+        let later = ended.start + Duration::from_secs(200 * 24 * 3600);
+        for i in 0..10 {
+            ended.record_at(later + Duration::from_secs(60) * i);
+        }
+        let now = later + Duration::from_secs(540) + Duration::from_millis(100);
+        assert_eq!(ended.within(now, round_trips), 1);
     }
 }

@@ -18,10 +18,6 @@ pub(crate) fn initial_call_window(max_concurrent_calls: u32) -> u32 {
     max_concurrent_calls.min(INITIAL_CALL_WINDOW)
 }
 
-/// How long a peer may wait before acknowledging what it received (QUIC's
-/// `max_ack_delay`; quinn's default, which brpc keeps).
-pub(crate) const ACK_DELAY: Duration = Duration::from_millis(25);
-
 /// Default size asked of the kernel for each endpoint's UDP receive and send
 /// buffers (see [`TransportOptions::socket_buffer`]).
 pub const DEFAULT_SOCKET_BUFFER: usize = 4 << 20;
