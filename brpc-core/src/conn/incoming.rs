@@ -151,7 +151,7 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
                     } else {
                         calls.push(Served::Here(call));
                     }
-                    peer.widen_call_window(calls.len() + tasks.len(), &mut ended);
+                    peer.widen_call_window(calls.len() + tasks.len(), &ended);
                 }
                 None => break,
             },

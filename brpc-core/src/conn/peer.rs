@@ -544,10 +544,14 @@ impl Peer {
     /// back). QUIC counts a call not only while it is served but after it
     /// ended too, until the caller has acknowledged the answer (the stream
     /// is then freed here) and has the credit back, about one and a half
-    /// round trips: `ended` counts those (against the shortest round trip
-    /// seen, so one slow round trip does not widen it for calls made one at
-    /// a time), so quick calls over a long round trip widen it too.
-    pub(crate) fn widen_call_window(&self, serving: usize, ended: &mut Ended) {
+    /// round trips: `ended` counts the calls that ended within two of the
+    /// connection's shortest round trips (quinn's `min_rtt`, not its
+    /// smoothed estimate, which a slow handshake leaves high for a while),
+    /// so quick calls over a long round trip widen it too. (A caller that
+    /// acknowledges late, up to its `max_ack_delay`, keeps streams counted
+    /// longer than that; one that sends steadily acknowledges with its next
+    /// request.)
+    pub(crate) fn widen_call_window(&self, serving: usize, ended: &Ended) {
         if !self.call_window_narrow() {
             return;
         }
@@ -555,8 +559,7 @@ impl Peer {
             return;
         };
         let initial = super::quic::initial_call_window(self.shared.limits.max_concurrent_calls);
-        let round_trip = ended.shortest_round_trip(connection.rtt());
-        let in_use = serving + ended.within(std::time::Instant::now(), 2 * round_trip);
+        let in_use = serving + ended.within(std::time::Instant::now(), 2 * connection.min_rtt());
         if in_use * 4 >= initial as usize * 3
             && !self.shared.window_widened.swap(true, Ordering::Relaxed)
         {
@@ -672,8 +675,6 @@ pub(crate) struct Ended {
     /// Microseconds from `start`, the oldest at `next`.
     at: [Option<u64>; CROWD - 1],
     next: usize,
-    /// The shortest of the connection's round-trip estimates seen.
-    round_trip: std::time::Duration,
 }
 
 /// Calls that fill three quarters of the initial call window.
@@ -685,18 +686,7 @@ impl Ended {
             start: std::time::Instant::now(),
             at: [None; CROWD - 1],
             next: 0,
-            round_trip: std::time::Duration::MAX,
         }
-    }
-
-    /// The shortest round trip seen, `latest` (quinn's smoothed estimate)
-    /// included.
-    pub(crate) fn shortest_round_trip(
-        &mut self,
-        latest: std::time::Duration,
-    ) -> std::time::Duration {
-        self.round_trip = self.round_trip.min(latest);
-        self.round_trip
     }
 
     /// A call ended now.
@@ -757,11 +747,6 @@ mod tests {
         // One a round trip (calls one at a time), or now and then: never.
         assert!(!crowded(1000, Duration::from_millis(100), round_trips));
         assert!(!crowded(100, Duration::from_secs(5), round_trips));
-        // A slow round trip does not lengthen the time counted.
-        let mut ended = Ended::new();
-        let fast = Duration::from_millis(100);
-        assert_eq!(ended.shortest_round_trip(fast), fast);
-        assert_eq!(ended.shortest_round_trip(Duration::from_secs(1)), fast);
         // Months into a connection as on its first day.
         let mut ended = Ended::new();
         let later = ended.start + Duration::from_secs(200 * 24 * 3600);
