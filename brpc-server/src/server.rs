@@ -560,19 +560,22 @@ impl Server {
     }
 
     /// Stops accepting and closes every connection now; calls in flight fail.
-    /// Clients see close code `CONN_NORMAL` and reconnect with backoff.
+    /// Clients see close code `CONN_GOING_AWAY` (the server is shutting
+    /// down, as after [`Server::shutdown`]'s grace) and reconnect with
+    /// backoff, the short one a GoAway gives: their first attempts may meet
+    /// this endpoint still refusing while it drains.
     pub fn close(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         // Each peer closed by its handle first, so that its disconnect event
         // says the server closed it.
         for peer in self.shared.registry.list() {
-            peer.close(codes::CONN_NORMAL, "server closed");
+            peer.close(codes::CONN_GOING_AWAY, "server closed");
         }
         if let Some(accept) = &self.accept {
             accept.abort();
         }
         if let Some(endpoint) = &self.shared.endpoint {
-            endpoint.close(VarInt::from_u32(codes::CONN_NORMAL), b"server closed");
+            endpoint.close(VarInt::from_u32(codes::CONN_GOING_AWAY), b"server closed");
         }
         self.stop_unix_listeners();
     }

@@ -1929,3 +1929,29 @@ async fn a_client_comes_back_soon_after_a_long_graceful_shutdown() {
     assert!(server_has(&second, 1));
     running.abort();
 }
+
+/// `Server::close` (and dropping the server) closes its connections as
+/// going away, as a shutdown's end does: the server is shutting down, so a
+/// reconnecting client takes the short busy delays a GoAway gives (quinn
+/// refuses new connections while the closed endpoint drains).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_server_closes_its_connections_as_going_away() {
+    let server = common::server();
+    let client = common::client(&server, "agent").await;
+    server.close();
+    let mut state = client.watch_state();
+    let state = common::state_becomes(&mut state, Duration::from_secs(10), "left Connected", |s| {
+        !matches!(s, ClientState::Connected { .. })
+    })
+    .await;
+    match state {
+        ClientState::Reconnecting { last_error, .. } => {
+            assert!(last_error.is_going_away(), "{last_error}");
+            assert!(
+                last_error.to_string().contains("server closed"),
+                "{last_error}"
+            );
+        }
+        other => panic!("expected reconnecting, got {other:?}"),
+    }
+}
