@@ -79,13 +79,39 @@ struct CallQueue(Mutex<QueueState>);
 
 #[derive(Default)]
 struct QueueState {
-    frames: VecDeque<Inbound>,
+    frames: Frames,
     /// No frame comes any more: the call's route let go of it.
     closed: bool,
     /// The call's reading half, waiting for a frame.
     reader: Option<Waker>,
     /// The connection's reader, waiting for room.
     room: Option<Waker>,
+}
+
+/// A call's queued frames, oldest first: the first in place (most calls
+/// have one frame each way), the others in a deque allocated only for them.
+#[derive(Default)]
+struct Frames {
+    first: Option<Inbound>,
+    rest: VecDeque<Inbound>,
+}
+
+impl Frames {
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    fn push_back(&mut self, item: Inbound) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(item);
+        } else {
+            self.rest.push_back(item);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Inbound> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
 }
 
 impl CallQueue {
@@ -171,7 +197,7 @@ impl CallQueue {
         let dropped = if empty {
             std::mem::take(&mut state.frames)
         } else {
-            VecDeque::new()
+            Frames::default()
         };
         let wakers = (state.reader.take(), state.room.take());
         drop(state);
@@ -1585,6 +1611,34 @@ mod tests {
         assert_eq!(theirs.total.in_use(), 0);
         let read = std::future::poll_fn(|cx| their_in.poll_next(cx)).await;
         assert!(matches!(read, Err(ReadError::Exhausted(_))), "{read:?}");
+    }
+
+    /// Frames leave a call's queue in the order they came, whichever of
+    /// its two places holds them.
+    #[test]
+    fn a_calls_frames_leave_in_order() {
+        let frame = |n: u32| {
+            Ok(Charged {
+                frame: Frame::new(n, FrameType::Data, Flags::EMPTY, Bytes::new()),
+                _charge: Charge {
+                    budgets: budgets(),
+                    bytes: 0,
+                },
+            })
+        };
+        let id = |item: Option<Inbound>| item.and_then(Result::ok).map(|c| c.frame.stream_id);
+        let mut frames = Frames::default();
+        frames.push_back(frame(1));
+        frames.push_back(frame(2));
+        assert_eq!(id(frames.pop_front()), Some(1));
+        frames.push_back(frame(3));
+        assert_eq!(frames.len(), 2);
+        assert_eq!(id(frames.pop_front()), Some(2));
+        frames.push_back(frame(4));
+        assert_eq!(id(frames.pop_front()), Some(3));
+        assert_eq!(id(frames.pop_front()), Some(4));
+        assert_eq!(id(frames.pop_front()), None);
+        assert_eq!(frames.len(), 0);
     }
 
     async fn eventually_empty(link: &Link) {
