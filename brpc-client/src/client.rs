@@ -542,7 +542,9 @@ impl Builder {
     /// that reconnects while its server restarts is back within seconds)
     /// and the second long (a server still refusing is swamped). After the
     /// server ended the connection with GoAway (a graceful shutdown, which
-    /// refuses for as long as its calls take), the first four delays double
+    /// refuses for as long as its calls take), or closed it as going away
+    /// (`Server::close`, or a dropped `Server`, whose endpoint refuses while
+    /// it drains), the first four delays double
     /// from `min` instead (1–2 s, 2–4 s, 4–8 s, 8–16 s with the defaults),
     /// then the long ones follow (15–30 s, 30–60 s): the client comes back
     /// soon after the server's replacement starts. (100 000 agents sent

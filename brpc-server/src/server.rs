@@ -560,10 +560,13 @@ impl Server {
     }
 
     /// Stops accepting and closes every connection now; calls in flight fail.
-    /// Clients see close code `CONN_GOING_AWAY` (the server is shutting
-    /// down, as after [`Server::shutdown`]'s grace) and reconnect with
-    /// backoff, the short one a GoAway gives: their first attempts may meet
-    /// this endpoint still refusing while it drains.
+    /// QUIC clients see close code `CONN_GOING_AWAY` (the server is shutting
+    /// down, as after [`Server::shutdown`]'s grace; Unix clients see their
+    /// socket end) and reconnect with backoff, the short one a GoAway gives:
+    /// their first attempts may meet this endpoint still refusing while it
+    /// drains. A replacement that is swamped by the whole fleet at once
+    /// refuses them too, and their first four busy delays then double
+    /// (1, 2, 4, 8 s) before the long ones.
     pub fn close(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         // Each peer closed by its handle first, so that its disconnect event

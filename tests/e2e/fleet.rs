@@ -1937,7 +1937,13 @@ async fn a_client_comes_back_soon_after_a_long_graceful_shutdown() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_server_closes_its_connections_as_going_away() {
     let server = common::server();
-    let client = common::client(&server, "agent").await;
+    // A long reconnect backoff: the state read below is still the first
+    // disconnect's, however late this task runs.
+    let client = common::client_builder(&server, "agent", EchoService::new("agent"))
+        .reconnect_backoff(Duration::from_secs(30), Duration::from_secs(60))
+        .connect(server.local_addr())
+        .await
+        .expect("connect");
     server.close();
     let mut state = client.watch_state();
     let state = common::state_becomes(&mut state, Duration::from_secs(10), "left Connected", |s| {

@@ -1630,6 +1630,7 @@ mod tests {
         let mut frames = Frames::default();
         frames.push_back(frame(1));
         frames.push_back(frame(2));
+        assert_eq!(frames.len(), 2);
         assert_eq!(id(frames.pop_front()), Some(1));
         frames.push_back(frame(3));
         assert_eq!(frames.len(), 2);

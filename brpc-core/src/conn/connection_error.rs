@@ -110,7 +110,8 @@ impl ConnectionError {
     }
 
     /// Whether the connection was closed as going away (a server shutting
-    /// down, or a client leaving): reconnect later or elsewhere.
+    /// down: at the end of a graceful shutdown, or closed at once):
+    /// reconnect later or elsewhere.
     pub fn is_going_away(&self) -> bool {
         self.code() == Some(codes::CONN_GOING_AWAY)
     }
