@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 
@@ -28,23 +29,13 @@ struct Shared {
 impl Relay {
     /// A relay on 127.0.0.1 forwarding to `target`.
     pub async fn start(target: SocketAddr) -> Relay {
-        let front = UdpSocket::bind("127.0.0.1:0").await.expect("bind front");
-        let back = UdpSocket::bind("127.0.0.1:0").await.expect("bind back");
-        let addr = front.local_addr().expect("front addr");
-        let shared = Arc::new(Shared {
-            target: Mutex::new(target),
-            forwarding: AtomicBool::new(true),
-            client_budget: AtomicUsize::new(usize::MAX),
-            from_server: AtomicUsize::new(0),
-        });
-        let task = tokio::spawn(run(front, back, shared.clone()));
-        Relay { addr, shared, task }
+        Relay::start_delayed(target, Duration::ZERO).await
     }
 
     /// A relay on 127.0.0.1 forwarding to `target` that holds every
     /// datagram for `delay` in each direction (a round trip of twice it),
     /// in order.
-    pub async fn start_delayed(target: SocketAddr, delay: std::time::Duration) -> Relay {
+    pub async fn start_delayed(target: SocketAddr, delay: Duration) -> Relay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind front"));
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind back"));
         let addr = front.local_addr().expect("front addr");
@@ -54,7 +45,7 @@ impl Relay {
             client_budget: AtomicUsize::new(usize::MAX),
             from_server: AtomicUsize::new(0),
         });
-        let task = tokio::spawn(run_delayed(front, back, shared.clone(), delay));
+        let task = tokio::spawn(run(front, back, shared.clone(), delay));
         Relay { addr, shared, task }
     }
 
@@ -95,63 +86,59 @@ impl Drop for Relay {
     }
 }
 
-async fn run(front: UdpSocket, back: UdpSocket, shared: Arc<Shared>) {
-    let mut client: Option<SocketAddr> = None;
-    let mut from_client = vec![0u8; 65536];
-    let mut from_server = vec![0u8; 65536];
-    loop {
-        tokio::select! {
-            Ok((n, from)) = front.recv_from(&mut from_client) => {
-                client = Some(from);
-                let budget = shared.client_budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-                if shared.forwarding.load(Ordering::SeqCst) && budget.is_ok() {
-                    let target = *shared.target.lock().expect("target");
-                    let _ = back.send_to(&from_client[..n], target).await;
+/// Sends datagrams from one socket, at once or each after a delay (then
+/// through a queue to a task of its own, in order; aborted when dropped).
+struct Forward {
+    socket: Arc<UdpSocket>,
+    delayed: Option<(Duration, Queue, tokio::task::JoinHandle<()>)>,
+}
+
+type Queue = tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>, SocketAddr)>;
+
+impl Forward {
+    fn new(socket: Arc<UdpSocket>, delay: Duration) -> Forward {
+        let delayed = (!delay.is_zero()).then(|| {
+            let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+                tokio::time::Instant,
+                Vec<u8>,
+                SocketAddr,
+            )>();
+            let sending = socket.clone();
+            let task = tokio::spawn(async move {
+                while let Some((at, datagram, to)) = rx.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    let _ = sending.send_to(&datagram, to).await;
                 }
+            });
+            (delay, queue, task)
+        });
+        Forward { socket, delayed }
+    }
+
+    async fn send(&self, datagram: &[u8], to: SocketAddr) {
+        match &self.delayed {
+            None => {
+                let _ = self.socket.send_to(datagram, to).await;
             }
-            Ok((n, from)) = back.recv_from(&mut from_server) => {
-                let target = *shared.target.lock().expect("target");
-                if from == target && shared.forwarding.load(Ordering::SeqCst)
-                    && let Some(client) = client
-                {
-                    shared.from_server.fetch_add(1, Ordering::SeqCst);
-                    let _ = front.send_to(&from_server[..n], client).await;
-                }
+            Some((delay, queue, _)) => {
+                let at = tokio::time::Instant::now() + *delay;
+                let _ = queue.send((at, datagram.to_vec(), to));
             }
         }
     }
 }
 
-/// [`run`] with every datagram held for `delay`: each direction's datagrams
-/// go through a queue to a task that sends each at its time.
-async fn run_delayed(
-    front: Arc<UdpSocket>,
-    back: Arc<UdpSocket>,
-    shared: Arc<Shared>,
-    delay: std::time::Duration,
-) {
-    type Queue = tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, Vec<u8>, SocketAddr)>;
-    fn sender(socket: Arc<UdpSocket>) -> (Queue, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, SocketAddr)>();
-        let task = tokio::spawn(async move {
-            while let Some((at, datagram, to)) = rx.recv().await {
-                tokio::time::sleep_until(at).await;
-                let _ = socket.send_to(&datagram, to).await;
-            }
-        });
-        (tx, task)
-    }
-    let (to_server, to_server_task) = sender(back.clone());
-    let (to_client, to_client_task) = sender(front.clone());
-    // The senders go with this task (aborted when the relay is dropped).
-    struct AbortOnDrop([tokio::task::JoinHandle<()>; 2]);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.iter().for_each(tokio::task::JoinHandle::abort);
+impl Drop for Forward {
+    fn drop(&mut self) {
+        if let Some((_, _, task)) = &self.delayed {
+            task.abort();
         }
     }
-    let _senders = AbortOnDrop([to_server_task, to_client_task]);
+}
+
+async fn run(front: Arc<UdpSocket>, back: Arc<UdpSocket>, shared: Arc<Shared>, delay: Duration) {
+    let to_server = Forward::new(back.clone(), delay);
+    let to_client = Forward::new(front.clone(), delay);
     let mut client: Option<SocketAddr> = None;
     let mut from_client = vec![0u8; 65536];
     let mut from_server = vec![0u8; 65536];
@@ -162,8 +149,7 @@ async fn run_delayed(
                 let budget = shared.client_budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
                 if shared.forwarding.load(Ordering::SeqCst) && budget.is_ok() {
                     let target = *shared.target.lock().expect("target");
-                    let at = tokio::time::Instant::now() + delay;
-                    let _ = to_server.send((at, from_client[..n].to_vec(), target));
+                    to_server.send(&from_client[..n], target).await;
                 }
             }
             Ok((n, from)) = back.recv_from(&mut from_server) => {
@@ -172,8 +158,7 @@ async fn run_delayed(
                     && let Some(client) = client
                 {
                     shared.from_server.fetch_add(1, Ordering::SeqCst);
-                    let at = tokio::time::Instant::now() + delay;
-                    let _ = to_client.send((at, from_server[..n].to_vec(), client));
+                    to_client.send(&from_server[..n], client).await;
                 }
             }
         }

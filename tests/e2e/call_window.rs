@@ -200,14 +200,8 @@ async fn quick_calls_over_a_long_round_trip_widen_the_window() {
 /// small as it started (quinn keeps state for every stream it allows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_one_at_a_time_leave_the_window_narrow() {
-    use common::echo::EchoRequest;
     let (server, _relay, client) = over_a_long_round_trip().await;
-    let peer = server.peers().get(client.connection_id()).expect("listed");
-    let mut echo = EchoClient::new(client.channel());
-    for _ in 0..10 {
-        echo.unary(EchoRequest::default()).await.expect("call");
-    }
-    assert!(!peer.call_window_widened());
+    calls_one_at_a_time(&server, &client, 10).await;
 }
 
 /// Calls one at a time over loopback leave the window narrow too: each
@@ -215,12 +209,18 @@ async fn calls_one_at_a_time_leave_the_window_narrow() {
 /// two or three are counted at once however fast the calls follow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_one_at_a_time_over_loopback_leave_the_window_narrow() {
-    use common::echo::EchoRequest;
     let server = common::server();
     let client = common::client(&server, "agent").await;
+    calls_one_at_a_time(&server, &client, 200).await;
+}
+
+/// `n` quick calls from `client`, each awaited before the next, after
+/// which the server's window for it is still narrow.
+async fn calls_one_at_a_time(server: &brpc::Server, client: &brpc::Client, n: usize) {
+    use common::echo::EchoRequest;
     let peer = server.peers().get(client.connection_id()).expect("listed");
     let mut echo = EchoClient::new(client.channel());
-    for _ in 0..200 {
+    for _ in 0..n {
         echo.unary(EchoRequest::default()).await.expect("call");
     }
     assert!(!peer.call_window_widened());

@@ -477,19 +477,24 @@ async fn graceful_shutdown_finishes_calls_in_flight_and_refuses_new_ones() {
     // The client leaves Connected when the server's GoAway arrives, on its
     // own task: wait for that rather than read the state once, so a slow
     // machine cannot race the two.
+    let last_error = first_disconnect(&client).await;
+    assert!(last_error.is_going_away(), "{last_error}");
+    assert!(
+        last_error.to_string().contains("going away"),
+        "{last_error}"
+    );
+}
+
+/// Why `client` left Connected, once it has (it does so on its own task:
+/// waited for rather than read once, so a slow machine cannot race it).
+async fn first_disconnect(client: &brpc::Client) -> brpc::client::Disconnect {
     let mut state = client.watch_state();
     let state = common::state_becomes(&mut state, Duration::from_secs(10), "left Connected", |s| {
         !matches!(s, ClientState::Connected { .. })
     })
     .await;
     match state {
-        ClientState::Reconnecting { last_error, .. } => {
-            assert!(last_error.is_going_away(), "{last_error}");
-            assert!(
-                last_error.to_string().contains("going away"),
-                "{last_error}"
-            );
-        }
+        ClientState::Reconnecting { last_error, .. } => last_error,
         other => panic!("expected reconnecting, got {other:?}"),
     }
 }
@@ -1945,19 +1950,10 @@ async fn a_closed_server_closes_its_connections_as_going_away() {
         .await
         .expect("connect");
     server.close();
-    let mut state = client.watch_state();
-    let state = common::state_becomes(&mut state, Duration::from_secs(10), "left Connected", |s| {
-        !matches!(s, ClientState::Connected { .. })
-    })
-    .await;
-    match state {
-        ClientState::Reconnecting { last_error, .. } => {
-            assert!(last_error.is_going_away(), "{last_error}");
-            assert!(
-                last_error.to_string().contains("server closed"),
-                "{last_error}"
-            );
-        }
-        other => panic!("expected reconnecting, got {other:?}"),
-    }
+    let last_error = first_disconnect(&client).await;
+    assert!(last_error.is_going_away(), "{last_error}");
+    assert!(
+        last_error.to_string().contains("server closed"),
+        "{last_error}"
+    );
 }

@@ -122,9 +122,7 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
         if streak >= ACCEPT_STREAK {
             streak = 0;
             while let Some(Some(())) = calls.next().now_or_never() {
-                if peer.call_window_narrow() {
-                    ended.record();
-                }
+                peer.call_ended(&mut ended);
             }
         }
         // Biased, in a fixed order: new calls first, then the calls under
@@ -157,15 +155,11 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
             },
             Some(()) = calls.next(), if !calls.is_empty() => {
                 streak = 0;
-                if peer.call_window_narrow() {
-                    ended.record();
-                }
+                peer.call_ended(&mut ended);
             }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {
                 streak = 0;
-                if peer.call_window_narrow() {
-                    ended.record();
-                }
+                peer.call_ended(&mut ended);
             }
         }
     }

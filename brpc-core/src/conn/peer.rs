@@ -568,9 +568,17 @@ impl Peer {
         }
     }
 
+    /// One of the peer's calls ended: recorded in `ended` while the call
+    /// window may still widen.
+    pub(crate) fn call_ended(&self, ended: &mut Ended) {
+        if self.call_window_narrow() {
+            ended.record();
+        }
+    }
+
     /// Whether this connection's call window may still widen: QUIC, below
     /// `max_concurrent_calls`, not widened yet.
-    pub(crate) fn call_window_narrow(&self) -> bool {
+    fn call_window_narrow(&self) -> bool {
         matches!(self.shared.transport, Transport::Quic(_))
             && super::quic::initial_call_window(self.shared.limits.max_concurrent_calls)
                 < self.shared.limits.max_concurrent_calls
