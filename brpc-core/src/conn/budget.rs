@@ -15,6 +15,12 @@
 //! [`WaitingRoom`] widens the connection's window by a stream window for
 //! each frame that waits at once, and refuses a frame beyond its size (its
 //! call fails with `RESOURCE_EXHAUSTED`) rather than let it wait.
+//!
+//! Outside the budgets, a process keeps the buffers of up to 8 MiB of large
+//! frames (64 KiB or more) it received over QUIC, so the next large frame is
+//! reassembled in one of them rather than in memory the allocator has to
+//! fault in again (`spare`); a buffer is reused only once nobody holds a
+//! part of its frame.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -33,6 +33,10 @@ pub(crate) struct FrameReader {
     refuse_first: bool,
     /// Bytes of the last chunk read, not yet told to the call's timer.
     arrived: usize,
+    /// The size of `buf`'s allocation when it holds a large frame, to be
+    /// kept for the next one once the frame is split off (`spare`); 0
+    /// otherwise.
+    spare: usize,
 }
 
 impl Drop for FrameReader {
@@ -55,6 +59,7 @@ impl FrameReader {
             reserved: 0,
             refuse_first: false,
             arrived: 0,
+            spare: 0,
         }
     }
 
@@ -80,6 +85,7 @@ impl FrameReader {
         self.release();
         self.head = None;
         self.buf = BytesMut::new();
+        self.spare = 0;
     }
 
     /// Reserves the announced length of the frame whose header is buffered
@@ -146,6 +152,12 @@ impl FrameReader {
             }
             match self.decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
+                    if self.spare > 0 {
+                        super::spare::keep(
+                            std::mem::take(&mut self.buf),
+                            std::mem::take(&mut self.spare),
+                        );
+                    }
                     self.release();
                     self.awaiting_first = false;
                     return Ok(Some(frame));
@@ -277,10 +289,22 @@ impl FrameReader {
     /// would copy a large message several times over. The length is within
     /// the largest message and already reserved from the budgets (memory
     /// the allocator has not handed out before takes pages only as the
-    /// bytes fill it).
+    /// bytes fill it). A large frame's buffer is a kept one if one is free
+    /// (`spare`).
     fn make_room(&mut self, h: FrameHeader) {
         let whole = HEADER_LEN + h.length as usize;
-        if let Some(more) = whole.checked_sub(self.buf.len()) {
+        let Some(more) = whole.checked_sub(self.buf.len()) else {
+            return;
+        };
+        if self.buf.capacity() - self.buf.len() >= more {
+            return;
+        }
+        if whole >= super::spare::MIN {
+            let (mut buf, size) = super::spare::take(whole);
+            buf.extend_from_slice(&self.buf);
+            self.buf = buf;
+            self.spare = size;
+        } else {
             self.buf.reserve(more);
         }
     }

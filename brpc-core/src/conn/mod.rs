@@ -18,6 +18,7 @@ mod outgoing;
 mod peer;
 mod quic;
 mod relay;
+mod spare;
 mod transport;
 
 pub(crate) use budget::Budgets;
@@ -36,6 +37,8 @@ pub use quic::{
     admit, endpoint, server_transport_config, stable_endpoint_config, transport_config,
 };
 pub use relay::relay;
+#[doc(hidden)]
+pub use spare::reused as large_buffers_reused;
 pub(crate) use transport::{
     BoxFuture, CancelSignal, FrameSink, FrameSource, Lost, Multiplexer, MuxCall, ReadError,
     RequestBuilder, SendError,
