@@ -21,7 +21,7 @@ use super::transport::{CallReader, CallWriter, ReadError, SendError};
 use crate::metadata;
 use crate::wire::{
     Failure, Inbound, KeyValue, Payload, RequestParts, RequestShape, encode_request_message,
-    encode_request_parts,
+    encode_request_shared,
 };
 
 /// A call's request messages: one, inside the Request (unary and
@@ -121,7 +121,8 @@ impl Peer {
             RequestBody::Stream(messages) => (Bytes::new(), Some(messages), RequestShape::Stream),
         };
         let parts = request_parts(service, method, &payload, &metadata, deadline);
-        let encoded = encode_request_parts(&parts, self.max_message_size()).map(Payload::Whole);
+        // A large payload is sent as it is.
+        let encoded = encode_request_shared(&parts, &payload, self.max_message_size());
         self.open_traced(service, method, encoded, messages, shape, deadline)
     }
 

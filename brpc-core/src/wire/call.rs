@@ -194,6 +194,21 @@ pub fn encode_request_parts(
         .map_err(|len| too_large(len, max_message_size))
 }
 
+/// [`encode_request_parts`] for a payload held in `payload` (the bytes of
+/// `request.payload`): a large one is sent as it is, not copied.
+///
+/// # Errors
+/// `RESOURCE_EXHAUSTED` when the encoded Request is over `max_message_size`.
+pub(crate) fn encode_request_shared(
+    request: &RequestParts<'_>,
+    payload: &Bytes,
+    max_message_size: usize,
+) -> Result<Payload, Status> {
+    request
+        .encode_shared_within(payload, max_message_size)
+        .map_err(|len| too_large(len, max_message_size))
+}
+
 /// [`encode_request_parts`] with `message` encoded straight into the
 /// Request's payload (`request.payload` is not used).
 ///
@@ -904,24 +919,27 @@ impl Call {
         payload: Bytes,
     ) -> (Frame, Code) {
         let max = self.config.max_message_size;
-        let mut code = Code::from(status.code);
-        let mut encoded = Response {
+        let code = Code::from(status.code);
+        let response = Response {
             status: Some(status),
             payload,
-        }
-        .encode_to_bytes();
-        if encoded.len() > max {
-            let replaced = Status::resource_exhausted(format!(
-                "response {}",
-                too_large_message(encoded.len(), max)
-            ));
-            code = replaced.code();
-            encoded = Response {
+        };
+        let len = response.encoded_len();
+        if len > max {
+            let replaced =
+                Status::resource_exhausted(format!("response {}", too_large_message(len, max)));
+            let encoded = Response {
                 status: Some(to_wire(&replaced)),
                 payload: Bytes::new(),
             }
             .encode_to_bytes();
+            return (
+                self.frame(FrameType::Response, Flags::EMPTY, encoded),
+                replaced.code(),
+            );
         }
+        // A large payload is sent as it is.
+        let encoded = response.encode_pieces(len);
         (self.frame(FrameType::Response, Flags::EMPTY, encoded), code)
     }
 
@@ -2004,6 +2022,55 @@ mod tests {
         assert_eq!(Blobs::decode(request.payload).expect("message"), m);
         let refused = encode_request_message(&parts, &m, whole.len() - 1).expect_err("over");
         assert_eq!(refused.code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn a_large_encoded_payload_goes_out_as_it_is_in_a_request_and_a_response() {
+        let metadata = [KeyValue {
+            key: "k".into(),
+            value: "v".into(),
+        }];
+        for len in [PIECE_MIN - 1, PIECE_MIN, 300 * 1024] {
+            let payload = Bytes::from(vec![7u8; len]);
+            let parts = RequestParts {
+                service: "s.S",
+                method: "M",
+                payload: &payload,
+                timeout_nano: 5,
+                metadata: &metadata,
+            };
+            let whole = encode_request_parts(&parts, LARGE.max_message_size).expect("fits");
+            let shared =
+                encode_request_shared(&parts, &payload, LARGE.max_message_size).expect("fits");
+            assert_eq!(shared, whole, "the same bytes");
+            assert_eq!(sent_as_is(&shared, &payload), len >= PIECE_MIN, "{len}");
+            assert_eq!(matches!(shared, Payload::Pieces(_)), len >= PIECE_MIN);
+            let refused =
+                encode_request_shared(&parts, &payload, whole.len() - 1).expect_err("over");
+            assert_eq!(refused.code(), Code::ResourceExhausted);
+
+            let mut callee = Call::callee(1, LARGE, Instant::now());
+            let status = Status::ok("");
+            let (frame, code) = callee
+                .send_response(&status, payload.clone())
+                .expect("send");
+            assert_eq!(code, Code::Ok);
+            let expected = Response {
+                status: Some(to_wire(&status)),
+                payload: payload.clone(),
+            }
+            .encode_to_bytes();
+            assert_eq!(frame.payload, expected, "the same bytes");
+            assert_eq!(sent_as_is(&frame.payload, &payload), len >= PIECE_MIN);
+        }
+        // One byte over the maximum: replaced, as before.
+        let mut callee = Call::callee(1, LARGE, Instant::now());
+        let payload = Bytes::from(vec![7u8; LARGE.max_message_size]);
+        let (frame, code) = callee
+            .send_response(&Status::ok(""), payload)
+            .expect("send");
+        assert_eq!(code, Code::ResourceExhausted);
+        assert!(matches!(frame.payload, Payload::Whole(_)));
     }
 
     #[test]

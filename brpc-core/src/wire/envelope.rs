@@ -97,6 +97,28 @@ impl RequestParts<'_> {
         self.encode_within(self.payload.len(), max, |buf| buf.put_slice(self.payload))
     }
 
+    /// [`encode_to_bytes_within`](Self::encode_to_bytes_within) for a
+    /// payload held in `payload` (the bytes of `self.payload`): at
+    /// [`PIECE_MIN`] bytes or more it is sent as it is, a piece of its own
+    /// between the envelope's other fields, not copied.
+    pub(crate) fn encode_shared_within(
+        &self,
+        payload: &Bytes,
+        max: usize,
+    ) -> Result<Payload, usize> {
+        debug_assert_eq!(self.payload, &payload[..]);
+        if payload.len() < PIECE_MIN {
+            return self.encode_to_bytes_within(max).map(Payload::Whole);
+        }
+        let len = self.encoded_len_around(payload.len());
+        if len > max {
+            return Err(len);
+        }
+        let mut buf = PieceWriter::new(len);
+        self.encode_into(&mut buf, payload.len(), |buf| buf.put(payload.clone()));
+        Ok(buf.finish())
+    }
+
     /// The encoded envelope with `message` encoded straight into its payload
     /// field (`self.payload` is not used): one buffer, no copy of the
     /// message's bytes.
@@ -215,6 +237,24 @@ impl Response {
         }
         encode_bytes_field(2, &self.payload, &mut buf);
         buf.freeze()
+    }
+
+    /// The encoded envelope, `len` bytes (its [`encoded_len`](prost::Message::encoded_len)):
+    /// in one buffer, or, with a payload of [`PIECE_MIN`] bytes or more, in
+    /// pieces that send the payload as it is, not copied.
+    pub(crate) fn encode_pieces(&self, len: usize) -> Payload {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        if self.payload.len() < PIECE_MIN {
+            return Payload::Whole(self.encode_to_bytes());
+        }
+        let mut buf = PieceWriter::new(len);
+        if let Some(status) = &self.status {
+            prost::encoding::message::encode(1, status, &mut buf);
+        }
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(self.payload.len() as u64, &mut buf);
+        buf.put(self.payload.clone());
+        buf.finish()
     }
 }
 

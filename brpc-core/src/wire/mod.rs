@@ -9,6 +9,7 @@ mod envelope;
 mod frame;
 pub mod status;
 
+pub(crate) use call::encode_request_shared;
 pub use call::{
     Abort, Call, CallConfig, CallRole, Failure, Inbound, MIN_IDLE_PROGRESS, RequestShape,
     encode_message, encode_request, encode_request_message, encode_request_parts,
