@@ -165,6 +165,7 @@ async fn broadcast_table(cluster: &Cluster, labels: &[(&str, &str)], title: &str
     let options = BroadcastOptions {
         concurrency: 64,
         timeout: Duration::from_secs(5),
+        ..Default::default()
     };
     let started = Instant::now();
     let results = match cluster

@@ -158,8 +158,8 @@ async fn broadcast_facts(server: &Server, bars: &MultiProgress, round: &str) -> 
     let progress = bar(bars, round, peers.len());
     let started = Instant::now();
     let options = BroadcastOptions {
-        concurrency: 512,
         timeout: Duration::from_secs(5),
+        ..Default::default()
     };
     let mut failed = 0;
     let results: Vec<_> = broadcast(peers, options, |peer| async move {

@@ -1134,6 +1134,152 @@ fn agent_source(index: usize) -> std::net::IpAddr {
     std::net::IpAddr::from([127, (n >> 16) as u8, (n >> 8) as u8, n as u8])
 }
 
+/// A UDP relay on 127.0.0.1 to `target` that holds each datagram for
+/// `delay` in each direction, for any number of clients (a socket of its
+/// own towards the target for each): its address.
+async fn delaying_relay(target: SocketAddr, delay: Duration) -> std::io::Result<SocketAddr> {
+    use std::collections::HashMap;
+    use tokio::net::UdpSocket;
+    /// A socket with brpc's 4 MiB receive buffer (thousands of agents
+    /// answer at once).
+    fn socket(std: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 4 << 20;
+        // SAFETY: a valid socket and a pointer to an int of the size given.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::setsockopt(
+                std.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        std.set_nonblocking(true)?;
+        UdpSocket::from_std(std)
+    }
+    let front = Arc::new(socket(std::net::UdpSocket::bind("127.0.0.1:0")?)?);
+    let addr = front.local_addr()?;
+    tokio::spawn(async move {
+        let mut backs: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = front.recv_from(&mut buf).await {
+            let back = match backs.get(&from) {
+                Some(back) => back.clone(),
+                None => {
+                    let Ok(back) = std::net::UdpSocket::bind("127.0.0.1:0").and_then(socket) else {
+                        continue;
+                    };
+                    if back.connect(target).await.is_err() {
+                        continue;
+                    }
+                    let back = Arc::new(back);
+                    let (front, reverse) = (front.clone(), back.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65_536];
+                        while let Ok(n) = reverse.recv(&mut buf).await {
+                            let datagram = buf[..n].to_vec();
+                            let front = front.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = front.send_to(&datagram, from).await;
+                            });
+                        }
+                    });
+                    backs.insert(from, back.clone());
+                    back
+                }
+            };
+            let datagram = buf[..n].to_vec();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = back.send(&datagram).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// `wan-broadcast N --rtt-ms R --rounds K`: see [`Command::WanBroadcast`].
+async fn wan_broadcast(
+    n: usize,
+    rtt: Duration,
+    rounds: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let limit = raise_descriptor_limit();
+    if (limit as usize) < 2 * n + 64 {
+        return Err(format!(
+            "{n} agents need {} descriptors; this process may open {limit}",
+            2 * n
+        )
+        .into());
+    }
+    let server = Server::builder()
+        .add_service(EchoServer::new(EchoService))
+        .bind("127.0.0.1:0")?;
+    let relay = delaying_relay(server.local_addr(), rtt / 2).await?;
+    let der = server.certificate().clone();
+    let started = Instant::now();
+    let agents: Vec<_> = futures_util::stream::iter(0..n)
+        .map(|_| {
+            Client::builder()
+                .add_direct(proto::echo_brpc::EchoService::new(EchoService))
+                .pin_certificate(der.clone())
+                .connect(relay)
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let agents: Vec<Client> = agents.into_iter().collect::<Result<_, _>>()?;
+    while server.peers().len() < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "wan-broadcast: {} agents connected through a {rtt:?} relay in {:.1?}",
+        agents.len(),
+        started.elapsed()
+    );
+    let fixed = brpc::BroadcastOptions {
+        max_concurrency: 256,
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let adaptive = brpc::BroadcastOptions {
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    println!("| broadcast | agents | round trip | total | p50 | p99 | failures |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for _ in 0..rounds {
+        for (name, options) in [("fixed 256", fixed), ("adaptive (default)", adaptive)] {
+            let started = Instant::now();
+            let results: Vec<_> =
+                brpc::broadcast(server.peers().list(), options, |peer| async move {
+                    peer.client(proto::echo_brpc::EchoClient::new)
+                        .unary(EchoRequest::default())
+                        .await?;
+                    Ok(())
+                })
+                .collect()
+                .await;
+            let total = started.elapsed();
+            let failures = results.iter().filter(|r| r.result.is_err()).count();
+            let mut times: Vec<_> = results.iter().map(|r| r.elapsed).collect();
+            times.sort();
+            let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+            println!(
+                "| {name} | {} | {rtt:?} | {total:.2?} | {:.1?} | {:.1?} | {failures} |",
+                results.len(),
+                at(0.5),
+                at(0.99)
+            );
+        }
+    }
+    drop(agents);
+    Ok(())
+}
+
 /// `agents ADDR N CERT SOURCE CONCURRENCY`: N brpc clients hosting Echo,
 /// dialling from the address SOURCE, CONCURRENCY connecting at a time;
 /// prints "ready" and holds them until stdin closes.
@@ -1952,9 +2098,10 @@ async fn fleet(
         / connected.max(1) as f64;
 
     let payload = Bytes::from(vec![7u8; 16]);
-    // The default concurrency (256). Far more at once overflows the server's
-    // one UDP socket with answers: at 2048, 7 125 datagrams were dropped and
-    // the broadcast took 2.1 s instead of 0.7–0.9 s.
+    // The default concurrency (256 at the start, up to 4096 while calls
+    // answer as fast as the fastest round's). A fixed 2048 at once overflowed
+    // the server's one UDP socket with answers: 7 125 datagrams were dropped
+    // and the broadcast took 2.1 s instead of 0.7–0.9 s.
     let options = brpc::BroadcastOptions {
         timeout: Duration::from_secs(5),
         ..Default::default()
@@ -2323,6 +2470,21 @@ enum Command {
         #[arg(long)]
         phase_ms: u64,
     },
+    /// A broadcast over a long round trip: N agents in this process dial
+    /// the server through a UDP relay that holds every datagram for half of
+    /// RTT_MS each way; then broadcasts with a fixed 256 calls in flight and
+    /// with the default (adaptive) options, in turn. Nothing written.
+    #[command(name = "wan-broadcast")]
+    WanBroadcast {
+        /// Agents.
+        n: usize,
+        /// The round trip the relay adds, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        rtt_ms: u64,
+        /// Broadcasts of each kind.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// (Internal) measure a stack's memory per idle client in a fresh process.
     #[command(hide = true)]
     Memory {
@@ -2400,6 +2562,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!("{row}");
             }
             return Ok(());
+        }
+        Some(Command::WanBroadcast { n, rtt_ms, rounds }) => {
+            return wan_broadcast(n, Duration::from_millis(rtt_ms), rounds).await;
         }
         Some(Command::Fleet { sizes, keep_alive }) => {
             if let [n] = sizes[..] {
@@ -2994,7 +3159,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint, both ends with brpc's transport settings (call window, keep-alives, idle timeout); tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n{fleet_command}, each size in a fresh process: one server; that many brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
-         peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
+         peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time at the start and up to 4096 while calls answer as fast as the fastest round's (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
          (the server's) user+system time over the broadcast divided by its calls, the agents' CPU the same for the agent processes (all of them, the agents not called yet included); CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements), and the agent processes' over the same 3 s; drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards). {keep_alive_line}\n\n{header}\n{fleet_row}\n\n\
          {storm_part}## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",

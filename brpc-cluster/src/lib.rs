@@ -488,8 +488,9 @@ impl Cluster {
     }
 
     /// Calls `call` on every agent in the cluster with all of `labels`,
-    /// at most `options.concurrency` at once, each within
-    /// `options.timeout`; a result per agent, in the order they finish.
+    /// `options.concurrency` at once and more while they answer quickly
+    /// (as [`brpc_server::broadcast`]), each within `options.timeout`; a
+    /// result per agent, in the order they finish.
     ///
     /// # Errors
     /// What [`Cluster::select`] fails with.
@@ -505,7 +506,7 @@ impl Cluster {
     {
         let peers = self.select(labels).await?;
         let call = &call;
-        let results = futures_util::stream::iter(peers.into_iter().map(|peer| async move {
+        let results = peers.into_iter().map(|peer| async move {
             let started = Instant::now();
             let (id, name, node) = (peer.id(), peer.name().to_owned(), peer.node());
             let result = match tokio::time::timeout(options.timeout, call(peer)).await {
@@ -522,8 +523,10 @@ impl Cluster {
                 result,
                 elapsed: started.elapsed(),
             }
-        }))
-        .buffer_unordered(options.concurrency.max(1))
+        });
+        let results = brpc_server::adaptive_unordered(results, options, |r: &ClusterResult<T>| {
+            r.result.is_ok().then_some(r.elapsed)
+        })
         .collect()
         .await;
         Ok(results)

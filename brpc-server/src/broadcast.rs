@@ -1,21 +1,36 @@
-//! Fan-out: one call to many peers, with bounded concurrency and a per-call
-//! deadline, results streamed as they complete so a slow or dead peer never
-//! holds up the rest.
+//! Fan-out: one call to many peers, with a per-call deadline and a number
+//! of calls in flight that adapts to how long they take, results streamed as
+//! they complete so a slow or dead peer never holds up the rest.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use brpc_core::{ConnectionId, Peer};
-use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::stream::{FuturesUnordered, Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::Status;
 
 /// Bounds of a [`broadcast`].
+///
+/// A broadcast starts `concurrency` calls and, while its calls keep
+/// answering about as fast as the fastest it has seen, doubles the number
+/// in flight, up to `max_concurrency`: over a long round trip (agents across
+/// a WAN) the calls then overlap enough to keep the server busy instead of
+/// waiting on the network. Once calls start taking longer (the server or
+/// its socket is saturated, datagrams are lost and resent, agents queue),
+/// it backs off, never below `concurrency`. Set both to the same value for
+/// a fixed number.
 #[derive(Debug, Clone, Copy)]
 pub struct BroadcastOptions {
-    /// Calls in flight at once (default 256).
+    /// Calls in flight at the start, and the fewest while calls remain
+    /// (default 256).
     pub concurrency: usize,
+    /// Most calls in flight at once (default 4096; at most `concurrency`
+    /// means a fixed `concurrency`).
+    pub max_concurrency: usize,
     /// Time allowed for each peer's call (default 10 s). A call that runs out
     /// yields `DEADLINE_EXCEEDED` and is cancelled on the peer.
     pub timeout: Duration,
@@ -25,6 +40,7 @@ impl Default for BroadcastOptions {
     fn default() -> Self {
         BroadcastOptions {
             concurrency: 256,
+            max_concurrency: 4096,
             timeout: Duration::from_secs(10),
         }
     }
@@ -43,8 +59,9 @@ pub struct BroadcastResult<T> {
     pub elapsed: Duration,
 }
 
-/// Calls `call` on every peer, at most `options.concurrency` at a time, each
-/// within `options.timeout`, yielding one result per peer as it completes.
+/// Calls `call` on every peer, `options.concurrency` at a time and more
+/// while they answer quickly (see [`BroadcastOptions`]), each within
+/// `options.timeout`, yielding one result per peer as it completes.
 ///
 /// Each call runs as its own tokio task, so a large fan-out uses every worker
 /// thread; dropping the stream aborts the calls still running (and so cancels
@@ -74,37 +91,316 @@ where
     T: Send + 'static,
 {
     let timeout = options.timeout;
-    stream::iter(peers)
-        .map(move |peer| {
-            let call = call(peer.clone());
-            let started = Instant::now();
-            // Aborted when dropped: a dropped broadcast stops its calls.
-            // The time is taken when the call ends, not when the caller
-            // next reads the results.
-            let mut task = AbortOnDropHandle::new(tokio::spawn(async move {
-                let result = match tokio::time::timeout(timeout, call).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "no answer within the broadcast timeout of {timeout:?}"
-                    ))),
-                };
-                (result, started.elapsed())
-            }));
+    let calls = peers.into_iter().map(move |peer| {
+        let call = call(peer.clone());
+        let started = Instant::now();
+        // Aborted when dropped: a dropped broadcast stops its calls.
+        // The time is taken when the call ends, not when the caller
+        // next reads the results.
+        let mut task = AbortOnDropHandle::new(tokio::spawn(async move {
+            let result = match tokio::time::timeout(timeout, call).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer within the broadcast timeout of {timeout:?}"
+                ))),
+            };
+            (result, started.elapsed())
+        }));
+        async move {
+            let (result, elapsed) = match (&mut task).await {
+                Ok(done) => done,
+                Err(e) => (
+                    Err(Status::internal(format!("broadcast call failed: {e}"))),
+                    started.elapsed(),
+                ),
+            };
+            BroadcastResult {
+                id: peer.connection_id(),
+                peer,
+                result,
+                elapsed,
+            }
+        }
+    });
+    adaptive_unordered(calls, options, |r: &BroadcastResult<T>| {
+        r.result.is_ok().then_some(r.elapsed)
+    })
+}
+
+/// Runs the futures of `calls`, in flight at once as [`BroadcastOptions`]
+/// says, yielding their outputs as they complete. `answered` gives the time
+/// of a call that answered (the measure of how long calls take), `None`
+/// for one that failed: a failure says nothing of the time calls take
+/// (a peer without the service fails at once, a dead one at the timeout).
+///
+/// The number in flight is set once per round of as many calls as it
+/// allows (so about once per call's time): against the smallest median
+/// time of a round so far, a round whose median is at most 5/4 of it
+/// doubles the number (by a quarter once it has had to back off), one over
+/// twice it takes a quarter off, and one in between keeps it. A round with
+/// answers from fewer than half its calls keeps it too.
+#[doc(hidden)]
+pub fn adaptive_unordered<I, T>(
+    calls: I,
+    options: BroadcastOptions,
+    answered: fn(&T) -> Option<Duration>,
+) -> impl Stream<Item = T>
+where
+    I: IntoIterator,
+    I::Item: Future<Output = T>,
+{
+    let least = options.concurrency.max(1);
+    Adaptive {
+        calls: calls.into_iter().fuse(),
+        running: FuturesUnordered::new(),
+        limit: Limit::new(least, options.max_concurrency.max(least)),
+        answered,
+    }
+}
+
+struct Adaptive<I: Iterator, T> {
+    calls: std::iter::Fuse<I>,
+    running: FuturesUnordered<I::Item>,
+    limit: Limit,
+    answered: fn(&T) -> Option<Duration>,
+}
+
+impl<I, T> Stream for Adaptive<I, T>
+where
+    I: Iterator,
+    I::Item: Future<Output = T>,
+{
+    type Item = T;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let this = self.get_mut();
+        while this.running.len() < this.limit.now {
+            match this.calls.next() {
+                Some(call) => this.running.push(call),
+                None => break,
+            }
+        }
+        match this.running.poll_next_unpin(cx) {
+            Poll::Ready(Some(done)) => {
+                this.limit.ended((this.answered)(&done));
+                Poll::Ready(Some(done))
+            }
+            // Nothing running and nothing left to start.
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+// No field is ever pinned: the calls' futures live in `FuturesUnordered`'s
+// own allocations (it is `Unpin` whatever they are), the iterator is only
+// called.
+impl<I: Iterator, T> Unpin for Adaptive<I, T> {}
+
+/// How many calls a broadcast has in flight (see [`adaptive_unordered`]).
+#[derive(Debug)]
+struct Limit {
+    /// Calls allowed in flight now.
+    now: usize,
+    least: usize,
+    most: usize,
+    /// Calls ended in the current round, and the times of those that
+    /// answered.
+    ended: usize,
+    times: Vec<Duration>,
+    /// The smallest median of a round so far.
+    best: Option<Duration>,
+    /// The number had to come down once: it grows by quarters since.
+    backed_off: bool,
+    /// The limits set, for tests.
+    #[cfg(test)]
+    history: Vec<usize>,
+}
+
+impl Limit {
+    fn new(least: usize, most: usize) -> Self {
+        Limit {
+            now: least,
+            least,
+            most,
+            ended: 0,
+            times: Vec::new(),
+            best: None,
+            backed_off: false,
+            #[cfg(test)]
+            history: Vec::new(),
+        }
+    }
+
+    /// A call ended, after `answered` if it answered.
+    fn ended(&mut self, answered: Option<Duration>) {
+        if self.most <= self.least {
+            return;
+        }
+        self.ended += 1;
+        if let Some(time) = answered {
+            self.times.push(time);
+        }
+        if self.ended < self.now {
+            return;
+        }
+        self.ended = 0;
+        if self.times.len() * 2 < self.now {
+            self.times.clear();
+            return;
+        }
+        let middle = self.times.len() / 2;
+        let median = *self.times.select_nth_unstable(middle).1;
+        self.times.clear();
+        let best = *self
+            .best
+            .insert(self.best.map_or(median, |b| b.min(median)));
+        if median <= best * 5 / 4 {
+            let more = if self.backed_off {
+                (self.now / 4).max(1)
+            } else {
+                self.now
+            };
+            self.now = (self.now + more).min(self.most);
+        } else if median > best * 2 {
+            self.backed_off = true;
+            self.now = (self.now - self.now / 4).max(self.least);
+        }
+        #[cfg(test)]
+        self.history.push(self.now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Calls in flight now, and the most seen at once.
+    #[derive(Default)]
+    struct InFlight {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl InFlight {
+        fn enter(&self) -> usize {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            now
+        }
+        fn leave(&self) {
+            self.now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn options(least: usize, most: usize) -> BroadcastOptions {
+        BroadcastOptions {
+            concurrency: least,
+            max_concurrency: most,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn answered(r: &Result<Duration, ()>) -> Option<Duration> {
+        r.ok()
+    }
+
+    /// `n` calls of `call` (given the calls in flight as it starts), run
+    /// under `options`: every result, and the most in flight at once.
+    async fn run<F, Fut>(n: usize, options: BroadcastOptions, call: F) -> (usize, usize)
+    where
+        F: Fn(usize) -> Fut,
+        Fut: Future<Output = Result<(), ()>>,
+    {
+        let in_flight = Arc::new(InFlight::default());
+        let calls = (0..n).map(|_| {
+            let in_flight = in_flight.clone();
+            let call = &call;
             async move {
-                let (result, elapsed) = match (&mut task).await {
-                    Ok(done) => done,
-                    Err(e) => (
-                        Err(Status::internal(format!("broadcast call failed: {e}"))),
-                        started.elapsed(),
-                    ),
-                };
-                BroadcastResult {
-                    id: peer.connection_id(),
-                    peer,
-                    result,
-                    elapsed,
-                }
+                let started = Instant::now();
+                let result = call(in_flight.enter()).await;
+                in_flight.leave();
+                result.map(|()| started.elapsed())
+            }
+        });
+        let results: Vec<_> = adaptive_unordered(calls, options, answered).collect().await;
+        (results.len(), in_flight.most.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_over_a_long_round_trip_widen_to_the_most_allowed() {
+        let (results, most) = run(5000, options(16, 1024), |_| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        })
+        .await;
+        assert_eq!(results, 5000);
+        assert_eq!(most, 1024);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_that_queue_for_a_busy_server_stay_near_the_least() {
+        // A server that serves 16 calls at a time, 1 ms each: more in
+        // flight only wait longer.
+        let server = Arc::new(tokio::sync::Semaphore::new(16));
+        let (results, most) = run(5000, options(16, 1024), |_| {
+            let server = server.clone();
+            async move {
+                let _serving = server.acquire().await.expect("open");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok(())
             }
         })
-        .buffer_unordered(options.concurrency.max(1))
+        .await;
+        assert_eq!(results, 5000);
+        assert!(most <= 32, "{most} in flight at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_same_least_and_most_is_a_fixed_number() {
+        let (results, most) = run(1000, options(16, 16), |_| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok(())
+        })
+        .await;
+        assert_eq!(results, 1000);
+        assert_eq!(most, 16);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_calls_do_not_widen_it() {
+        let (results, most) = run(1000, options(16, 1024), |_| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(())
+        })
+        .await;
+        assert_eq!(results, 1000);
+        assert_eq!(most, 16);
+    }
+
+    #[test]
+    fn a_limit_backs_off_when_calls_slow_down_and_then_grows_by_quarters() {
+        let mut limit = Limit::new(16, 1024);
+        let round = |limit: &mut Limit, ms: u64| {
+            for _ in 0..limit.now {
+                limit.ended(Some(Duration::from_millis(ms)));
+            }
+        };
+        round(&mut limit, 10);
+        round(&mut limit, 12);
+        round(&mut limit, 30);
+        round(&mut limit, 15);
+        round(&mut limit, 10);
+        round(&mut limit, 100);
+        round(&mut limit, 100);
+        assert_eq!(limit.history, [32, 64, 48, 48, 60, 45, 34]);
+        // Never below the least.
+        for _ in 0..10 {
+            round(&mut limit, 100);
+        }
+        assert_eq!(limit.now, 16);
+    }
 }

@@ -29,6 +29,8 @@ mod state;
 mod unix;
 
 pub use admin::AdminAccess;
+#[doc(hidden)]
+pub use broadcast::adaptive_unordered;
 pub use broadcast::{BroadcastOptions, BroadcastResult, broadcast};
 pub use brpc_core::{ConnectionId, Peer, Router};
 pub use registry::{PeerEvent, Registry};

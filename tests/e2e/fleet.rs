@@ -112,6 +112,7 @@ async fn three_hundred_agents_on_three_addresses_registry_selection_and_broadcas
     let options = BroadcastOptions {
         concurrency: 64,
         timeout: Duration::from_secs(2),
+        ..Default::default()
     };
     let results: Vec<_> = broadcast(server.peers().list(), options, |peer| async move {
         let reply = peer
@@ -155,6 +156,7 @@ async fn dropping_a_broadcast_cancels_its_calls_on_every_agent() {
     let options = BroadcastOptions {
         concurrency: N,
         timeout: Duration::from_secs(60),
+        ..Default::default()
     };
     let mut results = Box::pin(broadcast(
         server.peers().list(),
@@ -796,6 +798,7 @@ async fn a_broadcast_results_elapsed_is_its_calls_own_time() {
     let options = BroadcastOptions {
         concurrency: 2,
         timeout: Duration::from_secs(30),
+        ..Default::default()
     };
     let mut results = Box::pin(broadcast(
         server.peers().list(),
