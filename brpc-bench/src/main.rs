@@ -1161,6 +1161,26 @@ async fn delaying_relay(target: SocketAddr, delay: Duration) -> std::io::Result<
     }
     let front = Arc::new(socket(std::net::UdpSocket::bind("127.0.0.1:0")?)?);
     let addr = front.local_addr()?;
+    // One queue each way, in arrival order: every datagram waits the same
+    // delay, so none overtakes another (QUIC would count it lost).
+    type Queue<T> = tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, T, Vec<u8>)>;
+    let (to_server, mut to_server_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Arc<UdpSocket>, Vec<u8>)>();
+    let (to_client, mut to_client_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, SocketAddr, Vec<u8>)>();
+    tokio::spawn(async move {
+        while let Some((at, back, datagram)) = to_server_rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            let _ = back.send(&datagram).await;
+        }
+    });
+    let front_out = front.clone();
+    tokio::spawn(async move {
+        while let Some((at, client, datagram)) = to_client_rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            let _ = front_out.send_to(&datagram, client).await;
+        }
+    });
     tokio::spawn(async move {
         let mut backs: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
         let mut buf = vec![0u8; 65_536];
@@ -1175,27 +1195,25 @@ async fn delaying_relay(target: SocketAddr, delay: Duration) -> std::io::Result<
                         continue;
                     }
                     let back = Arc::new(back);
-                    let (front, reverse) = (front.clone(), back.clone());
+                    let (reverse, to_client): (_, Queue<SocketAddr>) =
+                        (back.clone(), to_client.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65_536];
                         while let Ok(n) = reverse.recv(&mut buf).await {
-                            let datagram = buf[..n].to_vec();
-                            let front = front.clone();
-                            tokio::spawn(async move {
-                                tokio::time::sleep(delay).await;
-                                let _ = front.send_to(&datagram, from).await;
-                            });
+                            let at = tokio::time::Instant::now() + delay;
+                            if to_client.send((at, from, buf[..n].to_vec())).is_err() {
+                                break;
+                            }
                         }
                     });
                     backs.insert(from, back.clone());
                     back
                 }
             };
-            let datagram = buf[..n].to_vec();
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = back.send(&datagram).await;
-            });
+            let at = tokio::time::Instant::now() + delay;
+            if to_server.send((at, back, buf[..n].to_vec())).is_err() {
+                break;
+            }
         }
     });
     Ok(addr)
@@ -1208,10 +1226,13 @@ async fn wan_broadcast(
     rounds: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let limit = raise_descriptor_limit();
+    if n == 0 {
+        return Err("wan-broadcast needs at least one agent".into());
+    }
     if (limit as usize) < 2 * n + 64 {
         return Err(format!(
             "{n} agents need {} descriptors; this process may open {limit}",
-            2 * n
+            2 * n + 64
         )
         .into());
     }
@@ -1232,7 +1253,15 @@ async fn wan_broadcast(
         .collect()
         .await;
     let agents: Vec<Client> = agents.into_iter().collect::<Result<_, _>>()?;
+    let limit = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     while server.peers().len() < n {
+        if started.elapsed() > limit {
+            return Err(format!(
+                "only {} of {n} agents listed after {limit:?}",
+                server.peers().len()
+            )
+            .into());
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!(
@@ -1241,7 +1270,7 @@ async fn wan_broadcast(
         started.elapsed()
     );
     let fixed = brpc::BroadcastOptions {
-        max_concurrency: 256,
+        concurrency: 256,
         timeout: Duration::from_secs(10),
         ..Default::default()
     };
@@ -2099,7 +2128,7 @@ async fn fleet(
 
     let payload = Bytes::from(vec![7u8; 16]);
     // The default concurrency (256 at the start, up to 4096 while calls
-    // answer as fast as the fastest round's). A fixed 2048 at once overflowed
+    // answer as fast as in the fastest round). A fixed 2048 at once overflowed
     // the server's one UDP socket with answers: 7 125 datagrams were dropped
     // and the broadcast took 2.1 s instead of 0.7–0.9 s.
     let options = brpc::BroadcastOptions {
@@ -3159,7 +3188,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint, both ends with brpc's transport settings (call window, keep-alives, idle timeout); tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n{fleet_command}, each size in a fresh process: one server; that many brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
-         peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time at the start and up to 4096 while calls answer as fast as the fastest round's (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
+         peer handle and brpc-build's direct client (the agents serve Echo with `add_direct`), 256 at a time at the start and up to 4096 while calls answer as fast as in the fastest round (`BroadcastOptions::default()`), 5 s timeout each. RSS is the server's growth divided by the agents connected; \
          agent-side RSS is the agent processes' whole RSS (runtime and binary included) divided by the agents they hold; server CPU is the bench process's \
          (the server's) user+system time over the broadcast divided by its calls, the agents' CPU the same for the agent processes (all of them, the agents not called yet included); CPU while idle is the same process's over 3 s with every agent connected and no call running (keep-alives and their acknowledgements), and the agent processes' over the same 3 s; drops are the datagrams the kernel dropped on the server's UDP socket over the run (`/proc/net/udp`). Each agent process dials from its own loopback address (127.0.0.2 onwards). {keep_alive_line}\n\n{header}\n{fleet_row}\n\n\
          {storm_part}## Binary size\n\n{binary_line}\n## Targets\n\n{target_table}\n{END}\n",

@@ -488,9 +488,10 @@ impl Cluster {
     }
 
     /// Calls `call` on every agent in the cluster with all of `labels`,
-    /// `options.concurrency` at once and more while they answer quickly
-    /// (as [`brpc_server::broadcast`]), each within `options.timeout`; a
-    /// result per agent, in the order they finish.
+    /// `options.initial_concurrency` at once and more, up to
+    /// `options.concurrency`, while they answer quickly (as
+    /// [`brpc_server::broadcast`]), each within `options.timeout`; a result
+    /// per agent, in the order they finish.
     ///
     /// # Errors
     /// What [`Cluster::select`] fails with.

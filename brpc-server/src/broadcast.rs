@@ -15,22 +15,25 @@ use tonic::Status;
 
 /// Bounds of a [`broadcast`].
 ///
-/// A broadcast starts `concurrency` calls and, while its calls keep
-/// answering about as fast as the fastest it has seen, doubles the number
-/// in flight, up to `max_concurrency`: over a long round trip (agents across
-/// a WAN) the calls then overlap enough to keep the server busy instead of
-/// waiting on the network. Once calls start taking longer (the server or
-/// its socket is saturated, datagrams are lost and resent, agents queue),
-/// it backs off, never below `concurrency`. Set both to the same value for
-/// a fixed number.
+/// A broadcast starts `initial_concurrency` calls and, while its calls keep
+/// answering about as fast as in its fastest round so far, doubles the
+/// number in flight, up to `concurrency`: over a long round trip (agents
+/// across a WAN) the calls then overlap enough to keep the server busy
+/// instead of waiting on the network. Once calls start taking longer (the
+/// server or its socket is saturated, datagrams are lost and resent, agents
+/// queue), it backs off, never below `initial_concurrency`. A
+/// `concurrency` at most `initial_concurrency` is a fixed number in flight.
+///
+/// The fastest round is the yardstick: in a fleet of near and far agents
+/// whose rounds differ much (one round mostly near ones, the next mostly
+/// far), the number may stay low, as with a fixed number.
 #[derive(Debug, Clone, Copy)]
 pub struct BroadcastOptions {
-    /// Calls in flight at the start, and the fewest while calls remain
-    /// (default 256).
+    /// Most calls in flight at once (default 4096).
     pub concurrency: usize,
-    /// Most calls in flight at once (default 4096; at most `concurrency`
-    /// means a fixed `concurrency`).
-    pub max_concurrency: usize,
+    /// Calls in flight at the start, and the fewest while calls remain
+    /// (default 256, or `concurrency` if smaller).
+    pub initial_concurrency: usize,
     /// Time allowed for each peer's call (default 10 s). A call that runs out
     /// yields `DEADLINE_EXCEEDED` and is cancelled on the peer.
     pub timeout: Duration,
@@ -39,8 +42,8 @@ pub struct BroadcastOptions {
 impl Default for BroadcastOptions {
     fn default() -> Self {
         BroadcastOptions {
-            concurrency: 256,
-            max_concurrency: 4096,
+            concurrency: 4096,
+            initial_concurrency: 256,
             timeout: Duration::from_secs(10),
         }
     }
@@ -59,8 +62,9 @@ pub struct BroadcastResult<T> {
     pub elapsed: Duration,
 }
 
-/// Calls `call` on every peer, `options.concurrency` at a time and more
-/// while they answer quickly (see [`BroadcastOptions`]), each within
+/// Calls `call` on every peer, `options.initial_concurrency` at a time and
+/// more, up to `options.concurrency`, while they answer quickly (see
+/// [`BroadcastOptions`]), each within
 /// `options.timeout`, yielding one result per peer as it completes.
 ///
 /// Each call runs as its own tokio task, so a large fan-out uses every worker
@@ -149,11 +153,12 @@ where
     I: IntoIterator,
     I::Item: Future<Output = T>,
 {
-    let least = options.concurrency.max(1);
+    let most = options.concurrency.max(1);
+    let least = options.initial_concurrency.clamp(1, most);
     Adaptive {
         calls: calls.into_iter().fuse(),
         running: FuturesUnordered::new(),
-        limit: Limit::new(least, options.max_concurrency.max(least)),
+        limit: Limit::new(least, most),
         answered,
     }
 }
@@ -264,7 +269,7 @@ impl Limit {
             self.now = (self.now + more).min(self.most);
         } else if median > best * 2 {
             self.backed_off = true;
-            self.now = (self.now - self.now / 4).max(self.least);
+            self.now = (self.now - (self.now / 4).max(1)).max(self.least);
         }
         #[cfg(test)]
         self.history.push(self.now);
@@ -298,8 +303,8 @@ mod tests {
 
     fn options(least: usize, most: usize) -> BroadcastOptions {
         BroadcastOptions {
-            concurrency: least,
-            max_concurrency: most,
+            concurrency: most,
+            initial_concurrency: least,
             timeout: Duration::from_secs(10),
         }
     }
@@ -402,5 +407,15 @@ mod tests {
             round(&mut limit, 100);
         }
         assert_eq!(limit.now, 16);
+
+        // Small numbers come down one at a time, to the least.
+        let mut limit = Limit::new(1, 8);
+        for _ in 0..3 {
+            round(&mut limit, 10);
+        }
+        for _ in 0..7 {
+            round(&mut limit, 100);
+        }
+        assert_eq!(limit.history, [2, 4, 8, 6, 5, 4, 3, 2, 1, 1]);
     }
 }

@@ -152,7 +152,9 @@ impl FrameReader {
             }
             match self.decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
-                    if self.spare > 0 {
+                    // The frame was the whole buffer: reads never go past
+                    // the frame in progress.
+                    if self.spare > 0 && self.buf.is_empty() {
                         super::spare::keep(
                             std::mem::take(&mut self.buf),
                             std::mem::take(&mut self.spare),

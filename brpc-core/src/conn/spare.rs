@@ -13,8 +13,10 @@
 //! ([`BytesMut::try_reclaim`]).
 //!
 //! Bounded process-wide by [`LIMIT`] bytes of buffers, the oldest going
-//! first; a buffer is only reused for a frame at least half its size, so a
-//! small message never holds a large buffer.
+//! first; a buffer is only reused for a frame at least four fifths its size,
+//! so a frame never holds much more memory than its budgets reserved for it
+//! (its length: a kept buffer is at most a quarter larger, a new one at most
+//! a page).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,10 +63,10 @@ impl Spares {
     }
 
     /// A kept buffer with room for `whole` bytes whose allocation is at most
-    /// twice that and held by nobody else, taken out of the set.
+    /// a quarter larger and held by nobody else, taken out of the set.
     fn take(&mut self, whole: usize) -> Option<(BytesMut, usize)> {
         let at = self.kept.iter_mut().position(|(buf, size)| {
-            *size >= whole && *size / 2 <= whole && buf.try_reclaim(whole)
+            *size >= whole && *size - whole <= whole / 4 && buf.try_reclaim(whole)
         })?;
         let (buf, size) = self.kept.remove(at)?;
         self.bytes -= size;
@@ -161,16 +163,16 @@ mod tests {
     }
 
     #[test]
-    fn a_kept_buffer_serves_frames_from_half_its_size_to_its_size() {
+    fn a_kept_buffer_serves_frames_from_four_fifths_of_its_size_to_its_size() {
         let mut spares = Spares::new(LIMIT);
-        let (_, rest) = filled(4 * MIN);
-        spares.keep(rest, 4 * MIN);
-        assert!(spares.take(4 * MIN + 1).is_none(), "too small");
+        let (_, rest) = filled(5 * MIN);
+        spares.keep(rest, 5 * MIN);
+        assert!(spares.take(5 * MIN + 1).is_none(), "too small");
         assert!(
-            spares.take(2 * MIN - 1).is_none(),
-            "more than twice the frame"
+            spares.take(4 * MIN - 1).is_none(),
+            "over a quarter larger than the frame"
         );
-        assert!(spares.take(2 * MIN).is_some());
+        assert!(spares.take(4 * MIN).is_some());
     }
 
     #[test]

@@ -106,7 +106,9 @@ impl RequestParts<'_> {
         payload: &Bytes,
         max: usize,
     ) -> Result<Payload, usize> {
-        debug_assert_eq!(self.payload, &payload[..]);
+        debug_assert!(
+            self.payload.as_ptr() == payload.as_ptr() && self.payload.len() == payload.len()
+        );
         if payload.len() < PIECE_MIN {
             return self.encode_to_bytes_within(max).map(Payload::Whole);
         }
