@@ -1,24 +1,22 @@
 //! Large messages received one after another are reassembled in the buffer
 //! of the one before, once that one is dropped, instead of in a new buffer
-//! each (`brpc_core::conn::spare`). The count it reads is process-wide, so
-//! this file is its own test binary with one test.
+//! each (`brpc_core::conn::spare`), over QUIC and over a Unix socket. The
+//! count it reads is process-wide, so this file is its own test binary with
+//! one test.
 
 mod common;
 
+use brpc::Client;
+use brpc::core::conn::large_buffers_reused;
 use common::echo::EchoRequest;
 use common::echo::echo_client::EchoClient;
+use common::echo::echo_server::EchoServer;
 
-#[tokio::test]
-async fn large_messages_received_in_turn_reuse_one_buffer() {
-    let server = common::server();
-    let client = common::client(&server, "agent").await;
-    let mut echo = EchoClient::new(client.channel());
-    assert_eq!(brpc::core::conn::large_buffers_reused(), 0);
-    let calls = 10;
+/// `calls` unary calls in turn, each answered with a 300 000-byte reply
+/// (whose frame is reassembled on the caller's side).
+async fn large_replies(echo: &mut EchoClient<brpc::Channel>, calls: u64) {
+    // `seq` from 1: every reply the same size.
     for seq in 1..=calls {
-        // A 300 000-byte reply: its frame arrives over QUIC in many chunks
-        // and is reassembled on the client. (`seq` from 1: every reply the
-        // same size.)
         let reply = echo
             .unary(EchoRequest {
                 text: "grow:300000".into(),
@@ -32,10 +30,38 @@ async fn large_messages_received_in_turn_reuse_one_buffer() {
         assert!(reply.blob.iter().all(|&b| b == 7));
         assert_eq!(reply.seq, seq);
     }
+}
+
+#[tokio::test]
+async fn large_messages_received_in_turn_reuse_one_buffer() {
+    let server = common::server();
+    let calls = 10;
+    assert_eq!(large_buffers_reused(), 0);
+
+    // Over QUIC the reply arrives in many chunks.
+    let client = common::client(&server, "agent").await;
+    large_replies(&mut EchoClient::new(client.channel()), calls).await;
     // Every reply after the first found the buffer of the one before free.
+    assert_eq!(large_buffers_reused(), calls - 1, "over QUIC");
+
+    // Over a Unix socket, read as it comes.
+    let path = std::env::temp_dir().join(format!("brpc-large-{}.sock", std::process::id()));
+    server
+        .listen_unix(&path)
+        .expect("listen on the Unix socket");
+    let unix = Client::builder()
+        .name("over-unix")
+        .add_service(EchoServer::new(common::EchoService::new("unix-agent")))
+        .connect_unix(&path)
+        .await
+        .expect("connect over the Unix socket");
+    large_replies(&mut EchoClient::new(unix.channel()), calls).await;
+    // The first reply over the Unix socket already finds the last QUIC
+    // reply's buffer free.
     assert_eq!(
-        brpc::core::conn::large_buffers_reused(),
-        calls - 1,
-        "replies reassembled in a kept buffer"
+        large_buffers_reused(),
+        2 * calls - 1,
+        "over the Unix socket"
     );
+    let _ = std::fs::remove_file(&path);
 }

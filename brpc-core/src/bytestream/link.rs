@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::Status;
 
+use crate::conn::spare;
 use crate::conn::{
     BoxFuture, Budgets, CancelSignal, FrameSink, FrameSource, Lost, Multiplexer, MuxCall,
     ReadError, RequestBuilder, SendError, Side,
@@ -1115,6 +1116,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
 }
 
+/// What a connection's read buffer starts with room for.
+const READ_BUFFER: usize = 64 * 1024;
+
 async fn read_loop<R: AsyncRead + Unpin>(
     mut io: R,
     link: Link,
@@ -1122,12 +1126,23 @@ async fn read_loop<R: AsyncRead + Unpin>(
     max_message_size: usize,
 ) {
     let mut decoder = FrameDecoder::new(max_message_size);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
+    // The size of `buf`'s allocation while it is a large frame's own buffer
+    // (`conn::spare`), 0 otherwise.
+    let mut spare = 0;
     let mut last_remote_id = 0u32;
     let mut closed = link.inner.closed.subscribe();
     let reason = loop {
         match decoder.decode(&mut buf) {
             Ok(Some(frame)) => {
+                // A large frame's buffer held it alone (reads stopped at
+                // its end): kept for the next large frame.
+                if spare > 0 && buf.is_empty() {
+                    spare::keep(
+                        std::mem::replace(&mut buf, BytesMut::with_capacity(READ_BUFFER)),
+                        std::mem::take(&mut spare),
+                    );
+                }
                 route(&link, frame, &mut last_remote_id, &incoming).await;
                 continue;
             }
@@ -1155,11 +1170,32 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 continue;
             }
         }
-        let wanted = decoder.wanted(&buf).min(1 << 20);
-        buf.reserve(wanted);
-        let read = tokio::select! {
-            read = io.read_buf(&mut buf) => read,
-            _ = closed.wait_for(Option::is_some) => break "closed locally".to_owned(),
+        let wanted = decoder.wanted(&buf);
+        // A large frame is read into a buffer of its own, a kept one if one
+        // is free, and no further: so its buffer can be kept once the frame
+        // is done with (a new one per frame costs page faults).
+        if spare == 0
+            && decoder.skipping() == 0
+            && buf.len() + wanted >= spare::MIN
+            && buf.capacity() - buf.len() < wanted
+        {
+            let (mut own, size) = spare::take(buf.len() + wanted);
+            own.extend_from_slice(&buf);
+            buf = own;
+            spare = size;
+        }
+        let read = if spare > 0 {
+            let mut room = (&mut buf).limit(wanted);
+            tokio::select! {
+                read = io.read_buf(&mut room) => read,
+                _ = closed.wait_for(Option::is_some) => break "closed locally".to_owned(),
+            }
+        } else {
+            buf.reserve(wanted.min(1 << 20));
+            tokio::select! {
+                read = io.read_buf(&mut buf) => read,
+                _ = closed.wait_for(Option::is_some) => break "closed locally".to_owned(),
+            }
         };
         match read {
             Ok(0) => break "peer closed the connection".to_owned(),

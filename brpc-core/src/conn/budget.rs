@@ -17,7 +17,7 @@
 //! call fails with `RESOURCE_EXHAUSTED`) rather than let it wait.
 //!
 //! Outside the budgets, a process keeps the buffers of up to 8 MiB of large
-//! frames (64 KiB or more) it received over QUIC, so the next large frame is
+//! frames (64 KiB or more) it received, so the next large frame is
 //! reassembled in one of them rather than in memory the allocator has to
 //! fault in again (`spare`); a buffer is reused only once nobody holds a
 //! part of its frame.

@@ -18,7 +18,7 @@ mod outgoing;
 mod peer;
 mod quic;
 mod relay;
-mod spare;
+pub(crate) mod spare;
 mod transport;
 
 pub(crate) use budget::Budgets;

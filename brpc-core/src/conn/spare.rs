@@ -1,8 +1,8 @@
 //! Buffers of large received frames, kept for the next large frame.
 //!
-//! A frame that arrives in several QUIC chunks is reassembled in a buffer of
-//! its whole size, and its message (and every `bytes` field of it) is a
-//! slice of that buffer. Freeing a buffer of a megabyte and allocating the
+//! A frame that arrives in several QUIC chunks, or in several reads of a
+//! Unix socket, is reassembled in a buffer of its whole size, and its
+//! message (and every `bytes` field of it) is a slice of that buffer. Freeing a buffer of a megabyte and allocating the
 //! next one lets the allocator hand the pages back to the kernel in between
 //! (glibc trims a thread's heap once its free top exceeds its trim
 //! threshold), and the next frame's copy then faults every page in again:

@@ -233,7 +233,12 @@ impl Response {
     /// The encoded envelope in one buffer: the same bytes as
     /// [`prost::Message::encode_to_vec`], with one allocation.
     pub fn encode_to_bytes(&self) -> Bytes {
-        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        self.encode_to_bytes_of(self.encoded_len())
+    }
+
+    /// [`encode_to_bytes`](Self::encode_to_bytes), its length `len` known.
+    fn encode_to_bytes_of(&self, len: usize) -> Bytes {
+        let mut buf = BytesMut::with_capacity(len);
         if let Some(status) = &self.status {
             prost::encoding::message::encode(1, status, &mut buf);
         }
@@ -247,7 +252,7 @@ impl Response {
     pub(crate) fn encode_pieces(&self, len: usize) -> Payload {
         use prost::encoding::{WireType, encode_key, encode_varint};
         if self.payload.len() < PIECE_MIN {
-            return Payload::Whole(self.encode_to_bytes());
+            return Payload::Whole(self.encode_to_bytes_of(len));
         }
         let mut buf = PieceWriter::new(len);
         if let Some(status) = &self.status {
