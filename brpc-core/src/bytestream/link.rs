@@ -1173,13 +1173,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let wanted = decoder.wanted(&buf);
         // A large frame is read into a buffer of its own, a kept one if one
         // is free, and no further: so its buffer can be kept once the frame
-        // is done with (a new one per frame costs page faults).
+        // is done with (a new one per frame costs page faults). Only once
+        // its data has started to arrive (a header alone allocates nothing)
+        // and if it could be kept at all.
+        let whole = buf.len() + wanted;
         if spare == 0
             && decoder.skipping() == 0
-            && buf.len() + wanted >= spare::MIN
+            && buf.len() > HEADER_LEN
+            && (spare::MIN..=spare::LIMIT).contains(&whole)
             && buf.capacity() - buf.len() < wanted
         {
-            let (mut own, size) = spare::take(buf.len() + wanted);
+            let (mut own, size) = spare::take(whole);
             own.extend_from_slice(&buf);
             buf = own;
             spare = size;
