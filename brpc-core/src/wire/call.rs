@@ -129,6 +129,7 @@ pub enum RequestShape {
 
 /// Why a call must end before its normal end, as the I/O layer saw it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Failure {
     /// A received frame broke the protocol (the status [`Call::recv`] gave).
     Protocol(Status),
