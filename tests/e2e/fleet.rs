@@ -140,6 +140,48 @@ async fn three_hundred_agents_on_three_addresses_registry_selection_and_broadcas
     }
 }
 
+/// A broadcast whose calls all take about as long (each agent sleeps
+/// 200 ms) widens the number in flight from its `initial_concurrency`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_widens_while_its_calls_answer_as_fast_as_at_first() {
+    const N: usize = 24;
+    let server = common::server();
+    // One probe for every agent: the most handlers running at once across
+    // the fleet.
+    let shared = EchoService::new("agent");
+    let builders = (0..N)
+        .map(|i| {
+            let echo = EchoService {
+                who: format!("agent-{i}"),
+                probe: shared.probe.clone(),
+            };
+            common::client_builder(&server, &format!("agent-{i}"), echo)
+        })
+        .collect();
+    let _agents = connect_all(builders, server.local_addr()).await;
+    let options = BroadcastOptions {
+        concurrency: 16,
+        initial_concurrency: 1,
+        timeout: Duration::from_secs(30),
+    };
+    let results: Vec<_> = broadcast(server.peers().list(), options, |peer| async move {
+        peer.client(EchoClient::new)
+            .sleep(SleepRequest { millis: 200 })
+            .await?;
+        Ok(())
+    })
+    .collect()
+    .await;
+    assert_eq!(results.len(), N);
+    for r in &results {
+        r.result.as_ref().expect("answered");
+    }
+    // Rounds of 1, 2, 4, 8 calls while they take about 200 ms each: at
+    // least two doublings, and never past `concurrency`.
+    let most = shared.probe.max_in_flight.load(Ordering::SeqCst);
+    assert!((4..=16).contains(&most), "{most} calls in flight at most");
+}
+
 #[tokio::test]
 async fn dropping_a_broadcast_cancels_its_calls_on_every_agent() {
     const N: usize = 3;
