@@ -171,6 +171,68 @@ async fn hundred_concurrent_calls_each_way_are_matched() {
     }
 }
 
+/// Large messages in flight at once, each with a pattern of its own, come
+/// back intact over QUIC and over a Unix socket, both ways: the buffers
+/// large frames are reassembled in are reused (`conn::spare`) only once
+/// nothing holds the frame before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_at_once_come_back_intact_over_quic_and_unix() {
+    let path = std::env::temp_dir().join(format!("brpc-intact-{}.sock", std::process::id()));
+    let server = common::server();
+    server
+        .listen_unix(&path)
+        .expect("listen on the Unix socket");
+    let quic = common::client(&server, "over-quic").await;
+    let unix = brpc::Client::builder()
+        .name("over-unix")
+        .add_service(common::echo::echo_server::EchoServer::new(
+            common::EchoService::new("over-unix"),
+        ))
+        .connect_unix(&path)
+        .await
+        .expect("connect over the Unix socket");
+    let quic_peer = server.peers().get(quic.connection_id()).expect("listed");
+    let unix_peer = server.peers().get(unix.connection_id()).expect("listed");
+    let channels = [
+        quic.channel(),
+        unix.channel(),
+        quic_peer.channel(),
+        unix_peer.channel(),
+    ];
+    let mut calls = tokio::task::JoinSet::new();
+    for (way, channel) in channels.into_iter().enumerate() {
+        for task in 0..4u64 {
+            let mut echo = EchoClient::new(channel.clone());
+            calls.spawn(async move {
+                for call in 0..6u64 {
+                    let seq = (way as u64) << 16 | task << 8 | call;
+                    // 100-300 KB, each byte a function of the call and its
+                    // place.
+                    let len = 100_000 + (seq as usize * 7919) % 200_000;
+                    let blob: Vec<u8> = (0..len)
+                        .map(|i| (i as u64 ^ seq.wrapping_mul(31)) as u8)
+                        .collect();
+                    let reply = echo
+                        .unary(EchoRequest {
+                            text: String::new(),
+                            blob: blob.clone(),
+                            seq,
+                        })
+                        .await
+                        .expect("unary")
+                        .into_inner();
+                    assert_eq!(reply.seq, seq);
+                    assert!(reply.blob == blob, "call {seq:#x} came back altered");
+                }
+            });
+        }
+    }
+    while let Some(done) = calls.join_next().await {
+        done.expect("a caller panicked");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 #[tokio::test]
 async fn unknown_service_and_method_are_unimplemented_both_ways() {
     let server = brpc::Server::builder()
