@@ -113,15 +113,20 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     /// (so a flood of new calls cannot starve them).
     const ACCEPT_STREAK: u32 = 16;
     let spawn = handler.task_per_call();
-    let mut calls = FuturesUnordered::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    // Made at the first call: an idle connection (most of a fleet's) holds
+    // neither set's allocations.
+    let mut calls = None;
+    let mut tasks: Option<tokio::task::JoinSet<()>> = None;
     let mut streak = 0;
     // When the last calls ended, while the call window may still widen.
     let mut ended = super::peer::Ended::new();
     loop {
         if streak >= ACCEPT_STREAK {
             streak = 0;
-            while let Some(Some(())) = calls.next().now_or_never() {
+            while let Some(Some(())) = calls
+                .as_mut()
+                .and_then(|c: &mut FuturesUnordered<_>| c.next().now_or_never())
+            {
                 peer.call_ended(&mut ended);
             }
         }
@@ -145,23 +150,48 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
                         })
                     });
                     if spawn {
-                        tasks.spawn(call.in_current_span());
+                        tasks
+                            .get_or_insert_with(tokio::task::JoinSet::new)
+                            .spawn(call.in_current_span());
                     } else {
-                        calls.push(Served::Here(call));
+                        calls
+                            .get_or_insert_with(FuturesUnordered::new)
+                            .push(Served::Here(call));
                     }
-                    peer.widen_call_window(calls.len() + tasks.len(), &ended);
+                    let running = calls.as_ref().map_or(0, FuturesUnordered::len)
+                        + tasks.as_ref().map_or(0, tokio::task::JoinSet::len);
+                    peer.widen_call_window(running, &ended);
                 }
                 None => break,
             },
-            Some(()) = calls.next(), if !calls.is_empty() => {
+            // (A disabled branch's future is still made, never polled.)
+            Some(()) = next_of(&mut calls), if calls.as_ref().is_some_and(|c| !c.is_empty()) => {
                 streak = 0;
                 peer.call_ended(&mut ended);
             }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+            Some(_) = joined(&mut tasks), if tasks.as_ref().is_some_and(|t| !t.is_empty()) => {
                 streak = 0;
                 peer.call_ended(&mut ended);
             }
         }
+    }
+}
+
+/// The next call of `calls` to end, once they are made.
+async fn next_of<F: Future<Output = ()>>(calls: &mut Option<FuturesUnordered<F>>) -> Option<()> {
+    match calls {
+        Some(calls) => calls.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next of `tasks` to end, once they are made.
+async fn joined(
+    tasks: &mut Option<tokio::task::JoinSet<()>>,
+) -> Option<Result<(), tokio::task::JoinError>> {
+    match tasks {
+        Some(tasks) => tasks.join_next().await,
+        None => std::future::pending().await,
     }
 }
 
