@@ -1161,24 +1161,24 @@ async fn delaying_relay(target: SocketAddr, delay: Duration) -> std::io::Result<
     }
     let front = Arc::new(socket(std::net::UdpSocket::bind("127.0.0.1:0")?)?);
     let addr = front.local_addr()?;
-    // One queue each way, in arrival order: every datagram waits the same
-    // delay, so none overtakes another (QUIC would count it lost).
-    type Queue<T> = tokio::sync::mpsc::UnboundedSender<(tokio::time::Instant, T, Vec<u8>)>;
-    let (to_server, mut to_server_rx) =
-        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Arc<UdpSocket>, Vec<u8>)>();
-    let (to_client, mut to_client_rx) =
-        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, SocketAddr, Vec<u8>)>();
+    // One queue for both ways, in arrival order: every datagram waits the
+    // same delay, so none overtakes another (QUIC would count it lost).
+    // Each goes out on `socket`, to `to` (towards a client) or to the
+    // socket's connected peer (towards the server).
+    type Queued = (
+        tokio::time::Instant,
+        Arc<UdpSocket>,
+        Option<SocketAddr>,
+        Vec<u8>,
+    );
+    let (queue, mut queued) = tokio::sync::mpsc::unbounded_channel::<Queued>();
     tokio::spawn(async move {
-        while let Some((at, back, datagram)) = to_server_rx.recv().await {
+        while let Some((at, socket, to, datagram)) = queued.recv().await {
             tokio::time::sleep_until(at).await;
-            let _ = back.send(&datagram).await;
-        }
-    });
-    let front_out = front.clone();
-    tokio::spawn(async move {
-        while let Some((at, client, datagram)) = to_client_rx.recv().await {
-            tokio::time::sleep_until(at).await;
-            let _ = front_out.send_to(&datagram, client).await;
+            let _ = match to {
+                Some(client) => socket.send_to(&datagram, client).await,
+                None => socket.send(&datagram).await,
+            };
         }
     });
     tokio::spawn(async move {
@@ -1195,13 +1195,16 @@ async fn delaying_relay(target: SocketAddr, delay: Duration) -> std::io::Result<
                         continue;
                     }
                     let back = Arc::new(back);
-                    let (reverse, to_client): (_, Queue<SocketAddr>) =
-                        (back.clone(), to_client.clone());
+                    let (reverse, front, queue) = (back.clone(), front.clone(), queue.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65_536];
                         while let Ok(n) = reverse.recv(&mut buf).await {
                             let at = tokio::time::Instant::now() + delay;
-                            if to_client.send((at, from, buf[..n].to_vec())).is_err() {
+                            let datagram = buf[..n].to_vec();
+                            if queue
+                                .send((at, front.clone(), Some(from), datagram))
+                                .is_err()
+                            {
                                 break;
                             }
                         }
@@ -1211,7 +1214,7 @@ async fn delaying_relay(target: SocketAddr, delay: Duration) -> std::io::Result<
                 }
             };
             let at = tokio::time::Instant::now() + delay;
-            if to_server.send((at, back, buf[..n].to_vec())).is_err() {
+            if queue.send((at, back, None, buf[..n].to_vec())).is_err() {
                 break;
             }
         }
@@ -1294,14 +1297,15 @@ async fn wan_broadcast(
                 .await;
             let total = started.elapsed();
             let failures = results.iter().filter(|r| r.result.is_err()).count();
-            let mut times: Vec<_> = results.iter().map(|r| r.elapsed).collect();
-            times.sort();
-            let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
+            let mut times = Latencies::default();
+            for r in &results {
+                times.record(r.elapsed);
+            }
             println!(
                 "| {name} | {} | {rtt:?} | {total:.2?} | {:.1?} | {:.1?} | {failures} |",
                 results.len(),
-                at(0.5),
-                at(0.99)
+                times.percentile(50.0),
+                times.percentile(99.0)
             );
         }
     }

@@ -217,9 +217,6 @@ struct Limit {
     best: Option<Duration>,
     /// The number had to come down once: it grows by quarters since.
     backed_off: bool,
-    /// The limits set, for tests.
-    #[cfg(test)]
-    history: Vec<usize>,
 }
 
 impl Limit {
@@ -232,8 +229,6 @@ impl Limit {
             times: Vec::new(),
             best: None,
             backed_off: false,
-            #[cfg(test)]
-            history: Vec::new(),
         }
     }
 
@@ -271,8 +266,6 @@ impl Limit {
             self.backed_off = true;
             self.now = (self.now - (self.now / 4).max(1)).max(self.least);
         }
-        #[cfg(test)]
-        self.history.push(self.now);
     }
 }
 
@@ -291,10 +284,9 @@ mod tests {
     }
 
     impl InFlight {
-        fn enter(&self) -> usize {
+        fn enter(&self) {
             let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
             self.most.fetch_max(now, Ordering::SeqCst);
-            now
         }
         fn leave(&self) {
             self.now.fetch_sub(1, Ordering::SeqCst);
@@ -313,11 +305,11 @@ mod tests {
         r.ok()
     }
 
-    /// `n` calls of `call` (given the calls in flight as it starts), run
-    /// under `options`: every result, and the most in flight at once.
+    /// `n` calls of `call` run under `options`: how many results, and the
+    /// most in flight at once.
     async fn run<F, Fut>(n: usize, options: BroadcastOptions, call: F) -> (usize, usize)
     where
-        F: Fn(usize) -> Fut,
+        F: Fn() -> Fut,
         Fut: Future<Output = Result<(), ()>>,
     {
         let in_flight = Arc::new(InFlight::default());
@@ -326,7 +318,8 @@ mod tests {
             let call = &call;
             async move {
                 let started = Instant::now();
-                let result = call(in_flight.enter()).await;
+                in_flight.enter();
+                let result = call().await;
                 in_flight.leave();
                 result.map(|()| started.elapsed())
             }
@@ -335,13 +328,19 @@ mod tests {
         (results.len(), in_flight.most.load(Ordering::SeqCst))
     }
 
+    /// `n` calls that each take 100 ms (a long round trip), answering or
+    /// failing, run under `options`: as [`run`].
+    async fn after_100_ms(n: usize, options: BroadcastOptions, answer: bool) -> (usize, usize) {
+        run(n, options, || async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if answer { Ok(()) } else { Err(()) }
+        })
+        .await
+    }
+
     #[tokio::test(start_paused = true)]
     async fn calls_over_a_long_round_trip_widen_to_the_most_allowed() {
-        let (results, most) = run(5000, options(16, 1024), |_| async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok(())
-        })
-        .await;
+        let (results, most) = after_100_ms(5000, options(16, 1024), true).await;
         assert_eq!(results, 5000);
         assert_eq!(most, 1024);
     }
@@ -351,7 +350,7 @@ mod tests {
         // A server that serves 16 calls at a time, 1 ms each: more in
         // flight only wait longer.
         let server = Arc::new(tokio::sync::Semaphore::new(16));
-        let (results, most) = run(5000, options(16, 1024), |_| {
+        let (results, most) = run(5000, options(16, 1024), || {
             let server = server.clone();
             async move {
                 let _serving = server.acquire().await.expect("open");
@@ -366,56 +365,46 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_same_least_and_most_is_a_fixed_number() {
-        let (results, most) = run(1000, options(16, 16), |_| async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok(())
-        })
-        .await;
+        let (results, most) = after_100_ms(1000, options(16, 16), true).await;
         assert_eq!(results, 1000);
         assert_eq!(most, 16);
     }
 
     #[tokio::test(start_paused = true)]
     async fn failed_calls_do_not_widen_it() {
-        let (results, most) = run(1000, options(16, 1024), |_| async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Err(())
-        })
-        .await;
+        let (results, most) = after_100_ms(1000, options(16, 1024), false).await;
         assert_eq!(results, 1000);
         assert_eq!(most, 16);
     }
 
     #[test]
     fn a_limit_backs_off_when_calls_slow_down_and_then_grows_by_quarters() {
-        let mut limit = Limit::new(16, 1024);
-        let round = |limit: &mut Limit, ms: u64| {
-            for _ in 0..limit.now {
-                limit.ended(Some(Duration::from_millis(ms)));
-            }
-        };
-        round(&mut limit, 10);
-        round(&mut limit, 12);
-        round(&mut limit, 30);
-        round(&mut limit, 15);
-        round(&mut limit, 10);
-        round(&mut limit, 100);
-        round(&mut limit, 100);
-        assert_eq!(limit.history, [32, 64, 48, 48, 60, 45, 34]);
-        // Never below the least.
-        for _ in 0..10 {
-            round(&mut limit, 100);
+        /// A round of calls that each answered after `ms`, and the number
+        /// in flight set after each.
+        fn rounds(limit: &mut Limit, ms: &[u64]) -> Vec<usize> {
+            ms.iter()
+                .map(|&ms| {
+                    for _ in 0..limit.now {
+                        limit.ended(Some(Duration::from_millis(ms)));
+                    }
+                    limit.now
+                })
+                .collect()
         }
+        let mut limit = Limit::new(16, 1024);
+        assert_eq!(
+            rounds(&mut limit, &[10, 12, 30, 15, 10, 100, 100]),
+            [32, 64, 48, 48, 60, 45, 34]
+        );
+        // Never below the least.
+        rounds(&mut limit, &[100; 10]);
         assert_eq!(limit.now, 16);
 
         // Small numbers come down one at a time, to the least.
         let mut limit = Limit::new(1, 8);
-        for _ in 0..3 {
-            round(&mut limit, 10);
-        }
-        for _ in 0..7 {
-            round(&mut limit, 100);
-        }
-        assert_eq!(limit.history, [2, 4, 8, 6, 5, 4, 3, 2, 1, 1]);
+        assert_eq!(
+            rounds(&mut limit, &[10, 10, 10, 100, 100, 100, 100, 100, 100, 100]),
+            [2, 4, 8, 6, 5, 4, 3, 2, 1, 1]
+        );
     }
 }

@@ -1137,12 +1137,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
             Ok(Some(frame)) => {
                 // A large frame's buffer held it alone (reads stopped at
                 // its end): kept for the next large frame.
-                if spare > 0 && buf.is_empty() {
-                    spare::keep(
-                        std::mem::replace(&mut buf, BytesMut::with_capacity(READ_BUFFER)),
-                        std::mem::take(&mut spare),
-                    );
-                }
+                spare::give_back(&mut buf, &mut spare, || {
+                    BytesMut::with_capacity(READ_BUFFER)
+                });
                 route(&link, frame, &mut last_remote_id, &incoming).await;
                 continue;
             }
@@ -1183,10 +1180,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             && (spare::MIN..=spare::LIMIT).contains(&whole)
             && buf.capacity() - buf.len() < wanted
         {
-            let (mut own, size) = spare::take(whole);
-            own.extend_from_slice(&buf);
-            buf = own;
-            spare = size;
+            spare = spare::own_buffer(&mut buf, whole);
         }
         let read = if spare > 0 {
             let mut room = (&mut buf).limit(wanted);

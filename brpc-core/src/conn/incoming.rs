@@ -114,9 +114,8 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
     const ACCEPT_STREAK: u32 = 16;
     let spawn = handler.task_per_call();
     // Made at the first call: an idle connection (most of a fleet's) holds
-    // neither set's allocations.
+    // none of its allocations.
     let mut calls = None;
-    let mut tasks: Option<tokio::task::JoinSet<()>> = None;
     let mut streak = 0;
     // When the last calls ended, while the call window may still widen.
     let mut ended = super::peer::Ended::new();
@@ -149,27 +148,22 @@ pub async fn serve<H: Handler>(peer: Peer, handler: H) {
                             }
                         })
                     });
-                    if spawn {
-                        tasks
-                            .get_or_insert_with(tokio::task::JoinSet::new)
-                            .spawn(call.in_current_span());
+                    // A handler that asks for it has each call on a task
+                    // of its own from the start, as a large call moves to
+                    // one (aborted if the connection ends first).
+                    let served = if spawn {
+                        Served::Moved(MovedCall(tokio::spawn(call.in_current_span())))
                     } else {
-                        calls
-                            .get_or_insert_with(FuturesUnordered::new)
-                            .push(Served::Here(call));
-                    }
-                    let running = calls.as_ref().map_or(0, FuturesUnordered::len)
-                        + tasks.as_ref().map_or(0, tokio::task::JoinSet::len);
-                    peer.widen_call_window(running, &ended);
+                        Served::Here(call)
+                    };
+                    let calls = calls.get_or_insert_with(FuturesUnordered::new);
+                    calls.push(served);
+                    peer.widen_call_window(calls.len(), &ended);
                 }
                 None => break,
             },
             // (A disabled branch's future is still made, never polled.)
             Some(()) = next_of(&mut calls), if calls.as_ref().is_some_and(|c| !c.is_empty()) => {
-                streak = 0;
-                peer.call_ended(&mut ended);
-            }
-            Some(_) = joined(&mut tasks), if tasks.as_ref().is_some_and(|t| !t.is_empty()) => {
                 streak = 0;
                 peer.call_ended(&mut ended);
             }
@@ -185,22 +179,13 @@ async fn next_of<F: Future<Output = ()>>(calls: &mut Option<FuturesUnordered<F>>
     }
 }
 
-/// The next of `tasks` to end, once they are made.
-async fn joined(
-    tasks: &mut Option<tokio::task::JoinSet<()>>,
-) -> Option<Result<(), tokio::task::JoinError>> {
-    match tasks {
-        Some(tasks) => tasks.join_next().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// A call served on its connection's task, until it reads or writes a large
 /// frame over QUIC (`large_frame`): then on a task of its own, so that
 /// copying, decoding and encoding large messages runs beside the
 /// connection's other calls (and on another core) instead of in turn with
 /// them. Small calls stay on the connection's task, where a call costs no
-/// spawn and wakes no other thread. Dropped (the connection ended, or
+/// spawn and wakes no other thread (unless the handler asks for a task per
+/// call: then every call is `Moved` from the start). Dropped (the connection ended, or
 /// `serve` was dropped), a moved call's task is aborted: no call outlives
 /// its connection either way.
 enum Served<F> {

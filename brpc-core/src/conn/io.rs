@@ -152,14 +152,9 @@ impl FrameReader {
             }
             match self.decoder.decode(&mut self.buf) {
                 Ok(Some(frame)) => {
-                    // The frame was the whole buffer: reads never go past
-                    // the frame in progress.
-                    if self.spare > 0 && self.buf.is_empty() {
-                        super::spare::keep(
-                            std::mem::take(&mut self.buf),
-                            std::mem::take(&mut self.spare),
-                        );
-                    }
+                    // Reads never go past the frame in progress: the frame
+                    // was all of its buffer.
+                    super::spare::give_back(&mut self.buf, &mut self.spare, BytesMut::new);
                     self.release();
                     self.awaiting_first = false;
                     return Ok(Some(frame));
@@ -302,10 +297,7 @@ impl FrameReader {
             return;
         }
         if whole >= super::spare::MIN {
-            let (mut buf, size) = super::spare::take(whole);
-            buf.extend_from_slice(&self.buf);
-            self.buf = buf;
-            self.spare = size;
+            self.spare = super::spare::own_buffer(&mut self.buf, whole);
         } else {
             self.buf.reserve(more);
         }

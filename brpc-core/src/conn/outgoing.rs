@@ -120,7 +120,7 @@ impl Peer {
             RequestBody::Single(message) => (message, None, RequestShape::Single),
             RequestBody::Stream(messages) => (Bytes::new(), Some(messages), RequestShape::Stream),
         };
-        let parts = request_parts(service, method, &payload, &metadata, deadline);
+        let parts = request_parts(service, method, &[], &metadata, deadline);
         // A large payload is sent as it is.
         let encoded = encode_request_shared(&parts, &payload, self.max_message_size());
         self.open_traced(service, method, encoded, messages, shape, deadline)

@@ -95,36 +95,48 @@ impl Spares {
     }
 }
 
-/// A buffer for a frame of `whole` bytes (header included), and the size of
-/// its allocation: a kept one if one is free, otherwise a new one.
-pub(crate) fn take(whole: usize) -> (BytesMut, usize) {
-    if whole >= MIN {
-        let taken = SPARES
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take(whole);
-        if let Some(taken) = taken {
-            REUSED.fetch_add(1, Ordering::Relaxed);
-            return taken;
-        }
+/// Moves what `buf` holds of a frame of `whole` bytes (header included, at
+/// least [`MIN`]) into a buffer with room for all of it: a kept one if one
+/// is free, otherwise a new one. Returns the size of its allocation, for
+/// [`give_back`].
+pub(crate) fn own_buffer(buf: &mut BytesMut, whole: usize) -> usize {
+    debug_assert!(whole >= MIN);
+    let (mut own, size) = take(whole);
+    own.extend_from_slice(buf);
+    *buf = own;
+    size
+}
+
+/// Once the frame of a buffer from [`own_buffer`] (an allocation of `size`
+/// bytes, 0: none) is split off `buf`: keeps the buffer for a later frame
+/// when the frame was all of it, and `buf` starts again as `next`. `size`
+/// is 0 afterwards.
+pub(crate) fn give_back(buf: &mut BytesMut, size: &mut usize, next: impl FnOnce() -> BytesMut) {
+    let size = std::mem::take(size);
+    if size > 0 && buf.is_empty() {
+        keep(std::mem::replace(buf, next()), size);
+    }
+}
+
+/// A buffer for a frame of `whole` bytes, and the size of its allocation.
+fn take(whole: usize) -> (BytesMut, usize) {
+    let taken = SPARES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take(whole);
+    if let Some(taken) = taken {
+        REUSED.fetch_add(1, Ordering::Relaxed);
+        return taken;
     }
     // Whole pages (as the allocator hands out buffers this large anyway),
     // so that a later frame a few bytes longer fits too.
-    let buf = BytesMut::with_capacity(if whole >= MIN {
-        whole.next_multiple_of(PAGE)
-    } else {
-        whole
-    });
+    let buf = BytesMut::with_capacity(whole.next_multiple_of(PAGE));
     let size = buf.capacity();
     (buf, size)
 }
 
-/// Keeps what is left of a buffer from [`take`] (empty: its frame was split
-/// off) for a later frame.
-pub(crate) fn keep(buf: BytesMut, size: usize) {
-    if size < MIN || !buf.is_empty() {
-        return;
-    }
+/// Keeps `buf`, empty, over an allocation of `size` bytes.
+fn keep(buf: BytesMut, size: usize) {
     let gone = SPARES
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
@@ -196,9 +208,13 @@ mod tests {
         let (_, huge) = filled(4 * MIN);
         assert_eq!(spares.keep(huge, 4 * MIN).len(), 1);
         assert_eq!(spares.bytes, 3 * MIN);
-        // The first one kept was the one to go.
+        // The first one kept was the one to go: the three left are the
+        // others.
+        let mut left = 0;
         while let Some((buf, _)) = spares.take(MIN) {
             assert_ne!(buf.as_ptr(), first);
+            left += 1;
         }
+        assert_eq!(left, 3);
     }
 }

@@ -195,8 +195,9 @@ pub fn encode_request_parts(
         .map_err(|len| too_large(len, max_message_size))
 }
 
-/// [`encode_request_parts`] for a payload held in `payload` (the bytes of
-/// `request.payload`): a large one is sent as it is, not copied.
+/// [`encode_request_parts`] with `payload` as the Request's payload
+/// (`request.payload` is not used): a large one is sent as it is, not
+/// copied.
 ///
 /// # Errors
 /// `RESOURCE_EXHAUSTED` when the encoded Request is over `max_message_size`.
@@ -2056,12 +2057,13 @@ mod tests {
                 .send_response(&status, payload.clone())
                 .expect("send");
             assert_eq!(code, Code::Ok);
+            // The same bytes as prost's own encoding.
             let expected = Response {
                 status: Some(to_wire(&status)),
                 payload: payload.clone(),
             }
-            .encode_to_bytes();
-            assert_eq!(frame.payload, expected, "the same bytes");
+            .encode_to_vec();
+            assert_eq!(frame.payload, Bytes::from(expected), "the same bytes");
             assert_eq!(sent_as_is(&frame.payload, &payload), len >= PIECE_MIN);
         }
         // One byte over the maximum: replaced, as before.

@@ -97,8 +97,8 @@ impl RequestParts<'_> {
         self.encode_within(self.payload.len(), max, |buf| buf.put_slice(self.payload))
     }
 
-    /// [`encode_to_bytes_within`](Self::encode_to_bytes_within) for a
-    /// payload held in `payload` (the bytes of `self.payload`): at
+    /// [`encode_to_bytes_within`](Self::encode_to_bytes_within) with
+    /// `payload` as the payload (`self.payload` is not used): at
     /// [`PIECE_MIN`] bytes or more it is sent as it is, a piece of its own
     /// between the envelope's other fields, not copied.
     pub(crate) fn encode_shared_within(
@@ -106,19 +106,12 @@ impl RequestParts<'_> {
         payload: &Bytes,
         max: usize,
     ) -> Result<Payload, usize> {
-        debug_assert!(
-            self.payload.as_ptr() == payload.as_ptr() && self.payload.len() == payload.len()
-        );
         if payload.len() < PIECE_MIN {
-            return self.encode_to_bytes_within(max).map(Payload::Whole);
+            return self
+                .encode_within(payload.len(), max, |buf| buf.put_slice(payload))
+                .map(Payload::Whole);
         }
-        let len = self.encoded_len_around(payload.len());
-        if len > max {
-            return Err(len);
-        }
-        let mut buf = PieceWriter::new(len);
-        self.encode_into(&mut buf, payload.len(), |buf| buf.put(payload.clone()));
-        Ok(buf.finish())
+        self.encode_pieces_within(payload.len(), max, |buf| buf.put(payload.clone()))
     }
 
     /// The encoded envelope with `message` encoded straight into its payload
@@ -147,14 +140,26 @@ impl RequestParts<'_> {
                 .encode_within(payload_len, max, |buf| message.encode_raw(buf))
                 .map(Payload::Whole);
         }
+        // The buffers between pieces hold only the envelope and the
+        // message's small fields.
+        self.encode_pieces_within(payload_len, max, |buf| message.encode_raw(buf))
+    }
+
+    /// The envelope around a payload of `payload_len` bytes that `put`
+    /// writes into a [`PieceWriter`] (whose large `Bytes` become pieces of
+    /// their own), unless it would be over `max` bytes (the error: its size).
+    fn encode_pieces_within(
+        &self,
+        payload_len: usize,
+        max: usize,
+        put: impl FnOnce(&mut PieceWriter),
+    ) -> Result<Payload, usize> {
         let len = self.encoded_len_around(payload_len);
         if len > max {
             return Err(len);
         }
-        // The buffers between pieces hold only the envelope and the
-        // message's small fields.
         let mut buf = PieceWriter::new(len);
-        self.encode_into(&mut buf, payload_len, |buf| message.encode_raw(buf));
+        self.encode_into(&mut buf, payload_len, put);
         Ok(buf.finish())
     }
 
@@ -239,10 +244,7 @@ impl Response {
     /// [`encode_to_bytes`](Self::encode_to_bytes), its length `len` known.
     fn encode_to_bytes_of(&self, len: usize) -> Bytes {
         let mut buf = BytesMut::with_capacity(len);
-        if let Some(status) = &self.status {
-            prost::encoding::message::encode(1, status, &mut buf);
-        }
-        encode_bytes_field(2, &self.payload, &mut buf);
+        self.encode_into(&mut buf, |buf| buf.put_slice(&self.payload));
         buf.freeze()
     }
 
@@ -250,18 +252,26 @@ impl Response {
     /// in one buffer, or, with a payload of [`PIECE_MIN`] bytes or more, in
     /// pieces that send the payload as it is, not copied.
     pub(crate) fn encode_pieces(&self, len: usize) -> Payload {
-        use prost::encoding::{WireType, encode_key, encode_varint};
         if self.payload.len() < PIECE_MIN {
             return Payload::Whole(self.encode_to_bytes_of(len));
         }
         let mut buf = PieceWriter::new(len);
-        if let Some(status) = &self.status {
-            prost::encoding::message::encode(1, status, &mut buf);
-        }
-        encode_key(2, WireType::LengthDelimited, &mut buf);
-        encode_varint(self.payload.len() as u64, &mut buf);
-        buf.put(self.payload.clone());
+        self.encode_into(&mut buf, |buf| buf.put(self.payload.clone()));
         buf.finish()
+    }
+
+    /// Writes the envelope into `buf`, the payload (when there is one)
+    /// written by `put`.
+    fn encode_into<B: BufMut>(&self, buf: &mut B, put: impl FnOnce(&mut B)) {
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        if let Some(status) = &self.status {
+            prost::encoding::message::encode(1, status, buf);
+        }
+        if !self.payload.is_empty() {
+            encode_key(2, WireType::LengthDelimited, buf);
+            encode_varint(self.payload.len() as u64, buf);
+            put(buf);
+        }
     }
 }
 
