@@ -154,10 +154,7 @@ impl RequestParts<'_> {
         max: usize,
         put: impl FnOnce(&mut PieceWriter),
     ) -> Result<Payload, usize> {
-        let len = self.encoded_len_around(payload_len);
-        if len > max {
-            return Err(len);
-        }
+        let len = self.len_within(payload_len, max)?;
         let mut buf = PieceWriter::new(len);
         self.encode_into(&mut buf, payload_len, put);
         Ok(buf.finish())
@@ -165,18 +162,21 @@ impl RequestParts<'_> {
 
     /// The envelope around a payload of `payload_len` bytes that `put`
     /// writes, unless it would be over `max` bytes (the error: its size).
-    /// Its length is computed once, for the check and the buffer.
     fn encode_within(
         &self,
         payload_len: usize,
         max: usize,
         put: impl FnOnce(&mut BytesMut),
     ) -> Result<Bytes, usize> {
-        let len = self.encoded_len_around(payload_len);
-        if len > max {
-            return Err(len);
-        }
+        let len = self.len_within(payload_len, max)?;
         Ok(self.encode_around(len, payload_len, put))
+    }
+
+    /// The envelope's size around a payload of `payload_len` bytes, if at
+    /// most `max` (the error: its size).
+    fn len_within(&self, payload_len: usize, max: usize) -> Result<usize, usize> {
+        let len = self.encoded_len_around(payload_len);
+        if len > max { Err(len) } else { Ok(len) }
     }
 
     /// The encoded envelope's size around a payload of `payload_len` bytes.
