@@ -123,6 +123,9 @@ enum Caller {
     Direct(proto::echo_brpc::EchoClient),
     Quinn(quinn::Connection),
     Ttrpc(ttrpc_gen::echo_ttrpc::EchoClient),
+    /// tonic's generated client calling its generated server in memory,
+    /// with no transport between them: what tonic's own code costs a call.
+    TonicMem(EchoClient<EchoServer<EchoService>>),
     /// Through a node link and the relay of the agent's node (a cluster's
     /// cross-node call).
     Relay(EchoClient<InterceptedService<brpc::Channel, RelayTo>>),
@@ -167,6 +170,7 @@ impl Caller {
                 Caller::Brpc(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Direct(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Relay(mut c) => echoed(c.unary(echo_request(&payload)).await),
+                Caller::TonicMem(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 #[cfg(feature = "tonic-h3")]
                 Caller::TonicH3(mut c) => echoed(c.unary(echo_request(&payload)).await),
                 Caller::Quinn(conn) => quinn_call(&conn, payload).await.map_err(|e| e.to_string()),
@@ -331,6 +335,14 @@ async fn start(stack: &str, dir: &std::path::Path) -> Result<Running, Box<dyn st
                 _guards: vec![Box::new(AbortOnDrop::new(server)), Box::new(endpoint)],
             }
         }
+        "tonic-mem" => Running {
+            // The client's `http::Request` goes straight into the
+            // generated server's `Service::call`, its body unread until the
+            // server's decoder reads it; the server's response comes back as
+            // it is. No bytes cross anything: tonic's own share of a call.
+            caller: Caller::TonicMem(EchoClient::new(EchoServer::new(EchoService))),
+            _guards: vec![],
+        },
         "quinn" | "quinn-buf" => {
             // quinn-buf: the same default quinn settings, on UDP sockets with
             // the buffer size brpc asks for (`TransportOptions::socket_buffer`).
@@ -2458,7 +2470,7 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         calls: u64,
         /// The stacks to count (default: brpc, brpc-direct, quinn, ttrpc-unix, brpc-unix, brpc-direct-unix).
-        #[arg(value_parser = clap::builder::PossibleValuesParser::new(STACKS.iter().copied()))]
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(STACKS.iter().chain(COUNTED_ONLY).copied()))]
         stacks: Vec<String>,
     },
     /// (Internal) make exactly N calls at concurrency 64 after a warm-up,
@@ -2545,6 +2557,10 @@ const STACKS: &[&str] = &[
     "brpc-unix",
     "brpc-direct-unix",
 ];
+
+/// Stacks only counted (`instructions`), never timed: tonic-mem has no
+/// transport, so its calls per second say nothing of a stack.
+const COUNTED_ONLY: &[&str] = &["tonic-mem"];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -2757,6 +2773,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "tonic",
             "tonic-tls",
             "tonic-h3",
+            "tonic-mem",
             "ttrpc-unix",
             "brpc-direct-unix",
             "brpc-unix",
@@ -2764,7 +2781,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "brpc-relay",
         ]
         .into_iter()
-        .filter(|stack| STACKS.contains(stack))
+        .filter(|stack| STACKS.contains(stack) || COUNTED_ONLY.contains(stack))
         {
             eprintln!("instructions: {stack} ...");
             match instructions_per_call(stack, 3000) {
@@ -3188,7 +3205,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
          ## Instructions per call\n\n`valgrind --tool=callgrind` over 3000 and then 6000 16-byte unary calls at c=64 (one-thread runtime, fresh process each), \
          the difference of the two totals divided by 3000: client and server together, user space. brpc-direct is the direct path \
          (brpc-build's dispatcher and client); brpc the tonic path (tonic's generated client and server over `Channel`/`Router`). \
-         raw quinn and ttrpc echo raw bytes (no protobuf). brpc-reverse is the server calling its agent; brpc-relay a cluster's cross-node call (node A's link, node C's relay, C's agent).\n\n{instruction_table}\n\
+         raw quinn and ttrpc echo raw bytes (no protobuf). brpc-reverse is the server calling its agent; brpc-relay a cluster's cross-node call (node A's link, node C's relay, C's agent). \
+         tonic-mem is no stack: tonic's generated client calling its generated server in memory (the client's `http::Request` handed to the server's `Service::call`, no transport, no bytes moved between them): what running tonic's own code (its client and server, codec, `http` types and the prost messages) costs a call, which the tonic path pays on top of a transport and brpc's engine.\n\n{instruction_table}\n\
          ## Idle memory\n\nServer RSS growth and heap growth after N clients connected from a separate process (brpc: one `Client`, own endpoint each; raw quinn: N connections from one endpoint, both ends with brpc's transport settings (call window, keep-alives, idle timeout); tonic: N HTTP/2 channels), divided by N.\n\n{memory_table}\n\
          ## Fleet scale\n\n{fleet_command}, each size in a fresh process: one server; that many brpc clients in child processes of at most {AGENTS_PER_PROCESS} \
          (one UDP socket each), connecting 64 at a time per process, fewer with several processes (about 256 across them, 16 per process at least); then the server broadcasts a 16-byte Echo call to every client through its \
