@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
-use tokio::sync::watch;
 use tonic::Status;
 
 use super::Side;
@@ -155,9 +154,9 @@ struct Shared {
     calls: Arc<CallCounts>,
     /// How this side closed the connection, if it did (code, reason).
     local_close: std::sync::OnceLock<(u32, String)>,
-    /// Draining and GoAway, in one channel: a watch channel costs about
-    /// 350 bytes, on every connection a server holds.
-    lifecycle: watch::Sender<Lifecycle>,
+    /// Draining and GoAway, held inline: a `watch` channel would allocate
+    /// about 350 bytes more on every connection a server holds.
+    lifecycle: Lifecycle,
     /// The QUIC stream limit was raised from the initial window to the full
     /// `max_concurrent_calls`.
     window_widened: AtomicBool,
@@ -165,13 +164,50 @@ struct Shared {
     budgets: Budgets,
 }
 
-/// Where a connection is in its ending (see [`Shared::lifecycle`]).
+/// Where a connection is in its ending (see [`Shared::lifecycle`]), and
+/// the tasks waiting for it to move on.
 #[derive(Debug, Default)]
 struct Lifecycle {
+    state: std::sync::Mutex<Ending>,
+    /// Woken (all of them) at every change of `state`.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Ending {
     /// This side is shutting down: new calls from the peer are refused.
     draining: bool,
     /// The peer said GoAway (with this reason): open no new calls to it.
     going_away: Option<String>,
+}
+
+impl Lifecycle {
+    fn read<R>(&self, f: impl FnOnce(&Ending) -> R) -> R {
+        f(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Changes the state with `f`, waking the waiters if it says it did.
+    fn change(&self, f: impl FnOnce(&mut Ending) -> bool) {
+        let changed = f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
+        if changed {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Waits until `until` holds of the state.
+    async fn wait(&self, until: impl Fn(&Ending) -> bool) {
+        loop {
+            // Registered before the state is read, so that a change made
+            // in between still wakes it.
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if self.read(&until) {
+                return;
+            }
+            changed.await;
+        }
+    }
 }
 
 /// A call this side opened: its two halves, its machine, and whether its
@@ -284,7 +320,7 @@ impl Peer {
                 limits,
                 calls: Arc::default(),
                 local_close: std::sync::OnceLock::new(),
-                lifecycle: watch::Sender::new(Lifecycle::default()),
+                lifecycle: Lifecycle::default(),
                 window_widened: AtomicBool::new(false),
                 budgets,
             }),
@@ -603,43 +639,42 @@ impl Peer {
     pub fn start_draining(&self) {
         self.shared
             .lifecycle
-            .send_if_modified(|l| !std::mem::replace(&mut l.draining, true));
+            .change(|l| !std::mem::replace(&mut l.draining, true));
     }
 
     /// Whether this side refuses new calls from the peer.
     pub fn is_draining(&self) -> bool {
-        self.shared.lifecycle.borrow().draining
+        self.shared.lifecycle.read(|l| l.draining)
     }
 
     /// Waits until this side starts draining ([`Peer::start_draining`]): how
     /// a long-lived call it serves (a watch, a subscription) learns to end
     /// so that a graceful shutdown need not wait out its grace period.
     pub async fn draining(&self) {
-        let mut rx = self.shared.lifecycle.subscribe();
-        let _ = rx.wait_for(|l| l.draining).await;
+        self.shared.lifecycle.wait(|l| l.draining).await;
     }
 
     /// Whether the peer announced it is going away (GoAway): new calls to it
     /// fail with `UNAVAILABLE`; calls in flight continue.
     pub fn is_going_away(&self) -> bool {
-        self.shared.lifecycle.borrow().going_away.is_some()
+        self.shared.lifecycle.read(|l| l.going_away.is_some())
     }
 
     /// The reason the peer gave when it said GoAway.
     pub fn going_away_reason(&self) -> Option<String> {
-        self.shared.lifecycle.borrow().going_away.clone()
+        self.shared.lifecycle.read(|l| l.going_away.clone())
     }
 
     /// Waits until the peer announces it is going away.
     pub async fn going_away(&self) {
-        let mut rx = self.shared.lifecycle.subscribe();
-        let _ = rx.wait_for(|l| l.going_away.is_some()).await;
+        self.shared.lifecycle.wait(|l| l.going_away.is_some()).await;
     }
 
     pub(crate) fn mark_going_away(&self, reason: String) {
-        self.shared
-            .lifecycle
-            .send_modify(|l| l.going_away = Some(reason));
+        self.shared.lifecycle.change(|l| {
+            l.going_away = Some(reason);
+            true
+        });
     }
 
     /// Whether new calls can be opened to the peer.
@@ -726,8 +761,57 @@ impl Ended {
 
 #[cfg(test)]
 mod tests {
-    use super::{CROWD, Ended};
+    use super::{CROWD, Ended, Lifecycle};
+    use std::sync::Arc;
     use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn lifecycle_waiters_wake_at_the_change_they_wait_for() {
+        // (Paused time: a waiter that is never woken fails the test at
+        // once, when only the timeout is left to run.)
+        let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
+        let lifecycle = Arc::new(Lifecycle::default());
+        let draining = tokio::spawn({
+            let l = lifecycle.clone();
+            async move { l.wait(|e| e.draining).await }
+        });
+        let going_away = tokio::spawn({
+            let l = lifecycle.clone();
+            async move { l.wait(|e| e.going_away.is_some()).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        // A change that is not the one waited for wakes the waiter, which
+        // goes back to waiting.
+        lifecycle.change(|e| {
+            e.going_away = Some("bye".into());
+            true
+        });
+        within(going_away).await.unwrap().unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!draining.is_finished());
+        // A change `change` is told did not happen wakes nobody.
+        lifecycle.change(|e| {
+            e.draining = true;
+            false
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!draining.is_finished());
+        lifecycle.change(|e| !std::mem::replace(&mut e.draining, true));
+        lifecycle.change(|_| true);
+        within(draining).await.unwrap().unwrap();
+        // Once it holds, waiting returns at once.
+        lifecycle.wait(|e| e.draining).await;
+        assert_eq!(
+            lifecycle.read(|e| e.going_away.clone()).as_deref(),
+            Some("bye")
+        );
+    }
 
     /// Calls ending every `gap`, and another arriving `gap` after the last
     /// (served, 1): whether the window widens with the ended ones counted
