@@ -165,8 +165,11 @@ impl<H: Handler> Handler for WithSession<H> {
 /// connection closes, answering the built-in session service (GoAway, and
 /// Hello on byte streams) itself. Every handler still running when the
 /// connection closes is dropped.
-pub async fn serve<H: Handler>(peer: Peer, handler: H) {
-    crate::conn::serve(peer, WithSession(handler)).await;
+///
+/// (Not an `async fn`: one would hold `peer` and `handler` beside the
+/// future it awaits, in the task of every connection.)
+pub fn serve<H: Handler>(peer: Peer, handler: H) -> impl Future<Output = ()> + Send + 'static {
+    crate::conn::serve(peer, WithSession(handler))
 }
 
 /// The answer to a call on the built-in session service after the session

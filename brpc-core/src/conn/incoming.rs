@@ -108,64 +108,69 @@ pub enum Input {
 /// its own, or have the handler ask for a task per call
 /// ([`Handler::task_per_call`]; the builders' `task_per_call(true)`). A
 /// handler that panics fails its own call (`INTERNAL`), not the connection.
-pub async fn serve<H: Handler>(peer: Peer, handler: H) {
+///
+/// (Not an `async fn`, which would hold `peer` and `handler` twice in the
+/// task of every connection: as its arguments and as its locals.)
+pub fn serve<H: Handler>(peer: Peer, handler: H) -> impl Future<Output = ()> + Send + 'static {
     /// New calls accepted in a row before the calls under way are polled
     /// (so a flood of new calls cannot starve them).
     const ACCEPT_STREAK: u32 = 16;
-    let spawn = handler.task_per_call();
-    // Made at the first call: an idle connection (most of a fleet's) holds
-    // none of its allocations.
-    let mut calls = None;
-    let mut streak = 0;
-    // When the last calls ended, while the call window may still widen.
-    let mut ended = super::peer::Ended::new();
-    loop {
-        if streak >= ACCEPT_STREAK {
-            streak = 0;
-            while let Some(Some(())) = calls
-                .as_mut()
-                .and_then(|c: &mut FuturesUnordered<_>| c.next().now_or_never())
-            {
-                peer.call_ended(&mut ended);
-            }
-        }
-        // Biased, in a fixed order: new calls first, then the calls under
-        // way (unbiased, the order would be random at every turn).
-        tokio::select! {
-            biased;
-            accepted = peer.accept_call() => match accepted {
-                Some((send, recv, stream_id)) => {
-                    streak += 1;
-                    // A panic anywhere in the call (a handler's Drop, say)
-                    // ends that call only. Built in its box: the call's
-                    // future is large, and `FuturesUnordered::push` (or a
-                    // spawn) would copy it by value several times.
-                    let call = boxed(|| {
-                        let call = serve_call(peer.clone(), handler.clone(), send, recv, stream_id);
-                        std::panic::AssertUnwindSafe(call).catch_unwind().map(|outcome| {
-                            if outcome.is_err() {
-                                tracing::error!("a call panicked while ending; it was dropped");
-                            }
-                        })
-                    });
-                    // A handler that asks for it has each call on a task
-                    // of its own from the start, as a large call moves to
-                    // one (aborted if the connection ends first).
-                    let served = if spawn {
-                        Served::Moved(MovedCall(tokio::spawn(call.in_current_span())))
-                    } else {
-                        Served::Here(call)
-                    };
-                    let calls = calls.get_or_insert_with(FuturesUnordered::new);
-                    calls.push(served);
-                    peer.widen_call_window(calls.len(), &ended);
-                }
-                None => break,
-            },
-            // (A disabled branch's future is still made, never polled.)
-            Some(()) = next_of(&mut calls), if calls.as_ref().is_some_and(|c| !c.is_empty()) => {
+    async move {
+        let spawn = handler.task_per_call();
+        // Made at the first call: an idle connection (most of a fleet's) holds
+        // none of its allocations.
+        let mut calls = None;
+        let mut streak = 0;
+        // When the last calls ended, while the call window may still widen.
+        let mut ended = super::peer::Ended::new();
+        loop {
+            if streak >= ACCEPT_STREAK {
                 streak = 0;
-                peer.call_ended(&mut ended);
+                while let Some(Some(())) = calls
+                    .as_mut()
+                    .and_then(|c: &mut FuturesUnordered<_>| c.next().now_or_never())
+                {
+                    peer.call_ended(&mut ended);
+                }
+            }
+            // Biased, in a fixed order: new calls first, then the calls under
+            // way (unbiased, the order would be random at every turn).
+            tokio::select! {
+                biased;
+                accepted = peer.accept_call() => match accepted {
+                    Some((send, recv, stream_id)) => {
+                        streak += 1;
+                        // A panic anywhere in the call (a handler's Drop, say)
+                        // ends that call only. Built in its box: the call's
+                        // future is large, and `FuturesUnordered::push` (or a
+                        // spawn) would copy it by value several times.
+                        let call = boxed(|| {
+                            let call = serve_call(peer.clone(), handler.clone(), send, recv, stream_id);
+                            std::panic::AssertUnwindSafe(call).catch_unwind().map(|outcome| {
+                                if outcome.is_err() {
+                                    tracing::error!("a call panicked while ending; it was dropped");
+                                }
+                            })
+                        });
+                        // A handler that asks for it has each call on a task
+                        // of its own from the start, as a large call moves to
+                        // one (aborted if the connection ends first).
+                        let served = if spawn {
+                            Served::Moved(MovedCall(tokio::spawn(call.in_current_span())))
+                        } else {
+                            Served::Here(call)
+                        };
+                        let calls = calls.get_or_insert_with(FuturesUnordered::new);
+                        calls.push(served);
+                        peer.widen_call_window(calls.len(), &ended);
+                    }
+                    None => break,
+                },
+                // (A disabled branch's future is still made, never polled.)
+                Some(()) = next_of(&mut calls), if calls.as_ref().is_some_and(|c| !c.is_empty()) => {
+                    streak = 0;
+                    peer.call_ended(&mut ended);
+                }
             }
         }
     }

@@ -715,8 +715,10 @@ impl Drop for CancelUnlessOpened {
 #[derive(Debug)]
 pub(crate) struct Ended {
     start: std::time::Instant,
-    /// Microseconds from `start`, the oldest at `next`.
-    at: [Option<u64>; CROWD - 1],
+    /// Microseconds from `start`, plus one (so that `Option` takes no room
+    /// of its own: this lives in every connection's task), the oldest at
+    /// `next`.
+    at: [Option<std::num::NonZeroU64>; CROWD - 1],
     next: usize,
 }
 
@@ -738,7 +740,7 @@ impl Ended {
     }
 
     fn record_at(&mut self, now: std::time::Instant) {
-        self.at[self.next] = Some(self.micros(now));
+        self.at[self.next] = std::num::NonZeroU64::new(self.micros(now).saturating_add(1));
         self.next = (self.next + 1) % self.at.len();
     }
 
@@ -750,7 +752,7 @@ impl Ended {
         self.at
             .iter()
             .flatten()
-            .filter(|&&at| now.saturating_sub(at) <= counted_for)
+            .filter(|&&at| now.saturating_sub(at.get() - 1) <= counted_for)
             .count()
     }
 
