@@ -165,44 +165,49 @@ struct Shared {
 }
 
 /// Where a connection is in its ending (see [`Shared::lifecycle`]), and
-/// the tasks waiting for it to move on.
+/// the tasks waiting for it to move on. The flags are atomics: calls read
+/// them, each call, from whatever thread runs it.
 #[derive(Debug, Default)]
 struct Lifecycle {
-    state: std::sync::Mutex<Ending>,
-    /// Woken (all of them) at every change of `state`.
+    /// This side is shutting down: new calls from the peer are refused.
+    draining: AtomicBool,
+    /// The peer said GoAway: open no new calls to it.
+    going_away: AtomicBool,
+    /// The reason it gave (set before `going_away`).
+    reason: std::sync::Mutex<Option<String>>,
+    /// Woken (all of them) when a flag is set.
     changed: tokio::sync::Notify,
 }
 
-#[derive(Debug, Default)]
-struct Ending {
-    /// This side is shutting down: new calls from the peer are refused.
-    draining: bool,
-    /// The peer said GoAway (with this reason): open no new calls to it.
-    going_away: Option<String>,
-}
-
 impl Lifecycle {
-    fn read<R>(&self, f: impl FnOnce(&Ending) -> R) -> R {
-        f(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Changes the state with `f`, waking the waiters if it says it did.
-    fn change(&self, f: impl FnOnce(&mut Ending) -> bool) {
-        let changed = f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
-        if changed {
+    fn start_draining(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
             self.changed.notify_waiters();
         }
     }
 
-    /// Waits until `until` holds of the state.
-    async fn wait(&self, until: impl Fn(&Ending) -> bool) {
+    fn go_away(&self, reason: String) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+        self.going_away.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits until `flag` is set.
+    async fn wait(&self, flag: impl Fn(&Self) -> &AtomicBool) {
         loop {
-            // Registered before the state is read, so that a change made
-            // in between still wakes it.
+            // Registered before the flag is read, so that a change made in
+            // between still wakes it.
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            if self.read(&until) {
+            if flag(self).load(Ordering::SeqCst) {
                 return;
             }
             changed.await;
@@ -637,44 +642,39 @@ impl Peer {
     /// Stops serving new calls from the peer: they get `UNAVAILABLE`. Calls
     /// already running continue. Used by graceful shutdown.
     pub fn start_draining(&self) {
-        self.shared
-            .lifecycle
-            .change(|l| !std::mem::replace(&mut l.draining, true));
+        self.shared.lifecycle.start_draining();
     }
 
     /// Whether this side refuses new calls from the peer.
     pub fn is_draining(&self) -> bool {
-        self.shared.lifecycle.read(|l| l.draining)
+        self.shared.lifecycle.draining.load(Ordering::SeqCst)
     }
 
     /// Waits until this side starts draining ([`Peer::start_draining`]): how
     /// a long-lived call it serves (a watch, a subscription) learns to end
     /// so that a graceful shutdown need not wait out its grace period.
     pub async fn draining(&self) {
-        self.shared.lifecycle.wait(|l| l.draining).await;
+        self.shared.lifecycle.wait(|l| &l.draining).await;
     }
 
     /// Whether the peer announced it is going away (GoAway): new calls to it
     /// fail with `UNAVAILABLE`; calls in flight continue.
     pub fn is_going_away(&self) -> bool {
-        self.shared.lifecycle.read(|l| l.going_away.is_some())
+        self.shared.lifecycle.going_away.load(Ordering::SeqCst)
     }
 
     /// The reason the peer gave when it said GoAway.
     pub fn going_away_reason(&self) -> Option<String> {
-        self.shared.lifecycle.read(|l| l.going_away.clone())
+        self.shared.lifecycle.reason()
     }
 
     /// Waits until the peer announces it is going away.
     pub async fn going_away(&self) {
-        self.shared.lifecycle.wait(|l| l.going_away.is_some()).await;
+        self.shared.lifecycle.wait(|l| &l.going_away).await;
     }
 
     pub(crate) fn mark_going_away(&self, reason: String) {
-        self.shared.lifecycle.change(|l| {
-            l.going_away = Some(reason);
-            true
-        });
+        self.shared.lifecycle.go_away(reason);
     }
 
     /// Whether new calls can be opened to the peer.
@@ -772,47 +772,33 @@ mod tests {
         // (Paused time: a waiter that is never woken fails the test at
         // once, when only the timeout is left to run.)
         let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
+        let settle = || async {
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        };
         let lifecycle = Arc::new(Lifecycle::default());
         let draining = tokio::spawn({
             let l = lifecycle.clone();
-            async move { l.wait(|e| e.draining).await }
+            async move { l.wait(|l| &l.draining).await }
         });
         let going_away = tokio::spawn({
             let l = lifecycle.clone();
-            async move { l.wait(|e| e.going_away.is_some()).await }
+            async move { l.wait(|l| &l.going_away).await }
         });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
         // A change that is not the one waited for wakes the waiter, which
         // goes back to waiting.
-        lifecycle.change(|e| {
-            e.going_away = Some("bye".into());
-            true
-        });
+        lifecycle.go_away("bye".into());
         within(going_away).await.unwrap().unwrap();
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        settle().await;
         assert!(!draining.is_finished());
-        // A change `change` is told did not happen wakes nobody.
-        lifecycle.change(|e| {
-            e.draining = true;
-            false
-        });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        assert!(!draining.is_finished());
-        lifecycle.change(|e| !std::mem::replace(&mut e.draining, true));
-        lifecycle.change(|_| true);
+        lifecycle.start_draining();
         within(draining).await.unwrap().unwrap();
-        // Once it holds, waiting returns at once.
-        lifecycle.wait(|e| e.draining).await;
-        assert_eq!(
-            lifecycle.read(|e| e.going_away.clone()).as_deref(),
-            Some("bye")
-        );
+        // Once set, waiting returns at once; setting it again is no change.
+        lifecycle.start_draining();
+        lifecycle.wait(|l| &l.draining).await;
+        assert_eq!(lifecycle.reason().as_deref(), Some("bye"));
     }
 
     /// Calls ending every `gap`, and another arriving `gap` after the last
