@@ -141,7 +141,7 @@ where
 /// allows (so about once per call's time): against the smallest median
 /// time of a round so far, a round whose median is at most 5/4 of it
 /// doubles the number (by a quarter once it has had to back off), one over
-/// twice it takes a quarter off, and one in between keeps it. A round with
+/// twice it takes a quarter off (at least one), and one in between keeps it. A round with
 /// answers from fewer than half its calls keeps it too.
 #[doc(hidden)]
 pub fn adaptive_unordered<I, T>(
@@ -406,5 +406,20 @@ mod tests {
             rounds(&mut limit, &[10, 10, 10, 100, 100, 100, 100, 100, 100, 100]),
             [2, 4, 8, 6, 5, 4, 3, 2, 1, 1]
         );
+
+        // The yardstick is the fastest round so far, not the first.
+        let mut limit = Limit::new(16, 1024);
+        assert_eq!(rounds(&mut limit, &[20, 10, 24]), [32, 64, 48]);
+
+        // A round in which fewer than half the calls answered keeps it.
+        let mut limit = Limit::new(16, 1024);
+        for i in 0..16 {
+            limit.ended((i < 7).then_some(Duration::from_millis(10)));
+        }
+        assert_eq!(limit.now, 16);
+        for i in 0..16 {
+            limit.ended((i < 8).then_some(Duration::from_millis(10)));
+        }
+        assert_eq!(limit.now, 32);
     }
 }

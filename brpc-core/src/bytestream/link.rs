@@ -1177,23 +1177,22 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if spare == 0
             && decoder.skipping() == 0
             && buf.len() > HEADER_LEN
-            && (spare::MIN..=spare::LIMIT).contains(&whole)
+            && spare::eligible(whole)
             && buf.capacity() - buf.len() < wanted
         {
             spare = spare::own_buffer(&mut buf, whole);
         }
-        let read = if spare > 0 {
-            let mut room = (&mut buf).limit(wanted);
-            tokio::select! {
-                read = io.read_buf(&mut room) => read,
-                _ = closed.wait_for(Option::is_some) => break "closed locally".to_owned(),
-            }
+        // Into a large frame's own buffer, no further than the frame.
+        let most = if spare > 0 {
+            wanted
         } else {
             buf.reserve(wanted.min(1 << 20));
-            tokio::select! {
-                read = io.read_buf(&mut buf) => read,
-                _ = closed.wait_for(Option::is_some) => break "closed locally".to_owned(),
-            }
+            usize::MAX
+        };
+        let mut room = (&mut buf).limit(most);
+        let read = tokio::select! {
+            read = io.read_buf(&mut room) => read,
+            _ = closed.wait_for(Option::is_some) => break "closed locally".to_owned(),
         };
         match read {
             Ok(0) => break "peer closed the connection".to_owned(),

@@ -156,7 +156,7 @@ pub fn serve<H: Handler>(peer: Peer, handler: H) -> impl Future<Output = ()> + S
                         // of its own from the start, as a large call moves to
                         // one (aborted if the connection ends first).
                         let served = if spawn {
-                            Served::Moved(MovedCall(tokio::spawn(call.in_current_span())))
+                            Served::Moved(MovedCall::spawn(call))
                         } else {
                             Served::Here(call)
                         };
@@ -202,6 +202,13 @@ enum Served<F> {
 /// The task of a moved call, aborted when dropped.
 struct MovedCall(tokio::task::JoinHandle<()>);
 
+impl MovedCall {
+    /// `call` on a task of its own, in the current span (the connection's).
+    fn spawn<F: Future<Output = ()> + Send + 'static>(call: std::pin::Pin<Box<F>>) -> Self {
+        MovedCall(tokio::spawn(call.in_current_span()))
+    }
+}
+
 impl Drop for MovedCall {
     fn drop(&mut self) {
         self.0.abort();
@@ -225,7 +232,7 @@ impl<F: Future<Output = ()> + Send + 'static> Future for Served<F> {
             }
             if let Served::Here(call) = std::mem::replace(this, Served::Over) {
                 // In the connection's span, as it was polled until now.
-                *this = Served::Moved(MovedCall(tokio::spawn(call.in_current_span())));
+                *this = Served::Moved(MovedCall::spawn(call));
             }
         }
         match this {

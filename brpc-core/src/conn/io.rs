@@ -296,7 +296,7 @@ impl FrameReader {
         if self.buf.capacity() - self.buf.len() >= more {
             return;
         }
-        if whole >= super::spare::MIN {
+        if super::spare::eligible(whole) {
             self.spare = super::spare::own_buffer(&mut self.buf, whole);
         } else {
             self.buf.reserve(more);

@@ -120,7 +120,7 @@ impl Peer {
             RequestBody::Single(message) => (message, None, RequestShape::Single),
             RequestBody::Stream(messages) => (Bytes::new(), Some(messages), RequestShape::Stream),
         };
-        let parts = request_parts(service, method, &[], &metadata, deadline);
+        let parts = request_parts(service, method, &metadata, deadline);
         // A large payload is sent as it is.
         let encoded = encode_request_shared(&parts, &payload, self.max_message_size());
         self.open_traced(service, method, encoded, messages, shape, deadline)
@@ -140,7 +140,7 @@ impl Peer {
         deadline: Option<Instant>,
         message: &M,
     ) -> impl Future<Output = Result<OutgoingCall, Status>> + Send + 'a {
-        let parts = request_parts(service, method, &[], &metadata, deadline);
+        let parts = request_parts(service, method, &metadata, deadline);
         let encoded = encode_request_message(&parts, message, self.max_message_size());
         self.open_traced::<futures_util::stream::Empty<Result<Bytes, Status>>>(
             service,
@@ -253,11 +253,11 @@ impl Peer {
     }
 }
 
-/// The Request's parts; its timeout is what is left of `deadline` now.
+/// The Request's parts, but for its payload (encoded by the caller); its
+/// timeout is what is left of `deadline` now.
 fn request_parts<'p>(
     service: &'p str,
     method: &'p str,
-    payload: &'p [u8],
     metadata: &'p [KeyValue],
     deadline: Option<Instant>,
 ) -> RequestParts<'p> {
@@ -265,7 +265,7 @@ fn request_parts<'p>(
     RequestParts {
         service,
         method,
-        payload,
+        payload: &[],
         timeout_nano: metadata::to_timeout_nano(timeout),
         metadata,
     }

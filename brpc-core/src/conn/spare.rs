@@ -95,12 +95,19 @@ impl Spares {
     }
 }
 
-/// Moves what `buf` holds of a frame of `whole` bytes (header included, at
-/// least [`MIN`]) into a buffer with room for all of it: a kept one if one
+/// Whether a frame of `whole` bytes (header included) is reassembled in a
+/// buffer of its own, kept for a later frame when it is done with: one
+/// large enough to be worth keeping, and not too large to be kept.
+pub(crate) fn eligible(whole: usize) -> bool {
+    (MIN..=LIMIT).contains(&whole)
+}
+
+/// Moves what `buf` holds of a frame of `whole` bytes (header included,
+/// [`eligible`]) into a buffer with room for all of it: a kept one if one
 /// is free, otherwise a new one. Returns the size of its allocation, for
 /// [`give_back`].
 pub(crate) fn own_buffer(buf: &mut BytesMut, whole: usize) -> usize {
-    debug_assert!(whole >= MIN);
+    debug_assert!(eligible(whole));
     let (mut own, size) = take(whole);
     own.extend_from_slice(buf);
     *buf = own;

@@ -2042,6 +2042,11 @@ mod tests {
                 metadata: &metadata,
             };
             let whole = encode_request_parts(&parts, LARGE.max_message_size).expect("fits");
+            // As the caller does: the payload beside the parts, not in them.
+            let parts = RequestParts {
+                payload: &[],
+                ..parts
+            };
             let shared =
                 encode_request_shared(&parts, &payload, LARGE.max_message_size).expect("fits");
             assert_eq!(shared, whole, "the same bytes");
