@@ -172,9 +172,11 @@ async fn hundred_concurrent_calls_each_way_are_matched() {
 }
 
 /// Large messages in flight at once, each with a pattern of its own, come
-/// back intact over QUIC and over a Unix socket, both ways: the buffers
-/// large frames are reassembled in are reused (`conn::spare`) only once
-/// nothing holds the frame before.
+/// back intact over QUIC and over a Unix socket, both ways, while the
+/// buffers large frames are reassembled in are kept and reused
+/// (`conn::spare`): a buffer handed to a frame while another still held
+/// part of it would show as a wrong byte. (That buffers are reused at all
+/// is `tests/large_buffers.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_at_once_come_back_intact_over_quic_and_unix() {
     let path = std::env::temp_dir().join(format!("brpc-intact-{}.sock", std::process::id()));
